@@ -1,0 +1,147 @@
+"""User-facing errors: every one has a kind, a message, a span and an optional hint.
+
+Spec mistakes are raised as (or collected into) :class:`FpiError` subclasses and rendered by
+:func:`render` as ``path:line:col: error: message``, the source line, carets and a hint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .source import Source, Span
+
+MAX_REPORTED_ERRORS = 20
+
+
+class FpiError(Exception):
+    """A mistake in a spec. ``kind`` names the family (syntax, name, type, shape, settings, ...)."""
+
+    kind = "error"
+
+    def __init__(self, message: str, span: Span, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.span}: error: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, {self.span!r})"
+
+
+class InputError(FpiError):
+    """The file itself: missing, empty, too large, not UTF-8."""
+
+    kind = "input"
+
+
+class SyntaxErr(FpiError):
+    """Text that the grammar does not accept."""
+
+    kind = "syntax"
+
+
+class NameErr(FpiError):
+    """Unknown, duplicate or shadowing names."""
+
+    kind = "name"
+
+
+class TypeErr(FpiError):
+    """Wrong arity, wrong keyword, wrong kind of argument."""
+
+    kind = "type"
+
+
+class ShapeErr(FpiError):
+    """Shapes that do not agree."""
+
+    kind = "shape"
+
+
+class StructureErr(FpiError):
+    """A layer whose declarations do not form a fixed-point layer (states without updates, ...)."""
+
+    kind = "structure"
+
+
+class SettingsErr(FpiError):
+    """Unknown solver keys or values."""
+
+    kind = "settings"
+
+
+class SchemaErr(FpiError):
+    """YAML that does not follow the spec schema."""
+
+    kind = "schema"
+
+
+class FpiErrors(Exception):
+    """Several errors found in one file, reported together (at most ``MAX_REPORTED_ERRORS``)."""
+
+    def __init__(self, errors: list[FpiError]):
+        errors = sorted(errors, key=lambda e: (e.span.path, e.span.line, e.span.col))
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+class ErrorSink:
+    """Collects errors of one pass so that all of them are reported, not only the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[FpiError] = []
+
+    def add(self, error: FpiError) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS and not any(
+            e.span == error.span and e.message == error.message for e in self.errors
+        ):
+            self.errors.append(error)
+
+    def check(self) -> None:
+        """Raise what was collected, if anything."""
+        if self.errors:
+            raise FpiErrors(self.errors)
+
+
+def as_list(exc: BaseException) -> list[FpiError]:
+    """The errors held by an :class:`FpiError` or :class:`FpiErrors`."""
+    if isinstance(exc, FpiErrors):
+        return list(exc.errors)
+    if isinstance(exc, FpiError):
+        return [exc]
+    raise TypeError(f"not an fpidsl error: {exc!r}")
+
+
+@dataclass(frozen=True)
+class _Caret:
+    prefix: str
+    marks: str
+
+
+def _caret(line_text: str, span: Span) -> _Caret:
+    start = max(span.col - 1, 0)
+    if span.end_line == span.line:
+        end = max(span.end_col - 1, start + 1)
+    else:
+        end = max(len(line_text.rstrip()), start + 1)
+    end = min(end, max(len(line_text), start + 1))
+    prefix = "".join("\t" if ch == "\t" else " " for ch in line_text[:start])
+    return _Caret(prefix, "^" * (end - start))
+
+
+def render(error: FpiError, source: Source | None = None) -> str:
+    """Format one error the way a compiler does: location, message, source line, carets, hint."""
+    span = error.span
+    out = [f"{span.path}:{span.line}:{span.col}: error: {error.message}"]
+    if source is not None and span.line >= 1:
+        text = source.line(span.line)
+        if text or span.line <= len(source.lines):
+            gutter = f"{span.line:>5}"
+            caret = _caret(text, span)
+            out.append(f"{gutter} | {text}")
+            out.append(f"{' ' * len(gutter)} | {caret.prefix}{caret.marks}")
+    if error.hint:
+        out.append(f"hint: {error.hint}")
+    return "\n".join(out)
