@@ -1,0 +1,1 @@
+"""Front-ends: ``.fpi`` text (lark grammar) and YAML, both producing :mod:`fpidsl.frontend.ast`."""

@@ -1,0 +1,418 @@
+"""The ``.fpi`` front-end: the lark grammar in ``fpidsl.grammars`` and ONE transformer to the AST.
+
+Syntax errors become :class:`~fpidsl.errors.SyntaxErr` with the position of the offending token, what was
+found and what the grammar expected there, in words.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+
+from ..errors import SyntaxErr
+from ..source import Source, Span
+from . import ast
+
+KEYWORDS = frozenset(
+    "layer fn input state param tensor const let energy update descend on step output solve backward".split()
+)
+
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "NUMBER": "a number",
+    "SETTINGS_KIND": "`solve` or `backward`",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "__ANON_0": "'**'",
+    "AT": "'@'",
+    "$END": "the end of the file",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _parser() -> Lark:
+    grammar = resources.files("fpidsl.grammars").joinpath("fpi.lark").read_text(encoding="utf-8")
+    return Lark(
+        grammar,
+        parser="lalr",
+        lexer="contextual",
+        start=["start", "expr_only", "shape_only", "param_type_only", "fn_head_only"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a parsed text sits in its file: line 1 column 1 of the text is ``line``:``col`` there.
+
+    ``.fpi`` files are parsed in place (1, 1); YAML scalars are parsed at their own position so that
+    every span points into the YAML file.
+    """
+
+    path: str
+    line: int = 1
+    col: int = 1
+
+    def span(self, line: int, col: int, end_line: int, end_col: int) -> Span:
+        def shift(ln: int, cl: int) -> tuple[int, int]:
+            return (self.line + ln - 1, cl + self.col - 1 if ln == 1 else cl)
+
+        start = shift(line, col)
+        end = shift(end_line, end_col)
+        return Span(self.path, start[0], start[1], end[0], end[1])
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "the end of the file"
+    if token.type == "NAME" and str(token) in KEYWORDS:
+        return f"keyword '{token}'"
+    if token.type in ("NAME",):
+        return f"name '{token}'"
+    if token.type in ("NUMBER", "INT"):
+        return f"number {token}"
+    return f"'{token}'"
+
+
+_DECLARATION_KEYWORDS = {"input", "state", "param", "const", "let", "energy", "update", "descend", "output"}
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "__ANON_0", "LSQB", "LPAR"}
+
+
+def _expected_words(expected: set[str]) -> str:
+    """What the grammar accepts at an error, in a few words rather than a list of every terminal."""
+    words: set[str] = set()
+    remaining = set(expected)
+    literals = {t: _literal_map().get(t, "") for t in remaining}
+    decls = {t for t, lit in literals.items() if lit in _DECLARATION_KEYWORDS or t == "SETTINGS_KIND"}
+    if decls:
+        words.add("a declaration")
+        remaining -= decls
+    if {"NAME", "NUMBER"} <= remaining and "MINUS" in remaining:
+        words.add("an expression")
+        remaining -= {"NAME", "NUMBER", "MINUS", "LPAR", "LSQB"}
+    if remaining - _OPERATORS:
+        remaining -= _OPERATORS
+    words |= {_TERMINAL_WORDS.get(t, _literal_of(t)) for t in remaining}
+    ordered = sorted(words, key=lambda w: (not w.startswith("'"), w))
+    if not ordered:
+        return "something else"
+    if len(ordered) == 1:
+        return ordered[0]
+    return ", ".join(ordered[:-1]) + " or " + ordered[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _literal_map() -> dict[str, str]:
+    return {t.name: t.pattern.value for t in _parser().terminals}
+
+
+def _literal_of(terminal: str) -> str:
+    pattern = _literal_map().get(terminal)
+    if pattern is None:
+        return terminal.lower()
+    if terminal.isupper() and not terminal.startswith("__") and pattern.isalpha():
+        return f"'{pattern}'"
+    return f"'{pattern}'"
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement) -> SyntaxErr:
+    if isinstance(exc, lark.exceptions.UnexpectedCharacters):
+        char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+        span = at.span(exc.line, exc.column, exc.line, exc.column + 1)
+        if char in "\"'":
+            return SyntaxErr(
+                "string literals are not part of the language",
+                span,
+                hint="names are bare identifiers and values are numbers; a spec is data, not code",
+            )
+        return SyntaxErr(f"unexpected character {char!r}", span,
+                         hint=f"expected {_expected_words(set(exc.allowed or ()))}")
+    if isinstance(exc, lark.exceptions.UnexpectedToken):
+        token = exc.token
+        expected = set(exc.accepts or exc.expected or ())
+        if token.type == "$END":
+            lines = text.splitlines() or [""]
+            line = len(lines)
+            col = len(lines[-1]) + 1
+            span = at.span(line, col, line, col + 1)
+            return SyntaxErr(f"unexpected end of input: expected {_expected_words(expected)}", span,
+                             hint=_hint_for_end(expected))
+        end_col = token.end_column if token.end_column else token.column + len(str(token))
+        span = at.span(token.line, token.column, token.end_line or token.line, end_col)
+        message = f"expected {_expected_words(expected)}, found {_describe(token)}"
+        hint = None
+        if token.type == "NAME" and str(token) in KEYWORDS and "NAME" in expected:
+            hint = f"'{token}' is a keyword and cannot be used as a name"
+        elif token.type == "LPAR" and "NAME" not in expected:
+            hint = "only built-in functions, `fn` definitions and param modules can be called, by name"
+        elif token.type in ("RBRACE", "RPAR", "RSQB") or str(token) in KEYWORDS:
+            hint = _hint_for_end(expected)
+        elif "COMMA" in expected:
+            hint = "is a ',' missing before it?"
+        return SyntaxErr(message, span, hint=hint)
+    if isinstance(exc, lark.exceptions.UnexpectedEOF):
+        lines = text.splitlines() or [""]
+        span = at.span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        return SyntaxErr(f"unexpected end of input: expected {_expected_words(set(exc.expected))}", span)
+    raise exc  # pragma: no cover - lark has no other kinds
+
+
+def _hint_for_end(expected: set[str]) -> str | None:
+    if "RPAR" in expected:
+        return "a `(` is not closed"
+    if "RSQB" in expected:
+        return "a `[` is not closed"
+    if "RBRACE" in expected:
+        return "a `{` is not closed"
+    return None
+
+
+def _number(text: str) -> int | float:
+    clean = text.replace("_", "")
+    if any(ch in clean for ch in ".eE"):
+        return float(clean)
+    return int(clean)
+
+
+@v_args(meta=True)
+class ToAst(Transformer):
+    """The one transformer from the parse tree to :mod:`fpidsl.frontend.ast` nodes."""
+
+    def __init__(self, at: Placement):
+        super().__init__()
+        self.at = at
+
+    # ------------------------------------------------------------------ positions
+    def _span(self, meta) -> Span:
+        return self.at.span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, token: Token) -> Span:
+        return self.at.span(token.line, token.column, token.end_line, token.end_column)
+
+    # ------------------------------------------------------------------ file level
+    def start(self, meta, items):
+        layers = tuple(i for i in items if isinstance(i, ast.Layer))
+        fns = tuple(i for i in items if isinstance(i, ast.FnDef))
+        span = self._span(meta) if not meta.empty else Span(self.at.path, 1, 1, 1, 1)
+        return ast.SpecFile(self.at.path, layers, fns, span)
+
+    def layer(self, meta, children):
+        name, *decls = children
+        return ast.Layer(str(name), tuple(decls), self._tok(name), self._span(meta))
+
+    def fn_def(self, meta, children):
+        name, params, body = children
+        return ast.FnDef(str(name), params or (), body, self._tok(name), self._span(meta))
+
+    def fn_params(self, meta, names):
+        return tuple(ast.Name(str(n), self._tok(n)) for n in names)
+
+    def fn_head_only(self, meta, children):
+        name, params = children
+        return ast.Name(str(name), self._tok(name)), params or ()
+
+    # ------------------------------------------------------------------ declarations
+    def input_decl(self, meta, children):
+        name, shape = children
+        return ast.InputDecl(str(name), shape, self._tok(name), self._span(meta))
+
+    def state_decl(self, meta, children):
+        name, shape, init = children
+        return ast.StateDecl(str(name), shape, init, self._tok(name), self._span(meta))
+
+    def param_decl(self, meta, children):
+        name, kind = children
+        if isinstance(kind, ast.Call):
+            return ast.ModuleParamDecl(str(name), kind, self._tok(name), self._span(meta))
+        shape, init = kind
+        return ast.TensorParamDecl(str(name), shape, init, self._tok(name), self._span(meta))
+
+    def module_type(self, meta, children):
+        return children[0]
+
+    def tensor_type(self, meta, children):
+        return tuple(children)
+
+    def param_type_only(self, meta, children):
+        return children[0]
+
+    def const_decl(self, meta, children):
+        name, value = children
+        return ast.ConstDecl(str(name), value, self._tok(name), self._span(meta))
+
+    def let_decl(self, meta, children):
+        name, value = children
+        return ast.LetDecl(str(name), value, self._tok(name), self._span(meta))
+
+    def energy_decl(self, meta, children):
+        name, value = children
+        return ast.EnergyDecl(str(name), value, self._tok(name), self._span(meta))
+
+    def update_decl(self, meta, children):
+        name, value = children
+        return ast.UpdateDecl(str(name), value, self._tok(name), self._span(meta))
+
+    def descend_decl(self, meta, children):
+        name, energy, step = children
+        return ast.DescendDecl(
+            str(name), ast.Name(str(energy), self._tok(energy)), step, self._tok(name), self._span(meta)
+        )
+
+    def output_decl(self, meta, children):
+        return ast.OutputDecl(tuple(children), self._span(meta))
+
+    def settings_decl(self, meta, children):
+        kind, *settings = children
+        return ast.SettingsDecl(str(kind), tuple(s for s in settings if s is not None), self._span(meta))
+
+    def setting(self, meta, children):
+        key, value = children
+        return ast.Setting(str(key), value, self._tok(key), self._span(meta))
+
+    def shape(self, meta, dims):
+        return ast.Shape(tuple(d for d in dims if d is not None), self._span(meta))
+
+    def shape_only(self, meta, children):
+        return children[0]
+
+    def dim_name(self, meta, children):
+        return ast.Name(str(children[0]), self._tok(children[0]))
+
+    def dim_int(self, meta, children):
+        return ast.Num(int(children[0]), str(children[0]), self._tok(children[0]))
+
+    # ------------------------------------------------------------------ expressions
+    def expr_only(self, meta, children):
+        return children[0]
+
+    def _binop(op):  # noqa: N805 - a rule factory used in the class body
+        def rule(self, meta, children):
+            left, right = children
+            return ast.BinOp(op, left, right, self._span(meta))
+
+        return rule
+
+    add = _binop("+")
+    sub = _binop("-")
+    mul = _binop("*")
+    div = _binop("/")
+    matmul = _binop("@")
+    pow = _binop("**")
+    del _binop
+
+    def neg(self, meta, children):
+        return ast.Neg(children[0], self._span(meta))
+
+    def number(self, meta, children):
+        token = children[0]
+        return ast.Num(_number(str(token)), str(token), self._tok(token))
+
+    def name(self, meta, children):
+        token = children[0]
+        return ast.Name(str(token), self._tok(token))
+
+    def call(self, meta, children):
+        func, arguments = children
+        arguments = arguments or ()
+        args = tuple(a for a in arguments if not isinstance(a, ast.Keyword))
+        kwargs = tuple(a for a in arguments if isinstance(a, ast.Keyword))
+        return ast.Call(ast.Name(str(func), self._tok(func)), args, kwargs, self._span(meta))
+
+    def arguments(self, meta, children):
+        return self._positional_before_keywords(tuple(c for c in children if c is not None))
+
+    def _positional_before_keywords(self, arguments):
+        seen_keyword = None
+        for argument in arguments:
+            if isinstance(argument, ast.Keyword):
+                seen_keyword = argument
+            elif seen_keyword is not None:
+                raise _Misplaced(SyntaxErr(
+                    "a positional argument follows a keyword argument",
+                    argument.span,
+                    hint=f"move it before `{seen_keyword.name}=` or give it a keyword",
+                ))
+        return arguments
+
+    def keyword(self, meta, children):
+        name, value = children
+        return ast.Keyword(str(name), value, self._tok(name), self._span(meta))
+
+    def list(self, meta, items):
+        return ast.ListExpr(tuple(i for i in items if i is not None), self._span(meta))
+
+    def index(self, meta, children):
+        value, items = children
+        return ast.Index(value, items, self._span(meta))
+
+    def index_items(self, meta, items):
+        return tuple(items)
+
+    def slice(self, meta, children):
+        lo, hi, step = children
+        return ast.Slice(lo, hi, step, self._span(meta))
+
+    def ellipsis(self, meta, children):
+        return ast.EllipsisIndex(self._span(meta))
+
+
+class _Misplaced(Exception):
+    """Carries a SyntaxErr found while transforming out of lark's visitor machinery."""
+
+    def __init__(self, error: SyntaxErr):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _parse(text: str, start: str, at: Placement):
+    try:
+        tree = _parser().parse(text, start=start)
+    except lark.exceptions.UnexpectedInput as exc:
+        raise _syntax_error(exc, text, at) from None
+    try:
+        return ToAst(at).transform(tree)
+    except lark.exceptions.VisitError as exc:
+        if isinstance(exc.orig_exc, _Misplaced):
+            raise exc.orig_exc.error from None
+        raise
+
+
+def parse_fpi(source: Source) -> ast.SpecFile:
+    """Parse a whole ``.fpi`` file."""
+    return _parse(source.text, "start", Placement(source.path))
+
+
+def parse_expr(text: str, at: Placement) -> ast.Expr:
+    """Parse one expression placed at ``at`` (used by the YAML front-end)."""
+    return _parse(text, "expr_only", at)
+
+
+def parse_shape(text: str, at: Placement) -> ast.Shape:
+    """Parse a shape such as ``[B, 10]``."""
+    return _parse(text, "shape_only", at)
+
+
+def parse_param_type(text: str, at: Placement):
+    """Parse what follows ``param NAME :``: a module call, or ``(shape, init)`` for ``tensor SHAPE = INIT``."""
+    return _parse(text, "param_type_only", at)
+
+
+def parse_fn_head(text: str, at: Placement) -> tuple[ast.Name, tuple[ast.Name, ...]]:
+    """Parse ``name(a, b)``, the key of an ``fns`` entry in YAML."""
+    return _parse(text, "fn_head_only", at)
