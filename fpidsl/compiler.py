@@ -1,0 +1,42 @@
+"""The compiler driver: file → source → AST → checked graphs (→ Python, see :mod:`fpidsl.codegen`).
+
+Each step is a function of the previous result; :func:`check_file` runs the front half that
+``fpidsl check`` needs and that every later step starts from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .frontend import ast
+from .source import Source, read_source
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A spec file that parsed and checked clean: its source, AST and one graph per layer."""
+
+    source: Source
+    spec: ast.SpecFile
+    graphs: dict  # layer name -> fpidsl.ir.graph.LayerGraph, in source order
+
+
+def parse_file(path: str) -> tuple[Source, ast.SpecFile]:
+    """Read and parse a ``.fpi`` or YAML spec."""
+    from .frontend.load import parse_source
+
+    source = read_source(path)
+    return source, parse_source(source)
+
+
+def check_source(source: Source) -> CheckedSpec:
+    """Parse and check a spec given as text (the path only names it in errors)."""
+    from .frontend.load import parse_source
+    from .passes.pipeline import check_spec
+
+    spec = parse_source(source)
+    return CheckedSpec(source, spec, check_spec(spec))
+
+
+def check_file(path: str) -> CheckedSpec:
+    """Parse and check a spec file; raises :class:`~fpidsl.errors.FpiError` / ``FpiErrors``."""
+    return check_source(read_source(path))
