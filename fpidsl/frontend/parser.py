@@ -205,6 +205,16 @@ class ToAst(Transformer):
     def _tok(self, token: Token) -> Span:
         return self.at.span(token.line, token.column, token.end_line, token.end_column)
 
+    def _declared(self, token: Token) -> Span:
+        """The span of a name being declared; a keyword is refused here, with its position."""
+        span = self._tok(token)
+        if str(token) in KEYWORDS:
+            raise _Misplaced(SyntaxErr(
+                f"'{token}' is a keyword and cannot be used as a name", span,
+                hint=f"rename it, e.g. '{token}_'",
+            ))
+        return span
+
     # ------------------------------------------------------------------ file level
     def start(self, meta, items):
         layers = tuple(i for i in items if isinstance(i, ast.Layer))
@@ -214,14 +224,14 @@ class ToAst(Transformer):
 
     def layer(self, meta, children):
         name, *decls = children
-        return ast.Layer(str(name), tuple(decls), self._tok(name), self._span(meta))
+        return ast.Layer(str(name), tuple(decls), self._declared(name), self._span(meta))
 
     def fn_def(self, meta, children):
         name, params, body = children
-        return ast.FnDef(str(name), params or (), body, self._tok(name), self._span(meta))
+        return ast.FnDef(str(name), params or (), body, self._declared(name), self._span(meta))
 
     def fn_params(self, meta, names):
-        return tuple(ast.Name(str(n), self._tok(n)) for n in names)
+        return tuple(ast.Name(str(n), self._declared(n)) for n in names)
 
     def fn_head_only(self, meta, children):
         name, params = children
@@ -230,18 +240,18 @@ class ToAst(Transformer):
     # ------------------------------------------------------------------ declarations
     def input_decl(self, meta, children):
         name, shape = children
-        return ast.InputDecl(str(name), shape, self._tok(name), self._span(meta))
+        return ast.InputDecl(str(name), shape, self._declared(name), self._span(meta))
 
     def state_decl(self, meta, children):
         name, shape, init = children
-        return ast.StateDecl(str(name), shape, init, self._tok(name), self._span(meta))
+        return ast.StateDecl(str(name), shape, init, self._declared(name), self._span(meta))
 
     def param_decl(self, meta, children):
         name, kind = children
         if isinstance(kind, ast.Call):
-            return ast.ModuleParamDecl(str(name), kind, self._tok(name), self._span(meta))
+            return ast.ModuleParamDecl(str(name), kind, self._declared(name), self._span(meta))
         shape, init = kind
-        return ast.TensorParamDecl(str(name), shape, init, self._tok(name), self._span(meta))
+        return ast.TensorParamDecl(str(name), shape, init, self._declared(name), self._span(meta))
 
     def module_type(self, meta, children):
         return children[0]
@@ -254,15 +264,15 @@ class ToAst(Transformer):
 
     def const_decl(self, meta, children):
         name, value = children
-        return ast.ConstDecl(str(name), value, self._tok(name), self._span(meta))
+        return ast.ConstDecl(str(name), value, self._declared(name), self._span(meta))
 
     def let_decl(self, meta, children):
         name, value = children
-        return ast.LetDecl(str(name), value, self._tok(name), self._span(meta))
+        return ast.LetDecl(str(name), value, self._declared(name), self._span(meta))
 
     def energy_decl(self, meta, children):
         name, value = children
-        return ast.EnergyDecl(str(name), value, self._tok(name), self._span(meta))
+        return ast.EnergyDecl(str(name), value, self._declared(name), self._span(meta))
 
     def update_decl(self, meta, children):
         name, value = children

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up .venv for fpidsl on a fresh clone: the CPU build of torch, then fpidsl (editable) with its
+# dev extra. Idempotent and quiet; safe to run before every command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.fpidsl-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# torch first, pinned: a bare `torch` (or an open range) would pull a multi-GB CUDA build on a CPU machine.
+pip install "torch==2.13.0"
+.venv/bin/python -c "import torch" 2>/dev/null || { echo "setup: torch==2.13.0 did not install" >&2; exit 1; }
+pip install numpy -e ".[dev]"
+.venv/bin/python -c "import fpidsl, lark, networkx, yaml, pytest, hypothesis" || { echo "setup: fpidsl did not install" >&2; exit 1; }
+echo "$want" > "$stamp"
