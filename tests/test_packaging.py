@@ -25,10 +25,12 @@ def test_wheel_installs_and_checks_a_spec(tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    # `fpidsl check` needs no torch; the front-end's own dependencies come from the registry or pip's cache.
+    # The wheel with its declared dependencies; torch pinned to the CPU build this machine has on disk.
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch==2.13.0\n")
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", str(wheels[0]),
-         "lark", "pyyaml", "networkx"],
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(constraints),
+         str(wheels[0])],
         check=True, capture_output=True, text=True,
     )
     spec = tmp_path / "box.fpi"
