@@ -1,0 +1,338 @@
+"""Emit one readable Python module per spec: a ``CompiledLayer`` subclass per layer.
+
+Each class holds, as straight-line code made of :mod:`fpidsl.runtime.ops` calls: ``step`` (the map g,
+with ``grad`` expanded), ``adjoint`` (the derived backward map, split into what depends only on x̂ —
+computed once by ``prepare`` — and what depends on the cotangent c), ``init_states`` and ``outputs``.
+Every statement carries a ``# spec.fpi:LINE:COL`` comment; the only names in the output are validated
+identifiers from a :class:`~fpidsl.codegen.namespace.Namespace` and the only values numeric literals.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..ir.graph import LayerGraph
+from ..ir.primitives import SliceSpec
+from .namespace import Namespace
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+INDENT = "    "
+
+
+def literal(value: Any) -> str:
+    """A Python literal for an attribute or constant value written by the compiler."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        if math.isnan(value):
+            return 'float("nan")'
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else '-float("inf")'
+        return repr(float(value))
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, SliceSpec):
+        return f"slice({literal(value.lo)}, {literal(value.hi)}, {literal(value.step)})"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(literal(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, str) and _IDENT.match(value):
+        return repr(value)
+    raise TypeError(f"the code generator cannot write {value!r} as a literal")
+
+
+def _where(span) -> str:
+    return f"{os.path.basename(span.path)}:{span.line}:{span.col}"
+
+
+@dataclass
+class Block:
+    """Statements computing some nodes of a graph from variables bound to others."""
+
+    lines: list[str] = field(default_factory=list)
+    var: dict[str, str] = field(default_factory=dict)
+
+
+def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: Namespace,
+               block: Block | None = None) -> Block:
+    """Statements for ``roots`` and what they need, in topological order; ``bound`` maps leaf nodes
+    (states, inputs, params, cotangents, already computed values) to variable names."""
+    block = block or Block()
+    block.var.update(bound)
+    needed: set[str] = set()
+    stack = [r for r in roots if r not in block.var]
+    while stack:
+        nid = stack.pop()
+        if nid in needed or nid in block.var:
+            continue
+        needed.add(nid)
+        stack.extend(a for a in graph.args(nid) if a not in block.var)
+    for nid in graph.nodes():
+        if nid not in needed:
+            continue
+        data = graph.node(nid)
+        op = data["op"]
+        if op == "const":
+            block.var[nid] = literal(data["value"])
+            continue
+        if op != "call":
+            raise ValueError(f"{nid} ({op}) is not bound and cannot be computed")
+        args = [block.var[a] for a in graph.args(nid)]
+        prim = data["prim"]
+        if prim == "cat":
+            args = ["[" + ", ".join(args) + "]"]
+        kwargs = [f"{k}={literal(v)}" for k, v in sorted(data["attrs"].items())]
+        name = ns.create(data.get("name") or prim)
+        call = f"_ops.{prim}({', '.join(args + kwargs)})"
+        block.lines.append(f"{name} = {call}  # {_where(data['span'])}")
+        block.var[nid] = name
+    return block
+
+
+def _tuple(names: list[str]) -> str:
+    return f"({names[0]},)" if len(names) == 1 else f"({', '.join(names)})"
+
+
+def _indent(lines: list[str], depth: int) -> list[str]:
+    return [INDENT * depth + line if line else "" for line in lines]
+
+
+class LayerEmitter:
+    """Writes the class of one layer."""
+
+    def __init__(self, graph: LayerGraph, class_name: str):
+        from ..passes.differentiate import backward_graph, expand_grads
+
+        self.source_graph = graph
+        self.graph = expand_grads(graph)
+        self.backward = backward_graph(self.graph)
+        self.class_name = class_name
+        self.ns = Namespace()
+        self.state_names = list(self.graph.states)
+        self.input_names = list(self.graph.inputs)
+        self.param_names = list(self.graph.params)
+
+    # ------------------------------------------------------------------ helpers
+    def _arg_vars(self, ns: Namespace) -> dict[str, str]:
+        """Fresh variable names for the inputs and params (in the runtime's argument order)."""
+        out = {}
+        for name in self.input_names:
+            out[self.graph.inputs[name]] = ns.create(name)
+        for name in self.param_names:
+            out[self.graph.params[name]] = ns.create(name.replace(".", "_"))
+        return out
+
+    def _leaf_vars(self, graph: LayerGraph, ns: Namespace) -> tuple[dict[str, str], list[str], list[str]]:
+        """Variables of a graph's states, inputs and params, matched by name to this layer's."""
+        states, args, bound = [], [], {}
+        for name in self.state_names:
+            var = ns.create(name)
+            states.append(var)
+            bound[graph.states[name].node] = var
+        for name in self.input_names:
+            var = ns.create(name)
+            args.append(var)
+            bound[graph.inputs[name]] = var
+        for name in self.param_names:
+            var = ns.create(name.replace(".", "_"))
+            args.append(var)
+            bound[graph.params[name]] = var
+        return bound, states, args
+
+    def _unpack(self, var_names: list[str], source: str) -> str:
+        return f"{', '.join(var_names)}, = {source}" if var_names else f"_ = {source}"
+
+    # ------------------------------------------------------------------ parts
+    def _step(self) -> list[str]:
+        g = self.graph
+        ns = Namespace(("states",))
+        bound, states, args = self._leaf_vars(g, ns)
+        updates = [g.states[s].update for s in self.state_names]
+        roots = [g.args(u)[0] for u in updates]
+        block = emit_nodes(g, roots, bound, ns)
+        single = len(states) == 1
+        head = f"def step({'states' if not single else states[0]}{''.join(', ' + a for a in args)}):"
+        body = [] if single else [self._unpack(states, "states")]
+        body += block.lines
+        results = [block.var[r] for r in roots]
+        body.append(f"return {results[0]}" if single else f"return {_tuple(results)}")
+        return ["@staticmethod", head, *_indent(['"""The map g: one fixed-point iteration."""'] + body, 1)]
+
+    def _init_states(self) -> list[str]:
+        g = self.graph
+        ns = Namespace(("dims", "like"))
+        bound, _, args = self._leaf_vars(g, ns)
+        lines: list[str] = []
+        results = []
+        block = Block()
+        for name in self.state_names:
+            info = g.states[name]
+            data = g.node(info.init)
+            shape = literal(tuple(g.node(info.node)["shape"]))
+            if data.get("fill") is not None:
+                var = ns.create(f"{name}0")
+                fill = literal(data["fill"])
+                lines.append(
+                    f"{var} = torch.full(_layer.concrete({shape}, dims), {fill}, dtype=like.dtype, "
+                    f"device=like.device)  # {_where(data['span'])}"
+                )
+                results.append(var)
+            else:
+                root = g.args(info.init)[0]
+                block = emit_nodes(g, [root], bound, ns, block)
+                lines.extend(block.lines)
+                block.lines = []
+                var = ns.create(f"{name}0")
+                lines.append(f"{var} = {block.var[root]}.detach().expand(_layer.concrete({shape}, dims))"
+                             f".contiguous()  # {_where(data['span'])}")
+                results.append(var)
+        head = f"def init_states(self, dims, like{''.join(', ' + a for a in args)}):"
+        body = ['"""The start x0 of each state."""', *lines, f"return {_tuple(results)}"]
+        return [head, *_indent(body, 1)]
+
+    def _outputs(self) -> list[str]:
+        g = self.graph
+        ns = Namespace(("states",))
+        bound, states, args = self._leaf_vars(g, ns)
+        roots = g.args(g.output) if g.output else [g.states[s].node for s in self.state_names]
+        block = emit_nodes(g, roots, bound, ns)
+        results = [block.var[r] for r in roots]
+        body = ['"""What the layer returns, computed from the fixed point."""',
+                self._unpack(states, "states"), *block.lines,
+                f"return {results[0]}" if len(results) == 1 else f"return {_tuple(results)}"]
+        return [f"def outputs(self, states{''.join(', ' + a for a in args)}):", *_indent(body, 1)]
+
+    def _adjoint(self) -> list[str]:
+        """``prepare`` (what depends only on x̂), ``vjp_state`` and ``vjp_args`` (linear in c)."""
+        from .split import split_backward
+
+        parts = split_backward(self.backward, self.state_names, self.input_names, self.param_names)
+        bg = self.backward
+        ns = Namespace(("x_hat", "args", "saved", "c"))
+        bound, states, args = self._leaf_vars(bg, ns)
+        prep = emit_nodes(bg, parts.saved, bound, ns)
+        saved_vars = [prep.var[s] for s in parts.saved]
+        prepare = [
+            "@staticmethod",
+            "def prepare(x_hat, args):",
+            *_indent(['"""Everything the backward map needs that depends only on the fixed point."""',
+                      self._unpack(states, "x_hat"), self._unpack(args, "args"), *prep.lines,
+                      f"return {_tuple(saved_vars) if saved_vars else '()'}"], 1),
+        ]
+
+        def linear_part(fn_name: str, doc: str, sinks: list[str | None], zeros_like: list[str]) -> list[str]:
+            ns2 = Namespace(("saved", "c"))
+            saved_names = [ns2.create(prep.var[s]) for s in parts.saved]
+            c_names = [ns2.create(f"c_{s}") for s in self.state_names]
+            bound2 = dict(zip(parts.saved, saved_names))
+            bound2.update(zip(parts.cotangents, c_names))
+            roots = [s for s in sinks if s is not None]
+            block = emit_nodes(bg, roots, bound2, ns2)
+            results = []
+            for sink, like in zip(sinks, zeros_like):
+                results.append(block.var[sink] if sink is not None else like)
+            body = [f'"""{doc}"""']
+            if saved_names:
+                body.append(self._unpack(saved_names, "saved"))
+            body.append(self._unpack(c_names, "c"))
+            body += block.lines
+            body.append(f"return {_tuple(results) if results else '()'}")
+            return ["@staticmethod", f"def {fn_name}(saved, c):", *_indent(body, 1)]
+
+        c_zero = [f"torch.zeros_like(c[{i}])" for i in range(len(self.state_names))]
+        vjp_state = linear_part("vjp_state", "(dg/dx)^T c at the fixed point, one entry per state.",
+                                parts.state_grads, c_zero)
+        vjp_args = linear_part("vjp_args", "(dg/dz)^T c and (dg/dtheta)^T c, one entry per input and param.",
+                               parts.arg_grads, ["None"] * len(parts.arg_grads))
+        body = ['"""The backward fixed-point map of the paper, derived by the compiler."""', "",
+                *prepare, "", *vjp_state, "", *vjp_args]
+        return ["class adjoint:", *_indent(body, 1)]
+
+    def _init(self) -> list[str]:
+        g = self.graph
+        lines = ["def __init__(self, *, solve=None, backward=None):",
+                 *_indent(["super().__init__(solve=solve, backward=backward)"], 1)]
+        for name, spec in g.modules.items():
+            args = [literal(spec.kind), str(spec.in_size), str(spec.out_size)]
+            opts = [f"bias={spec.bias}"]
+            if spec.kernel is not None:
+                args.append(literal(tuple(spec.kernel)))
+                opts += [f"stride={literal(tuple(spec.stride))}", f"padding={literal(tuple(spec.padding))}"]
+            if spec.output_padding is not None and spec.kind == "ConvTranspose2d":
+                opts.append(f"output_padding={literal(tuple(spec.output_padding))}")
+            opts += [f"init_scale={literal(spec.init_scale)}", f"norm={literal(spec.norm)}"]
+            where = f"  # {_where(spec.span)}" if spec.span is not None else ""
+            lines.append(f"{INDENT}self.{name} = _layer.make_module({', '.join(args + opts)}){where}")
+        for name, nid in g.params.items():
+            data = g.node(nid)
+            if data.get("module") is not None or "." in name:
+                continue
+            init = data["init"]
+            shape = literal(tuple(data["shape"]))
+            lines.append(f"{INDENT}self.{name} = _layer.make_tensor({shape}, {literal(init.kind)}, "
+                         f"{literal(tuple(float(a) for a in init.args))})  # {_where(data['span'])}")
+        return lines
+
+    def _parameter_tensors(self) -> list[str]:
+        refs = [f"self.{name}" for name in self.param_names]
+        body = ['"""The parameter tensors, in the order step and adjoint take them."""',
+                f"return {_tuple(refs) if refs else '()'}"]
+        return ["def parameter_tensors(self):", *_indent(body, 1)]
+
+    def emit(self, spec_path: str) -> list[str]:
+        g = self.graph
+        shapes = lambda table: "{" + ", ".join(  # noqa: E731
+            f"{literal(n)}: {literal(tuple(s))}" for n, s in table) + "}"
+        inputs = shapes((n, g.node(nid)["shape"]) for n, nid in g.inputs.items())
+        states = shapes((n, info.shape) for n, info in g.states.items())
+        assumptions = literal(tuple((a.expr, a.divisor) for a in g.assumptions))
+        settings = lambda table: "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in table.items()) + "}"  # noqa: E731
+        doc = f'"""Layer {g.name} of {os.path.basename(spec_path)} (line {g.span.line})."""'
+        body = [doc, "",
+                f"SPEC = {literal(os.path.basename(spec_path))}",
+                f"INPUTS = {inputs}",
+                f"STATES = {states}",
+                f"ASSUMPTIONS = {assumptions}",
+                f"SOLVE = {settings(g.solve)}",
+                f"BACKWARD = {settings(g.backward)}",
+                "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
+                *self._step(), "", *self._adjoint(), "", *self._outputs()]
+        return [f"class {self.class_name}(_layer.CompiledLayer):", *_indent(body, 1)]
+
+
+def spec_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def emit_module(checked, only: str | None = None) -> str:
+    """The Python source of a checked spec (:class:`~fpidsl.compiler.CheckedSpec`)."""
+    path = checked.source.path
+    ns = Namespace()
+    classes, layer_map = [], []
+    for name, graph in checked.graphs.items():
+        if only is not None and name != only:
+            continue
+        class_name = ns.create(name)
+        classes.append(LayerEmitter(graph, class_name).emit(path))
+        layer_map.append(f"{literal(name)}: {class_name}")
+    header = [
+        f"# Generated by fpidsl {__version__} from {os.path.basename(path)}; do not edit.",
+        f"# spec sha256: {spec_hash(checked.source.text)}",
+        f'"""Fixed-point layers compiled from {os.path.basename(path)}."""',
+        "import torch",
+        "",
+        "from fpidsl.runtime import layer as _layer",
+        "from fpidsl.runtime import ops as _ops",
+    ]
+    out = header
+    for cls in classes:
+        out += ["", "", *cls]
+    out += ["", "", "LAYERS = {" + ", ".join(layer_map) + "}", ""]
+    return "\n".join(out)

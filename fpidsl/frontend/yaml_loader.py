@@ -1,0 +1,617 @@
+"""The YAML front-end: a spec written as a YAML mapping, read into the same AST as the ``.fpi`` grammar.
+
+The schema is the "YAML form" of LANGUAGE.md::
+
+    fpi: 1
+    fns: {"sq(v)": "v * v"}                    # optional
+    layers:
+      L:
+        inputs:   {a: "[B, 10]"}
+        states:   {x: "[B, 10]", y: {shape: "[B, 10]", init: a}}
+        params:   {fc: "Linear(20, 10)", w: "tensor [10] = ones"}
+        consts:   {k: 0.5}
+        lets:     [{h: "relu(fc(cat([x, a], dim=-1)))"}]      # a list: lets are ordered
+        energies: {E: "sum(square(y - a), dim=-1)"}
+        updates:  {x: "h * k"}
+        descend:  {y: {on: E, step: 0.01}}
+        output:   [x, y]                       # or one string
+        solve:    {method: "anderson(m=5)", tol: 1e-6}
+        backward: {max_iter: 200}
+
+Expressions, shapes and parameter types are YAML scalars parsed with the ``.fpi`` grammar's fragment
+parsers; a YAML number where an expression is expected is parsed from its text, so ``init: -0.5`` is the
+same ``Neg(Num(0.5))`` as ``= -0.5`` in ``.fpi``. A shape may also be a YAML list of names and integers
+(``[B, 10]`` unquoted), an extension of the contract. Declarations are listed in a fixed order whatever the
+order of the YAML keys: inputs, states, params, consts, lets, energies, updates, descend, output, solve,
+backward. An absent or empty (``null``) section means no declarations of that kind.
+
+Safety: the file is only *composed* (``yaml.compose`` with ``yaml.SafeLoader``): a node tree, nothing is
+constructed. Any tag outside the YAML core schema (``!!python/object``, ``!!binary``, ``!custom``, ...) is
+a :class:`~fpidsl.errors.SchemaErr`, as are duplicate keys (which PyYAML would silently collapse),
+recursive aliases and aliases that expand to more than ``MAX_EXPANDED_NODES`` nodes. YAML syntax errors
+are :class:`~fpidsl.errors.SyntaxErr` at PyYAML's problem mark.
+
+Spans point into the YAML file. A key's span is the key (inside its quotes, if quoted). An expression
+is parsed from the file's own text of the scalar, placed where that text starts: plain scalars at their
+first character, quoted ones one column after the quote, block scalars (``|``, ``>``) at column 1 of their
+first content line (their indentation is parsed as whitespace). This is exact as long as that text reads
+as the scalar's value: equal to it, or equal up to whitespace and line breaks (folded and multi-line
+scalars) and without a ``#``. Otherwise (escapes in double quotes, ``''`` in single quotes, a ``#`` inside
+a folded block, unusual line breaks) the value is parsed on its own and *every* span of the fragment,
+including a syntax error's, is the whole scalar, so that no column is silently shifted.
+"""
+from __future__ import annotations
+
+import bisect
+import difflib
+import re
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import SchemaErr, SyntaxErr
+from ..source import Source, Span
+from . import ast
+from .parser import KEYWORDS, Placement, parse_expr, parse_fn_head, parse_param_type, parse_shape
+
+FORMAT_VERSION = 1
+MAX_EXPANDED_NODES = 100_000
+
+ROOT_KEYS = ("fpi", "layers", "fns")
+LAYER_KEYS = ("inputs", "states", "params", "consts", "lets", "energies", "updates", "descend", "output",
+              "solve", "backward")
+STATE_KEYS = ("shape", "init")
+DESCEND_KEYS = ("on", "step")
+
+_CORE = "tag:yaml.org,2002:"
+_STR, _INT, _FLOAT, _BOOL, _NULL = (_CORE + t for t in ("str", "int", "float", "bool", "null"))
+# The tags the core schema resolves plain text to; anything else was written explicitly and is refused.
+_ALLOWED_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null", "map", "seq",
+                                              "timestamp", "merge", "value"))
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DIGITS = re.compile(r"\d+\Z")
+# Line breaks that YAML counts and the expression grammar does not: text holding them is not parsed in place.
+_ODD_BREAKS = re.compile(r"\r(?!\n)|[\x85\u2028\u2029]")
+
+NAME_HINT = "names are identifiers: letters, digits and `_`, not starting with a digit"
+NUMBER_HINT = "write numbers as in the expression syntax: 12, 0.5, 1e-6, -3"
+EXPR_HINT = 'write an expression as a string, e.g. "relu(fc(x))", or a number'
+BOOL_HINT = ("YAML reads `{v}` as a boolean and a spec has no boolean values here; "
+             'quote it ("{v}") if you mean the name `{v}`')
+TAG_HINT = "a spec is plain data (mappings, lists, strings and numbers); nothing is constructed from it"
+DUPLICATE_HINT = "YAML would keep only the last one; remove or rename one of them"
+MERGE_HINT = "YAML merge keys (`<<`) are not supported: write the entries out"
+LETS_HINT = 'lets are ordered, so `lets` is a list: `lets: [{h: "relu(x)"}, {y: "h + 1"}]`'
+DESCEND_HINT = "write it as `x: {on: E, step: 0.01}`: descend state x along the gradient of energy E"
+OUTPUT_HINT = "several outputs are a YAML list: `output: [x, y]`"
+FN_HINT = "an `fns` key is the function's head with its parameters, e.g. `sq(v)`, or `two()` for none"
+
+_SECTION_SHAPES = {
+    "layers": "a mapping of layer name to layer",
+    "fns": "a mapping of `name(a, b)` to expression",
+    "inputs": "a mapping of name to shape",
+    "states": "a mapping of name to shape or to {shape, init}",
+    "params": "a mapping of name to a module or tensor type",
+    "consts": "a mapping of name to number",
+    "lets": "a list of one-key mappings `name: EXPR`",
+    "energies": "a mapping of name to expression",
+    "updates": "a mapping of state name to expression",
+    "descend": "a mapping of state name to {on: ENERGY, step: NUMBER}",
+    "output": "an expression or a list of expressions",
+    "solve": "a mapping of setting to value",
+    "backward": "a mapping of setting to value",
+}
+
+
+def parse_yaml(source: Source) -> ast.SpecFile:
+    """Parse a YAML spec into the AST; errors are :class:`~fpidsl.errors.SyntaxErr` or ``SchemaErr``."""
+    return _Reader(source).spec()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class _Fragment:
+    """The text of a scalar to hand to a fragment parser, and where it sits in the file."""
+
+    text: str
+    at: Placement
+    exact: bool  # the text is the file's own text at `at`; if not, every span becomes `whole`
+    whole: Span
+
+
+def _respan(node: Any, span: Span) -> Any:
+    """``node`` with every :class:`Span` in it replaced by ``span``."""
+    if isinstance(node, Span):
+        return span
+    if isinstance(node, tuple):
+        return tuple(_respan(item, span) for item in node)
+    if is_dataclass(node) and not isinstance(node, type):
+        return replace(node, **{f.name: _respan(getattr(node, f.name), span) for f in fields(node)})
+    return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
+
+
+def _kind(node: yaml.Node) -> str:
+    """What a node is, for messages: "a list", "the number 5", ..."""
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing"
+    if node.tag == _BOOL:
+        return f"the boolean `{node.value}`"
+    if node.tag in (_INT, _FLOAT):
+        return f"the number {node.value}"
+    text = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+    return f'the string "{text}"'
+
+
+def _unknown_key(text: str, allowed: tuple[str, ...], where: str, span: Span, value: yaml.Node) -> SchemaErr:
+    if text == "<<":
+        return SchemaErr(f"unknown key `<<` {where}", span, hint=MERGE_HINT)
+    close = difflib.get_close_matches(text, allowed, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean `{close[0]}`?"
+    elif where == "at the top level" and isinstance(value, yaml.MappingNode) and any(
+        isinstance(k, yaml.ScalarNode) and k.value in LAYER_KEYS for k, _ in value.value
+    ):
+        hint = f"is `{text}` a layer? layers go under `layers:`"
+    else:
+        hint = "the keys here are " + ", ".join(f"`{k}`" for k in allowed)
+    return SchemaErr(f"unknown key `{text}` {where}", span, hint=hint)
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class _Reader:
+    """Reads one YAML source into an :class:`ast.SpecFile`; raises the first error found."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.path = source.path
+        self._line_starts: list[int] | None = None
+
+    # ------------------------------------------------------------------ positions
+    def _point(self, index: int) -> tuple[int, int]:
+        """The 1-based (line, column) of a character index into the text."""
+        if self._line_starts is None:
+            text = self.source.text
+            self._line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+        row = bisect.bisect_right(self._line_starts, index) - 1
+        return row + 1, index - self._line_starts[row] + 1
+
+    def _end(self, node: yaml.Node) -> tuple[int, int]:
+        """Where a node's text ends, without the trailing blank lines and comments PyYAML's mark includes."""
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
+            return self._end(_children(node)[-1])
+        text = self.source.text
+        index = min(node.end_mark.index, len(text))
+        while index > node.start_mark.index and text[index - 1] in " \t\r\n":
+            index -= 1
+        return self._point(index)
+
+    def _span(self, node: yaml.Node) -> Span:
+        start = node.start_mark
+        end_line, end_col = self._end(node)
+        if (end_line, end_col) <= (start.line + 1, start.column + 1):
+            end_line, end_col = start.line + 1, start.column + 2
+        return Span(self.path, start.line + 1, start.column + 1, end_line, end_col)
+
+    def _cover(self, first: yaml.Node, last: yaml.Node) -> Span:
+        """From the start of ``first`` (a key) to the end of ``last`` (its value)."""
+        return self._span(first).cover(self._span(last))
+
+    def _key_span(self, node: yaml.Node) -> Span:
+        """A key's span, inside the quotes of a quoted key."""
+        span = self._span(node)
+        if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
+            inner = self.source.text[node.start_mark.index + 1:node.end_mark.index - 1]
+            if inner == node.value and "\n" not in inner:
+                return Span(self.path, span.line, span.col + 1, span.line, span.col + 1 + len(inner))
+        return span
+
+    def _fragment(self, node: yaml.ScalarNode) -> _Fragment:
+        whole = self._span(node)
+        text, value = self.source.text, node.value
+        start, end = node.start_mark, node.end_mark
+        lo, hi, line, col = start.index, end.index, start.line, start.column
+        if node.style in ("'", '"'):
+            lo, hi, col = lo + 1, hi - 1, col + 1
+        elif node.style in ("|", ">"):
+            newline = text.find("\n", lo, hi)
+            lo, line, col = (newline + 1, line + 1, 0) if newline >= 0 else (hi, line, col)
+        raw = text[lo:hi] if lo <= hi else ""
+        in_place = raw == value or ("#" not in raw and raw.split() == value.split())
+        if in_place and not _ODD_BREAKS.search(raw):
+            return _Fragment(raw, Placement(self.path, line + 1, col + 1), True, whole)
+        return _Fragment(value, Placement(self.path, whole.line, whole.col), False, whole)
+
+    def _parse(self, parse: Callable[[str, Placement], Any], node: yaml.ScalarNode) -> Any:
+        """Run a fragment parser of the ``.fpi`` grammar on a scalar, with spans in the YAML file."""
+        fragment = self._fragment(node)
+        try:
+            result = parse(fragment.text, fragment.at)
+        except SyntaxErr as exc:
+            if fragment.exact:
+                raise
+            raise SyntaxErr(exc.message, fragment.whole, hint=exc.hint) from None
+        return result if fragment.exact else _respan(result, fragment.whole)
+
+    # ------------------------------------------------------------------ loading
+    def spec(self) -> ast.SpecFile:
+        root = self._compose()
+        if root is None or _is_null(root):
+            raise SchemaErr(
+                "the YAML document is empty", Span.point(self.path, 1, 1),
+                hint=f"a YAML spec is a mapping that starts with `fpi: {FORMAT_VERSION}` and has `layers`",
+            )
+        self._check_tree(root)
+        if not isinstance(root, yaml.MappingNode):
+            raise SchemaErr(f"a YAML spec must be a mapping with the keys `fpi` and `layers`, got {_kind(root)}",
+                            self._span(root))
+        sections = self._keys(root, ROOT_KEYS, "at the top level")
+        self._version(root, sections)
+        if "layers" not in sections:
+            raise SchemaErr("missing key `layers` at the top level", self._span(root),
+                            hint="add `layers:` with one mapping per layer, e.g. `layers: {L: {...}}`")
+        layers: list[ast.Layer] = []
+        fns: list[ast.FnDef] = []
+        for name, (key, value) in sections.items():
+            if name == "layers":
+                layers = self._layers(key, value)
+            elif name == "fns":
+                fns = self._fns(value)
+        return ast.SpecFile(self.path, tuple(layers), tuple(fns), self._span(root))
+
+    def _compose(self) -> yaml.Node | None:
+        try:
+            return yaml.compose(self.source.text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+            hint = None
+            if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+                cm = exc.context_mark
+                hint = f"{exc.context} at line {cm.line + 1}, column {cm.column + 1}"
+            message = exc.problem or exc.context or "invalid YAML"
+            raise SyntaxErr(f"invalid YAML: {message}", Span.point(self.path, line, col), hint=hint) from None
+        except yaml.reader.ReaderError as exc:
+            line, col = self._point(exc.position)
+            raise SyntaxErr(f"invalid YAML: character {exc.character!r} is not allowed in YAML text",
+                            Span.point(self.path, line, col)) from None
+        except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error above carries a position
+            raise SyntaxErr(f"invalid YAML: {exc}", Span.point(self.path, 1, 1)) from None
+        except RecursionError:
+            raise SyntaxErr("invalid YAML: nested too deeply", Span.point(self.path, 1, 1),
+                            hint="a spec is a few levels of mappings and lists") from None
+
+    def _check_tree(self, root: yaml.Node) -> None:
+        """Refuse non-core tags, duplicate keys, recursive aliases and alias bombs, in document order."""
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+        duplicates: dict[int, yaml.Node] = {}  # id of a repeated key -> its first occurrence
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        while stack:
+            node, finished = stack.pop()
+            key = id(node)
+            if finished:
+                open_nodes.discard(key)
+                sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+                if sizes[key] > MAX_EXPANDED_NODES:
+                    raise SchemaErr(f"YAML aliases expand this spec to more than {MAX_EXPANDED_NODES:,} values",
+                                    self._span(node), hint="a spec is small; is this the right file?")
+                continue
+            if key in sizes:
+                continue  # reached again through an alias; already checked
+            if key in open_nodes:
+                raise SchemaErr("a YAML alias refers to a node that contains it", self._span(node),
+                                hint="a spec is a tree: recursive anchors are not allowed")
+            if node.tag not in _ALLOWED_TAGS:
+                raise SchemaErr(f"the YAML tag `{_short_tag(node.tag)}` is not allowed in a spec",
+                                self._span(node), hint=TAG_HINT)
+            if key in duplicates:
+                first = duplicates[key]
+                raise SchemaErr(
+                    f"duplicate key `{node.value}` (first at line {first.start_mark.line + 1}, "
+                    f"column {first.start_mark.column + 1})", self._key_span(node), hint=DUPLICATE_HINT)
+            if isinstance(node, yaml.MappingNode):
+                self._find_duplicates(node, duplicates)
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(_children(node)))
+
+    def _find_duplicates(self, node: yaml.MappingNode, duplicates: dict[int, yaml.Node]) -> None:
+        seen: dict[str, yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            if key.value not in seen:
+                seen[key.value] = key
+                continue
+            first = seen[key.value]
+            if first is key or id(key) in duplicates:  # the same node twice, through an alias
+                raise SchemaErr(f"duplicate key `{key.value}`", self._span(node), hint=DUPLICATE_HINT)
+            duplicates[id(key)] = first
+
+    # ------------------------------------------------------------------ structure
+    def _keys(self, node: yaml.MappingNode, allowed: tuple[str, ...], where: str) -> dict:
+        """The entries of a schema mapping by key, in document order; unknown keys are errors."""
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or _is_null(key):
+                raise SchemaErr(f"keys {where} are words such as `{allowed[0]}`, got {_kind(key)}",
+                                self._span(key))
+            if key.value not in allowed:
+                raise _unknown_key(key.value, allowed, where, self._key_span(key), value)
+            out[key.value] = (key, value)
+        return out
+
+    def _entries(self, value: yaml.Node, section: str) -> list:
+        """The ``(key, value)`` pairs of a section that maps names to things; ``null`` is empty."""
+        if _is_null(value):
+            return []
+        if not isinstance(value, yaml.MappingNode):
+            raise SchemaErr(f"`{section}` must be {_SECTION_SHAPES[section]}, got {_kind(value)}",
+                            self._span(value))
+        return list(value.value)
+
+    def _name(self, node: yaml.Node, what: str) -> tuple[str, Span]:
+        """A declared name written as a key."""
+        if not isinstance(node, yaml.ScalarNode) or _is_null(node):
+            raise SchemaErr(f"{what} must be a name, got {_kind(node)}", self._span(node), hint=NAME_HINT)
+        text, span = node.value, self._key_span(node)
+        if not _NAME.match(text):
+            raise SchemaErr(f"`{text}` is not a valid {what}", span, hint=NAME_HINT)
+        if text in KEYWORDS:
+            raise SchemaErr(f"'{text}' is a keyword and cannot be used as a name", span,
+                            hint=f"rename it: {', '.join(sorted(KEYWORDS))} are keywords")
+        return text, span
+
+    def _version(self, root: yaml.MappingNode, sections: dict) -> None:
+        if "fpi" not in sections:
+            raise SchemaErr("missing key `fpi` at the top level", self._span(root),
+                            hint=f"start the file with `fpi: {FORMAT_VERSION}`, the version of the format")
+        key, value = sections["fpi"]
+        if not (isinstance(value, yaml.ScalarNode) and value.tag == _INT):
+            raise SchemaErr(f"`fpi` must be the format version {FORMAT_VERSION}, got {_kind(value)}",
+                            self._span(value) if not _is_null(value) else self._key_span(key),
+                            hint=f"write `fpi: {FORMAT_VERSION}`")
+        if value.value != str(FORMAT_VERSION):
+            raise SchemaErr(f"unsupported format version `fpi: {value.value}`", self._span(value),
+                            hint=f"this fpidsl reads `fpi: {FORMAT_VERSION}`")
+
+    # ------------------------------------------------------------------ values
+    def _expr(self, node: yaml.Node, what: str, key: yaml.Node | None = None) -> ast.Expr:
+        """A scalar where an expression is expected: a string in the expression syntax or a number."""
+        if not isinstance(node, yaml.ScalarNode):
+            raise SchemaErr(f"{what} must be an expression, got {_kind(node)}", self._span(node), hint=EXPR_HINT)
+        if node.tag == _NULL:
+            raise SchemaErr(f"{what} has no value", self._key_span(key) if key is not None else self._span(node),
+                            hint=EXPR_HINT)
+        if node.tag == _BOOL:
+            raise SchemaErr(f"{what} must be an expression, got {_kind(node)}", self._span(node),
+                            hint=BOOL_HINT.format(v=node.value))
+        if node.tag not in (_INT, _FLOAT):
+            return self._parse(parse_expr, node)
+        try:
+            number = self._parse(parse_expr, node)
+        except SyntaxErr:
+            number = None
+        operand = number.operand if isinstance(number, ast.Neg) else number
+        if not isinstance(operand, ast.Num):
+            raise SchemaErr(f"{what}: `{node.value}` is not a number the language accepts", self._span(node),
+                            hint=NUMBER_HINT)
+        return number
+
+    def _string(self, node: yaml.Node, what: str, example: str, key: yaml.Node) -> yaml.ScalarNode:
+        """A scalar that must hold text (a shape, a parameter type)."""
+        if _is_null(node):
+            raise SchemaErr(f"{what} is missing", self._key_span(key), hint=f"write it as a string: {example}")
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
+            raise SchemaErr(f"{what} must be a string such as {example}, got {_kind(node)}", self._span(node))
+        return node
+
+    def _shape(self, node: yaml.Node, what: str, key: yaml.Node) -> ast.Shape:
+        if isinstance(node, yaml.SequenceNode):
+            return ast.Shape(tuple(self._dim(item, what) for item in node.value), self._span(node))
+        return self._parse(parse_shape, self._string(node, what, '"[B, 10]"', key))
+
+    def _dim(self, node: yaml.Node, what: str) -> ast.Name | ast.Num:
+        """One dimension of a shape written as a YAML list: a name or a non-negative integer."""
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _STR):
+            span = self._span(node)
+            if node.tag == _INT and _DIGITS.match(node.value):
+                return ast.Num(int(node.value), node.value, span)
+            if node.tag == _STR and _NAME.match(node.value) and node.value not in KEYWORDS:
+                return ast.Name(node.value, self._key_span(node))
+        raise SchemaErr(f"a dimension of {what} must be a name or an integer, got {_kind(node)}",
+                        self._span(node), hint='shapes look like "[B, 10]" or [B, 1, H, W]')
+
+    # ------------------------------------------------------------------ file level
+    def _layers(self, key: yaml.Node, value: yaml.Node) -> list[ast.Layer]:
+        entries = self._entries(value, "layers")
+        if not entries:
+            raise SchemaErr("`layers` is empty: a spec defines at least one layer", self._key_span(key),
+                            hint="add one mapping per layer, e.g. `layers: {L: {inputs: ..., states: ...}}`")
+        return [self._layer(name_node, body) for name_node, body in entries]
+
+    def _fns(self, value: yaml.Node) -> list[ast.FnDef]:
+        fns = []
+        for head, body in self._entries(value, "fns"):
+            if not isinstance(head, yaml.ScalarNode) or head.tag != _STR:
+                raise SchemaErr(f"an `fns` key must be a head such as `sq(v)`, got {_kind(head)}",
+                                self._span(head), hint=FN_HINT)
+            if _NAME.match(head.value):
+                raise SchemaErr(f"the function `{head.value}` needs a parameter list", self._key_span(head),
+                                hint=FN_HINT)
+            name, params = self._parse(parse_fn_head, head)
+            expr = self._expr(body, f"the body of fn `{name.id}`", head)
+            fns.append(ast.FnDef(name.id, tuple(params), expr, name.span, self._cover(head, body)))
+        return fns
+
+    # ------------------------------------------------------------------ a layer
+    def _layer(self, name_node: yaml.Node, body: yaml.Node) -> ast.Layer:
+        name, name_span = self._name(name_node, "layer name")
+        if not isinstance(body, yaml.MappingNode):
+            raise SchemaErr(f"layer `{name}` must be a mapping of sections ({', '.join(LAYER_KEYS)}), "
+                            f"got {_kind(body)}", self._span(body) if not _is_null(body) else name_span)
+        by_section: dict[str, list[ast.Decl]] = {}
+        for section, (key, value) in self._keys(body, LAYER_KEYS, f"in layer `{name}`").items():
+            by_section[section] = getattr(self, f"_{section}")(key, value)
+        decls = tuple(d for section in LAYER_KEYS for d in by_section.get(section, ()))
+        return ast.Layer(name, decls, name_span, self._cover(name_node, body))
+
+    def _inputs(self, key, value) -> list[ast.Decl]:
+        decls = []
+        for name_node, shape in self._entries(value, "inputs"):
+            name, span = self._name(name_node, "input name")
+            decls.append(ast.InputDecl(name, self._shape(shape, f"the shape of input `{name}`", name_node), span,
+                                       self._cover(name_node, shape)))
+        return decls
+
+    def _states(self, key, value) -> list[ast.Decl]:
+        decls = []
+        for name_node, spec in self._entries(value, "states"):
+            name, span = self._name(name_node, "state name")
+            what = f"the shape of state `{name}`"
+            init = None
+            if isinstance(spec, yaml.MappingNode):
+                parts = self._keys(spec, STATE_KEYS, f"in state `{name}`")
+                if "shape" not in parts:
+                    raise SchemaErr(f"state `{name}` is missing `shape`", self._span(spec),
+                                    hint='write it as `x: {shape: "[B, 10]", init: zeros}`')
+                shape = self._shape(parts["shape"][1], what, parts["shape"][0])
+                if "init" in parts:
+                    init_key, init_node = parts["init"]
+                    init = self._expr(init_node, f"`init` of state `{name}`", init_key)
+            else:
+                shape = self._shape(spec, what, name_node)
+            decls.append(ast.StateDecl(name, shape, init, span, self._cover(name_node, spec)))
+        return decls
+
+    def _params(self, key, value) -> list[ast.Decl]:
+        decls = []
+        for name_node, kind in self._entries(value, "params"):
+            name, span = self._name(name_node, "param name")
+            text = self._string(kind, f"the type of param `{name}`", '"Linear(20, 32)" or "tensor [5] = ones"',
+                                name_node)
+            parsed = self._parse(parse_param_type, text)
+            whole = self._cover(name_node, kind)
+            if isinstance(parsed, ast.Call):
+                decls.append(ast.ModuleParamDecl(name, parsed, span, whole))
+            else:
+                shape, init = parsed
+                decls.append(ast.TensorParamDecl(name, shape, init, span, whole))
+        return decls
+
+    def _named_exprs(self, key, value, section: str, what: str, make) -> list[ast.Decl]:
+        decls = []
+        for name_node, expr in self._entries(value, section):
+            name, span = self._name(name_node, f"{what} name")
+            decls.append(make(name, self._expr(expr, f"{what} `{name}`", name_node), span,
+                              self._cover(name_node, expr)))
+        return decls
+
+    def _consts(self, key, value) -> list[ast.Decl]:
+        return self._named_exprs(key, value, "consts", "const", ast.ConstDecl)
+
+    def _energies(self, key, value) -> list[ast.Decl]:
+        return self._named_exprs(key, value, "energies", "energy", ast.EnergyDecl)
+
+    def _updates(self, key, value) -> list[ast.Decl]:
+        return self._named_exprs(key, value, "updates", "update of state", ast.UpdateDecl)
+
+    def _lets(self, key, value) -> list[ast.Decl]:
+        if _is_null(value):
+            return []
+        if not isinstance(value, yaml.SequenceNode):
+            raise SchemaErr(f"`lets` must be {_SECTION_SHAPES['lets']}, got {_kind(value)}", self._span(value),
+                            hint=LETS_HINT)
+        decls = []
+        for item in value.value:
+            if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
+                count = f"{len(item.value)} entries" if isinstance(item, yaml.MappingNode) else _kind(item)
+                raise SchemaErr(f"each item of `lets` must be one `name: EXPR`, got {count}", self._span(item),
+                                hint=LETS_HINT)
+            (name_node, expr), = item.value
+            name, span = self._name(name_node, "let name")
+            decls.append(ast.LetDecl(name, self._expr(expr, f"let `{name}`", name_node), span,
+                                     self._cover(name_node, expr)))
+        return decls
+
+    def _descend(self, key, value) -> list[ast.Decl]:
+        decls = []
+        for name_node, spec in self._entries(value, "descend"):
+            name, span = self._name(name_node, "state name")
+            if not isinstance(spec, yaml.MappingNode):
+                raise SchemaErr(f"the `descend` of `{name}` must be a mapping {{on: ENERGY, step: NUMBER}}, "
+                                f"got {_kind(spec)}", self._span(spec) if not _is_null(spec) else span,
+                                hint=DESCEND_HINT)
+            parts = self._keys(spec, DESCEND_KEYS, f"in the `descend` of `{name}`")
+            for required in DESCEND_KEYS:
+                if required not in parts:
+                    raise SchemaErr(f"the `descend` of `{name}` is missing `{required}`", self._span(spec),
+                                    hint=DESCEND_HINT)
+            energy_node = parts["on"][1]
+            if not (isinstance(energy_node, yaml.ScalarNode) and energy_node.tag == _STR
+                    and _NAME.match(energy_node.value)):
+                raise SchemaErr(f"`on` in the `descend` of `{name}` must name an energy, got {_kind(energy_node)}",
+                                self._span(energy_node) if not _is_null(energy_node)
+                                else self._key_span(parts["on"][0]), hint=DESCEND_HINT)
+            energy = ast.Name(energy_node.value, self._key_span(energy_node))
+            step = self._expr(parts["step"][1], f"`step` in the `descend` of `{name}`", parts["step"][0])
+            decls.append(ast.DescendDecl(name, energy, step, span, self._cover(name_node, spec)))
+        return decls
+
+    def _output(self, key, value) -> list[ast.Decl]:
+        if isinstance(value, yaml.SequenceNode):
+            if not value.value:
+                raise SchemaErr("`output` is an empty list", self._span(value),
+                                hint="list what the layer returns, or leave `output` out to return the states")
+            values = tuple(self._expr(item, "an output") for item in value.value)
+        elif isinstance(value, yaml.ScalarNode) and not _is_null(value):
+            try:
+                values = (self._expr(value, "the output"),)
+            except SyntaxErr as exc:
+                if "," in value.value and exc.hint is None:
+                    raise SyntaxErr(exc.message, exc.span, hint=OUTPUT_HINT) from None
+                raise
+        else:
+            raise SchemaErr(f"`output` must be {_SECTION_SHAPES['output']}, got {_kind(value)}",
+                            self._span(value) if not _is_null(value) else self._key_span(key), hint=OUTPUT_HINT)
+        return [ast.OutputDecl(values, self._cover(key, value))]
+
+    def _settings(self, key, value, which: str) -> list[ast.Decl]:
+        settings = []
+        for setting_node, setting_value in self._entries(value, which):
+            name, span = self._name(setting_node, f"`{which}` setting")
+            expr = self._expr(setting_value, f"`{which}` setting `{name}`", setting_node)
+            settings.append(ast.Setting(name, expr, span, self._cover(setting_node, setting_value)))
+        return [ast.SettingsDecl(which, tuple(settings), self._cover(key, value))]
+
+    def _solve(self, key, value) -> list[ast.Decl]:
+        return self._settings(key, value, "solve")
+
+    def _backward(self, key, value) -> list[ast.Decl]:
+        return self._settings(key, value, "backward")

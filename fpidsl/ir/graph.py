@@ -1,0 +1,364 @@
+"""The layer graph: one per ``layer`` block, a DAG of values over ``networkx.MultiDiGraph``.
+
+Nodes are values with a closed set of ops (:data:`OPS`). Node ids are ``"n0", "n1", ...`` in insertion
+order, and insertion order is a topological order (a node is added after its arguments). Edges run
+from an argument to its user; the edge key and its ``pos`` attribute are the argument position, and
+``span`` is where the argument is written at the use site (so errors about an argument point at it).
+A multigraph because one value can be several arguments of the same node (``x * x``).
+
+Node attributes (all nodes): ``op``, ``shape`` (tuple of dims, see :mod:`fpidsl.ir.shapes`; None
+until :func:`~fpidsl.passes.infer_shapes.infer_shapes` has run or where it failed), ``span`` and
+``name`` (the user's name for a named input/state/param/let/energy, else None). Per op:
+
+* ``input``: its ``name``; ``state``: its ``name``;
+* ``param``: ``name`` (``"fc.weight"`` / ``"fc.bias"`` for module params with ``module`` and ``role``;
+  ``"w"`` for a raw tensor with ``init``, a :class:`TensorInit`);
+* ``const``: ``value`` (an int or float; numbers and ``const`` declarations are inlined); shape ``()``;
+* ``call``: ``prim`` (a key of :data:`~fpidsl.ir.primitives.PRIMITIVES`), ``attrs`` (dict of static
+  attributes, defaults filled in), ``module`` (the param module a ``linear``/``conv`` call came from,
+  else None), ``inlined`` (``(fn name, call-site span)`` when it came from an ``fn`` body, else None);
+* ``update``: ``state``; one argument, the new value; shape = the state's;
+* ``init``: ``state``; either ``fill`` (a number: zeros=0, ones=1) and no argument, or ``fill=None`` and
+  one argument (a warm-start expression over inputs and params); shape = the state's;
+* ``output``: arguments 0..k-1, the layer's outputs; shape ``()``.
+
+Spans of nodes made while inlining an ``fn`` point into the ``fn`` body (``inlined`` says where it was
+called); an ``fn`` parameter used in the body is the call-site argument's node, with the argument's span
+on the edge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import networkx as nx
+
+from ..source import Span
+from .primitives import PRIMITIVES, format_attr
+from .shapes import Dim, fmt_shape
+
+OPS = frozenset({"input", "state", "param", "const", "call", "update", "init", "output"})
+_ARITY = {"input": (0, 0), "state": (0, 0), "param": (0, 0), "const": (0, 0), "update": (1, 1),
+          "init": (0, 1), "output": (0, None)}
+
+
+class GraphLintError(AssertionError):
+    """A broken graph invariant: a bug in fpidsl, never a user error."""
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A declared ``param NAME : Linear | Conv2d | ConvTranspose2d (...)``, for code generation.
+
+    ``in_size``/``out_size``: features (Linear) or channels (convolutions); ``kernel``, ``stride``,
+    ``padding``, ``output_padding`` are (h, w) pairs (None for Linear)."""
+
+    kind: str
+    in_size: int
+    out_size: int
+    kernel: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    padding: tuple[int, int] | None = None
+    output_padding: tuple[int, int] | None = None
+    bias: bool = True
+    init_scale: float | None = None
+    norm: str | None = None
+    span: Span | None = field(default=None, compare=False)
+
+    @property
+    def prim(self) -> str:
+        return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d"}[self.kind]
+
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "Linear":
+            return (self.out_size, self.in_size)
+        if self.kind == "Conv2d":
+            return (self.out_size, self.in_size) + tuple(self.kernel)
+        return (self.in_size, self.out_size) + tuple(self.kernel)
+
+    def attrs(self) -> dict[str, Any]:
+        """The static attributes of the call nodes this module lowers to."""
+        if self.kind == "Linear":
+            return {}
+        out = {"stride": self.stride, "padding": self.padding}
+        if self.kind == "ConvTranspose2d":
+            out["output_padding"] = self.output_padding
+        return out
+
+    def describe(self) -> str:
+        """``Conv2d(2, 32, 3)``: the kind and its sizes, for messages."""
+        args = [str(self.in_size), str(self.out_size)]
+        if self.kernel is not None:
+            kh, kw = self.kernel
+            args.append(str(kh) if kh == kw else f"[{kh}, {kw}]")
+        return f"{self.kind}({', '.join(args)})"
+
+    def format(self) -> str:
+        parts = [self.describe()[:-1]]
+        defaults = {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0)}
+        for key in ("stride", "padding", "output_padding"):
+            value = getattr(self, key)
+            if value is not None and value != defaults[key]:
+                parts.append(f"{key}={_pair(value)}")
+        if not self.bias:
+            parts.append("bias=false")
+        if self.init_scale is not None:
+            parts.append(f"init_scale={self.init_scale!r}")
+        if self.norm is not None:
+            parts.append(f"norm={self.norm}")
+        return ", ".join(parts) + ")"
+
+
+def _pair(p: tuple[int, int]) -> str:
+    return str(p[0]) if p[0] == p[1] else f"[{p[0]}, {p[1]}]"
+
+
+@dataclass(frozen=True)
+class TensorInit:
+    """How a raw ``tensor`` param starts: ``kind`` is zeros, ones, fill (``args=(value,)``),
+    normal (``args=(mean, std)``) or uniform (``args=(lo, hi)``)."""
+
+    kind: str
+    args: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "fill":
+            return format_attr(self.args[0])
+        if not self.args:
+            return self.kind
+        return f"{self.kind}({', '.join(format_attr(a) for a in self.args)})"
+
+
+@dataclass
+class StateInfo:
+    """A declared state: its node, declared shape, and its ``init`` and ``update`` sinks."""
+
+    name: str
+    node: str
+    shape: tuple[Dim, ...]
+    span: Span
+    init: str | None = None
+    update: str | None = None
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """A divisibility that the inferred shapes rely on: ``expr % divisor == 0`` (``expr`` a symbolic
+    dimension such as ``H`` or a product ``H*W``); the generated code must check it at call time."""
+
+    expr: str
+    divisor: int
+    span: Span
+
+    def __str__(self) -> str:
+        return f"{self.expr} % {self.divisor} == 0"
+
+
+class LayerGraph:
+    """One layer: the value graph ``g`` and the layer's metadata (all dicts in declaration order).
+
+    * ``inputs``: name -> node; ``states``: name -> :class:`StateInfo`;
+    * ``params``: qualified name (``fc.weight``, ``w``) -> node; ``modules``: name -> :class:`ModuleSpec`;
+    * ``lets``, ``energies``: name -> node of its value; ``output``: the output node;
+    * ``solve``, ``backward``: validated settings, flat dicts (only the keys the spec gives), with
+      ``solve_spans``/``backward_spans`` (key -> span) for later errors;
+    * ``assumptions``: :class:`Assumption` s the shapes rely on.
+    """
+
+    def __init__(self, name: str, span: Span):
+        self.name = name
+        self.span = span
+        self.g = nx.MultiDiGraph()
+        self.inputs: dict[str, str] = {}
+        self.states: dict[str, StateInfo] = {}
+        self.params: dict[str, str] = {}
+        self.modules: dict[str, ModuleSpec] = {}
+        self.lets: dict[str, str] = {}
+        self.energies: dict[str, str] = {}
+        self.output: str | None = None
+        self.solve: dict[str, Any] = {}
+        self.backward: dict[str, Any] = {}
+        self.solve_spans: dict[str, Span] = {}
+        self.backward_spans: dict[str, Span] = {}
+        self.assumptions: list[Assumption] = []
+
+    # ------------------------------------------------------------------ building and reading
+    def add_node(self, op: str, *, span: Span, shape=None, name: str | None = None,
+                 args: Sequence[str | tuple[str, Span]] = (), **attrs: Any) -> str:
+        """Add a node after its arguments (node ids or ``(node id, use-site span)``); returns its id."""
+        nid = f"n{self.g.number_of_nodes()}"
+        self.g.add_node(nid, op=op, shape=shape, span=span, name=name, **attrs)
+        for pos, arg in enumerate(args):
+            src, use = arg if isinstance(arg, tuple) else (arg, span)
+            self.g.add_edge(src, nid, key=pos, pos=pos, span=use)
+        return nid
+
+    def node(self, nid: str) -> dict[str, Any]:
+        """The attribute dict of a node (mutable: passes set ``shape``)."""
+        return self.g.nodes[nid]
+
+    def nodes(self) -> list[str]:
+        """Node ids in insertion (= topological) order."""
+        return list(self.g.nodes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.g.nodes)
+
+    def __len__(self) -> int:
+        return self.g.number_of_nodes()
+
+    def _in_edges(self, nid: str) -> list[tuple[str, dict]]:
+        edges = [(u, data) for u, _, data in self.g.in_edges(nid, data=True)]
+        return sorted(edges, key=lambda e: e[1]["pos"])
+
+    def args(self, nid: str) -> list[str]:
+        """The arguments of a node, by position."""
+        return [u for u, _ in self._in_edges(nid)]
+
+    def arg_spans(self, nid: str) -> list[Span]:
+        """Where each argument of a node is written."""
+        return [d["span"] for _, d in self._in_edges(nid)]
+
+    def users(self, nid: str) -> list[tuple[str, int]]:
+        """(user, position) pairs of a node, in user order."""
+        out = [(v, d["pos"]) for _, v, d in self.g.out_edges(nid, data=True)]
+        return sorted(out, key=lambda e: (int(e[0][1:]), e[1]))
+
+    def shape(self, nid: str):
+        return self.g.nodes[nid]["shape"]
+
+    def label(self, nid: str) -> str:
+        """How messages name a node: ``the state x``, ``the let h``, or ``this expression``."""
+        data = self.g.nodes[nid]
+        role = self.role(nid)
+        if role is not None:
+            return f"the {role} {data['name']}"
+        return "this expression"
+
+    def role(self, nid: str) -> str | None:
+        data = self.g.nodes[nid]
+        if data["op"] in ("input", "state", "param"):
+            return data["op"]
+        for kind, table in (("energy", self.energies), ("let", self.lets)):
+            for name, node in table.items():
+                if node == nid and name == data.get("name"):
+                    return kind
+        return None
+
+    # ------------------------------------------------------------------ text form
+    def format(self) -> str:
+        """The deterministic text form: a header, then one node a line."""
+        head = [f"layer {self.name}  # {self.span}"]
+        if self.inputs:
+            head.append("  inputs " + ", ".join(self.inputs))
+        head.append("  states " + ", ".join(self.states))
+        for name, spec in self.modules.items():
+            head.append(f"  module {name} = {spec.format()}")
+        for which, table in (("solve", self.solve), ("backward", self.backward)):
+            if table:
+                head.append(f"  {which} " + ", ".join(f"{k}={format_attr(v)}" for k, v in table.items()))
+        for a in self.assumptions:
+            head.append(f"  assume {a}")
+        labels = {}
+        for kind, table in (("let", self.lets), ("energy", self.energies)):
+            for name, node in table.items():
+                labels.setdefault(node, f"{kind} {name}")
+        body = [(f"  {nid} = {self._format_node(nid)}", labels.get(nid), self.node(nid)["span"])
+                for nid in self.g.nodes]
+        width = min(max((len(b[0]) for b in body), default=0), 72)
+        lines = head + [
+            f"{text.ljust(width)}  # " + (f"{label} @ {span}" if label else f"{span}")
+            for text, label, span in body
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _format_node(self, nid: str) -> str:
+        d = self.node(nid)
+        op = d["op"]
+        args = ", ".join(self.args(nid))
+        if op in ("input", "state"):
+            text = f"{op} {d['name']}"
+        elif op == "param":
+            text = f"param {d['name']}"
+            if d.get("init") is not None:
+                text += f" = {d['init']}"
+        elif op == "const":
+            text = f"const {format_attr(d['value'])}"
+        elif op == "call":
+            text = f"call {d['prim']}({args})"
+            if d["attrs"]:
+                text += " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(d["attrs"].items())) + "}"
+        elif op == "update":
+            text = f"update {d['state']}({args})"
+        elif op == "init":
+            text = f"init {d['state']}({args})" if d.get("fill") is None else \
+                f"init {d['state']} = {format_attr(d['fill'])}"
+        else:
+            text = f"output({args})"
+        if op != "output":
+            text += f" : {fmt_shape(d['shape'])}"
+        return text
+
+    # ------------------------------------------------------------------ invariants
+    def lint(self, shapes: bool = True) -> None:
+        """Check the graph's invariants; raise :class:`GraphLintError` on the first broken one.
+
+        ``shapes``: also require every node to have a shape (after shape inference)."""
+        order = {nid: i for i, nid in enumerate(self.g.nodes)}
+        for nid, i in order.items():
+            _require(nid == f"n{i}", f"node id {nid} at position {i}")
+            d = self.g.nodes[nid]
+            op = d.get("op")
+            _require(op in OPS, f"{nid}: op {op!r} is not in the closed op set")
+            _require(isinstance(d.get("span"), Span), f"{nid}: no span")
+            if shapes:
+                _require(isinstance(d.get("shape"), tuple), f"{nid}: no shape")
+            poss = sorted(data["pos"] for _, _, data in self.g.in_edges(nid, data=True))
+            _require(poss == list(range(len(poss))), f"{nid}: argument positions {poss} are not 0..n-1")
+            for u, _, k, data in self.g.in_edges(nid, keys=True, data=True):
+                _require(k == data["pos"], f"{nid}: edge key {k} != pos {data['pos']}")
+                _require(order[u] < i, f"{nid}: argument {u} comes after it (not topological)")
+                _require(isinstance(data.get("span"), Span), f"{nid}: argument {u} has no span")
+            n = len(poss)
+            if op == "call":
+                prim = PRIMITIVES.get(d.get("prim"))
+                _require(prim is not None, f"{nid}: unknown primitive {d.get('prim')!r}")
+                hi = prim.max_args
+                _require(prim.min_args <= n and (hi is None or n <= hi),
+                         f"{nid}: {prim.name} takes {prim.min_args}..{hi} arguments, has {n}")
+                attrs = d.get("attrs")
+                _require(isinstance(attrs, dict), f"{nid}: attrs is not a dict")
+                known = {a.name for a in prim.attrs}
+                _require(set(attrs) <= known, f"{nid}: unknown attrs {sorted(set(attrs) - known)}")
+                missing = [a.name for a in prim.attrs if a.required and a.name not in attrs]
+                _require(not missing, f"{nid}: missing attrs {missing}")
+            else:
+                lo, hi = _ARITY[op]
+                _require(lo <= n and (hi is None or n <= hi), f"{nid}: {op} with {n} arguments")
+            if op == "init":
+                _require((d.get("fill") is None) == (n == 1), f"{nid}: init needs a fill or one argument")
+        _require(nx.is_directed_acyclic_graph(self.g), "the graph has a cycle")
+        sinks: dict[tuple[str, str], list[str]] = {}
+        for nid, d in self.g.nodes(data=True):
+            if d["op"] in ("update", "init"):
+                sinks.setdefault((d["op"], d["state"]), []).append(nid)
+                _require(d["state"] in self.states, f"{nid}: {d['op']} of {d['state']!r}, not a state")
+        for name, info in self.states.items():
+            _require(self.g.nodes[info.node]["op"] == "state", f"state {name}: node {info.node} is not a state")
+            for op, attr in (("update", info.update), ("init", info.init)):
+                found = sinks.get((op, name), [])
+                _require(found == [attr], f"state {name}: {op} nodes {found}, metadata says {attr}")
+        for name, nid in self.inputs.items():
+            _require(self.g.nodes[nid]["op"] == "input", f"input {name}: node {nid} is not an input")
+        for name, nid in self.params.items():
+            _require(self.g.nodes[nid]["op"] == "param", f"param {name}: node {nid} is not a param")
+        outputs = [nid for nid, d in self.g.nodes(data=True) if d["op"] == "output"]
+        _require(outputs == ([self.output] if self.output else []), f"output nodes {outputs}")
+        for name in self.modules:
+            _require(f"{name}.weight" in self.params, f"module {name} has no weight param")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise GraphLintError(message)
+

@@ -1,0 +1,493 @@
+"""THE primitive table: every op a graph ``call`` node may apply, with its signature and shape rule.
+
+A :class:`Primitive` names its tensor inputs (``inputs``, the last ``optional_inputs`` of which may be
+absent; ``variadic``: one list of any length, for ``cat``) and its static attributes (:class:`Attr`:
+numbers, booleans, dims, never AST). ``builtin`` primitives are callable by name in ``.fpi`` with the
+Python-like signature ``name(*inputs, *attrs)`` (positional or keyword). The others come from
+operators (``+ - * / @ ** -x``), indexing, module calls and ``descend``.
+
+``emit`` (PyTorch source) and ``vjp`` (a vector-Jacobian product written with primitives) are left
+``None`` here; the code generator and the differentiation pass fill them in.
+
+A shape rule is ``rule(shapes, attrs, ctx) -> shape``: ``shapes`` are the input shapes in argument
+order, ``attrs`` the node's attributes with defaults filled, ``ctx`` a :class:`~fpidsl.ir.shapes.ShapeCtx`.
+It raises :class:`~fpidsl.ir.shapes.ShapeRuleError` (via ``ctx.fail``) with a message that states
+what was expected and what was found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .shapes import (
+    DimConflict,
+    Shape,
+    ShapeCtx,
+    broadcast,
+    dim_add,
+    dim_exact_div,
+    dim_floordiv,
+    dim_mul,
+    dim_prod,
+    dim_sub,
+    fmt_dim,
+    fmt_shape,
+    normalize_dim,
+    numel,
+)
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+# Attribute kinds: what a static argument may be.
+ATTR_KINDS = {
+    "number": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "dim": "a dimension index (an integer)",
+    "dims": "a dimension index or a list of them",
+    "shape": "a list of sizes (integers, symbolic dimensions, one -1)",
+    "index": "an index (integers, slices, ...)",
+    "pair": "an integer or a pair [a, b] of integers",
+    "word": "a name",
+}
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """``lo:hi:step`` of an index attribute; missing parts are None."""
+
+    lo: int | None = None
+    hi: int | None = None
+    step: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{'' if self.lo is None else self.lo}:{'' if self.hi is None else self.hi}"
+        return text if self.step is None else f"{text}:{self.step}"
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    kind: str
+    default: Any = REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+ShapeRule = Callable[[list, Mapping[str, Any], ShapeCtx], Shape]
+
+
+@dataclass(frozen=True)
+class Primitive:
+    name: str
+    inputs: tuple[str, ...]
+    shape: ShapeRule
+    attrs: tuple[Attr, ...] = ()
+    optional_inputs: int = 0
+    variadic: bool = False
+    builtin: bool = False
+    doc: str = ""
+    emit: Callable | None = None
+    vjp: Callable | None = None
+
+    @property
+    def min_args(self) -> int:
+        return 1 if self.variadic else len(self.inputs) - self.optional_inputs
+
+    @property
+    def max_args(self) -> int | None:
+        return None if self.variadic else len(self.inputs)
+
+    def attr(self, name: str) -> Attr | None:
+        return next((a for a in self.attrs if a.name == name), None)
+
+    def with_defaults(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        out = {a.name: a.default for a in self.attrs if not a.required}
+        out.update(attrs)
+        return out
+
+    def signature(self) -> str:
+        parts = [f"[{n}, ...]" if self.variadic else n for n in self.inputs]
+        for a in self.attrs:
+            parts.append(a.name if a.required else f"{a.name}={format_attr(a.default)}")
+        return f"{self.name}({', '.join(parts)})"
+
+
+def format_attr(value: Any) -> str:
+    """Attribute values as the text form and messages write them."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_attr(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- shape rules
+
+
+def _same(shapes, attrs, ctx):
+    return tuple(shapes[0])
+
+
+def _broadcast(shapes, attrs, ctx):
+    a, b = shapes
+    try:
+        return broadcast(a, b)
+    except DimConflict as c:
+        raise ctx.fail(
+            f"the operands of {ctx.callee} have shapes {fmt_shape(a)} and {fmt_shape(b)}, which do not "
+            f"broadcast: {fmt_dim(c.a)} vs {fmt_dim(c.b)} in dimension {c.index}",
+            hint="broadcasting pairs dimensions from the right; each pair must be equal or contain a 1, "
+                 "and a symbolic dimension equals only itself",
+        ) from None
+
+
+def _dim(d: int, shape: Shape, ctx: ShapeCtx, what: str = "dim", arg: int | None = 0) -> int:
+    n = normalize_dim(d, len(shape))
+    if n is None:
+        raise ctx.fail(
+            f"{what}={d} is out of range for {ctx.callee} of a tensor of shape {fmt_shape(shape)} "
+            f"({len(shape)} dimensions)", arg=arg,
+            hint=f"valid dims are {-len(shape)}..{len(shape) - 1}" if shape else "a scalar has no dimensions",
+        )
+    return n
+
+
+def _reduce(shapes, attrs, ctx):
+    (x,) = shapes
+    dims = attrs["dim"]
+    keep = attrs.get("keepdim", False)
+    if dims is None:
+        picked = set(range(len(x)))
+    else:
+        listed = dims if isinstance(dims, tuple) else (dims,)
+        picked = set()
+        for d in listed:
+            n = _dim(d, x, ctx)
+            if n in picked:
+                raise ctx.fail(f"dim {d} appears twice in the dims of {ctx.callee}")
+            picked.add(n)
+    return tuple(1 if i in picked else d for i, d in enumerate(x) if keep or i not in picked)
+
+
+def _softmax(shapes, attrs, ctx):
+    _dim(attrs["dim"], shapes[0], ctx)
+    return tuple(shapes[0])
+
+
+def _cat(shapes, attrs, ctx):
+    first = shapes[0]
+    if not first:
+        raise ctx.fail("cat cannot join scalars (shape [])", arg=0)
+    d = _dim(attrs["dim"], first, ctx)
+    total = first[d]
+    for i, s in enumerate(shapes[1:], start=1):
+        if len(s) != len(first):
+            raise ctx.fail(
+                f"cat needs tensors of the same rank: item {i} has shape {fmt_shape(s)} but item 0 has "
+                f"{fmt_shape(first)}", arg=i)
+        for j, (a, b) in enumerate(zip(first, s)):
+            if j != d and a != b:
+                raise ctx.fail(
+                    f"cat along dim {attrs['dim']} needs the other dimensions to agree: item {i} has shape "
+                    f"{fmt_shape(s)} but item 0 has {fmt_shape(first)} ({fmt_dim(b)} vs {fmt_dim(a)} in "
+                    f"dimension {j})", arg=i)
+        total = dim_add(total, s[d])
+    return tuple(total if j == d else a for j, a in enumerate(first))
+
+
+def _reshape(shapes, attrs, ctx):
+    (x,) = shapes
+    target = attrs["shape"]
+    if sum(1 for t in target if t == -1) > 1:
+        raise ctx.fail("reshape accepts at most one -1 in its target shape")
+    for t in target:
+        if isinstance(t, int) and t != -1 and t <= 0:
+            raise ctx.fail(f"reshape sizes must be positive (or one -1), found {t}")
+    total = numel(x)
+    known = dim_prod(t for t in target if t != -1)
+    if -1 in target:
+        inferred = dim_exact_div(total, known, ctx)
+        if inferred is None or (isinstance(inferred, int) and inferred <= 0):
+            raise ctx.fail(
+                f"reshape cannot infer the -1 of {format_attr(tuple(target))}: {fmt_shape(x)} has "
+                f"{fmt_dim(total)} elements, which is not a multiple of {fmt_dim(known)}", arg=0)
+        return tuple(inferred if t == -1 else t for t in target)
+    if total != known:
+        raise ctx.fail(
+            f"reshape cannot turn {fmt_shape(x)} ({fmt_dim(total)} elements) into "
+            f"{format_attr(tuple(target))} ({fmt_dim(known)} elements)", arg=0)
+    return tuple(target)
+
+
+def _transpose(shapes, attrs, ctx):
+    (x,) = shapes
+    a = _dim(attrs["dim0"], x, ctx, "dim0")
+    b = _dim(attrs["dim1"], x, ctx, "dim1")
+    out = list(x)
+    out[a], out[b] = out[b], out[a]
+    return tuple(out)
+
+
+def _flatten(shapes, attrs, ctx):
+    (x,) = shapes
+    if not x:
+        return (1,)
+    s = _dim(attrs["start"], x, ctx, "start")
+    e = _dim(attrs["end"], x, ctx, "end")
+    if s > e:
+        raise ctx.fail(f"flatten: start={attrs['start']} comes after end={attrs['end']} for shape "
+                       f"{fmt_shape(x)}")
+    return tuple(x[:s]) + (dim_prod(x[s:e + 1]),) + tuple(x[e + 1:])
+
+
+def _slice_text(s: SliceSpec) -> str:
+    return f"slice {s}"
+
+
+def _index(shapes, attrs, ctx):
+    (x,) = shapes
+    items = attrs["index"]
+    n_ell = sum(1 for it in items if it is Ellipsis)
+    if n_ell > 1:
+        raise ctx.fail("an index can have only one ...")
+    explicit = len(items) - n_ell
+    if explicit > len(x):
+        raise ctx.fail(f"too many indices: a tensor of shape {fmt_shape(x)} has {len(x)} dimensions but "
+                       f"{explicit} are indexed", arg=0)
+    expanded: list = []
+    for it in items:
+        if it is Ellipsis:
+            expanded.extend([SliceSpec()] * (len(x) - explicit))
+        else:
+            expanded.append(it)
+    expanded.extend([SliceSpec()] * (len(x) - len(expanded)))
+    out = []
+    for d, it in zip(x, expanded):
+        if isinstance(it, int):
+            if isinstance(d, int) and not -d <= it < d:
+                raise ctx.fail(f"index {it} out of range for dimension of size {d}", arg=0)
+            continue
+        out.append(_slice_dim(d, it, ctx))
+    return tuple(out)
+
+
+def _slice_dim(d, s: SliceSpec, ctx):
+    step = 1 if s.step is None else s.step
+    if step <= 0:
+        raise ctx.fail(f"{_slice_text(s)}: the step must be positive, found {step}")
+    if isinstance(d, int):
+        bounds = []
+        for b, default in ((s.lo, 0), (s.hi, d)):
+            if b is None:
+                bounds.append(default)
+                continue
+            v = b + d if b < 0 else b
+            if not 0 <= v <= d:
+                raise ctx.fail(f"{_slice_text(s)} out of range for dimension of size {d}", arg=0)
+            bounds.append(v)
+        lo, hi = bounds
+        length = max(0, -(-(hi - lo) // step))
+        if length == 0:
+            raise ctx.fail(f"{_slice_text(s)} is empty for dimension of size {d}", arg=0)
+        return length
+    lo = 0 if s.lo is None else (dim_add(d, s.lo) if s.lo < 0 else s.lo)
+    hi = d if s.hi is None else (dim_add(d, s.hi) if s.hi < 0 else s.hi)
+    length = dim_sub(hi, lo)
+    if isinstance(length, int) and length <= 0:
+        raise ctx.fail(f"{_slice_text(s)} is empty", arg=0)
+    if step > 1:
+        length = dim_floordiv(dim_add(length, step - 1), step, ctx)
+    return length
+
+
+def _matmul(shapes, attrs, ctx):
+    a, b = shapes
+    if not a or not b:
+        raise ctx.fail(f"@ needs tensors of at least one dimension, found {fmt_shape(a)} @ {fmt_shape(b)}",
+                       hint="use * to multiply by a scalar")
+    a2 = a if len(a) >= 2 else (1,) + tuple(a)
+    b2 = b if len(b) >= 2 else tuple(b) + (1,)
+    if a2[-1] != b2[-2]:
+        raise ctx.fail(
+            f"@ needs the last dimension of the left operand to equal the "
+            f"{'only' if len(b) == 1 else 'second-to-last'} dimension of the right one: "
+            f"{fmt_shape(a)} @ {fmt_shape(b)} ({fmt_dim(a2[-1])} vs {fmt_dim(b2[-2])})")
+    try:
+        batch = broadcast(a2[:-2], b2[:-2])
+    except DimConflict as c:
+        raise ctx.fail(f"the batch dimensions of {fmt_shape(a)} @ {fmt_shape(b)} do not broadcast: "
+                       f"{fmt_dim(c.a)} vs {fmt_dim(c.b)}") from None
+    out = tuple(batch)
+    if len(a) >= 2:
+        out += (a2[-2],)
+    if len(b) >= 2:
+        out += (b2[-1],)
+    return out
+
+
+def _linear(shapes, attrs, ctx):
+    x, w = shapes[0], shapes[1]
+    if not x:
+        raise ctx.fail(f"{ctx.callee} expects a tensor of at least one dimension, but its argument is a "
+                       "scalar", arg=0)
+    if x[-1] != w[1]:
+        raise ctx.fail(f"{ctx.callee} expects {fmt_dim(w[1])} input features, but its argument has shape "
+                       f"{fmt_shape(x)}", arg=0, dim=len(x) - 1)
+    return tuple(x[:-1]) + (w[0],)
+
+
+def _conv_common(shapes, ctx, channels_in):
+    x = shapes[0]
+    if len(x) != 4:
+        raise ctx.fail(f"{ctx.callee} expects a 4-D input [N, C, H, W], but its argument has shape "
+                       f"{fmt_shape(x)}", arg=0)
+    if x[1] != channels_in:
+        raise ctx.fail(f"{ctx.callee} expects {fmt_dim(channels_in)} input channels, but its argument has "
+                       f"shape {fmt_shape(x)}", arg=0, dim=1)
+    return x
+
+
+def _conv2d(shapes, attrs, ctx):
+    w = shapes[1]
+    x = _conv_common(shapes, ctx, w[1])
+    out = [x[0], w[0]]
+    for i in range(2):
+        size, k, s, p = x[2 + i], w[2 + i], attrs["stride"][i], attrs["padding"][i]
+        span = dim_sub(dim_add(size, 2 * p), k)
+        if isinstance(span, int) and span < 0:
+            raise ctx.fail(f"{ctx.callee} cannot slide a kernel of size {k} over a dimension of size "
+                           f"{fmt_dim(size)} with padding {p}", arg=0, dim=2 + i)
+        out.append(dim_add(dim_floordiv(span, s, ctx), 1))
+    return tuple(out)
+
+
+def _conv_transpose2d(shapes, attrs, ctx):
+    w = shapes[1]
+    x = _conv_common(shapes, ctx, w[0])
+    out = [x[0], w[1]]
+    for i in range(2):
+        size, k = x[2 + i], w[2 + i]
+        s, p, op = attrs["stride"][i], attrs["padding"][i], attrs["output_padding"][i]
+        d = dim_add(dim_sub(dim_mul(dim_sub(size, 1), s), 2 * p), k + op)
+        if isinstance(d, int) and d <= 0:
+            raise ctx.fail(f"{ctx.callee} would produce an empty output ({d}) from a dimension of size "
+                           f"{fmt_dim(size)}", arg=0, dim=2 + i)
+        out.append(d)
+    return tuple(out)
+
+
+def _grad(shapes, attrs, ctx):
+    return tuple(shapes[1])
+
+
+# --------------------------------------------------------------------------- the table
+
+_X = ("x",)
+_AB = ("a", "b")
+
+
+def _p(name, inputs, rule, *attrs, builtin=False, optional=0, variadic=False, doc=""):
+    return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc)
+
+
+_TABLE = [
+    # arithmetic (operators)
+    _p("add", _AB, _broadcast, doc="a + b"),
+    _p("sub", _AB, _broadcast, doc="a - b"),
+    _p("mul", _AB, _broadcast, doc="a * b"),
+    _p("div", _AB, _broadcast, doc="a / b"),
+    _p("matmul", _AB, _matmul, doc="a @ b (torch.matmul)"),
+    _p("pow", _X, _same, Attr("exponent", "number"), doc="x ** exponent"),
+    _p("neg", _X, _same, doc="-x"),
+    # elementwise built-ins
+    _p("relu", _X, _same, builtin=True),
+    _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), builtin=True),
+    _p("tanh", _X, _same, builtin=True),
+    _p("sigmoid", _X, _same, builtin=True),
+    _p("softplus", _X, _same, Attr("beta", "number", 1.0), builtin=True),
+    _p("elu", _X, _same, Attr("alpha", "number", 1.0), builtin=True),
+    _p("exp", _X, _same, builtin=True),
+    _p("log", _X, _same, builtin=True),
+    _p("sqrt", _X, _same, builtin=True),
+    _p("square", _X, _same, builtin=True),
+    _p("abs", _X, _same, builtin=True),
+    _p("sin", _X, _same, builtin=True),
+    _p("cos", _X, _same, builtin=True),
+    _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), builtin=True),
+    _p("minimum", _AB, _broadcast, builtin=True),
+    _p("maximum", _AB, _broadcast, builtin=True),
+    # reductions and shape ops
+    _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), builtin=True),
+    _p("mean", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), builtin=True),
+    _p("softmax", _X, _softmax, Attr("dim", "dim"), builtin=True),
+    _p("logsumexp", _X, _reduce, Attr("dim", "dims"), Attr("keepdim", "bool", False), builtin=True),
+    _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), builtin=True, variadic=True),
+    _p("reshape", _X, _reshape, Attr("shape", "shape"), builtin=True),
+    _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), builtin=True),
+    _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), builtin=True),
+    _p("index", _X, _index, Attr("index", "index"), doc="x[items]"),
+    # modules, lowered (weights are param nodes)
+    _p("linear", ("x", "weight", "bias"), _linear, optional=1, doc="x @ weight.T + bias"),
+    _p("conv2d", ("x", "weight", "bias"), _conv2d, Attr("stride", "pair", (1, 1)),
+       Attr("padding", "pair", (0, 0)), optional=1),
+    _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
+       Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), optional=1),
+    # differentiation, expanded by a later pass
+    _p("grad", ("energy", "state"), _grad, builtin=True,
+       doc="gradient of the energy (summed over the batch) with respect to the state"),
+]
+
+PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _TABLE}
+BUILTINS: dict[str, Primitive] = {p.name: p for p in _TABLE if p.builtin}
+
+BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul"}
+
+
+# --------------------------------------------------------------------------- modules
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """A ``param NAME : Kind(...)`` module: its surface parameters (name, attr kind, default) and the
+    primitive its calls lower to."""
+
+    name: str
+    prim: str
+    params: tuple[Attr, ...]
+
+    def signature(self) -> str:
+        parts = [a.name if a.required else f"{a.name}={format_attr(a.default)}" for a in self.params]
+        return f"{self.name}({', '.join(parts)})"
+
+
+_COMMON = (Attr("bias", "bool", True), Attr("init_scale", "number", None), Attr("norm", "word", None))
+
+MODULE_KINDS: dict[str, ModuleKind] = {
+    "Linear": ModuleKind("Linear", "linear", (Attr("in", "int"), Attr("out", "int")) + _COMMON),
+    "Conv2d": ModuleKind("Conv2d", "conv2d", (
+        Attr("in", "int"), Attr("out", "int"), Attr("kernel", "pair"),
+        Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0))) + _COMMON),
+    "ConvTranspose2d": ModuleKind("ConvTranspose2d", "conv_transpose2d", (
+        Attr("in", "int"), Attr("out", "int"), Attr("kernel", "pair"),
+        Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)),
+        Attr("output_padding", "pair", (0, 0))) + _COMMON),
+}
+
+NORMS = ("spectral",)
+
+# Initialisers of raw ``tensor`` params and states: name -> number of numeric arguments.
+TENSOR_INITS = {"zeros": 0, "ones": 0, "normal": 2, "uniform": 2}

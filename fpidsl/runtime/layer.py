@@ -1,0 +1,190 @@
+"""The base class of compiled layers and the constructors their ``__init__`` calls.
+
+A generated layer class supplies, as plain code: ``step`` (the map g), ``adjoint`` (the derived backward
+map: ``prepare`` / ``vjp_state`` / ``vjp_args``), ``init_states`` and ``outputs``; and, as data, its
+inputs and states with their declared shapes, its settings and its shape assumptions. This class binds
+the inputs, checks their shapes against the spec, and runs :func:`fixed_point`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SettingsError, SolverSettings
+
+Dim = int | str
+
+
+class LayerInputError(ValueError):
+    """A compiled layer called with inputs that do not fit its spec (count, names or shapes)."""
+
+
+def _fmt(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, torch.Tensor],
+              spec: str) -> dict[str, int]:
+    """Bind the symbolic dimensions of the declared shapes to the sizes of ``tensors``; every use of a
+    symbol must agree, every integer must match."""
+    dims: dict[str, int] = {}
+    where: dict[str, str] = {}
+    for name, shape in declared.items():
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise LayerInputError(f"{spec}: input {name!r} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dim() != len(shape):
+            raise LayerInputError(
+                f"{spec}: input {name!r} is declared {_fmt(shape)} ({len(shape)} dimensions) "
+                f"but got a tensor of shape {_fmt(tensor.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(shape, tensor.shape)):
+            if isinstance(want, int):
+                if want != got:
+                    raise LayerInputError(
+                        f"{spec}: input {name!r} is declared {_fmt(shape)}: dimension {axis} must be {want}, "
+                        f"got shape {_fmt(tensor.shape)}"
+                    )
+            elif want in dims and dims[want] != got:
+                raise LayerInputError(
+                    f"{spec}: dimension {want} is {dims[want]} in {where[want]} but {got} in input {name!r} "
+                    f"(shape {_fmt(tensor.shape)})"
+                )
+            else:
+                dims[want] = got
+                where.setdefault(want, f"input {name!r}")
+    return dims
+
+
+def check_assumptions(assumptions: Sequence[tuple[str, int]], dims: Mapping[str, int], spec: str) -> None:
+    """Check the divisibility assumptions the compiler's shape inference relied on (``H % 2 == 0``)."""
+    for expr, divisor in assumptions:
+        value = math.prod(dims[s] for s in expr.split("*"))
+        if value % divisor:
+            raise LayerInputError(
+                f"{spec}: the layer's shapes need {expr} to be a multiple of {divisor}, but {expr} = {value}"
+            )
+
+
+def concrete(shape: Sequence[Dim], dims: Mapping[str, int]) -> tuple[int, ...]:
+    """A declared shape with its symbols replaced by their bound sizes."""
+    return tuple(d if isinstance(d, int) else dims[d] for d in shape)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _scale(module: nn.Module, init_scale: float | None) -> None:
+    if init_scale is not None:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(init_scale)
+
+
+def _norm(module: nn.Module, norm: str | None) -> nn.Module:
+    if norm == "spectral":
+        return nn.utils.parametrizations.spectral_norm(module)
+    return module
+
+
+def make_module(kind: str, *args: Any, bias: bool = True, init_scale: float | None = None,
+                norm: str | None = None, **options: Any) -> nn.Module:
+    """``nn.Linear`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` with PyTorch's default initialisation,
+    weight and bias multiplied by ``init_scale``, and ``norm="spectral"`` through PyTorch's
+    spectral-norm parametrisation (which then fixes the weight's scale)."""
+    cls = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "ConvTranspose2d": nn.ConvTranspose2d}[kind]
+    module = cls(*args, bias=bias, **options)
+    _scale(module, init_scale)
+    return _norm(module, norm)
+
+
+def make_tensor(shape: tuple[int, ...], kind: str, args: tuple[float, ...] = ()) -> nn.Parameter:
+    """A raw learnable tensor: zeros, ones, fill(value), normal(mean, std) or uniform(lo, hi)."""
+    data = torch.empty(shape)
+    if kind == "zeros":
+        data.zero_()
+    elif kind == "ones":
+        data.fill_(1.0)
+    elif kind == "fill":
+        data.fill_(float(args[0]))
+    elif kind == "normal":
+        data.normal_(float(args[0]), float(args[1]))
+    elif kind == "uniform":
+        data.uniform_(float(args[0]), float(args[1]))
+    else:  # pragma: no cover - the compiler only emits the kinds above
+        raise ValueError(f"unknown tensor init {kind!r}")
+    return nn.Parameter(data)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class CompiledLayer(nn.Module):
+    """Base of every generated layer class (see the module docstring for what a subclass supplies)."""
+
+    SPEC: str = ""
+    INPUTS: dict[str, tuple[Dim, ...]] = {}
+    STATES: dict[str, tuple[Dim, ...]] = {}
+    ASSUMPTIONS: tuple[tuple[str, int], ...] = ()
+    SOLVE: dict[str, Any] = {}
+    BACKWARD: dict[str, Any] = {}
+    adjoint: Any = None
+
+    def __init__(self, *, solve: Mapping[str, Any] | None = None,
+                 backward: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        try:
+            self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
+            self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
+        except SettingsError as exc:
+            raise SettingsError(f"{type(self).__name__}: {exc}") from None
+        self.stats = None
+
+    # hooks a generated class implements
+    def parameter_tensors(self) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Inputs by position or keyword, exactly as declared."""
+        names = list(self.INPUTS)
+        spec = f"{type(self).__name__} ({self.SPEC})"
+        if len(args) > len(names):
+            raise LayerInputError(f"{spec}: takes {len(names)} input(s) ({', '.join(names)}), got {len(args)}")
+        bound = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in self.INPUTS:
+                raise LayerInputError(f"{spec}: no input named {key!r}; inputs: {', '.join(names)}")
+            if key in bound:
+                raise LayerInputError(f"{spec}: input {key!r} given twice")
+            bound[key] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise LayerInputError(f"{spec}: missing input(s) {', '.join(missing)}")
+        return bound
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
+        from .fixed_point import fixed_point
+        from .stats import Stats
+
+        inputs = self.bind(args, kwargs)
+        spec = f"{type(self).__name__} ({self.SPEC})"
+        dims = bind_dims(self.INPUTS, inputs, spec)
+        check_assumptions(self.ASSUMPTIONS, dims, spec)
+        values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
+        like = values[0] if values else torch.zeros(())
+        x0 = self.init_states(dims, like, *values)
+        stats = Stats()
+        x_hat = fixed_point(
+            self.step, x0 if len(x0) > 1 else x0[0], *values,
+            adjoint=self.adjoint, stats=stats,
+            backward=self.backward_settings, **self.solve_settings.as_dict(),
+        )
+        self.stats = stats
+        states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
+        return self.outputs(states, *values)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.SPEC!r}"

@@ -1,0 +1,206 @@
+"""What a solve did, per sample, and what happens when it did not converge.
+
+:class:`SolveStats` is the record of one solve (the forward solve, or the backward fixed-point iteration);
+:class:`Stats` pairs the forward record with the record of the adjoint solve that the backward ran, so that a
+module's ``.stats`` answers both. :func:`enforce` applies the ``on_fail`` policy: a warning
+(:class:`ConvergenceWarning`), an exception (:class:`ConvergenceError`) or nothing. The messages are written once,
+below, and name the setting to change.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .settings import SolverSettings
+
+# How many failing sample indices a message lists before it says "and N more".
+MAX_LISTED_SAMPLES = 8
+
+NOT_CONVERGED = (
+    "fixed-point {phase} did not converge for {count} of {batch} samples ({samples}): the {criterion} residual "
+    "reached {worst:.3g} (best sample {best:.3g}) against tol={tol:.3g} after {iterations} iterations. "
+    "To fix: {advice}"
+)
+DIVERGED = (
+    "fixed-point {phase} diverged for {count} of {batch} samples ({samples}) after {iterations} iterations: "
+    "{how}. The map is not a contraction{where}. To fix: {advice}"
+)
+DIVERGED_HOW_NONFINITE = "the iterate became NaN or Inf"
+DIVERGED_HOW_GROWTH = "the step |g(x)-x| grew far above the smallest seen"
+DIVERGED_HOW_BOTH = "iterates became NaN or Inf, or the step |g(x)-x| grew far above the smallest seen"
+
+FORWARD_ADVICE_SLOW = (
+    "raise max_iter (now {max_iter}), loosen tol, use method='anderson', or make the map more contractive "
+    "(smaller init_scale, norm=spectral)"
+)
+FORWARD_ADVICE_DIVERGED = (
+    "make the map contractive (smaller init_scale, norm=spectral), or try method='anderson' with a smaller beta"
+)
+BACKWARD_ADVICE_SLOW = (
+    "raise the backward max_iter (now {max_iter}, e.g. backward={{'max_iter': {double}}}), loosen the backward tol, "
+    "use backward={{'method': 'anderson'}}, or make the map more contractive in x at the fixed point "
+    "(smaller init_scale, norm=spectral); the gradient computed from this solve is not accurate"
+)
+BACKWARD_ADVICE_DIVERGED = (
+    "make the map contractive in x at the fixed point (smaller init_scale, norm=spectral), or use "
+    "backward={'method': 'anderson'}; the gradient computed from this solve is wrong"
+)
+BACKWARD_WHERE = " in x at the fixed point (the backward iteration c = J^T c + g needs spectral radius < 1)"
+
+
+class ConvergenceError(RuntimeError):
+    """A fixed-point solve (forward or backward) did not converge and ``on_fail='raise'``.
+
+    ``stats`` is the :class:`SolveStats` of the failed solve.
+    """
+
+    def __init__(self, message: str, stats: "SolveStats"):
+        super().__init__(message)
+        self.stats = stats
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A fixed-point solve (forward or backward) did not converge and ``on_fail='warn'`` (the default)."""
+
+
+@dataclass
+class SolveStats:
+    """The record of one solve, one entry per sample (dimension 0 of the states).
+
+    ``iterations``: evaluations of the map each sample took; ``residual``: its last residual, measured with
+    ``settings.criterion``; ``converged``: residual below ``tol``; ``diverged``: NaN/Inf or runaway growth;
+    ``stopped_at_floor``: the residual stopped falling at the precision the dtype can resolve, above ``tol``
+    (the result is as accurate as the dtype allows; this is not a failure). ``history``: with ``history=True``,
+    the residual of every iteration, shape ``(iterations, batch)``, NaN where a sample had already stopped.
+    """
+
+    phase: str
+    settings: SolverSettings
+    iterations: Tensor
+    residual: Tensor
+    converged: Tensor
+    diverged: Tensor
+    stopped_at_floor: Tensor
+    history: Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return int(self.iterations.shape[0])
+
+    @property
+    def ok(self) -> Tensor:
+        """Per sample: converged, or stopped at the precision floor."""
+        return self.converged | self.stopped_at_floor
+
+    @property
+    def all_ok(self) -> bool:
+        return bool(self.ok.all())
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of the samples that neither converged nor stopped at the floor."""
+        return torch.nonzero(~self.ok).flatten().tolist()
+
+    @property
+    def max_iterations(self) -> int:
+        return int(self.iterations.max()) if self.batch else 0
+
+    def summary(self) -> str:
+        """One line: iterations, worst residual, how many samples converged."""
+        n_ok = int(self.ok.sum())
+        worst = float(self.residual.max()) if self.batch else 0.0
+        floor = int(self.stopped_at_floor.sum())
+        return (
+            f"{self.phase} ({self.settings.method}): {n_ok}/{self.batch} samples done in at most "
+            f"{self.max_iterations} iterations, worst {self.settings.criterion} residual {worst:.3g} "
+            f"(tol {self.settings.tol:.3g})" + (f", {floor} stopped at the precision floor" if floor else "")
+        )
+
+    def __repr__(self) -> str:
+        return f"SolveStats({self.summary()})"
+
+
+@dataclass
+class Stats:
+    """The stats of the last call: ``forward`` (the solve) and ``backward`` (the last adjoint solve).
+
+    ``adjoint`` is the :class:`Stats` of the backward fixed-point iteration seen as a fixed point of its own: its
+    ``forward`` is this object's ``backward``, and its ``backward`` is filled when a second-order derivative
+    differentiates through the adjoint solve (and so on for higher orders).
+    """
+
+    forward: SolveStats | None = None
+    adjoint: "Stats | None" = field(default=None, repr=False)
+
+    @property
+    def backward(self) -> SolveStats | None:
+        return None if self.adjoint is None else self.adjoint.forward
+
+    def __repr__(self) -> str:
+        parts = [s.summary() for s in (self.forward, self.backward) if s is not None]
+        return "Stats(" + "; ".join(parts) + ")"
+
+
+def _listed(indices: list[int]) -> str:
+    shown = ", ".join(str(i) for i in indices[:MAX_LISTED_SAMPLES])
+    more = len(indices) - MAX_LISTED_SAMPLES
+    return f"sample{'s' if len(indices) > 1 else ''} {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def failure_message(stats: SolveStats) -> str | None:
+    """The message for a solve with failed samples (``None`` when every sample is fine)."""
+    failed_mask = ~stats.ok
+    if not bool(failed_mask.any()):
+        return None
+    s = stats.settings
+    backward = stats.phase == "backward"
+    diverged = stats.diverged & failed_mask
+    if bool(diverged.any()):
+        idx = torch.nonzero(diverged).flatten().tolist()
+        nonfinite = ~torch.isfinite(stats.residual[diverged])
+        how = (
+            DIVERGED_HOW_NONFINITE
+            if bool(nonfinite.all())
+            else DIVERGED_HOW_GROWTH if not bool(nonfinite.any()) else DIVERGED_HOW_BOTH
+        )
+        return DIVERGED.format(
+            phase=stats.phase,
+            count=len(idx),
+            batch=stats.batch,
+            samples=_listed(idx),
+            iterations=int(stats.iterations[diverged].max()),
+            how=how,
+            where=BACKWARD_WHERE if backward else "",
+            advice=BACKWARD_ADVICE_DIVERGED if backward else FORWARD_ADVICE_DIVERGED,
+        )
+    idx = torch.nonzero(failed_mask).flatten().tolist()
+    residuals = stats.residual[failed_mask]
+    advice = BACKWARD_ADVICE_SLOW if backward else FORWARD_ADVICE_SLOW
+    return NOT_CONVERGED.format(
+        phase=stats.phase,
+        count=len(idx),
+        batch=stats.batch,
+        samples=_listed(idx),
+        criterion=s.criterion,
+        worst=float(residuals.max()),
+        best=float(residuals.min()),
+        tol=s.tol,
+        iterations=int(stats.iterations[failed_mask].max()),
+        advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter),
+    )
+
+
+def enforce(stats: SolveStats) -> None:
+    """Apply ``stats.settings.on_fail`` to a finished solve: warn, raise :class:`ConvergenceError`, or nothing."""
+    policy = stats.settings.on_fail
+    if policy == "ignore":
+        return
+    message = failure_message(stats)
+    if message is None:
+        return
+    if policy == "raise":
+        raise ConvergenceError(message, stats)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)
