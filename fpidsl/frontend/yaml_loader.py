@@ -203,8 +203,12 @@ class _Reader:
 
     def _end(self, node: yaml.Node) -> tuple[int, int]:
         """Where a node's text ends, without the trailing blank lines and comments PyYAML's mark includes."""
-        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
-            return self._end(_children(node)[-1])
+        seen = set()
+        while isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
+            if id(node) in seen:  # a recursive alias (reported by the caller)
+                break
+            seen.add(id(node))
+            node = _children(node)[-1]
         text = self.source.text
         index = min(node.end_mark.index, len(text))
         while index > node.start_mark.index and text[index - 1] in " \t\r\n":
@@ -253,9 +257,8 @@ class _Reader:
         try:
             result = parse(fragment.text, fragment.at)
         except SyntaxErr as exc:
-            if fragment.exact:
-                raise
-            raise SyntaxErr(exc.message, fragment.whole, hint=exc.hint) from None
+            message = exc.message.replace("the end of the file", "the end of the value")
+            raise SyntaxErr(message, exc.span if fragment.exact else fragment.whole, hint=exc.hint) from None
         return result if fragment.exact else _respan(result, fragment.whole)
 
     # ------------------------------------------------------------------ loading
@@ -291,14 +294,17 @@ class _Reader:
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
             hint = None
-            if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
-                cm = exc.context_mark
-                hint = f"{exc.context} at line {cm.line + 1}, column {cm.column + 1}"
-            message = exc.problem or exc.context or "invalid YAML"
+            if exc.problem and exc.context:
+                hint = exc.context
+                if exc.context_mark is not None:
+                    hint += f" (line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            message = exc.problem or exc.context or "not valid YAML"
+            message = message[4:] if message.startswith("but ") else message
             raise SyntaxErr(f"invalid YAML: {message}", Span.point(self.path, line, col), hint=hint) from None
         except yaml.reader.ReaderError as exc:
             line, col = self._point(exc.position)
-            raise SyntaxErr(f"invalid YAML: character {exc.character!r} is not allowed in YAML text",
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            raise SyntaxErr(f"invalid YAML: the control character U+{code:04X} is not allowed in YAML text",
                             Span.point(self.path, line, col)) from None
         except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error above carries a position
             raise SyntaxErr(f"invalid YAML: {exc}", Span.point(self.path, 1, 1)) from None

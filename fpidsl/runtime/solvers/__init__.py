@@ -1,0 +1,36 @@
+"""Fixed-point solvers: small interchangeable pieces with one signature.
+
+A solver works on the flattened states of the samples still running, ``x`` of shape ``(batch, dim)``
+(one row a sample), and never on a sample's neighbours: every sample follows its own trajectory. It provides
+
+- ``init(x) -> state``: its state for the iteration that starts at ``x``;
+- ``step(x, g, state) -> (x_next, state)``: the next iterate, given ``g = g(x)``;
+- ``select(state, keep) -> state``: the state of the samples in ``keep`` (a bool mask), once others finished.
+
+The driver (:mod:`fpidsl.runtime.driver`) evaluates the map, measures residuals, decides convergence and drops
+finished samples; the solver only proposes the next iterate. All of it runs without autograd recording.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from ..settings import SolverSettings
+from .anderson import Anderson as Anderson
+from .picard import Picard as Picard
+
+
+class Solver(Protocol):
+    def init(self, x: Tensor) -> Any: ...
+
+    def step(self, x: Tensor, g: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+
+    def select(self, state: Any, keep: Tensor) -> Any: ...
+
+
+def make_solver(settings: SolverSettings) -> Solver:
+    """The solver that ``settings.method`` names, configured from ``settings``."""
+    if settings.method == "anderson":
+        return Anderson(m=settings.m, beta=settings.beta, lam=settings.lam)
+    return Picard()
