@@ -304,7 +304,7 @@ class _Reader:
         except yaml.reader.ReaderError as exc:
             line, col = self._point(exc.position)
             code = exc.character if isinstance(exc.character, int) else ord(exc.character)
-            raise SyntaxErr(f"invalid YAML: the control character U+{code:04X} is not allowed in YAML text",
+            raise SyntaxErr(f"invalid YAML: the character U+{code:04X} is not allowed in YAML text",
                             Span.point(self.path, line, col)) from None
         except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error above carries a position
             raise SyntaxErr(f"invalid YAML: {exc}", Span.point(self.path, 1, 1)) from None

@@ -159,7 +159,8 @@ class LayerGraph:
 
     * ``inputs``: name -> node; ``states``: name -> :class:`StateInfo`;
     * ``params``: qualified name (``fc.weight``, ``w``) -> node; ``modules``: name -> :class:`ModuleSpec`;
-    * ``lets``, ``energies``: name -> node of its value; ``output``: the output node;
+    * ``lets``, ``energies``: name -> node of its value, ``value_spans``: name -> where that value is
+      written (a let or energy may be another named node: ``energy E = h``); ``output``: the output node;
     * ``solve``, ``backward``: validated settings, flat dicts (only the keys the spec gives), with
       ``solve_spans``/``backward_spans`` (key -> span) for later errors;
     * ``assumptions``: :class:`Assumption` s the shapes rely on.
@@ -175,6 +176,7 @@ class LayerGraph:
         self.modules: dict[str, ModuleSpec] = {}
         self.lets: dict[str, str] = {}
         self.energies: dict[str, str] = {}
+        self.value_spans: dict[str, Span] = {}
         self.output: str | None = None
         self.solve: dict[str, Any] = {}
         self.backward: dict[str, Any] = {}

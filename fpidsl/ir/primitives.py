@@ -269,27 +269,27 @@ def _index(shapes, attrs, ctx):
     if explicit > len(x):
         raise ctx.fail(f"too many indices: a tensor of shape {fmt_shape(x)} has {len(x)} dimensions but "
                        f"{explicit} are indexed", arg=0)
-    expanded: list = []
-    for it in items:
+    expanded: list = []  # (item, its position in the index)
+    for i, it in enumerate(items):
         if it is Ellipsis:
-            expanded.extend([SliceSpec()] * (len(x) - explicit))
+            expanded.extend([(SliceSpec(), i)] * (len(x) - explicit))
         else:
-            expanded.append(it)
-    expanded.extend([SliceSpec()] * (len(x) - len(expanded)))
+            expanded.append((it, i))
+    expanded.extend([(SliceSpec(), None)] * (len(x) - len(expanded)))
     out = []
-    for d, it in zip(x, expanded):
+    for d, (it, i) in zip(x, expanded):
         if isinstance(it, int):
             if isinstance(d, int) and not -d <= it < d:
-                raise ctx.fail(f"index {it} out of range for dimension of size {d}", arg=0)
+                raise ctx.fail(f"index {it} out of range for dimension of size {d}", item=i)
             continue
-        out.append(_slice_dim(d, it, ctx))
+        out.append(_slice_dim(d, it, ctx, i))
     return tuple(out)
 
 
-def _slice_dim(d, s: SliceSpec, ctx):
+def _slice_dim(d, s: SliceSpec, ctx, item):
     step = 1 if s.step is None else s.step
     if step <= 0:
-        raise ctx.fail(f"{_slice_text(s)}: the step must be positive, found {step}")
+        raise ctx.fail(f"{_slice_text(s)}: the step must be positive, found {step}", item=item)
     if isinstance(d, int):
         bounds = []
         for b, default in ((s.lo, 0), (s.hi, d)):
@@ -298,18 +298,18 @@ def _slice_dim(d, s: SliceSpec, ctx):
                 continue
             v = b + d if b < 0 else b
             if not 0 <= v <= d:
-                raise ctx.fail(f"{_slice_text(s)} out of range for dimension of size {d}", arg=0)
+                raise ctx.fail(f"{_slice_text(s)} out of range for dimension of size {d}", item=item)
             bounds.append(v)
         lo, hi = bounds
         length = max(0, -(-(hi - lo) // step))
         if length == 0:
-            raise ctx.fail(f"{_slice_text(s)} is empty for dimension of size {d}", arg=0)
+            raise ctx.fail(f"{_slice_text(s)} is empty for dimension of size {d}", item=item)
         return length
     lo = 0 if s.lo is None else (dim_add(d, s.lo) if s.lo < 0 else s.lo)
     hi = d if s.hi is None else (dim_add(d, s.hi) if s.hi < 0 else s.hi)
     length = dim_sub(hi, lo)
     if isinstance(length, int) and length <= 0:
-        raise ctx.fail(f"{_slice_text(s)} is empty", arg=0)
+        raise ctx.fail(f"{_slice_text(s)} is empty", item=item)
     if step > 1:
         length = dim_floordiv(dim_add(length, step - 1), step, ctx)
     return length
@@ -344,10 +344,10 @@ def _linear(shapes, attrs, ctx):
     x, w = shapes[0], shapes[1]
     if not x:
         raise ctx.fail(f"{ctx.callee} expects a tensor of at least one dimension, but its argument is a "
-                       "scalar", arg=0)
+                       "scalar", arg=0, at_call=True)
     if x[-1] != w[1]:
         raise ctx.fail(f"{ctx.callee} expects {fmt_dim(w[1])} input features, but its argument has shape "
-                       f"{fmt_shape(x)}", arg=0, dim=len(x) - 1)
+                       f"{fmt_shape(x)}", arg=0, dim=len(x) - 1, at_call=True)
     return tuple(x[:-1]) + (w[0],)
 
 
@@ -355,10 +355,10 @@ def _conv_common(shapes, ctx, channels_in):
     x = shapes[0]
     if len(x) != 4:
         raise ctx.fail(f"{ctx.callee} expects a 4-D input [N, C, H, W], but its argument has shape "
-                       f"{fmt_shape(x)}", arg=0)
+                       f"{fmt_shape(x)}", arg=0, at_call=True)
     if x[1] != channels_in:
         raise ctx.fail(f"{ctx.callee} expects {fmt_dim(channels_in)} input channels, but its argument has "
-                       f"shape {fmt_shape(x)}", arg=0, dim=1)
+                       f"shape {fmt_shape(x)}", arg=0, dim=1, at_call=True)
     return x
 
 

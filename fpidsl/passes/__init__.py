@@ -1,0 +1,1 @@
+"""Compiler passes, one concern per module; :mod:`fpidsl.passes.pipeline` chains them."""

@@ -1,0 +1,762 @@
+"""AST → :class:`~fpidsl.ir.graph.LayerGraph`: one node per value, with spans; no shapes yet beyond
+the declared ones (inputs, states, params, consts).
+
+Lowering done here:
+
+* numbers, ``const`` s and arithmetic on them fold to one ``const`` node of shape ``()``;
+* operators become ``add sub mul div matmul pow neg``, ``x[...]`` an ``index`` call;
+* a param module call ``fc(x)`` becomes ``linear(x, fc.weight[, fc.bias])`` (``conv2d``,
+  ``conv_transpose2d``), the module's weights being ``param`` nodes made at its declaration;
+* ``fn`` calls are inlined: arguments are built once at the call site and bound to the parameters;
+* ``descend x on E step s`` becomes ``update x = x - s * grad(E, x)``;
+* lets and energies are built on first use (any order), each once.
+
+Errors are collected in the sink; a value that failed is ``None`` and its users are not built, so one
+mistake gives one error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from ..errors import ErrorSink, FpiError, NameErr, ShapeErr, StructureErr, TypeErr
+from ..frontend import ast
+from ..ir.graph import LayerGraph, ModuleSpec, StateInfo, TensorInit
+from ..ir.primitives import (
+    ATTR_KINDS,
+    BINARY_OPS,
+    BUILTINS,
+    MODULE_KINDS,
+    NORMS,
+    Attr,
+    Primitive,
+    SliceSpec,
+    format_attr,
+)
+from ..source import Span
+from .resolve import (
+    KIND_WORDS,
+    WORDS,
+    FnTable,
+    LayerScope,
+    NotStatic,
+    Number,
+    UnknownStatic,
+    did_you_mean,
+    static_number,
+)
+
+_FAIL: Any = object()
+
+
+@dataclass(frozen=True)
+class Val:
+    """What an ``fn`` parameter stands for: a node, a compile-time number, or nothing (``node`` and
+    ``number`` both None: a failed argument, or a placeholder while checking an fn body alone).
+    ``span`` is where the argument is written at the call site."""
+
+    span: Span
+    node: str | None = None
+    number: Number | None = None
+
+
+Env = dict  # fn parameter name -> Val; None outside fn bodies
+
+
+def build_graph(scope: LayerScope, fns: FnTable, sink: ErrorSink) -> LayerGraph:
+    """Build the graph of one resolved layer."""
+    return _Builder(scope, fns, sink).build()
+
+
+def check_fn_bodies(fns: FnTable, sink: ErrorSink) -> None:
+    """Check each fn body once on its own (names, calls, arguments), so that an fn that no layer calls
+    is checked too. Its parameters are placeholders; shapes are checked where it is inlined."""
+    for fn in fns.fns.values():
+        builder = _Builder(None, fns, sink)
+        builder.build_expr(fn.body, {p.id: Val(p.span) for p in fn.params})
+
+
+class _Builder:
+    def __init__(self, scope: LayerScope | None, fns: FnTable, sink: ErrorSink):
+        self.scope = scope
+        self.fns = fns
+        self.sink = sink
+        layer = scope.layer if scope else None
+        self.graph = LayerGraph(layer.name if layer else "<fn>", layer.span if layer else Span("<fn>", 0, 0, 0, 0))
+        self.named: dict[str, str | None] = {}
+        self.building: list[str] = []
+        self.inline: list[tuple[str, Span]] = []
+        self.init_of: str | None = None
+        self.input_symbols: set[str] = set()
+
+    # ------------------------------------------------------------------ errors
+    def error(self, cls: type[FpiError], message: str, span: Span, hint: str | None = None) -> None:
+        if self.inline and not _inside(span, self.graph.span):
+            fn, site = self.inline[-1][0], self.inline[0][1]
+            where = f"in fn {fn}, inlined at {site}"
+            hint = f"{hint} ({where})" if hint else where
+        self.sink.add(cls(message, span, hint))
+
+    # ------------------------------------------------------------------ the layer
+    def build(self) -> LayerGraph:
+        scope, g = self.scope, self.graph
+        for sym in scope.of_kind("input"):
+            shape = self.declared_shape(sym.decl.shape, f"input {sym.name}")
+            nid = g.add_node("input", span=sym.decl.span, shape=shape, name=sym.name)
+            g.inputs[sym.name] = nid
+            self.named[sym.name] = nid
+            for d in shape or ():
+                if isinstance(d, str):
+                    self.input_symbols.add(d)
+        for sym in scope.of_kind("state"):
+            shape = self.declared_shape(sym.decl.shape, f"state {sym.name}", bound=True)
+            nid = g.add_node("state", span=sym.decl.span, shape=shape, name=sym.name)
+            g.states[sym.name] = StateInfo(sym.name, nid, shape, sym.decl.span)
+            self.named[sym.name] = nid
+        for sym in scope.symbols.values():
+            if sym.kind == "module":
+                self.lower_module(sym.decl)
+            elif sym.kind == "tensor":
+                self.tensor_param(sym.decl)
+        for sym in scope.of_kind("state"):
+            self.state_init(sym.decl)
+        for sym in scope.symbols.values():
+            if sym.kind in ("let", "energy"):
+                self.define(sym.name, sym.span)
+        for sym in scope.of_kind("state"):
+            decl = scope.updates.get(sym.name)
+            if decl is not None:
+                self.update(sym.name, decl)
+        self.output()
+        return g
+
+    def declared_shape(self, shape: ast.Shape, what: str, bound: bool = False,
+                       symbolic: bool = True) -> tuple | None:
+        """The dims of a declared shape; names are symbols (or consts). ``bound``: symbols must be
+        dimensions of inputs. ``symbolic``: whether symbols are allowed at all."""
+        dims: list = []
+        ok = True
+        for d in shape.dims:
+            if isinstance(d, ast.Num):
+                if not isinstance(d.value, int) or d.value < 1:
+                    self.error(ShapeErr, f"a dimension must be a positive integer, found {d.text}", d.span)
+                    ok = False
+                dims.append(d.value)
+                continue
+            if d.id in self.scope.consts:
+                value = self.scope.consts[d.id]
+                if not isinstance(value, int) or value < 1:
+                    self.error(ShapeErr, f"the dimension {d.id} of {what} is the const {format_attr(value)}, "
+                                         "not a positive integer", d.span)
+                    ok = False
+                dims.append(value)
+                continue
+            if not symbolic:
+                self.error(ShapeErr, f"{what} has a fixed size, but its dimension {d.id} is symbolic", d.span,
+                           hint="a tensor param's dimensions are integers (or consts)")
+                ok = False
+            elif bound and d.id not in self.input_symbols:
+                self.error(ShapeErr, f"the dimension {d.id} of {what} is not a dimension of any input, so its "
+                                     "size is unknown when the layer is called", d.span,
+                           hint=did_you_mean(d.id, self.input_symbols)
+                           or "use a dimension of an input, or a number")
+                ok = False
+            dims.append(d.id)
+        return tuple(dims) if ok else None
+
+    # ------------------------------------------------------------------ params
+    def lower_module(self, decl: ast.ModuleParamDecl) -> None:
+        call = decl.module
+        kind = MODULE_KINDS.get(call.func.id)
+        if kind is None:
+            self.error(NameErr, f"unknown module {call.func.id}", call.func.span,
+                       hint=did_you_mean(call.func.id, MODULE_KINDS)
+                       or "modules are " + ", ".join(k.signature() for k in MODULE_KINDS.values()))
+            return
+        bound = self.bind(call, [a.name for a in kind.params],
+                          {a.name for a in kind.params if a.required}, kind.name, kind.signature())
+        if bound is None:
+            return
+        values = {}
+        for attr in kind.params:
+            expr = bound.get(attr.name)
+            if expr is None:
+                values[attr.name] = attr.default
+                continue
+            value = self.attr_value(attr, expr, None, kind.name)
+            if value is _FAIL:
+                return
+            if not self.module_value_ok(kind.name, attr.name, value, expr, values):
+                return
+            values[attr.name] = value
+        spec = ModuleSpec(
+            kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
+            values.get("padding"), values.get("output_padding"), values["bias"], values["init_scale"],
+            values["norm"], decl.span)
+        self.graph.modules[decl.name] = spec
+        for role, shape in (("weight", spec.weight_shape()), ("bias", (spec.out_size,))):
+            if role == "bias" and not spec.bias:
+                continue
+            qual = f"{decl.name}.{role}"
+            self.graph.params[qual] = self.graph.add_node(
+                "param", span=decl.span, shape=tuple(shape), name=qual, module=decl.name, role=role)
+
+    def module_value_ok(self, kind: str, key: str, value, expr, values: dict) -> bool:
+        problem = None
+        if key in ("in", "out") and value < 1:
+            problem = f"{key} must be a positive integer, found {value}"
+        elif key in ("kernel", "stride") and min(value) < 1:
+            problem = f"{key} must be at least 1, found {format_attr(value)}"
+        elif key in ("padding", "output_padding") and min(value) < 0:
+            problem = f"{key} must be at least 0, found {format_attr(value)}"
+        elif key == "output_padding" and any(o >= s for o, s in zip(value, values.get("stride", (1, 1)))):
+            problem = f"output_padding must be smaller than the stride {format_attr(values['stride'])}, " \
+                      f"found {format_attr(value)}"
+        elif key == "init_scale" and not value > 0:
+            problem = f"init_scale must be positive, found {format_attr(value)}"
+        elif key == "norm" and value not in NORMS:
+            problem = f"unknown norm {value}"
+        if problem:
+            hint = did_you_mean(value, NORMS) if key == "norm" else None
+            self.error(TypeErr, f"{kind}: {problem}", expr.span,
+                       hint=hint or (f"norms are {', '.join(NORMS)}" if key == "norm" else None))
+            return False
+        return True
+
+    def tensor_param(self, decl: ast.TensorParamDecl) -> None:
+        shape = self.declared_shape(decl.shape, f"the tensor param {decl.name}", symbolic=False)
+        init = self.tensor_init(decl.init)
+        if shape is None or init is None:
+            self.named[decl.name] = None
+            return
+        nid = self.graph.add_node("param", span=decl.span, shape=shape, name=decl.name, init=init)
+        self.graph.params[decl.name] = nid
+        self.named[decl.name] = nid
+
+    def tensor_init(self, expr) -> TensorInit | None:
+        usage = "a tensor param starts as zeros, ones, a number, normal(mean, std) or uniform(lo, hi)"
+        if expr is None:
+            return TensorInit("zeros")
+        if isinstance(expr, ast.Name) and expr.id in ("zeros", "ones"):
+            return TensorInit(expr.id)
+        if isinstance(expr, ast.Call) and expr.func.id in ("normal", "uniform"):
+            names = ["mean", "std"] if expr.func.id == "normal" else ["lo", "hi"]
+            bound = self.bind(expr, names, set(names), expr.func.id, f"{expr.func.id}({', '.join(names)})")
+            if bound is None:
+                return None
+            args = []
+            for n in names:
+                v = self.attr_value(Attr(n, "number"), bound[n], None, expr.func.id)
+                if v is _FAIL:
+                    return None
+                args.append(float(v))
+            if expr.func.id == "normal" and not args[1] > 0:
+                self.error(TypeErr, f"normal(mean, std) needs std > 0, found {format_attr(args[1])}",
+                           bound["std"].span)
+                return None
+            if expr.func.id == "uniform" and not args[0] < args[1]:
+                self.error(TypeErr, f"uniform(lo, hi) needs lo < hi, found {format_attr(args[0])} and "
+                                    f"{format_attr(args[1])}", expr.span)
+                return None
+            return TensorInit(expr.func.id, tuple(args))
+        try:
+            return TensorInit("fill", (static_number(expr, self.scope.const_lookup),))
+        except NotStatic as e:
+            self.error(TypeErr, f"{usage}, but {e.reason}", e.expr.span,
+                       hint=did_you_mean(expr.func.id, ("normal", "uniform"))
+                       if isinstance(expr, ast.Call) else None)
+        except UnknownStatic:
+            pass
+        except FpiError as e:
+            self.sink.add(e)
+        return None
+
+    # ------------------------------------------------------------------ states
+    def state_init(self, decl: ast.StateDecl) -> None:
+        info = self.graph.states[decl.name]
+        expr = decl.init
+        fill = None
+        if expr is None or (isinstance(expr, ast.Name) and expr.id in ("zeros", "ones")):
+            fill = 1 if expr is not None and expr.id == "ones" else 0
+        else:
+            try:
+                fill = static_number(expr, self.scope.const_lookup)
+            except (NotStatic, UnknownStatic, FpiError):
+                fill = None
+        if fill is not None:
+            info.init = self.graph.add_node("init", span=decl.span, shape=info.shape, state=decl.name, fill=fill)
+            return
+        self.init_of = decl.name
+        try:
+            node = self.build_expr(expr, None)
+        finally:
+            self.init_of = None
+        if node is not None:
+            info.init = self.graph.add_node("init", span=decl.span, shape=info.shape, state=decl.name,
+                                            fill=None, args=[(node, expr.span)])
+
+    def update(self, name: str, decl) -> None:
+        info = self.graph.states[name]
+        if isinstance(decl, ast.UpdateDecl):
+            node = self.build_expr(decl.value, None)
+            use = decl.value.span
+        else:
+            node = self.descend(info, decl)
+            use = decl.span
+        if node is not None:
+            info.update = self.graph.add_node("update", span=decl.span, shape=info.shape, state=name,
+                                              args=[(node, use)])
+
+    def descend(self, info: StateInfo, decl: ast.DescendDecl) -> str | None:
+        energy = self.energy_node(decl.energy, None, "descend")
+        step = self.build_expr(decl.step, None)
+        if energy is None or step is None:
+            return None
+        g = self.graph
+        grad = g.add_node("call", span=decl.span, prim="grad", attrs={}, module=None, inlined=None,
+                          args=[(energy, decl.energy.span), (info.node, decl.name_span)])
+        scaled = g.add_node("call", span=decl.span, prim="mul", attrs={}, module=None, inlined=None,
+                            args=[(step, decl.step.span), (grad, decl.span)])
+        return g.add_node("call", span=decl.span, prim="sub", attrs={}, module=None, inlined=None,
+                          args=[(info.node, decl.name_span), (scaled, decl.span)])
+
+    def output(self) -> None:
+        decl = self.scope.output
+        g = self.graph
+        if decl is None:
+            args = [(info.node, info.span) for info in g.states.values()]
+            span = self.scope.layer.span
+        else:
+            args = []
+            for expr in decl.values:
+                node = self.build_expr(expr, None)
+                if node is None:
+                    return
+                args.append((node, expr.span))
+            span = decl.span
+        g.output = g.add_node("output", span=span, shape=(), args=args)
+
+    # ------------------------------------------------------------------ lets and energies
+    def define(self, name: str, ref: Span) -> str | None:
+        """The node of a let or energy, built on first use."""
+        if name in self.named:
+            return self.named[name]
+        sym = self.scope.symbols[name]
+        if name in self.building:
+            cycle = self.building[self.building.index(name):] + [name]
+            self.error(StructureErr, f"{sym.kind} {name} is defined in terms of itself ({' → '.join(cycle)})",
+                       ref, hint="only a state carries a value around the loop: use a state and an update")
+            return None
+        self.building.append(name)
+        saved = self.init_of, self.inline
+        self.init_of, self.inline = None, []
+        try:
+            node = self.build_expr(sym.decl.value, None)
+        finally:
+            self.init_of, self.inline = saved
+            self.building.pop()
+        self.named[name] = node
+        if node is not None:
+            table = self.graph.energies if sym.kind == "energy" else self.graph.lets
+            table[name] = node
+            self.graph.value_spans[name] = sym.decl.value.span
+            data = self.graph.node(node)
+            if data["name"] is None and data["op"] in ("call", "const"):
+                data["name"] = name
+        return node
+
+    def energy_node(self, expr, env: Env | None, what: str) -> str | None:
+        """The node of the energy named by ``expr`` (``grad``'s first argument, ``descend ... on E``)."""
+        node = self.build_expr(expr, env)
+        if node is None:
+            return None
+        if node not in self.graph.energies.values():
+            label = self.graph.label(node) if isinstance(expr, ast.Name) else "this expression"
+            self.error(TypeErr, f"{what} needs an energy, but {label} is not one", expr.span,
+                       hint="declare it: energy E = EXPR, one value per sample")
+            return None
+        return node
+
+    # ------------------------------------------------------------------ expressions
+    def build_expr(self, expr, env: Env | None) -> str | None:
+        """The node of a tensor-valued expression (None: it failed, already reported)."""
+        try:
+            value = self.static(expr, env)
+        except NotStatic:
+            pass
+        except UnknownStatic:
+            return None
+        except FpiError as e:
+            self.sink.add(e)
+            return None
+        else:
+            return self.const(value, self.use_span(expr, env))
+        if isinstance(expr, ast.Name):
+            return self.name(expr, env)
+        if isinstance(expr, ast.BinOp):
+            return self.binop(expr, env)
+        if isinstance(expr, ast.Neg):
+            x = self.build_expr(expr.operand, env)
+            return None if x is None else self.call("neg", [(x, expr.operand)], {}, expr.span, env)
+        if isinstance(expr, ast.Call):
+            return self.call_expr(expr, env)
+        if isinstance(expr, ast.Index):
+            return self.index(expr, env)
+        if isinstance(expr, ast.ListExpr):
+            self.error(TypeErr, "a list is not a tensor", expr.span,
+                       hint="lists are arguments of cat, reshape and dim=; to stack values use cat([...], dim)")
+            return None
+        raise TypeError(f"not an expression: {expr!r}")  # pragma: no cover
+
+    def use_span(self, expr, env: Env | None) -> Span:
+        """Where a value is written: for an fn parameter, the call-site argument."""
+        if env is not None and isinstance(expr, ast.Name) and expr.id in env:
+            return env[expr.id].span
+        return expr.span
+
+    def const(self, value: Number, span: Span) -> str:
+        return self.graph.add_node("const", span=span, shape=(), value=value)
+
+    def call(self, prim: str, args: list[tuple[str, Any]], attrs: dict, span: Span, env: Env | None,
+             module: str | None = None) -> str:
+        edges = [(node, self.use_span(expr, env) if not isinstance(expr, Span) else expr) for node, expr in args]
+        return self.graph.add_node("call", span=span, prim=prim, attrs=attrs, module=module,
+                                   inlined=(self.inline[-1][0], self.inline[0][1]) if self.inline else None,
+                                   args=edges)
+
+    def static(self, expr, env: Env | None) -> Number:
+        """A compile-time number, or :class:`NotStatic`."""
+        return static_number(expr, lambda ref: self.static_name(ref, env))
+
+    def static_name(self, ref: ast.Name, env: Env | None) -> Number:
+        if env is not None:
+            val = env.get(ref.id)
+            if val is None:
+                raise NotStatic(ref, f"{ref.id} is not a parameter of the fn", unknown=True)
+            if val.number is not None:
+                return val.number
+            if val.node is None:
+                raise UnknownStatic()
+            raise NotStatic(ref, f"{ref.id} is a tensor")
+        if self.scope is None:
+            raise NotStatic(ref, f"{ref.id} is not declared", unknown=True)
+        return self.scope.const_lookup(ref)
+
+    def name(self, ref: ast.Name, env: Env | None) -> str | None:
+        if env is not None:
+            val = env.get(ref.id)
+            if val is not None:
+                return val.node
+            self.error(NameErr, f"unknown name {ref.id} in an fn body", ref.span,
+                       hint=did_you_mean(ref.id, env) or
+                       f"an fn sees only its parameters ({', '.join(env) or 'none'}); pass {ref.id} as an argument")
+            return None
+        sym = self.scope.symbols.get(ref.id) if self.scope else None
+        if sym is None:
+            self.unknown_name(ref)
+            return None
+        if sym.kind == "module":
+            spec = self.graph.modules.get(ref.id)
+            what = f" ({spec.describe()})" if spec else ""
+            self.error(TypeErr, f"{ref.id} is a param module{what}, not a value", ref.span,
+                       hint=f"call it on a tensor: {ref.id}(x)")
+            return None
+        if self.init_of is not None and sym.kind == "state":
+            self.error(StructureErr, f"the initial value of state {self.init_of} cannot use the state {ref.id}",
+                       ref.span, hint="a state's initial value is computed from inputs and params, before "
+                                      "the iteration starts")
+            return None
+        if sym.kind in ("let", "energy"):
+            node = self.define(ref.id, ref.span)
+            if node is not None and self.init_of is not None:
+                states = [self.graph.node(a)["name"] for a in nx.ancestors(self.graph.g, node) | {node}
+                          if self.graph.node(a)["op"] == "state"]
+                if states:
+                    self.error(StructureErr, f"the initial value of state {self.init_of} cannot use the "
+                                             f"{sym.kind} {ref.id}: it depends on the state {sorted(states)[0]}",
+                               ref.span, hint="a state's initial value is computed from inputs and params, "
+                                              "before the iteration starts")
+                    return None
+            return node
+        return self.named.get(ref.id)
+
+    def unknown_name(self, ref: ast.Name) -> None:
+        if ref.id in BUILTINS or ref.id in self.fns.fns:
+            self.error(TypeErr, f"{ref.id} is a function, not a value", ref.span, hint=f"call it: {ref.id}(...)")
+        elif ref.id in WORDS:
+            self.error(NameErr, f"{ref.id} is not a value here", ref.span,
+                       hint=f"{ref.id} is {WORDS[ref.id]}, used in declarations and keyword arguments")
+        else:
+            names = list(self.scope.symbols) if self.scope else []
+            self.error(NameErr, f"unknown name {ref.id}", ref.span,
+                       hint=did_you_mean(ref.id, names) or "declare it: input, state, param, const, let or energy")
+
+    def binop(self, expr: ast.BinOp, env: Env | None) -> str | None:
+        if expr.op == "**":
+            try:
+                exponent = self.static(expr.right, env)
+            except NotStatic as e:
+                self.error(TypeErr, f"the exponent of ** must be a number known at compile time, but {e.reason}",
+                           e.expr.span, hint="for a tensor exponent use exp(b * log(a))")
+                return None
+            except UnknownStatic:
+                return None
+            except FpiError as e:
+                self.sink.add(e)
+                return None
+            base = self.build_expr(expr.left, env)
+            if base is None:
+                return None
+            return self.call("pow", [(base, expr.left)], {"exponent": exponent}, expr.span, env)
+        left = self.build_expr(expr.left, env)
+        right = self.build_expr(expr.right, env)
+        if left is None or right is None:
+            return None
+        return self.call(BINARY_OPS[expr.op], [(left, expr.left), (right, expr.right)], {}, expr.span, env)
+
+    def index(self, expr: ast.Index, env: Env | None) -> str | None:
+        value = self.build_expr(expr.value, env)
+        items: list = []
+        spans = tuple(item.span for item in expr.items)
+        for item in expr.items:
+            if isinstance(item, ast.EllipsisIndex):
+                items.append(Ellipsis)
+            elif isinstance(item, ast.Slice):
+                parts = []
+                for part in (item.lo, item.hi, item.step):
+                    parts.append(None if part is None else self.attr_value(Attr("slice bound", "int"), part,
+                                                                           env, "index"))
+                if _FAIL in parts:
+                    return None
+                items.append(SliceSpec(*parts))
+            else:
+                v = self.attr_value(Attr("index", "int"), item, env, "index")
+                if v is _FAIL:
+                    return None
+                items.append(v)
+        if value is None:
+            return None
+        node = self.call("index", [(value, expr.value)], {"index": tuple(items)}, expr.span, env)
+        self.graph.node(node)["item_spans"] = spans
+        return node
+
+    # ------------------------------------------------------------------ calls
+    def call_expr(self, call: ast.Call, env: Env | None) -> str | None:
+        fname = call.func.id
+        if env is not None and fname in env:
+            self.error(TypeErr, f"{fname} is a parameter of the fn, not a function", call.func.span,
+                       hint="fns take tensors and numbers, not functions")
+            return None
+        sym = self.scope.symbols.get(fname) if (env is None and self.scope) else None
+        if sym is not None:
+            if sym.kind == "module":
+                return self.module_call(fname, call, env)
+            self.error(TypeErr, f"{fname} is {KIND_WORDS[sym.kind]}, not a function", call.func.span,
+                       hint="only built-in functions, fns and param modules can be called")
+            return None
+        if fname in self.fns.fns:
+            return self.inline_fn(self.fns.fns[fname], call, env)
+        if fname == "grad":
+            return self.grad(call, env)
+        if fname in BUILTINS:
+            return self.builtin(BUILTINS[fname], call, env)
+        if fname in MODULE_KINDS:
+            self.error(TypeErr, f"{fname}(...) declares a param module; it is not a function", call.func.span,
+                       hint=f"declare it, `param m : {fname}(...)`, and call it: m(x)")
+            return None
+        modules = [s.name for s in self.scope.of_kind("module")] if (self.scope and env is None) else []
+        self.error(NameErr, f"unknown function {fname}", call.func.span,
+                   hint=did_you_mean(fname, list(BUILTINS) + list(self.fns.fns) + modules)
+                   or "functions are the built-ins, fns and param modules")
+        return None
+
+    def bind(self, call: ast.Call, params: list[str], required: set[str], what: str,
+             signature: str) -> dict[str, Any] | None:
+        """Match a call's arguments to parameter names, Python-style; None after reporting an error."""
+        out: dict[str, Any] = {}
+        if len(call.args) > len(params):
+            extra = call.args[len(params)]
+            n = len(params)
+            self.error(TypeErr, f"{what} takes {n} argument{'s' if n != 1 else ''}, but {len(call.args)} "
+                                "were given", extra.span, hint=f"the signature is {signature}")
+            return None
+        out.update(zip(params, call.args))
+        for kw in call.kwargs:
+            if kw.name not in params:
+                self.error(TypeErr, f"{what} has no argument {kw.name}", kw.name_span,
+                           hint=did_you_mean(kw.name, params) or f"the signature is {signature}")
+                return None
+            if kw.name in out:
+                self.error(TypeErr, f"{what} got {kw.name} twice", kw.span, hint=f"the signature is {signature}")
+                return None
+            out[kw.name] = kw.value
+        missing = [p for p in params if p in required and p not in out]
+        if missing:
+            self.error(TypeErr, f"{what} needs {missing[0]}", call.span, hint=f"the signature is {signature}")
+            return None
+        return out
+
+    def builtin(self, prim: Primitive, call: ast.Call, env: Env | None) -> str | None:
+        names = list(prim.inputs) + [a.name for a in prim.attrs]
+        required = set(prim.inputs[:prim.min_args if not prim.variadic else 1])
+        required |= {a.name for a in prim.attrs if a.required}
+        bound = self.bind(call, names, required, prim.name, prim.signature())
+        if bound is None:
+            return None
+        exprs = []
+        if prim.variadic:
+            items = bound[prim.inputs[0]]
+            if not isinstance(items, ast.ListExpr) or not items.items:
+                self.error(TypeErr, f"{prim.name} takes a non-empty list of tensors", items.span,
+                           hint=f"e.g. {prim.name}([a, b], dim=1)")
+                return None
+            exprs = list(items.items)
+        else:
+            exprs = [bound[n] for n in prim.inputs if n in bound]
+        attrs = {}
+        for a in prim.attrs:
+            if a.name in bound:
+                attrs[a.name] = self.attr_value(a, bound[a.name], env, prim.name)
+        nodes = [self.build_expr(e, env) for e in exprs]
+        if None in nodes or _FAIL in attrs.values():
+            return None
+        return self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
+
+    def grad(self, call: ast.Call, env: Env | None) -> str | None:
+        bound = self.bind(call, ["energy", "state"], {"energy", "state"}, "grad", "grad(E, x)")
+        if bound is None:
+            return None
+        energy = self.energy_node(bound["energy"], env, "grad")
+        state = self.build_expr(bound["state"], env)
+        if state is None or energy is None:
+            return None
+        if self.graph.node(state)["op"] != "state":
+            label = self.graph.label(state) if isinstance(bound["state"], ast.Name) else "this expression"
+            self.error(TypeErr, f"grad differentiates with respect to a state, but {label} is not one",
+                       bound["state"].span, hint="grad(E, x) needs an energy E and a state x of the same layer")
+            return None
+        return self.call("grad", [(energy, bound["energy"]), (state, bound["state"])], {}, call.span, env)
+
+    def module_call(self, name: str, call: ast.Call, env: Env | None) -> str | None:
+        spec = self.graph.modules.get(name)
+        what = spec.describe() if spec else name
+        if len(call.args) != 1 or call.kwargs:
+            n = len(call.args) + len(call.kwargs)
+            self.error(TypeErr, f"{name} is a {what} module: it takes one argument, but {n} were given",
+                       call.span, hint=f"call it on one tensor: {name}(x)")
+            return None
+        x = self.build_expr(call.args[0], env)
+        if x is None or spec is None:
+            return None
+        args = [(x, call.args[0]), (self.graph.params[f"{name}.weight"], call.func.span)]
+        if spec.bias:
+            args.append((self.graph.params[f"{name}.bias"], call.func.span))
+        return self.call(spec.prim, args, spec.attrs(), call.span, env, module=name)
+
+    def inline_fn(self, fn: ast.FnDef, call: ast.Call, env: Env | None) -> str | None:
+        params = [p.id for p in fn.params]
+        signature = f"{fn.name}({', '.join(params)})"
+        bound = self.bind(call, params, set(params), f"fn {fn.name}", signature)
+        if bound is None or fn.name in self.fns.recursive:
+            return None
+        inner: dict[str, Val] = {}
+        for p in params:
+            expr = bound[p]
+            span = self.use_span(expr, env)
+            try:
+                inner[p] = Val(span, number=self.static(expr, env))
+                continue
+            except NotStatic:
+                pass
+            except UnknownStatic:
+                inner[p] = Val(span)
+                continue
+            except FpiError as e:
+                self.sink.add(e)
+                return None
+            inner[p] = Val(span, node=self.build_expr(expr, env))
+        self.inline.append((fn.name, call.span))
+        try:
+            return self.build_expr(fn.body, inner)
+        finally:
+            self.inline.pop()
+
+    # ------------------------------------------------------------------ static arguments
+    def attr_value(self, attr: Attr, expr, env: Env | None, fname: str):
+        """The value of a static argument of kind ``attr.kind``; ``_FAIL`` after reporting an error."""
+        kind = attr.kind
+        if kind == "bool":
+            if isinstance(expr, ast.Name) and expr.id in ("true", "false"):
+                return expr.id == "true"
+            return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
+        if kind == "word":
+            if isinstance(expr, ast.Name):
+                return expr.id
+            return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
+        if kind in ("dims", "shape", "pair") and isinstance(expr, ast.ListExpr):
+            if kind == "pair" and len(expr.items) != 2:
+                return self.bad_attr(attr, expr, fname, f"found a list of {len(expr.items)}")
+            if kind == "dims" and not expr.items:
+                return self.bad_attr(attr, expr, fname, "found an empty list")
+            items = []
+            for item in expr.items:
+                if kind == "shape" and isinstance(item, ast.Name) and not self.is_number_name(item, env):
+                    items.append(self.shape_symbol(item, env))
+                else:
+                    items.append(self.attr_value(Attr(attr.name, "int"), item, env, fname))
+            return _FAIL if _FAIL in items else tuple(items)
+        if kind in ("shape",):
+            return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
+        try:
+            value = self.static(expr, env)
+        except NotStatic as e:
+            if e.unknown and env is None:
+                self.unknown_name(e.expr)
+                return _FAIL
+            return self.bad_attr(attr, e.expr, fname, e.reason)
+        except UnknownStatic:
+            return _FAIL
+        except FpiError as e:
+            self.sink.add(e)
+            return _FAIL
+        if kind in ("int", "dim", "dims", "pair") and not isinstance(value, int):
+            return self.bad_attr(attr, expr, fname, f"found {format_attr(value)}")
+        if kind == "pair":
+            return (value, value)
+        return value
+
+    def bad_attr(self, attr: Attr, expr, fname: str, found: str):
+        if fname == "index":
+            message = f"an index must be an integer, a slice lo:hi:step or ..., but {found}"
+        else:
+            message = f"{attr.name} of {fname} must be {ATTR_KINDS[attr.kind]}, but {found}"
+        self.error(TypeErr, message, expr.span)
+        return _FAIL
+
+    def is_number_name(self, ref: ast.Name, env: Env | None) -> bool:
+        if env is not None:
+            return ref.id in env
+        return self.scope is not None and ref.id in self.scope.symbols
+
+    def shape_symbol(self, ref: ast.Name, env: Env | None):
+        if self.scope is not None and env is None and ref.id not in self.input_symbols:
+            self.error(ShapeErr, f"the dimension {ref.id} is not a dimension of any input", ref.span,
+                       hint=did_you_mean(ref.id, self.input_symbols) or "use a dimension of an input, or a number")
+            return _FAIL
+        return ref.id
+
+
+def _what(expr) -> str:
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Num):
+        return expr.text
+    return "an expression"
+
+
+def _inside(span: Span, outer: Span) -> bool:
+    return (span.path == outer.path and (outer.line, outer.col) <= (span.line, span.col)
+            and (span.end_line, span.end_col) <= (outer.end_line, outer.end_col))
+

@@ -1,0 +1,214 @@
+"""The adjoint protocol: the vector-Jacobian products that the backward fixed-point iteration is made of.
+
+An adjoint for a map ``f(x, *args)`` (``x`` a tuple of state tensors) is an object with
+
+- ``prepare(x_hat, args) -> saved``: a tuple computed (differentiably) from the fixed point ``x_hat`` (a tuple of
+  state tensors) and ``args``; everything that depends only on the fixed point (activations, masks) is computed
+  here, once. Entries that are not tensors are passed through as constants.
+- ``vjp_state(saved, c) -> tuple``: ``(df/dx)^T c`` for ``c`` a tuple like the states, made only of
+  differentiable torch operations on ``saved`` and ``c``;
+- ``vjp_args(saved, c) -> tuple``: ``(df/dargs)^T c``, one entry per argument (``None`` for one that gets no
+  gradient).
+
+The derivatives are partial: ``x`` and ``args`` are independent variables there, although ``x_hat`` depends on
+``args`` (the paper's operator ``P``). Compiled layers emit such an object with a hand-derived backward map;
+:class:`AutogradAdjoint` builds one for any ``f`` from autograd.
+
+An adjoint may also offer ``linearize(saved)``, returning an object with ``vjp_state(c)`` and ``vjp_args(c)``
+that reuses one recorded evaluation of ``f`` at the fixed point for every product. The runtime uses it where no
+higher derivative is being recorded (grad mode off), so each backward iteration costs one vector-Jacobian
+product and no re-evaluation of ``f``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+States = tuple[Tensor, ...]
+
+
+class Adjoint(Protocol):
+    def prepare(self, x_hat: States, args: tuple) -> tuple: ...
+
+    def vjp_state(self, saved: tuple, c: States) -> States: ...
+
+    def vjp_args(self, saved: tuple, c: States) -> tuple[Tensor | None, ...]: ...
+
+
+class Linearized(Protocol):
+    def vjp_state(self, c: States) -> States: ...
+
+    def vjp_args(self, c: States) -> tuple[Tensor | None, ...]: ...
+
+
+def _wants_grad(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.requires_grad and value.is_floating_point()
+
+
+def _independent(t: Tensor, create_graph: bool) -> Tensor:
+    """A variable standing for ``t`` that autograd can differentiate with respect to, on its own.
+
+    Recording (``create_graph``) and ``t`` attached: an alias, so the result stays differentiable with respect to
+    whatever ``t`` depends on, while a gradient taken with respect to the alias only sees the alias' direct uses
+    (a partial derivative). Otherwise: a detached leaf.
+    """
+    if create_graph and t.requires_grad:
+        return t.view_as(t)
+    return t.detach().requires_grad_()
+
+
+def _pair_outputs(y: States, c: States) -> tuple[list[Tensor], list[Tensor]]:
+    """The outputs that depend on something differentiable, with their cotangents."""
+    outputs, cotangents = [], []
+    for yi, ci in zip(y, c):
+        if yi.requires_grad:
+            outputs.append(yi)
+            cotangents.append(ci)
+    return outputs, cotangents
+
+
+def _grads(y: States, wrt: Sequence[Tensor], c: States, create_graph: bool, retain: bool) -> list[Tensor | None]:
+    outputs, cotangents = _pair_outputs(y, c)
+    if not outputs or not wrt:
+        return [None] * len(wrt)
+    return list(torch.autograd.grad(outputs, list(wrt), cotangents, create_graph=create_graph,
+                                    retain_graph=retain or create_graph, allow_unused=True))
+
+
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> States:
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like))
+
+
+class AutogradAdjoint:
+    """The adjoint of any differentiable ``f(x, *args)``, by autograd.
+
+    ``f`` follows the :func:`~fpidsl.runtime.fixed_point` convention: it receives the state as a tensor when there
+    is one state (unless ``tuple_states``) and as a tuple otherwise, and returns the same structure.
+    ``saved`` is ``(number of states, *x_hat, *args)``: nothing is precomputed, so every product is a
+    differentiable function of the explicit ``saved`` and ``c`` (with ``create_graph`` when grad mode is on), and
+    differentiating it again is exact. :meth:`linearize` gives the fast form for grad mode off.
+    """
+
+    def __init__(self, f: Callable, tuple_states: bool = False):
+        self.f = f
+        self.tuple_states = tuple_states
+
+    def __repr__(self) -> str:
+        return f"AutogradAdjoint({self.f!r})"
+
+    def call(self, xs: States, args: Sequence[Any]) -> States:
+        """``f`` on a tuple of states, returning a tuple of states."""
+        x = xs if (self.tuple_states or len(xs) > 1) else xs[0]
+        y = self.f(x, *args)
+        if isinstance(y, Tensor):
+            return (y,)
+        return tuple(y)
+
+    @staticmethod
+    def split(saved: tuple) -> tuple[States, tuple]:
+        n = saved[0]
+        return tuple(saved[1 : 1 + n]), tuple(saved[1 + n :])
+
+    def prepare(self, x_hat: States, args: tuple) -> tuple:
+        return (len(x_hat), *x_hat, *args)
+
+    def vjp_state(self, saved: tuple, c: States) -> States:
+        xs, args = self.split(saved)
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():
+            xs_i = tuple(_independent(x, create) for x in xs)
+            y = self.call(xs_i, args)
+            grads = _grads(y, xs_i, c, create, retain=False)
+        return _zeros_for_none(grads, xs)
+
+    def vjp_args(self, saved: tuple, c: States) -> tuple[Tensor | None, ...]:
+        xs, args = self.split(saved)
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():
+            args_i = tuple(_independent(a, create) if _wants_grad(a) else a for a in args)
+            y = self.call(xs if create else tuple(x.detach() for x in xs), args_i)
+            wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
+            grads = _grads(y, [args_i[i] for i in wanted], c, create, retain=False)
+        out: list[Tensor | None] = [None] * len(args)
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+    def linearize(self, saved: tuple) -> "AutogradLinearization":
+        return AutogradLinearization(self, saved)
+
+
+class AutogradLinearization:
+    """``f`` recorded once at the fixed point (on detached copies); each product is one backward pass over it.
+
+    Not differentiable: used where grad mode is off.
+    """
+
+    def __init__(self, adjoint: AutogradAdjoint, saved: tuple):
+        xs, args = adjoint.split(saved)
+        with torch.enable_grad():
+            self.xs = tuple(x.detach().requires_grad_() for x in xs)
+            self.args = tuple(a.detach().requires_grad_() if _wants_grad(a) else a for a in args)
+            self.y = adjoint.call(self.xs, self.args)
+        self.wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
+
+    def vjp_state(self, c: States) -> States:
+        return _zeros_for_none(_grads(self.y, self.xs, c, False, retain=True), self.xs)
+
+    def vjp_args(self, c: States) -> tuple[Tensor | None, ...]:
+        grads = _grads(self.y, [self.args[i] for i in self.wanted], c, False, retain=True)
+        out: list[Tensor | None] = [None] * len(self.args)
+        for i, g in zip(self.wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+
+class _Bound:
+    """An adjoint without ``linearize``, bound to its ``saved``."""
+
+    def __init__(self, adjoint: Adjoint, saved: tuple):
+        self.adjoint, self.saved = adjoint, saved
+
+    def vjp_state(self, c: States) -> States:
+        return tuple(self.adjoint.vjp_state(self.saved, c))
+
+    def vjp_args(self, c: States) -> tuple[Tensor | None, ...]:
+        return tuple(self.adjoint.vjp_args(self.saved, c))
+
+
+def linearized(adjoint: Adjoint, saved: tuple) -> Linearized:
+    """The fastest non-differentiable form of ``adjoint`` at ``saved``."""
+    linearize = getattr(adjoint, "linearize", None)
+    return linearize(saved) if linearize is not None else _Bound(adjoint, saved)
+
+
+class AdjointMap:
+    """The map of the backward fixed-point iteration, ``T(c; saved, g) = vjp_state(saved, c) + g``.
+
+    A pure function of its explicit arguments ``(c, *saved, *g)`` (nothing is captured by closure), so the
+    runtime solves it with the same differentiable fixed-point operator as the forward, and differentiating
+    the backward once more is exact. :meth:`iteration_map` is the fast form used inside a solve.
+    """
+
+    def __init__(self, adjoint: Adjoint, n_saved: int, linearization: Linearized | None = None):
+        self.adjoint = adjoint
+        self.n_saved = n_saved
+        self.linearization = linearization
+
+    def __repr__(self) -> str:
+        return f"AdjointMap({self.adjoint!r})"
+
+    def __call__(self, c: States, *args: Any) -> States:
+        saved, gbar = args[: self.n_saved], args[self.n_saved :]
+        return tuple(v + g for v, g in zip(self.adjoint.vjp_state(saved, c), gbar))
+
+    def iteration_map(self, args: Sequence[Any]) -> Callable[[States], States]:
+        saved, gbar = tuple(args[: self.n_saved]), tuple(args[self.n_saved :])
+        lin = self.linearization if self.linearization is not None else linearized(self.adjoint, saved)
+
+        def step(c: States) -> States:
+            return tuple(v + g for v, g in zip(lin.vjp_state(c), gbar))
+
+        return step

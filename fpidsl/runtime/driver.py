@@ -1,0 +1,188 @@
+"""The iteration loop: evaluate the map, judge every sample, drop the finished ones, ask the solver for a step.
+
+Per sample (a row of the flattened state), with ``r = g(x) - x``:
+
+- ``converged``: the residual (``|r|`` or ``|r| / |x|``, by ``criterion``) is below ``tol``, at or after ``min_iter``;
+- ``diverged``: ``r`` is not finite, or ``|r|`` grew ``DIVERGENCE_GROWTH`` times above the smallest step seen
+  while being a sizeable fraction of ``|x|`` (not rounding noise);
+- ``stopped_at_floor``: the relative residual is within ``FLOOR_FACTOR`` machine epsilons and has not improved
+  for ``FLOOR_PATIENCE`` iterations: the dtype cannot resolve ``tol``, more iterations would only burn time.
+
+A finished sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite) and it
+leaves the working set: the solver's state, the trackers and, when the evaluator can (see
+:class:`Evaluator`), the map's own work shrink to the running samples. Finished samples are never touched again,
+so a sample's result does not depend on the rest of the batch. The loop asks the host one question per
+iteration (how many samples finished).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .settings import SolverSettings
+from .solvers import make_solver
+from .stats import SolveStats
+
+DIVERGENCE_GROWTH = 1e4
+DIVERGENCE_MIN_RELATIVE_STEP = 1e-3
+FLOOR_FACTOR = 1e3
+FLOOR_PATIENCE = 10
+IMPROVEMENT = 0.01  # a residual counts as an improvement when it is 1% below the best seen
+
+
+class Evaluator(Protocol):
+    """Evaluates the flattened map on the running samples.
+
+    ``__call__(x)`` returns ``g(x)`` for ``x`` of shape ``(running, dim)``; ``restrict(index)`` tells it which
+    samples of the batch (a long tensor of batch indices, in row order) are running from now on.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def restrict(self, index: Tensor) -> None: ...
+
+
+@dataclass
+class _Tracker:
+    """Per running sample: the best relative residual, iterations since it improved, the smallest step."""
+
+    best_rel: Tensor
+    stale: Tensor
+    best_step: Tensor
+
+    @staticmethod
+    def start(rows: int, like: Tensor) -> "_Tracker":
+        inf = torch.full((rows,), float("inf"), dtype=like.dtype, device=like.device)
+        return _Tracker(inf, torch.zeros(rows, dtype=torch.long, device=like.device), inf.clone())
+
+    def select(self, keep: Tensor) -> "_Tracker":
+        return _Tracker(self.best_rel[keep], self.stale[keep], self.best_step[keep])
+
+
+@dataclass
+class _Verdict:
+    residual: Tensor
+    converged: Tensor
+    diverged: Tensor
+    floor: Tensor
+
+    @property
+    def done(self) -> Tensor:
+        return self.converged | self.diverged | self.floor
+
+
+def _relative(step: Tensor, norm: Tensor) -> Tensor:
+    """``step / norm``, with ``0/0 = 0`` (an exact fixed point at zero) and ``s/0 = inf``."""
+    rel = step / norm
+    return torch.where(step == 0, torch.zeros_like(rel), rel)
+
+
+def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, eps: float) -> _Verdict:
+    """Decide, per running sample, after evaluation ``n``; updates ``track`` in place."""
+    step = torch.linalg.vector_norm(g - x, dim=1)
+    rel = _relative(step, torch.linalg.vector_norm(x, dim=1))
+    residual = rel if s.criterion == "relative" else step
+    finite = torch.isfinite(step)
+    runaway = (step > DIVERGENCE_GROWTH * track.best_step) & (rel > DIVERGENCE_MIN_RELATIVE_STEP)
+    diverged = ~finite | runaway
+    improved = rel < (1 - IMPROVEMENT) * track.best_rel
+    track.stale = torch.where(improved, torch.zeros_like(track.stale), track.stale + 1)
+    track.best_rel = torch.where(improved, rel, track.best_rel)
+    track.best_step = torch.minimum(track.best_step, step)
+    if n < s.min_iter:
+        no = torch.zeros_like(diverged)
+        return _Verdict(residual, no, diverged, no)
+    converged = (residual < s.tol) & finite
+    floor = ~converged & ~diverged & (track.stale >= FLOOR_PATIENCE) & (rel <= FLOOR_FACTOR * eps)
+    return _Verdict(residual, converged, diverged & ~converged, floor)
+
+
+class _Record:
+    """The per-sample outcome over the whole batch, written as samples finish."""
+
+    def __init__(self, batch: int, like: Tensor, keep_history: bool):
+        dev = like.device
+        self.iterations = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.residual = torch.full((batch,), float("nan"), dtype=like.dtype, device=dev)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros_like(self.converged)
+        self.floor = torch.zeros_like(self.converged)
+        self.history: list[Tensor] | None = [] if keep_history else None
+
+    def log(self, index: Tensor, residual: Tensor) -> None:
+        if self.history is not None:
+            row = torch.full_like(self.residual, float("nan"))
+            row[index] = residual
+            self.history.append(row)
+
+    def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None) -> None:
+        def pick(t: Tensor) -> Tensor:
+            return t if mask is None else t[mask]
+
+        self.iterations[index] = n
+        self.residual[index] = pick(verdict.residual)
+        self.converged[index] = pick(verdict.converged)
+        self.diverged[index] = pick(verdict.diverged)
+        self.floor[index] = pick(verdict.floor)
+
+    def stats(self, phase: str, settings: SolverSettings) -> SolveStats:
+        history = torch.stack(self.history) if self.history else None
+        if self.history is not None and history is None:
+            history = self.residual.new_zeros(0, self.residual.shape[0])
+        return SolveStats(phase, settings, self.iterations, self.residual, self.converged, self.diverged,
+                          self.floor, history)
+
+
+def solve(
+    evaluate: Evaluator, x0: Tensor, settings: SolverSettings, *, phase: str = "forward", history: bool = False
+) -> tuple[Tensor, SolveStats]:
+    """Iterate from ``x0`` (``(batch, dim)``) to the fixed point of ``evaluate``; no autograd is recorded.
+
+    Returns the result (``(batch, dim)``, each row the finished value of that sample) and its :class:`SolveStats`.
+    """
+    with torch.no_grad():
+        return _loop(evaluate, x0, settings, phase, history)
+
+
+def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, history: bool):
+    batch = x0.shape[0]
+    out = x0.clone()
+    record = _Record(batch, x0, history)
+    if batch == 0:
+        return out, record.stats(phase, s)
+    solver = make_solver(s)
+    eps = torch.finfo(x0.dtype).eps
+    index = torch.arange(batch, device=x0.device)
+    x = x0
+    state = solver.init(x)
+    track = _Tracker.start(batch, x)
+    for n in range(1, s.max_iter + 1):
+        g = evaluate(x)
+        verdict = _judge(n, x, g, track, s, eps)
+        record.log(index, verdict.residual)
+        if n == s.max_iter:
+            out[index] = _result(x, g)
+            record.finish(index, n, verdict, None)
+            break
+        done = verdict.done
+        finished = int(done.sum())  # the one host synchronisation of an iteration
+        if finished:
+            out[index[done]] = _result(x[done], g[done])
+            record.finish(index[done], n, verdict, done)
+            if finished == index.shape[0]:
+                break
+            keep = ~done
+            index, x, g = index[keep], x[keep], g[keep]
+            state, track = solver.select(state, keep), track.select(keep)
+            evaluate.restrict(index)
+        x, state = solver.step(x, g, state)
+    return out, record.stats(phase, s)
+
+
+def _result(x: Tensor, g: Tensor) -> Tensor:
+    """``g`` where it is finite, else the last finite iterate ``x``."""
+    finite = torch.isfinite(g).all(dim=1, keepdim=True)
+    return torch.where(finite, g, x)
