@@ -17,6 +17,7 @@ until :func:`~fpidsl.passes.infer_shapes.infer_shapes` has run or where it faile
 * ``call``: ``prim`` (a key of :data:`~fpidsl.ir.primitives.PRIMITIVES`), ``attrs`` (dict of static
   attributes, defaults filled in), ``module`` (the param module a ``linear``/``conv`` call came from,
   else None), ``inlined`` (``(fn name, call-site span)`` when it came from an ``fn`` body, else None);
+  for messages only, ``attr_spans`` (attribute -> where it is written) and, on ``index``, ``item_spans``;
 * ``update``: ``state``; one argument, the new value; shape = the state's;
 * ``init``: ``state``; either ``fill`` (a number: zeros=0, ones=1) and no argument, or ``fill=None`` and
   one argument (a warm-start expression over inputs and params); shape = the state's;

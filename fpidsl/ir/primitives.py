@@ -156,12 +156,12 @@ def _broadcast(shapes, attrs, ctx):
         ) from None
 
 
-def _dim(d: int, shape: Shape, ctx: ShapeCtx, what: str = "dim", arg: int | None = 0) -> int:
+def _dim(d: int, shape: Shape, ctx: ShapeCtx, what: str = "dim") -> int:
     n = normalize_dim(d, len(shape))
     if n is None:
         raise ctx.fail(
             f"{what}={d} is out of range for {ctx.callee} of a tensor of shape {fmt_shape(shape)} "
-            f"({len(shape)} dimensions)", arg=arg,
+            f"({len(shape)} dimensions)", attr=what,
             hint=f"valid dims are {-len(shape)}..{len(shape) - 1}" if shape else "a scalar has no dimensions",
         )
     return n
@@ -179,7 +179,7 @@ def _reduce(shapes, attrs, ctx):
         for d in listed:
             n = _dim(d, x, ctx)
             if n in picked:
-                raise ctx.fail(f"dim {d} appears twice in the dims of {ctx.callee}")
+                raise ctx.fail(f"dim {d} appears twice in the dims of {ctx.callee}", attr="dim")
             picked.add(n)
     return tuple(1 if i in picked else d for i, d in enumerate(x) if keep or i not in picked)
 
@@ -214,10 +214,10 @@ def _reshape(shapes, attrs, ctx):
     (x,) = shapes
     target = attrs["shape"]
     if sum(1 for t in target if t == -1) > 1:
-        raise ctx.fail("reshape accepts at most one -1 in its target shape")
+        raise ctx.fail("reshape accepts at most one -1 in its target shape", attr="shape")
     for t in target:
         if isinstance(t, int) and t != -1 and t <= 0:
-            raise ctx.fail(f"reshape sizes must be positive (or one -1), found {t}")
+            raise ctx.fail(f"reshape sizes must be positive (or one -1), found {t}", attr="shape")
     total = numel(x)
     known = dim_prod(t for t in target if t != -1)
     if -1 in target:
@@ -225,12 +225,12 @@ def _reshape(shapes, attrs, ctx):
         if inferred is None or (isinstance(inferred, int) and inferred <= 0):
             raise ctx.fail(
                 f"reshape cannot infer the -1 of {format_attr(tuple(target))}: {fmt_shape(x)} has "
-                f"{fmt_dim(total)} elements, which is not a multiple of {fmt_dim(known)}", arg=0)
+                f"{fmt_dim(total)} elements, which is not a multiple of {fmt_dim(known)}", attr="shape")
         return tuple(inferred if t == -1 else t for t in target)
     if total != known:
         raise ctx.fail(
             f"reshape cannot turn {fmt_shape(x)} ({fmt_dim(total)} elements) into "
-            f"{format_attr(tuple(target))} ({fmt_dim(known)} elements)", arg=0)
+            f"{format_attr(tuple(target))} ({fmt_dim(known)} elements)", attr="shape")
     return tuple(target)
 
 
@@ -251,7 +251,7 @@ def _flatten(shapes, attrs, ctx):
     e = _dim(attrs["end"], x, ctx, "end")
     if s > e:
         raise ctx.fail(f"flatten: start={attrs['start']} comes after end={attrs['end']} for shape "
-                       f"{fmt_shape(x)}")
+                       f"{fmt_shape(x)}", attr="start")
     return tuple(x[:s]) + (dim_prod(x[s:e + 1]),) + tuple(x[e + 1:])
 
 

@@ -54,13 +54,15 @@ class DimConflict(Exception):
 class ShapeRuleError(Exception):
     """Raised by a primitive's shape rule. ``arg``: the argument at fault (None: the call itself);
     ``dim``: which of that argument's dims (for hints); ``at_call``: point at the whole call even
-    though ``arg`` is at fault (a module applied to the wrong size); ``item``: which item of an index."""
+    though ``arg`` is at fault (a module applied to the wrong size); ``item``: which item of an index;
+    ``attr``: the static attribute at fault (``dim=2`` out of range)."""
 
     def __init__(self, message: str, arg: int | None = None, hint: str | None = None,
-                 dim: int | None = None, at_call: bool = False, item: int | None = None):
+                 dim: int | None = None, at_call: bool = False, item: int | None = None,
+                 attr: str | None = None):
         super().__init__(message)
         self.message, self.arg, self.hint, self.dim = message, arg, hint, dim
-        self.at_call, self.item = at_call, item
+        self.at_call, self.item, self.attr = at_call, item, attr
 
 
 @dataclass
@@ -76,8 +78,9 @@ class ShapeCtx:
             self.assumptions.append((expr, divisor))
 
     def fail(self, message: str, arg: int | None = None, hint: str | None = None,
-             dim: int | None = None, at_call: bool = False, item: int | None = None) -> "ShapeRuleError":
-        return ShapeRuleError(message, arg, hint, dim, at_call, item)
+             dim: int | None = None, at_call: bool = False, item: int | None = None,
+             attr: str | None = None) -> "ShapeRuleError":
+        return ShapeRuleError(message, arg, hint, dim, at_call, item, attr)
 
 
 # --------------------------------------------------------------------------- polynomials

@@ -439,7 +439,7 @@ class _Builder:
                 return val.number
             if val.node is None:
                 raise UnknownStatic()
-            raise NotStatic(ref, f"{ref.id} is a tensor")
+            raise NotStatic(ref, f"the fn's argument {ref.id} is a tensor")
         if self.scope is None:
             raise NotStatic(ref, f"{ref.id} is not declared", unknown=True)
         return self.scope.const_lookup(ref)
@@ -622,7 +622,10 @@ class _Builder:
         nodes = [self.build_expr(e, env) for e in exprs]
         if None in nodes or _FAIL in attrs.values():
             return None
-        return self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
+        node = self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
+        if attrs:
+            self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
+        return node
 
     def grad(self, call: ast.Call, env: Env | None) -> str | None:
         bound = self.bind(call, ["energy", "state"], {"energy", "state"}, "grad", "grad(E, x)")
@@ -715,7 +718,7 @@ class _Builder:
             if e.unknown and env is None:
                 self.unknown_name(e.expr)
                 return _FAIL
-            return self.bad_attr(attr, e.expr, fname, e.reason)
+            return self.bad_attr(attr, e.expr, fname, e.reason, self.use_span(e.expr, env))
         except UnknownStatic:
             return _FAIL
         except FpiError as e:
@@ -727,12 +730,12 @@ class _Builder:
             return (value, value)
         return value
 
-    def bad_attr(self, attr: Attr, expr, fname: str, found: str):
+    def bad_attr(self, attr: Attr, expr, fname: str, found: str, span: Span | None = None):
         if fname == "index":
             message = f"an index must be an integer, a slice lo:hi:step or ..., but {found}"
         else:
             message = f"{attr.name} of {fname} must be {ATTR_KINDS[attr.kind]}, but {found}"
-        self.error(TypeErr, message, expr.span)
+        self.error(TypeErr, message, span or expr.span)
         return _FAIL
 
     def is_number_name(self, ref: ast.Name, env: Env | None) -> bool:

@@ -42,6 +42,8 @@ def infer_shapes(graph: LayerGraph, sink: ErrorSink) -> None:
             span = data["span"]
             if e.item is not None and data.get("item_spans"):
                 span = data["item_spans"][e.item]
+            elif e.attr is not None and e.attr in (data.get("attr_spans") or {}):
+                span = data["attr_spans"][e.attr]
             elif e.arg is not None and not e.at_call:
                 span = graph.arg_spans(nid)[e.arg]
             hint = e.hint or _cat_hint(graph, args[e.arg], e.dim) if e.arg is not None else e.hint

@@ -26,7 +26,7 @@ NOT_CONVERGED = (
 )
 DIVERGED = (
     "fixed-point {phase} diverged for {count} of {batch} samples ({samples}) after {iterations} iterations: "
-    "{how}. The map is not a contraction{where}. To fix: {advice}"
+    "{how} (the {criterion} residual reached {worst:.3g} against tol={tol:.3g}). The map is not a contraction{where}. To fix: {advice}"
 )
 DIVERGED_HOW_NONFINITE = "the iterate became NaN or Inf"
 DIVERGED_HOW_GROWTH = "the step |g(x)-x| grew far above the smallest seen"
@@ -173,6 +173,9 @@ def failure_message(stats: SolveStats) -> str | None:
             samples=_listed(idx),
             iterations=int(stats.iterations[diverged].max()),
             how=how,
+            criterion=s.criterion,
+            worst=float(stats.residual[diverged].max()),
+            tol=s.tol,
             where=BACKWARD_WHERE if backward else "",
             advice=BACKWARD_ADVICE_DIVERGED if backward else FORWARD_ADVICE_DIVERGED,
         )

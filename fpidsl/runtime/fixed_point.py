@@ -1,0 +1,355 @@
+"""The differentiable fixed-point operator: ``x_hat = FP(f, x0, args)`` with ``f(x_hat, *args) = x_hat``.
+
+Forward: a solver (:mod:`fpidsl.runtime.solvers`) iterates ``f`` without recording autograd; only ``x_hat`` is
+kept, so memory does not grow with the number of iterations.
+
+Backward (the paper's backward FPI): given ``g = dL/dx_hat``, solve ``c = (df/dx)^T c + g`` at ``x_hat`` by
+vector-Jacobian products, then ``dL/dargs = (df/dargs)^T c``. The adjoint solve is itself this operator, applied to
+the map ``c -> vjp_state(saved, c) + g`` with ``saved`` and ``g`` as explicit arguments, and ``x_hat`` inside the
+backward is the saved output of this operator (so it stays attached to ``args`` through it). When the backward
+runs with ``create_graph=True`` everything it does is a differentiable operation, and derivatives of every order
+are exact; no loop of iterations is ever recorded on the tape. With grad mode off (an ordinary ``.backward()``) the
+backward records ``f`` once at ``x_hat`` and reuses it for every product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, linearized
+from .driver import solve
+from .layout import StateLayout, States
+from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
+from .stats import Stats, enforce
+
+SettingsLike = SolverSettings | Mapping[str, Any] | None
+
+
+@dataclass(eq=False)
+class _Problem:
+    """Everything about one fixed point except the tensors: the map, the settings, where the stats go."""
+
+    fn: Callable[..., States]  # pure: fn(xs, *args) -> states; args are explicit, parameters included
+    iteration_map: Callable[[Sequence[Any]], Callable[[States], States]]  # args -> fast step used by the solver
+    layout: StateLayout
+    forward: SolverSettings
+    backward: SolverSettings
+    adjoint: Adjoint
+    stats: Stats
+    history: bool
+    batched: tuple[bool, ...] | None  # per arg: dimension 0 is the batch (lets the solver drop finished samples)
+    phase: str = "forward"
+
+    @property
+    def n_state(self) -> int:
+        return len(self.layout.shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating the flattened map on the running samples
+
+
+class _WholeBatch:
+    """Evaluates the map on the whole batch; a finished sample keeps its last iterate and its output is dropped."""
+
+    def __init__(self, step: Callable[[States], States], layout: StateLayout):
+        self.step, self.layout = step, layout
+        self.index: Tensor | None = None
+        self.full: Tensor | None = None
+        self.last: Tensor | None = None
+
+    def _eval(self, x: Tensor) -> Tensor:
+        return self.layout.flatten(self.step(self.layout.unflatten(x)))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.index is None:
+            self.last = x
+            return self._eval(x)
+        self.full.index_copy_(0, self.index, x)
+        return self._eval(self.full).index_select(0, self.index)
+
+    def restrict(self, index: Tensor) -> None:
+        if self.full is None:
+            self.full = self.last.clone()
+        self.index = index
+
+
+class _Compacting:
+    """Evaluates the map on the running samples only, slicing the batched arguments to them."""
+
+    def __init__(self, problem: _Problem, args: Sequence[Any], batched: Sequence[bool]):
+        self.problem, self.args, self.batched = problem, tuple(args), tuple(batched)
+        self.step = problem.iteration_map(self.args)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        layout = self.problem.layout
+        return layout.flatten(self.step(layout.unflatten(x)))
+
+    def restrict(self, index: Tensor) -> None:
+        sliced = tuple(a.index_select(0, index) if b else a for a, b in zip(self.args, self.batched))
+        self.step = self.problem.iteration_map(sliced)
+
+
+def _evaluator(problem: _Problem, args: Sequence[Any]):
+    if problem.batched is not None and problem.layout.per_sample and any(problem.batched):
+        return _Compacting(problem, args, problem.batched)
+    return _WholeBatch(problem.iteration_map(args), problem.layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Solving (no autograd) and the differentiable operator
+
+
+def _solve(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
+    """The fixed point, computed without recording autograd; fills the stats and applies ``on_fail``."""
+    with torch.no_grad():
+        start = problem.layout.flatten(tuple(x.detach() for x in x0))
+        flat, stats = solve(_evaluator(problem, args), start, problem.forward, phase=problem.phase,
+                            history=problem.history)
+    problem.stats.forward = stats
+    enforce(stats)
+    return problem.layout.unflatten(flat)
+
+
+def _apply(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
+    """The fixed point, as a differentiable operation of ``args`` where autograd needs one."""
+    inputs = (*x0, *args)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return _FixedPointFunction.apply(problem, *inputs)
+    return _solve(problem, x0, args)
+
+
+class _FixedPointFunction(torch.autograd.Function):
+    """``x_hat`` from ``(x0..., args...)``; the backward solves the adjoint fixed point (see the module's doc)."""
+
+    @staticmethod
+    def forward(ctx, problem: _Problem, *inputs: Any) -> States:
+        n = problem.n_state
+        x_hat = tuple(x.clone() for x in _solve(problem, inputs[:n], inputs[n:]))
+        args = inputs[n:]
+        ctx.problem = problem
+        ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in args)
+        ctx.save_for_backward(*x_hat, *(a for a in args if isinstance(a, Tensor)))
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple:
+        problem: _Problem = ctx.problem
+        n = problem.n_state
+        saved = ctx.saved_tensors
+        x_hat, tensors = saved[:n], iter(saved[n:])
+        args = tuple(next(tensors) if c is None else c for c in ctx.constants)
+        gbar = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, x_hat))
+        arg_grads = _backprop(problem, x_hat, args, gbar, ctx.needs_input_grad[1 + n :])
+        x0_grads = tuple(torch.zeros_like(x) if need else None for x, need in zip(x_hat, ctx.needs_input_grad[1:]))
+        return (None, *x0_grads, *arg_grads)
+
+
+def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs: Sequence[bool]) -> tuple:
+    """``(df/dargs)^T c`` with ``c`` the fixed point of ``c = (df/dx)^T c + gbar``; ``None`` where not needed."""
+    if not any(needs):
+        return (None,) * len(args)
+    adjoint = problem.adjoint
+    saved = tuple(adjoint.prepare(x_hat, args))
+    problem.stats.adjoint = adjoint_stats = Stats()
+    start = tuple(g.detach() for g in gbar)
+    if torch.is_grad_enabled():  # recording a higher derivative: every step is a differentiable operation
+        c = _apply(_adjoint_problem(problem, saved, adjoint_stats), start, (*saved, *gbar))
+        grads = tuple(adjoint.vjp_args(saved, c))
+    else:
+        lin = linearized(adjoint, saved)
+        c = _solve(_adjoint_problem(problem, saved, adjoint_stats, lin), start, (*saved, *gbar))
+        grads = tuple(lin.vjp_args(c))
+    if len(grads) != len(args):
+        raise ValueError(f"{adjoint!r}.vjp_args returned {len(grads)} gradients for {len(args)} arguments")
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _adjoint_problem(problem: _Problem, saved: tuple, stats: Stats, lin=None) -> _Problem:
+    """The backward fixed-point iteration of ``problem`` as a fixed-point problem of its own."""
+    t_map = AdjointMap(problem.adjoint, len(saved), lin)
+    return _Problem(
+        fn=t_map,
+        iteration_map=t_map.iteration_map,
+        layout=problem.layout,
+        forward=problem.backward,
+        backward=problem.backward,
+        adjoint=AutogradAdjoint(t_map, tuple_states=True),
+        stats=stats,
+        history=problem.history,
+        batched=None,
+        phase="backward",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The user's map
+
+
+def _as_states(y: Any, single: bool) -> States:
+    if single:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"f(x, *args) must return a tensor like x0, got {type(y).__name__}")
+        return (y,)
+    if not isinstance(y, (tuple, list)):
+        raise TypeError(f"f(x, *args) must return a tuple of tensors like x0, got {type(y).__name__}")
+    return tuple(y)
+
+
+def _user_problem(
+    f: Callable, single: bool, n_user: int, layout: StateLayout, forward: SolverSettings, backward: SolverSettings,
+    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, n_params: int,
+) -> _Problem:
+    names = [name for name, _ in f.named_parameters()] if n_params else []
+
+    def fn(xs: States, *args: Any) -> States:
+        x = xs[0] if single else tuple(xs)
+        if names:
+            user, params = args[:n_user], args[n_user:]
+            return _as_states(torch.func.functional_call(f, dict(zip(names, params)), (x, *user)), single)
+        return _as_states(f(x, *args), single)
+
+    def iteration_map(args: Sequence[Any]) -> Callable[[States], States]:
+        user = tuple(args[:n_user])  # a module's own parameters are the trailing arguments
+
+        def step(xs: States) -> States:
+            return _as_states(f(xs[0] if single else tuple(xs), *user), single)
+
+        return step
+
+    return _Problem(
+        fn=fn,
+        iteration_map=iteration_map,
+        layout=layout,
+        forward=forward,
+        backward=backward,
+        adjoint=adjoint if adjoint is not None else AutogradAdjoint(fn, tuple_states=True),
+        stats=stats,
+        history=history,
+        batched=None if batched is None else (*batched, *([False] * n_params)),
+    )
+
+
+def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLayout, x0: States) -> None:
+    if batched is None or not layout.per_sample:
+        return
+    if len(batched) != len(args):
+        raise ValueError(f"batched has {len(batched)} entries for {len(args)} arguments; give one bool per argument")
+    rows = x0[0].shape[0] if layout.per_sample else 1
+    for i, (a, b) in enumerate(zip(args, batched)):
+        if b and not (isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == rows):
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(f"argument {i} is marked batched but is {shape}; a batched argument has the batch "
+                             f"size {rows} in dimension 0")
+
+
+def _run(
+    f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
+    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
+) -> Tensor | States:
+    single = isinstance(x0, Tensor)
+    x0s = (x0,) if single else tuple(x0)
+    layout = StateLayout.of(x0s, per_sample)
+    _check_batched(batched, args, layout, x0s)
+    params = tuple(f.parameters()) if isinstance(f, nn.Module) else ()
+    problem = _user_problem(f, single, len(args), layout, forward, backward, adjoint, stats, history, batched,
+                            len(params))
+    x_hat = _apply(problem, x0s, (*args, *params))
+    return x_hat[0] if single else tuple(x_hat)
+
+
+def fixed_point(
+    f: Callable,
+    x0: Tensor | Sequence[Tensor],
+    *args: Any,
+    backward: SettingsLike = None,
+    adjoint: Adjoint | None = None,
+    stats: Stats | None = None,
+    history: bool = False,
+    return_stats: bool = False,
+    batched: Sequence[bool] | None = None,
+    per_sample: bool = True,
+    **forward_settings: Any,
+) -> Any:
+    """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and, where ``f`` is
+    an ``nn.Module``, in its parameters.
+
+    Args:
+        f: ``f(x, *args)``, returning the structure of ``x`` (a tensor, or a tuple of tensors: several states
+            iterated together). It must treat the samples (dimension 0 of every state) independently.
+        x0: the start, a tensor or a tuple of tensors; dimension 0 is the batch. The gradient with respect to it
+            is zero. The result has the structure, dtype and device of ``x0``.
+        *args: tensors (or constants) that ``f`` reads; gradients flow to the tensors that require them.
+        backward: settings of the backward fixed-point iteration, a mapping over
+            :data:`~fpidsl.runtime.settings.BACKWARD_DEFAULTS` or a :class:`SolverSettings`.
+        adjoint: the vector-Jacobian products of ``f`` (see :mod:`fpidsl.runtime.adjoint`); default
+            :class:`AutogradAdjoint`. When ``f`` is an ``nn.Module``, its parameters follow ``args`` in the
+            arguments the adjoint sees, in ``f.parameters()`` order.
+        stats: a :class:`Stats` to fill (``forward`` now, ``backward`` when a backward runs).
+        history: record every iteration's residual in the stats.
+        return_stats: return ``(x_hat, stats)`` instead of ``x_hat``.
+        batched: one bool per argument: ``True`` where dimension 0 of the argument is the batch. Given, the
+            solver evaluates ``f`` on the samples still running only (arguments sliced accordingly); otherwise
+            ``f`` always sees the whole batch and finished samples are held fixed.
+        per_sample: ``False`` treats the whole state as one sample (no batch dimension).
+        **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
+            ``criterion``, ``max_iter``, ``min_iter``, ``on_fail``) over
+            :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``.
+
+    Raises:
+        ConvergenceError: a forward (or, later, backward) solve failed and ``on_fail='raise'``; with
+            ``on_fail='warn'`` a :class:`ConvergenceWarning` is issued instead.
+    """
+    forward = FORWARD_DEFAULTS.merged(forward_settings)
+    backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
+    stats = Stats() if stats is None else stats
+    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample)
+    return (x_hat, stats) if return_stats else x_hat
+
+
+class FixedPoint(nn.Module):
+    """A fixed-point layer holding the map ``f`` and the settings; ``forward(x0, *args)`` returns ``x_hat``.
+
+    ``solve`` and ``backward`` are mappings of setting keys merged over the forward and backward defaults (an
+    unknown key raises ``SettingsError``), or :class:`SolverSettings`. When ``f`` is an ``nn.Module`` it is a
+    submodule and its parameters get gradients. After each call ``self.stats`` holds that call's :class:`Stats`
+    (its ``backward`` is filled when the backward runs). ``adjoint``, ``batched``, ``per_sample`` and ``history``
+    are as in :func:`fixed_point`.
+    """
+
+    def __init__(
+        self,
+        f: Callable,
+        solve: SettingsLike = None,
+        backward: SettingsLike = None,
+        *,
+        adjoint: Adjoint | None = None,
+        batched: Sequence[bool] | None = None,
+        per_sample: bool = True,
+        history: bool = False,
+    ):
+        super().__init__()
+        self.f = f
+        self.solve_settings = resolve_settings(solve, FORWARD_DEFAULTS)
+        self.backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
+        self.adjoint = adjoint
+        self.batched = None if batched is None else tuple(batched)
+        self.per_sample = per_sample
+        self.history = history
+        self.stats: Stats | None = None
+
+    def forward(self, x0: Tensor | Sequence[Tensor], *args: Any) -> Any:
+        self.stats = Stats()
+        return _run(self.f, x0, args, self.solve_settings, self.backward_settings, self.adjoint, self.stats,
+                    self.history, self.batched, self.per_sample)
+
+    def extra_repr(self) -> str:
+        def short(s: SolverSettings, defaults: SolverSettings) -> str:
+            changed = {k: v for k, v in s.as_dict().items() if v != getattr(defaults, k)}
+            return ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "defaults"
+
+        return (f"solve: {short(self.solve_settings, FORWARD_DEFAULTS)}; "
+                f"backward: {short(self.backward_settings, BACKWARD_DEFAULTS)}")

@@ -1,0 +1,162 @@
+"""The primitive table: every primitive's shape rule on a table of cases, and its failures."""
+from __future__ import annotations
+
+import pytest
+
+from fpidsl.ir.primitives import BUILTINS, MODULE_KINDS, PRIMITIVES, SliceSpec
+from fpidsl.ir.shapes import ShapeCtx, ShapeRuleError, dim_floordiv
+
+H2 = dim_floordiv("H", 2, ShapeCtx())
+UNARY = ["relu", "tanh", "sigmoid", "exp", "log", "sqrt", "square", "abs", "sin", "cos", "neg"]
+
+CASES = [
+    *[(p, [("B", 10)], {}, ("B", 10)) for p in UNARY],
+    ("leaky_relu", [("B", 3)], {"slope": 0.2}, ("B", 3)),
+    ("softplus", [("B", 3)], {}, ("B", 3)),
+    ("elu", [("B", 3)], {}, ("B", 3)),
+    ("clamp", [("B", 3)], {"lo": -1, "hi": 1}, ("B", 3)),
+    ("pow", [("B", 3)], {"exponent": 2}, ("B", 3)),
+    ("add", [("B", 10), ()], {}, ("B", 10)),
+    ("sub", [("B", 1), (10,)], {}, ("B", 10)),
+    ("mul", [(), ()], {}, ()),
+    ("div", [("B", 10), ("B", 1)], {}, ("B", 10)),
+    ("minimum", [("B", 10), (10,)], {}, ("B", 10)),
+    ("maximum", [(), ("B",)], {}, ("B",)),
+    ("matmul", [("B", 10), (10, 5)], {}, ("B", 5)),
+    ("matmul", [(10,), (10,)], {}, ()),
+    ("matmul", [(10,), (10, 5)], {}, (5,)),
+    ("matmul", [("B", 4, 10), (10,)], {}, ("B", 4)),
+    ("matmul", [("B", 4, 10), (1, 10, 3)], {}, ("B", 4, 3)),
+    ("sum", [("B", 10)], {"dim": -1}, ("B",)),
+    ("sum", [("B", 10)], {}, ()),
+    ("sum", [("B", 3, 4)], {"dim": (1, 2)}, ("B",)),
+    ("mean", [("B", 3, 4)], {"dim": (-1, 1), "keepdim": True}, ("B", 1, 1)),
+    ("mean", [("B", 10)], {"dim": None, "keepdim": True}, (1, 1)),
+    ("logsumexp", [("B", 10)], {"dim": 1}, ("B",)),
+    ("softmax", [("B", 10)], {"dim": -1}, ("B", 10)),
+    ("cat", [("B", 1, "H"), ("B", 2, "H")], {"dim": 1}, ("B", 3, "H")),
+    ("cat", [("B", "N"), ("B", "N")], {"dim": -1}, ("B", "N*2")),
+    ("reshape", [("B", 12)], {"shape": ("B", 3, 4)}, ("B", 3, 4)),
+    ("reshape", [("B", 12)], {"shape": ("B", -1, 2)}, ("B", 6, 2)),
+    ("reshape", [("B", 4, "H", "W")], {"shape": ("B", -1)}, ("B", "4*H*W")),
+    ("transpose", [("B", 3, 4)], {"dim0": 1, "dim1": -1}, ("B", 4, 3)),
+    ("flatten", [("B", 2, 3, 4)], {"start": 1}, ("B", 24)),
+    ("flatten", [("B", 2, 3, 4)], {"start": 0, "end": 1}, ("2*B", 3, 4)),
+    ("flatten", [()], {}, (1,)),
+    ("index", [("B", 10)], {"index": (SliceSpec(), 0)}, ("B",)),
+    ("index", [("B", 10)], {"index": (Ellipsis, SliceSpec(0, 3))}, ("B", 3)),
+    ("index", [("B", 10)], {"index": (Ellipsis, -1)}, ("B",)),
+    ("index", [("B", 10)], {"index": (SliceSpec(None, -1),)}, ("B-1", 10)),
+    ("index", [("B", 10)], {"index": (SliceSpec(), SliceSpec(1, None, 2))}, ("B", 5)),
+    ("index", [("B", 10, 3)], {"index": (1,)}, (10, 3)),
+    ("linear", [("B", 20), (32, 20), (32,)], {}, ("B", 32)),
+    ("linear", [("B", "N", 20), (32, 20)], {}, ("B", "N", 32)),
+    ("conv2d", [("B", 2, "H", "W"), (32, 2, 3, 3), (32,)], {"stride": (1, 1), "padding": (1, 1)},
+     ("B", 32, "H", "W")),
+    ("conv2d", [("B", 2, 28, 28), (8, 2, 5, 5)], {"stride": (1, 1), "padding": (0, 0)}, ("B", 8, 24, 24)),
+    ("conv2d", [("B", 4, "H", "W"), (4, 4, 3, 3)], {"stride": (2, 2), "padding": (1, 1)}, ("B", 4, H2, "W/2")),
+    ("conv_transpose2d", [("B", 4, H2, "W"), (4, 2, 4, 4), (2,)],
+     {"stride": (2, 2), "padding": (1, 1), "output_padding": (0, 0)}, ("B", 2, "H", "2*W")),
+    ("conv_transpose2d", [("B", 4, 7, 7), (4, 2, 3, 3)],
+     {"stride": (2, 2), "padding": (1, 1), "output_padding": (1, 1)}, ("B", 2, 14, 14)),
+    ("grad", [("B",), ("B", 10)], {}, ("B", 10)),
+    ("grad", [(), ("B", 10)], {}, ("B", 10)),
+]
+
+
+def _dims(shape):
+    """Test shapes may write derived dims as text: "N*2", "4*H*W", "B-1", "W/2"."""
+    from fpidsl.ir import shapes as S
+
+    def one(d):
+        if not isinstance(d, str) or d.isidentifier():
+            return d
+        for op, fn in (("-", S.dim_sub), ("*", S.dim_mul), ("/", None)):
+            if op in d:
+                left, right = d.rsplit(op, 1) if op != "*" else d.split(op, 1)
+                if op == "/":
+                    return S.dim_floordiv(one(left), int(right), ShapeCtx())
+                conv = [int(p) if p.isdigit() else one(p) for p in (left, right)]
+                return fn(*conv)
+        raise AssertionError(d)
+
+    return tuple(one(d) for d in shape)
+
+
+def run(prim, shapes, attrs):
+    p = PRIMITIVES[prim]
+    ctx = ShapeCtx(callee=prim)
+    return p.shape([_dims(s) for s in shapes], p.with_defaults(attrs), ctx), ctx
+
+
+@pytest.mark.parametrize("prim, shapes, attrs, expected", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_shape_rule(prim, shapes, attrs, expected):
+    out, _ = run(prim, shapes, attrs)
+    assert out == _dims(expected)
+
+
+def test_every_primitive_has_a_case():
+    assert {c[0] for c in CASES} == set(PRIMITIVES)
+
+
+def test_strided_conv_records_assumptions():
+    _, ctx = run("conv2d", [("B", 4, "H", "W"), (4, 4, 3, 3)], {"stride": (2, 2), "padding": (1, 1)})
+    assert ctx.assumptions == [("H", 2), ("W", 2)]
+
+
+FAILURES = [
+    ("add", [("B", 10), ("B", 20)], {}, "do not broadcast: 10 vs 20 in dimension -1"),
+    ("mul", [("B", 10), (10, 10)], {}, "B vs 10"),
+    ("matmul", [("B", 10), (5, 3)], {}, "(10 vs 5)"),
+    ("matmul", [(), (3,)], {}, "at least one dimension"),
+    ("sum", [("B", 10)], {"dim": 2}, "dim=2 is out of range"),
+    ("sum", [("B", 10)], {"dim": (1, -1)}, "appears twice"),
+    ("softmax", [("B", 10)], {"dim": -3}, "out of range"),
+    ("cat", [("B", 1, "H", "W"), ("B", 1, "H", 4)], {"dim": 1}, "4 vs W in dimension 3"),
+    ("cat", [("B", 1), ("B",)], {"dim": 1}, "same rank"),
+    ("cat", [(), ()], {"dim": 0}, "scalars"),
+    ("reshape", [("B", 10)], {"shape": ("B", 3, 3)}, "cannot turn [B, 10] (10*B elements) into [B, 3, 3]"),
+    ("reshape", [("B", 10)], {"shape": ("B", -1, 3)}, "cannot infer the -1"),
+    ("reshape", [("B", 10)], {"shape": (-1, -1)}, "at most one -1"),
+    ("reshape", [("B", 10)], {"shape": ("B", 0)}, "must be positive"),
+    ("transpose", [("B", 10)], {"dim0": 0, "dim1": 2}, "dim1=2 is out of range"),
+    ("flatten", [("B", 2, 3)], {"start": 2, "end": 1}, "comes after"),
+    ("index", [("B", 10)], {"index": (SliceSpec(), SliceSpec(0, 12))}, "slice 0:12 out of range for dimension of size 10"),
+    ("index", [("B", 10)], {"index": (SliceSpec(), 10)}, "index 10 out of range for dimension of size 10"),
+    ("index", [("B", 10)], {"index": (SliceSpec(), SliceSpec(5, 3))}, "slice 5:3 is empty"),
+    ("index", [("B", 10)], {"index": (0, 0, 0)}, "too many indices"),
+    ("index", [("B", 10)], {"index": (Ellipsis, Ellipsis)}, "only one ..."),
+    ("index", [("B", 10)], {"index": (SliceSpec(None, None, 0),)}, "step must be positive"),
+    ("linear", [("B", 30), (32, 20)], {}, "expects 20 input features, but its argument has shape [B, 30]"),
+    ("linear", [(), (32, 20)], {}, "scalar"),
+    ("conv2d", [("B", 3, "H", "W"), (32, 2, 3, 3)], {"stride": (1, 1), "padding": (1, 1)},
+     "expects 2 input channels, but its argument has shape [B, 3, H, W]"),
+    ("conv2d", [("B", 2, 10), (32, 2, 3, 3)], {"stride": (1, 1), "padding": (1, 1)}, "expects a 4-D input"),
+    ("conv2d", [("B", 2, 2, 2), (32, 2, 5, 5)], {"stride": (1, 1), "padding": (0, 0)}, "cannot slide a kernel"),
+    ("conv_transpose2d", [("B", 2, "H", "W"), (4, 2, 3, 3)],
+     {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0)}, "expects 4 input channels"),
+]
+
+
+@pytest.mark.parametrize("prim, shapes, attrs, fragment", FAILURES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(FAILURES)])
+def test_shape_rule_failure(prim, shapes, attrs, fragment):
+    with pytest.raises(ShapeRuleError) as info:
+        run(prim, shapes, attrs)
+    assert fragment in info.value.message
+
+
+def test_signatures_and_table():
+    assert BUILTINS["sum"].signature() == "sum(x, dim=none, keepdim=false)"
+    assert BUILTINS["cat"].signature() == "cat([tensors, ...], dim=0)"
+    assert BUILTINS["clamp"].signature() == "clamp(x, lo, hi)"
+    assert PRIMITIVES["linear"].min_args == 2 and PRIMITIVES["linear"].max_args == 3
+    assert PRIMITIVES["cat"].max_args is None
+    assert MODULE_KINDS["Conv2d"].signature() == \
+        "Conv2d(in, out, kernel, stride=[1, 1], padding=[0, 0], bias=true, init_scale=none, norm=none)"
+    for p in PRIMITIVES.values():
+        assert p.emit is None and p.vjp is None  # filled in by codegen / differentiation
+    language = ("relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin cos clamp minimum maximum "
+                "sum mean softmax logsumexp cat reshape transpose flatten grad").split()
+    assert set(language) <= set(BUILTINS)
