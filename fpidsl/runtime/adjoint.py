@@ -127,7 +127,7 @@ class AutogradAdjoint:
         xs, args = self.split(saved)
         create = torch.is_grad_enabled()
         with torch.enable_grad():
-            args_i = tuple((a if create else _independent(a, create)) if _wants_grad(a) else a for a in args)
+            args_i = tuple(_independent(a, create) if _wants_grad(a) else a for a in args)
             y = self.call(xs if create else tuple(x.detach() for x in xs), args_i)
             wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
             grads = _grads(y, [args_i[i] for i in wanted], c, create, retain=False)
