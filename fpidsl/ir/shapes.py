@@ -169,11 +169,6 @@ def dim_prod(dims: Iterable[Dim]) -> Dim:
     return out
 
 
-def const_value(d: Dim) -> int | None:
-    """The integer value of a dim, or None when it is symbolic."""
-    return d if isinstance(d, int) else None
-
-
 def symbols(d: Dim) -> set[str]:
     return {s for m in _poly(d) for s in m}
 

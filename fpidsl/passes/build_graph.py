@@ -49,6 +49,7 @@ from .resolve import (
 )
 
 _FAIL: Any = object()
+MAX_NODES = 20_000  # a layer larger than this after inlining fns is a mistake (or an attack)
 
 
 @dataclass(frozen=True)
@@ -663,6 +664,12 @@ class _Builder:
         signature = f"{fn.name}({', '.join(params)})"
         bound = self.bind(call, params, set(params), f"fn {fn.name}", signature)
         if bound is None or fn.name in self.fns.recursive:
+            return None
+        if len(self.graph) > MAX_NODES:
+            self.error(StructureErr, f"layer {self.graph.name} has more than {MAX_NODES:,} nodes after inlining "
+                                     f"fn {fn.name}", call.span,
+                       hint="each call of an fn copies its body; fns that call each other several times "
+                            "grow exponentially")
             return None
         inner: dict[str, Val] = {}
         for p in params:

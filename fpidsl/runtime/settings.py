@@ -48,7 +48,7 @@ def _is_number(value: Any) -> bool:
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        options = " or ".join(repr(a) for a in allowed) if len(allowed) == 2 else ", ".join(map(repr, allowed))
+        options = " or ".join(map(repr, allowed)) if len(allowed) == 2 else "one of " + ", ".join(map(repr, allowed))
         raise SettingsError(f"{key} must be {options}, got {value!r}")
 
 

@@ -1,0 +1,629 @@
+"""Vector-Jacobian products written with primitives: the ``vjp`` rule of every primitive.
+
+A rule is ``rule(builder, node, ct) -> {argument position: node}``: given a ``call`` node of the graph
+that ``builder`` extends and the node ``ct`` holding the cotangent of its value, it adds nodes computing
+the cotangent of each argument (summed back to the argument's shape) and returns them. A position
+that is left out has a structurally zero cotangent: a ``like`` argument, read for its shape only, or a
+mask's argument. Rules may read the primal node's value itself (``sigmoid`` does).
+
+The rules need a few *auxiliary* primitives (``relu_mask``, ``linear_weight_grad`` ...). They are added
+to :data:`~fpidsl.ir.primitives.PRIMITIVES` (``builtin=False``) with shape rules, and every one of them
+has a rule of its own, so a derived graph can be differentiated again; the masks (``*_mask``, ``sign``,
+``ones_like``, ``zeros_like``, ``count``) are piecewise constant and their rule returns nothing.
+
+Importing this module registers the auxiliary primitives and sets the ``vjp`` field of every primitive.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from .graph import Assumption, LayerGraph
+from .primitives import BUILTINS, PRIMITIVES, Attr, Primitive, SliceSpec
+from .shapes import DimConflict, ShapeCtx, broadcast, fmt_shape, normalize_dim
+
+VjpRule = Callable[["GraphBuilder", str, str], dict[int, str]]
+
+
+class GraphBuilder:
+    """Adds nodes to a :class:`LayerGraph` for the differentiation pass.
+
+    Shapes come from the primitives' shape rules; spans (and ``inlined``) from the primal node being
+    differentiated (:meth:`deriving`); a ``call`` or ``const`` that already exists with the same
+    arguments and attributes is returned instead of made again."""
+
+    def __init__(self, graph: LayerGraph):
+        self.graph = graph
+        self._memo: dict[Any, str] = {}
+        self._origin: dict[str, Any] | None = None
+        for nid in graph.nodes():
+            self.remember(nid)
+
+    # ------------------------------------------------------------------ reading
+    def args(self, nid: str) -> list[str]:
+        return self.graph.args(nid)
+
+    def attrs(self, nid: str) -> dict[str, Any]:
+        return self.graph.node(nid)["attrs"]
+
+    def shape(self, nid: str) -> tuple:
+        return self.graph.shape(nid)
+
+    def rank(self, nid: str) -> int:
+        return len(self.graph.shape(nid))
+
+    # ------------------------------------------------------------------ adding
+    @contextmanager
+    def deriving(self, nid: str, graph: LayerGraph | None = None) -> Iterator[None]:
+        """Nodes added inside come from the primal node ``nid`` (of ``graph``, by default the one being
+        extended): they take its span and ``inlined``."""
+        data = (graph or self.graph).node(nid)
+        saved, self._origin = self._origin, {"span": data["span"], "inlined": data.get("inlined")}
+        try:
+            yield
+        finally:
+            self._origin = saved
+
+    def remember(self, nid: str) -> None:
+        """Make an existing node available for reuse."""
+        key = _key(self.graph, nid)
+        if key is not None:
+            self._memo.setdefault(key, nid)
+
+    def call(self, prim: str, *args: str, **attrs: Any) -> str:
+        """The node ``prim(*args, **attrs)`` (defaults filled, shape inferred)."""
+        p = PRIMITIVES[prim]
+        attrs = p.with_defaults(attrs)
+        key = _call_key(prim, args, attrs)
+        if key in self._memo:
+            return self._memo[key]
+        same = self._identity(prim, args)
+        if same is not None:
+            return same
+        ctx = ShapeCtx(callee=prim)
+        shape = p.shape([self.shape(a) for a in args], attrs, ctx)
+        origin = self._origin_data()
+        nid = self.graph.add_node("call", span=origin["span"], shape=tuple(shape), args=args, prim=prim,
+                                  attrs=attrs, module=None, inlined=origin.get("inlined"))
+        self._record_assumptions(ctx, origin["span"])
+        self._memo[key] = nid
+        return nid
+
+    def const(self, value: int | float) -> str:
+        key = ("const", type(value), value)
+        if key not in self._memo:
+            self._memo[key] = self.graph.add_node("const", span=self._origin_data()["span"], shape=(),
+                                                  value=value)
+        return self._memo[key]
+
+    def _identity(self, prim: str, args: tuple[str, ...]) -> str | None:
+        """The argument that ``prim(*args)`` equals, for ``expand_as`` to its own shape and products
+        with ones (the seed of ``grad``) that do not broadcast; else None."""
+        if prim == "expand_as" and self.shape(args[0]) == self.shape(args[1]):
+            return args[0]
+        if prim == "mul":
+            for one, other in (args, args[::-1]):
+                if self._is_ones(one) and broadcast(self.shape(one), self.shape(other)) == self.shape(other):
+                    return other
+        return None
+
+    def _is_ones(self, nid: str) -> bool:
+        data = self.graph.node(nid)
+        if data["op"] != "call":
+            return False
+        if data["prim"] == "ones_like":
+            return True
+        return data["prim"] in ("unsqueeze", "expand_as", "reshape_as") and self._is_ones(self.args(nid)[0])
+
+    def _origin_data(self) -> dict[str, Any]:
+        if self._origin is None:
+            raise RuntimeError("GraphBuilder: nodes are added only inside `with builder.deriving(node):`")
+        return self._origin
+
+    def _record_assumptions(self, ctx: ShapeCtx, span) -> None:
+        known = {(a.expr, a.divisor) for a in self.graph.assumptions}
+        for expr, divisor in ctx.assumptions:
+            if (expr, divisor) not in known:
+                self.graph.assumptions.append(Assumption(expr, divisor, span))
+
+
+def _call_key(prim: str, args, attrs: dict[str, Any]):
+    return ("call", prim, tuple(args), tuple(sorted((k, _hashable(v)) for k, v in attrs.items())))
+
+
+def _hashable(value: Any) -> Any:
+    return (type(value), tuple(_hashable(v) for v in value)) if isinstance(value, (tuple, list)) \
+        else (type(value), value)
+
+
+def _key(graph: LayerGraph, nid: str):
+    data = graph.node(nid)
+    if data["op"] == "const":
+        return ("const", type(data["value"]), data["value"])
+    if data["op"] == "call":
+        return _call_key(data["prim"], graph.args(nid), data["attrs"])
+    return None
+
+
+# --------------------------------------------------------------------------- helpers for rules
+
+
+def sum_to(b: GraphBuilder, x: str, shape: tuple) -> str:
+    """``x`` (of a shape that ``shape`` broadcasts to) summed back to ``shape``."""
+    have = b.shape(x)
+    lead = len(have) - len(shape)
+    if lead < 0:
+        raise ValueError(f"sum_to: {fmt_shape(have)} has fewer dimensions than {fmt_shape(shape)}")
+    if lead:
+        x = b.call("sum", x, dim=_dims(range(lead)), keepdim=False)
+    ones = [i for i, (h, t) in enumerate(zip(have[lead:], shape)) if h != t]
+    for i in ones:
+        if shape[i] != 1:
+            raise ValueError(f"sum_to: {fmt_shape(have)} is not a broadcast of {fmt_shape(shape)}")
+    if ones:
+        x = b.call("sum", x, dim=_dims(ones), keepdim=True)
+    return x
+
+
+def _dims(dims) -> int | tuple[int, ...]:
+    dims = tuple(dims)
+    return dims[0] if len(dims) == 1 else dims
+
+
+def reduced_dims(dim, rank: int) -> list[int]:
+    """The sorted non-negative dims a reduction with ``dim`` (int, tuple or None) reduces."""
+    if dim is None:
+        return list(range(rank))
+    listed = dim if isinstance(dim, tuple) else (dim,)
+    return sorted(normalize_dim(d, rank) for d in listed)
+
+
+def keep_dims(b: GraphBuilder, value: str, dims: list[int], keepdim: bool) -> str:
+    """The result ``value`` of a reduction over ``dims`` with its reduced dims present (size 1)."""
+    if keepdim or not dims or b.rank(value) == 0:
+        return value
+    return b.call("unsqueeze", value, dim=_dims(dims))
+
+
+def unreduce(b: GraphBuilder, ct: str, x: str, dim, keepdim: bool) -> str:
+    """The cotangent ``ct`` of ``sum(x, dim, keepdim)`` broadcast back to ``x``."""
+    dims = reduced_dims(dim, b.rank(x))
+    return b.call("expand_as", keep_dims(b, ct, dims, keepdim), x)
+
+
+def _mul(b: GraphBuilder, a: str, c: str) -> str:
+    return b.call("mul", a, c)
+
+
+# --------------------------------------------------------------------------- rules: arithmetic
+
+
+def _add(b, n, ct):
+    x, y = b.args(n)
+    return {0: sum_to(b, ct, b.shape(x)), 1: sum_to(b, ct, b.shape(y))}
+
+
+def _sub(b, n, ct):
+    x, y = b.args(n)
+    return {0: sum_to(b, ct, b.shape(x)), 1: sum_to(b, b.call("neg", ct), b.shape(y))}
+
+
+def _mul_rule(b, n, ct):
+    x, y = b.args(n)
+    return {0: sum_to(b, _mul(b, ct, y), b.shape(x)), 1: sum_to(b, _mul(b, ct, x), b.shape(y))}
+
+
+def _div(b, n, ct):
+    x, y = b.args(n)
+    dy = b.call("neg", b.call("div", _mul(b, ct, n), y))
+    return {0: sum_to(b, b.call("div", ct, y), b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
+
+
+def _matmul(b, n, ct):
+    x, y = b.args(n)
+    rx, ry = b.rank(x), b.rank(y)
+    if rx == 1 and ry == 1:  # (k) @ (k) -> (): ct is a scalar
+        return {0: _mul(b, ct, y), 1: _mul(b, ct, x)}
+    if ry == 1:  # (..., n, k) @ (k) -> (..., n)
+        col = b.call("unsqueeze", ct, dim=b.rank(ct))
+        return {0: sum_to(b, _mul(b, col, y), b.shape(x)), 1: sum_to(b, _mul(b, col, x), b.shape(y))}
+    if rx == 1:  # (k) @ (..., k, m) -> (..., m)
+        row = b.call("unsqueeze", ct, dim=b.rank(ct) - 1)
+        dx = b.call("sum", _mul(b, row, y), dim=-1, keepdim=False)
+        dy = _mul(b, row, b.call("unsqueeze", x, dim=1))
+        return {0: sum_to(b, dx, b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
+    dx = b.call("matmul", ct, b.call("transpose", y, dim0=-2, dim1=-1))
+    dy = b.call("matmul", b.call("transpose", x, dim0=-2, dim1=-1), ct)
+    return {0: sum_to(b, dx, b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
+
+
+def _pow(b, n, ct):
+    (x,) = b.args(n)
+    p = b.attrs(n)["exponent"]
+    if p == 0:
+        return {}
+    if p == 1:
+        return {0: ct}
+    base = x if p == 2 else b.call("pow", x, exponent=p - 1)
+    return {0: _mul(b, ct, _mul(b, base, b.const(p)))}
+
+
+def _neg(b, n, ct):
+    return {0: b.call("neg", ct)}
+
+
+# --------------------------------------------------------------------------- rules: elementwise
+
+
+def _times(factor: Callable[[GraphBuilder, str, str, dict], str]) -> VjpRule:
+    """The rule ``ct * factor(x, y, attrs)`` of a one-argument elementwise primitive (y: its value)."""
+    def rule(b, n, ct):
+        (x,) = b.args(n)
+        return {0: _mul(b, ct, factor(b, x, n, b.attrs(n)))}
+    rule.__name__ = rule.__qualname__ = f"vjp_times_{factor.__name__.lstrip('_')}"
+    return rule
+
+
+def _relu_d(b, x, y, attrs):
+    return b.call("relu_mask", x)
+
+
+def _leaky_relu_d(b, x, y, attrs):
+    return b.call("leaky_relu_mask", x, slope=attrs["slope"])
+
+
+def _tanh_d(b, x, y, attrs):
+    return b.call("sub", b.const(1), b.call("square", y))
+
+
+def _sigmoid_d(b, x, y, attrs):
+    return _mul(b, y, b.call("sub", b.const(1), y))
+
+
+def _softplus_d(b, x, y, attrs):
+    beta = attrs["beta"]
+    return b.call("sigmoid", x if beta == 1 else _mul(b, x, b.const(beta)))
+
+
+def _elu_d(b, x, y, attrs):
+    return b.call("elu_grad", x, alpha=attrs["alpha"])
+
+
+def _exp_d(b, x, y, attrs):
+    return y
+
+
+def _square_d(b, x, y, attrs):
+    return _mul(b, x, b.const(2))
+
+
+def _abs_d(b, x, y, attrs):
+    return b.call("sign", x)
+
+
+def _sin_d(b, x, y, attrs):
+    return b.call("cos", x)
+
+
+def _cos_d(b, x, y, attrs):
+    return b.call("neg", b.call("sin", x))
+
+
+def _clamp_d(b, x, y, attrs):
+    return b.call("clamp_mask", x, lo=attrs["lo"], hi=attrs["hi"])
+
+
+def _log(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("div", ct, x)}
+
+
+def _sqrt(b, n, ct):
+    return {0: b.call("div", ct, _mul(b, n, b.const(2)))}
+
+
+def _extremum(larger: bool) -> VjpRule:
+    """maximum (``larger``) or minimum: the cotangent goes to the winner, split evenly on ties."""
+    def rule(b, n, ct):
+        x, y = b.args(n)
+        wx = b.call("greater_mask", x, y) if larger else b.call("greater_mask", y, x)
+        wy = b.call("greater_mask", y, x) if larger else b.call("greater_mask", x, y)
+        return {0: sum_to(b, _mul(b, ct, wx), b.shape(x)), 1: sum_to(b, _mul(b, ct, wy), b.shape(y))}
+    rule.__name__ = rule.__qualname__ = "vjp_maximum" if larger else "vjp_minimum"
+    return rule
+
+
+# --------------------------------------------------------------------------- rules: reductions, shapes
+
+
+def _sum(b, n, ct):
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    return {0: unreduce(b, ct, x, attrs["dim"], attrs["keepdim"])}
+
+
+def _mean(b, n, ct):
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    sizes = [b.shape(x)[d] for d in reduced_dims(attrs["dim"], b.rank(x))]
+    if all(isinstance(s, int) for s in sizes):
+        total = 1
+        for s in sizes:
+            total *= s
+        count = b.const(total)
+    else:
+        count = b.call("count", x, dim=attrs["dim"])
+    return {0: unreduce(b, b.call("div", ct, count), x, attrs["dim"], attrs["keepdim"])}
+
+
+def _softmax(b, n, ct):
+    dim = b.attrs(n)["dim"]
+    dot = b.call("sum", _mul(b, ct, n), dim=dim, keepdim=True)
+    return {0: _mul(b, n, b.call("sub", ct, dot))}
+
+
+def _logsumexp(b, n, ct):
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    dims = reduced_dims(attrs["dim"], b.rank(x))
+    shift = b.call("sub", x, keep_dims(b, n, dims, attrs["keepdim"]))
+    return {0: _mul(b, keep_dims(b, ct, dims, attrs["keepdim"]), b.call("exp", shift))}
+
+
+def _cat(b, n, ct):
+    parts = b.args(n)
+    dim = normalize_dim(b.attrs(n)["dim"], b.rank(n))
+    sizes = [b.shape(p)[dim] for p in parts]
+    out, start = {}, 0
+    for i, size in enumerate(sizes):
+        if isinstance(start, int) and isinstance(size, int):
+            index = (SliceSpec(),) * dim + (SliceSpec(start, start + size),)
+            out[i] = b.call("index", ct, index=index)
+            start += size
+        else:
+            out[i] = b.call("cat_part", ct, *parts, dim=dim, item=i)
+            start = None
+    return out
+
+
+def _reshape(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("reshape_as", ct, x)}
+
+
+def _transpose(b, n, ct):
+    attrs = b.attrs(n)
+    return {0: b.call("transpose", ct, dim0=attrs["dim0"], dim1=attrs["dim1"])}
+
+
+def _index(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("index_backward", ct, x, index=b.attrs(n)["index"])}
+
+
+def _grad(b, n, ct):
+    raise ValueError("grad(E, x) has no VJP rule: expand it first (fpidsl.passes.differentiate.expand_grads)")
+
+
+# --------------------------------------------------------------------------- rules: modules
+
+
+def _linear(b, n, ct):
+    args = b.args(n)
+    x, w = args[0], args[1]
+    out = {0: b.call("matmul", ct, w), 1: b.call("linear_weight_grad", ct, x)}
+    if len(args) == 3:
+        out[2] = sum_to(b, ct, b.shape(args[2]))
+    return out
+
+
+def _conv_attrs(b, n) -> dict[str, Any]:
+    attrs = b.attrs(n)
+    return {"stride": attrs["stride"], "padding": attrs["padding"]}
+
+
+def _kernel(b, w) -> tuple[int, int]:
+    return tuple(b.shape(w)[2:])
+
+
+def _bias_grad(b, ct) -> str:
+    return b.call("sum", ct, dim=(0, 2, 3), keepdim=False)
+
+
+def _conv2d(b, n, ct):
+    args = b.args(n)
+    x, w = args[0], args[1]
+    conv = _conv_attrs(b, n)
+    out = {0: b.call("conv2d_input_grad", ct, w, x, **conv),
+           1: b.call("conv2d_weight_grad", ct, x, kernel=_kernel(b, w), **conv)}
+    if len(args) == 3:
+        out[2] = _bias_grad(b, ct)
+    return out
+
+
+def _conv_transpose2d(b, n, ct):
+    args = b.args(n)
+    x, w = args[0], args[1]
+    conv = _conv_attrs(b, n)
+    out = {0: b.call("conv2d", ct, w, **conv),
+           1: b.call("conv2d_weight_grad", x, ct, kernel=_kernel(b, w), **conv)}
+    if len(args) == 3:
+        out[2] = _bias_grad(b, ct)
+    return out
+
+
+# --------------------------------------------------------------------------- rules: auxiliary
+
+
+def _zero(b, n, ct):
+    """A piecewise-constant primitive (or one that reads its arguments' shapes only)."""
+    return {}
+
+
+def _elu_grad(b, n, ct):
+    (x,) = b.args(n)
+    return {0: _mul(b, ct, b.call("sub", n, b.call("relu_mask", x)))}
+
+
+def _unsqueeze(b, n, ct):
+    return {0: b.call("sum", ct, dim=b.attrs(n)["dim"], keepdim=False)}
+
+
+def _expand_as(b, n, ct):
+    (x, _) = b.args(n)
+    return {0: sum_to(b, ct, b.shape(x))}
+
+
+def _reshape_as(b, n, ct):
+    (x, _) = b.args(n)
+    return {0: b.call("reshape_as", ct, x)}
+
+
+def _index_backward(b, n, ct):
+    return {0: b.call("index", ct, index=b.attrs(n)["index"])}
+
+
+def _cat_part(b, n, ct):
+    parts = b.args(n)[1:]
+    attrs = b.attrs(n)
+    pieces = [ct if i == attrs["item"] else b.call("zeros_like", p) for i, p in enumerate(parts)]
+    return {0: b.call("cat", *pieces, dim=attrs["dim"])}
+
+
+def _linear_weight_grad(b, n, ct):
+    g, x = b.args(n)
+    return {0: b.call("linear", x, ct), 1: b.call("matmul", g, ct)}
+
+
+def _conv2d_input_grad(b, n, ct):
+    g, w, _ = b.args(n)
+    conv = _conv_attrs(b, n)
+    return {0: b.call("conv2d", ct, w, **conv),
+            1: b.call("conv2d_weight_grad", g, ct, kernel=_kernel(b, w), **conv)}
+
+
+def _conv2d_weight_grad(b, n, ct):
+    g, x = b.args(n)
+    conv = _conv_attrs(b, n)
+    return {0: b.call("conv2d", x, ct, **conv), 1: b.call("conv2d_input_grad", g, ct, x, **conv)}
+
+
+# --------------------------------------------------------------------------- auxiliary shape rules
+
+
+def _same(shapes, attrs, ctx):
+    return tuple(shapes[0])
+
+
+def _like(shapes, attrs, ctx):
+    """The shape of the last argument (``like``)."""
+    return tuple(shapes[-1])
+
+
+def _scalar(shapes, attrs, ctx):
+    return ()
+
+
+def _broadcast2(shapes, attrs, ctx):
+    try:
+        return broadcast(shapes[0], shapes[1])
+    except DimConflict:
+        raise ctx.fail(f"{ctx.callee}: {fmt_shape(shapes[0])} and {fmt_shape(shapes[1])} do not broadcast") \
+            from None
+
+
+def _unsqueeze_shape(shapes, attrs, ctx):
+    dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
+    out = list(shapes[0])
+    for d in sorted(dims):
+        if not 0 <= d <= len(out):
+            raise ctx.fail(f"unsqueeze: dim {d} out of range for {fmt_shape(tuple(out))}")
+        out.insert(d, 1)
+    return tuple(out)
+
+
+def _cat_part_shape(shapes, attrs, ctx):
+    return tuple(shapes[1 + attrs["item"]])
+
+
+def _linear_weight_grad_shape(shapes, attrs, ctx):
+    ct, x = shapes
+    return (ct[-1], x[-1])
+
+
+def _conv2d_weight_grad_shape(shapes, attrs, ctx):
+    ct, x = shapes
+    return (ct[1], x[1]) + tuple(attrs["kernel"])
+
+
+def _aux(name, inputs, rule, *attrs, variadic=False, doc=""):
+    return Primitive(name, inputs, rule, tuple(attrs), 0, variadic, False, doc)
+
+
+_CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
+
+AUXILIARY: tuple[Primitive, ...] = (
+    _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0"),
+    _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope"),
+    _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)"),
+    _aux("sign", ("x",), _same, doc="-1, 0 or 1"),
+    _aux("clamp_mask", ("x",), _same, Attr("lo", "number"), Attr("hi", "number"),
+         doc="1 where lo <= x <= hi, else 0"),
+    _aux("greater_mask", ("a", "b"), _broadcast2, doc="1 where a > b, 1/2 where a == b, else 0"),
+    _aux("ones_like", ("x",), _same),
+    _aux("zeros_like", ("x",), _same),
+    _aux("count", ("x",), _scalar, Attr("dim", "dims", None), doc="how many elements mean(x, dim) averages"),
+    _aux("unsqueeze", ("x",), _unsqueeze_shape, Attr("dim", "dims"),
+         doc="size-1 dims inserted at dim (non-negative positions in the result)"),
+    _aux("expand_as", ("x", "like"), _like, doc="x broadcast to the shape of like"),
+    _aux("reshape_as", ("x", "like"), _like, doc="x reshaped to the shape of like"),
+    _aux("index_backward", ("ct", "like"), _like, Attr("index", "index"),
+         doc="zeros shaped like `like`, with ct at [index]"),
+    _aux("cat_part", ("ct", "parts"), _cat_part_shape, Attr("dim", "dim"), Attr("item", "int"), variadic=True,
+         doc="the slice of ct = cotangent of cat(parts, dim) that belongs to parts[item]"),
+    _aux("linear_weight_grad", ("ct", "x"), _linear_weight_grad_shape,
+         doc="sum over batch dims of ct (x) x: the weight gradient of linear"),
+    _aux("conv2d_input_grad", ("ct", "weight", "like"), _like, *_CONV,
+         doc="the input gradient of conv2d(like, weight)"),
+    _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
+         doc="the weight gradient of conv2d(x, W)"),
+)
+
+_ELEMENTWISE = {"relu": _relu_d, "leaky_relu": _leaky_relu_d, "tanh": _tanh_d, "sigmoid": _sigmoid_d,
+                "softplus": _softplus_d, "elu": _elu_d, "exp": _exp_d, "square": _square_d, "abs": _abs_d,
+                "sin": _sin_d, "cos": _cos_d, "clamp": _clamp_d}
+
+RULES: dict[str, VjpRule] = {
+    "add": _add, "sub": _sub, "mul": _mul_rule, "div": _div, "matmul": _matmul, "pow": _pow, "neg": _neg,
+    **{name: _times(factor) for name, factor in _ELEMENTWISE.items()},
+    "log": _log, "sqrt": _sqrt, "minimum": _extremum(False), "maximum": _extremum(True),
+    "sum": _sum, "mean": _mean, "softmax": _softmax, "logsumexp": _logsumexp, "cat": _cat,
+    "reshape": _reshape, "flatten": _reshape, "transpose": _transpose, "index": _index, "grad": _grad,
+    "linear": _linear, "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d,
+    # auxiliary
+    "relu_mask": _zero, "leaky_relu_mask": _zero, "sign": _zero, "clamp_mask": _zero, "greater_mask": _zero,
+    "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad, "unsqueeze": _unsqueeze,
+    "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
+    "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,
+    "conv2d_input_grad": _conv2d_input_grad, "conv2d_weight_grad": _conv2d_weight_grad,
+}
+
+ZERO_DERIVATIVE = frozenset(name for name, rule in RULES.items() if rule is _zero)
+
+
+def _register() -> None:
+    for prim in AUXILIARY:
+        existing = PRIMITIVES.get(prim.name)
+        if existing is not None and existing.shape is not prim.shape:
+            raise RuntimeError(f"the auxiliary primitive {prim.name} clashes with a primitive of the table")
+        PRIMITIVES.setdefault(prim.name, prim)
+    for name, prim in PRIMITIVES.items():
+        rule = RULES.get(name)
+        if rule is not None and prim.vjp is not rule:
+            PRIMITIVES[name] = dataclasses.replace(prim, vjp=rule)
+            if name in BUILTINS:
+                BUILTINS[name] = PRIMITIVES[name]
+
+
+_register()

@@ -1,0 +1,250 @@
+"""Differentiation as graph passes: reverse mode over the primitives' VJP rules.
+
+* :func:`expand_grads` replaces every ``grad(E, x)`` by the explicit derivative of ``sum(E)`` with
+  respect to the state ``x`` (an FPI_GD layer's update becomes an ordinary graph);
+* :func:`backward_graph` derives the paper's backward map ``h = Σ_s c_sᵀ g_s``: the primal nodes of g
+  (values at x̂), one cotangent input per state and the gradients of h with respect to the states,
+  inputs and params (a :class:`BackwardGraph`).
+
+Both are built with :func:`reverse_mode`, which adds the VJP of some nodes of a graph to that graph:
+cotangent contributions are summed once per node, derived nodes take the span of the primal node
+they differentiate, identical nodes are made once, and nodes nobody uses are pruned.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import networkx as nx
+
+from ..ir import derivatives  # noqa: F401 - registers the VJP rules and auxiliary primitives
+from ..ir.derivatives import GraphBuilder
+from ..ir.graph import GraphLintError, LayerGraph
+from ..ir.primitives import PRIMITIVES
+from ..ir.shapes import fmt_shape
+
+
+class BackwardGraph(LayerGraph):
+    """The backward fixed-point map of a layer: a :class:`LayerGraph` with, besides the primal nodes,
+
+    * ``cotangents``: state name -> its cotangent node (op ``input``, ``role="cotangent"``,
+      ``state=NAME``, named ``c_NAME``);
+    * ``grad_of``: ``"state:x"`` / ``"input:a"`` / ``"param:fc1.weight"`` -> the node holding ∂h/∂that;
+      no entry where the gradient is structurally zero;
+    * an ``output`` node whose arguments are the ``grad_of`` nodes, in that order (the graph's sinks,
+      with the states' ``update``/``init`` sinks kept from the primal graph).
+    """
+
+    def __init__(self, name, span):
+        super().__init__(name, span)
+        self.cotangents: dict[str, str] = {}
+        self.grad_of: dict[str, str] = {}
+
+    def result_keys(self) -> list[str]:
+        """Every gradient the backward map can have, in state, input, param order."""
+        return ([f"state:{s}" for s in self.states] + [f"input:{n}" for n in self.inputs]
+                + [f"param:{n}" for n in self.params])
+
+    def format(self) -> str:
+        """The graph's text form, with the map ``h`` in the header and the gradients at the end."""
+        head, body = super().format().split("\n", 1)
+        h = " + ".join(f"{self.node(c)['name']} . g_{s}" for s, c in self.cotangents.items()) or "0"
+        grads = [f"  grad {key} = {self.grad_of.get(key, '0')}" for key in self.result_keys()]
+        return "\n".join([head, f"  backward h = {h}", body.rstrip("\n"), *grads]) + "\n"
+
+    def lint(self, shapes: bool = True) -> None:
+        super().lint(shapes)
+        _check(list(self.cotangents) == list(self.states), "one cotangent per state, in state order")
+        for state, nid in self.cotangents.items():
+            d = self.node(nid)
+            _check(d["op"] == "input" and d.get("role") == "cotangent" and d.get("state") == state,
+                   f"{nid} is not the cotangent input of state {state}")
+        keys = set(self.result_keys())
+        for key, nid in self.grad_of.items():
+            _check(key in keys, f"grad_of has an unknown key {key!r}")
+            _check(nid in self.g, f"grad_of[{key!r}] = {nid} is not a node")
+        _check(self.output is not None and self.args(self.output) == list(self.grad_of.values()),
+               "the output node's arguments are not the grad_of nodes")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise GraphLintError(message)
+
+
+# --------------------------------------------------------------------------- reverse mode
+
+
+def reverse_mode(b: GraphBuilder, seeds: Sequence[tuple[str, str]], wrt: Sequence[str]) -> dict[str, str | None]:
+    """Add to ``b.graph`` the gradient of ``Σ <ct, node>`` over the ``(node, ct)`` seeds with respect to
+    each node of ``wrt``; return wrt node -> its gradient node (None where structurally zero)."""
+    graph = b.graph
+    relevant = _between(graph, [node for node, _ in seeds], wrt)
+    pending: dict[str, list[str]] = {}
+    for node, ct in seeds:
+        if node in relevant:
+            pending.setdefault(node, []).append(ct)
+    total: dict[str, str] = {}
+    for nid in reversed(graph.nodes()):
+        if nid not in pending:
+            continue
+        total[nid] = _accumulate(b, nid, pending.pop(nid))
+        if graph.node(nid)["op"] == "call":
+            _propagate(b, nid, total[nid], relevant, pending)
+    return {w: total.get(w) for w in wrt}
+
+
+def _between(graph: LayerGraph, outputs: Iterable[str], wrt: Iterable[str]) -> set[str]:
+    """Nodes on a path from a ``wrt`` node to an output node (both included)."""
+    up: set[str] = set()
+    for node in outputs:
+        up |= nx.ancestors(graph.g, node) | {node}
+    down: set[str] = set()
+    for node in wrt:
+        down |= nx.descendants(graph.g, node) | {node}
+    return up & down
+
+
+def _accumulate(b: GraphBuilder, nid: str, parts: list[str]) -> str:
+    total = parts[0]
+    with b.deriving(nid):
+        for part in parts[1:]:
+            total = b.call("add", total, part)
+    return total
+
+
+def _propagate(b: GraphBuilder, nid: str, ct: str, relevant: set[str], pending: dict[str, list[str]]) -> None:
+    """Apply the VJP rule of ``nid`` and queue the cotangents of its relevant arguments."""
+    prim = b.graph.node(nid)["prim"]
+    args = b.args(nid)
+    with b.deriving(nid):
+        grads = PRIMITIVES[prim].vjp(b, nid, ct)
+    for pos, grad in sorted(grads.items()):
+        arg = args[pos]
+        if arg not in relevant:
+            continue
+        if b.shape(grad) != b.shape(arg):
+            raise AssertionError(f"the VJP rule of {prim} gives argument {pos} of {nid} a cotangent of shape "
+                                 f"{fmt_shape(b.shape(grad))}, but the argument has {fmt_shape(b.shape(arg))}")
+        pending.setdefault(arg, []).append(grad)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+def expand_grads(graph: LayerGraph) -> LayerGraph:
+    """A new graph in which every ``grad(E, x)`` is the explicit gradient of ``sum(E)`` with respect to
+    the state ``x``; every other node of ``graph`` is kept."""
+    out = LayerGraph(graph.name, graph.span)
+    b = GraphBuilder(out)
+    mapping: dict[str, str] = {}
+    for nid in graph.nodes():
+        if _is_grad(graph, nid):
+            energy, state = (mapping[a] for a in graph.args(nid))
+            with b.deriving(nid, graph):
+                mapping[nid] = _energy_grad(b, energy, state)
+        else:
+            mapping[nid] = _copy_node(b, graph, nid, mapping)
+    _copy_metadata(graph, out, mapping)
+    kept = [mapping[nid] for nid in graph.nodes() if not _is_grad(graph, nid)]
+    return _compact(out, kept, LayerGraph)[0]
+
+
+def backward_graph(graph: LayerGraph) -> BackwardGraph:
+    """The graph of ``h = Σ_s c_sᵀ g_s`` and its gradients (see :class:`BackwardGraph`); ``grad`` calls
+    are expanded first."""
+    primal = expand_grads(graph) if any(_is_grad(graph, n) for n in graph.nodes()) else graph
+    work = LayerGraph(graph.name, graph.span)
+    b = GraphBuilder(work)
+    mapping: dict[str, str] = {}
+    for nid in primal.nodes():
+        if primal.node(nid)["op"] != "output":
+            mapping[nid] = _copy_node(b, primal, nid, mapping)
+    _copy_metadata(primal, work, mapping)
+    cotangents = {s: _cotangent(work, s) for s in work.states}
+    seeds = [(work.args(info.update)[0], cotangents[s]) for s, info in work.states.items()]
+    targets = _grad_targets(work)
+    grads = reverse_mode(b, seeds, list(targets.values()))
+    grad_of = {key: grads[nid] for key, nid in targets.items() if grads[nid] is not None}
+    work.output = work.add_node("output", span=graph.span, shape=(), args=list(grad_of.values()))
+    roots = [work.output, *cotangents.values(), *targets.values()]
+    roots += [sink for info in work.states.values() for sink in (info.update, info.init)]
+    bg, renamed = _compact(work, roots, BackwardGraph)
+    bg.cotangents = {s: renamed[c] for s, c in cotangents.items()}
+    bg.grad_of = {key: renamed[nid] for key, nid in grad_of.items()}
+    return bg
+
+
+def _is_grad(graph: LayerGraph, nid: str) -> bool:
+    data = graph.node(nid)
+    return data["op"] == "call" and data["prim"] == "grad"
+
+
+def _energy_grad(b: GraphBuilder, energy: str, state: str) -> str:
+    """The gradient of ``sum(energy)`` with respect to ``state`` (zeros where it does not depend on it)."""
+    seed = b.call("ones_like", energy)
+    grad = reverse_mode(b, [(energy, seed)], [state])[state]
+    return grad if grad is not None else b.call("zeros_like", state)
+
+
+def _cotangent(graph: LayerGraph, state: str) -> str:
+    info = graph.states[state]
+    return graph.add_node("input", span=info.span, shape=graph.shape(info.node), name=f"c_{state}",
+                          role="cotangent", state=state)
+
+
+def _grad_targets(graph: LayerGraph) -> dict[str, str]:
+    """``state:x`` / ``input:a`` / ``param:p`` -> the leaf node, in state, input, param order."""
+    out = {f"state:{s}": info.node for s, info in graph.states.items()}
+    out.update((f"input:{n}", nid) for n, nid in graph.inputs.items())
+    out.update((f"param:{n}", nid) for n, nid in graph.params.items())
+    return out
+
+
+# --------------------------------------------------------------------------- copying graphs
+
+
+def _copy_node(b: GraphBuilder, src: LayerGraph, nid: str, mapping: dict[str, str]) -> str:
+    """Copy node ``nid`` of ``src`` into ``b.graph`` (arguments through ``mapping``); its new id."""
+    data = dict(src.node(nid))
+    op, span, shape, name = data.pop("op"), data.pop("span"), data.pop("shape"), data.pop("name")
+    if "attrs" in data:
+        data["attrs"] = dict(data["attrs"])
+    args = [(mapping[a], s) for a, s in zip(src.args(nid), src.arg_spans(nid))]
+    new = b.graph.add_node(op, span=span, shape=shape, name=name, args=args, **data)
+    b.remember(new)
+    return new
+
+
+def _copy_metadata(src: LayerGraph, dst: LayerGraph, mapping: dict[str, str]) -> None:
+    """The metadata of ``src`` on ``dst`` through the node ``mapping``; lets and energies whose node
+    is gone are dropped."""
+    dst.inputs = {k: mapping[v] for k, v in src.inputs.items()}
+    dst.states = {k: dataclasses.replace(info, node=mapping[info.node], init=mapping.get(info.init),
+                                         update=mapping.get(info.update))
+                  for k, info in src.states.items()}
+    dst.params = {k: mapping[v] for k, v in src.params.items()}
+    dst.modules = dict(src.modules)
+    dst.lets = {k: mapping[v] for k, v in src.lets.items() if v in mapping}
+    dst.energies = {k: mapping[v] for k, v in src.energies.items() if v in mapping}
+    dst.value_spans = {k: s for k, s in src.value_spans.items() if k in dst.lets or k in dst.energies}
+    dst.output = mapping.get(src.output) if src.output is not None else None
+    dst.solve, dst.backward = dict(src.solve), dict(src.backward)
+    dst.solve_spans, dst.backward_spans = dict(src.solve_spans), dict(src.backward_spans)
+    dst.assumptions = list(src.assumptions)
+
+
+def _compact(graph: LayerGraph, roots: Iterable[str], cls: type) -> tuple[LayerGraph, dict[str, str]]:
+    """A copy (of class ``cls``) of the nodes that ``roots`` need, renumbered; and the id mapping."""
+    keep: set[str] = set()
+    for root in roots:
+        if root not in keep:
+            keep |= nx.ancestors(graph.g, root) | {root}
+    out = cls(graph.name, graph.span)
+    b = GraphBuilder(out)
+    mapping: dict[str, str] = {}
+    for nid in graph.nodes():
+        if nid in keep:
+            mapping[nid] = _copy_node(b, graph, nid, mapping)
+    _copy_metadata(graph, out, mapping)
+    return out, mapping

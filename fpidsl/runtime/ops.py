@@ -1,0 +1,312 @@
+"""The tensor functions that compiled code calls: one per primitive of the compiler's table.
+
+Calling convention (what generated code writes, ``_ops.<primitive>(<args>, <attr>=<literal>)``):
+
+* tensor inputs are positional, in the table's order; an optional input (``bias``) may be omitted or
+  None; ``cat`` takes its tensors as one list. A ``const`` argument may be a Python number where the
+  table allows broadcasting (``add``, ``mul``, ``minimum`` ...).
+* static attributes are keyword-only, with the table's names and defaults: numbers are ``int`` or
+  ``float``, booleans ``bool``, a ``dims`` attribute an ``int``, a tuple of ints or None (all dims),
+  a ``pair`` a tuple of two ints, a ``shape`` a tuple of concrete ints (at most one -1: symbolic sizes
+  are bound by the caller), an ``index`` a tuple of ints, ``...`` and slices (a Python ``slice`` or any
+  object with ``lo``/``hi``/``step`` attributes).
+
+Every function is made of differentiable torch operations, so derivatives of any order work through
+it. The masks (``relu_mask`` ...) are piecewise constant: their derivative is zero almost everywhere.
+Functions named ``*_like`` / taking a ``like`` argument use it for its shape only.
+
+This module imports only torch: the compiler's representation of attributes is mirrored, not imported.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Dims = int | tuple[int, ...] | None
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def add(a, b):
+    return a + b
+
+
+def sub(a, b):
+    return a - b
+
+
+def mul(a, b):
+    return a * b
+
+
+def div(a, b):
+    return a / b
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    return torch.matmul(a, b)
+
+
+def pow(x: Tensor, *, exponent: float) -> Tensor:  # noqa: A001 - named after the primitive
+    return torch.pow(x, exponent)
+
+
+def neg(x: Tensor) -> Tensor:
+    return -x
+
+
+# --------------------------------------------------------------------------- elementwise
+
+
+def relu(x: Tensor) -> Tensor:
+    return torch.relu(x)
+
+
+def leaky_relu(x: Tensor, *, slope: float = 0.01) -> Tensor:
+    return F.leaky_relu(x, slope)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return torch.tanh(x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return torch.sigmoid(x)
+
+
+def softplus(x: Tensor, *, beta: float = 1.0) -> Tensor:
+    return F.softplus(x, beta)
+
+
+def elu(x: Tensor, *, alpha: float = 1.0) -> Tensor:
+    return F.elu(x, alpha)
+
+
+def exp(x: Tensor) -> Tensor:
+    return torch.exp(x)
+
+
+def log(x: Tensor) -> Tensor:
+    return torch.log(x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    return torch.sqrt(x)
+
+
+def square(x: Tensor) -> Tensor:
+    return torch.square(x)
+
+
+def abs(x: Tensor) -> Tensor:  # noqa: A001
+    return torch.abs(x)
+
+
+def sin(x: Tensor) -> Tensor:
+    return torch.sin(x)
+
+
+def cos(x: Tensor) -> Tensor:
+    return torch.cos(x)
+
+
+def clamp(x: Tensor, *, lo: float, hi: float) -> Tensor:
+    return torch.clamp(x, lo, hi)
+
+
+def minimum(a, b):
+    if not isinstance(b, Tensor):
+        return torch.clamp_max(a, b)
+    if not isinstance(a, Tensor):
+        return torch.clamp_max(b, a)
+    return torch.minimum(a, b)
+
+
+def maximum(a, b):
+    if not isinstance(b, Tensor):
+        return torch.clamp_min(a, b)
+    if not isinstance(a, Tensor):
+        return torch.clamp_min(b, a)
+    return torch.maximum(a, b)
+
+
+# --------------------------------------------------------------------------- reductions and shapes
+
+
+def sum(x: Tensor, *, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+    return torch.sum(x, dim=dim, keepdim=keepdim)
+
+
+def mean(x: Tensor, *, dim: Dims = None, keepdim: bool = False) -> Tensor:
+    return torch.mean(x, dim=dim, keepdim=keepdim)
+
+
+def softmax(x: Tensor, *, dim: int) -> Tensor:
+    return torch.softmax(x, dim)
+
+
+def logsumexp(x: Tensor, *, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    return torch.logsumexp(x, dim, keepdim)
+
+
+def cat(tensors: Sequence[Tensor], *, dim: int = 0) -> Tensor:
+    return torch.cat(tuple(tensors), dim)
+
+
+def reshape(x: Tensor, *, shape: tuple[int, ...]) -> Tensor:
+    return x.reshape(shape)
+
+
+def transpose(x: Tensor, *, dim0: int, dim1: int) -> Tensor:
+    return x.transpose(dim0, dim1)
+
+
+def flatten(x: Tensor, *, start: int = 1, end: int = -1) -> Tensor:
+    return torch.flatten(x, start, end)
+
+
+def _index_item(item: Any) -> Any:
+    if isinstance(item, (int, slice)) or item is Ellipsis or item is None:
+        return item
+    return slice(item.lo, item.hi, item.step)
+
+
+def _as_index(index: Sequence[Any]) -> tuple:
+    return tuple(_index_item(item) for item in index)
+
+
+def index(x: Tensor, *, index: Sequence[Any]) -> Tensor:
+    return x[_as_index(index)]
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: tuple[int, int] = (1, 1),
+           padding: tuple[int, int] = (0, 0)) -> Tensor:
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                     stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                     output_padding: tuple[int, int] = (0, 0)) -> Tensor:
+    return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+
+
+def grad(energy: Tensor, state: Tensor) -> Tensor:
+    """The gradient of ``energy.sum()`` with respect to ``state``, by autograd (a reference only:
+    compiled code has ``grad`` expanded into an explicit graph). ``state`` must require grad."""
+    if not state.requires_grad:
+        raise ValueError("ops.grad needs a state that requires grad and an energy computed from it")
+    (out,) = torch.autograd.grad(energy.sum(), state, create_graph=True, allow_unused=True)
+    return torch.zeros_like(state) if out is None else out
+
+
+# --------------------------------------------------------------------------- auxiliary primitives
+# (made by the differentiation pass; see fpidsl.ir.derivatives)
+
+
+def relu_mask(x: Tensor) -> Tensor:
+    """1 where x > 0, else 0 (relu')."""
+    return (x > 0).to(x.dtype)
+
+
+def leaky_relu_mask(x: Tensor, *, slope: float) -> Tensor:
+    """1 where x > 0, else ``slope`` (leaky_relu')."""
+    return torch.where(x > 0, 1.0, torch.full_like(x, slope))
+
+
+def elu_grad(x: Tensor, *, alpha: float) -> Tensor:
+    """elu'(x): 1 where x > 0, else alpha * exp(x)."""
+    return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x))
+
+
+def sign(x: Tensor) -> Tensor:
+    return torch.sign(x)
+
+
+def clamp_mask(x: Tensor, *, lo: float, hi: float) -> Tensor:
+    """1 where lo <= x <= hi, else 0 (clamp')."""
+    return ((x >= lo) & (x <= hi)).to(x.dtype)
+
+
+def greater_mask(a, b):
+    """1 where a > b, 1/2 where a == b, 0 where a < b (broadcast): maximum' in a, ties split evenly."""
+    like = a if isinstance(a, Tensor) else b
+    return (a > b).to(like.dtype) + 0.5 * (a == b).to(like.dtype)
+
+
+def ones_like(x: Tensor) -> Tensor:
+    return torch.ones_like(x)
+
+
+def zeros_like(x: Tensor) -> Tensor:
+    return torch.zeros_like(x)
+
+
+def count(x: Tensor, *, dim: Dims = None) -> float:
+    """How many elements ``mean(x, dim)`` averages over (a number)."""
+    if dim is None:
+        return float(x.numel())
+    dims = dim if isinstance(dim, tuple) else (dim,)
+    return float(math.prod(x.shape[d] for d in dims))
+
+
+def unsqueeze(x: Tensor, *, dim: int | tuple[int, ...]) -> Tensor:
+    """Insert size-1 dimensions at ``dim`` (non-negative positions in the result)."""
+    for d in sorted(dim if isinstance(dim, tuple) else (dim,)):
+        x = x.unsqueeze(d)
+    return x
+
+
+def expand_as(x: Tensor, like: Tensor) -> Tensor:
+    return x.expand(like.shape)
+
+
+def reshape_as(x: Tensor, like: Tensor) -> Tensor:
+    return x.reshape(like.shape)
+
+
+def index_backward(ct: Tensor, like: Tensor, *, index: Sequence[Any]) -> Tensor:
+    """Zeros of ``like``'s shape with ``ct`` written at ``like[index]``."""
+    out = torch.zeros(like.shape, dtype=ct.dtype, device=ct.device)
+    out[_as_index(index)] = ct
+    return out
+
+
+def cat_part(ct: Tensor, *parts: Tensor, dim: int, item: int) -> Tensor:
+    """The slice of ``ct`` (the cotangent of ``cat(parts, dim)``) that comes from ``parts[item]``."""
+    start = 0
+    for part in parts[:item]:
+        start += part.shape[dim]
+    return ct.narrow(dim, start, parts[item].shape[dim])
+
+
+def linear_weight_grad(ct: Tensor, x: Tensor) -> Tensor:
+    """sum over the batch dims of ct ⊗ x: the weight gradient of ``linear(x, W)``."""
+    if ct.dim() == 1:
+        return torch.outer(ct, x)
+    return torch.matmul(ct.flatten(0, -2).mT, x.flatten(0, -2))
+
+
+def conv2d_input_grad(ct: Tensor, weight: Tensor, like: Tensor, *, stride: tuple[int, int] = (1, 1),
+                      padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """The input gradient of ``conv2d(x, weight)`` (x shaped like ``like``), as a transposed convolution."""
+    extra = tuple((like.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i]) % stride[i] for i in range(2))
+    return F.conv_transpose2d(ct, weight, None, stride, padding, extra)
+
+
+def conv2d_weight_grad(ct: Tensor, x: Tensor, *, kernel: tuple[int, int], stride: tuple[int, int] = (1, 1),
+                       padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """The weight gradient of ``conv2d(x, W)`` with output cotangent ``ct``."""
+    weight = ct.new_empty(1).expand(ct.shape[1], x.shape[1], *kernel)
+    return torch.ops.aten.convolution_backward(
+        ct, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [False, True, False])[1]

@@ -1,0 +1,194 @@
+"""Every primitive's VJP rule, built as a graph and run by the interpreter, against torch.autograd of the
+ops function (first order for all, second order for representative ones); ops against the table."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from fpidsl.ir.derivatives import AUXILIARY, ZERO_DERIVATIVE
+from fpidsl.ir.primitives import PRIMITIVES, REQUIRED, SliceSpec
+from fpidsl.runtime import ops
+
+from .helpers import PrimGraph, assert_same_grad, call_op, grads_or_none, rand
+
+S = SliceSpec
+
+
+@dataclass(frozen=True)
+class Case:
+    prim: str
+    shapes: tuple
+    attrs: dict = field(default_factory=dict)
+    domains: tuple = ()  # per input: "any" (default), "positive", "nonzero"
+    tie: bool = False    # make the second input equal the first in about half of the entries
+
+    def __str__(self) -> str:
+        attrs = ",".join(f"{k}={v}" for k, v in self.attrs.items())
+        return f"{self.prim}{list(map(list, self.shapes))}{attrs}{'-tie' if self.tie else ''}"
+
+
+def _c(prim, *shapes, domains=(), tie=False, **attrs):
+    return Case(prim, tuple(tuple(s) for s in shapes), attrs, tuple(domains), tie)
+
+
+CONV = {"stride": (2, 2), "padding": (1, 1)}
+CASES = [
+    _c("add", [3, 4], [3, 4]), _c("add", [2, 3, 4], [4]), _c("add", [3, 1], [1, 4]), _c("add", [3, 4], []),
+    _c("sub", [2, 3], [3]), _c("sub", [1, 3], [2, 1]),
+    _c("mul", [2, 3], [2, 3]), _c("mul", [2, 1, 4], [3, 1]), _c("mul", [3], []),
+    _c("div", [2, 3], [3], domains=("any", "nonzero")), _c("div", [2, 1], [2, 3], domains=("any", "nonzero")),
+    _c("matmul", [4], [4]), _c("matmul", [3, 4], [4]), _c("matmul", [4], [2, 4, 3]),
+    _c("matmul", [2, 3, 4], [4, 5]), _c("matmul", [2, 1, 3, 4], [5, 4, 2]), _c("matmul", [3, 4], [4, 2]),
+    _c("pow", [2, 3], exponent=2), _c("pow", [2, 3], exponent=3), _c("pow", [2, 3], exponent=0),
+    _c("pow", [2, 3], exponent=1), _c("pow", [2, 3], exponent=0.5, domains=("positive",)),
+    _c("pow", [2, 3], exponent=-1.5, domains=("positive",)),
+    _c("neg", [2, 3]), _c("relu", [3, 4]), _c("leaky_relu", [3, 4], slope=0.2), _c("tanh", [3, 4]),
+    _c("sigmoid", [3, 4]), _c("softplus", [3, 4], beta=1.0), _c("softplus", [3, 4], beta=2.5),
+    _c("elu", [3, 4], alpha=0.7), _c("exp", [3, 4]), _c("log", [3, 4], domains=("positive",)),
+    _c("sqrt", [3, 4], domains=("positive",)), _c("square", [3, 4]), _c("abs", [3, 4]), _c("sin", [3, 4]),
+    _c("cos", [3, 4]), _c("clamp", [4, 5], lo=-0.5, hi=0.3),
+    _c("minimum", [3, 4], [3, 4]), _c("minimum", [2, 3], [3]), _c("minimum", [3, 4], [3, 4], tie=True),
+    _c("maximum", [3, 4], [3, 4]), _c("maximum", [2, 1], [1, 3]), _c("maximum", [3, 4], [3, 4], tie=True),
+    _c("sum", [2, 3, 4], dim=None), _c("sum", [2, 3, 4], dim=1), _c("sum", [2, 3, 4], dim=(0, 2), keepdim=True),
+    _c("sum", [2, 3, 4], dim=-1, keepdim=False), _c("sum", [2, 3], dim=None, keepdim=True),
+    _c("mean", [2, 3, 4], dim=None), _c("mean", [2, 3, 4], dim=(0, -1)), _c("mean", [2, 3, 4], dim=1, keepdim=True),
+    _c("softmax", [3, 5], dim=1), _c("softmax", [2, 3, 4], dim=-1), _c("softmax", [2, 3, 4], dim=0),
+    _c("logsumexp", [3, 5], dim=1), _c("logsumexp", [2, 3, 4], dim=(0, 2), keepdim=True),
+    _c("cat", [2, 3], [2, 4], dim=1), _c("cat", [1, 3], [2, 3], [3, 3], dim=0), _c("cat", [2, 2, 1], [2, 2, 3], dim=-1),
+    _c("reshape", [2, 6], shape=(3, 4)), _c("reshape", [2, 3, 4], shape=(6, -1)), _c("reshape", [2, 3], shape=(-1,)),
+    _c("transpose", [2, 3, 4], dim0=0, dim1=2), _c("transpose", [3, 4], dim0=-1, dim1=0),
+    _c("flatten", [2, 3, 4], start=1, end=-1), _c("flatten", [2, 3, 4], start=0, end=1),
+    _c("index", [3, 4], index=(1,)), _c("index", [3, 4], index=(S(), S(1, 3))),
+    _c("index", [2, 3, 4], index=(Ellipsis, 0)), _c("index", [5, 4], index=(S(0, None, 2), -1)),
+    _c("index", [5, 4], index=(S(1, -1),)),
+    _c("linear", [5, 3], [4, 3], [4]), _c("linear", [3], [4, 3], [4]), _c("linear", [2, 5, 3], [4, 3]),
+    _c("conv2d", [2, 3, 7, 6], [4, 3, 3, 3], [4], **CONV),
+    _c("conv2d", [2, 3, 5, 5], [4, 3, 2, 3], stride=(1, 1), padding=(0, 0)),
+    _c("conv2d", [1, 2, 6, 7], [3, 2, 3, 3], [3], stride=(2, 1), padding=(0, 1)),
+    _c("conv_transpose2d", [2, 3, 4, 5], [3, 2, 3, 3], [2], stride=(2, 2), padding=(1, 1), output_padding=(1, 0)),
+    _c("conv_transpose2d", [2, 3, 4, 4], [3, 2, 4, 4], stride=(2, 2), padding=(1, 1), output_padding=(0, 0)),
+    _c("conv_transpose2d", [1, 2, 3, 3], [2, 3, 2, 2], [3], stride=(1, 1), padding=(0, 0), output_padding=(0, 0)),
+    # auxiliary primitives
+    _c("relu_mask", [3, 4]), _c("leaky_relu_mask", [3, 4], slope=0.1), _c("sign", [3, 4]),
+    _c("clamp_mask", [3, 4], lo=-0.2, hi=0.4), _c("greater_mask", [2, 3], [3]),
+    _c("greater_mask", [3, 4], [3, 4], tie=True), _c("ones_like", [2, 3]), _c("zeros_like", [2, 3]),
+    _c("count", [2, 3, 4], dim=(0, 2)), _c("count", [2, 3], dim=None),
+    _c("elu_grad", [3, 4], alpha=0.7),
+    _c("unsqueeze", [2, 3], dim=(0, 2)), _c("unsqueeze", [2, 3], dim=2),
+    _c("expand_as", [3, 1], [2, 3, 4]), _c("expand_as", [], [2, 3]),
+    _c("reshape_as", [2, 6], [3, 4]),
+    _c("index_backward", [3], [4, 3], index=(1,)),
+    _c("index_backward", [3, 2], [5, 4], index=(S(0, None, 2), S(1, 3))),
+    _c("cat_part", [2, 7], [2, 3], [2, 4], dim=1, item=1),
+    _c("cat_part", [6, 2], [1, 2], [2, 2], [3, 2], dim=0, item=1),
+    _c("linear_weight_grad", [5, 4], [5, 3]), _c("linear_weight_grad", [2, 5, 4], [2, 5, 3]),
+    _c("linear_weight_grad", [4], [3]),
+    _c("conv2d_input_grad", [2, 4, 4, 3], [4, 3, 3, 3], [2, 3, 7, 6], **CONV),
+    _c("conv2d_input_grad", [2, 4, 3, 3], [4, 3, 3, 3], [2, 3, 5, 5], stride=(1, 1), padding=(0, 0)),
+    _c("conv2d_weight_grad", [2, 4, 4, 3], [2, 3, 7, 6], kernel=(3, 3), **CONV),
+    _c("conv2d_weight_grad", [1, 3, 4, 3], [1, 2, 6, 5], kernel=(3, 3), stride=(1, 1), padding=(0, 0)),
+]
+
+SECOND_ORDER = [
+    _c("linear", [5, 3], [4, 3], [4]), _c("linear", [2, 5, 3], [4, 3]),
+    _c("conv2d", [2, 3, 7, 6], [4, 3, 3, 3], [4], **CONV),
+    _c("conv_transpose2d", [2, 3, 4, 5], [3, 2, 3, 3], [2], stride=(2, 2), padding=(1, 1), output_padding=(1, 0)),
+    _c("relu", [3, 4]), _c("sigmoid", [3, 4]), _c("tanh", [3, 4]), _c("elu", [3, 4], alpha=0.7),
+    _c("softmax", [3, 5], dim=1), _c("logsumexp", [2, 3, 4], dim=(0, 2), keepdim=False),
+    _c("sum", [2, 3, 4], dim=1), _c("mean", [2, 3, 4], dim=(0, 2), keepdim=True),
+    _c("cat", [2, 3], [2, 4], dim=1), _c("index", [5, 4], index=(S(0, None, 2), -1)),
+    _c("pow", [2, 3], exponent=3), _c("pow", [2, 3], exponent=-1.5, domains=("positive",)),
+    _c("matmul", [2, 3, 4], [4, 5]), _c("div", [2, 3], [3], domains=("any", "nonzero")),
+    _c("maximum", [2, 3], [3]), _c("softplus", [3, 4], beta=2.5),
+]
+
+
+def _inputs(case: Case, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    domains = case.domains + ("any",) * (len(case.shapes) - len(case.domains))
+    xs = [rand(s, gen, d) for s, d in zip(case.shapes, domains)]
+    if case.tie:
+        xs[1] = torch.where(torch.rand(xs[1].shape, generator=gen) < 0.5, xs[0], xs[1])
+    return xs
+
+
+def _first_order(case: Case):
+    """The graph of ``prim(a0, a1, ...)`` and of its VJP with cotangent ``u``."""
+    pg = PrimGraph(case.shapes)
+    out = pg.call(case.prim, pg.leaves, case.attrs)
+    grads = pg.vjp({out: "u"}, pg.leaves)
+    return pg, out, [grads[leaf] for leaf in pg.leaves]
+
+
+def test_every_primitive_has_a_rule_and_a_case():
+    assert all(p.vjp is not None for p in PRIMITIVES.values())
+    assert {c.prim for c in CASES} == set(PRIMITIVES) - {"grad"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_vjp_matches_autograd(case):
+    xs = [x.requires_grad_() for x in _inputs(case, 0)]
+    value = call_op(case.prim, xs, case.attrs)
+    pg, out, grads = _first_order(case)
+    assert pg.graph.shape(out) == (tuple(value.shape) if isinstance(value, torch.Tensor) else ())
+    if case.prim in ZERO_DERIVATIVE:
+        assert grads == [None] * len(xs)
+    env = {f"a{i}": x.detach() for i, x in enumerate(xs)}
+    if not isinstance(value, torch.Tensor):  # count: a number
+        assert pg.run(env, [out])[out] == value
+        return
+    u = rand(value.shape, torch.Generator().manual_seed(1))
+    got = pg.run({**env, "u": u}, grads + [out])
+    torch.testing.assert_close(got[out], value.detach(), rtol=0, atol=0)
+    want = grads_or_none(value, xs, u)
+    for i, (g, w) in enumerate(zip(grads, want)):
+        assert_same_grad(got[g] if g is not None else None, w, f"{case} argument {i}")
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER, ids=str)
+def test_vjp_of_vjp_matches_double_backward(case):
+    xs = [x.requires_grad_() for x in _inputs(case, 2)]
+    pg, out, first = _first_order(case)
+    u = rand(pg.graph.shape(out), torch.Generator().manual_seed(3)).requires_grad_()
+    live = [i for i, g in enumerate(first) if g is not None]
+    gen = torch.Generator().manual_seed(4)
+    vs = {i: rand(case.shapes[i], gen) for i in live}
+    u_leaf = pg.graph.inputs["u"]
+    second = pg.vjp({first[i]: f"v{i}" for i in live}, pg.leaves + [u_leaf])
+    env = {f"a{i}": x.detach() for i, x in enumerate(xs)}
+    env.update({"u": u.detach(), **{f"v{i}": v for i, v in vs.items()}})
+    got = pg.run(env, list(second.values()))
+
+    value = call_op(case.prim, xs, case.attrs)
+    auto_first = torch.autograd.grad(value, xs, u, create_graph=True, allow_unused=True)
+    want = grads_or_none([auto_first[i] for i in live], xs + [u], [vs[i] for i in live])
+    for leaf, w in zip(pg.leaves + [u_leaf], want):
+        g = second[leaf]
+        assert_same_grad(got[g] if g is not None else None, w, f"{case} d/d{pg.graph.node(leaf)['name']}")
+
+
+def test_ops_follow_the_table():
+    """Each primitive's ops function: positional tensor inputs, keyword-only attributes with the table's
+    names and defaults."""
+    for name, prim in PRIMITIVES.items():
+        fn = getattr(ops, name)
+        params = inspect.signature(fn).parameters.values()
+        kw = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        assert set(kw) == {a.name for a in prim.attrs}, name
+        for attr in prim.attrs:
+            if attr.default is not REQUIRED:
+                assert kw[attr.name] == attr.default, (name, attr.name)
+
+
+def test_auxiliary_primitives_are_not_builtins():
+    assert all(not PRIMITIVES[p.name].builtin for p in AUXILIARY)
+
+
+def test_index_accepts_python_slices_and_slice_specs():
+    x = torch.arange(20.0).reshape(4, 5)
+    a = ops.index(x, index=(S(1, None, 2), Ellipsis, -1))
+    b = ops.index(x, index=(slice(1, None, 2), Ellipsis, -1))
+    assert torch.equal(a, x[1::2, ..., -1]) and torch.equal(b, a)

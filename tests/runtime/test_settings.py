@@ -1,0 +1,77 @@
+"""SolverSettings: defaults, validation messages, merging; the module does not import torch."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fpidsl.runtime.settings import (
+    BACKWARD_DEFAULTS,
+    FORWARD_DEFAULTS,
+    SETTING_KEYS,
+    SettingsError,
+    SolverSettings,
+)
+from .helpers import one_thread  # noqa: F401  (autouse fixture)
+
+
+def test_defaults_and_keys():
+    assert SETTING_KEYS == ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "on_fail")
+    assert FORWARD_DEFAULTS == SolverSettings()
+    assert (FORWARD_DEFAULTS.tol, BACKWARD_DEFAULTS.tol) == (1e-5, 1e-6)
+    assert FORWARD_DEFAULTS.as_dict() == {
+        "method": "picard", "m": 5, "beta": 1.0, "lam": 1e-4, "tol": 1e-5, "criterion": "relative",
+        "max_iter": 500, "min_iter": 0, "on_fail": "warn",
+    }
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FORWARD_DEFAULTS.tol = 1.0
+
+
+def test_merged_overrides_and_keeps_the_rest():
+    s = BACKWARD_DEFAULTS.merged({"method": "anderson", "m": 3, "beta": 0.5})
+    assert (s.method, s.m, s.beta, s.tol) == ("anderson", 3, 0.5, 1e-6)
+    assert FORWARD_DEFAULTS.merged({}) is FORWARD_DEFAULTS
+    assert FORWARD_DEFAULTS.merged({"tol": 1}).tol == 1
+
+
+BAD = [
+    ({"tolerance": 1e-3}, "unknown solver setting 'tolerance'; known: method, m, beta, lam, tol, criterion, "
+                          "max_iter, min_iter, on_fail"),
+    ({"criterion": "rel"}, "criterion must be 'relative' or 'absolute', got 'rel'"),
+    ({"method": "newton"}, "method must be 'picard' or 'anderson', got 'newton'"),
+    ({"on_fail": "crash"}, "on_fail must be one of 'warn', 'raise', 'ignore', got 'crash'"),
+    ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+    ({"max_iter": 10.0}, "max_iter must be an integer >= 1, got 10.0"),
+    ({"max_iter": True}, "max_iter must be an integer >= 1, got True"),
+    ({"min_iter": -1}, "min_iter must be an integer >= 0, got -1"),
+    ({"m": 0}, "m must be an integer >= 1, got 0"),
+    ({"tol": 0}, "tol must be a number > 0, got 0"),
+    ({"tol": "1e-5"}, "tol must be a number > 0, got '1e-5'"),
+    ({"tol": float("nan")}, "tol must be a number > 0, got nan"),
+    ({"beta": 1.5}, "beta must be a number with 0 < beta <= 1, got 1.5"),
+    ({"beta": 0}, "beta must be a number with 0 < beta <= 1, got 0"),
+    ({"lam": -1e-3}, "lam must be a number >= 0, got -0.001"),
+    ({"min_iter": 10, "max_iter": 5}, "min_iter must be <= max_iter, got min_iter=10 and max_iter=5"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_settings_name_the_key_the_value_and_what_is_allowed(overrides, message):
+    with pytest.raises(SettingsError) as info:
+        FORWARD_DEFAULTS.merged(overrides)
+    assert str(info.value) == message
+    assert isinstance(info.value, ValueError)
+
+
+def test_settings_module_does_not_import_torch():
+    path = Path(__file__).resolve().parents[2] / "fpidsl" / "runtime" / "settings.py"
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('fpidsl_settings', {str(path)!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['fpidsl_settings'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "assert module.FORWARD_DEFAULTS.tol == 1e-5\n"
+        "assert 'torch' not in sys.modules, 'settings.py imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
