@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--iterations", type=int, nargs=2, default=[20, 400], metavar=("FEW", "MANY"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.size = args.size or (24 if args.quick else 96)
     device = torch.device(args.device)
 

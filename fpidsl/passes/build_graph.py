@@ -49,7 +49,7 @@ from .resolve import (
 )
 
 _FAIL: Any = object()
-MAX_NODES = 20_000  # a layer larger than this after inlining fns is a mistake (or an attack)
+MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class _Builder:
         self.inline: list[tuple[str, Span]] = []
         self.init_of: str | None = None
         self.input_symbols: set[str] = set()
+        self.inlined = 0
 
     # ------------------------------------------------------------------ errors
     def error(self, cls: type[FpiError], message: str, span: Span, hint: str | None = None) -> None:
@@ -665,11 +666,12 @@ class _Builder:
         bound = self.bind(call, params, set(params), f"fn {fn.name}", signature)
         if bound is None or fn.name in self.fns.recursive:
             return None
-        if len(self.graph) > MAX_NODES:
-            self.error(StructureErr, f"layer {self.graph.name} has more than {MAX_NODES:,} nodes after inlining "
-                                     f"fn {fn.name}", call.span,
-                       hint="each call of an fn copies its body; fns that call each other several times "
-                            "grow exponentially")
+        self.inlined += 1
+        if self.inlined > MAX_INLINED:
+            if self.inlined == MAX_INLINED + 1:
+                self.error(StructureErr, f"more than {MAX_INLINED:,} fn calls to inline (the last: {fn.name})",
+                           call.span, hint="each call of an fn copies its body; fns that call each other "
+                                           "several times grow exponentially")
             return None
         inner: dict[str, Val] = {}
         for p in params:
@@ -687,6 +689,8 @@ class _Builder:
                 self.sink.add(e)
                 return None
             inner[p] = Val(span, node=self.build_expr(expr, env))
+        if self.scope is None:
+            return None  # checking an fn body alone: the callee's body is checked on its own
         self.inline.append((fn.name, call.span))
         try:
             return self.build_expr(fn.body, inner)

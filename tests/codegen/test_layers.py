@@ -15,7 +15,8 @@ TIGHT = {"tol": 1e-12, "max_iter": 2000, "on_fail": "raise"}
 
 def layer(spec, name, **settings):
     torch.manual_seed(0)
-    cls = fpidsl.load(f"specs/{spec}", name=name)
+    path = f"tests/specs/{spec}" if spec.startswith("quad") else f"specs/{spec}"
+    cls = fpidsl.load(path, name=name)
     return cls(solve={**TIGHT, **settings}, backward=TIGHT).double()
 
 
@@ -30,14 +31,23 @@ def box_nn_map(m):
     return lambda x, a: m.fc2(F.relu(m.fc1(torch.cat([x, a], -1))))
 
 
-def box_gd_map(m):
+def gd_map(energy, step):
+    """x - step * grad(E, x), differentiated by autograd."""
     def g(x, a):
         with torch.enable_grad():
             xx = x if x.requires_grad else x.detach().requires_grad_()
-            e = m.e2(F.relu(m.e1(torch.cat([xx, a], -1)))).square().sum(-1)
-            (gx,) = torch.autograd.grad(e.sum(), xx, create_graph=True)
-        return x - 0.01 * gx
+            (gx,) = torch.autograd.grad(energy(xx, a).sum(), xx, create_graph=True)
+        return x - step * gx
     return g
+
+
+def box_gd_energy(m):
+    return lambda x, a: m.e2(F.relu(m.e1(torch.cat([x, a], -1)))).square().sum(-1)
+
+
+def quad_energy(m):
+    return lambda x, a: 0.5 * (x - a).square().sum(-1) + F.softplus(
+        m.e2(torch.tanh(m.e1(torch.cat([x, a], -1))))).sum(-1)
 
 
 def test_box_projection_nn_matches_hand_written():
@@ -50,24 +60,35 @@ def test_box_projection_nn_matches_hand_written():
     assert torch.allclose(x, x_ref, atol=1e-10)
 
 
-def test_box_projection_gd_matches_hand_written():
+def test_box_projection_gd_step_matches_hand_written():
+    # The paper's energy has a rank-one Hessian in x (a scalar squared), so its fixed points are not
+    # isolated; compare the compiled map g itself at random points.
     m = layer("box_projection.fpi", "BoxProjectionGD")
-    a = torch.randn(3, 10, dtype=torch.float64)
+    x, a = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+    ours = type(m).step(x, a, *m.parameter_tensors())
+    assert torch.allclose(ours, gd_map(box_gd_energy(m), 0.01)(x, a), atol=1e-12)
+
+
+def test_quadratic_gd_matches_hand_written():
+    m = layer("quad_gd.fpi", "QuadGD")
+    a = torch.randn(3, 4, dtype=torch.float64)
     x = m(a)
-    assert torch.allclose(box_gd_map(m)(x, a), x, atol=1e-10)
+    g = gd_map(quad_energy(m), 0.5)
+    assert torch.allclose(g(x, a), x, atol=1e-10)
+    assert torch.allclose(x, solve(g, torch.zeros_like(a), a), atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["BoxProjectionNN", "BoxProjectionGD"])
-def test_gradcheck_and_gradgradcheck(name):
-    m = layer("box_projection.fpi", name)
-    a = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("spec, name", [("box_projection.fpi", "BoxProjectionNN"), ("quad_gd.fpi", "QuadGD")])
+def test_gradcheck_and_gradgradcheck(spec, name):
+    m = layer(spec, name)
+    a = torch.randn(2, m.INPUTS["a"][1], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (a,), atol=1e-6)
     assert torch.autograd.gradgradcheck(m, (a,), atol=1e-5)
 
 
 @pytest.mark.parametrize("spec, name, shape", [
     ("box_projection.fpi", "BoxProjectionNN", (3, 10)),
-    ("box_projection.fpi", "BoxProjectionGD", (3, 10)),
+    ("quad_gd.fpi", "QuadGD", (3, 4)),
     ("denoise.fpi", "DenoiseNN", (2, 1, 6, 6)),
     ("optical_flow.fpi", "FlowRefineNN", (2, 2, 8, 8)),
 ])

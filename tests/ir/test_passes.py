@@ -14,12 +14,12 @@ from fpidsl.runtime.settings import SETTING_KEYS
 
 from .helpers import check, graph, layer, nodes
 
-SHIPPED = ["bibtex.fpi", "box_projection.fpi", "denoise.fpi", "optical_flow.fpi", "denoise.yaml"]
+from ..conftest import shipped_specs
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_specs_check_clean(root, name):
-    checked = check_file(str(root / "specs" / name))
+@pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: p.name)
+def test_shipped_specs_check_clean(path):
+    checked = check_file(str(path))
     for g in checked.graphs.values():
         g.lint()
         for info in g.states.values():

@@ -96,8 +96,14 @@ def test_shape_rule(prim, shapes, attrs, expected):
     assert out == _dims(expected)
 
 
+CORE = set("""add sub mul div matmul pow neg relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin
+cos clamp minimum maximum sum mean softmax logsumexp cat reshape transpose flatten index linear conv2d
+conv_transpose2d grad""".split())
+
+
 def test_every_primitive_has_a_case():
-    assert {c[0] for c in CASES} == set(PRIMITIVES)
+    assert CORE <= set(PRIMITIVES)  # later passes may register auxiliary primitives
+    assert {c[0] for c in CASES} == CORE
 
 
 def test_strided_conv_records_assumptions():
@@ -155,8 +161,6 @@ def test_signatures_and_table():
     assert PRIMITIVES["cat"].max_args is None
     assert MODULE_KINDS["Conv2d"].signature() == \
         "Conv2d(in, out, kernel, stride=[1, 1], padding=[0, 0], bias=true, init_scale=none, norm=none)"
-    for p in PRIMITIVES.values():
-        assert p.emit is None and p.vjp is None  # filled in by codegen / differentiation
     language = ("relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin cos clamp minimum maximum "
                 "sum mean softmax logsumexp cat reshape transpose flatten grad").split()
     assert set(language) <= set(BUILTINS)
