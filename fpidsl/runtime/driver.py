@@ -16,6 +16,7 @@ iteration (how many samples finished).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,30 +75,29 @@ class _Verdict:
         return self.converged | self.diverged | self.floor
 
 
-def _relative(step: Tensor, norm: Tensor) -> Tensor:
-    """``step / norm``, with ``0/0 = 0`` (an exact fixed point at zero) and ``s/0 = inf``."""
-    rel = step / norm
-    return torch.where(step == 0, torch.zeros_like(rel), rel)
-
-
 def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, eps: float) -> _Verdict:
     """Decide, per running sample, after evaluation ``n``; updates ``track`` in place."""
     step = torch.linalg.vector_norm(g - x, dim=1)
-    rel = _relative(step, torch.linalg.vector_norm(x, dim=1))
+    # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
+    rel = (step / torch.linalg.vector_norm(x, dim=1)).nan_to_num_(nan=0.0, posinf=math.inf)
     residual = rel if s.criterion == "relative" else step
     finite = torch.isfinite(step)
-    runaway = (step > DIVERGENCE_GROWTH * track.best_step) & (rel > DIVERGENCE_MIN_RELATIVE_STEP)
-    diverged = ~finite | runaway
+    diverged = ~finite
+    if n > 1:
+        diverged |= (step > DIVERGENCE_GROWTH * track.best_step) & (rel > DIVERGENCE_MIN_RELATIVE_STEP)
     improved = rel < (1 - IMPROVEMENT) * track.best_rel
-    track.stale = torch.where(improved, torch.zeros_like(track.stale), track.stale + 1)
+    track.stale.add_(1).masked_fill_(improved, 0)
     track.best_rel = torch.where(improved, rel, track.best_rel)
-    track.best_step = torch.minimum(track.best_step, step)
+    track.best_step = torch.fmin(track.best_step, step)
+    no = torch.zeros_like(finite)
     if n < s.min_iter:
-        no = torch.zeros_like(diverged)
         return _Verdict(residual, no, diverged, no)
     converged = (residual < s.tol) & finite
-    floor = ~converged & ~diverged & (track.stale >= FLOOR_PATIENCE) & (rel <= FLOOR_FACTOR * eps)
-    return _Verdict(residual, converged, diverged & ~converged, floor)
+    diverged &= ~converged
+    floor = no
+    if n >= FLOOR_PATIENCE:
+        floor = (track.stale >= FLOOR_PATIENCE) & (rel <= FLOOR_FACTOR * eps) & ~(converged | diverged)
+    return _Verdict(residual, converged, diverged, floor)
 
 
 class _Record:

@@ -61,8 +61,9 @@ class StateLayout:
             raise ValueError(f"the map returned {len(states)} states, expected {len(self.shapes)}")
         rows = states[0].shape[0] if self.per_sample else 1
         for i, (s, shape) in enumerate(zip(states, self.shapes)):
-            expected = (rows, *shape) if self.per_sample else shape
-            if tuple(s.shape) != tuple(expected) or s.dtype != self.dtype:
+            found = s.shape[1:] if self.per_sample else s.shape
+            if found != shape or s.dtype != self.dtype or (self.per_sample and s.shape[0] != rows):
+                expected = (rows, *shape) if self.per_sample else shape
                 raise ValueError(
                     f"the map returned state {i} with shape {tuple(s.shape)} and dtype {s.dtype}; the state has "
                     f"shape {tuple(expected)} and dtype {self.dtype} (f(x, *args) must return x's structure)"

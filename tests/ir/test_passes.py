@@ -10,7 +10,7 @@ import pytest
 from fpidsl.compiler import check_file
 from fpidsl.ir.graph import TensorInit
 from fpidsl.ir.shapes import ShapeCtx, dim_floordiv
-from fpidsl.runtime.settings import SETTING_KEYS
+from fpidsl.passes.settings import SETTING_KEYS
 
 from .helpers import check, graph, layer, nodes
 
@@ -143,7 +143,7 @@ def test_settings():
     assert g.solve == {"method": "anderson", "m": 3, "beta": 0.5, "tol": 1e-8, "max_iter": 50, "on_fail": "raise"}
     assert g.backward == {"method": "anderson", "lam": 0.01, "criterion": "absolute"}
     assert g.solve_spans["tol"].line == 5
-    assert set(g.solve) <= set(SETTING_KEYS)
+    assert set(g.solve) <= set(SETTING_KEYS)  # the language's keys
 
 
 def test_settings_keys_and_rules_match_the_runtime():
