@@ -8,6 +8,7 @@ The passes, in order (each a function of the previous result and an :class:`~fpi
 3. :func:`~fpidsl.passes.build_graph.build_graph`: AST → graph (lowering, fn inlining);
 4. :func:`~fpidsl.passes.infer_shapes.infer_shapes`;
 5. :func:`~fpidsl.passes.check_layer.check_layer`: checks that need shapes;
+   :func:`~fpidsl.passes.check_python_names.check_python_names`: params that would shadow module attributes;
 6. :func:`~fpidsl.passes.settings.check_settings` for ``solve`` and ``backward``.
 
 Every error of the file is collected (at most ``MAX_REPORTED_ERRORS``) and raised together as
@@ -20,11 +21,12 @@ from ..frontend import ast
 from ..ir.graph import LayerGraph
 from .build_graph import build_graph, check_fn_bodies
 from .check_layer import check_layer
+from .check_python_names import check_python_names
 from .infer_shapes import infer_shapes
 from .resolve import FnTable, resolve_fns, resolve_layer
 from .settings import check_settings
 
-GRAPH_PASSES = (infer_shapes, check_layer)
+GRAPH_PASSES = (infer_shapes, check_layer, check_python_names)
 
 
 def check_spec(spec: ast.SpecFile) -> dict[str, LayerGraph]:
