@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv for fpidsl on a fresh clone: the CPU build of torch, then fpidsl (editable) with its
-# dev extra. Idempotent and quiet; safe to run before every command.
+# dev and examples extras. Idempotent and quiet; safe to run before every command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,6 +16,6 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 # torch first, pinned: a bare `torch` (or an open range) would pull a multi-GB CUDA build on a CPU machine.
 pip install "torch==2.13.0"
 .venv/bin/python -c "import torch" 2>/dev/null || { echo "setup: torch==2.13.0 did not install" >&2; exit 1; }
-pip install numpy -e ".[dev]"
-.venv/bin/python -c "import fpidsl, lark, networkx, yaml, pytest, hypothesis" || { echo "setup: fpidsl did not install" >&2; exit 1; }
+pip install -e ".[dev,examples]"
+.venv/bin/python -c "import fpidsl, lark, networkx, yaml, pytest, hypothesis, matplotlib, tqdm, skimage, pywt, sklearn" || { echo "setup: fpidsl did not install" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -16,7 +16,6 @@ iteration (how many samples finished).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,7 +78,7 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, eps
     """Decide, per running sample, after evaluation ``n``; updates ``track`` in place."""
     step = torch.linalg.vector_norm(g - x, dim=1)
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
-    rel = (step / torch.linalg.vector_norm(x, dim=1)).nan_to_num_(nan=0.0, posinf=math.inf)
+    rel = (step / torch.linalg.vector_norm(x, dim=1)).masked_fill_(step == 0, 0.0)
     residual = rel if s.criterion == "relative" else step
     finite = torch.isfinite(step)
     diverged = ~finite

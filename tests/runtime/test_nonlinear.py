@@ -79,7 +79,7 @@ def test_value_and_derivatives_match_unrolled(case, method):
 
 @pytest.mark.parametrize("case", CASES)
 def test_gradcheck_and_gradgradcheck(case):
-    f, x0, params = CASES[case]()
+    f, x0, params = CASES[case](batch=1) if case == "conv" else CASES[case]()
 
     def layer(*ps):
         return solve(f, x0, *ps)
