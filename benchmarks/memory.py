@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.iterations:
             peak, seconds = measure(kind, n, args, device)
             rows.append((kind, n, peak, seconds))
+            print(f"measured {kind} with {n} iterations", file=sys.stderr, flush=True)
 
     print(f"peak memory of one training step (forward + backward): batch {args.batch}, "
           f"1x{args.size}x{args.size} images, {args.channels} channels, float32, {device.type}")
