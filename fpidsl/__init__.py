@@ -13,6 +13,7 @@ _EXPORTS = {
     "load": "fpidsl.codegen.load",
     "fixed_point": "fpidsl.runtime.fixed_point",
     "FixedPoint": "fpidsl.runtime.fixed_point",
+    "contraction_factor": "fpidsl.runtime.contraction",
     "ConvergenceError": "fpidsl.runtime.stats",
     "ConvergenceWarning": "fpidsl.runtime.stats",
     "SolverSettings": "fpidsl.runtime.settings",

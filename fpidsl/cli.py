@@ -72,6 +72,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         names = ", ".join(checked.graphs)
         if not args.quiet:
             print(f"{path}: ok ({len(checked.graphs)} layer{'s' if len(checked.graphs) != 1 else ''}: {names})")
+        if args.lipschitz:
+            from .passes.lipschitz import report_lipschitz
+
+            report_lipschitz(checked, sys.stdout)
     return status
 
 
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="parse and check specs; report every error")
     check.add_argument("specs", nargs="+", metavar="SPEC")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    check.add_argument("--lipschitz", action="store_true",
+                       help="also bound the Lipschitz constant of each layer's map in its states (initial weights)")
     check.set_defaults(run=cmd_check)
 
     comp = commands.add_parser("compile", help="emit a Python module (or the graph) for a spec")

@@ -184,7 +184,22 @@ class CompiledLayer(nn.Module):
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
+        self._last_states = tuple(s.detach() for s in states)
         return self.outputs(states, *values)
+
+    def contraction(self, *args: torch.Tensor, iters: int = 30, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Solve for the fixed point of these inputs, then estimate the contraction factor ‖∂g/∂x‖₂ at it,
+        per sample (power iteration with JVPs and VJPs); the result is also ``self.stats.contraction``."""
+        from .contraction import contraction_factor
+
+        with torch.no_grad():
+            self.forward(*args, **kwargs)
+        inputs = self.bind(args, kwargs)
+        values = tuple(inputs[n] for n in self.INPUTS) + tuple(p.detach() for p in self.parameter_tensors())
+        x_hat = self._last_states
+        factor = contraction_factor(self.step, x_hat if len(x_hat) > 1 else x_hat[0], *values, iters=iters)
+        self.stats.contraction = factor
+        return factor
 
     def extra_repr(self) -> str:
         return f"spec={self.SPEC!r}"

@@ -8,6 +8,8 @@ below, and name the setting to change.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import warnings
 from dataclasses import dataclass, field
 
@@ -134,6 +136,7 @@ class Stats:
 
     forward: SolveStats | None = None
     adjoint: "Stats | None" = field(default=None, repr=False)
+    contraction: Any = field(default=None, repr=False)  # per-sample ‖∂g/∂x‖ at x̂, when asked for
 
     @property
     def backward(self) -> SolveStats | None:

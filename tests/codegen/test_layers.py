@@ -213,3 +213,40 @@ def test_params_are_ordinary_modules():
     m = fpidsl.load("specs/denoise.fpi")()
     assert isinstance(m.conv1, torch.nn.Conv2d) and isinstance(m, torch.nn.Module)
     assert set(m.state_dict()) == {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"}
+
+
+def test_closed_form_energy_minimiser_to_third_order(tmp_path):
+    """E = 0.5 |x - a W^T|^2 + 0.5 lam |x|^2 has minimiser x = a W^T / (1 + lam); descend reaches it."""
+    spec = tmp_path / "quad.fpi"
+    spec.write_text(
+        "layer Quad {\n  input a : [B, 3]\n  state x : [B, 2]\n  param W : tensor [2, 3] = normal(0, 0.5)\n"
+        "  const lam = 0.5\n"
+        "  energy E = 0.5 * sum(square(x - a @ transpose(W, 0, 1)), dim=-1) + 0.5 * lam * sum(square(x), dim=-1)\n"
+        "  descend x on E step 0.4\n}\n"
+    )
+    m = fpidsl.load(str(spec))(solve=TIGHT, backward=TIGHT).double()
+    a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    closed = lambda a, W: a @ W.T / 1.5  # noqa: E731
+    assert torch.allclose(m(a), closed(a, m.W), atol=1e-10)
+    params = [a, m.W]
+    w = torch.randn(4, 2, dtype=torch.float64)
+
+    def orders(fn):
+        g1 = torch.autograd.grad((fn() * w).sum(), params, create_graph=True)
+        g2 = torch.autograd.grad(sum((g ** 2).sum() for g in g1), params, create_graph=True)
+        g3 = torch.autograd.grad(sum((g ** 3).sum() for g in g2), params)
+        return [*g1, *g2, *g3]
+
+    for ours, ref in zip(orders(lambda: m(a)), orders(lambda: closed(a, m.W))):
+        assert torch.allclose(ours, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_fpi_and_yaml_twins_give_identical_layers():
+    torch.manual_seed(3)
+    a = fpidsl.load("specs/denoise.fpi")(solve=TIGHT).double()
+    torch.manual_seed(3)
+    b = fpidsl.load("specs/denoise.yaml")(solve=TIGHT).double()
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    z = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    assert torch.equal(a(z), b(z))

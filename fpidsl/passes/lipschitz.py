@@ -1,0 +1,220 @@
+"""A static upper bound of the Lipschitz constant of a layer's map g in each state (``fpidsl check --lipschitz``).
+
+Bounds propagate through the graph, one number per node: how much the node can change per unit change of
+the state (in the 2-norm). States start at 1, everything else at 0; each primitive has a rule (a linear map
+multiplies by the spectral norm of its initial weight, found by power iteration; a 1-Lipschitz activation
+keeps the bound; a sum of two terms adds their bounds). Where no finite rule applies (``exp``, a product of
+two state-dependent values, the gradient of an energy), the bound is reported as unknown with the reason.
+It is a bound for the *initial* weights: training changes them (``norm=spectral`` keeps them bounded).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ..ir.graph import LayerGraph
+
+INF = math.inf
+
+# Activations and shape ops whose Lipschitz constant does not depend on anything else.
+_FIXED = {
+    "relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "softplus": 1.0, "sin": 1.0, "cos": 1.0, "abs": 1.0,
+    "clamp": 1.0, "neg": 1.0, "softmax": 1.0, "logsumexp": 1.0, "mean": 1.0, "index": 1.0,
+    "reshape": 1.0, "transpose": 1.0, "flatten": 1.0,
+}
+_UNBOUNDED = {"exp", "log", "sqrt", "square", "pow"}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The bound of g in one state: ``value`` (``inf`` when unknown) and why it is unknown."""
+
+    state: str
+    value: float
+    reason: str | None = None
+
+
+def spectral_norm(matrix, iters: int = 100) -> float:
+    """The largest singular value of a 2-D tensor by power iteration."""
+    import torch
+
+    w = matrix.detach().double()
+    v = torch.ones(w.shape[1], dtype=w.dtype) / math.sqrt(w.shape[1])
+    for _ in range(iters):
+        u = w @ v
+        v = w.T @ u
+        norm = v.norm()
+        if norm == 0:
+            return 0.0
+        v = v / norm
+    return float((w @ v).norm())
+
+
+def _weight_norm(graph: LayerGraph, weights: dict, nid: str) -> float:
+    """The operator norm of a linear, conv or transposed-conv call's weight (an upper bound for convs:
+    the sum over kernel taps of each tap's spectral norm)."""
+    prim = graph.node(nid)["prim"]
+    weight = weights[graph.args(nid)[1]]
+    if prim == "linear":
+        return spectral_norm(weight)
+    taps = weight.flatten(2).permute(2, 0, 1)  # (kh*kw, out, in) or (kh*kw, in, out)
+    return sum(spectral_norm(tap) for tap in taps)
+
+
+def _sup(graph: LayerGraph, weights: dict, nid: str) -> float:
+    """sup |value| of a node that does not depend on the state, where it is known without data."""
+    data = graph.node(nid)
+    if data["op"] == "const":
+        return abs(float(data["value"]))
+    if data["op"] == "param":
+        return float(weights[nid].abs().max())
+    return INF
+
+
+def bound_layer(graph: LayerGraph, weights: dict) -> list[Bound]:
+    """The Lipschitz bound of each state's update in each state it reads. ``weights``: param node -> tensor."""
+    out = []
+    for state in graph.states:
+        value, reason = _bound_in(graph, weights, graph.states[state].node)
+        worst = max((value[graph.args(info.update)[0]] for info in graph.states.values()), default=0.0)
+        why = next((reason[graph.args(info.update)[0]] for info in graph.states.values()
+                    if reason.get(graph.args(info.update)[0])), None)
+        out.append(Bound(state, worst, why if worst == INF else None))
+    return out
+
+
+def _bound_in(graph: LayerGraph, weights: dict, state_node: str) -> tuple[dict, dict]:
+    value: dict[str, float] = {}
+    reason: dict[str, str | None] = {}
+    for nid in graph.nodes():
+        data = graph.node(nid)
+        args = graph.args(nid)
+        if data["op"] != "call":
+            value[nid] = 1.0 if nid == state_node else (value[args[0]] if args else 0.0)
+            reason[nid] = reason.get(args[0]) if args else None
+            continue
+        ls = [value[a] for a in args]
+        why = next((reason[a] for a in args if reason.get(a)), None)
+        v, r = _rule(graph, weights, nid, ls)
+        value[nid], reason[nid] = v, (r or why) if v == INF else None
+    return value, reason
+
+
+def _rule(graph: LayerGraph, weights: dict, nid: str, ls: list[float]) -> tuple[float, str | None]:
+    data = graph.node(nid)
+    prim, attrs, args = data["prim"], data["attrs"], graph.args(nid)
+    if all(v == 0 for v in ls):
+        return 0.0, None
+    where = f"{prim} at {data['span'].line}:{data['span'].col}"
+    rules: dict[str, Callable[[], tuple[float, str | None]]] = {
+        "add": lambda: (ls[0] + ls[1], None),
+        "sub": lambda: (ls[0] + ls[1], None),
+        "cat": lambda: (math.sqrt(sum(v * v for v in ls)), None),
+        "maximum": lambda: (ls[0] + ls[1], None),
+        "minimum": lambda: (ls[0] + ls[1], None),
+        "leaky_relu": lambda: (max(1.0, abs(attrs["slope"])) * ls[0], None),
+        "elu": lambda: (max(1.0, abs(attrs["alpha"])) * ls[0], None),
+        "linear": lambda: (_weight_norm(graph, weights, nid) * ls[0], None) if ls[1:] == [0.0] * len(ls[1:])
+        else (INF, f"{where}: its weight depends on the state"),
+        "mul": lambda: _product(graph, weights, args, ls, where),
+        "div": lambda: _divide(graph, weights, args, ls, where),
+        "matmul": lambda: _matmul(graph, weights, args, ls, where),
+        "sum": lambda: _sum(graph, nid, ls[0], where),
+        "grad": lambda: (INF, f"{where}: the gradient of an energy needs a curvature bound, which the static "
+                              "check does not have (try a smaller step)"),
+    }
+    rules["conv2d"] = rules["linear"]
+    rules["conv_transpose2d"] = rules["linear"]
+    if prim in _FIXED:
+        return _FIXED[prim] * ls[0], None
+    if prim in _UNBOUNDED:
+        return INF, f"{where} is not globally Lipschitz"
+    if prim in rules:
+        return rules[prim]()
+    return INF, f"{where} has no Lipschitz rule"
+
+
+def _product(graph, weights, args, ls, where):
+    if ls[0] and ls[1]:
+        return INF, f"{where}: a product of two values that both depend on the state"
+    fixed, moving = (args[0], ls[1]) if ls[0] == 0 else (args[1], ls[0])
+    sup = _sup(graph, weights, fixed)
+    return (sup * moving, None) if sup < INF else (INF, f"{where}: a factor whose size is unknown statically")
+
+
+def _divide(graph, weights, args, ls, where):
+    if ls[1]:
+        return INF, f"{where}: division by a value that depends on the state"
+    data = graph.node(args[1])
+    if data["op"] == "const" and float(data["value"]) != 0:
+        return ls[0] / abs(float(data["value"])), None
+    return INF, f"{where}: division by a value whose size is unknown statically"
+
+
+def _matmul(graph, weights, args, ls, where):
+    if ls[0] and ls[1]:
+        return INF, f"{where}: a product of two values that both depend on the state"
+    matrix = _fixed_matrix(graph, weights, args[1] if ls[0] else args[0])
+    if matrix is not None:
+        return spectral_norm(matrix) * max(ls), None
+    return INF, f"{where}: a matrix whose size is unknown statically"
+
+
+def _fixed_matrix(graph, weights, nid):
+    """The value of a 2-D param, possibly transposed, else None."""
+    data = graph.node(nid)
+    if data["op"] == "param" and weights[nid].dim() == 2:
+        return weights[nid]
+    if data["op"] == "call" and data["prim"] == "transpose":
+        inner = _fixed_matrix(graph, weights, graph.args(nid)[0])
+        return None if inner is None else inner.T
+    return None
+
+
+def _sum(graph, nid, l_in, where):
+    shape = graph.shape(graph.args(nid)[0])
+    dim = graph.node(nid)["attrs"].get("dim")
+    dims = range(len(shape)) if dim is None else (dim if isinstance(dim, tuple) else (dim,))
+    sizes = [shape[d] for d in dims]
+    if all(isinstance(s, int) for s in sizes):
+        return math.sqrt(math.prod(sizes)) * l_in, None
+    return INF, f"{where}: a sum over a symbolic dimension"
+
+
+def initial_weights(checked, layer: str) -> dict:
+    """The initial weights of a layer (seed 0): param node -> tensor, from the compiled module."""
+    import torch
+
+    from ..codegen.emit import emit_module
+    from ..codegen.load import module_from_source
+
+    code = emit_module(checked, only=layer)
+    module = module_from_source(code, f"<fpidsl lipschitz {layer}>", f"fpidsl_lipschitz_{layer}")
+    torch.manual_seed(0)
+    instance = module.LAYERS[layer]()
+    graph = checked.graphs[layer]
+    tensors = dict(zip(graph.params, instance.parameter_tensors()))
+    return {graph.params[name]: t.detach() for name, t in tensors.items()}
+
+
+def report_lipschitz(checked, stream) -> int:
+    """Print the bound of each layer of a checked spec; returns how many layers lack a bound below 1."""
+    warnings = 0
+    for name, graph in checked.graphs.items():
+        weights = initial_weights(checked, name)
+        for bound in bound_layer(graph, weights):
+            where = f"{graph.states[bound.state].span}"
+            if bound.value < 1:
+                print(f"{where}: layer {name}: g is a contraction in {bound.state} at the initial weights "
+                      f"(Lipschitz bound {bound.value:.3g} < 1)", file=stream)
+                continue
+            warnings += 1
+            text = f"{bound.value:.3g}" if bound.value < INF else "unknown"
+            print(f"{where}: warning: layer {name}: the Lipschitz bound of g in {bound.state} is {text} at the "
+                  "initial weights; the fixed-point iterations may not converge", file=stream)
+            if bound.reason:
+                print(f"  because: {bound.reason}", file=stream)
+            print("hint: use a smaller init_scale, norm=spectral on the modules, or a smaller descend step; "
+                  "the runtime's contraction estimate at the fixed point is sharper", file=stream)
+    return warnings
