@@ -14,6 +14,7 @@ _EXPORTS = {
     "fixed_point": "fpidsl.runtime.fixed_point",
     "FixedPoint": "fpidsl.runtime.fixed_point",
     "contraction_factor": "fpidsl.runtime.contraction",
+    "plot_convergence": "fpidsl.plot",
     "ConvergenceError": "fpidsl.runtime.stats",
     "ConvergenceWarning": "fpidsl.runtime.stats",
     "SolverSettings": "fpidsl.runtime.settings",

@@ -134,8 +134,9 @@ class CompiledLayer(nn.Module):
     adjoint: Any = None
 
     def __init__(self, *, solve: Mapping[str, Any] | None = None,
-                 backward: Mapping[str, Any] | None = None) -> None:
+                 backward: Mapping[str, Any] | None = None, history: bool = False) -> None:
         super().__init__()
+        self.history = history
         try:
             self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
             self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
@@ -179,13 +180,21 @@ class CompiledLayer(nn.Module):
         stats = Stats()
         x_hat = fixed_point(
             self.step, x0 if len(x0) > 1 else x0[0], *values,
-            adjoint=self.adjoint, stats=stats,
+            adjoint=self.adjoint, stats=stats, history=self.history, batched=self._batched(),
             backward=self.backward_settings, **self.solve_settings.as_dict(),
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
         self._last_states = tuple(s.detach() for s in states)
         return self.outputs(states, *values)
+
+    def _batched(self) -> tuple[bool, ...]:
+        """Which arguments have the batch as dimension 0: inputs whose first declared dimension is the
+        states' (so the solver can drop finished samples from the work); params never."""
+        lead = {shape[0] for shape in self.STATES.values() if shape}
+        batched = tuple(bool(shape) and shape[0] in lead and isinstance(shape[0], str)
+                        for shape in self.INPUTS.values())
+        return batched + (False,) * len(self.parameter_tensors())
 
     def contraction(self, *args: torch.Tensor, iters: int = 30, **kwargs: torch.Tensor) -> torch.Tensor:
         """Solve for the fixed point of these inputs, then estimate the contraction factor ‖∂g/∂x‖₂ at it,
