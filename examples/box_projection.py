@@ -140,6 +140,7 @@ def main() -> None:
         hist = {"train_mse": [mse(model, a_train, t_train)], "test_mse": [mse(model, a_test, t_test)],
                 "batch_loss": [], "solver": [], "epoch_seconds": []}
         log = SolveLog()
+        last_stats = None
         bar = progress(range(1, args.epochs + 1), desc=name)
         with Stopwatch() as total:
             for epoch in bar:
@@ -155,6 +156,7 @@ def main() -> None:
                         loss.backward()
                         opt.step()
                         log.add(model)
+                        last_stats = getattr(model, "stats", None)
                         running += float(loss.detach()) * idx.numel()
                 log.warnings = sum(issubclass(w.category, fpidsl.ConvergenceWarning) for w in caught)
                 hist["epoch_seconds"].append(sw.seconds)
@@ -166,8 +168,8 @@ def main() -> None:
         hist["seconds"] = total.seconds
         hist["final_train_mse"], hist["final_test_mse"] = hist["train_mse"][-1], hist["test_mse"][-1]
         hist["settings"] = settings_of(model)
-        if getattr(model, "stats", None) is not None:
-            hist["last_stats"] = str(model.stats)
+        if last_stats is not None:
+            hist["last_stats"] = str(last_stats)  # the last training batch's solves, forward and backward
         results["models"][name] = hist
         print(f"{name:28s} train MSE {hist['final_train_mse']:.5f}  test MSE {hist['final_test_mse']:.5f}  "
               f"({total.seconds:.1f} s)" + (f"  last batch: {hist['last_stats']}" if "last_stats" in hist else ""),
