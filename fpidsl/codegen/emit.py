@@ -263,8 +263,9 @@ class LayerEmitter:
 
     def _init(self) -> list[str]:
         g = self.graph
-        lines = ["def __init__(self, *, solve=None, backward=None, history=False):",
-                 *_indent(["super().__init__(solve=solve, backward=backward, history=history)"], 1)]
+        lines = ["def __init__(self, *, solve=None, backward=None, history=False, compile=False):",
+                 *_indent(["super().__init__(solve=solve, backward=backward, history=history, compile=compile)"],
+                          1)]
         for name, spec in g.modules.items():
             args = [literal(spec.kind), str(spec.in_size), str(spec.out_size)]
             opts = [f"bias={spec.bias}"]

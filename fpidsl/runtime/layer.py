@@ -119,6 +119,50 @@ def make_tensor(shape: tuple[int, ...], kind: str, args: tuple[float, ...] = ())
     return nn.Parameter(data)
 
 
+# --------------------------------------------------------------------------- compile=True
+
+
+def _recording(values) -> bool:
+    """Whether autograd records through these values (then the eager code runs: compiled graphs are
+    differentiable once, and higher orders must stay exact)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for group in values
+        for v in (group if isinstance(group, (tuple, list)) else (group,)))
+
+
+def _compiled_step(step):
+    """``step`` through ``torch.compile`` where nothing is recorded (the forward iterations), eager elsewhere."""
+    fast = torch.compile(step, dynamic=True)
+
+    def run(x, *args):
+        return step(x, *args) if _recording((x, *args)) else fast(x, *args)
+
+    return run
+
+
+class _CompiledAdjoint:
+    """The emitted backward map through ``torch.compile`` where nothing is recorded (a first-order backward);
+    the eager map where a higher derivative is being recorded."""
+
+    def __init__(self, adjoint):
+        self.eager = adjoint
+        self.fast = {name: torch.compile(getattr(adjoint, name), dynamic=True)
+                     for name in ("prepare", "vjp_state", "vjp_args")}
+
+    def _call(self, name, first, second):
+        fn = getattr(self.eager, name) if _recording((first, second)) else self.fast[name]
+        return fn(first, second)
+
+    def prepare(self, x_hat, args):
+        return self._call("prepare", x_hat, args)
+
+    def vjp_state(self, saved, c):
+        return self._call("vjp_state", saved, c)
+
+    def vjp_args(self, saved, c):
+        return self._call("vjp_args", saved, c)
+
+
 # --------------------------------------------------------------------------- the layer
 
 
@@ -134,9 +178,15 @@ class CompiledLayer(nn.Module):
     adjoint: Any = None
 
     def __init__(self, *, solve: Mapping[str, Any] | None = None,
-                 backward: Mapping[str, Any] | None = None, history: bool = False) -> None:
+                 backward: Mapping[str, Any] | None = None, history: bool = False,
+                 compile: bool = False) -> None:  # noqa: A002 - named like torch.compile
         super().__init__()
         self.history = history
+        self.compiled = compile
+        self._step_fn, self._adjoint_obj = (
+            (_compiled_step(type(self).step), _CompiledAdjoint(type(self).adjoint)) if compile
+            else (type(self).step, type(self).adjoint)
+        )
         try:
             self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
             self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
@@ -179,8 +229,8 @@ class CompiledLayer(nn.Module):
         x0 = self.init_states(dims, like, *values)
         stats = Stats()
         x_hat = fixed_point(
-            self.step, x0 if len(x0) > 1 else x0[0], *values,
-            adjoint=self.adjoint, stats=stats, history=self.history, batched=self._batched(),
+            self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
+            adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
             backward=self.backward_settings, **self.solve_settings.as_dict(),
         )
         self.stats = stats
