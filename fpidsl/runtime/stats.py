@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,7 +30,8 @@ NOT_CONVERGED = (
 )
 DIVERGED = (
     "fixed-point {phase} diverged for {count} of {batch} samples ({samples}) after {iterations} iterations: "
-    "{how} (the {criterion} residual reached {worst:.3g} against tol={tol:.3g}). The map is not a contraction{where}. To fix: {advice}"
+    "{how} (the {criterion} residual reached {worst:.3g} against tol={tol:.3g}). "
+    "The map is not a contraction{where}. To fix: {advice}"
 )
 DIVERGED_HOW_NONFINITE = "the iterate became NaN or Inf"
 DIVERGED_HOW_GROWTH = "the step |g(x)-x| grew far above the smallest seen"
@@ -209,4 +212,16 @@ def enforce(stats: SolveStats) -> None:
         return
     if policy == "raise":
         raise ConvergenceError(message, stats)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    warnings.warn(message, ConvergenceWarning, stacklevel=_user_stacklevel())
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning issued in :func:`enforce` to the first caller outside the
+    runtime and torch (the user's line that called the layer, or ``.backward()``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

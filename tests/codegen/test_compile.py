@@ -7,7 +7,13 @@ import torch
 
 import fpidsl
 
-pytestmark = pytest.mark.slow
+# torch.compile's own internals warn (torch.jit deprecation; dynamo reading .grad of non-leaf tensors while
+# tracing); the warnings are torch's, not about this code.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script.*is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings(r"ignore:The \.grad attribute of a Tensor that is not a leaf:UserWarning"),
+]
 
 
 def test_compiled_layer_matches_eager():
