@@ -151,3 +151,16 @@ def test_bad_maps_and_arguments_are_explained():
         fixed_point(lambda xy: xy[0], (torch.zeros(2, 4), torch.zeros(2, 4)))
     with pytest.raises(ValueError, match="argument 0 is marked batched"):
         fixed_point(lambda x, w: x * w, torch.zeros(2, 4), torch.ones(4), batched=(True,))
+
+
+def test_stats_of_higher_orders_are_nested():
+    stats = Stats()
+    z = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
+    x = fixed_point(lambda x, z: 0.5 * torch.tanh(x) + z, torch.zeros(2, 3, dtype=DTYPE), z, stats=stats)
+    (g,) = torch.autograd.grad(smooth_loss(x), [z], create_graph=True)
+    first = stats.adjoint
+    assert first.forward is stats.backward and stats.backward.converged.all()
+    assert first.backward is None  # the adjoint solve has not been differentiated yet
+    (g.sum()).backward()  # second order: differentiates the adjoint solve (and re-solves the first adjoint)
+    assert first.backward is not None and first.backward.converged.all()
+    assert z.grad is not None
