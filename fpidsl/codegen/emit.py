@@ -94,12 +94,31 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
         prim = data["prim"]
         if prim == "cat":
             args = ["[" + ", ".join(args) + "]"]
-        kwargs = [f"{k}={literal(v)}" for k, v in sorted(data["attrs"].items())]
+        attrs = dict(data["attrs"])
+        if prim == "reshape":
+            attrs["shape"] = _concrete_reshape(attrs["shape"], data["span"])
+        kwargs = [f"{k}={literal(v)}" for k, v in sorted(attrs.items())]
         name = ns.create(data.get("name") or prim)
         call = f"_ops.{prim}({', '.join(args + kwargs)})"
         block.lines.append(f"{name} = {call}  # {_where(data['span'])}")
         block.var[nid] = name
     return block
+
+
+def _concrete_reshape(shape, span) -> tuple:
+    """A reshape target for the emitted code: integers, with its one symbolic size (if any) as -1."""
+    symbolic = [d for d in shape if not isinstance(d, int)]
+    if not symbolic:
+        return tuple(shape)
+    if len(symbolic) == 1 and -1 not in shape:
+        return tuple(d if isinstance(d, int) else -1 for d in shape)
+    from ..errors import ShapeErr
+
+    raise ShapeErr(
+        "the code generator supports a reshape with at most one symbolic size (it becomes -1), "
+        f"but this one has {len(symbolic)}: [{', '.join(str(d) for d in shape)}]",
+        span, hint="reshape in two steps, or write one of the sizes as -1",
+    )
 
 
 def _tuple(names: list[str]) -> str:

@@ -142,3 +142,27 @@ def test_load_errors():
         fpidsl.load("specs/box_projection.fpi")
     with pytest.raises(ValueError, match="no layer named 'Nope'"):
         fpidsl.load("specs/box_projection.fpi", name="Nope")
+
+
+def test_reshape_with_one_symbolic_size_runs():
+    text = ("layer R {\n  input a : [B, 6]\n  state x : [B, 6]\n"
+            "  update x = reshape(tanh(reshape(x, [B, 2, 3])) * 0.5, [B, 6]) + a\n}\n")
+    code = emit_module(check_source(Source("r.fpi", text)))
+    assert "shape=(-1, 2, 3)" in code
+    namespace: dict = {}
+    exec(compile(code, "<r>", "exec"), namespace)  # noqa: S102
+    layer = namespace["LAYERS"]["R"](solve={"tol": 1e-10})
+    a = torch.randn(4, 6, dtype=torch.float64)
+    x = layer.double()(a)
+    assert torch.allclose(x, 0.5 * torch.tanh(x) + a, atol=1e-8)
+
+
+def test_reshape_with_two_symbolic_sizes_is_a_clear_error():
+    from fpidsl.errors import ShapeErr
+
+    text = ("layer R {\n  input a : [B, N]\n  state x : [B, N]\n"
+            "  update x = reshape(reshape(x, [B, N, 1]), [B, N]) * 0.5 + a\n}\n")
+    with pytest.raises(ShapeErr) as info:
+        emit_module(check_source(Source("r.fpi", text)))
+    assert "at most one symbolic size" in info.value.message
+    assert (info.value.span.line, info.value.span.col) == (4, 22)
