@@ -20,12 +20,13 @@ def test_two_processes_match_one(tmp_path):
     dump = tmp_path / "grads.pt"
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "examples" / "ddp_train.py"),
-         "--steps", "1", "--batch", "16", "--float64", "--tol", "1e-12", "--dump-grads", str(dump)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "examples" / "ddp_train.py"),
+               "--steps", "1", "--batch", "16", "--float64", "--tol", "1e-12", "--dump-grads", str(dump)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    if result.returncode != 0 and "SIGABRT" in result.stderr:
+        # Seen once on a heavily loaded 2-core machine (gloo's rendezvous aborting); a real bug fails twice.
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
     ddp_grads = torch.load(dump)
 
     model = ddp_train.make_layer(torch.float64, 1e-12)
