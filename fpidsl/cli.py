@@ -91,11 +91,7 @@ def _select(checked, name: str | None):
 def cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import check_file
 
-    try:
-        checked = check_file(args.spec)
-    except (FpiError, FpiErrors) as exc:
-        report(exc)
-        return EXIT_SPEC_ERROR
+    checked = check_file(args.spec)  # spec errors are reported by main()
     if args.emit == "graph":
         text = "\n\n".join(graph.format() for graph in _select(checked, args.layer)) + "\n"
     elif args.emit == "backward":
@@ -116,11 +112,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from .compiler import check_file
     from .ir.draw import draw_graph
 
-    try:
-        checked = check_file(args.spec)
-    except (FpiError, FpiErrors) as exc:
-        report(exc)
-        return EXIT_SPEC_ERROR
+    checked = check_file(args.spec)  # spec errors are reported by main()
     graphs = _select(checked, args.layer)
     if len(graphs) > 1:
         raise UsageError(
