@@ -126,11 +126,11 @@ def test_bibtex_quick(tmp_path):
     assert res["experiment"] == "bibtex"
     assert set(res["models"]) == {"FPI_NN", "FPI_GD"}
     for name, hist in res["models"].items():
-        epochs = res["config"]["epochs"]
+        epochs = hist["epochs"]
         for key in ("train_loss", "val_f1", "val_threshold", "val_loss", "forward_mean_iterations",
                     "backward_mean_iterations"):
             assert len(hist[key]) == epochs and finite(hist[key]), (name, key, hist[key])
-        for key in ("test_f1", "test_f1_last_epoch", "chosen_val_f1", "chosen_threshold", "test_bce"):
+        for key in ("test_f1", "test_f1_last_epoch", "chosen_val_f1", "chosen_threshold", "test_bce", "lr"):
             assert finite(hist[key]), (name, key, hist[key])
         assert 0.0 <= hist["test_f1"] <= 1.0
         assert 0.05 <= hist["chosen_threshold"] <= 0.95

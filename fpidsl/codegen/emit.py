@@ -236,10 +236,10 @@ class LayerEmitter:
 
     def _adjoint(self) -> list[str]:
         """``prepare`` (what depends only on x̂), ``vjp_state`` and ``vjp_args`` (linear in c)."""
-        from .split import split_backward
+        from .split import linear_nodes, narrow_slices, split_backward
 
-        parts = split_backward(self.backward, self.state_names, self.input_names, self.param_names)
-        bg = self.backward
+        bg = narrow_slices(self.backward, linear_nodes(self.backward, self.state_names))
+        parts = split_backward(bg, self.state_names, self.input_names, self.param_names)
         ns = Namespace(("x_hat", "args", "saved", "c"))
         bound, states, args = self._leaf_vars(bg, ns)
         prep = emit_nodes(bg, parts.saved, bound, ns)

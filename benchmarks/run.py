@@ -1,0 +1,513 @@
+"""Run every benchmark of fpidsl and write the tables to docs/BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/run.py                      # the full run (about 7 minutes on one loaded core)
+    .venv/bin/python benchmarks/run.py --quick --out /tmp/b.md   # tiny sizes, a few repeats (seconds)
+
+Every comparison runs in this one process, float32, CPU, one intra-op thread, on the same g, the same weights, the
+same inputs, the same start (zeros) and the same tolerance and criterion (absolute: ``|g(x) - x|`` per sample). The
+contenders of a comparison alternate run by run (the order rotates every round) after one warm-up run each, and
+the tables report medians. A training step is: solve, loss, ``loss.backward()`` (all parameter gradients).
+
+1. fpidsl (the compiled spec) against torchdeq 0.1.0 with its exact implicit backward (``ift=True``), Picard
+   (``fixed_point_iter``) and Anderson; both must reach the tolerances and their gradients must agree;
+2. fpidsl against unrolled autograd through the same number of Picard iterations (time; peak memory in 5.);
+3. the cost floor: forward steps x one evaluation of g + backward steps x one vector-Jacobian product (autograd,
+   recorded once), each measured on its own; fpidsl's step as a ratio of it;
+4. the compiled spec against the same map written by hand and passed to ``fpidsl.runtime.fixed_point``;
+5. peak tensor memory of a training step at 20 and at 400 forced iterations (fpidsl and unrolled);
+6. the solver's own overhead per iteration, on a tiny map;
+7. ``compile=True`` of a compiled layer (torch.compile of step and backward map) on one workload.
+
+The document's text after the line ``<!-- notes -->`` (analysis written by hand) is kept when it is rewritten.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from workloads import Workload, make_workloads  # noqa: E402
+
+from fpidsl.runtime import fixed_point  # noqa: E402
+
+NOTES_MARKER = "<!-- notes -->"
+MiB = 2**20
+TARGET_TORCHDEQ = 0.8
+TARGET_FLOOR = 1.2
+TARGET_HAND = 1.05
+TARGET_MEMORY = 0.10
+
+Step = Callable[[], None]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def alternate(contenders: dict[str, Step], repeats: int) -> dict[str, float]:
+    """Median seconds of each contender; one warm-up run each, then ``repeats`` rounds, the order rotating."""
+    names = list(contenders)
+    for name in names:
+        contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_time(fn: Step, repeats: int, inner: int = 1) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def peak_bytes(run: Step) -> int:
+    """Peak tensor bytes allocated by ``run`` above what was allocated when it started.
+
+    The approach of benchmarks/memory.py (the CPU allocator events of ``torch.profiler`` with
+    ``profile_memory=True``, each with the allocator's running total), with one correction: the running total
+    includes the tensors alive before profiling began (earlier contenders' gradients, saved outcomes), so the
+    figure is the largest total minus the total just before the first allocation of the step.
+    """
+    import gc
+
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+    if not events:
+        return 0
+    events.sort()
+    base = events[0][1] - events[0][2]
+    return max(total for _, total, _ in events) - base
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Outcome:
+    """What a contender's last step left: gradients and whether the solves reached their tolerances."""
+
+    grads: list[torch.Tensor] = field(default_factory=list)
+    forward_ok: bool = True
+    backward_ok: bool = True
+    forward_iters: int = 0
+    backward_iters: int = 0
+
+
+def _grads(params) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in params]
+
+
+def _zero(params) -> None:
+    for p in params:
+        p.grad = None
+
+
+def fpidsl_step(w: Workload, method: str, out: Outcome, iterations: int | None = None) -> Step:
+    layer = w.layer
+    forward, backward = w.settings(method, iterations)
+    layer.solve_settings = layer.solve_settings.merged(forward)
+    layer.backward_settings = layer.backward_settings.merged(backward)
+    params = w.params
+
+    def step() -> None:
+        _zero(params)
+        w.loss(layer(w.z), w.target).backward()
+        stats = layer.stats
+        out.grads = _grads(params)
+        out.forward_ok = bool(stats.forward.converged.all())
+        out.backward_ok = bool(stats.backward.converged.all())
+        out.forward_iters = int(stats.forward.iterations.max())
+        out.backward_iters = int(stats.backward.iterations.max())
+
+    return step
+
+
+def hand_step(w: Workload, method: str, out: Outcome) -> Step:
+    forward, backward = w.settings(method)
+    params = w.params
+    batched = (True,) + (False,) * len(params)
+
+    def step() -> None:
+        _zero(params)
+        x_hat, stats = fixed_point(w.hand, w.x0(), w.z, *params, backward=backward, batched=batched,
+                                   return_stats=True, **forward)
+        w.loss(w.output(x_hat), w.target).backward()
+        out.grads = _grads(params)
+        out.forward_ok = bool(stats.forward.converged.all())
+        out.backward_ok = bool(stats.backward.converged.all())
+        out.forward_iters = int(stats.forward.iterations.max())
+        out.backward_iters = int(stats.backward.iterations.max())
+
+    return step
+
+
+def torchdeq_step(w: Workload, method: str, out: Outcome) -> Step:
+    from torchdeq import get_deq
+
+    solver = {"picard": "fixed_point_iter", "anderson": "anderson"}[method]
+    deq = get_deq(core="indexing", ift=True, f_solver=solver, b_solver=solver, f_max_iter=w.max_iter,
+                  b_max_iter=w.max_iter, f_tol=w.tol, b_tol=w.b_tol, f_stop_mode="abs", b_stop_mode="abs")
+    deq.train()
+    params = w.params
+    backward_info: dict = {}
+
+    def writer(info) -> None:
+        backward_info.update(info)
+
+    def step() -> None:
+        _zero(params)
+        z_out, info = deq(lambda x: w.hand(x, w.z, *params), w.x0(), backward_writer=writer)
+        w.loss(w.output(z_out[-1]), w.target).backward()
+        out.grads = _grads(params)
+        out.forward_ok = bool(info["abs_lowest"].max() < w.tol)
+        out.backward_ok = bool(backward_info["abs_lowest"].max() < w.b_tol)
+        out.forward_iters = int(info["nstep"].max())
+        out.backward_iters = int(backward_info["nstep"].max())
+
+    return step
+
+
+def unrolled_step(w: Workload, iterations: int, out: Outcome) -> Step:
+    params = w.params
+
+    def step() -> None:
+        _zero(params)
+        x = w.x0()
+        for _ in range(iterations):
+            x = w.hand(x, w.z, *params)
+        w.loss(w.output(x), w.target).backward()
+        out.grads = _grads(params)
+        out.forward_iters = out.backward_iters = iterations
+
+    return step
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = math.sqrt(sum(float((x - y).square().sum()) for x, y in zip(a, b)))
+    den = math.sqrt(sum(float(y.square().sum()) for y in b))
+    return num / den
+
+
+# ---------------------------------------------------------------------------------------------- the cost floor
+
+
+def floor_parts(w: Workload, repeats: int) -> tuple[float, float]:
+    """Median seconds of one evaluation of g (no autograd) and of one VJP ``(dg/dx)^T c`` (graph recorded once)."""
+    params = tuple(p.detach() for p in w.params)
+    with torch.no_grad():
+        x = w.hand(w.x0(), w.z, *params)
+        for _ in range(20):
+            x = w.hand(x, w.z, *params)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            w.hand(x, w.z, *params)
+
+    xs = x.detach().requires_grad_()
+    y = w.hand(xs, w.z, *params)
+    c = torch.randn_like(y)
+
+    def vjp() -> None:
+        torch.autograd.grad(y, xs, c, retain_graph=True)
+
+    inner = 20 if x.numel() < 100_000 else 3
+    return median_time(evaluate, repeats, inner), median_time(vjp, repeats, inner)
+
+
+# ---------------------------------------------------------------------------------------------- per-iteration overhead
+
+
+def overhead_rows(repeats: int, iterations: int) -> list[tuple[str, float, float]]:
+    """Seconds per iteration of a forced-length solve on a tiny map, against the bare loop of the same map."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 8)
+
+    def tiny(x, z):
+        return 0.5 * torch.tanh(x) + z
+
+    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore"}
+    rows = []
+    for method in ("picard", "anderson"):
+        def solve() -> None:
+            fixed_point(tiny, torch.zeros_like(z), z, method=method, **forced)
+
+        def bare() -> None:
+            with torch.no_grad():
+                x = torch.zeros_like(z)
+                for _ in range(iterations):
+                    x = tiny(x, z)
+
+        t_solve = median_time(solve, repeats) / iterations
+        t_bare = median_time(bare, repeats) / iterations
+        rows.append((method, t_solve, t_bare))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- compile=True
+
+
+def compile_rows(w: Workload, method: str, repeats: int) -> list[tuple]:
+    """(variant, first call seconds, median seconds, forward iterations) for compile=False and compile=True."""
+    eager_layer = w.layer
+    compiled_layer = type(eager_layer)(compile=True)
+    compiled_layer.load_state_dict(eager_layer.state_dict())
+    compiled = Workload(**{**w.__dict__, "layer": compiled_layer})
+    outs = {"eager": Outcome(), "compile=True": Outcome()}
+    steps = {"eager": fpidsl_step(w, method, outs["eager"]),
+             "compile=True": fpidsl_step(compiled, method, outs["compile=True"])}
+    first = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - start
+    medians = alternate(steps, repeats)
+    err = relative_error(outs["compile=True"].grads, outs["eager"].grads)
+    return [(name, first[name], medians[name], outs[name].forward_iters, err) for name in steps]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def ok(flag: bool) -> str:
+    return "yes" if flag else "**NO**"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> str:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    repeats = args.repeats or (3 if args.quick else 5)
+    workloads = make_workloads(args.quick)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    load_before = os.getloadavg()
+
+    speed_rows, grad_rows, floor_rows, hand_rows, unrolled_rows, mem_rows = [], [], [], [], [], []
+    for w in workloads:
+        for method in ("picard", "anderson"):
+            say(f"timing {w.name} {method}")
+            outs = {name: Outcome() for name in ("fpidsl", "hand", "torchdeq", "unrolled")}
+            contenders = {
+                "fpidsl": fpidsl_step(w, method, outs["fpidsl"]),
+                "hand": hand_step(w, method, outs["hand"]),
+                "torchdeq": torchdeq_step(w, method, outs["torchdeq"]),
+            }
+            contenders["fpidsl"]()  # the iteration count the unrolled baseline runs
+            if method == "picard":
+                contenders["unrolled"] = unrolled_step(w, outs["fpidsl"].forward_iters, outs["unrolled"])
+            t = alternate(contenders, repeats)
+            f, d, h = outs["fpidsl"], outs["torchdeq"], outs["hand"]
+            speed_rows.append([w.name, method, ms(t["fpidsl"]), ms(t["torchdeq"]),
+                               f"{t['fpidsl'] / t['torchdeq']:.2f}",
+                               "met" if t["fpidsl"] / t["torchdeq"] <= TARGET_TORCHDEQ else "**not met**"])
+            grad_rows.append([w.name, method, f"{f.forward_iters} / {f.backward_iters}",
+                              f"{d.forward_iters} / {d.backward_iters}",
+                              f"{ok(f.forward_ok)} / {ok(f.backward_ok)}", f"{ok(d.forward_ok)} / {ok(d.backward_ok)}",
+                              f"{relative_error(d.grads, f.grads):.1e}", f"{relative_error(h.grads, f.grads):.1e}"])
+            hand_rows.append([w.name, method, ms(t["fpidsl"]), ms(t["hand"]), f"{t['fpidsl'] / t['hand']:.2f}",
+                              "met" if t["fpidsl"] / t["hand"] <= TARGET_HAND else "**not met**"])
+            t_eval, t_vjp = floor_parts(w, repeats)
+            floor = f.forward_iters * t_eval + f.backward_iters * t_vjp
+            floor_rows.append([w.name, method, f"{f.forward_iters} x {ms(t_eval)}", f"{f.backward_iters} x {ms(t_vjp)}",
+                               ms(floor), ms(t["fpidsl"]), f"{t['fpidsl'] / floor:.2f}",
+                               "met" if t["fpidsl"] / floor <= TARGET_FLOOR else "**not met**"])
+            if method == "picard":
+                u = outs["unrolled"]
+                unrolled_rows.append([w.name, str(u.forward_iters), ms(t["fpidsl"]), ms(t["unrolled"]),
+                                      f"{t['fpidsl'] / t['unrolled']:.2f}", f"{relative_error(u.grads, f.grads):.1e}"])
+        say(f"memory {w.name}")
+        mem_rows.append(memory_row(w, args.iterations))
+
+    say("solver overhead")
+    over = overhead_rows(repeats, 200 if args.quick else 1000)
+    comp = None
+    if not args.no_compile:
+        w = workloads[0]
+        say(f"compile=True on {w.name}")
+        comp = (w, compile_rows(w, "picard", repeats))
+    load_after = os.getloadavg()
+
+    return report(args, repeats, workloads, load_before, load_after, speed_rows, grad_rows, floor_rows, hand_rows,
+                  unrolled_rows, mem_rows, over, comp)
+
+
+def memory_row(w: Workload, counts: tuple[int, int]) -> list[str]:
+    peaks = {}
+    for n in counts:
+        out = Outcome()
+        for kind, make in (("fpidsl", lambda: fpidsl_step(w, "picard", out, iterations=n)),
+                           ("unrolled", lambda: unrolled_step(w, n, out))):
+            step = make()
+            step()  # warm-up
+            out.grads = []  # the step starts with no gradients and no earlier outcome alive: the same every time
+            _zero(w.params)
+            peaks[kind, n] = peak_bytes(step)
+            if kind == "fpidsl":
+                assert out.forward_iters == n and out.backward_iters == n, (out.forward_iters, out.backward_iters)
+    few, many = counts
+    change = (peaks["fpidsl", many] - peaks["fpidsl", few]) / peaks["fpidsl", few]
+    return [w.name, f"{peaks['fpidsl', few] / MiB:.1f}", f"{peaks['fpidsl', many] / MiB:.1f}", f"{change:+.1%}",
+            "met" if abs(change) <= TARGET_MEMORY else "**not met**",
+            f"{peaks['unrolled', few] / MiB:.1f}", f"{peaks['unrolled', many] / MiB:.1f}"]
+
+
+def report(args, repeats, workloads, load_before, load_after, speed_rows, grad_rows, floor_rows, hand_rows,
+           unrolled_rows, mem_rows, over, comp) -> str:
+    few, many = args.iterations
+    command = "python benchmarks/run.py" + (" " + " ".join(args.argv) if args.argv else "")
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    import torchdeq
+
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `benchmarks/run.py` (do not edit above the notes marker; rerun it). "
+        "Every number is the median of the runs of one process that alternates the contenders run by run.",
+        "",
+        f"- command: `{command}`" + (" (quick mode: tiny sizes, not representative)" if args.quick else ""),
+        f"- machine: {cpu}, {os.cpu_count()} cores, shared with other jobs; load average (1, 5, 15 min) "
+        f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
+        f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end",
+        f"- torch {torch.__version__}, torchdeq {getattr(torchdeq, '__version__', '0.1.0')}, "
+        f"Python {platform.python_version()}, float32, CPU, `torch.set_num_threads(1)`",
+        f"- {repeats} timed runs per contender after one warm-up run; a training step = forward solve, loss, "
+        f"`loss.backward()`",
+        "- same g, weights, inputs, start (zeros), tolerances and criterion (absolute, `|g(x) - x|` per sample, "
+        "torchdeq `stop_mode='abs'`) for every contender; Anderson: m = 6, lam = 1e-4, beta (tau) = 1 on both sides",
+        "",
+        "Workloads:",
+        "",
+    ]
+    parts += [f"- `{w.name}`: {w.description}; forward tol {w.tol:g}, backward tol {w.b_tol:g}" for w in workloads]
+    parts += [
+        "",
+        f"## 1. fpidsl against torchdeq (`ift=True`), training step (target: at most {TARGET_TORCHDEQ}x)",
+        "",
+        table(["workload", "method", "fpidsl ms", "torchdeq ms", "ratio", "target"], speed_rows),
+        "",
+        "Both reach the tolerances, and their gradients agree (iterations: the most any sample took, forward / "
+        "backward; torchdeq's backward starts from 0, fpidsl's from the incoming gradient, one step ahead):",
+        "",
+        table(["workload", "method", "fpidsl iters", "torchdeq iters", "fpidsl tol reached", "torchdeq tol reached",
+               "grad rel. diff torchdeq", "grad rel. diff hand"], grad_rows),
+        "",
+        "## 2. fpidsl against unrolled autograd through the same Picard iterations",
+        "",
+        table(["workload", "iterations", "fpidsl ms", "unrolled ms", "ratio", "grad rel. diff"], unrolled_rows),
+        "",
+        f"## 3. The cost floor (target: at most {TARGET_FLOOR}x)",
+        "",
+        "floor = forward steps x one evaluation of g (no autograd) + backward steps x one VJP (autograd, graph "
+        "recorded once), each measured alone on the whole batch; steps are the most any sample took.",
+        "",
+        table(["workload", "method", "forward (steps x ms)", "backward (steps x ms)", "floor ms", "fpidsl ms",
+               "ratio", "target"], floor_rows),
+        "",
+        f"## 4. The cost of the language: compiled spec against the same map by hand in `fixed_point` "
+        f"(target: at most {TARGET_HAND}x)",
+        "",
+        table(["workload", "method", "compiled ms", "hand-written ms", "ratio", "target"], hand_rows),
+        "",
+        f"## 5. Peak memory of a training step, {few} and {many} forced iterations (target: within "
+        f"{TARGET_MEMORY:.0%})",
+        "",
+        "Tensor memory allocated during the step above what was allocated before it (torch.profiler allocator "
+        "totals, as in benchmarks/memory.py, less the total at the step's start); "
+        "Picard, forward and backward forced to exactly that many iterations.",
+        "",
+        table(["workload", f"fpidsl {few} MiB", f"fpidsl {many} MiB", "change", "target",
+               f"unrolled {few} MiB", f"unrolled {many} MiB"], mem_rows),
+        "",
+        "## 6. The solver's own cost per iteration (tiny map: batch 4, 8 features, `0.5 tanh(x) + z`)",
+        "",
+        table(["method", "fixed_point µs / iteration", "bare loop µs / iteration", "overhead µs"],
+              [[m, f"{a * 1e6:.1f}", f"{b * 1e6:.1f}", f"{(a - b) * 1e6:.1f}"] for m, a, b in over]),
+        "",
+    ]
+    if comp is not None:
+        w, rows = comp
+        parts += [
+            f"## 7. `compile=True` (torch.compile of step and backward map), `{w.name}`, Picard",
+            "",
+            table(["variant", "first call s (includes compiling)", "median step ms", "forward iters",
+                   "grad rel. diff to eager"],
+                  [[name, f"{first:.2f}", ms(med), str(iters), f"{err:.1e}"] for name, first, med, iters, err in rows]),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and a few repeats (seconds)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile=True measurement")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.iterations = (5, 40) if args.quick else (20, 400)
+    if args.quick:
+        args.no_compile = True
+    text = run(args)
+    notes = ""
+    if args.out.exists():
+        old = args.out.read_text()
+        if NOTES_MARKER in old:
+            notes = old[old.index(NOTES_MARKER):]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n" + (notes or NOTES_MARKER + "\n"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

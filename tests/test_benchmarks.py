@@ -1,0 +1,33 @@
+"""The benchmark's quick mode runs and writes its tables (times are not asserted: they are measurements)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("torchdeq", reason="the benchmark compares against torchdeq 0.1.0 (pip install torchdeq==0.1.0)")
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("fpidsl_benchmarks_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_quick_benchmark_writes_every_table(tmp_path, capsys):
+    out = tmp_path / "BENCHMARKS.md"
+    assert _load_run().main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for heading in ("## 1. fpidsl against torchdeq", "## 2. fpidsl against unrolled", "## 3. The cost floor",
+                    "## 4. The cost of the language", "## 5. Peak memory", "## 6. The solver's own cost"):
+        assert heading in text
+    assert "| conv16-slow | picard |" in text and "| bibtex-nn | anderson |" in text
+    assert "**NO**" not in text  # every contender reached its tolerances
+    assert text.rstrip().endswith("<!-- notes -->")
