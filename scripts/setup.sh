@@ -17,5 +17,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 pip install "torch==2.13.0"
 .venv/bin/python -c "import torch" 2>/dev/null || { echo "setup: torch==2.13.0 did not install" >&2; exit 1; }
 pip install -e ".[dev,examples]"
+# torchdeq 0.1.0, the competitor in benchmarks/ (no deps: it must not touch the pinned torch).
+pip install --no-deps "torchdeq==0.1.0"
 .venv/bin/python -c "import fpidsl, lark, networkx, yaml, pytest, hypothesis, matplotlib, tqdm, skimage, pywt, sklearn" || { echo "setup: fpidsl did not install" >&2; exit 1; }
 echo "$want" > "$stamp"

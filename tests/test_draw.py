@@ -43,3 +43,8 @@ def test_missing_graphviz_names_the_package(tmp_path, monkeypatch, capsys):
     assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "g.svg")]) == 1
     err = capsys.readouterr().err
     assert "needs Graphviz's `dot` program" in err and "graphviz" in err
+
+
+def test_missing_output_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "no" / "g.dot")]) == 1
+    assert "does not exist" in capsys.readouterr().err

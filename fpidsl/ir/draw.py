@@ -75,6 +75,9 @@ def draw_graph(graph: LayerGraph, output: str, backward: bool = False) -> None:
 
         graph = backward_graph(graph)
     dot_text = to_dot(graph)
+    folder = Path(output).resolve().parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {output}: the folder {folder} does not exist", where)
     if suffix == ".dot":
         Path(output).write_text(dot_text)
         return

@@ -26,7 +26,7 @@ to_empty train type xpu zero_grad training _parameters _buffers _modules
 # What fpidsl.runtime.layer.CompiledLayer and the generated class define.
 COMPILED_LAYER_ATTRIBUTES = frozenset("""
 SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD adjoint step outputs init_states parameter_tensors bind
-stats solve_settings backward_settings
+stats solve_settings backward_settings history compiled contraction _step_fn _adjoint_obj _last_states _batched
 """.split())
 
 RESERVED = NN_MODULE_ATTRIBUTES | COMPILED_LAYER_ATTRIBUTES
@@ -44,7 +44,7 @@ def check_python_names(graph: LayerGraph, sink: ErrorSink) -> None:
             data = graph.node(nid)
             sink.add(NameErr(
                 f"param {name} would replace the compiled layer's own attribute {name!r} "
-                "(a torch.nn.Module member)",
+                "(of torch.nn.Module or of fpidsl's compiled layer)",
                 data["span"],
                 hint=f"rename the param, e.g. {name}_p",
             ))

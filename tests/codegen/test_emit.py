@@ -166,3 +166,14 @@ def test_reshape_with_two_symbolic_sizes_is_a_clear_error():
         emit_module(check_source(Source("r.fpi", text)))
     assert "at most one symbolic size" in info.value.message
     assert (info.value.span.line, info.value.span.col) == (4, 22)
+
+
+@pytest.mark.parametrize("name", ["contraction", "history", "compiled", "outputs"])
+def test_params_named_like_layer_attributes_are_refused(name):
+    text = (f"layer L {{\n  input a : [B, 2]\n  state x : [B, 2]\n  param {name} : Linear(4, 2)\n"
+            f"  update x = {name}(cat([x, a], dim=-1))\n}}\n")
+    with pytest.raises(FpiErrors) as info:
+        check_source(Source("p.fpi", text))
+    (error,) = info.value.errors
+    assert error.kind == "name" and (error.span.line, error.span.col) == (4, 3)
+    assert f"param {name} would replace the compiled layer's own attribute" in error.message
