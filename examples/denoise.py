@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="patches per step")
     p.add_argument("--patch", type=int, default=48, help="training patch size (test crops are 180x180)")
     p.add_argument("--train-per-image", type=int, default=4, help="random 180x180 training crops per image")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (one-cycle schedule)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (one-cycle schedule)")
     p.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping")
     p.add_argument("--method", choices=("anderson", "picard"), default="anderson",
                    help="FPI solver, forward and backward (the spec's default is picard; tol stays the spec's)")

@@ -326,11 +326,51 @@ class LayerEmitter:
                 f"INPUTS = {inputs}",
                 f"STATES = {states}",
                 f"ASSUMPTIONS = {assumptions}",
+                f"SAMPLEWISE = {samplewise(g)}",
                 f"SOLVE = {settings(g.solve)}",
                 f"BACKWARD = {settings(g.backward)}",
                 "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
                 *self._step(), "", *self._adjoint(), "", *self._outputs()]
         return [f"class {self.class_name}(_layer.CompiledLayer):", *_indent(body, 1)]
+
+
+def _touches_batch(graph: LayerGraph, nid: str) -> bool:
+    """Whether a call may mix samples: it reduces, indexes, reshapes or concatenates along dimension 0."""
+    data = graph.node(nid)
+    prim, attrs = data["prim"], data["attrs"]
+    args = graph.args(nid)
+    rank = len(graph.shape(args[0])) if args and graph.shape(args[0]) is not None else 0
+    if prim == "index":
+        first = attrs["index"][0] if attrs["index"] else None
+        return not (first is Ellipsis or (isinstance(first, SliceSpec) and first == SliceSpec()))
+    if prim in ("reshape", "flatten", "transpose", "matmul"):
+        if prim == "flatten":
+            return attrs.get("start", 1) % max(rank, 1) == 0
+        if prim == "transpose":
+            return 0 in (attrs["dim0"] % max(rank, 1), attrs["dim1"] % max(rank, 1))
+        if prim == "matmul":
+            return any(len(graph.shape(a) or ()) < 2 for a in args)
+        shape = graph.shape(nid)
+        return not (shape and graph.shape(args[0]) and shape[0] == graph.shape(args[0])[0]
+                    and not isinstance(shape[0], int))
+    if prim == "count":  # a number of elements, not data
+        return False
+    if prim == "unsqueeze":  # positions in the result, non-negative
+        dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
+        return 0 in dims
+    if "dim" in attrs:
+        dims = attrs["dim"]
+        if dims is None:
+            return True
+        dims = dims if isinstance(dims, tuple) else (dims,)
+        return any(d % max(rank, 1) == 0 for d in dims)
+    return False
+
+
+def samplewise(graph: LayerGraph) -> bool:
+    """True when g treats the samples (dimension 0) independently, so the solver may drop finished samples
+    from the work; a map that mixes samples is solved jointly (finished samples frozen, not dropped)."""
+    return not any(graph.node(n)["op"] == "call" and _touches_batch(graph, n) for n in graph.nodes())
 
 
 def spec_hash(text: str) -> str:

@@ -173,6 +173,7 @@ class CompiledLayer(nn.Module):
     INPUTS: dict[str, tuple[Dim, ...]] = {}
     STATES: dict[str, tuple[Dim, ...]] = {}
     ASSUMPTIONS: tuple[tuple[str, int], ...] = ()
+    SAMPLEWISE: bool = False  # the compiler sets True when g never mixes samples
     SOLVE: dict[str, Any] = {}
     BACKWARD: dict[str, Any] = {}
     adjoint: Any = None
@@ -238,9 +239,11 @@ class CompiledLayer(nn.Module):
         self._last_states = tuple(s.detach() for s in states)
         return self.outputs(states, *values)
 
-    def _batched(self) -> tuple[bool, ...]:
+    def _batched(self) -> tuple[bool, ...] | None:
         """Which arguments have the batch as dimension 0: inputs whose first declared dimension is the
         states' (so the solver can drop finished samples from the work); params never."""
+        if not self.SAMPLEWISE:
+            return None
         lead = {shape[0] for shape in self.STATES.values() if shape}
         batched = tuple(bool(shape) and shape[0] in lead and isinstance(shape[0], str)
                         for shape in self.INPUTS.values())

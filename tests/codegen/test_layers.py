@@ -250,3 +250,15 @@ def test_fpi_and_yaml_twins_give_identical_layers():
         assert na == nb and torch.equal(pa, pb)
     z = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     assert torch.equal(a(z), b(z))
+
+
+def test_a_map_that_mixes_samples_is_solved_jointly(tmp_path):
+    """update x = a * x + mean(a, dim=0): finished samples must not be dropped from the work."""
+    spec = tmp_path / "mix.fpi"
+    spec.write_text("layer Mix {\n  input a : [B, 1]\n  state x : [B, 1]\n  update x = a * x + mean(a, dim=0)\n}\n")
+    cls = fpidsl.load(str(spec))
+    assert cls.SAMPLEWISE is False
+    m = cls(solve={"tol": 1e-12, "max_iter": 5000}).double()
+    a = torch.tensor([[0.1], [0.9]], dtype=torch.float64)
+    assert torch.allclose(m(a), 0.5 / (1 - a), atol=1e-9)
+    assert fpidsl.load("specs/denoise.fpi").SAMPLEWISE is True
