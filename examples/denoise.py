@@ -16,8 +16,7 @@ Writes ``results.json``, ``denoise.png`` (noisy / FPI / feedforward / clean for 
 from __future__ import annotations
 
 import copy
-import math
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +229,7 @@ def main() -> None:
         for sig, r in results.items()])
     summary = {
         "experiment": "denoise",
-        "command": "python examples/denoise.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", *sys.argv]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "fpi_settings": {"solve": fpi.solve_settings.as_dict(), "backward": fpi.backward_settings.as_dict()},
         "split": {"test_images": TEST_IMAGES, "test_crops": len(clean), "train_images": TRAIN_IMAGES,

@@ -13,7 +13,9 @@ initial weights and batch order:
   trained end to end;
 - ``ff``: flow + g(0, flow): the same refinement map applied once from x = 0 (a second FlowRefineNN's ``step``).
 
-Loss: average end-point error (EPE) at full resolution plus 0.5 / 0.25 of it at the two coarser predictions.
+Loss: average end-point error (EPE) at full resolution plus 0.5 / 0.25 of it at the two coarser predictions; Adam
+with cosine decay, the refinement layer's parameters at a 10x lower learning rate (``--refine-lr``: at the network's
+rate the FPI map stopped being a contraction within three epochs, see docs/RESULTS_denoise_flow.md).
 Reported: held-out EPE per epoch, parameter counts, time per epoch. Two sanity checks of the data and of the flow
 convention: warping frame 2 back with the ground truth reproduces frame 1, and on skimage's real stereo pair
 (``stereo_motorcycle``, flow u = -disparity, v = 0) the same warp reproduces the left view; the trained networks are
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,8 +261,7 @@ def main() -> None:
 
     train_x, train_y = make_set(TRAIN_IMAGES, args.train_pairs, args.size, args.seed, "train pairs")
     val_x, val_y = make_set(TEST_IMAGES, args.val_pairs, args.size, args.seed + 1, "held-out pairs")
-    gray = lambda x, k: x[:, 3 * k:3 * k + 3].mean(1).numpy()  # noqa: E731
-    f1, f2 = gray(val_x, 0), gray(val_x, 1)
+    f1, f2 = val_x[:, :3].mean(1).numpy(), val_x[:, 3:].mean(1).numpy()  # gray frames
     check = {
         "photometric_error_gt_warp": float(np.mean([np.abs(warp_back(b, fl.numpy()) - a).mean()
                                                     for a, b, fl in zip(f1, f2, val_y)])),
@@ -359,7 +361,7 @@ def main() -> None:
     flow_figure(out_dir / "flow.png", models, val_x[:1], val_y[:1])
     write_json(out_dir / "results.json", {
         "experiment": "optical_flow",
-        "command": "python examples/optical_flow.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", *sys.argv]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "fpi_settings": {"dtype": args.fpi_dtype, "solve": models["fpi"].layer.solve_settings.as_dict(),
                          "backward": models["fpi"].layer.backward_settings.as_dict()},
