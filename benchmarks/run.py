@@ -150,12 +150,17 @@ def fpidsl_step(w: Workload, method: str, out: Outcome, iterations: int | None =
         w.loss(layer(w.z), w.target).backward()
         stats = layer.stats
         out.grads = _grads(params)
-        out.forward_ok = bool(stats.forward.converged.all())
-        out.backward_ok = bool(stats.backward.converged.all())
-        out.forward_iters = int(stats.forward.iterations.max())
-        out.backward_iters = int(stats.backward.iterations.max())
+        _record(out, stats)
 
     return step
+
+
+def _record(out: Outcome, stats) -> None:
+    """Whether both solves converged, and the most iterations any sample took."""
+    out.forward_ok = bool(stats.forward.converged.all())
+    out.backward_ok = bool(stats.backward.converged.all())
+    out.forward_iters = int(stats.forward.iterations.max())
+    out.backward_iters = int(stats.backward.iterations.max())
 
 
 def hand_step(w: Workload, method: str, out: Outcome) -> Step:
@@ -169,10 +174,7 @@ def hand_step(w: Workload, method: str, out: Outcome) -> Step:
                                    return_stats=True, **forward)
         w.loss(w.output(x_hat), w.target).backward()
         out.grads = _grads(params)
-        out.forward_ok = bool(stats.forward.converged.all())
-        out.backward_ok = bool(stats.backward.converged.all())
-        out.forward_iters = int(stats.forward.iterations.max())
-        out.backward_iters = int(stats.backward.iterations.max())
+        _record(out, stats)
 
     return step
 

@@ -153,8 +153,6 @@ def test_closed_form_linear_fixed_point(tmp_path):
     x = m(z)
     assert torch.allclose(x, closed(z, m.A, m.Bm), atol=1e-10)
     # derivatives of orders 1..3 in z, A, B against the closed form
-    for f in (lambda z, A, Bm: m(z), closed):
-        pass
     w = torch.randn(2, 3, dtype=torch.float64)
     params = [z, m.A, m.Bm]
 
