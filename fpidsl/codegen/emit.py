@@ -190,6 +190,38 @@ class LayerEmitter:
         body.append(f"return {results[0]}" if single else f"return {_tuple(results)}")
         return ["@staticmethod", head, *_indent(['"""The map g: one fixed-point iteration."""'] + body, 1)]
 
+    def _hoisted_iteration(self) -> list[str]:
+        """``hoist`` (what g reads that depends on no state, computed once per forward solve) and ``iterate``
+        (g from the states and those values), when something is worth hoisting (:mod:`fpidsl.passes.hoist`)."""
+        from ..passes.hoist import split_step
+
+        parts = split_step(self.graph)
+        if parts is None or not parts.worthwhile:
+            return ["HOIST_BATCHED = None"]
+        g = parts.graph
+        ns = Namespace()
+        bound, _, args = self._leaf_vars(g, ns)
+        pre = emit_nodes(g, parts.hoisted, bound, ns)
+        values = [pre.var[n] for n in parts.hoisted]
+        hoist = ["@staticmethod", f"def hoist({', '.join(args)}):",
+                 *_indent(['"""What g reads that depends on no state: computed once per forward solve."""',
+                           *pre.lines, f"return {_tuple(values)}"], 1)]
+        ns2 = Namespace(("states",))
+        states = [ns2.create(s) for s in self.state_names]
+        names = [ns2.create(v) for v in values]
+        bound2 = {g.states[s].node: var for s, var in zip(self.state_names, states)}
+        bound2.update(zip(parts.hoisted, names))
+        block = emit_nodes(g, parts.roots, bound2, ns2)
+        single = len(states) == 1
+        head = f"def iterate({'states' if not single else states[0]}{''.join(', ' + a for a in names)}):"
+        body = ['"""The map g from the states and hoist\'s values: the forward solver\'s iteration."""']
+        body += [] if single else [self._unpack(states, "states")]
+        body += block.lines
+        results = [block.var[r] for r in parts.roots]
+        body.append(f"return {results[0]}" if single else f"return {_tuple(results)}")
+        return [f"HOIST_BATCHED = {literal(tuple(parts.batched))}", "", *hoist, "",
+                "@staticmethod", head, *_indent(body, 1)]
+
     def _init_states(self) -> list[str]:
         g = self.graph
         ns = Namespace(("dims", "like"))
@@ -330,7 +362,7 @@ class LayerEmitter:
                 f"SOLVE = {settings(g.solve)}",
                 f"BACKWARD = {settings(g.backward)}",
                 "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
-                *self._step(), "", *self._adjoint(), "", *self._outputs()]
+                *self._step(), "", *self._hoisted_iteration(), "", *self._adjoint(), "", *self._outputs()]
         return [f"class {self.class_name}(_layer.CompiledLayer):", *_indent(body, 1)]
 
 

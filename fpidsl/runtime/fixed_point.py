@@ -28,6 +28,36 @@ from .stats import Stats, enforce
 SettingsLike = SolverSettings | Mapping[str, Any] | None
 
 
+@dataclass(frozen=True)
+class Hoisted:
+    """A faster form of the same map for the forward iterations, as the compiler emits it:
+    ``f(x, *args) == step(x, *prepare(*args))`` where ``prepare`` computes once what depends on no state.
+    ``batched`` says, per value of ``prepare``, whether dimension 0 is the batch (those values are sliced
+    to the running samples when finished samples are dropped)."""
+
+    prepare: Callable[..., Sequence[Any]]
+    step: Callable[..., Any]
+    batched: tuple[bool, ...]
+
+
+class _HoistedStep:
+    """``f`` on the states through a :class:`Hoisted` form, its values computed once; ``restrict`` slices them."""
+
+    def __init__(self, hoisted: Hoisted, args: Sequence[Any], single: bool):
+        self.hoisted, self.single = hoisted, single
+        self.full = tuple(hoisted.prepare(*args))
+        if len(self.full) != len(hoisted.batched):
+            raise ValueError(f"hoisted.prepare returned {len(self.full)} values for {len(hoisted.batched)} "
+                             "batched flags")
+        self.values = self.full
+
+    def __call__(self, xs: States) -> States:
+        return _as_states(self.hoisted.step(xs[0] if self.single else tuple(xs), *self.values), self.single)
+
+    def restrict(self, index: Tensor) -> None:
+        self.values = tuple(v.index_select(0, index) if b else v for v, b in zip(self.full, self.hoisted.batched))
+
+
 @dataclass(eq=False)
 class _Problem:
     """Everything about one fixed point except the tensors: the map, the settings, where the stats go."""
@@ -89,6 +119,9 @@ class _Compacting:
         return layout.flatten(self.step(layout.unflatten(x)))
 
     def restrict(self, index: Tensor) -> None:
+        if isinstance(self.step, _HoistedStep):
+            self.step.restrict(index)
+            return
         sliced = tuple(a.index_select(0, index) if b else a for a, b in zip(self.args, self.batched))
         self.step = self.problem.iteration_map(sliced)
 
@@ -202,6 +235,7 @@ def _as_states(y: Any, single: bool) -> States:
 def _user_problem(
     f: Callable, single: bool, n_user: int, layout: StateLayout, forward: SolverSettings, backward: SolverSettings,
     adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, n_params: int,
+    hoisted: Hoisted | None = None,
 ) -> _Problem:
     names = [name for name, _ in f.named_parameters()] if n_params else []
 
@@ -214,6 +248,8 @@ def _user_problem(
 
     def iteration_map(args: Sequence[Any]) -> Callable[[States], States]:
         user = tuple(args[:n_user])  # a module's own parameters are the trailing arguments
+        if hoisted is not None:
+            return _HoistedStep(hoisted, user, single)
 
         def step(xs: States) -> States:
             return _as_states(f(xs[0] if single else tuple(xs), *user), single)
@@ -249,14 +285,17 @@ def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLay
 def _run(
     f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
     adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
+    hoisted: Hoisted | None = None,
 ) -> Tensor | States:
     single = isinstance(x0, Tensor)
     x0s = (x0,) if single else tuple(x0)
     layout = StateLayout.of(x0s, per_sample)
     _check_batched(batched, args, layout, x0s)
     params = tuple(f.parameters()) if isinstance(f, nn.Module) else ()
+    if hoisted is not None and params:
+        raise ValueError("hoisted needs f to take every tensor as an argument (not an nn.Module's parameters)")
     problem = _user_problem(f, single, len(args), layout, forward, backward, adjoint, stats, history, batched,
-                            len(params))
+                            len(params), hoisted)
     x_hat = _apply(problem, x0s, (*args, *params))
     return x_hat[0] if single else tuple(x_hat)
 
@@ -272,6 +311,7 @@ def fixed_point(
     return_stats: bool = False,
     batched: Sequence[bool] | None = None,
     per_sample: bool = True,
+    hoisted: Hoisted | None = None,
     **forward_settings: Any,
 ) -> Any:
     """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and, where ``f`` is
@@ -295,6 +335,8 @@ def fixed_point(
             solver evaluates ``f`` on the samples still running only (arguments sliced accordingly); otherwise
             ``f`` always sees the whole batch and finished samples are held fixed.
         per_sample: ``False`` treats the whole state as one sample (no batch dimension).
+        hoisted: a :class:`Hoisted` form of ``f`` that the forward iterations use instead of ``f`` (compiled
+            layers pass the one the compiler emits); the backward and the differentiable application use ``f``.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
             ``criterion``, ``max_iter``, ``min_iter``, ``on_fail``) over
             :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``.
@@ -306,7 +348,7 @@ def fixed_point(
     forward = FORWARD_DEFAULTS.merged(forward_settings)
     backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
     stats = Stats() if stats is None else stats
-    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample)
+    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted)
     return (x_hat, stats) if return_stats else x_hat
 
 

@@ -174,6 +174,7 @@ class CompiledLayer(nn.Module):
     STATES: dict[str, tuple[Dim, ...]] = {}
     ASSUMPTIONS: tuple[tuple[str, int], ...] = ()
     SAMPLEWISE: bool = False  # the compiler sets True when g never mixes samples
+    HOIST_BATCHED: tuple[bool, ...] | None = None  # set with ``hoist`` / ``iterate`` when g has state-free parts
     SOLVE: dict[str, Any] = {}
     BACKWARD: dict[str, Any] = {}
     adjoint: Any = None
@@ -188,6 +189,12 @@ class CompiledLayer(nn.Module):
             (_compiled_step(type(self).step), _CompiledAdjoint(type(self).adjoint)) if compile
             else (type(self).step, type(self).adjoint)
         )
+        self._hoisted = None
+        if self.HOIST_BATCHED is not None:
+            from .fixed_point import Hoisted
+
+            iterate = _compiled_step(type(self).iterate) if compile else type(self).iterate
+            self._hoisted = Hoisted(type(self).hoist, iterate, tuple(self.HOIST_BATCHED))
         try:
             self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
             self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
@@ -232,7 +239,7 @@ class CompiledLayer(nn.Module):
         x_hat = fixed_point(
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
             adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
-            backward=self.backward_settings, **self.solve_settings.as_dict(),
+            backward=self.backward_settings, hoisted=self._hoisted, **self.solve_settings.as_dict(),
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
