@@ -80,12 +80,13 @@ def bibtex_nn_map(y, x, w1, b1, w2, b2):
 
 
 def bibtex_gd_map(y, x, w1, b1, w2, b2):
-    """``y - grad_y E`` with ``E = mean((y - fc2(relu(fc1([y, x]))))^2)``, the gradient written out."""
-    pre = F.linear(torch.cat([y, x], dim=-1), w1, b1)
+    """``y - grad_y E`` with ``E = mean((y - fc2(relu(fc1([sigmoid(y), x]))))^2)``, the gradient written out."""
+    p = torch.sigmoid(y)
+    pre = F.linear(torch.cat([p, x], dim=-1), w1, b1)
     r = y - F.linear(F.relu(pre), w2, b2)
     dr = r * (2.0 / y.shape[-1])  # dE/dr
     back = ((-dr) @ w2) * (pre > 0).to(y.dtype)
-    grad = dr + (back @ w1)[:, : y.shape[-1]]
+    grad = dr + (back @ w1)[:, : y.shape[-1]] * (p * (1 - p))
     return y - grad
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .graph import Assumption, LayerGraph
 from .primitives import BUILTINS, PRIMITIVES, Attr, Primitive, SliceSpec
@@ -70,6 +70,10 @@ class GraphBuilder:
         key = _key(self.graph, nid)
         if key is not None:
             self._memo.setdefault(key, nid)
+
+    def existing(self, prim: str, args: Sequence[str], attrs: dict[str, Any]) -> str | None:
+        """The node ``prim(*args, **attrs)`` if the graph has it already."""
+        return self._memo.get(_call_key(prim, args, attrs))
 
     def call(self, prim: str, *args: str, **attrs: Any) -> str:
         """The node ``prim(*args, **attrs)`` (defaults filled, shape inferred)."""

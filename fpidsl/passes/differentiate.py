@@ -205,12 +205,17 @@ def _grad_targets(graph: LayerGraph) -> dict[str, str]:
 
 
 def _copy_node(b: GraphBuilder, src: LayerGraph, nid: str, mapping: dict[str, str]) -> str:
-    """Copy node ``nid`` of ``src`` into ``b.graph`` (arguments through ``mapping``); its new id."""
+    """Copy node ``nid`` of ``src`` into ``b.graph`` (arguments through ``mapping``); its new id. A call identical
+    to one already there (the spec wrote ``sigmoid(y)`` twice) is that one."""
     data = dict(src.node(nid))
     op, span, shape, name = data.pop("op"), data.pop("span"), data.pop("shape"), data.pop("name")
     if "attrs" in data:
         data["attrs"] = dict(data["attrs"])
     args = [(mapping[a], s) for a, s in zip(src.args(nid), src.arg_spans(nid))]
+    if op == "call":
+        same = b.existing(data["prim"], [a for a, _ in args], data["attrs"])
+        if same is not None:
+            return same
     new = b.graph.add_node(op, span=span, shape=shape, name=name, args=args, **data)
     b.remember(new)
     return new

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from ..ir.derivatives import GraphBuilder, _call_key
+from ..ir.derivatives import GraphBuilder
 from ..ir.graph import LayerGraph
 from ..ir.primitives import SliceSpec
 from .differentiate import _compact, _copy_metadata, _copy_node
@@ -142,35 +142,13 @@ def distribute_over_cat(graph: LayerGraph) -> LayerGraph:
     return _compact(out, _sinks(out), LayerGraph)[0]
 
 
-def _deduplicated(graph: LayerGraph) -> LayerGraph:
-    """A renumbered copy of ``graph`` in which a call identical to an earlier one (same primitive, arguments and
-    attributes) is that one; unused nodes are dropped."""
-    out = LayerGraph(graph.name, graph.span)
-    b = GraphBuilder(out)
-    mapping: dict[str, str] = {}
-    seen: dict[object, str] = {}
-    for nid in graph.nodes():
-        data = graph.node(nid)
-        key = None
-        if data["op"] == "call":
-            key = _call_key(data["prim"], [mapping[a] for a in graph.args(nid)], data["attrs"])
-            if key in seen:
-                mapping[nid] = seen[key]
-                continue
-        mapping[nid] = _copy_node(b, graph, nid, mapping)
-        if key is not None:
-            seen[key] = mapping[nid]
-    _copy_metadata(graph, out, mapping)
-    return _compact(out, _sinks(out), LayerGraph)[0]
-
-
 def narrow_step(graph: LayerGraph) -> LayerGraph:
     """The step graph with slices of products narrowed to slices of their state-free factors (renumbered,
     identical slices made once)."""
     from ..codegen.split import narrow_slices
 
     narrowed = narrow_slices(graph, state_dependent(graph))
-    return graph if narrowed is graph else _deduplicated(narrowed)
+    return graph if narrowed is graph else _compact(narrowed, _sinks(narrowed), LayerGraph)[0]
 
 
 @dataclass(frozen=True)

@@ -131,9 +131,13 @@ def test_bibtex_layers_run_and_fix():
     y = nn_layer(x)
     g = lambda y, x: torch.sigmoid(nn_layer.fc2(F.relu(nn_layer.fc1(torch.cat([y, x], -1)))))  # noqa: E731
     assert torch.allclose(g(y, x), y, atol=1e-9)
-    gd = layer("bibtex.fpi", "BibtexGD", tol=1e-10, criterion="absolute")
+    gd = layer("bibtex.fpi", "BibtexGD", tol=1e-10, criterion="absolute", method="anderson")
     out = gd(x)
     assert out.shape == (2, 159) and ((out > 0) & (out < 1)).all()
+    (y,) = gd._last_states
+    energy = lambda y, x: (y - gd.fc2(F.relu(gd.fc1(torch.cat([torch.sigmoid(y), x], -1))))).square().mean(-1)  # noqa: E731
+    assert torch.allclose(gd_map(energy, 1.0)(y, x), y, atol=1e-9)
+    assert torch.allclose(out, torch.sigmoid(y))
 
 
 def test_closed_form_linear_fixed_point(tmp_path):

@@ -8,7 +8,10 @@ problem ``min_gamma |f_n - dF gamma|^2 + reg |gamma|^2`` and steps to
 
 Implementation notes:
 
-- history buffers ``dX, dF`` of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring;
+- history buffers of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring: ``dF`` and
+  ``dH = dX + beta dF`` (the only form in which ``dX`` is used), so a step reads each buffer once: one batched
+  product gives both the new Gram column ``dF dF_new`` and the right-hand side ``dF f_n``, one the correction
+  ``dH gamma``;
 - the Gram matrix ``dF dF^T`` is kept up to date one row and column at a time (``O(m dim)`` a step, not
   ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call;
 - ``reg = lam * mean(diag(Gram))`` keeps the regularisation independent of the scale of the problem;
@@ -31,7 +34,7 @@ PREDICTION_SLACK = 1.01
 class AndersonState:
     """Per-sample history (ring buffers) and the Gram matrix of the residual differences."""
 
-    dX: Tensor  # (batch, m, dim)
+    dH: Tensor  # (batch, m, dim): dX + beta dF
     dF: Tensor  # (batch, m, dim)
     gram: Tensor  # (batch, m, m)
     x_prev: Tensor  # (batch, dim)
@@ -52,7 +55,7 @@ class Anderson:
     def init(self, x: Tensor) -> AndersonState:
         batch, dim = x.shape
         return AndersonState(
-            dX=x.new_zeros(batch, self.m, dim),
+            dH=x.new_zeros(batch, self.m, dim),
             dF=x.new_zeros(batch, self.m, dim),
             gram=x.new_zeros(batch, self.m, self.m),
             x_prev=torch.empty_like(x),
@@ -61,23 +64,27 @@ class Anderson:
 
     def step(self, x: Tensor, g: Tensor, state: AndersonState) -> tuple[Tensor, AndersonState]:
         f = g - x
-        if state.started:
-            self._push(x, f, state)
+        newest = self._push(x, f, state) if state.started else None
         state.x_prev.copy_(x)
         state.f_prev.copy_(f)
         state.started = True
         plain = x + self.beta * f if self.beta != 1.0 else g
         if state.filled == 0:
             return plain, state
-        gamma = self._mix_coefficients(f, state)
         k = state.filled
-        correction = torch.bmm(gamma.unsqueeze(1), state.dX[:, :k]).squeeze(1)
-        correction = correction + self.beta * torch.bmm(gamma.unsqueeze(1), state.dF[:, :k]).squeeze(1)
+        # one pass over dF: the Gram column of the newest difference and the right-hand side dF f
+        rows = f.unsqueeze(-1) if newest is None else torch.stack((state.dF[:, newest], f), dim=-1)
+        products = torch.bmm(state.dF[:, :k], rows)  # (batch, k, 1 or 2)
+        if newest is not None:
+            state.gram[:, newest, :k] = products[..., 0]
+            state.gram[:, :k, newest] = products[..., 0]
+        gamma = self._mix_coefficients(f, products[..., -1:], state)
+        correction = torch.bmm(gamma.unsqueeze(1), state.dH[:, :k]).squeeze(1)
         return plain - correction, state
 
     def select(self, state: AndersonState, keep: Tensor) -> AndersonState:
         return AndersonState(
-            dX=state.dX[keep],
+            dH=state.dH[keep],
             dF=state.dF[keep],
             gram=state.gram[keep],
             x_prev=state.x_prev[keep],
@@ -87,22 +94,23 @@ class Anderson:
             started=state.started,
         )
 
-    def _push(self, x: Tensor, f: Tensor, state: AndersonState) -> None:
-        """Write the newest differences into the ring and refresh that row and column of the Gram matrix."""
+    def _push(self, x: Tensor, f: Tensor, state: AndersonState) -> int:
+        """Write the newest differences into the ring; returns their slot (its Gram row is refreshed by the
+        caller)."""
         s = state.slot
-        torch.sub(x, state.x_prev, out=state.dX[:, s])
         torch.sub(f, state.f_prev, out=state.dF[:, s])
-        column = torch.bmm(state.dF, state.dF[:, s].unsqueeze(-1)).squeeze(-1)  # (batch, m)
-        state.gram[:, s, :] = column
-        state.gram[:, :, s] = column
+        dH = torch.sub(x, state.x_prev, out=state.dH[:, s])
+        if self.beta != 0.0:
+            dH.add_(state.dF[:, s], alpha=self.beta)
         state.slot = (s + 1) % self.m
         state.filled = min(state.filled + 1, self.m)
+        return s
 
-    def _mix_coefficients(self, f: Tensor, state: AndersonState) -> Tensor:
-        """gamma per sample, zero (the plain step) where the least-squares solve failed or is not trustworthy."""
+    def _mix_coefficients(self, f: Tensor, rhs: Tensor, state: AndersonState) -> Tensor:
+        """gamma per sample (``rhs = dF f``, ``(batch, k, 1)``), zero (the plain step) where the least-squares
+        solve failed or is not trustworthy."""
         k = state.filled
         gram = state.gram[:, :k, :k]
-        rhs = torch.bmm(state.dF[:, :k], f.unsqueeze(-1))  # (batch, k, 1)
         scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)
         reg = self.lam * scale + torch.finfo(f.dtype).tiny
         eye = torch.eye(k, dtype=f.dtype, device=f.device)
