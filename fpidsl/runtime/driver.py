@@ -5,8 +5,10 @@ Per sample (a row of the flattened state), with ``r = g(x) - x``:
 - ``converged``: the residual (``|r|`` or ``|r| / |x|``, by ``criterion``) is below ``tol``, at or after ``min_iter``;
 - ``diverged``: ``r`` is not finite, or ``|r|`` grew ``DIVERGENCE_GROWTH`` times above the smallest step seen
   while being a sizeable fraction of ``|x|`` (not rounding noise);
-- ``stopped_at_floor``: the relative residual is within ``FLOOR_FACTOR`` machine epsilons and has not improved
-  for ``FLOOR_PATIENCE`` iterations: the dtype cannot resolve ``tol``, more iterations would only burn time.
+- ``stopped_at_floor``: the relative residual is within ``FLOOR_FACTOR`` machine epsilons and no iteration of the
+  last ``FLOOR_PATIENCE`` went below the smallest seen before: the residual is rounding noise, the dtype cannot
+  resolve ``tol``, more iterations would only burn time. (A slow but steady iteration sets a new smallest residual
+  every step and is never taken for one at the floor.)
 
 A finished sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite) and it
 leaves the working set: the solver's state, the trackers and, when the evaluator can (see
@@ -16,6 +18,7 @@ iteration (how many samples finished).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +33,6 @@ DIVERGENCE_GROWTH = 1e4
 DIVERGENCE_MIN_RELATIVE_STEP = 1e-3
 FLOOR_FACTOR = 1e3
 FLOOR_PATIENCE = 10
-IMPROVEMENT = 0.01  # a residual counts as an improvement when it is 1% below the best seen
 
 
 class Evaluator(Protocol):
@@ -80,11 +82,11 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, eps
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
     rel = (step / torch.linalg.vector_norm(x, dim=1)).masked_fill_(step == 0, 0.0)
     residual = rel if s.criterion == "relative" else step
-    finite = torch.isfinite(step)
+    finite = step < math.inf  # a norm: False exactly where it is inf or NaN (one op, unlike isfinite)
     diverged = ~finite
     if n > 1:
         diverged |= (step > DIVERGENCE_GROWTH * track.best_step) & (rel > DIVERGENCE_MIN_RELATIVE_STEP)
-    improved = rel < (1 - IMPROVEMENT) * track.best_rel
+    improved = rel < track.best_rel
     track.stale.add_(1).masked_fill_(improved, 0)
     track.best_rel = torch.where(improved, rel, track.best_rel)
     track.best_step = torch.fmin(track.best_step, step)

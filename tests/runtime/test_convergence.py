@@ -123,6 +123,18 @@ def test_precision_floor_float32_stops_early_and_says_so():
     assert x.dtype == torch.float32
 
 
+def test_slow_steady_convergence_is_not_taken_for_the_precision_floor():
+    """x = 0.9995 x + 1 in float32: the relative residual falls by only 0.05% a step, below 1e3 eps from step
+    ~3300 on, 2000 times the error away from the answer; it must keep going to tol, not stop 'at the floor'."""
+    z = torch.ones(2, 1)
+    x, stats = fixed_point(lambda x, z: 0.9995 * x + z, torch.zeros(2, 1), z, tol=1e-6, max_iter=20000,
+                           return_stats=True)
+    s = stats.forward
+    assert s.converged.all() and not s.stopped_at_floor.any()
+    assert s.max_iterations > 10000
+    assert torch.allclose(x, torch.full_like(x, 2000.0), rtol=1e-2)
+
+
 def test_history_records_every_iteration_per_sample():
     W, z, a = mixed_batch()
     _, stats = fixed_point(scaled_tanh, torch.zeros_like(z), W, z, a, tol=1e-8, history=True, return_stats=True)

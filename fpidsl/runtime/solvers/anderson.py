@@ -21,6 +21,7 @@ Implementation notes:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,5 +118,6 @@ class Anderson:
         gamma, info = torch.linalg.solve_ex(gram + reg[:, None, None] * eye, rhs)
         f2 = (f * f).sum(-1)
         predicted = f2 - 2 * (gamma * rhs).sum((-1, -2)) + (gamma * torch.bmm(gram, gamma)).sum((-1, -2))
-        good = (info == 0) & torch.isfinite(gamma).all(-2).squeeze(-1) & (predicted <= PREDICTION_SLACK * f2)
+        finite = gamma.abs().amax((-2, -1)) < math.inf
+        good = (info == 0) & finite & (predicted <= PREDICTION_SLACK * f2)
         return torch.where(good[:, None], gamma.squeeze(-1), torch.zeros_like(gamma.squeeze(-1)))
