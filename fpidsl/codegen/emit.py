@@ -64,6 +64,7 @@ class Block:
 
     lines: list[str] = field(default_factory=list)
     var: dict[str, str] = field(default_factory=dict)
+    made: list[str] = field(default_factory=list)  # the node each line computes
 
 
 def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: Namespace,
@@ -101,8 +102,33 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
         name = ns.create(data.get("name") or prim)
         call = f"_ops.{prim}({', '.join(args + kwargs)})"
         block.lines.append(f"{name} = {call}  # {_where(data['span'])}")
+        block.made.append(nid)
         block.var[nid] = name
     return block
+
+
+def _guarded(graph: LayerGraph, block: Block, sinks: list[str | None]) -> list[str]:
+    """``block``'s lines, each run only when a result that depends on it is asked for (``needs[i]``): runs of
+    lines serving the same results share one ``if``; lines every result depends on are not guarded."""
+    import networkx as nx
+
+    serves: dict[str, set[int]] = {}
+    for i, sink in enumerate(sinks):
+        if sink is None:
+            continue
+        for nid in nx.ancestors(graph.g, sink) | {sink}:
+            serves.setdefault(nid, set()).add(i)
+    wanted = {i for i, sink in enumerate(sinks) if sink is not None}
+    out: list[str] = []
+    current: frozenset[int] | None = None
+    for line, nid in zip(block.lines, block.made):
+        users = frozenset(serves.get(nid, wanted))
+        if users != current:
+            current = users
+            if users != wanted:
+                out.append("if " + " or ".join(f"needs[{i}]" for i in sorted(users)) + ":")
+        out.append(INDENT + line if users != wanted else line)
+    return out
 
 
 def _concrete_reshape(shape, span) -> tuple:
@@ -284,7 +310,8 @@ class LayerEmitter:
                       f"return {_tuple(saved_vars) if saved_vars else '()'}"], 1),
         ]
 
-        def linear_part(fn_name: str, doc: str, sinks: list[str | None], zeros_like: list[str]) -> list[str]:
+        def linear_part(fn_name: str, doc: str, sinks: list[str | None], zeros_like: list[str],
+                        selective: bool = False) -> list[str]:
             ns2 = Namespace(("saved", "c"))
             saved_names = [ns2.create(prep.var[s]) for s in parts.saved]
             c_names = [ns2.create(f"c_{s}") for s in self.state_names]
@@ -299,17 +326,24 @@ class LayerEmitter:
             if saved_names:
                 body.append(self._unpack(saved_names, "saved"))
             body.append(self._unpack(c_names, "c"))
-            body += block.lines
+            head = f"def {fn_name}(saved, c):"
+            if selective:
+                head = f"def {fn_name}(saved, c, needs={literal((True,) * len(sinks))}):"
+                body += _guarded(bg, block, sinks)
+                results = [r if r == "None" else f"{r} if needs[{i}] else None" for i, r in enumerate(results)]
+            else:
+                body += block.lines
             body.append(f"return {_tuple(results) if results else '()'}")
-            return ["@staticmethod", f"def {fn_name}(saved, c):", *_indent(body, 1)]
+            return ["@staticmethod", head, *_indent(body, 1)]
 
         c_zero = [f"torch.zeros_like(c[{i}])" for i in range(len(self.state_names))]
         vjp_state = linear_part("vjp_state", "(dg/dx)^T c at the fixed point, one entry per state.",
                                 parts.state_grads, c_zero)
-        vjp_args = linear_part("vjp_args", "(dg/dz)^T c and (dg/dtheta)^T c, one entry per input and param.",
-                               parts.arg_grads, ["None"] * len(parts.arg_grads))
+        vjp_args = linear_part("vjp_args", "(dg/dz)^T c and (dg/dtheta)^T c, one entry per input and param; "
+                               "only those ``needs`` asks for are computed, None for the others.",
+                               parts.arg_grads, ["None"] * len(parts.arg_grads), selective=True)
         body = ['"""The backward fixed-point map of the paper, derived by the compiler."""', "",
-                *prepare, "", *vjp_state, "", *vjp_args]
+                "SELECTIVE_VJP_ARGS = True", "", *prepare, "", *vjp_state, "", *vjp_args]
         return ["class adjoint:", *_indent(body, 1)]
 
     def _init(self) -> list[str]:

@@ -8,7 +8,9 @@ An adjoint for a map ``f(x, *args)`` (``x`` a tuple of state tensors) is an obje
 - ``vjp_state(saved, c) -> tuple``: ``(df/dx)^T c`` for ``c`` a tuple like the states, made only of
   differentiable torch operations on ``saved`` and ``c``;
 - ``vjp_args(saved, c) -> tuple``: ``(df/dargs)^T c``, one entry per argument (``None`` for one that gets no
-  gradient).
+  gradient). An adjoint whose class sets ``SELECTIVE_VJP_ARGS = True`` takes ``needs`` (one bool per argument)
+  as a third argument and computes only the gradients asked for (compiled layers: no gradient for a data
+  input that does not require one).
 
 The derivatives are partial: ``x`` and ``args`` are independent variables there, although ``x_hat`` depends on
 ``args`` (the paper's operator ``P``). Compiled layers emit such an object with a hand-derived backward map;
@@ -165,6 +167,13 @@ class AutogradLinearization:
         return tuple(out)
 
 
+def vjp_args(adjoint: Adjoint, saved: tuple, c: States, needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """``adjoint.vjp_args``, computing only the gradients in ``needs`` where the adjoint can."""
+    if getattr(adjoint, "SELECTIVE_VJP_ARGS", False):
+        return tuple(adjoint.vjp_args(saved, c, tuple(bool(n) for n in needs)))
+    return tuple(adjoint.vjp_args(saved, c))
+
+
 class _Bound:
     """An adjoint without ``linearize``, bound to its ``saved``."""
 
@@ -174,8 +183,10 @@ class _Bound:
     def vjp_state(self, c: States) -> States:
         return tuple(self.adjoint.vjp_state(self.saved, c))
 
-    def vjp_args(self, c: States) -> tuple[Tensor | None, ...]:
-        return tuple(self.adjoint.vjp_args(self.saved, c))
+    def vjp_args(self, c: States, needs: Sequence[bool] | None = None) -> tuple[Tensor | None, ...]:
+        if needs is None:
+            return tuple(self.adjoint.vjp_args(self.saved, c))
+        return vjp_args(self.adjoint, self.saved, c, needs)
 
 
 def linearized(adjoint: Adjoint, saved: tuple) -> Linearized:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, linearized
+from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
 from .driver import solve
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
@@ -191,11 +191,11 @@ def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs
     start = tuple(g.detach() for g in gbar)
     if torch.is_grad_enabled():  # recording a higher derivative: every step is a differentiable operation
         c = _apply(_adjoint_problem(problem, saved, adjoint_stats), start, (*saved, *gbar))
-        grads = tuple(adjoint.vjp_args(saved, c))
+        grads = vjp_args(adjoint, saved, c, needs)
     else:
         lin = linearized(adjoint, saved)
         c = _solve(_adjoint_problem(problem, saved, adjoint_stats, lin), start, (*saved, *gbar))
-        grads = tuple(lin.vjp_args(c))
+        grads = tuple(lin.vjp_args(c, needs)) if isinstance(lin, _Bound) else tuple(lin.vjp_args(c))
     if len(grads) != len(args):
         raise ValueError(f"{adjoint!r}.vjp_args returned {len(grads)} gradients for {len(args)} arguments")
     return tuple(g if need else None for g, need in zip(grads, needs))

@@ -149,9 +149,11 @@ class _CompiledAdjoint:
         self.fast = {name: torch.compile(getattr(adjoint, name), dynamic=True)
                      for name in ("prepare", "vjp_state", "vjp_args")}
 
-    def _call(self, name, first, second):
+    SELECTIVE_VJP_ARGS = True
+
+    def _call(self, name, first, second, *more):
         fn = getattr(self.eager, name) if _recording((first, second)) else self.fast[name]
-        return fn(first, second)
+        return fn(first, second, *more)
 
     def prepare(self, x_hat, args):
         return self._call("prepare", x_hat, args)
@@ -159,8 +161,8 @@ class _CompiledAdjoint:
     def vjp_state(self, saved, c):
         return self._call("vjp_state", saved, c)
 
-    def vjp_args(self, saved, c):
-        return self._call("vjp_args", saved, c)
+    def vjp_args(self, saved, c, needs=None):
+        return self._call("vjp_args", saved, c) if needs is None else self._call("vjp_args", saved, c, needs)
 
 
 # --------------------------------------------------------------------------- the layer

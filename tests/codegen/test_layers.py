@@ -264,3 +264,24 @@ def test_a_map_that_mixes_samples_is_solved_jointly(tmp_path):
     a = torch.tensor([[0.1], [0.9]], dtype=torch.float64)
     assert torch.allclose(m(a), 0.5 / (1 - a), atol=1e-9)
     assert fpidsl.load("specs/denoise.fpi").SAMPLEWISE is True
+
+
+@pytest.mark.parametrize("spec,name", [("bibtex.fpi", "BibtexNN"), ("bibtex.fpi", "BibtexGD"),
+                                       ("denoise.fpi", "DenoiseNN")])
+def test_vjp_args_computes_only_the_gradients_asked_for(spec, name):
+    m = layer(spec, name)
+    cls = type(m)
+    shapes = {"B": 2, "H": 6, "W": 6}
+    z = torch.randn(*[shapes.get(d, d) for d in next(iter(m.INPUTS.values()))], dtype=torch.float64)
+    x = torch.randn(*[shapes.get(d, d) for d in next(iter(m.STATES.values()))], dtype=torch.float64)
+    args = (z, *[p.detach() for p in m.parameter_tensors()])
+    saved = cls.adjoint.prepare((x,), args)
+    c = (torch.randn_like(x),)
+    full = cls.adjoint.vjp_args(saved, c)
+    needs = (False,) + (True,) * (len(args) - 1)
+    some = cls.adjoint.vjp_args(saved, c, needs)
+    assert some[0] is None and full[0] is not None
+    for a, b in zip(full[1:], some[1:]):
+        assert torch.equal(a, b)
+    only_input = cls.adjoint.vjp_args(saved, c, (True,) + (False,) * (len(args) - 1))
+    assert torch.equal(only_input[0], full[0]) and all(g is None for g in only_input[1:])
