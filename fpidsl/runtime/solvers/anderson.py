@@ -9,9 +9,10 @@ problem ``min_gamma |f_n - dF gamma|^2 + reg |gamma|^2`` and steps to
 Implementation notes:
 
 - history buffers of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring: ``dF`` and
-  ``dH = dX + beta dF`` (the only form in which ``dX`` is used), so a step reads each buffer once: one batched
-  product gives both the new Gram column ``dF dF_new`` and the right-hand side ``dF f_n``, one the correction
-  ``dH gamma``;
+  ``dH = dX + beta dF`` (the only form in which ``dX`` is used); the products with them are written as
+  ``(batch, 1, dim) @ (batch, dim, k)`` (``bmm`` of a row with the transposed buffer: a sixth of the time of
+  ``buffer @ column`` on CPU, measured at batch 8, dim 4096, m 6) and the correction is fused into the step
+  (``baddbmm``);
 - the Gram matrix ``dF dF^T`` is kept up to date one row and column at a time (``O(m dim)`` a step, not
   ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call;
 - ``reg = lam * mean(diag(Gram))`` keeps the regularisation independent of the scale of the problem;
@@ -73,15 +74,15 @@ class Anderson:
         if state.filled == 0:
             return plain, state
         k = state.filled
-        # one pass over dF: the Gram column of the newest difference and the right-hand side dF f
-        rows = f.unsqueeze(-1) if newest is None else torch.stack((state.dF[:, newest], f), dim=-1)
-        products = torch.bmm(state.dF[:, :k], rows)  # (batch, k, 1 or 2)
+        history = state.dF[:, :k].transpose(1, 2)  # (batch, dim, k): v (batch, 1, dim) @ it is one fast GEMM
         if newest is not None:
-            state.gram[:, newest, :k] = products[..., 0]
-            state.gram[:, :k, newest] = products[..., 0]
-        gamma = self._mix_coefficients(f, products[..., -1:], state)
-        correction = torch.bmm(gamma.unsqueeze(1), state.dH[:, :k]).squeeze(1)
-        return plain - correction, state
+            column = torch.bmm(state.dF[:, newest].unsqueeze(1), history).squeeze(1)  # the new Gram row/column
+            state.gram[:, newest, :k] = column
+            state.gram[:, :k, newest] = column
+        rhs = torch.bmm(f.unsqueeze(1), history).transpose(1, 2)  # dF f, (batch, k, 1)
+        gamma = self._mix_coefficients(f, rhs, state)
+        step = torch.baddbmm(plain.unsqueeze(1), gamma.unsqueeze(1), state.dH[:, :k], alpha=-1)
+        return step.squeeze(1), state
 
     def select(self, state: AndersonState, keep: Tensor) -> AndersonState:
         return AndersonState(
@@ -112,12 +113,12 @@ class Anderson:
         solve failed or is not trustworthy."""
         k = state.filled
         gram = state.gram[:, :k, :k]
-        scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)
-        reg = self.lam * scale + torch.finfo(f.dtype).tiny
-        eye = torch.eye(k, dtype=f.dtype, device=f.device)
-        gamma, info = torch.linalg.solve_ex(gram + reg[:, None, None] * eye, rhs)
-        f2 = (f * f).sum(-1)
-        predicted = f2 - 2 * (gamma * rhs).sum((-1, -2)) + (gamma * torch.bmm(gram, gamma)).sum((-1, -2))
-        finite = gamma.abs().amax((-2, -1)) < math.inf
-        good = (info == 0) & finite & (predicted <= PREDICTION_SLACK * f2)
-        return torch.where(good[:, None], gamma.squeeze(-1), torch.zeros_like(gamma.squeeze(-1)))
+        system = gram.clone()
+        diagonal = system.diagonal(dim1=-2, dim2=-1)
+        diagonal.add_(diagonal.mean(-1, keepdim=True).mul_(self.lam).add_(torch.finfo(f.dtype).tiny))
+        gamma, info = torch.linalg.solve_ex(system, rhs)
+        f2 = torch.linalg.vecdot(f, f)
+        # |f - dF gamma|^2 - |f|^2 = gamma . (G gamma - 2 dF f); not finite where gamma is not
+        change = (gamma * (torch.bmm(gram, gamma) - 2 * rhs)).sum((-1, -2))
+        good = (info == 0) & (change.abs() < math.inf) & (f2 + change <= PREDICTION_SLACK * f2)
+        return torch.where(good[:, None], gamma.squeeze(-1), 0.0)
