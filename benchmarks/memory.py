@@ -10,7 +10,8 @@ How memory is measured:
 - on CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (bytes held by tensors);
 - on CPU, the allocation events of ``torch.profiler`` with ``profile_memory=True``: every allocation and free of
   the CPU tensor allocator is recorded with the allocator's running total of bytes allocated since profiling
-  began (``total_allocated``); the peak is the largest of these totals. It counts exactly the tensor memory the
+  began (``total_allocated``, which starts from the tensors alive before profiling); the peak is the largest of
+  these totals less the total before the step's first allocation. It counts exactly the tensor memory the
   step allocates (activations, saved tensors, gradients, solver buffers), not Python objects, not what existed
   before the step (parameters, inputs), and not allocator caching. (``tracemalloc`` cannot see torch tensors;
   the process RSS is dominated by the allocator's and the libraries' own behaviour.)
@@ -91,18 +92,28 @@ def unrolled_step(model: Model, iterations: int) -> Callable[[torch.Tensor, torc
 
 
 def peak_bytes_cpu(run: Callable[[], None]) -> int:
+    """Peak tensor bytes allocated by ``run`` above what was allocated when it started: the largest running total
+    of the CPU allocator's events, less the total just before the first allocation of the step (the running
+    total includes the tensors alive before profiling began)."""
+    import gc
+
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+    if not events:
+        return 0
+    events.sort()
+    base = events[0][1] - events[0][2]
+    return max(total for _, total, _ in events) - base
 
 
 def peak_bytes_cuda(run: Callable[[], None]) -> int:

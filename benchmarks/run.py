@@ -87,32 +87,10 @@ def median_time(fn: Step, repeats: int, inner: int = 1) -> float:
 
 
 def peak_bytes(run: Step) -> int:
-    """Peak tensor bytes allocated by ``run`` above what was allocated when it started.
+    """Peak tensor bytes allocated by ``run`` above what was allocated when it started (benchmarks/memory.py)."""
+    from memory import peak_bytes_cpu
 
-    The approach of benchmarks/memory.py (the CPU allocator events of ``torch.profiler`` with
-    ``profile_memory=True``, each with the allocator's running total), with one correction: the running total
-    includes the tensors alive before profiling began (earlier contenders' gradients, saved outcomes), so the
-    figure is the largest total minus the total just before the first allocation of the step.
-    """
-    import gc
-
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
-    if not events:
-        return 0
-    events.sort()
-    base = events[0][1] - events[0][2]
-    return max(total for _, total, _ in events) - base
+    return peak_bytes_cpu(run)
 
 
 # ---------------------------------------------------------------------------------------------- contenders

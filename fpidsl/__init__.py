@@ -19,6 +19,8 @@ _EXPORTS = {
     "ConvergenceWarning": "fpidsl.runtime.stats",
     "SolverSettings": "fpidsl.runtime.settings",
     "SettingsError": "fpidsl.runtime.settings",
+    "LayerInputError": "fpidsl.runtime.layer",
+    "Hoisted": "fpidsl.runtime.fixed_point",
     "FpiError": "fpidsl.errors",
     "FpiErrors": "fpidsl.errors",
 }

@@ -203,8 +203,9 @@ def test_settings_override_and_unknown_keys():
 
 def test_wrong_input_shapes_are_clear_errors():
     m = fpidsl.load("specs/box_projection.fpi", name="BoxProjectionNN")()
-    with pytest.raises(ValueError, match=r"input 'a' is declared \[B, 10\]: dimension 1 must be 10"):
+    with pytest.raises(fpidsl.LayerInputError, match=r"input 'a' is declared \[B, 10\]: dimension 1 must be 10"):
         m(torch.randn(3, 11))
+    assert issubclass(fpidsl.LayerInputError, ValueError)
     with pytest.raises(ValueError, match="missing input"):
         m()
     with pytest.raises(ValueError, match="no input named 'b'"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,15 +11,6 @@ from fpidsl.runtime import fixed_point
 
 DTYPE = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each test on one intra-op thread: the tensors here are tiny, and OpenMP threads that spin-wait slow
-    small convolutions down tenfold when other processes share the two cores. Imported by every test module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TIGHT = {"tol": 1e-13, "max_iter": 2000}
 TIGHT_BACKWARD = {"tol": 1e-13, "max_iter": 2000}

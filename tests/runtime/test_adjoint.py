@@ -17,7 +17,6 @@ from .helpers import (
     tanh_map,
     unrolled,
 )
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 class TanhAdjoint:

@@ -7,7 +7,6 @@ import torch
 from fpidsl.runtime import ConvergenceError, ConvergenceWarning, Stats, fixed_point
 
 from .helpers import DTYPE, generator, max_rel_err
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def scaled_tanh(x, W, z, a):

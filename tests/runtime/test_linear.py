@@ -13,7 +13,6 @@ from .helpers import (
     smooth_loss,
     solve,
 )
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 METHODS = [{"method": "picard"}, {"method": "anderson", "m": 4}]
 

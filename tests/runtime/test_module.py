@@ -16,7 +16,6 @@ from .helpers import (
     smooth_loss,
     unrolled,
 )
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 class TanhCell(nn.Module):

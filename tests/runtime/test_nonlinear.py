@@ -18,7 +18,6 @@ from .helpers import (
     two_state_map,
     unrolled,
 )
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 # Enough unrolled steps that every map below (contraction factor <= ~0.6) is converged to rounding,
 # derivatives included (order-k derivatives of the iterates converge like n^k q^n).

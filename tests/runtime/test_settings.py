@@ -13,7 +13,6 @@ from fpidsl.runtime.settings import (
     SettingsError,
     SolverSettings,
 )
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_defaults_and_keys():

@@ -4,7 +4,6 @@ import torch
 from fpidsl.runtime import Anderson, Picard, fixed_point
 
 from .helpers import DTYPE, generator, max_rel_err
-from .helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_picard_step_is_the_map():
