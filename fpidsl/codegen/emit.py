@@ -97,7 +97,7 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
             args = ["[" + ", ".join(args) + "]"]
         attrs = dict(data["attrs"])
         if prim == "reshape":
-            attrs["shape"] = _concrete_reshape(attrs["shape"], data["span"])
+            attrs["shape"] = _concrete_reshape(data["shape"], data["span"])
         kwargs = [f"{k}={literal(v)}" for k, v in sorted(attrs.items())]
         name = ns.create(data.get("name") or prim)
         call = f"_ops.{prim}({', '.join(args + kwargs)})"
@@ -132,19 +132,14 @@ def _guarded(graph: LayerGraph, block: Block, sinks: list[str | None]) -> list[s
 
 
 def _concrete_reshape(shape, span) -> tuple:
-    """A reshape target for the emitted code: integers, with its one symbolic size (if any) as -1."""
-    symbolic = [d for d in shape if not isinstance(d, int)]
-    if not symbolic:
-        return tuple(shape)
-    if len(symbolic) == 1 and -1 not in shape:
-        return tuple(d if isinstance(d, int) else -1 for d in shape)
-    from ..errors import ShapeErr
+    """A reshape target for the emitted code, from the reshape's inferred result ``shape``: integers, with its one
+    symbolic size (if any) as -1."""
+    from ..passes.check_layer import reshape_target_error
 
-    raise ShapeErr(
-        "the code generator supports a reshape with at most one symbolic size (it becomes -1), "
-        f"but this one has {len(symbolic)}: [{', '.join(str(d) for d in shape)}]",
-        span, hint="reshape in two steps, or write one of the sizes as -1",
-    )
+    error = reshape_target_error(shape, span)  # check_layer reports it first; kept as a guard
+    if error is not None:
+        raise error
+    return tuple(d if isinstance(d, int) else -1 for d in shape)
 
 
 def _tuple(names: list[str]) -> str:

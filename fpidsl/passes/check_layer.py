@@ -1,6 +1,7 @@
 """Structural checks that need shapes: updates and initial values fit their states, energies are
-per-sample scalars, ``grad`` pairs an energy with a state it can be differentiated against, and the
-symbolic dimensions used in ``reshape`` inside fns are dimensions of the inputs."""
+per-sample scalars, ``grad`` pairs an energy with a state it can be differentiated against, the
+symbolic dimensions used in ``reshape`` inside fns are dimensions of the inputs, and a reshape has at most
+one symbolic size (the generated code writes it as -1)."""
 from __future__ import annotations
 
 from ..errors import ErrorSink, ShapeErr
@@ -41,11 +42,26 @@ def check_layer(graph: LayerGraph, sink: ErrorSink) -> None:
             continue
         if data["prim"] == "grad":
             _check_grad(graph, nid, sink)
-        elif data["prim"] == "reshape" and data.get("inlined"):
+        elif data["prim"] == "reshape":
+            error = reshape_target_error(data["shape"], data["span"]) if data["shape"] is not None else None
+            if error is not None:
+                sink.add(error)
             unbound = sorted(d for d in data["attrs"]["shape"] if isinstance(d, str) and d not in inputs)
-            if unbound:
+            if unbound and data.get("inlined"):
                 sink.add(ShapeErr(f"the dimension {unbound[0]} of this reshape is not a dimension of any input",
                                   data["span"], hint=f"in fn {data['inlined'][0]}, inlined at {data['inlined'][1]}"))
+
+
+def reshape_target_error(shape, span) -> ShapeErr | None:
+    """The error for a reshape the code generator cannot write: its inferred result ``shape`` has more than one
+    symbolic size (the generated target is the result's integers with its one symbolic size, if any, as -1)."""
+    symbolic = [d for d in shape if not isinstance(d, int)]
+    if len(symbolic) <= 1:
+        return None
+    return ShapeErr(
+        "the code generator supports a reshape with at most one symbolic size (it becomes -1), "
+        f"but this one's result has {len(symbolic)}: [{', '.join(str(d) for d in shape)}]",
+        span, hint="reshape in two steps, or write one of the sizes as -1")
 
 
 def _fits(graph: LayerGraph, sink_node: str, sink: ErrorSink, exact: bool, message, hint) -> None:

@@ -162,10 +162,13 @@ def test_reshape_with_two_symbolic_sizes_is_a_clear_error():
 
     text = ("layer R {\n  input a : [B, N]\n  state x : [B, N]\n"
             "  update x = reshape(reshape(x, [B, N, 1]), [B, N]) * 0.5 + a\n}\n")
-    with pytest.raises(ShapeErr) as info:
-        emit_module(check_source(Source("r.fpi", text)))
-    assert "at most one symbolic size" in info.value.message
-    assert (info.value.span.line, info.value.span.col) == (4, 22)
+    from fpidsl.errors import FpiErrors
+
+    with pytest.raises(FpiErrors) as info:  # fpidsl check reports it, not only compile
+        check_source(Source("r.fpi", text))
+    errors = info.value.errors
+    assert all(isinstance(e, ShapeErr) and "at most one symbolic size" in e.message for e in errors)
+    assert [(e.span.line, e.span.col) for e in errors] == [(4, 14), (4, 22)]  # both reshapes, outer first
 
 
 @pytest.mark.parametrize("name", ["contraction", "history", "compiled", "outputs"])
@@ -177,3 +180,15 @@ def test_params_named_like_layer_attributes_are_refused(name):
     (error,) = info.value.errors
     assert error.kind == "name" and (error.span.line, error.span.col) == (4, 3)
     assert f"param {name} would replace the compiled layer's own attribute" in error.message
+
+
+def test_reshape_with_a_symbolic_size_and_minus_one_compiles():
+    text = ("layer R {\n  input a : [B, 6]\n  state x : [B, 6]\n"
+            "  update x = 0.5 * tanh(flatten(reshape(x, [B, 2, -1]))) + a\n}\n")
+    code = emit_module(check_source(Source("r.fpi", text)))
+    assert "shape=(-1, 2, 3)" in code
+    namespace: dict = {}
+    exec(compile(code, "<r>", "exec"), namespace)  # noqa: S102
+    a = torch.randn(4, 6, dtype=torch.float64)
+    x = namespace["LAYERS"]["R"](solve={"tol": 1e-10}).double()(a)
+    assert torch.allclose(x, 0.5 * torch.tanh(x) + a, atol=1e-8)
