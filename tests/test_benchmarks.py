@@ -31,3 +31,14 @@ def test_quick_benchmark_writes_every_table(tmp_path, capsys):
     assert "| conv16-slow | picard |" in text and "| bibtex-nn | anderson |" in text
     assert "**NO**" not in text  # every contender reached its tolerances
     assert text.rstrip().endswith("<!-- notes -->")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_profile_step_prints_both_profiles():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "bibtex-nn", "picard",
+                           "--quick", "--steps", "2", "--rows", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "bibtex-nn picard: median step" in proc.stdout
+    assert "Self CPU" in proc.stdout and "tottime" in proc.stdout

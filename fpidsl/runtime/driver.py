@@ -111,6 +111,7 @@ class _Record:
         self.converged = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.diverged = torch.zeros_like(self.converged)
         self.floor = torch.zeros_like(self.converged)
+        self.halfway = torch.full_like(self.residual, float("nan"))  # the residual at iteration max_iter // 2
         self.history: list[Tensor] | None = [] if keep_history else None
 
     def log(self, index: Tensor, residual: Tensor) -> None:
@@ -134,7 +135,7 @@ class _Record:
         if self.history is not None and history is None:
             history = self.residual.new_zeros(0, self.residual.shape[0])
         return SolveStats(phase, settings, self.iterations, self.residual, self.converged, self.diverged,
-                          self.floor, history)
+                          self.floor, history, self.halfway)
 
 
 def solve(
@@ -164,6 +165,8 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
         g = evaluate(x)
         verdict = _judge(n, x, g, track, s, eps)
         record.log(index, verdict.residual)
+        if n == s.max_iter // 2:
+            record.halfway[index] = verdict.residual
         if n == s.max_iter:
             out[index] = _result(x, g)
             record.finish(index, n, verdict, None)

@@ -54,6 +54,18 @@ BACKWARD_ADVICE_DIVERGED = (
     "backward={'method': 'anderson'}; the gradient computed from this solve is wrong"
 )
 BACKWARD_WHERE = " in x at the fixed point (the backward iteration c = J^T c + g needs spectral radius < 1)"
+# A sample that ran out of iterations with its residual still above this share of the one at max_iter // 2 is
+# reported as stalled (a geometric rate of 0.9945 per step over 250 steps gives 0.25; 1/n gives 0.5).
+STALLED_SHARE = 0.25
+STALLED = (
+    ". The residual of {stalled} of them fell only from {halfway:.3g} to {last:.3g} over the last {steps} "
+    "iterations: the iteration is nearly stalled, so more iterations will help little. The map's Jacobian has an "
+    "eigenvalue at or near 1 at the fixed point{backward_note}."
+)
+STALLED_BACKWARD_NOTE = (
+    "; if the residual falls like 1/n, I - dg/dx is singular there (fixed points that are not isolated, as for an "
+    "energy whose minimisers form a surface), the gradient is not defined, and a larger max_iter only scales it"
+)
 
 
 class ConvergenceError(RuntimeError):
@@ -80,6 +92,8 @@ class SolveStats:
     ``stopped_at_floor``: the residual stopped falling at the precision the dtype can resolve, above ``tol``
     (the result is as accurate as the dtype allows; this is not a failure). ``history``: with ``history=True``,
     the residual of every iteration, shape ``(iterations, batch)``, NaN where a sample had already stopped.
+    ``halfway``: the residual at iteration ``max_iter // 2`` (NaN where the sample had stopped), which tells a
+    stalled iteration from a slow one when a sample runs out of iterations.
     """
 
     phase: str
@@ -90,6 +104,7 @@ class SolveStats:
     diverged: Tensor
     stopped_at_floor: Tensor
     history: Tensor | None = None
+    halfway: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -199,7 +214,21 @@ def failure_message(stats: SolveStats) -> str | None:
         tol=s.tol,
         iterations=int(stats.iterations[failed_mask].max()),
         advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter),
-    )
+    ) + _stalled_note(stats, failed_mask, backward)
+
+
+def _stalled_note(stats: SolveStats, failed_mask: Tensor, backward: bool) -> str:
+    """A sentence on the failed samples whose residual barely fell over the second half of the iterations."""
+    if stats.halfway is None or stats.settings.max_iter < 20:
+        return ""
+    ran_out = failed_mask & (stats.iterations == stats.settings.max_iter)
+    stalled = ran_out & (stats.residual > STALLED_SHARE * stats.halfway)
+    if not bool(stalled.any()):
+        return ""
+    worst = int(torch.nonzero(stalled).flatten()[stats.residual[stalled].argmax()])
+    return STALLED.format(stalled=int(stalled.sum()), halfway=float(stats.halfway[worst]),
+                          last=float(stats.residual[worst]), steps=stats.settings.max_iter - stats.settings.max_iter // 2,
+                          backward_note=STALLED_BACKWARD_NOTE if backward else "")
 
 
 def enforce(stats: SolveStats) -> None:

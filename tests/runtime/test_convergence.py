@@ -246,3 +246,34 @@ def test_backward_not_converged_warns():
     assert "after 3 iterations" in message
     assert "raise the backward max_iter (now 3, e.g. backward={'max_iter': 6})" in message
     assert "the gradient computed from this solve is not accurate" in message
+
+
+def test_a_stalled_forward_is_named_in_the_message():
+    z = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ConvergenceError) as info:
+        fixed_point(lambda x, z: x - 1e-4 * (x - z), torch.zeros_like(z), z, tol=1e-10, max_iter=200,
+                    on_fail="raise")
+    message = str(info.value)
+    assert "nearly stalled" in message and "2 of them" in message
+    assert "singular" not in message  # the backward note only
+    assert info.value.stats.halfway is not None and torch.isfinite(info.value.stats.halfway).all()
+
+
+def test_a_slow_but_steady_forward_is_not_called_stalled():
+    z = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ConvergenceError) as info:
+        fixed_point(lambda x, z: 0.8 * x + z, torch.zeros_like(z), z, tol=1e-30, max_iter=60, on_fail="raise")
+    assert "did not converge" in str(info.value) and "stalled" not in str(info.value)
+
+
+def test_a_backward_with_an_eigenvalue_one_is_diagnosed():
+    """g(x) = x - 0.5 (w.x - a) w: the fixed points form a hyperplane, the forward converges (along w), but
+    I - dg/dx is singular: the backward iterate grows linearly and its relative residual falls like 1/n."""
+    w = torch.tensor([[0.6, 0.8, 0.0]], dtype=torch.float64)
+    a = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    x = fixed_point(lambda x, a: x - 0.5 * ((x * w).sum(-1, keepdim=True) - a) * w, torch.zeros(1, 3,
+                    dtype=torch.float64), a, tol=1e-12, backward={"tol": 1e-8, "max_iter": 200, "on_fail": "raise"})
+    with pytest.raises(ConvergenceError) as info:
+        x.sum().backward()
+    message = str(info.value)
+    assert "nearly stalled" in message and "singular" in message
