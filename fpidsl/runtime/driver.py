@@ -6,9 +6,9 @@ Per sample (a row of the flattened state), with ``r = g(x) - x``:
 - ``diverged``: ``r`` is not finite, or ``|r|`` grew ``DIVERGENCE_GROWTH`` times above the smallest step seen
   while being a sizeable fraction of ``|x|`` (not rounding noise);
 - ``stopped_at_floor``: the relative residual is within ``FLOOR_FACTOR`` machine epsilons and no iteration of the
-  last ``FLOOR_PATIENCE`` went below the smallest seen before: the residual is rounding noise, the dtype cannot
-  resolve ``tol``, more iterations would only burn time. (A slow but steady iteration sets a new smallest residual
-  every step and is never taken for one at the floor.)
+  last ``FLOOR_PATIENCE`` went below the smallest seen before (tested every ``FLOOR_PATIENCE`` iterations): the
+  residual is rounding noise, the dtype cannot resolve ``tol``, more iterations would only burn time. (A slow but
+  steady iteration sets a new smallest residual every step and is never taken for one at the floor.)
 
 A finished sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite) and it
 leaves the working set: the solver's state, the trackers and, when the evaluator can (see
@@ -49,56 +49,92 @@ class Evaluator(Protocol):
 
 @dataclass
 class _Tracker:
-    """Per running sample: the best relative residual, iterations since it improved, the smallest step."""
+    """Per running sample: the smallest relative residual and the smallest step seen, and the smallest relative
+    residual as it was at the last precision-floor check (``FLOOR_PATIENCE`` iterations before the next)."""
 
     best_rel: Tensor
-    stale: Tensor
     best_step: Tensor
+    checked_rel: Tensor
 
     @staticmethod
     def start(rows: int, like: Tensor) -> "_Tracker":
         inf = torch.full((rows,), float("inf"), dtype=like.dtype, device=like.device)
-        return _Tracker(inf, torch.zeros(rows, dtype=torch.long, device=like.device), inf.clone())
+        return _Tracker(inf, inf.clone(), inf.clone())
 
     def select(self, keep: Tensor) -> "_Tracker":
-        return _Tracker(self.best_rel[keep], self.stale[keep], self.best_step[keep])
+        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep])
 
 
 @dataclass
 class _Verdict:
+    """The tests of one iteration; ``None`` where a test was not made (before ``min_iter``; the floor test runs
+    every ``FLOOR_PATIENCE`` iterations)."""
+
     residual: Tensor
-    converged: Tensor
+    converged: Tensor | None
     diverged: Tensor
-    floor: Tensor
+    floor: Tensor | None
 
     @property
     def done(self) -> Tensor:
-        return self.converged | self.diverged | self.floor
+        done = self.diverged if self.converged is None else self.converged | self.diverged
+        return done if self.floor is None else done | self.floor
+
+    def outcome(self, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(converged, diverged, floor) of the rows in ``mask`` (all rows if None), each sample in exactly one
+        of them or none: converged first, then diverged."""
+        def pick(t: Tensor | None) -> Tensor:
+            if t is None:
+                t = torch.zeros_like(self.diverged)
+            return t if mask is None else t[mask]
+
+        converged, diverged, floor = pick(self.converged), pick(self.diverged), pick(self.floor)
+        diverged = diverged & ~converged
+        return converged, diverged, floor & ~(converged | diverged)
 
 
-def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, eps: float) -> _Verdict:
-    """Decide, per running sample, after evaluation ``n``; updates ``track`` in place."""
+@dataclass(frozen=True)
+class _Thresholds:
+    """The judgement's constants as 0-dimensional tensors of the state's dtype and device, made once per solve (a
+    comparison with a Python float converts it to a tensor at every call)."""
+
+    zero: Tensor
+    inf: Tensor
+    growth: Tensor
+    min_relative_step: Tensor
+    floor: Tensor
+    tol: Tensor
+
+    @staticmethod
+    def of(s: SolverSettings, like: Tensor) -> "_Thresholds":
+        def const(value: float) -> Tensor:
+            return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+        eps = torch.finfo(like.dtype).eps
+        return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
+                           const(FLOOR_FACTOR * eps), const(s.tol))
+
+
+def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
+    """Decide, per running sample, after evaluation ``n``; updates ``track`` in place. About fifteen small tensor
+    operations: this runs every iteration."""
     step = torch.linalg.vector_norm(g - x, dim=1)
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
-    rel = (step / torch.linalg.vector_norm(x, dim=1)).masked_fill_(step == 0, 0.0)
+    rel = (step / torch.linalg.vector_norm(x, dim=1)).masked_fill_(step == c.zero, 0.0)
     residual = rel if s.criterion == "relative" else step
-    finite = step < math.inf  # a norm: False exactly where it is inf or NaN (one op, unlike isfinite)
-    diverged = ~finite
+    diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
-        diverged |= (step > DIVERGENCE_GROWTH * track.best_step) & (rel > DIVERGENCE_MIN_RELATIVE_STEP)
-    improved = rel < track.best_rel
-    track.stale.add_(1).masked_fill_(improved, 0)
-    track.best_rel = torch.where(improved, rel, track.best_rel)
-    track.best_step = torch.fmin(track.best_step, step)
-    no = torch.zeros_like(finite)
+        diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
+    torch.fmin(track.best_step, step, out=track.best_step)
+    torch.fmin(track.best_rel, rel, out=track.best_rel)
     if n < s.min_iter:
-        return _Verdict(residual, no, diverged, no)
-    converged = (residual < s.tol) & finite
-    diverged &= ~converged
-    floor = no
-    if n >= FLOOR_PATIENCE:
-        floor = (track.stale >= FLOOR_PATIENCE) & (rel <= FLOOR_FACTOR * eps) & ~(converged | diverged)
-    return _Verdict(residual, converged, diverged, floor)
+        return _Verdict(residual, None, diverged, None)
+    floor = None
+    if n % FLOOR_PATIENCE == 0:
+        no_new_low = track.best_rel >= track.checked_rel
+        track.checked_rel.copy_(track.best_rel)
+        floor = no_new_low & (rel <= c.floor)
+    return _Verdict(residual, residual < c.tol, diverged, floor)
 
 
 class _Record:
@@ -121,14 +157,9 @@ class _Record:
             self.history.append(row)
 
     def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None) -> None:
-        def pick(t: Tensor) -> Tensor:
-            return t if mask is None else t[mask]
-
         self.iterations[index] = n
-        self.residual[index] = pick(verdict.residual)
-        self.converged[index] = pick(verdict.converged)
-        self.diverged[index] = pick(verdict.diverged)
-        self.floor[index] = pick(verdict.floor)
+        self.residual[index] = verdict.residual if mask is None else verdict.residual[mask]
+        self.converged[index], self.diverged[index], self.floor[index] = verdict.outcome(mask)
 
     def stats(self, phase: str, settings: SolverSettings) -> SolveStats:
         history = torch.stack(self.history) if self.history else None
@@ -156,14 +187,14 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     if batch == 0:
         return out, record.stats(phase, s)
     solver = make_solver(s)
-    eps = torch.finfo(x0.dtype).eps
+    thresholds = _Thresholds.of(s, x0)
     index = torch.arange(batch, device=x0.device)
     x = x0
     state = solver.init(x)
     track = _Tracker.start(batch, x)
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
-        verdict = _judge(n, x, g, track, s, eps)
+        verdict = _judge(n, x, g, track, s, thresholds)
         record.log(index, verdict.residual)
         if n == s.max_iter // 2:
             record.halfway[index] = verdict.residual
