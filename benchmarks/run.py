@@ -388,10 +388,11 @@ def run(args: argparse.Namespace) -> str:
                               "met" if t["fpidsl"] / t["hand"] <= TARGET_HAND else "**not met**"])
             t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand = floor_parts(w, repeats)
             floor = f.forward_iters * t_eval + f.backward_iters * t_vjp + t_once
+            t_alone = median_time(contenders["fpidsl"], repeats)  # measured like the floor's parts: back to back
             floor_rows.append([w.name, method, f"{f.forward_iters} x {ms(t_eval)}", f"{f.backward_iters} x {ms(t_vjp)}",
-                               ms(t_once), ms(floor), ms(t["fpidsl"]), f"{t['fpidsl'] / floor:.2f}",
-                               "met" if t["fpidsl"] / floor <= TARGET_FLOOR else "**not met**",
-                               f"{ms(t_eval_hand)} / {ms(t_vjp_hand)}"])
+                               ms(t_once), ms(floor), ms(t_alone), f"{t_alone / floor:.2f}",
+                               "met" if t_alone / floor <= TARGET_FLOOR else "**not met**",
+                               ms(t["fpidsl"]), f"{ms(t_eval_hand)} / {ms(t_vjp_hand)}"])
             if method == "picard":
                 u = outs["unrolled"]
                 unrolled_rows.append([w.name, str(u.forward_iters), ms(t["fpidsl"]), ms(t["unrolled"]),
@@ -498,10 +499,12 @@ def report(args, repeats, workloads, load_before, load_after, speed_rows, grad_r
         "`adjoint.vjp_args` (the parameter gradients: no implementation of the method can skip them, and with few "
         "iterations they are most of the work); steps are the most any sample took. The last column gives one g "
         "and one VJP as written by hand (g without autograd, the VJP by autograd over a graph recorded once), "
-        "for comparison with the kernels fpidsl's code calls.",
+        "for comparison with the kernels fpidsl's code calls. fpidsl's step is timed here as the floor's parts "
+        "are, run back to back (caches warm with its own weights); table 1's time, taken alternating with the "
+        "other contenders, is shown beside it.",
         "",
         table(["workload", "method", "forward (steps x ms)", "backward (steps x ms)", "once ms", "floor ms",
-               "fpidsl ms", "ratio", "target", "hand g / VJP ms"], floor_rows),
+               "fpidsl ms (alone)", "ratio", "target", "fpidsl ms (table 1)", "hand g / VJP ms"], floor_rows),
         "",
         f"## 4. The cost of the language: compiled spec against the same map by hand in `fixed_point` "
         f"(target: at most {TARGET_HAND}x)",
