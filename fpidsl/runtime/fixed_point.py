@@ -187,7 +187,7 @@ def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs
         return (None,) * len(args)
     adjoint = problem.adjoint
     saved = tuple(adjoint.prepare(x_hat, args))
-    problem.stats.adjoint = adjoint_stats = Stats()
+    adjoint_stats = problem.stats.record_adjoint(Stats())
     start = tuple(g.detach() for g in gbar)
     if torch.is_grad_enabled():  # recording a higher derivative: every step is a differentiable operation
         c = _apply(_adjoint_problem(problem, saved, adjoint_stats), start, (*saved, *gbar))

@@ -145,16 +145,27 @@ class SolveStats:
 
 @dataclass
 class Stats:
-    """The stats of the last call: ``forward`` (the solve) and ``backward`` (the last adjoint solve).
+    """The stats of the last call: ``forward`` (the solve) and ``backward`` (the first adjoint solve).
 
-    ``adjoint`` is the :class:`Stats` of the backward fixed-point iteration seen as a fixed point of its own: its
-    ``forward`` is this object's ``backward``, and its ``backward`` is filled when a second-order derivative
-    differentiates through the adjoint solve (and so on for higher orders).
+    ``adjoint`` is the :class:`Stats` of the first backward fixed-point iteration through this fixed point, seen as
+    a fixed point of its own: its ``forward`` is this object's ``backward``, and its ``backward`` is filled when a
+    second-order derivative differentiates through the adjoint solve (and so on for higher orders). A later
+    backward through the same fixed point (``retain_graph``, or the re-solve a second-order derivative makes) is
+    appended to ``later_adjoints`` and does not replace it.
     """
 
     forward: SolveStats | None = None
     adjoint: "Stats | None" = field(default=None, repr=False)
     contraction: Any = field(default=None, repr=False)  # per-sample ‖∂g/∂x‖ at x̂, when asked for
+    later_adjoints: "list[Stats]" = field(default_factory=list, repr=False)
+
+    def record_adjoint(self, stats: "Stats") -> "Stats":
+        """Keep the stats of a backward solve through this fixed point (the first as ``adjoint``)."""
+        if self.adjoint is None:
+            self.adjoint = stats
+        else:
+            self.later_adjoints.append(stats)
+        return stats
 
     @property
     def backward(self) -> SolveStats | None:

@@ -163,3 +163,5 @@ def test_stats_of_higher_orders_are_nested():
     (g.sum()).backward()  # second order: differentiates the adjoint solve (and re-solves the first adjoint)
     assert first.backward is not None and first.backward.converged.all()
     assert z.grad is not None
+    assert stats.adjoint is first  # the re-solve did not replace the first backward's stats
+    assert len(stats.later_adjoints) == 1 and stats.later_adjoints[0].forward.converged.all()
