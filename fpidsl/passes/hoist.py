@@ -185,17 +185,14 @@ def split_step(graph: LayerGraph) -> StepParts | None:
                if n not in variant and work.node(n)["op"] != "const"
                and (n in roots or any(u in needed for u, _ in work.users(n)))]
     batch = {info.shape[0] for info in work.states.values() if info.shape and isinstance(info.shape[0], str)}
-    batched_inputs = {nid for nid in work.inputs.values()
-                      if (work.shape(nid) or (None,))[:1] and (work.shape(nid) or (None,))[0] in batch}
+    batched_inputs = {nid for nid in work.inputs.values() if (work.shape(nid) or ("",))[0] in batch}
     batched = []
     for nid in hoisted:
         shape = work.shape(nid)
         if shape is None:
             return None
         reads_batch = bool(batched_inputs & (nx.ancestors(work.g, nid) | {nid}))
-        lead_is_batch = bool(shape) and shape[0] in batch
-        if reads_batch and not lead_is_batch:
-            batched.append(False)  # reduced over the batch: the map is not samplewise, nothing is sliced
-        else:
-            batched.append(reads_batch and lead_is_batch)
+        # a value that reads a batched input but was reduced over the batch stays whole: such a map is not
+        # samplewise, and the runtime slices hoisted values only for samplewise maps
+        batched.append(reads_batch and bool(shape) and shape[0] in batch)
     return StepParts(work, roots, hoisted, batched)
