@@ -289,7 +289,8 @@ class LayerEmitter:
 
     def _adjoint(self) -> list[str]:
         """``prepare`` (what depends only on x̂), ``vjp_state`` and ``vjp_args`` (linear in c)."""
-        from .split import linear_nodes, narrow_slices, split_backward
+        from ..passes.narrow import narrow_slices
+        from .split import linear_nodes, split_backward
 
         bg = narrow_slices(self.backward, linear_nodes(self.backward, self.state_names))
         parts = split_backward(bg, self.state_names, self.input_names, self.param_names)

@@ -1,12 +1,11 @@
-"""Split a derived backward graph into what depends only on x̂ and what is linear in the cotangent c.
+"""Split a derived backward graph into what depends only on x̂ and what is linear in the cotangent c (the
+backward map is narrowed first, by :mod:`fpidsl.passes.narrow`).
 
 The first part is computed once per backward solve (``adjoint.prepare``); the second runs every
 iteration (``adjoint.vjp_state``) or once at the end (``adjoint.vjp_args``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import networkx as nx
 
 from ..ir.graph import LayerGraph
 
@@ -31,29 +30,17 @@ def cotangent_nodes(bg: LayerGraph, state_names: list[str]) -> list[str]:
 
 def linear_nodes(bg: LayerGraph, state_names) -> set[str]:
     """The nodes that depend on a cotangent (the rest depends only on x̂ and the arguments)."""
-    linear: set[str] = set()
-    for c in cotangent_nodes(bg, state_names):
-        linear |= {c} | nx.descendants(bg.g, c)
-    return linear
+    return bg.downstream(cotangent_nodes(bg, state_names))
 
 
 def split_backward(bg: LayerGraph, state_names, input_names, param_names) -> BackwardParts:
     cot = cotangent_nodes(bg, state_names)
-    linear: set[str] = set(cot)
-    for c in cot:
-        linear |= nx.descendants(bg.g, c)
+    linear = linear_nodes(bg, state_names)
     grad_of = bg.grad_of
     state_grads = [grad_of.get(f"state:{s}") for s in state_names]
     arg_grads = [grad_of.get(f"input:{n}") for n in input_names] + \
                 [grad_of.get(f"param:{n}") for n in param_names]
-    needed: set[str] = set()
-    stack = [s for s in state_grads + arg_grads if s is not None]
-    while stack:
-        nid = stack.pop()
-        if nid in needed or nid not in linear:
-            continue
-        needed.add(nid)
-        stack.extend(bg.args(nid))
+    needed = bg.upstream_within([s for s in state_grads + arg_grads if s is not None], linear)
     saved = []
     for nid in bg.nodes():
         if nid in linear or bg.node(nid)["op"] == "const":
@@ -64,89 +51,3 @@ def split_backward(bg: LayerGraph, state_names, input_names, param_names) -> Bac
         if sink is not None and sink not in linear:
             raise ValueError(f"backward graph sink {sink} does not depend on the cotangent")
     return BackwardParts(cot, saved, state_grads, arg_grads)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Narrowing: a slice of a product computed as the product with a slice of its (x̂-only) factor
-
-
-_NARROWABLE = {"matmul": (1, -1), "conv2d_input_grad": (1, 1)}  # prim -> (factor position, sliced axis)
-
-
-def _only_slice(index, axis: int, ndim: int):
-    """The ``SliceSpec`` when ``index`` takes every element on every axis but ``axis`` (else None)."""
-    from ..ir.primitives import SliceSpec
-
-    full = SliceSpec(None, None, None)
-    items = list(index)
-    if len(items) > ndim or any(not isinstance(item, SliceSpec) for item in items):
-        return None
-    items += [full] * (ndim - len(items))
-    axis = axis % ndim
-    for i, item in enumerate(items):
-        if i != axis and item != full:
-            return None
-    sliced = items[axis]
-    return sliced if isinstance(sliced, SliceSpec) and sliced != full else None
-
-
-def narrow_slices(bg: LayerGraph, linear: set[str]) -> LayerGraph:
-    """A copy of ``bg`` where ``index(op(a, W, ...), [:, lo:hi])`` becomes ``op(a, W[:, lo:hi], ...)``.
-
-    ``op`` is a matmul (slice of the last axis; ``W`` 2-D) or a convolution's input gradient (slice of the
-    channel axis), whose other user is nobody and whose factor ``W`` does not depend on the cotangent: the slice
-    of ``W`` is then computed once, in ``prepare``, and every iteration does only the part of the product it
-    keeps (the state's share of ``cat([x, z])``'s gradient, not the input's). Both forms compute the same numbers.
-    """
-    import copy
-
-    candidates: dict[str, list] = {}
-    for nid in bg.nodes():
-        data = bg.node(nid)
-        if data["op"] != "call" or data["prim"] != "index":
-            continue
-        (src,) = bg.args(nid)
-        sdata = bg.node(src)
-        prim = sdata.get("prim")
-        if sdata["op"] != "call" or prim not in _NARROWABLE:
-            continue
-        pos, axis = _NARROWABLE[prim]
-        factor = bg.args(src)[pos]
-        fshape, oshape = bg.shape(factor), bg.shape(src)
-        if factor in linear or fshape is None or oshape is None or len(fshape) != (2 if prim == "matmul" else 4):
-            continue
-        sliced = _only_slice(data["attrs"]["index"], axis, len(oshape))
-        if sliced is not None:
-            candidates.setdefault(src, []).append((nid, src, pos, factor, sliced))
-    plans = [plan for src, group in candidates.items() if len(group) == len(bg.users(src)) for plan in group]
-    if not plans:
-        return bg
-    out = copy.copy(bg)
-    g = bg.g.copy()
-    order = list(g.nodes)
-    from ..ir.primitives import SliceSpec
-
-    for nid, src, pos, factor, sliced in plans:
-        full = SliceSpec(None, None, None)
-        fshape = list(bg.shape(factor))
-        kept = len(range(*slice(sliced.lo, sliced.hi, sliced.step).indices(fshape[1]))) \
-            if isinstance(fshape[1], int) else None
-        new = f"n{len(order) + 1000}"
-        while new in g:
-            new += "_"
-        span = g.nodes[nid]["span"]
-        g.add_node(new, op="call", prim="index", attrs={"index": (full, sliced)}, span=span, name=None,
-                   shape=(fshape[0], kept, *fshape[2:]) if kept is not None else None)
-        g.add_edge(factor, new, key=0, pos=0, span=span)
-        order.insert(order.index(nid), new)
-        # the index node becomes the narrowed product; the wide product loses its only user
-        sdata = g.nodes[src]
-        g.nodes[nid].update(prim=sdata["prim"], attrs=dict(sdata["attrs"]), name=sdata.get("name"))
-        g.remove_edge(src, nid, key=0)
-        for u, _, d in list(bg.g.in_edges(src, data=True)):
-            g.add_edge(new if d["pos"] == pos else u, nid, key=d["pos"], pos=d["pos"], span=d["span"])
-    reordered = type(g)()
-    reordered.add_nodes_from((n, g.nodes[n]) for n in order)
-    reordered.add_edges_from(g.edges(keys=True, data=True))
-    out.g = reordered
-    return out

@@ -30,7 +30,7 @@ on the edge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import networkx as nx
 
@@ -229,6 +229,27 @@ class LayerGraph:
 
     def shape(self, nid: str):
         return self.g.nodes[nid]["shape"]
+
+    def downstream(self, sources: Iterable[str]) -> set[str]:
+        """The nodes whose value depends on one of ``sources`` (the sources included)."""
+        out: set[str] = set()
+        for src in sources:
+            if src not in out:
+                out |= {src} | nx.descendants(self.g, src)
+        return out
+
+    def upstream_within(self, roots: Iterable[str], allowed: set[str]) -> set[str]:
+        """The nodes of ``allowed`` that ``roots`` need through a path of ``allowed`` nodes (a root outside
+        ``allowed`` is not entered)."""
+        needed: set[str] = set()
+        stack = list(roots)
+        while stack:
+            nid = stack.pop()
+            if nid in needed or nid not in allowed:
+                continue
+            needed.add(nid)
+            stack.extend(self.args(nid))
+        return needed
 
     def label(self, nid: str) -> str:
         """How messages name a node: ``the state x``, ``the let h``, or ``this expression``."""

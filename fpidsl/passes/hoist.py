@@ -8,7 +8,7 @@ graph make that part as large as possible and cut it off:
   state-free pieces becomes the sum of the same operation on each group of pieces with the matching slice of
   the weight (the bias goes with a state-free group), so the state-free product leaves the loop (convolutions
   only where the state-free channels are most of them, see ``CONV_SPLIT_SHARE``);
-* :func:`~fpidsl.codegen.split.narrow_slices` (shared with the backward map): a slice of a product with a
+* :func:`~fpidsl.passes.narrow.narrow_slices` (shared with the backward map): a slice of a product with a
   state-free factor becomes the product with the slice of that factor (an FPI_GD step keeps only the state's
   share of ``fc1``'s input gradient);
 * :func:`split_step`: the nodes that depend on no state and feed one that does are the *hoisted* values,
@@ -21,28 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import networkx as nx
-
 from ..ir.derivatives import GraphBuilder
 from ..ir.graph import LayerGraph
 from ..ir.primitives import SliceSpec
 from .differentiate import _compact, _copy_metadata, _copy_node
+from .narrow import narrow_slices
 
 # prim -> (the axis of the data argument the weight contracts, the weight axis that matches it)
 _DISTRIBUTABLE = {"linear": (-1, 1), "conv2d": (1, 1), "conv_transpose2d": (1, 0)}
 # A convolution is split only when its state-free input channels are at least this share of all of them: on CPU a
 # convolution with few input channels costs about the same whatever their number, so splitting 1 + 1 channels
-# only adds a pass (measured, batch 8 of 64x64, 16 output channels: 2 channels whole 0.26 ms, split 0.30 ms;
-# 4 channels whole 0.34 ms, split 0.28 ms). A linear layer's cost grows with its input features: always split.
+# only adds a pass (benchmarks/kernels.py, batch 8 of 64x64, 16 output channels: 2 channels whole 0.24 ms, split
+# 0.26 ms; 4 channels whole 0.32 ms, split 0.26 ms). A linear layer's cost grows with its input features: always split.
 CONV_SPLIT_SHARE = 0.75
 
 
 def state_dependent(graph: LayerGraph) -> set[str]:
     """The nodes whose value depends on a state."""
-    out: set[str] = set()
-    for info in graph.states.values():
-        out |= {info.node} | nx.descendants(graph.g, info.node)
-    return out
+    return graph.downstream(info.node for info in graph.states.values())
 
 
 def _sinks(graph: LayerGraph) -> list[str]:
@@ -145,8 +141,6 @@ def distribute_over_cat(graph: LayerGraph) -> LayerGraph:
 def narrow_step(graph: LayerGraph) -> LayerGraph:
     """The step graph with slices of products narrowed to slices of their state-free factors (renumbered,
     identical slices made once)."""
-    from ..codegen.split import narrow_slices
-
     narrowed = narrow_slices(graph, state_dependent(graph))
     return graph if narrowed is graph else _compact(narrowed, _sinks(narrowed), LayerGraph)[0]
 
@@ -173,26 +167,18 @@ def split_step(graph: LayerGraph) -> StepParts | None:
     work = narrow_step(distribute_over_cat(graph))
     variant = state_dependent(work)
     roots = [work.args(work.states[s].update)[0] for s in work.states]
-    needed: set[str] = set()
-    stack = list(roots)
-    while stack:
-        nid = stack.pop()
-        if nid in needed or nid not in variant:
-            continue
-        needed.add(nid)
-        stack.extend(work.args(nid))
+    needed = work.upstream_within(roots, variant)
     hoisted = [n for n in work.nodes()
                if n not in variant and work.node(n)["op"] != "const"
                and (n in roots or any(u in needed for u, _ in work.users(n)))]
     batch = {info.shape[0] for info in work.states.values() if info.shape and isinstance(info.shape[0], str)}
-    batched_inputs = {nid for nid in work.inputs.values() if (work.shape(nid) or ("",))[0] in batch}
+    reads_batch = work.downstream(nid for nid in work.inputs.values() if (work.shape(nid) or ("",))[0] in batch)
     batched = []
     for nid in hoisted:
         shape = work.shape(nid)
         if shape is None:
             return None
-        reads_batch = bool(batched_inputs & (nx.ancestors(work.g, nid) | {nid}))
         # a value that reads a batched input but was reduced over the batch stays whole: such a map is not
         # samplewise, and the runtime slices hoisted values only for samplewise maps
-        batched.append(reads_batch and bool(shape) and shape[0] in batch)
+        batched.append(nid in reads_batch and bool(shape) and shape[0] in batch)
     return StepParts(work, roots, hoisted, batched)

@@ -194,8 +194,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride: tup
            padding: tuple[int, int] = (0, 0)) -> Tensor:
     """``F.conv2d``; on CPU, a convolution to one output channel from several is computed as a depthwise
     convolution summed over the channels (the same numbers, summed in another order): CPU backends are slow on
-    a single output channel (measured, batch 8 of 64x64, float32, one thread: 16 channels 0.91 ms against
-    0.35 ms, 32 channels 2.22 ms against 1.01 ms)."""
+    a single output channel (``benchmarks/kernels.py``, batch 8 of 64x64, float32, one thread: 16 channels
+    0.86 ms against 0.35 ms, 32 channels 1.85 ms against 0.82 ms)."""
     channels = x.shape[1] if x.dim() == 4 else 0
     if weight.shape[0] == 1 and channels > 1 and x.device.type == "cpu":
         per_channel = F.conv2d(x, weight.reshape(channels, 1, *weight.shape[2:]), None, stride, padding, 1, channels)
@@ -312,8 +312,9 @@ def conv2d_input_grad(ct: Tensor, weight: Tensor, like: Tensor, *, stride: tuple
 
     With stride 1 it is the convolution (:func:`conv2d`) of ``ct`` with the flipped, transposed kernel, unless
     that convolution would go from few channels to several (more than one): both forms compute the same numbers,
-    and on CPU the convolution is the faster except there (measured, batch 8 of 64x64, float32, one thread:
-    weight 1x16 0.22 ms against 0.80 ms for the transposed convolution; weight 16x2 0.93 ms against 0.75 ms)."""
+    and on CPU the convolution is the faster except there (``benchmarks/kernels.py``, batch 8 of 64x64, float32,
+    one thread: weight 1x16 0.22 ms against 0.80 ms for the transposed convolution, 16x1 0.35 against 0.72 ms;
+    a 16x2 weight keeps the transposed convolution, 0.72 ms)."""
     kernel = weight.shape[2:]
     out_channels, in_channels = weight.shape[0], weight.shape[1]
     if (tuple(stride) == (1, 1) and (out_channels <= in_channels or in_channels == 1)
