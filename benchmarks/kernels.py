@@ -7,9 +7,7 @@ Prints one line a pair: the median time of each form in ms and their ratio.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,19 +18,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from fpidsl.runtime import ops  # noqa: E402
-from run import steady_allocator  # noqa: E402
+from run import median_time, steady_allocator  # noqa: E402
 
 
-def median_ms(fn, inner: int = 15, repeats: int = 7) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times) * 1e3
+def median_ms(fn) -> float:
+    return median_time(fn, repeats=7, inner=15) * 1e3
 
 
 def pair(label: str, first, second, names=("torch", "fpidsl")) -> None:

@@ -42,3 +42,12 @@ def test_profile_step_prints_both_profiles():
     assert proc.returncode == 0, proc.stderr
     assert "bibtex-nn picard: median step" in proc.stdout
     assert "Self CPU" in proc.stdout and "tottime" in proc.stdout
+
+
+def test_kernel_measurements_run():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ratio") == 8  # one line a pair of forms
