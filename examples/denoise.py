@@ -28,7 +28,7 @@ from common import Stopwatch, parser, plot_curves, progress, setup, write_json
 from images import TEST_IMAGES, TRAIN_IMAGES, test_crops, train_crops
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT / "specs" / "denoise.fpi"
+LAYERS = {"DenoiseNN": ROOT / "specs" / "denoise.fpi", "DenoiseResNN": ROOT / "specs" / "denoise_residual.fpi"}
 
 # DATA.md: mean PSNR (dB) on exactly these 24 test crops.
 REFERENCE = {
@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping")
     p.add_argument("--method", choices=("anderson", "picard"), default="anderson",
                    help="FPI solver, forward and backward (the spec's default is picard; tol stays the spec's)")
+    p.add_argument("--layer", choices=sorted(LAYERS), default="DenoiseNN",
+                   help="DenoiseNN (specs/denoise.fpi, the paper's form) or DenoiseResNN (specs/denoise_residual.fpi, "
+                        "the residual variant x = z - g(x, z))")
     p.add_argument("--test-crops", type=int, default=24, help="use the first N test crops (24: all)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--show", type=int, default=0, help="index of the test crop shown in the figure")
@@ -185,7 +188,7 @@ def main() -> None:
     clean = torch.from_numpy(clean_np)[:, None]
     crops = torch.from_numpy(train_crops(args.train_per_image, seed=args.seed))
     crop_names = [f"{n}[{k}]" for n in TEST_IMAGES for k in range(4)][: args.test_crops]
-    cls = fpidsl.load(SPEC)
+    cls = fpidsl.load(LAYERS[args.layer])
     settings = {"method": args.method, "on_fail": "ignore"}  # failures are counted in the results instead
     tv_grid = np.geomspace(0.02, 0.3, 5) if args.quick else np.geomspace(0.01, 0.4, 33)
 

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def run_quick(script: str, out: Path) -> dict:
+def run_quick(script: str, out: Path, *extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--quick", "--no-progress", "--out", str(out)],
+        [sys.executable, str(EXAMPLES / script), "--quick", "--no-progress", "--out", str(out), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout}\n{proc.stderr}"
@@ -28,9 +28,10 @@ def assert_finite(value, where: str) -> None:
 
 
 @pytest.mark.slow
-def test_denoise_quick(tmp_path: Path) -> None:
-    res = run_quick("denoise.py", tmp_path)
-    assert res["experiment"] == "denoise"
+@pytest.mark.parametrize("layer", ["DenoiseNN", "DenoiseResNN"])
+def test_denoise_quick(tmp_path: Path, layer: str) -> None:
+    res = run_quick("denoise.py", tmp_path, "--layer", layer)
+    assert res["experiment"] == "denoise" and res["config"]["layer"] == layer
     assert res["split"]["test_crops"] == 4 and res["split"]["train_crops"] == len(res["split"]["train_images"])
     assert res["parameters"]["fpi"] == res["parameters"]["ff"] == 2 * 32 * 9 + 32 + 32 * 9 + 1
     assert set(res["results"]) == {"15", "50"}

@@ -90,6 +90,7 @@ def test_gradcheck_and_gradgradcheck(spec, name):
     ("box_projection.fpi", "BoxProjectionNN", (3, 10)),
     ("quad_gd.fpi", "QuadGD", (3, 4)),
     ("denoise.fpi", "DenoiseNN", (2, 1, 6, 6)),
+    ("denoise_residual.fpi", "DenoiseResNN", (2, 1, 6, 6)),
     ("optical_flow.fpi", "FlowRefineNN", (2, 2, 8, 8)),
 ])
 def test_emitted_backward_equals_autograd_fallback(spec, name, shape):
