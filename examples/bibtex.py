@@ -317,8 +317,6 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="FPI_NN's Adam learning rate")
     p.add_argument("--gd-epochs", type=int, default=8, help="FPI_GD's epochs (its solves cost 5-100x FPI_NN's)")
     p.add_argument("--gd-lr", type=float, default=1e-3, help="FPI_GD's Adam learning rate")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="FPI_NN's learning rate: constant, or cosine-annealed to 0 over its epochs")
     p.add_argument("--gd-schedule", choices=["constant", "cosine"], default="constant",
                    help="FPI_GD's learning rate: constant, or cosine-annealed to 0 over its epochs")
     p.add_argument("--solver", choices=["anderson", "spec"], default="anderson",
@@ -373,7 +371,7 @@ def main() -> None:
             with torch.no_grad():
                 model.fc2.bias.copy_(torch.log(freq / (1 - freq)))
         lr, epochs, schedule = ((args.gd_lr, args.gd_epochs, args.gd_schedule) if name == "FPI_GD"
-                                else (args.lr, args.epochs, args.schedule))
+                                else (args.lr, args.epochs, "constant"))
         results["models"][name] = train_one(name, model, data, args, lr, epochs, schedule)
         write_json(out / "results.json", results)  # after every model, so a long run leaves partial results
 
