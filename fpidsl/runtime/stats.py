@@ -38,17 +38,19 @@ DIVERGED_HOW_GROWTH = "the step |g(x)-x| grew far above the smallest seen"
 DIVERGED_HOW_BOTH = "iterates became NaN or Inf, or the step |g(x)-x| grew far above the smallest seen"
 
 FORWARD_ADVICE_SLOW = (
-    "raise max_iter (now {max_iter}), loosen tol, use method='anderson', or make the map more contractive "
+    "raise max_iter (now {max_iter}), loosen tol, {anderson}or make the map more contractive "
     "(smaller init_scale, norm=spectral)"
 )
+FORWARD_ANDERSON = "use method='anderson', "
 FORWARD_ADVICE_DIVERGED = (
     "make the map contractive (smaller init_scale, norm=spectral), or try method='anderson' with a smaller beta"
 )
 BACKWARD_ADVICE_SLOW = (
     "raise the backward max_iter (now {max_iter}, e.g. backward={{'max_iter': {double}}}), loosen the backward tol, "
-    "use backward={{'method': 'anderson'}}, or make the map more contractive in x at the fixed point "
+    "{anderson}or make the map more contractive in x at the fixed point "
     "(smaller init_scale, norm=spectral); the gradient computed from this solve is not accurate"
 )
+BACKWARD_ANDERSON = "use backward={'method': 'anderson'}, "
 BACKWARD_ADVICE_DIVERGED = (
     "make the map contractive in x at the fixed point (smaller init_scale, norm=spectral), or use "
     "backward={'method': 'anderson'}; the gradient computed from this solve is wrong"
@@ -61,6 +63,13 @@ STALLED = (
     ". The residual of {stalled} of them fell only from {halfway:.3g} to {last:.3g} over the last {steps} "
     "iterations: the iteration is nearly stalled, so more iterations will help little. The map's Jacobian has an "
     "eigenvalue at or near 1 at the fixed point{backward_note}."
+)
+# A relative residual within this many machine epsilons may be the map's own rounding noise.
+NEAR_ROUNDING_EPS = 1000
+NEAR_ROUNDING = (
+    " In {dtype} that residual is {eps:.0f} machine epsilons: if it is the map's rounding noise, loosen tol or "
+    "use float64; if not (Anderson can stall there for hundreds of iterations on an ill-conditioned map and then "
+    "converge), raise max_iter."
 )
 STALLED_BACKWARD_NOTE = (
     "; if the residual falls like 1/n, I - dg/dx is singular there (fixed points that are not isolated, as for an "
@@ -224,8 +233,26 @@ def failure_message(stats: SolveStats) -> str | None:
         best=float(residuals.min()),
         tol=s.tol,
         iterations=int(stats.iterations[failed_mask].max()),
-        advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter),
-    ) + _stalled_note(stats, failed_mask, backward)
+        advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter, anderson=_anderson_advice(s, backward)),
+    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals)
+
+
+def _anderson_advice(s, backward: bool) -> str:
+    """Suggest Anderson only to a solve that does not use it already."""
+    if s.method == "anderson":
+        return ""
+    return BACKWARD_ANDERSON if backward else FORWARD_ANDERSON
+
+
+def _rounding_note(stats: SolveStats, residuals: Tensor) -> str:
+    """A sentence when the failed samples' relative residuals are within ``NEAR_ROUNDING_EPS`` epsilons."""
+    if stats.settings.criterion != "relative" or not residuals.is_floating_point():
+        return ""
+    eps = torch.finfo(residuals.dtype).eps
+    worst = float(residuals.max())
+    if not worst <= NEAR_ROUNDING_EPS * eps:
+        return ""
+    return NEAR_ROUNDING.format(dtype=str(residuals.dtype).removeprefix("torch."), eps=worst / eps)
 
 
 def _stalled_note(stats: SolveStats, failed_mask: Tensor, backward: bool) -> str:

@@ -153,6 +153,25 @@ def test_an_anderson_stall_far_above_rounding_is_not_taken_for_the_precision_flo
     assert (error < 0.06).all(), error  # the conditioning's share: 1e3 x the residual
 
 
+def test_a_failure_near_rounding_says_so_and_anderson_is_not_advised_to_anderson():
+    gen = generator(0)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    H = ((Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T).float()
+    b = torch.randn(8, n, generator=gen)
+    with pytest.raises(ConvergenceError) as info:
+        fixed_point(lambda x, H, b: x - 0.02 * (x @ H.T - b), torch.zeros(8, n), H, b, method="anderson", m=5,
+                    tol=1e-6, max_iter=400, on_fail="raise")
+    message = str(info.value)
+    assert "In float32 that residual is" in message and "machine epsilons" in message
+    assert "method='anderson'" not in message
+    with pytest.raises(ConvergenceError) as info:  # Picard far from rounding: Anderson advised, no rounding note
+        fixed_point(lambda x, H, b: x - 0.02 * (x @ H.T - b), torch.zeros(8, n), H, b, tol=1e-6, max_iter=50,
+                    on_fail="raise")
+    message = str(info.value)
+    assert "use method='anderson'" in message and "machine epsilons" not in message
+
+
 def test_history_records_every_iteration_per_sample():
     W, z, a = mixed_batch()
     _, stats = fixed_point(scaled_tanh, torch.zeros_like(z), W, z, a, tol=1e-8, history=True, return_stats=True)
