@@ -134,17 +134,25 @@ def test_slow_steady_convergence_is_not_taken_for_the_precision_floor():
     assert torch.allclose(x, torch.full_like(x, 2000.0), rtol=1e-2)
 
 
+def ill_conditioned_quadratic(n=60, batch=8):
+    """H (n x n, eigenvalues 1 ... 1e-3, float64) and a batch of right-hand sides b: E(x) = x.Hx/2 - b.x."""
+    gen = generator(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    H = (Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T
+    return H, torch.randn(batch, n, generator=gen, dtype=torch.float64)
+
+
+def gradient_step(x, H, b):
+    return x - 0.02 * (x @ H.T - b)
+
+
 def test_an_anderson_stall_far_above_rounding_is_not_taken_for_the_precision_floor():
     """Gradient steps x - 0.02 (Hx - b) on a quadratic with condition number 1e3, Anderson in float32: the residual
     stalls for tens of iterations at 100-1000 eps and then falls again. The floor rule used to stop there (factor
     1e3) and count the samples as done with the minimiser 28-81% away; now they go on to tol = 1e-6."""
-    gen = generator(0)
-    n = 60
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    H = (Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T
-    b = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    H, b = ill_conditioned_quadratic()
     minimiser = torch.linalg.solve(H, b.T).T
-    x, stats = fixed_point(lambda x, H, b: x - 0.02 * (x @ H.T - b), torch.zeros(8, n), H.float(), b.float(),
+    x, stats = fixed_point(gradient_step, torch.zeros_like(b, dtype=torch.float32), H.float(), b.float(),
                            method="anderson", m=5, tol=1e-6, max_iter=3000, return_stats=True)
     s = stats.forward
     assert s.all_ok and x.dtype == torch.float32
@@ -154,20 +162,15 @@ def test_an_anderson_stall_far_above_rounding_is_not_taken_for_the_precision_flo
 
 
 def test_a_failure_near_rounding_says_so_and_anderson_is_not_advised_to_anderson():
-    gen = generator(0)
-    n = 60
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    H = ((Q * torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T).float()
-    b = torch.randn(8, n, generator=gen)
+    H, b = (t.float() for t in ill_conditioned_quadratic())
     with pytest.raises(ConvergenceError) as info:
-        fixed_point(lambda x, H, b: x - 0.02 * (x @ H.T - b), torch.zeros(8, n), H, b, method="anderson", m=5,
-                    tol=1e-6, max_iter=400, on_fail="raise")
+        fixed_point(gradient_step, torch.zeros_like(b), H, b, method="anderson", m=5, tol=1e-6, max_iter=400,
+                    on_fail="raise")
     message = str(info.value)
     assert "In float32 that residual is" in message and "machine epsilons" in message
     assert "method='anderson'" not in message
     with pytest.raises(ConvergenceError) as info:  # Picard far from rounding: Anderson advised, no rounding note
-        fixed_point(lambda x, H, b: x - 0.02 * (x @ H.T - b), torch.zeros(8, n), H, b, tol=1e-6, max_iter=50,
-                    on_fail="raise")
+        fixed_point(gradient_step, torch.zeros_like(b), H, b, tol=1e-6, max_iter=50, on_fail="raise")
     message = str(info.value)
     assert "use method='anderson'" in message and "machine epsilons" not in message
 
