@@ -7,7 +7,11 @@ weights). Both are trained with MSE, Adam (one-cycle schedule) and gradient-norm
 the training crops with fresh noise each step, then evaluated on the 24 full 180x180 test crops of DATA.md's split
 (images.py), with TV denoising (Chambolle, weight tuned on the same crops) as the classical reference.
 
+``--layer DenoiseResNN`` runs the residual variant of specs/denoise_residual.fpi instead, x = z - g(x, z) with the
+same g (not the paper's form; its feedforward baseline is z - g(0, z)).
+
     python examples/denoise.py                 # full run (sigma = 15, 25, 50)
+    python examples/denoise.py --layer DenoiseResNN
     python examples/denoise.py --quick         # seconds: a smoke test of the whole pipeline
 
 Writes ``results.json``, ``denoise.png`` (noisy / FPI / feedforward / clean for one test crop per sigma) and
@@ -45,7 +49,8 @@ def psnr(estimate: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 
 class FeedForward(nn.Module):
-    """The FPI layer's map g applied once from x = 0: conv2(relu(conv1(cat([0, z])))), with its own weights."""
+    """The FPI layer's map g applied once from x = 0 (conv2(relu(conv1(cat([0, z])))) for DenoiseNN), with its own
+    weights."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
