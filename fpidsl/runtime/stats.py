@@ -237,7 +237,7 @@ def failure_message(stats: SolveStats) -> str | None:
     ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals)
 
 
-def _anderson_advice(s, backward: bool) -> str:
+def _anderson_advice(s: SolverSettings, backward: bool) -> str:
     """Suggest Anderson only to a solve that does not use it already."""
     if s.method == "anderson":
         return ""
