@@ -228,11 +228,10 @@ def bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train_one(name: str, model: torch.nn.Module, data: dict, args, lr: float, epochs: int, schedule: str) -> dict:
     torch.manual_seed(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    steps_per_epoch = -(-data["x_tr"].shape[0] // args.batch)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-             if schedule == "cosine" else None)
     xtr, ytr, xva, yva = data["x_tr"], data["y_tr"], data["x_va"], data["y_va"]
     n = xtr.shape[0]
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * -(-n // args.batch))  # steps in all
+             if schedule == "cosine" else None)
     hist = {"train_loss": [], "val_f1": [], "val_threshold": [], "val_loss": [], "epoch_seconds": [],
             "forward_mean_iterations": [], "forward_max_iterations": [], "backward_mean_iterations": [],
             "backward_max_iterations": [], "forward_fraction_ok": [], "backward_fraction_ok": [],

@@ -51,3 +51,17 @@ def test_kernel_measurements_run():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ratio") == 8  # one line a pair of forms
+
+
+def test_precision_floor_measurement_runs_and_the_floor_covers_the_shipped_conv_layers():
+    import re
+    import subprocess
+
+    from fpidsl.runtime.driver import FLOOR_FACTOR
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_floor.py")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    worst = [float(v) for v in re.findall(r"([\d.]+) eps \(max\)", proc.stdout)]
+    assert len(worst) == 6  # three layers, two weight scales
+    assert max(worst) < FLOOR_FACTOR  # their rounding noise is below the floor: they stop there, not at max_iter

@@ -32,7 +32,8 @@ _DISTRIBUTABLE = {"linear": (-1, 1), "conv2d": (1, 1), "conv_transpose2d": (1, 0
 # A convolution is split only when its state-free input channels are at least this share of all of them: on CPU a
 # convolution with few input channels costs about the same whatever their number, so splitting 1 + 1 channels
 # only adds a pass (benchmarks/kernels.py, batch 8 of 64x64, 16 output channels: 2 channels whole 0.24 ms, split
-# 0.26 ms; 4 channels whole 0.32 ms, split 0.26 ms). A linear layer's cost grows with its input features: always split.
+# 0.26 ms; 4 channels whole 0.32 ms, split 0.26 ms). A linear layer's cost grows with its input features: always
+# split.
 CONV_SPLIT_SHARE = 0.75
 
 

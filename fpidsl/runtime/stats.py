@@ -246,7 +246,7 @@ def _anderson_advice(s: SolverSettings, backward: bool) -> str:
 
 def _rounding_note(stats: SolveStats, residuals: Tensor) -> str:
     """A sentence when the failed samples' relative residuals are within ``NEAR_ROUNDING_EPS`` epsilons."""
-    if stats.settings.criterion != "relative" or not residuals.is_floating_point():
+    if stats.settings.criterion != "relative":
         return ""
     eps = torch.finfo(residuals.dtype).eps
     worst = float(residuals.max())

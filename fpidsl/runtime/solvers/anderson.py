@@ -11,8 +11,8 @@ Implementation notes:
 - history buffers of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring: ``dF`` and
   ``dH = dX + beta dF`` (the only form in which ``dX`` is used); the products with them are written as
   ``(batch, 1, dim) @ (batch, dim, k)`` (``bmm`` of a row with the transposed buffer: 0.013 ms against 0.15 ms
-  for ``buffer @ column`` on CPU at batch 8, dim 4096, m 6, ``benchmarks/kernels.py``) and the correction is fused into the step
-  (``baddbmm``);
+  for ``buffer @ column`` on CPU at batch 8, dim 4096, m 6, ``benchmarks/kernels.py``) and the correction is
+  fused into the step (``baddbmm``);
 - the Gram matrix ``dF dF^T`` is kept up to date one row and column at a time (``O(m dim)`` a step, not
   ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call;
 - ``reg = lam * mean(diag(Gram))`` keeps the regularisation independent of the scale of the problem;

@@ -1,0 +1,147 @@
+"""The measurements behind the precision floor's factor (fpidsl/runtime/driver.py, ``FLOOR_FACTOR``) and the
+Bibtex FPI_GD accuracy figures of docs/RESULTS_box_bibtex.md, in float32 on one thread.
+
+    .venv/bin/python benchmarks/precision_floor.py                       # the shipped conv layers only (seconds)
+    .venv/bin/python benchmarks/precision_floor.py --checkpoint out/bibtex_sig_gd_lr3e-4/FPI_GD.pt \\
+        --checkpoint out/bibtex/FPI_GD.pt                                # + trained BibtexGD checkpoints (minutes)
+
+1. Rounding floor: the relative residual |g(x) - x| / |x| each shipped conv layer settles at when nothing stops it
+   (floor test off, tol 1e-15), in machine epsilons, with its weights scaled up so the map is far from trivial.
+2. For each BibtexGD checkpoint (``examples/bibtex.py --save-checkpoints`` writes one) on the first ``--rows``
+   training rows: the relative error of the training loss's parameter gradient against a float64 reference
+   (BibtexNN with the same weights, solved to 1e-12: with this spec both layers have the same fixed points and
+   implicit gradients, which the script checks too) under the old floor (1000 eps) and the current one, with the
+   solves' counts; the longest stall (iterations without a new smallest residual while below 1000 eps) of the 24
+   hardest rows solved one at a time, floor test off; and the test F1 of the checkpoint with max_iter 20,000.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import fpidsl  # noqa: E402
+import fpidsl.runtime.driver as driver  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+CONV_LAYERS = [("specs/denoise.fpi", (4, 1, 48, 48)), ("specs/denoise_residual.fpi", (4, 1, 48, 48)),
+               ("specs/optical_flow.fpi", (4, 2, 32, 32))]
+
+
+def rounding_floors() -> None:
+    saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, 0.0  # nothing stops a sample but tol (unreachable) or max_iter
+    try:
+        _rounding_floors()
+    finally:
+        driver.FLOOR_FACTOR = saved
+
+
+def _rounding_floors() -> None:
+    for spec, shape in CONV_LAYERS:
+        for scale in (3.0, 9.0):
+            torch.manual_seed(0)
+            layer = fpidsl.load(ROOT / spec)(solve={"method": "anderson", "tol": 1e-15, "max_iter": 600,
+                                                    "on_fail": "ignore"})
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.mul_(scale)
+                layer(torch.rand(shape))
+            r = layer.stats.forward.residual
+            print(f"{Path(spec).stem:18s} weights x{scale:g}: relative residual where it settles (600 Anderson steps at most) "
+                  f"{float(r.median()) / EPS32:.2f} eps (median), {float(r.max()) / EPS32:.2f} eps (max)")
+
+
+def bibtex_gd(checkpoint: Path, rows: int) -> None:
+    import bibtex  # noqa: PLC0415  (examples/bibtex.py: the data loader, the loss and the metric)
+
+    raw = bibtex.load_bibtex(bibtex.DEFAULT_CACHE)
+    x = torch.from_numpy(raw["x_train"]).float()[:rows]
+    y = torch.from_numpy(raw["y_train"]).float()[:rows]
+    weights = torch.load(checkpoint)
+
+    def gradient(name: str, settings: dict, dtype: torch.dtype):
+        layer = fpidsl.load(bibtex.SPEC, name=name)(solve=settings, backward=settings).to(dtype)
+        layer.load_state_dict(weights)
+        bibtex.bce(layer(x.to(dtype)), y.to(dtype)).backward()
+        return torch.cat([p.grad.flatten().double() for p in layer.parameters()]), layer.stats.forward
+
+    tight = {"method": "anderson", "tol": 1e-12, "max_iter": 5000, "on_fail": "ignore"}
+    reference, _ = gradient("BibtexNN", tight, torch.float64)
+    gd64, _ = gradient("BibtexGD", tight, torch.float64)
+    print(f"{checkpoint}: {rows} rows; float64 BibtexGD vs BibtexNN gradient, relative difference "
+          f"{float((gd64 - reference).norm() / reference.norm()):.1e}")
+    for factor, max_iter in ((1e3, 500), (driver.FLOOR_FACTOR, 500), (driver.FLOOR_FACTOR, 2000)):
+        saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, factor
+        try:
+            g, fwd = gradient("BibtexGD", {"method": "anderson", "max_iter": max_iter, "on_fail": "ignore"},
+                              torch.float32)
+        finally:
+            driver.FLOOR_FACTOR = saved
+        print(f"  floor {factor:g} eps, max_iter {max_iter}: gradient relative error "
+              f"{float((g - reference).norm() / reference.norm()):.3f}; forward not converged {len(fwd.failed)}, "
+              f"at the floor {int(fwd.stopped_at_floor.sum())}")
+    longest_stalls(x, weights, bibtex)
+    settings = {"method": "anderson", "max_iter": 20000, "on_fail": "ignore"}
+    layer = fpidsl.load(bibtex.SPEC, name="BibtexGD")(solve=settings, backward=settings)
+    layer.load_state_dict(weights)
+    layer.eval()
+    prob, record = bibtex.predict(layer, torch.from_numpy(raw["x_test"]).float())
+    target = torch.from_numpy(raw["y_test"]).float()
+    print("  test F1 with max_iter 20000 at thresholds 0.08 / 0.09 / 0.10: "
+          + " / ".join(f"{bibtex.example_f1(prob, target, t):.4f}" for t in (0.08, 0.09, 0.10))
+          + f"; not converged {record['not_converged']} of {len(target)}")
+
+
+def longest_stalls(x: torch.Tensor, weights: dict, bibtex) -> None:
+    """Solve the 24 rows that take the most iterations one at a time, floor test off, and report the longest run
+    of iterations without a new smallest relative residual while that residual is below 1000 eps."""
+    settings = {"method": "anderson", "max_iter": 3000, "on_fail": "ignore"}
+    layer = fpidsl.load(bibtex.SPEC, name="BibtexGD")(solve=settings)
+    layer.load_state_dict(weights)
+    with torch.no_grad():
+        layer(x)
+    hardest = torch.argsort(layer.stats.forward.iterations, descending=True)[:24].tolist()
+    saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, 0.0
+    stalls = []
+    try:
+        for i in hardest:
+            with torch.no_grad():
+                layer.history = True
+                layer(x[i:i + 1])
+            history = layer.stats.forward.history[:, 0].tolist()
+            best, run, longest = math.inf, 0, 0
+            for r in history:
+                best, run = (r, 0) if r < best else (best, run + 1)
+                if r <= 1e3 * EPS32:
+                    longest = max(longest, run)
+            stalls.append((longest, history[-1] / EPS32))
+    finally:
+        driver.FLOOR_FACTOR = saved
+    stalls.sort(reverse=True)
+    print("  longest stalls below 1000 eps (iterations, final residual in eps), hardest 24 rows one at a time: "
+          + ", ".join(f"{n} ({end:.1f})" for n, end in stalls[:6]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, action="append", default=[], help="a BibtexGD state_dict (repeatable)")
+    p.add_argument("--rows", type=int, default=256, help="training rows for the gradient comparison")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", fpidsl.ConvergenceWarning)
+    rounding_floors()
+    for checkpoint in args.checkpoint:
+        bibtex_gd(checkpoint, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
