@@ -12,7 +12,9 @@ Bibtex FPI_GD accuracy figures of docs/RESULTS_box_bibtex.md, in float32 on one 
    (BibtexNN with the same weights, solved to 1e-12: with this spec both layers have the same fixed points and
    implicit gradients, which the script checks too) under the old floor (1000 eps) and the current one, with the
    solves' counts; the longest stall (iterations without a new smallest residual while below 1000 eps) of the 24
-   hardest rows solved one at a time, floor test off; and the test F1 of the checkpoint with max_iter 20,000.
+   hardest rows solved one at a time to 1e-6 relative, floor test off; and the test F1 of the checkpoint with
+   max_iter 20,000. Where the two float64 references disagree (a checkpoint on which some rows do not converge
+   even in float64, or land on other fixed points), the gradient errors against them mean little.
 """
 from __future__ import annotations
 
@@ -101,9 +103,10 @@ def bibtex_gd(checkpoint: Path, rows: int) -> None:
 
 
 def longest_stalls(x: torch.Tensor, weights: dict, bibtex) -> None:
-    """Solve the 24 rows that take the most iterations one at a time, floor test off, and report the longest run
-    of iterations without a new smallest relative residual while that residual is below 1000 eps."""
-    settings = {"method": "anderson", "max_iter": 3000, "on_fail": "ignore"}
+    """Solve the 24 rows that take the most iterations one at a time to a relative residual of 1e-6 (about 8 eps;
+    the spec's absolute 1e-4 is about 15 eps at these states), floor test off, and report the longest run of
+    iterations without a new smallest relative residual while that residual is below 1000 eps."""
+    settings = {"method": "anderson", "max_iter": 3000, "on_fail": "ignore", "criterion": "relative", "tol": 1e-6}
     layer = fpidsl.load(bibtex.SPEC, name="BibtexGD")(solve=settings)
     layer.load_state_dict(weights)
     with torch.no_grad():

@@ -9,10 +9,10 @@ Per sample (a row of the flattened state), with ``r = g(x) - x``:
   last ``FLOOR_PATIENCE`` went below the smallest seen before (tested every ``FLOOR_PATIENCE`` iterations): the
   residual is rounding noise, the dtype cannot resolve ``tol``, more iterations would only burn time. (A slow but
   steady iteration sets a new smallest residual every step and is never taken for one at the floor.) The factor
-  is small on purpose: Anderson on an ill-conditioned map can stall for hundreds of iterations at 100-1000 eps
-  and then converge (BibtexGD in float32; ``tests/runtime/test_convergence.py``), while the rounding noise of
-  ``g(x) - x`` of the shipped layers sits at 0.1-1 eps; a map noisier than ``FLOOR_FACTOR`` eps fails loudly
-  (not converged) instead of passing an unconverged sample as a success.
+  is small on purpose: Anderson on an ill-conditioned map can stall below 1000 eps for hundreds of iterations
+  and then converge (BibtexGD in float32; ``tests/runtime/test_convergence.py``), while the shipped conv layers
+  settle below 1 eps (both measured by ``benchmarks/precision_floor.py``); a map noisier than ``FLOOR_FACTOR``
+  eps fails loudly (not converged) instead of passing an unconverged sample as a success.
 
 A finished sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite) and it
 leaves the working set: the solver's state, the trackers and, when the evaluator can (see
