@@ -6,148 +6,23 @@ the cotangent of each argument (summed back to the argument's shape) and returns
 that is left out has a structurally zero cotangent: a ``like`` argument, read for its shape only, or a
 mask's argument. Rules may read the primal node's value itself (``sigmoid`` does).
 
-The rules need a few *auxiliary* primitives (``relu_mask``, ``linear_weight_grad`` ...). They are added
-to :data:`~fpidsl.ir.primitives.PRIMITIVES` (``builtin=False``) with shape rules, and every one of them
-has a rule of its own, so a derived graph can be differentiated again; the masks (``*_mask``, ``sign``,
-``ones_like``, ``zeros_like``, ``count``) are piecewise constant and their rule returns nothing.
-
-Importing this module registers the auxiliary primitives and sets the ``vjp`` field of every primitive.
+The rules need a few *auxiliary* primitives (``relu_mask``, ``linear_weight_grad`` ...), which are entries of
+:data:`~fpidsl.ir.primitives.PRIMITIVES` like every other (``builtin=False``), each with a rule of its own, so a
+derived graph can be differentiated again; the masks (``*_mask``, ``sign``, ``ones_like``, ``zeros_like``,
+``count``) are piecewise constant and their rule returns nothing. The table names each primitive's rule
+(``vjp=RULES[...]``); this module only defines them.
 """
 from __future__ import annotations
 
-import dataclasses
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
-from .graph import Assumption, LayerGraph
-from .primitives import BUILTINS, PRIMITIVES, Attr, Primitive, SliceSpec
-from .shapes import DimConflict, ShapeCtx, broadcast, fmt_shape, normalize_dim
+from .primitives import SliceSpec
+from .shapes import fmt_shape, normalize_dim
+
+if TYPE_CHECKING:
+    from .builder import GraphBuilder
 
 VjpRule = Callable[["GraphBuilder", str, str], dict[int, str]]
-
-
-class GraphBuilder:
-    """Adds nodes to a :class:`LayerGraph` for the differentiation pass.
-
-    Shapes come from the primitives' shape rules; spans (and ``inlined``) from the primal node being
-    differentiated (:meth:`deriving`); a ``call`` or ``const`` that already exists with the same
-    arguments and attributes is returned instead of made again."""
-
-    def __init__(self, graph: LayerGraph):
-        self.graph = graph
-        self._memo: dict[Any, str] = {}
-        self._origin: dict[str, Any] | None = None
-        for nid in graph.nodes():
-            self.remember(nid)
-
-    # ------------------------------------------------------------------ reading
-    def args(self, nid: str) -> list[str]:
-        return self.graph.args(nid)
-
-    def attrs(self, nid: str) -> dict[str, Any]:
-        return self.graph.node(nid)["attrs"]
-
-    def shape(self, nid: str) -> tuple:
-        return self.graph.shape(nid)
-
-    def rank(self, nid: str) -> int:
-        return len(self.graph.shape(nid))
-
-    # ------------------------------------------------------------------ adding
-    @contextmanager
-    def deriving(self, nid: str, graph: LayerGraph | None = None) -> Iterator[None]:
-        """Nodes added inside come from the primal node ``nid`` (of ``graph``, by default the one being
-        extended): they take its span and ``inlined``."""
-        data = (graph or self.graph).node(nid)
-        saved, self._origin = self._origin, {"span": data["span"], "inlined": data.get("inlined")}
-        try:
-            yield
-        finally:
-            self._origin = saved
-
-    def remember(self, nid: str) -> None:
-        """Make an existing node available for reuse."""
-        key = _key(self.graph, nid)
-        if key is not None:
-            self._memo.setdefault(key, nid)
-
-    def existing(self, prim: str, args: Sequence[str], attrs: dict[str, Any]) -> str | None:
-        """The node ``prim(*args, **attrs)`` if the graph has it already."""
-        return self._memo.get(_call_key(prim, args, attrs))
-
-    def call(self, prim: str, *args: str, **attrs: Any) -> str:
-        """The node ``prim(*args, **attrs)`` (defaults filled, shape inferred)."""
-        p = PRIMITIVES[prim]
-        attrs = p.with_defaults(attrs)
-        key = _call_key(prim, args, attrs)
-        if key in self._memo:
-            return self._memo[key]
-        same = self._identity(prim, args)
-        if same is not None:
-            return same
-        ctx = ShapeCtx(callee=prim)
-        shape = p.shape([self.shape(a) for a in args], attrs, ctx)
-        origin = self._origin_data()
-        nid = self.graph.add_node("call", span=origin["span"], shape=tuple(shape), args=args, prim=prim,
-                                  attrs=attrs, module=None, inlined=origin.get("inlined"))
-        self._record_assumptions(ctx, origin["span"])
-        self._memo[key] = nid
-        return nid
-
-    def const(self, value: int | float) -> str:
-        key = ("const", type(value), value)
-        if key not in self._memo:
-            self._memo[key] = self.graph.add_node("const", span=self._origin_data()["span"], shape=(),
-                                                  value=value)
-        return self._memo[key]
-
-    def _identity(self, prim: str, args: tuple[str, ...]) -> str | None:
-        """The argument that ``prim(*args)`` equals, for ``expand_as`` to its own shape and products
-        with ones (the seed of ``grad``) that do not broadcast; else None."""
-        if prim == "expand_as" and self.shape(args[0]) == self.shape(args[1]):
-            return args[0]
-        if prim == "mul":
-            for one, other in (args, args[::-1]):
-                if self._is_ones(one) and broadcast(self.shape(one), self.shape(other)) == self.shape(other):
-                    return other
-        return None
-
-    def _is_ones(self, nid: str) -> bool:
-        data = self.graph.node(nid)
-        if data["op"] != "call":
-            return False
-        if data["prim"] == "ones_like":
-            return True
-        return data["prim"] in ("unsqueeze", "expand_as", "reshape_as") and self._is_ones(self.args(nid)[0])
-
-    def _origin_data(self) -> dict[str, Any]:
-        if self._origin is None:
-            raise RuntimeError("GraphBuilder: nodes are added only inside `with builder.deriving(node):`")
-        return self._origin
-
-    def _record_assumptions(self, ctx: ShapeCtx, span) -> None:
-        known = {(a.expr, a.divisor) for a in self.graph.assumptions}
-        for expr, divisor in ctx.assumptions:
-            if (expr, divisor) not in known:
-                self.graph.assumptions.append(Assumption(expr, divisor, span))
-
-
-def _call_key(prim: str, args, attrs: dict[str, Any]):
-    return ("call", prim, tuple(args), tuple(sorted((k, _hashable(v)) for k, v in attrs.items())))
-
-
-def _hashable(value: Any) -> Any:
-    return (type(value), tuple(_hashable(v) for v in value)) if isinstance(value, (tuple, list)) \
-        else (type(value), value)
-
-
-def _key(graph: LayerGraph, nid: str):
-    data = graph.node(nid)
-    if data["op"] == "const":
-        return ("const", type(data["value"]), data["value"])
-    if data["op"] == "call":
-        return _call_key(data["prim"], graph.args(nid), data["attrs"])
-    return None
 
 
 # --------------------------------------------------------------------------- helpers for rules
@@ -516,84 +391,6 @@ def _conv2d_weight_grad(b, n, ct):
 # --------------------------------------------------------------------------- auxiliary shape rules
 
 
-def _same(shapes, attrs, ctx):
-    return tuple(shapes[0])
-
-
-def _like(shapes, attrs, ctx):
-    """The shape of the last argument (``like``)."""
-    return tuple(shapes[-1])
-
-
-def _scalar(shapes, attrs, ctx):
-    return ()
-
-
-def _broadcast2(shapes, attrs, ctx):
-    try:
-        return broadcast(shapes[0], shapes[1])
-    except DimConflict:
-        raise ctx.fail(f"{ctx.callee}: {fmt_shape(shapes[0])} and {fmt_shape(shapes[1])} do not broadcast") \
-            from None
-
-
-def _unsqueeze_shape(shapes, attrs, ctx):
-    dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
-    out = list(shapes[0])
-    for d in sorted(dims):
-        if not 0 <= d <= len(out):
-            raise ctx.fail(f"unsqueeze: dim {d} out of range for {fmt_shape(tuple(out))}")
-        out.insert(d, 1)
-    return tuple(out)
-
-
-def _cat_part_shape(shapes, attrs, ctx):
-    return tuple(shapes[1 + attrs["item"]])
-
-
-def _linear_weight_grad_shape(shapes, attrs, ctx):
-    ct, x = shapes
-    return (ct[-1], x[-1])
-
-
-def _conv2d_weight_grad_shape(shapes, attrs, ctx):
-    ct, x = shapes
-    return (ct[1], x[1]) + tuple(attrs["kernel"])
-
-
-def _aux(name, inputs, rule, *attrs, variadic=False, doc=""):
-    return Primitive(name, inputs, rule, tuple(attrs), 0, variadic, False, doc)
-
-
-_CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
-
-AUXILIARY: tuple[Primitive, ...] = (
-    _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0"),
-    _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope"),
-    _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)"),
-    _aux("sign", ("x",), _same, doc="-1, 0 or 1"),
-    _aux("clamp_mask", ("x",), _same, Attr("lo", "number"), Attr("hi", "number"),
-         doc="1 where lo <= x <= hi, else 0"),
-    _aux("greater_mask", ("a", "b"), _broadcast2, doc="1 where a > b, 1/2 where a == b, else 0"),
-    _aux("ones_like", ("x",), _same),
-    _aux("zeros_like", ("x",), _same),
-    _aux("count", ("x",), _scalar, Attr("dim", "dims", None), doc="how many elements mean(x, dim) averages"),
-    _aux("unsqueeze", ("x",), _unsqueeze_shape, Attr("dim", "dims"),
-         doc="size-1 dims inserted at dim (non-negative positions in the result)"),
-    _aux("expand_as", ("x", "like"), _like, doc="x broadcast to the shape of like"),
-    _aux("reshape_as", ("x", "like"), _like, doc="x reshaped to the shape of like"),
-    _aux("index_backward", ("ct", "like"), _like, Attr("index", "index"),
-         doc="zeros shaped like `like`, with ct at [index]"),
-    _aux("cat_part", ("ct", "parts"), _cat_part_shape, Attr("dim", "dim"), Attr("item", "int"), variadic=True,
-         doc="the slice of ct = cotangent of cat(parts, dim) that belongs to parts[item]"),
-    _aux("linear_weight_grad", ("ct", "x"), _linear_weight_grad_shape,
-         doc="sum over batch dims of ct (x) x: the weight gradient of linear"),
-    _aux("conv2d_input_grad", ("ct", "weight", "like"), _like, *_CONV,
-         doc="the input gradient of conv2d(like, weight)"),
-    _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
-         doc="the weight gradient of conv2d(x, W)"),
-)
-
 _ELEMENTWISE = {"relu": _relu_d, "leaky_relu": _leaky_relu_d, "tanh": _tanh_d, "sigmoid": _sigmoid_d,
                 "softplus": _softplus_d, "elu": _elu_d, "exp": _exp_d, "square": _square_d, "abs": _abs_d,
                 "sin": _sin_d, "cos": _cos_d, "clamp": _clamp_d}
@@ -614,20 +411,3 @@ RULES: dict[str, VjpRule] = {
 }
 
 ZERO_DERIVATIVE = frozenset(name for name, rule in RULES.items() if rule is _zero)
-
-
-def _register() -> None:
-    for prim in AUXILIARY:
-        existing = PRIMITIVES.get(prim.name)
-        if existing is not None and existing.shape is not prim.shape:
-            raise RuntimeError(f"the auxiliary primitive {prim.name} clashes with a primitive of the table")
-        PRIMITIVES.setdefault(prim.name, prim)
-    for name, prim in PRIMITIVES.items():
-        rule = RULES.get(name)
-        if rule is not None and prim.vjp is not rule:
-            PRIMITIVES[name] = dataclasses.replace(prim, vjp=rule)
-            if name in BUILTINS:
-                BUILTINS[name] = PRIMITIVES[name]
-
-
-_register()

@@ -233,9 +233,23 @@ class LayerGraph:
     def downstream(self, sources: Iterable[str]) -> set[str]:
         """The nodes whose value depends on one of ``sources`` (the sources included)."""
         out: set[str] = set()
-        for src in sources:
-            if src not in out:
-                out |= {src} | nx.descendants(self.g, src)
+        stack = list(sources)
+        while stack:
+            nid = stack.pop()
+            if nid not in out:
+                out.add(nid)
+                stack.extend(self.g.successors(nid))
+        return out
+
+    def upstream(self, roots: Iterable[str]) -> set[str]:
+        """The nodes that one of ``roots`` depends on (the roots included): one walk, linear in the graph."""
+        out: set[str] = set()
+        stack = list(roots)
+        while stack:
+            nid = stack.pop()
+            if nid not in out:
+                out.add(nid)
+                stack.extend(self.g.predecessors(nid))
         return out
 
     def upstream_within(self, roots: Iterable[str], allowed: set[str]) -> set[str]:

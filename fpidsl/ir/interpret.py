@@ -11,7 +11,6 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..runtime import ops
-from . import derivatives  # noqa: F401 - the auxiliary primitives of derived graphs
 from .graph import LayerGraph
 from .primitives import PRIMITIVES
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from . import batching as _B
 from .shapes import (
     DimConflict,
     Shape,
@@ -97,6 +98,7 @@ class Primitive:
     doc: str = ""
     emit: Callable | None = None
     vjp: Callable | None = None
+    batch: Callable | None = None  # how samples flow through it (:mod:`fpidsl.ir.batching`)
 
     @property
     def min_args(self) -> int:
@@ -401,58 +403,151 @@ _X = ("x",)
 _AB = ("a", "b")
 
 
-def _p(name, inputs, rule, *attrs, builtin=False, optional=0, variadic=False, doc=""):
-    return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc)
+def _p(name, inputs, rule, *attrs, vjp, batch, builtin=False, optional=0, variadic=False, doc=""):
+    return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch)
 
+
+# The VJP rules' bodies are in derivatives.py (they build graphs with the primitives below).
+from . import derivatives as _D  # noqa: E402 - needs the classes above
+
+_V = _D.RULES
+_EW = _B.elementwise()
 
 _TABLE = [
     # arithmetic (operators)
-    _p("add", _AB, _broadcast, doc="a + b"),
-    _p("sub", _AB, _broadcast, doc="a - b"),
-    _p("mul", _AB, _broadcast, doc="a * b"),
-    _p("div", _AB, _broadcast, doc="a / b"),
-    _p("matmul", _AB, _matmul, doc="a @ b (torch.matmul)"),
-    _p("pow", _X, _same, Attr("exponent", "number"), doc="x ** exponent"),
-    _p("neg", _X, _same, doc="-x"),
+    _p("add", _AB, _broadcast, batch=_EW, doc="a + b", vjp=_V["add"]),
+    _p("sub", _AB, _broadcast, batch=_EW, doc="a - b", vjp=_V["sub"]),
+    _p("mul", _AB, _broadcast, batch=_EW, doc="a * b", vjp=_V["mul"]),
+    _p("div", _AB, _broadcast, batch=_EW, doc="a / b", vjp=_V["div"]),
+    _p("matmul", _AB, _matmul, batch=_B.matrix_product(), doc="a @ b (torch.matmul)", vjp=_V["matmul"]),
+    _p("pow", _X, _same, Attr("exponent", "number"), batch=_EW, doc="x ** exponent", vjp=_V["pow"]),
+    _p("neg", _X, _same, batch=_EW, doc="-x", vjp=_V["neg"]),
     # elementwise built-ins
-    _p("relu", _X, _same, builtin=True),
-    _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), builtin=True),
-    _p("tanh", _X, _same, builtin=True),
-    _p("sigmoid", _X, _same, builtin=True),
-    _p("softplus", _X, _same, Attr("beta", "number", 1.0), builtin=True),
-    _p("elu", _X, _same, Attr("alpha", "number", 1.0), builtin=True),
-    _p("exp", _X, _same, builtin=True),
-    _p("log", _X, _same, builtin=True),
-    _p("sqrt", _X, _same, builtin=True),
-    _p("square", _X, _same, builtin=True),
-    _p("abs", _X, _same, builtin=True),
-    _p("sin", _X, _same, builtin=True),
-    _p("cos", _X, _same, builtin=True),
-    _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), builtin=True),
-    _p("minimum", _AB, _broadcast, builtin=True),
-    _p("maximum", _AB, _broadcast, builtin=True),
+    _p("relu", _X, _same, batch=_EW, builtin=True, vjp=_V["relu"]),
+    _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), batch=_EW, builtin=True, vjp=_V["leaky_relu"]),
+    _p("tanh", _X, _same, batch=_EW, builtin=True, vjp=_V["tanh"]),
+    _p("sigmoid", _X, _same, batch=_EW, builtin=True, vjp=_V["sigmoid"]),
+    _p("softplus", _X, _same, Attr("beta", "number", 1.0), batch=_EW, builtin=True, vjp=_V["softplus"]),
+    _p("elu", _X, _same, Attr("alpha", "number", 1.0), batch=_EW, builtin=True, vjp=_V["elu"]),
+    _p("exp", _X, _same, batch=_EW, builtin=True, vjp=_V["exp"]),
+    _p("log", _X, _same, batch=_EW, builtin=True, vjp=_V["log"]),
+    _p("sqrt", _X, _same, batch=_EW, builtin=True, vjp=_V["sqrt"]),
+    _p("square", _X, _same, batch=_EW, builtin=True, vjp=_V["square"]),
+    _p("abs", _X, _same, batch=_EW, builtin=True, vjp=_V["abs"]),
+    _p("sin", _X, _same, batch=_EW, builtin=True, vjp=_V["sin"]),
+    _p("cos", _X, _same, batch=_EW, builtin=True, vjp=_V["cos"]),
+    _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), batch=_EW, builtin=True, vjp=_V["clamp"]),
+    _p("minimum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["minimum"]),
+    _p("maximum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["maximum"]),
     # reductions and shape ops
-    _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), builtin=True),
-    _p("mean", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), builtin=True),
-    _p("softmax", _X, _softmax, Attr("dim", "dim"), builtin=True),
-    _p("logsumexp", _X, _reduce, Attr("dim", "dims"), Attr("keepdim", "bool", False), builtin=True),
-    _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), builtin=True, variadic=True),
-    _p("reshape", _X, _reshape, Attr("shape", "shape"), builtin=True),
-    _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), builtin=True),
-    _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), builtin=True),
-    _p("index", _X, _index, Attr("index", "index"), doc="x[items]"),
+    _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["sum"]),
+    _p("mean", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["mean"]),
+    _p("softmax", _X, _softmax, Attr("dim", "dim"), batch=_B.along(), builtin=True, vjp=_V["softmax"]),
+    _p("logsumexp", _X, _reduce, Attr("dim", "dims"), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["logsumexp"]),
+    _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"]),
+    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"]),
+    _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), batch=_B.transposing(),
+       builtin=True, vjp=_V["transpose"]),
+    _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), batch=_B.flattening(),
+       builtin=True, vjp=_V["flatten"]),
+    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"]),
     # modules, lowered (weights are param nodes)
-    _p("linear", ("x", "weight", "bias"), _linear, optional=1, doc="x @ weight.T + bias"),
+    _p("linear", ("x", "weight", "bias"), _linear, batch=_B.per_row(row_rank=1), optional=1,
+       doc="x @ weight.T + bias", vjp=_V["linear"]),
     _p("conv2d", ("x", "weight", "bias"), _conv2d, Attr("stride", "pair", (1, 1)),
-       Attr("padding", "pair", (0, 0)), optional=1),
+       Attr("padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3), optional=1, vjp=_V["conv2d"]),
     _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
-       Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), optional=1),
+       Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3),
+       optional=1, vjp=_V["conv_transpose2d"]),
     # differentiation, expanded by a later pass
-    _p("grad", ("energy", "state"), _grad, builtin=True,
-       doc="gradient of the energy (summed over the batch) with respect to the state"),
+    _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
+       doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"]),
 ]
 
-PRIMITIVES: dict[str, Primitive] = {p.name: p for p in _TABLE}
+def _like(shapes, attrs, ctx):
+    """The shape of the last argument (``like``)."""
+    return tuple(shapes[-1])
+
+
+def _scalar(shapes, attrs, ctx):
+    return ()
+
+
+def _broadcast2(shapes, attrs, ctx):
+    try:
+        return broadcast(shapes[0], shapes[1])
+    except DimConflict:
+        raise ctx.fail(f"{ctx.callee}: {fmt_shape(shapes[0])} and {fmt_shape(shapes[1])} do not broadcast") \
+            from None
+
+
+def _unsqueeze_shape(shapes, attrs, ctx):
+    dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
+    out = list(shapes[0])
+    for d in sorted(dims):
+        if not 0 <= d <= len(out):
+            raise ctx.fail(f"unsqueeze: dim {d} out of range for {fmt_shape(tuple(out))}")
+        out.insert(d, 1)
+    return tuple(out)
+
+
+def _cat_part_shape(shapes, attrs, ctx):
+    return tuple(shapes[1 + attrs["item"]])
+
+
+def _linear_weight_grad_shape(shapes, attrs, ctx):
+    ct, x = shapes
+    return (ct[-1], x[-1])
+
+
+def _conv2d_weight_grad_shape(shapes, attrs, ctx):
+    ct, x = shapes
+    return (ct[1], x[1]) + tuple(attrs["kernel"])
+
+
+def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, variadic=False, doc=""):
+    return _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, variadic=variadic, doc=doc)
+
+
+_CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
+
+# auxiliary primitives: made only by the differentiation pass (the VJP rules' building blocks)
+AUXILIARY: tuple[Primitive, ...] = (
+    _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0", vjp=_V["relu_mask"]),
+    _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope", vjp=_V["leaky_relu_mask"]),
+    _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)", vjp=_V["elu_grad"]),
+    _aux("sign", ("x",), _same, doc="-1, 0 or 1", vjp=_V["sign"]),
+    _aux("clamp_mask", ("x",), _same, Attr("lo", "number"), Attr("hi", "number"),
+         doc="1 where lo <= x <= hi, else 0", vjp=_V["clamp_mask"]),
+    _aux("greater_mask", ("a", "b"), _broadcast2, doc="1 where a > b, 1/2 where a == b, else 0", vjp=_V["greater_mask"]),
+    _aux("ones_like", ("x",), _same, vjp=_V["ones_like"]),
+    _aux("zeros_like", ("x",), _same, vjp=_V["zeros_like"]),
+    _aux("count", ("x",), _scalar, Attr("dim", "dims", None), batch=_B.counting(), doc="how many elements mean(x, dim) averages", vjp=_V["count"]),
+    _aux("unsqueeze", ("x",), _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(),
+         doc="size-1 dims inserted at dim (non-negative positions in the result)", vjp=_V["unsqueeze"]),
+    _aux("expand_as", ("x", "like"), _like, batch=_B.like(1), doc="x broadcast to the shape of like", vjp=_V["expand_as"]),
+    _aux("reshape_as", ("x", "like"), _like, batch=_B.reshaping(like_position=1), doc="x reshaped to the shape of like", vjp=_V["reshape_as"]),
+    _aux("index_backward", ("ct", "like"), _like, Attr("index", "index"),
+         batch=_B.indexing(data=0, like_position=1),
+         doc="zeros shaped like `like`, with ct at [index]", vjp=_V["index_backward"]),
+    _aux("cat_part", ("ct", "parts"), _cat_part_shape, Attr("dim", "dim"), Attr("item", "int"), variadic=True,
+         batch=_B.cat_piece(),
+         doc="the slice of ct = cotangent of cat(parts, dim) that belongs to parts[item]", vjp=_V["cat_part"]),
+    _aux("linear_weight_grad", ("ct", "x"), _linear_weight_grad_shape, batch=_B.sample_free_result(),
+         doc="sum over batch dims of ct (x) x: the weight gradient of linear", vjp=_V["linear_weight_grad"]),
+    _aux("conv2d_input_grad", ("ct", "weight", "like"), _like, *_CONV,
+         batch=_B.per_row(row_rank=3, shape_only=(2,)),
+         doc="the input gradient of conv2d(like, weight)", vjp=_V["conv2d_input_grad"]),
+    _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
+         batch=_B.sample_free_result(),
+         doc="the weight gradient of conv2d(x, W)", vjp=_V["conv2d_weight_grad"]),
+)
+
+
+PRIMITIVES: dict[str, Primitive] = {p.name: p for p in (*_TABLE, *AUXILIARY)}
 BUILTINS: dict[str, Primitive] = {p.name: p for p in _TABLE if p.builtin}
 
 BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul"}

@@ -12,13 +12,9 @@ they differentiate, identical nodes are made once, and nodes nobody uses are pru
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Sequence
 
-import networkx as nx
-
-from ..ir import derivatives  # noqa: F401 - registers the VJP rules and auxiliary primitives
-from ..ir.derivatives import GraphBuilder
+from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import GraphLintError, LayerGraph
 from ..ir.primitives import PRIMITIVES
 from ..ir.shapes import fmt_shape
@@ -96,12 +92,8 @@ def reverse_mode(b: GraphBuilder, seeds: Sequence[tuple[str, str]], wrt: Sequenc
 
 def _between(graph: LayerGraph, outputs: Iterable[str], wrt: Iterable[str]) -> set[str]:
     """Nodes on a path from a ``wrt`` node to an output node (both included)."""
-    up: set[str] = set()
-    for node in outputs:
-        up |= nx.ancestors(graph.g, node) | {node}
-    down: set[str] = set()
-    for node in wrt:
-        down |= nx.descendants(graph.g, node) | {node}
+    up = graph.upstream(outputs)
+    down = graph.downstream(wrt)
     return up & down
 
 
@@ -144,10 +136,10 @@ def expand_grads(graph: LayerGraph) -> LayerGraph:
             with b.deriving(nid, graph):
                 mapping[nid] = _energy_grad(b, energy, state)
         else:
-            mapping[nid] = _copy_node(b, graph, nid, mapping)
-    _copy_metadata(graph, out, mapping)
+            mapping[nid] = copy_node(b, graph, nid, mapping)
+    copy_metadata(graph, out, mapping)
     kept = [mapping[nid] for nid in graph.nodes() if not _is_grad(graph, nid)]
-    return _compact(out, kept, LayerGraph)[0]
+    return compact(out, kept, LayerGraph)[0]
 
 
 def backward_graph(graph: LayerGraph) -> BackwardGraph:
@@ -159,8 +151,8 @@ def backward_graph(graph: LayerGraph) -> BackwardGraph:
     mapping: dict[str, str] = {}
     for nid in primal.nodes():
         if primal.node(nid)["op"] != "output":
-            mapping[nid] = _copy_node(b, primal, nid, mapping)
-    _copy_metadata(primal, work, mapping)
+            mapping[nid] = copy_node(b, primal, nid, mapping)
+    copy_metadata(primal, work, mapping)
     cotangents = {s: _cotangent(work, s) for s in work.states}
     seeds = [(work.args(info.update)[0], cotangents[s]) for s, info in work.states.items()]
     targets = _grad_targets(work)
@@ -169,7 +161,7 @@ def backward_graph(graph: LayerGraph) -> BackwardGraph:
     work.output = work.add_node("output", span=graph.span, shape=(), args=list(grad_of.values()))
     roots = [work.output, *cotangents.values(), *targets.values()]
     roots += [sink for info in work.states.values() for sink in (info.update, info.init)]
-    bg, renamed = _compact(work, roots, BackwardGraph)
+    bg, renamed = compact(work, roots, BackwardGraph)
     bg.cotangents = {s: renamed[c] for s, c in cotangents.items()}
     bg.grad_of = {key: renamed[nid] for key, nid in grad_of.items()}
     return bg
@@ -201,55 +193,3 @@ def _grad_targets(graph: LayerGraph) -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------- copying graphs
-
-
-def _copy_node(b: GraphBuilder, src: LayerGraph, nid: str, mapping: dict[str, str]) -> str:
-    """Copy node ``nid`` of ``src`` into ``b.graph`` (arguments through ``mapping``); its new id. A call identical
-    to one already there (the spec wrote ``sigmoid(y)`` twice) is that one."""
-    data = dict(src.node(nid))
-    op, span, shape, name = data.pop("op"), data.pop("span"), data.pop("shape"), data.pop("name")
-    if "attrs" in data:
-        data["attrs"] = dict(data["attrs"])
-    args = [(mapping[a], s) for a, s in zip(src.args(nid), src.arg_spans(nid))]
-    if op == "call":
-        same = b.existing(data["prim"], [a for a, _ in args], data["attrs"])
-        if same is not None:
-            return same
-    new = b.graph.add_node(op, span=span, shape=shape, name=name, args=args, **data)
-    b.remember(new)
-    return new
-
-
-def _copy_metadata(src: LayerGraph, dst: LayerGraph, mapping: dict[str, str]) -> None:
-    """The metadata of ``src`` on ``dst`` through the node ``mapping``; lets and energies whose node
-    is gone are dropped."""
-    dst.inputs = {k: mapping[v] for k, v in src.inputs.items()}
-    dst.states = {k: dataclasses.replace(info, node=mapping[info.node], init=mapping.get(info.init),
-                                         update=mapping.get(info.update))
-                  for k, info in src.states.items()}
-    dst.params = {k: mapping[v] for k, v in src.params.items()}
-    dst.modules = dict(src.modules)
-    dst.lets = {k: mapping[v] for k, v in src.lets.items() if v in mapping}
-    dst.energies = {k: mapping[v] for k, v in src.energies.items() if v in mapping}
-    dst.value_spans = {k: s for k, s in src.value_spans.items() if k in dst.lets or k in dst.energies}
-    dst.output = mapping.get(src.output) if src.output is not None else None
-    dst.solve, dst.backward = dict(src.solve), dict(src.backward)
-    dst.solve_spans, dst.backward_spans = dict(src.solve_spans), dict(src.backward_spans)
-    dst.assumptions = list(src.assumptions)
-
-
-def _compact(graph: LayerGraph, roots: Iterable[str], cls: type) -> tuple[LayerGraph, dict[str, str]]:
-    """A copy (of class ``cls``) of the nodes that ``roots`` need, renumbered; and the id mapping."""
-    keep: set[str] = set()
-    for root in roots:
-        if root not in keep:
-            keep |= nx.ancestors(graph.g, root) | {root}
-    out = cls(graph.name, graph.span)
-    b = GraphBuilder(out)
-    mapping: dict[str, str] = {}
-    for nid in graph.nodes():
-        if nid in keep:
-            mapping[nid] = _copy_node(b, graph, nid, mapping)
-    _copy_metadata(graph, out, mapping)
-    return out, mapping

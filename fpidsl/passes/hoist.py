@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.derivatives import GraphBuilder
+from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import LayerGraph
 from ..ir.primitives import SliceSpec
-from .differentiate import _compact, _copy_metadata, _copy_node
 from .narrow import narrow_slices
 
 # prim -> (the axis of the data argument the weight contracts, the weight axis that matches it)
@@ -134,16 +133,16 @@ def distribute_over_cat(graph: LayerGraph) -> LayerGraph:
             with b.deriving(nid, graph):
                 mapping[nid] = _distribute(b, graph, nid, plans[nid], mapping)
         else:
-            mapping[nid] = _copy_node(b, graph, nid, mapping)
-    _copy_metadata(graph, out, mapping)
-    return _compact(out, _sinks(out), LayerGraph)[0]
+            mapping[nid] = copy_node(b, graph, nid, mapping)
+    copy_metadata(graph, out, mapping)
+    return compact(out, _sinks(out), LayerGraph)[0]
 
 
 def narrow_step(graph: LayerGraph) -> LayerGraph:
     """The step graph with slices of products narrowed to slices of their state-free factors (renumbered,
     identical slices made once)."""
     narrowed = narrow_slices(graph, state_dependent(graph))
-    return graph if narrowed is graph else _compact(narrowed, _sinks(narrowed), LayerGraph)[0]
+    return graph if narrowed is graph else compact(narrowed, _sinks(narrowed), LayerGraph)[0]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from fpidsl.compiler import check_file, check_source
-from fpidsl.ir.derivatives import GraphBuilder
+from fpidsl.ir.builder import GraphBuilder
 from fpidsl.ir.graph import LayerGraph
 from fpidsl.ir.interpret import evaluate
 from fpidsl.passes.differentiate import reverse_mode

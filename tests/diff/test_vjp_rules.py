@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from fpidsl.ir.derivatives import AUXILIARY, ZERO_DERIVATIVE
+from fpidsl.ir.derivatives import ZERO_DERIVATIVE
+from fpidsl.ir.primitives import AUXILIARY
 from fpidsl.ir.primitives import PRIMITIVES, REQUIRED, SliceSpec
 from fpidsl.runtime import ops
 

@@ -1,0 +1,360 @@
+"""Sample mixing: which axis of each value runs over the samples of the batch, from each primitive's declared rule.
+
+A fixed-point layer may drop finished samples from the work only when g treats the samples independently.
+That is decided here by a forward dataflow analysis over the graph, never from how an index is spelled:
+every value gets a *batch axis*
+
+* ``None``: the value does not depend on the samples (params, consts, what is made from them only);
+* an ``int`` k: sample i of the value is its slice i along axis k, and it depends on sample i alone;
+* :data:`MIXED`: some part of the value depends on more than one sample (a reduction or a slice along the
+  batch, a contraction over it, an outer product of two batched values ...), or the analysis cannot tell.
+
+Leaves: states, and inputs whose first declared dimension is the states' batch symbol, are batched on axis 0;
+a leaf that carries the batch symbol anywhere else is :data:`MIXED`. Every primitive of
+:data:`~fpidsl.ir.primitives.PRIMITIVES` declares its rule (``Primitive.batch``, one of the rule factories
+below): ``rule(axes, shapes, out_shape, attrs) -> axis``, with ``axes``/``shapes`` per argument. A rule that is
+unsure answers :data:`MIXED`: a map wrongly judged mixing is only solved jointly (slower), while a map wrongly
+judged samplewise gives wrong fixed points.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+
+class _Mixed:
+    def __repr__(self) -> str:
+        return "MIXED"
+
+
+MIXED: Any = _Mixed()
+
+Axis = Any  # None | int | MIXED
+BatchRule = Callable[[Sequence[Axis], Sequence[tuple], tuple, Mapping[str, Any]], Axis]
+
+
+def _batched(axes: Sequence[Axis]) -> list[tuple[int, Axis]]:
+    return [(i, a) for i, a in enumerate(axes) if a is not None]
+
+
+def _agree(candidates: Iterable[Axis]) -> Axis:
+    """The one axis all batched operands put the samples on, else MIXED; None when none is batched."""
+    found: set = set()
+    for c in candidates:
+        if c is MIXED:
+            return MIXED
+        if c is not None:
+            found.add(c)
+    if len(found) > 1:
+        return MIXED
+    return next(iter(found)) if found else None
+
+
+def _norm(d: int, rank: int) -> int | None:
+    return d % rank if rank and -rank <= d < rank else None
+
+
+# --------------------------------------------------------------------------- rule factories
+
+def elementwise() -> BatchRule:
+    """Broadcasting element-wise operations (and one-operand ones): operands aligned from the right; every
+    batched operand must put its samples on the same result axis."""
+    def rule(axes, shapes, out, attrs):
+        return _agree(None if a is None else (MIXED if a is MIXED else a + len(out) - len(s))
+                      for a, s in zip(axes, shapes))
+    return rule
+
+
+def like(position: int, data: Sequence[int] = (0,)) -> BatchRule:
+    """A result shaped like argument ``position`` (read for its shape only) and built element-wise from the
+    ``data`` arguments broadcast to that shape (``expand_as``, ``ones_like``)."""
+    def rule(axes, shapes, out, attrs):
+        cands = [axes[position]] if axes[position] is not None else []
+        for i in data:
+            a = axes[i]
+            cands.append(None if a is None else (MIXED if a is MIXED else a + len(out) - len(shapes[i])))
+        return _agree(cands)
+    return rule
+
+
+def reduction(dim_attr: str = "dim", keep_attr: str | None = "keepdim") -> BatchRule:
+    """Reduces the dims ``attrs[dim_attr]`` (None: all): mixing when the batch axis is one of them."""
+    def rule(axes, shapes, out, attrs):
+        (a,) = axes[:1]
+        if a is None or a is MIXED:
+            return a
+        rank = len(shapes[0])
+        dims = attrs.get(dim_attr)
+        listed = range(rank) if dims is None else (dims if isinstance(dims, tuple) else (dims,))
+        picked = {_norm(d, rank) for d in listed}
+        if None in picked or a in picked:
+            return MIXED
+        keep = bool(attrs.get(keep_attr)) if keep_attr else False
+        return a if keep else a - sum(1 for d in picked if d < a)
+    return rule
+
+
+def along(dim_attr: str = "dim") -> BatchRule:
+    """Works along one dimension and keeps the shape (``softmax``): mixing along the batch axis."""
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        return MIXED if _norm(attrs[dim_attr], len(shapes[0])) in (None, a) else a
+    return rule
+
+
+def concatenation() -> BatchRule:
+    """``cat``: joining along the batch axis mixes; the batched pieces must agree on their axis."""
+    def rule(axes, shapes, out, attrs):
+        joined = _agree(axes)
+        if joined is None or joined is MIXED:
+            return joined
+        if any(a is None for a in axes):  # a sample-free piece sized by the batch: cannot be told apart
+            return MIXED
+        return MIXED if _norm(attrs["dim"], len(out)) == joined else joined
+    return rule
+
+
+def _prefix_kept(a: int, src: tuple, dst: tuple) -> bool:
+    return len(dst) > a and tuple(src[:a + 1]) == tuple(dst[:a + 1])
+
+
+def reshaping(like_position: int | None = None) -> BatchRule:
+    """``reshape``/``reshape_as``: the batch axis survives when every dimension up to it is unchanged."""
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if like_position is not None and axes[like_position] is not None:
+            if a is None or axes[like_position] != a:
+                return MIXED
+        if a is None or a is MIXED:
+            return a
+        return a if _prefix_kept(a, shapes[0], out) else MIXED
+    return rule
+
+
+def transposing() -> BatchRule:
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        rank = len(shapes[0])
+        d0, d1 = _norm(attrs["dim0"], rank), _norm(attrs["dim1"], rank)
+        return d1 if a == d0 else d0 if a == d1 else a
+    return rule
+
+
+def flattening() -> BatchRule:
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        rank = len(shapes[0])
+        if rank == 0:
+            return MIXED
+        s, e = _norm(attrs["start"], rank), _norm(attrs["end"], rank)
+        if a < s:
+            return a
+        if a > e:
+            return a - (e - s)
+        return a if s == e else MIXED
+    return rule
+
+
+def _index_items(items: tuple, rank: int) -> list:
+    """The index expanded to one item per dimension of the indexed value (Ellipsis and the tail filled)."""
+    from .primitives import SliceSpec
+
+    explicit = sum(1 for it in items if it is not Ellipsis)
+    out: list = []
+    for it in items:
+        if it is Ellipsis:
+            out.extend([SliceSpec()] * (rank - explicit))
+        else:
+            out.append(it)
+    return out + [SliceSpec()] * (rank - len(out))
+
+
+def _full(item) -> bool:
+    from .primitives import SliceSpec
+
+    return isinstance(item, SliceSpec) and item == SliceSpec()
+
+
+def indexing(data: int = 0, like_position: int | None = None) -> BatchRule:
+    """``x[index]`` (and ``index_backward``, which places a cotangent at ``like[index]``): the samples stay
+    apart only when the batch axis is taken whole (``:``); any integer or partial slice on it selects
+    among the samples. Integers before the batch axis remove dimensions and move it left."""
+    def rule(axes, shapes, out, attrs):
+        full_rank_position = like_position if like_position is not None else data
+        rank = len(shapes[full_rank_position])
+        items = _index_items(tuple(attrs["index"]), rank)
+        keep = [i for i, it in enumerate(items) if not isinstance(it, int)]
+        if like_position is None:  # forward: axis in x -> axis in the result
+            a = axes[data]
+            if a is None or a is MIXED:
+                return a
+            return keep.index(a) if _full(items[a]) else MIXED
+        # backward: ct lives on the kept dims; like is read for its shape
+        ct_axis = axes[data]
+        cands = [axes[like_position]]
+        if ct_axis is MIXED:
+            return MIXED
+        if ct_axis is not None:
+            full_axis = keep[ct_axis]
+            if not _full(items[full_axis]):
+                return MIXED
+            cands.append(full_axis)
+        elif axes[like_position] is not None and not _full(items[axes[like_position]]):
+            return MIXED
+        return _agree(cands)
+    return rule
+
+
+def unsqueezing() -> BatchRule:
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
+        positions = [i for i in range(len(out)) if i not in set(dims)]
+        return positions[a]
+    return rule
+
+
+def matrix_product() -> BatchRule:
+    """``a @ b``: the samples must not run along a contracted dimension; batch dims broadcast."""
+    def rule(axes, shapes, out, attrs):
+        (aa, ab), (sa, sb) = axes, shapes
+        ra, rb = len(sa), len(sb)
+        cands = []
+        if aa is not None:
+            if aa is MIXED or ra < 2 or aa == ra - 1:
+                return MIXED
+            cands.append(len(out) - (2 if rb >= 2 else 1) if aa == ra - 2 else aa + (len(out) - (2 if rb >= 2 else 1)) - (ra - 2))
+        if ab is not None:
+            if ab is MIXED or rb < 2 or ab == rb - 2:
+                return MIXED
+            cands.append(len(out) - 1 if ab == rb - 1 else ab + (len(out) - (1 if ra >= 2 else 0) - 1) - (rb - 2))
+        return _agree(cands)
+    return rule
+
+
+def per_row(data: int = 0, row_rank: int = 1, shape_only: Sequence[int] = ()) -> BatchRule:
+    """Operations that act on the trailing ``row_rank`` dims of argument ``data`` with sample-free other
+    arguments (``linear``: 1 trailing dim; the convolutions: channels and space, 3 trailing dims): the batch
+    axis must lie in the leading dims and keeps its place. ``shape_only`` arguments are read for their shape
+    and must agree. Any other batched argument (a batched weight) mixes."""
+    def rule(axes, shapes, out, attrs):
+        for i, a in enumerate(axes):
+            if i != data and i not in shape_only and a is not None:
+                return MIXED
+        a = axes[data]
+        if a is MIXED:
+            return MIXED
+        if a is not None and a >= len(shapes[data]) - row_rank:
+            return MIXED
+        return _agree([a] + [axes[i] for i in shape_only])
+    return rule
+
+
+def counting(dim_attr: str = "dim") -> BatchRule:
+    """``count(x, dim)``: how many elements a mean averages; it depends on the batch size only when the
+    batch axis is among the averaged dims."""
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        return None if reduction(dim_attr, None)(axes, shapes, (), attrs) is not MIXED else MIXED
+    return rule
+
+
+def sample_free_result() -> BatchRule:
+    """A result with no batch axis (a parameter gradient, an element count): mixing when any argument is
+    batched (the sum runs over the samples)."""
+    def rule(axes, shapes, out, attrs):
+        return None if all(a is None for a in axes) else MIXED
+    return rule
+
+
+def cat_piece() -> BatchRule:
+    """``cat_part(ct, *parts)``: the slice of ct that belongs to one piece; ct's batch axis unless that is the
+    joined one."""
+    def rule(axes, shapes, out, attrs):
+        a = _agree(axes)
+        if a is None or a is MIXED:
+            return a
+        return MIXED if _norm(attrs["dim"], len(shapes[0])) == a else a
+    return rule
+
+
+def unexpanded() -> BatchRule:
+    """Primitives that a lowering pass replaces (``grad``): the analysis runs on the expanded graph."""
+    def rule(axes, shapes, out, attrs):
+        return MIXED
+    return rule
+
+
+# --------------------------------------------------------------------------- the analysis
+
+def batch_symbol(graph) -> str | None:
+    """The states' shared leading dimension when it is symbolic (the batch), else None."""
+    leads = {info.shape[0] if info.shape else None for info in graph.states.values()}
+    if len(leads) != 1:
+        return None
+    lead = next(iter(leads))
+    return lead if isinstance(lead, str) else None
+
+
+def batch_axes(graph, roots: Iterable[str] | None = None) -> dict[str, Axis]:
+    """The batch axis of every node that ``roots`` (default: the state updates) depend on."""
+    from .primitives import PRIMITIVES
+
+    batch = batch_symbol(graph)
+    if roots is None:
+        roots = [graph.args(graph.states[s].update)[0] for s in graph.states]
+    roots = list(roots)
+    live = set(graph.upstream_within(roots, set(graph.nodes()))) | set(roots)
+    axes: dict[str, Axis] = {}
+    for nid in graph.nodes():
+        if nid not in live:
+            continue
+        data = graph.node(nid)
+        op, shape = data["op"], tuple(data["shape"] or ())
+        if op in ("state", "input", "param", "const"):
+            if batch is None:
+                axes[nid] = MIXED if op in ("state", "input") else None
+            elif op in ("state", "input") and shape and shape[0] == batch and batch not in shape[1:]:
+                axes[nid] = 0
+            else:
+                axes[nid] = MIXED if batch in shape else None
+            continue
+        if op != "call":
+            continue
+        args = graph.args(nid)
+        arg_axes = [axes[a] for a in args]
+        if all(a is None for a in arg_axes) and batch not in shape:
+            axes[nid] = None
+            continue
+        prim = PRIMITIVES[data["prim"]]
+        axis = prim.batch(arg_axes, [tuple(graph.shape(a) or ()) for a in args], shape, data["attrs"])
+        if axis is not MIXED and axis is not None and not (axis < len(shape) and shape[axis] == batch):
+            axis = MIXED
+        if axis is None and batch in shape:
+            axis = MIXED
+        axes[nid] = axis
+    return axes
+
+
+def samplewise(graph, extra_roots: Sequence[str] = ()) -> bool:
+    """True when every state's update depends on its own sample alone, on axis 0 (so finished samples may be
+    dropped from the work); ``graph`` has ``grad`` expanded. ``extra_roots`` (values handed across the hoist
+    boundary) must also be sample-free or batched on axis 0."""
+    if batch_symbol(graph) is None:
+        return False
+    roots = [graph.args(graph.states[s].update)[0] for s in graph.states]
+    axes = batch_axes(graph, list(roots) + list(extra_roots))
+    if any(a is MIXED for a in axes.values()):
+        return False
+    if any(axes[r] != 0 for r in roots):
+        return False
+    return all(axes[r] in (None, 0) for r in extra_roots)
