@@ -1,4 +1,4 @@
-"""The command line: ``fpidsl check | compile | graph``.
+"""The command line: ``fpidsl check | compile | graph | fmt | explain | lsp``.
 
 Exit status: 0 success, 1 errors in a spec, 2 wrong usage, 3 an internal error (a bug in fpidsl).
 A mistake in a spec never shows a Python traceback; an internal error shows one only with ``--debug``.
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--layer", metavar="NAME", help="the layer to draw (needed when the spec has several)")
     graph.add_argument("--backward", action="store_true", help="draw the derived backward graph")
     graph.set_defaults(run=cmd_graph)
+
+    from .tools.commands import add_commands  # fmt, explain, lsp (issue 17)
+
+    add_commands(commands)
     return parser
 
 

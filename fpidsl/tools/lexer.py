@@ -1,0 +1,52 @@
+"""A Pygments lexer for ``.fpi`` specs, registered as the ``pygments.lexers`` entry point ``fpi`` (so
+``pygmentize -l fpi spec.fpi`` and Markdown/Sphinx ```` ```fpi ```` blocks highlight once fpidsl is installed).
+
+Keywords are the grammar's, built-in functions and module kinds come from the compiler's tables, and solver
+setting names and words from the settings pass, so the lexer cannot drift from the language.
+"""
+from __future__ import annotations
+
+from pygments.lexer import RegexLexer, bygroups, words
+from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, Text, Whitespace
+
+from ..frontend.parser import KEYWORDS
+from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
+from ..passes.settings import CRITERIA, METHODS, ON_FAIL, SETTING_KEYS
+
+DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor"}))
+BUILTINS = tuple(sorted(name for name, prim in PRIMITIVES.items() if prim.builtin))
+CONSTANTS = tuple(sorted(set(TENSOR_INITS) | set(METHODS) | set(CRITERIA) | set(ON_FAIL)))
+
+
+class FpiLexer(RegexLexer):
+    """Highlights ``.fpi`` specs of fixed-point layers (fpidsl)."""
+
+    name = "fpi"
+    aliases = ["fpi", "fpidsl"]
+    filenames = ["*.fpi"]
+    mimetypes = ["text/x-fpi"]
+    url = "https://github.com/fpidsl/fpidsl"
+
+    tokens = {
+        "root": [
+            (r"\s+", Whitespace),
+            (r"#.*?$", Comment.Single),
+            (r"\b(layer|fn)(\s+)([A-Za-z_][A-Za-z0-9_]*)", bygroups(Keyword.Declaration, Whitespace, Name.Class)),
+            (r"\b(input|state|param|const|let|energy|update|descend)(\s+)([A-Za-z_][A-Za-z0-9_]*)",
+             bygroups(Keyword.Declaration, Whitespace, Name.Variable)),
+            (words(DECLARATION_WORDS, suffix=r"\b"), Keyword.Declaration),
+            (words(("on", "step", "tensor"), suffix=r"\b"), Keyword),
+            (words(tuple(sorted(MODULE_KINDS)), suffix=r"\b"), Name.Builtin.Pseudo),
+            (words(BUILTINS, suffix=r"\b(?=\s*\()"), Name.Builtin),
+            (words(CONSTANTS, suffix=r"\b"), Name.Constant),
+            (r"\b(" + "|".join(SETTING_KEYS) + r")(?=\s*=)", Name.Attribute),
+            (r"(\d+(_\d+)*(\.(\d+(_\d+)*)?)?|\.\d+(_\d+)*)[eE][+-]?\d+(_\d+)*", Number.Float),
+            (r"\d+(_\d+)*\.(\d+(_\d+)*)?|\.\d+(_\d+)*", Number.Float),
+            (r"\d+(_\d+)*", Number.Integer),
+            (r"[A-Za-z_][A-Za-z0-9_]*", Name),
+            (r"\*\*|[-+*/@=:]", Operator),
+            (r"\.\.\.", Punctuation),
+            (r"[\[\](){},]", Punctuation),
+            (r".", Text),
+        ],
+    }
