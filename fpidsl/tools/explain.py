@@ -1,0 +1,146 @@
+"""``fpidsl explain SPEC --layer L``: what the compiler understood of one layer, in a short report.
+
+Inputs and states with their shapes (symbolic dims), parameters and their count, the static Lipschitz bound of g
+in each state at the initial weights (:mod:`fpidsl.passes.lipschitz`), which values of g are computed once per
+solve instead of every iteration (:mod:`fpidsl.passes.hoist`), whether samples are independent (the
+emitted ``SAMPLEWISE``), and the size of the derived backward map. Every figure is computed by the same passes the
+code generator runs, not re-derived here.
+"""
+from __future__ import annotations
+
+import math
+
+from ..ir.graph import LayerGraph
+from ..ir.shapes import fmt_shape
+
+MAX_DEPTH = 4
+
+
+def _node_text(graph: LayerGraph, nid: str, depth: int = 0) -> str:
+    """A state-free value as a short expression over inputs and params."""
+    data = graph.node(nid)
+    op = data["op"]
+    if op in ("input", "state", "param"):
+        return data["name"]
+    if op == "const":
+        return str(data["value"])
+    if op != "call":
+        return nid
+    if depth >= MAX_DEPTH:
+        return "…"
+    args = [_node_text(graph, a, depth + 1) for a in graph.args(nid)]
+    attrs = data.get("attrs") or {}
+    if data["prim"] == "index":
+        items = attrs.get("index", ())
+        return f"{args[0]}[{', '.join(_index_item(i) for i in items)}]"
+    shown = [f"{k}={v}" for k, v in attrs.items() if k in ("dim",) and v is not None]
+    return f"{data['prim']}({', '.join(args + shown)})"
+
+
+def _index_item(item) -> str:
+    if item is Ellipsis:
+        return "..."
+    if hasattr(item, "start"):
+        text = f"{'' if item.start is None else item.start}:{'' if item.stop is None else item.stop}"
+        return text + (f":{item.step}" if getattr(item, "step", None) not in (None, 1) else "")
+    return str(item)
+
+
+def _params(graph: LayerGraph) -> tuple[list[str], int]:
+    """One line per module (its tensors and their count) or raw tensor; the total count. A param's shape is
+    concrete (the checker refuses symbolic dimensions there)."""
+    groups: dict[str, list[str]] = {}
+    for name, nid in graph.params.items():
+        module = graph.node(nid).get("module")
+        groups.setdefault(module if module in graph.modules else name, []).append(nid)
+    lines, total = [], 0
+    for key, nids in groups.items():
+        size = sum(math.prod(graph.shape(n)) for n in nids)
+        total += size
+        if key in graph.modules:
+            tensors = ", ".join(f"{graph.node(n)['name'].split('.', 1)[1]} {fmt_shape(graph.shape(n))}" for n in nids)
+            lines.append(f"    {key} = {graph.modules[key].format()}: {tensors}  ({size:,})")
+        else:
+            lines.append(f"    {key} : tensor {fmt_shape(graph.shape(nids[0]))}  ({size:,})")
+    return lines, total
+
+
+def _lipschitz(checked, name: str) -> list[str]:
+    from ..passes.lipschitz import INF, bound_layer, initial_weights
+
+    graph = checked.graphs[name]
+    lines = []
+    for bound in bound_layer(graph, initial_weights(checked, name)):
+        if bound.value == INF:
+            lines.append(f"    {bound.state}: unknown" + (f" ({bound.reason})" if bound.reason else ""))
+        else:
+            verdict = "a contraction" if bound.value < 1 else "not shown to contract"
+            lines.append(f"    {bound.state}: {bound.value:.3g}  ({verdict})")
+    return lines
+
+
+def _hoisted(expanded: LayerGraph) -> list[str]:
+    from ..passes.hoist import split_step
+
+    parts = split_step(expanded)
+    if parts is None:
+        return ["    nothing: a hoisted value's batch dimension cannot be told from its shape"]
+    g = parts.graph
+    calls = [n for n in parts.hoisted if g.node(n)["op"] == "call"]
+    if not calls:
+        return ["    nothing: every value of g depends on a state"]
+    lines = []
+    for nid in calls:
+        lines.append(f"    {_node_text(g, nid)} : {fmt_shape(g.shape(nid))}  ({g.node(nid)['span']})")
+    return lines
+
+
+def explain_layer(checked, name: str) -> str:
+    """The report for layer ``name`` of a :class:`~fpidsl.compiler.CheckedSpec`."""
+    from ..codegen.emit import samplewise
+    from ..passes.differentiate import backward_graph, expand_grads
+
+    graph = checked.graphs[name]
+    expanded = expand_grads(graph)
+    backward = backward_graph(expanded)
+    out = [f"layer {name}  ({graph.span})"]
+    out.append("  inputs:" if graph.inputs else "  inputs: none")
+    out += [f"    {n} : {fmt_shape(graph.shape(nid))}" for n, nid in graph.inputs.items()]
+    out.append("  states:")
+    for state, info in graph.states.items():
+        init = graph.node(info.init) if info.init else None
+        start = ""
+        if init is not None:
+            start = f" = {init['fill']:g}" if init.get("fill") is not None else " = (an expression of the inputs)"
+        out.append(f"    {state} : {fmt_shape(info.shape)}{start}")
+    param_lines, total = _params(graph)
+    out.append(f"  parameters: {total:,}" + ("" if param_lines else " (none)"))
+    out += param_lines
+    if graph.assumptions:
+        out.append("  assumes: " + ", ".join(str(a) for a in graph.assumptions))
+    out.append("  Lipschitz bound of g in each state (initial weights, seed 0):")
+    out += _lipschitz(checked, name)
+    out.append("  computed once per solve, not every iteration:")
+    out += _hoisted(expanded)
+    if samplewise(expanded):
+        out.append("  samples: independent (finished samples leave the solve)")
+    else:
+        out.append("  samples: mixed (g reads across the batch; solved jointly, finished samples frozen)")
+    forward_calls = sum(1 for n in expanded.nodes() if expanded.node(n)["op"] == "call")
+    backward_calls = sum(1 for n in backward.nodes() if backward.node(n)["op"] == "call")
+    out.append(f"  map g: {len(expanded)} nodes, {forward_calls} operations")
+    out.append(f"  backward map: {len(backward)} nodes, {backward_calls} operations "
+               f"(one fixed-point iteration of the adjoint)")
+    out += _settings(graph)
+    return "\n".join(out) + "\n"
+
+
+def _settings(graph: LayerGraph) -> list[str]:
+    from ..ir.primitives import format_attr
+
+    lines = []
+    for which, table in (("solve", graph.solve), ("backward", graph.backward)):
+        text = ", ".join(f"{k}={format_attr(v)}" for k, v in table.items()) if table else "defaults"
+        lines.append(f"  {which}: {text}")
+    return lines
+
