@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
+from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
@@ -234,16 +235,16 @@ def _as_states(y: Any, single: bool) -> States:
 
 def _user_problem(
     f: Callable, single: bool, n_user: int, layout: StateLayout, forward: SolverSettings, backward: SolverSettings,
-    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, n_params: int,
+    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, captured: Captured,
     hoisted: Hoisted | None = None,
 ) -> _Problem:
-    names = [name for name, _ in f.named_parameters()] if n_params else []
+    n_params = len(captured.tensors)
 
-    def fn(xs: States, *args: Any) -> States:
+    def fn(xs: States, *args: Any) -> States:  # the captured tensors are the trailing arguments
         x = xs[0] if single else tuple(xs)
-        if names:
-            user, params = args[:n_user], args[n_user:]
-            return _as_states(torch.func.functional_call(f, dict(zip(names, params)), (x, *user)), single)
+        if n_params:
+            with captured.substituted(args[n_user:]):
+                return _as_states(f(x, *args[:n_user]), single)
         return _as_states(f(x, *args), single)
 
     def iteration_map(args: Sequence[Any]) -> Callable[[States], States]:
@@ -285,18 +286,27 @@ def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLay
 def _run(
     f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
     adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
-    hoisted: Hoisted | None = None,
+    hoisted: Hoisted | None = None, capture: str = "auto",
 ) -> Tensor | States:
+    if capture not in ("auto", "explicit"):
+        raise ValueError(f"capture must be 'auto' or 'explicit', got {capture!r}")
     single = isinstance(x0, Tensor)
     x0s = (x0,) if single else tuple(x0)
     layout = StateLayout.of(x0s, per_sample)
     _check_batched(batched, args, layout, x0s)
-    params = tuple(f.parameters()) if isinstance(f, nn.Module) else ()
+    captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
+    params = tuple(captured.tensors)
     if hoisted is not None and params:
         raise ValueError("hoisted needs f to take every tensor as an argument (not an nn.Module's parameters)")
+    if adjoint is not None and len(params) > captured.module_parameters:
+        raise HiddenTensorError(
+            f"f reads {captured.where(captured.module_parameters)}, which requires grad, and a custom adjoint "
+            "sees only the arguments (and an nn.Module f's parameters): pass the tensor as an argument")
     problem = _user_problem(f, single, len(args), layout, forward, backward, adjoint, stats, history, batched,
-                            len(params), hoisted)
+                            captured, hoisted)
     x_hat = _apply(problem, x0s, (*args, *params))
+    if capture == "auto":
+        check_complete(problem.fn, x_hat, (*args, *params))
     return x_hat[0] if single else tuple(x_hat)
 
 
@@ -312,6 +322,7 @@ def fixed_point(
     batched: Sequence[bool] | None = None,
     per_sample: bool = True,
     hoisted: Hoisted | None = None,
+    capture: str = "auto",
     **forward_settings: Any,
 ) -> Any:
     """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and, where ``f`` is
@@ -337,6 +348,12 @@ def fixed_point(
         per_sample: ``False`` treats the whole state as one sample (no batch dimension).
         hoisted: a :class:`Hoisted` form of ``f`` that the forward iterations use instead of ``f`` (compiled
             layers pass the one the compiler emits); the backward and the differentiable application use ``f``.
+        capture: ``"auto"`` (default): the tensors requiring grad that ``f`` reads besides ``args`` (module
+            parameters, closure variables, ``functools.partial`` arguments, globals, ...; see
+            :mod:`fpidsl.runtime.capture`) become extra arguments and get their exact gradient; after the solve
+            ``f`` is evaluated once more at the fixed point (grad mode on only) to check that it reads no other
+            tensor requiring grad, else :class:`~fpidsl.runtime.capture.HiddenTensorError`. ``"explicit"``:
+            ``f`` reads no tensor requiring grad but its arguments (compiled layers; no discovery, no check).
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
             ``criterion``, ``max_iter``, ``min_iter``, ``on_fail``) over
             :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``.
@@ -348,7 +365,8 @@ def fixed_point(
     forward = FORWARD_DEFAULTS.merged(forward_settings)
     backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
     stats = Stats() if stats is None else stats
-    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted)
+    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted,
+                 capture)
     return (x_hat, stats) if return_stats else x_hat
 
 

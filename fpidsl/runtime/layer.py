@@ -241,7 +241,8 @@ class CompiledLayer(nn.Module):
         x_hat = fixed_point(
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
             adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
-            backward=self.backward_settings, hoisted=self._hoisted, **self.solve_settings.as_dict(),
+            backward=self.backward_settings, hoisted=self._hoisted, capture="explicit",
+            **self.solve_settings.as_dict(),
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)

@@ -1,0 +1,327 @@
+"""The tensors a fixed-point map reads besides its arguments, found and made explicit.
+
+``fixed_point(f, x0, *args)`` differentiates with respect to its explicit arguments: the backward evaluates
+``f`` with every argument replaced by an independent variable (a partial derivative). A tensor that ``f``
+reads some other way (a closure, a module's parameter, a ``functools.partial`` argument, a global) would get
+no gradient, silently. This module finds such tensors before the solve and says how to substitute a value
+for each of them during one call of ``f``, so the runtime can treat them as extra arguments: they get their
+exact gradient, to every order, like any argument.
+
+Found (:func:`discover`), recursively through whatever of these ``f`` is made of:
+
+- an ``nn.Module``: its parameters and buffers (nested modules included), tensor attributes, and what the
+  ``forward`` of each of its (user-defined) module classes reads;
+- a bound method: its object (a module, or any object with tensor attributes) and its function;
+- ``functools.partial``: its function, positional and keyword arguments;
+- a Python function: closure cells, default arguments, and the globals its code names;
+- any other callable object: its tensor attributes and its ``__call__``.
+
+Only tensors that require grad are collected, and only those of floating or complex dtype. What cannot be
+found this way (a tensor inside a list, an attribute of an object reached only at run time) is caught by
+:func:`check_complete` after the solve: it evaluates ``f`` once at the fixed point with every known tensor
+replaced by a fresh leaf and walks the recorded graph; any other leaf that requires grad raises
+:class:`HiddenTensorError` before a result is returned.
+
+Substitution swaps values in place for the duration of one call (module parameters through
+``torch.nn.utils.stateless``, cell contents, dictionary entries, partial arguments) and restores them after,
+also on error. It is not thread-safe: two threads calling the same map at once would see each other's values.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+MAX_DEPTH = 12
+_LIBRARY_PREFIXES = ("torch", "fpidsl.runtime", "numpy", "builtins", "functools", "math", "typing")
+
+
+class HiddenTensorError(ValueError):
+    """``f`` reads a tensor that requires grad and that the runtime could not make an argument of."""
+
+
+def wants_grad(value: Any) -> bool:
+    """A tensor that autograd differentiates with respect to."""
+    return (isinstance(value, Tensor) and value.requires_grad
+            and (value.is_floating_point() or value.is_complex()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where a tensor lives, and how to put another value there for a while
+
+
+@dataclass(frozen=True)
+class _ModuleSlot:
+    module: nn.Module
+    name: str  # dotted name, as named_parameters / named_buffers give it
+
+
+@dataclass(frozen=True, eq=False)
+class _Swap:
+    """A location read and written by ``get`` / ``put`` (a cell, a dict entry, an attribute, a partial arg)."""
+
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+    where: str
+
+    def swap(self, value: Any) -> Any:
+        old = self.get()
+        self.put(value)
+        return old
+
+
+def _cell(cell: types.CellType, where: str) -> _Swap:
+    def put(v: Any) -> None:
+        cell.cell_contents = v
+
+    return _Swap(lambda: cell.cell_contents, put, where)
+
+
+def _item(mapping: dict, key: Any, where: str) -> _Swap:
+    return _Swap(lambda: mapping[key], lambda v: mapping.__setitem__(key, v), where)
+
+
+def _attr(obj: Any, name: str, where: str) -> _Swap:
+    return _Swap(lambda: obj.__dict__[name], lambda v: obj.__dict__.__setitem__(name, v), where)
+
+
+def _partial_arg(p: functools.partial, index: int, where: str) -> _Swap:
+    def put(v: Any) -> None:
+        args = list(p.args)
+        args[index] = v
+        p.__setstate__((p.func, tuple(args), p.keywords, p.__dict__ or None))
+
+    return _Swap(lambda: p.args[index], put, where)
+
+
+def _defaults(fn: types.FunctionType, index: int, where: str) -> _Swap:
+    def put(v: Any) -> None:
+        values = list(fn.__defaults__)
+        values[index] = v
+        fn.__defaults__ = tuple(values)
+
+    return _Swap(lambda: fn.__defaults__[index], put, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The captured tensors
+
+
+@dataclass
+class Captured:
+    """The tensors ``f`` reads besides its arguments (distinct, in the order found) and where each one lives.
+
+    ``module_parameters`` counts the leading tensors that are the parameters of ``f`` itself when ``f`` is an
+    ``nn.Module`` (in ``f.parameters()`` order, frozen ones included): the arguments an ``adjoint`` given to
+    :func:`~fpidsl.runtime.fixed_point` sees after the user's.
+    """
+
+    tensors: list[Tensor] = field(default_factory=list)
+    locations: list[list[_ModuleSlot | _Swap]] = field(default_factory=list)
+    module_parameters: int = 0
+    _index: dict[int, int] = field(default_factory=dict)
+
+    def add(self, tensor: Tensor, location: _ModuleSlot | _Swap) -> None:
+        i = self._index.get(id(tensor))
+        if i is None:
+            i = self._index[id(tensor)] = len(self.tensors)
+            self.tensors.append(tensor)
+            self.locations.append([])
+        if location not in self.locations[i]:
+            self.locations[i].append(location)
+
+    def where(self, i: int) -> str:
+        loc = self.locations[i][0]
+        if isinstance(loc, _ModuleSlot):
+            return f"parameter {loc.name!r} of {type(loc.module).__name__}"
+        return loc.where
+
+    @contextmanager
+    def substituted(self, values: Sequence[Any]) -> Iterator[None]:
+        """Within the block, ``f`` reads ``values[i]`` wherever it read ``self.tensors[i]``."""
+        if len(values) != len(self.tensors):
+            raise ValueError(f"{len(values)} values for {len(self.tensors)} captured tensors")
+        with ExitStack() as stack:
+            per_module: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+            for value, locations in zip(values, self.locations):
+                for loc in locations:
+                    if isinstance(loc, _ModuleSlot):
+                        per_module.setdefault(id(loc.module), (loc.module, {}))[1][loc.name] = value
+                    else:
+                        old = loc.swap(value)
+                        stack.callback(loc.put, old)
+            for module, mapping in per_module.values():
+                stack.enter_context(_reparametrize_module(module, mapping))
+            yield
+
+
+NOTHING_CAPTURED = Captured()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _is_library(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module.split(".")[0] in _LIBRARY_PREFIXES or module.startswith(_LIBRARY_PREFIXES)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+class _Walker:
+    def __init__(self, captured: Captured):
+        self.captured = captured
+        self.seen: set[int] = set()
+
+    def tensor_or_visit(self, value: Any, location: _Swap, depth: int) -> None:
+        if isinstance(value, Tensor):
+            if wants_grad(value):
+                self.captured.add(value, location)
+        else:
+            self.visit(value, depth + 1)
+
+    def visit(self, obj: Any, depth: int = 0) -> None:
+        if depth > MAX_DEPTH or id(obj) in self.seen or isinstance(obj, (Tensor, type, types.ModuleType)):
+            return
+        self.seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            self.module(obj, depth)
+        elif isinstance(obj, functools.partial):
+            self.partial(obj, depth)
+        elif isinstance(obj, types.MethodType):
+            self.visit(obj.__self__, depth + 1)
+            self.visit(obj.__func__, depth + 1)
+        elif isinstance(obj, types.FunctionType):
+            self.function(obj, depth)
+        elif callable(obj) and hasattr(obj, "__dict__") and not _is_library(type(obj)):
+            self.attributes(obj, type(obj).__name__, depth)
+            call = getattr(type(obj), "__call__", None)
+            if isinstance(call, types.FunctionType):
+                self.visit(call, depth + 1)
+
+    def module(self, module: nn.Module, depth: int) -> None:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if wants_grad(p):
+                self.captured.add(p, _ModuleSlot(module, name))
+        for name, b in module.named_buffers(remove_duplicate=False):
+            if wants_grad(b):
+                self.captured.add(b, _ModuleSlot(module, name))
+        for sub_name, sub in module.named_modules(remove_duplicate=True):
+            self.seen.add(id(sub))
+            owner = type(sub).__name__ + (f" ({sub_name})" if sub_name else "")
+            self.attributes(sub, owner, depth)
+            forward = getattr(type(sub), "forward", None)
+            if isinstance(forward, types.FunctionType) and not _is_library(forward):
+                self.visit(forward, depth + 1)
+
+    def attributes(self, obj: Any, owner: str, depth: int) -> None:
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, Tensor):
+                if wants_grad(value):
+                    self.captured.add(value, _attr(obj, name, f"attribute {name!r} of {owner}"))
+            elif isinstance(value, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
+                self.visit(value, depth + 1)
+
+    def partial(self, p: functools.partial, depth: int) -> None:
+        self.visit(p.func, depth + 1)
+        for i, a in enumerate(p.args):
+            self.tensor_or_visit(a, _partial_arg(p, i, f"argument {i} of a functools.partial"), depth)
+        for key, a in p.keywords.items():
+            self.tensor_or_visit(a, _item(p.keywords, key, f"keyword {key!r} of a functools.partial"), depth)
+
+    def function(self, fn: types.FunctionType, depth: int) -> None:
+        if _is_library(fn):
+            return
+        label = getattr(fn, "__qualname__", fn.__name__)
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned later)
+                continue
+            self.tensor_or_visit(value, _cell(cell, f"variable {name!r} captured by {label}"), depth)
+        for i, value in enumerate(fn.__defaults__ or ()):
+            self.tensor_or_visit(value, _defaults(fn, i, f"default argument {i} of {label}"), depth)
+        for key, value in (fn.__kwdefaults__ or {}).items():
+            self.tensor_or_visit(value, _item(fn.__kwdefaults__, key, f"default {key!r} of {label}"), depth)
+        module_globals = fn.__globals__
+        for name in sorted(_code_names(fn.__code__)):
+            if name in module_globals:
+                self.tensor_or_visit(module_globals[name],
+                                     _item(module_globals, name, f"global {name!r} read by {label}"), depth)
+
+
+def discover(f: Callable) -> Captured:
+    """The tensors requiring grad that ``f`` reads besides its arguments (see the module's doc).
+
+    When ``f`` is an ``nn.Module`` its own parameters come first, in ``f.parameters()`` order, frozen ones
+    included (the documented arguments of a custom adjoint)."""
+    captured = Captured()
+    if isinstance(f, nn.Module):  # first occurrences in named_parameters order are f.parameters() order
+        for name, p in f.named_parameters(remove_duplicate=False):
+            captured.add(p, _ModuleSlot(f, name))
+        captured.module_parameters = len(captured.tensors)
+    _Walker(captured).visit(f)
+    return captured
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The safety net
+
+
+def _foreign_leaf(outputs: Sequence[Tensor], known: set[int]) -> Tensor | None:
+    """A leaf requiring grad that the graph of ``outputs`` reaches and that is not in ``known`` (by id)."""
+    stack = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
+    for t in outputs:
+        if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None and id(t) not in known:
+            return t
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):  # an AccumulateGrad node: a leaf
+            if id(variable) not in known:
+                return variable
+            continue
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return None
+
+
+def _describe(t: Tensor) -> str:
+    kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
+    return f"{kind} of shape {list(t.shape)} and dtype {str(t.dtype).replace('torch.', '')}"
+
+
+def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
+    """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
+    reads a tensor that requires grad other than its arguments; nothing to do where grad mode is off."""
+    if not torch.is_grad_enabled():
+        return
+    with torch.enable_grad():
+        leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else
+                       (a.detach() if isinstance(a, Tensor) else a) for a in args)
+        xs = tuple(x.detach() for x in x_hat)
+        y = fn(xs, *leaves)
+    outputs = (y,) if isinstance(y, Tensor) else tuple(y)
+    hidden = _foreign_leaf(outputs, {id(a) for a in leaves if isinstance(a, Tensor)})
+    if hidden is not None:
+        raise HiddenTensorError(
+            f"the fixed-point map reads {_describe(hidden)} that requires grad and that fpidsl cannot reach "
+            "(not an argument, nor a parameter, buffer or tensor attribute of a module, closure variable, "
+            "functools.partial argument, default or global that the map is made of); its gradient would be "
+            "silently wrong. Pass it as an argument: fixed_point(f, x0, ..., t) with f(x, ..., t)")
