@@ -14,15 +14,29 @@ Per sample (a row of the flattened state), with ``r = g(x) - x``:
   settle below 1 eps (both measured by ``benchmarks/precision_floor.py``); a map noisier than ``FLOOR_FACTOR``
   eps fails loudly (not converged) instead of passing an unconverged sample as a success.
 
-A finished sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite) and it
-leaves the working set: the solver's state, the trackers and, when the evaluator can (see
+A converged sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite). A sample
+that fails (diverged, or out of iterations) gets its best iterate instead: ``g(x)`` at the iteration of its lowest
+residual (locuslab/deq's ``lowest_xest``); ``stats.best_iterate`` flags it, ``stats.best_residual`` and
+``stats.best_at`` give that residual and iteration (``stats.residual`` stays the last one).
+A finished sample leaves the working set: the solver's state, the trackers and, when the evaluator can (see
 :class:`Evaluator`), the map's own work shrink to the running samples. Finished samples are never touched again,
 so a sample's result does not depend on the rest of the batch. The loop asks the host one question per
 iteration (how many samples finished).
+
+``method = gmres`` (backward only: the adjoint map is affine) runs :func:`fpidsl.runtime.solvers.gmres.gmres`
+instead of this loop, with the same settings and the same record.
+
+The relative criterion cannot tell a small step of a large state from convergence: ``x <- x + 1`` from
+``x = 1e6`` has a relative residual of ``1e-6`` and passes ``tol = 1e-5`` after one iteration although it has no
+fixed point. A sample accepted by the relative criterion with an absolute step ``|g(x) - x|`` of at least
+``LARGE_ABSOLUTE_STEP`` that is no smaller than every step before it (no sign of contraction: the first step, or
+a constant one) gets a :class:`~fpidsl.runtime.stats.ConvergenceWarning` saying so (unless ``on_fail`` is
+``ignore``); a contracting iteration on a large state (steps shrinking to the tolerance) is not warned about.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,12 +45,21 @@ from torch import Tensor
 
 from .settings import SolverSettings
 from .solvers import make_solver
-from .stats import SolveStats
+from .solvers.gmres import gmres
+from .stats import ConvergenceWarning, SolveStats
 
 DIVERGENCE_GROWTH = 1e4
 DIVERGENCE_MIN_RELATIVE_STEP = 1e-3
 FLOOR_FACTOR = 10.0
 FLOOR_PATIENCE = 10
+LARGE_ABSOLUTE_STEP = 1.0
+LARGE_STEP_WARNING = (
+    "fixed-point {phase}: {count} of {batch} samples ({samples}) were accepted by the relative criterion "
+    "(|g(x)-x|/|x| < tol={tol:.3g}) with an absolute step |g(x)-x| of up to {step:.3g}: the state's norm (up to "
+    "{norm:.3g}) makes a large step look small. If the map does not contract there (x <- x + 1 from x = 1e6 is "
+    "accepted after one iteration), this is not a fixed point. To check: use criterion='absolute', or "
+    "min_iter > 1, or rescale the state"
+)
 
 
 class Evaluator(Protocol):
@@ -59,14 +82,28 @@ class _Tracker:
     best_rel: Tensor
     best_step: Tensor
     checked_rel: Tensor
+    best_residual: Tensor  # by the solve's criterion
+    best_value: Tensor  # g(x) at the iteration of best_residual, (rows, dim)
+    best_at: Tensor  # that iteration
+    shrank: Tensor  # the last step was smaller than every step before it (False at the first)
 
     @staticmethod
     def start(rows: int, like: Tensor) -> "_Tracker":
         inf = torch.full((rows,), float("inf"), dtype=like.dtype, device=like.device)
-        return _Tracker(inf, inf.clone(), inf.clone())
+        return _Tracker(inf, inf.clone(), inf.clone(), inf.clone(), like.clone(),
+                        torch.zeros(rows, dtype=torch.long, device=like.device),
+                        torch.zeros(rows, dtype=torch.bool, device=like.device))
 
     def select(self, keep: Tensor) -> "_Tracker":
-        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep])
+        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep], self.best_residual[keep],
+                        self.best_value[keep], self.best_at[keep], self.shrank[keep])
+
+    def remember(self, n: int, residual: Tensor, g: Tensor) -> None:
+        """Keep ``g`` for the samples whose residual is the lowest so far."""
+        better = residual < self.best_residual  # False where it is NaN; a finite residual means a finite g
+        torch.where(better, residual, self.best_residual, out=self.best_residual)
+        torch.where(better.unsqueeze(1), g, self.best_value, out=self.best_value)
+        self.best_at.masked_fill_(better, n)
 
 
 @dataclass
@@ -129,6 +166,7 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: 
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
+    torch.lt(step, track.best_step, out=track.shrank)
     torch.fmin(track.best_step, step, out=track.best_step)
     torch.fmin(track.best_rel, rel, out=track.best_rel)
     if n < s.min_iter:
@@ -152,6 +190,12 @@ class _Record:
         self.diverged = torch.zeros_like(self.converged)
         self.floor = torch.zeros_like(self.converged)
         self.halfway = torch.full_like(self.residual, float("nan"))  # the residual at iteration max_iter // 2
+        self.best_iterate = torch.zeros_like(self.converged)  # the result is an earlier, lower-residual iterate
+        self.best_at = torch.zeros_like(self.iterations)
+        self.best_residual = torch.full_like(self.residual, float("nan"))  # the result's residual
+        self.step = torch.full_like(self.residual, float("nan"))  # the last absolute step |g(x) - x|
+        self.norm = torch.full_like(self.residual, float("nan"))  # the last |x|
+        self.shrank = torch.ones_like(self.converged)  # the last step was smaller than all before it
         self.history: list[Tensor] | None = [] if keep_history else None
 
     def log(self, index: Tensor, residual: Tensor) -> None:
@@ -160,17 +204,33 @@ class _Record:
             row[index] = residual
             self.history.append(row)
 
-    def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None) -> None:
+    def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None, out: Tensor, x: Tensor,
+               g: Tensor, track: _Tracker) -> None:
+        """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) and write their results
+        into ``out``: ``g(x)``, or the best iterate for a failed sample whose best residual is lower."""
+        pick = (lambda t: t) if mask is None else (lambda t: t[mask])
+        residual = pick(verdict.residual)
         self.iterations[index] = n
-        self.residual[index] = verdict.residual if mask is None else verdict.residual[mask]
-        self.converged[index], self.diverged[index], self.floor[index] = verdict.outcome(mask)
+        converged, diverged, floor = verdict.outcome(mask)
+        self.converged[index], self.diverged[index], self.floor[index] = converged, diverged, floor
+        x, g = pick(x), pick(g)
+        self.step[index] = torch.linalg.vector_norm(g - x, dim=1)
+        self.norm[index] = torch.linalg.vector_norm(x, dim=1)
+        self.shrank[index] = pick(track.shrank)
+        best = ~(converged | floor) & (pick(track.best_residual) < residual)
+        self.best_iterate[index] = best
+        self.best_at[index] = torch.where(best, pick(track.best_at), n)
+        self.residual[index] = residual
+        self.best_residual[index] = torch.where(best, pick(track.best_residual), residual)
+        out[index] = torch.where(best.unsqueeze(1), pick(track.best_value), _result(x, g))
 
     def stats(self, phase: str, settings: SolverSettings) -> SolveStats:
         history = torch.stack(self.history) if self.history else None
         if self.history is not None and history is None:
             history = self.residual.new_zeros(0, self.residual.shape[0])
         return SolveStats(phase, settings, self.iterations, self.residual, self.converged, self.diverged,
-                          self.floor, history, self.halfway)
+                          self.floor, history, self.halfway, best_iterate=self.best_iterate, best_at=self.best_at,
+                          best_residual=self.best_residual)
 
 
 def solve(
@@ -181,7 +241,12 @@ def solve(
     Returns the result (``(batch, dim)``, each row the finished value of that sample) and its :class:`SolveStats`.
     """
     with torch.no_grad():
-        return _loop(evaluate, x0, settings, phase, history)
+        if settings.method == "gmres":
+            out, stats, record = _linear(evaluate, x0, settings, phase, history)
+        else:
+            out, stats, record = _loop(evaluate, x0, settings, phase, history)
+    _warn_large_steps(stats, record)
+    return out, stats
 
 
 def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, history: bool):
@@ -189,7 +254,7 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     out = x0.clone()
     record = _Record(batch, x0, history)
     if batch == 0:
-        return out, record.stats(phase, s)
+        return out, record.stats(phase, s), record
     solver = make_solver(s)
     thresholds = _Thresholds.of(s, x0)
     index = torch.arange(batch, device=x0.device)
@@ -199,18 +264,17 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
         verdict = _judge(n, x, g, track, s, thresholds)
+        track.remember(n, verdict.residual, g)
         record.log(index, verdict.residual)
         if n == s.max_iter // 2:
             record.halfway[index] = verdict.residual
         if n == s.max_iter:
-            out[index] = _result(x, g)
-            record.finish(index, n, verdict, None)
+            record.finish(index, n, verdict, None, out, x, g, track)
             break
         done = verdict.done
         finished = int(done.sum())  # the one host synchronisation of an iteration
         if finished:
-            out[index[done]] = _result(x[done], g[done])
-            record.finish(index[done], n, verdict, done)
+            record.finish(index[done], n, verdict, done, out, x, g, track)
             if finished == index.shape[0]:
                 break
             keep = ~done
@@ -218,7 +282,42 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
             state, track = solver.select(state, keep), track.select(keep)
             evaluate.restrict(index)
         x, state = solver.step(x, g, state)
-    return out, record.stats(phase, s)
+    return out, record.stats(phase, s), record
+
+
+def _linear(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, history: bool):
+    """The fixed point of an affine map by restarted GMRES, recorded like the iteration's."""
+    record = _Record(x0.shape[0], x0, history)
+    result = gmres(evaluate, evaluate.restrict, x0, m=s.memory, tol=s.tol, relative=s.criterion == "relative",
+                   max_iter=s.max_iter, min_iter=s.min_iter)
+    record.iterations, record.residual, record.best_residual = result.iterations, result.residual, result.residual
+    record.converged, record.diverged = result.converged, result.diverged
+    if record.history is not None:
+        record.history = result.history
+    if x0.shape[0]:  # the large-step check's norms, from the residual (not worth one more evaluation)
+        record.norm = torch.linalg.vector_norm(result.x, dim=1)
+        record.step = result.residual * record.norm if s.criterion == "relative" else result.residual
+    return result.x, record.stats(phase, s), record
+
+
+def _warn_large_steps(stats: SolveStats, record: _Record) -> None:
+    """The relative criterion's blind spot (see the module's doc): warn where it accepted a large absolute step."""
+    s = stats.settings
+    if s.criterion != "relative" or s.on_fail == "ignore" or stats.batch == 0:
+        return
+    large = stats.converged & (record.step >= LARGE_ABSOLUTE_STEP) & ~record.shrank
+    count = int(large.sum())
+    if not count:
+        return
+    from .stats import MAX_LISTED_SAMPLES, _user_stacklevel
+
+    listed = torch.nonzero(large).flatten().tolist()
+    samples = ", ".join(map(str, listed[:MAX_LISTED_SAMPLES])) + (
+        f" and {count - MAX_LISTED_SAMPLES} more" if count > MAX_LISTED_SAMPLES else "")
+    message = LARGE_STEP_WARNING.format(phase=stats.phase, count=count, batch=stats.batch, samples=samples,
+                                        tol=s.tol, step=float(record.step[large].max()),
+                                        norm=float(record.norm[large].max()))
+    warnings.warn(message, ConvergenceWarning, stacklevel=_user_stacklevel())
 
 
 def _result(x: Tensor, g: Tensor) -> Tensor:

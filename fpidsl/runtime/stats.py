@@ -102,7 +102,9 @@ class SolveStats:
     (the result is as accurate as the dtype allows; this is not a failure). ``history``: with ``history=True``,
     the residual of every iteration, shape ``(iterations, batch)``, NaN where a sample had already stopped.
     ``halfway``: the residual at iteration ``max_iter // 2`` (NaN where the sample had stopped), which tells a
-    stalled iteration from a slow one when a sample runs out of iterations.
+    stalled iteration from a slow one when a sample runs out of iterations. ``best_iterate``: per sample, the
+    result is not the last iterate but the one of lowest residual (a sample that failed); ``best_residual`` and
+    ``best_at`` are the residual and iteration of the iterate each result comes from.
     """
 
     phase: str
@@ -114,6 +116,9 @@ class SolveStats:
     stopped_at_floor: Tensor
     history: Tensor | None = None
     halfway: Tensor | None = None
+    best_iterate: Tensor | None = None  # per sample: the result is an earlier iterate of lower residual (a failure)
+    best_at: Tensor | None = None  # per sample: the iteration the result comes from
+    best_residual: Tensor | None = None  # per sample: the residual of the iterate the result comes from
 
     @property
     def batch(self) -> int:
@@ -219,7 +224,7 @@ def failure_message(stats: SolveStats) -> str | None:
             tol=s.tol,
             where=BACKWARD_WHERE if backward else "",
             advice=BACKWARD_ADVICE_DIVERGED if backward else FORWARD_ADVICE_DIVERGED,
-        )
+        ) + _best_note(stats)
     idx = torch.nonzero(failed_mask).flatten().tolist()
     residuals = stats.residual[failed_mask]
     advice = BACKWARD_ADVICE_SLOW if backward else FORWARD_ADVICE_SLOW
@@ -234,7 +239,19 @@ def failure_message(stats: SolveStats) -> str | None:
         tol=s.tol,
         iterations=int(stats.iterations[failed_mask].max()),
         advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter, anderson=_anderson_advice(s, backward)),
-    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals)
+    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals) + _best_note(stats)
+
+
+BEST_ITERATE = (" {count} of them return their lowest-residual iterate (residual down to {best:.3g}), not the last "
+                "(stats.best_iterate).")
+
+
+def _best_note(stats: SolveStats) -> str:
+    """A sentence when failed samples return an earlier iterate of lower residual."""
+    if stats.best_iterate is None or not bool(stats.best_iterate.any()):
+        return ""
+    chosen = stats.best_iterate
+    return BEST_ITERATE.format(count=int(chosen.sum()), best=float(stats.best_residual[chosen].min()))
 
 
 def _anderson_advice(s: SolverSettings, backward: bool) -> str:

@@ -16,13 +16,16 @@ from fpidsl.runtime.settings import (
 
 
 def test_defaults_and_keys():
-    assert SETTING_KEYS == ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "on_fail")
+    assert SETTING_KEYS == ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "on_fail",
+                            "mode", "k", "tau")
     assert FORWARD_DEFAULTS == SolverSettings()
     assert (FORWARD_DEFAULTS.tol, BACKWARD_DEFAULTS.tol) == (1e-5, 1e-6)
     assert FORWARD_DEFAULTS.as_dict() == {
-        "method": "picard", "m": 5, "beta": 1.0, "lam": 1e-4, "tol": 1e-5, "criterion": "relative",
-        "max_iter": 500, "min_iter": 0, "on_fail": "warn",
+        "method": "picard", "m": None, "beta": 1.0, "lam": 1e-4, "tol": 1e-5, "criterion": "relative",
+        "max_iter": 500, "min_iter": 0, "on_fail": "warn", "mode": "implicit", "k": None, "tau": 1.0,
     }
+    assert FORWARD_DEFAULTS.merged({"method": "anderson"}).memory == 5  # each method's default memory
+    assert FORWARD_DEFAULTS.merged({"method": "broyden"}).memory == 50
     with pytest.raises(dataclasses.FrozenInstanceError):
         FORWARD_DEFAULTS.tol = 1.0
 
@@ -36,21 +39,27 @@ def test_merged_overrides_and_keeps_the_rest():
 
 BAD = [
     ({"tolerance": 1e-3}, "unknown solver setting 'tolerance'; known: method, m, beta, lam, tol, criterion, "
-                          "max_iter, min_iter, on_fail"),
+                          "max_iter, min_iter, on_fail, mode, k, tau"),
     ({"criterion": "rel"}, "criterion must be 'relative' or 'absolute', got 'rel'"),
-    ({"method": "newton"}, "method must be 'picard' or 'anderson', got 'newton'"),
+    ({"method": "newton"}, "method must be one of 'picard', 'anderson', 'broyden', 'gmres', got 'newton'"),
+    ({"method": "gmres"}, "method 'gmres' solves the linear system of the backward; it is a backward setting "
+                          "(backward={'method': 'gmres'}), not a forward one"),
+    ({"mode": "jfb"}, "mode is a backward setting (backward={'mode': 'jfb'}), not a forward one"),
+    ({"m": 1000000000}, "m must be an integer with 1 <= m <= 1000, got 1000000000"),
+    ({"tol": float("inf")}, "tol must be a finite number > 0, got inf"),
+    ({"lam": float("inf")}, "lam must be a finite number >= 0, got inf"),
     ({"on_fail": "crash"}, "on_fail must be one of 'warn', 'raise', 'ignore', got 'crash'"),
     ({"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
     ({"max_iter": 10.0}, "max_iter must be an integer >= 1, got 10.0"),
     ({"max_iter": True}, "max_iter must be an integer >= 1, got True"),
     ({"min_iter": -1}, "min_iter must be an integer >= 0, got -1"),
-    ({"m": 0}, "m must be an integer >= 1, got 0"),
-    ({"tol": 0}, "tol must be a number > 0, got 0"),
-    ({"tol": "1e-5"}, "tol must be a number > 0, got '1e-5'"),
-    ({"tol": float("nan")}, "tol must be a number > 0, got nan"),
-    ({"beta": 1.5}, "beta must be a number with 0 < beta <= 1, got 1.5"),
-    ({"beta": 0}, "beta must be a number with 0 < beta <= 1, got 0"),
-    ({"lam": -1e-3}, "lam must be a number >= 0, got -0.001"),
+    ({"m": 0}, "m must be an integer with 1 <= m <= 1000, got 0"),
+    ({"tol": 0}, "tol must be a finite number > 0, got 0"),
+    ({"tol": "1e-5"}, "tol must be a finite number > 0, got '1e-5'"),
+    ({"tol": float("nan")}, "tol must be a finite number > 0, got nan"),
+    ({"beta": 1.5}, "beta must be a finite number with 0 < beta <= 1, got 1.5"),
+    ({"beta": 0}, "beta must be a finite number with 0 < beta <= 1, got 0"),
+    ({"lam": -1e-3}, "lam must be a finite number >= 0, got -0.001"),
     ({"min_iter": 10, "max_iter": 5}, "min_iter must be <= max_iter, got min_iter=10 and max_iter=5"),
 ]
 
@@ -74,3 +83,35 @@ def test_settings_module_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'settings.py imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+BAD_BACKWARD = [
+    ({"mode": "adjoint"}, "mode must be one of 'implicit', 'jfb', 'phantom', 'unrolled', got 'adjoint'"),
+    ({"mode": "phantom", "k": 0}, "k must be an integer with 1 <= k <= 10000, got 0"),
+    ({"mode": "phantom", "tau": 1.5}, "tau must be a finite number with 0 < tau <= 1, got 1.5"),
+    ({"method": "gmres", "m": 1001}, "m must be an integer with 1 <= m <= 1000, got 1001"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_BACKWARD, ids=[str(b[0]) for b in BAD_BACKWARD])
+def test_bad_backward_settings(overrides, message):
+    with pytest.raises(SettingsError) as info:
+        BACKWARD_DEFAULTS.merged(overrides)
+    assert str(info.value) == message
+
+
+def test_typed_values_carry_the_keys_users_write():
+    from fpidsl.runtime.settings import (AndersonMethod, BroydenMethod, GmresMethod, ImplicitGradient,
+                                         JacobianFreeGradient, PhantomGradient, PicardMethod, UnrolledGradient)
+
+    assert FORWARD_DEFAULTS.solver_method == PicardMethod(beta=1.0)
+    assert FORWARD_DEFAULTS.merged({"beta": 0.5}).solver_method == PicardMethod(beta=0.5)
+    assert FORWARD_DEFAULTS.merged({"method": "anderson", "m": 3}).solver_method == AndersonMethod(3, 1.0, 1e-4)
+    assert FORWARD_DEFAULTS.merged({"method": "broyden", "m": 30}).solver_method == BroydenMethod(30)
+    assert BACKWARD_DEFAULTS.merged({"method": "gmres"}).solver_method == GmresMethod(30)
+    assert BACKWARD_DEFAULTS.gradient == ImplicitGradient()
+    assert BACKWARD_DEFAULTS.merged({"mode": "jfb"}).gradient == JacobianFreeGradient()
+    assert BACKWARD_DEFAULTS.merged({"mode": "phantom"}).gradient == PhantomGradient(5, 1.0)
+    assert BACKWARD_DEFAULTS.merged({"mode": "phantom", "k": 3, "tau": 0.5}).gradient == PhantomGradient(3, 0.5)
+    assert BACKWARD_DEFAULTS.merged({"mode": "unrolled", "k": 7}).gradient == UnrolledGradient(7)
+    assert BACKWARD_DEFAULTS.merged({"mode": "jfb"}).role == "backward"  # the role survives merging

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from ..settings import SolverSettings
+from ..settings import AndersonMethod, BroydenMethod, PicardMethod, SolverSettings
 from .anderson import Anderson as Anderson
+from .broyden import Broyden as Broyden
 from .picard import Picard as Picard
 
 
@@ -30,7 +31,13 @@ class Solver(Protocol):
 
 
 def make_solver(settings: SolverSettings) -> Solver:
-    """The solver that ``settings.method`` names, configured from ``settings``."""
-    if settings.method == "anderson":
-        return Anderson(m=settings.m, beta=settings.beta, lam=settings.lam)
-    return Picard()
+    """The solver that ``settings.method`` names, configured from ``settings`` (GMRES is not an iteration of this
+    kind: :mod:`fpidsl.runtime.solvers.gmres` solves the backward's linear system on its own)."""
+    method = settings.solver_method
+    if isinstance(method, AndersonMethod):
+        return Anderson(m=method.m, beta=method.beta, lam=method.lam)
+    if isinstance(method, BroydenMethod):
+        return Broyden(m=method.m)
+    if isinstance(method, PicardMethod):
+        return Picard(beta=method.beta)
+    raise ValueError(f"{settings.method} is not a fixed-point iteration solver")

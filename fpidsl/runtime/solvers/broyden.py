@@ -1,0 +1,98 @@
+"""Broyden's method ("good" Broyden, limited memory), per sample, for the root of ``F(x) = g(x) - x``.
+
+Each sample keeps its own approximation of the inverse Jacobian of ``F``, ``H = -I + sum_i u_i v_i^T`` (the
+start ``-I`` makes the first step the Picard step ``x + F(x) = g(x)``), and steps to ``x_{n+1} = x_n - H F(x_n)``.
+After a step, with ``dx = x_{n+1} - x_n`` and ``dF = F(x_{n+1}) - F(x_n)``, the Sherman-Morrison form of
+Broyden's rank-one update of the Jacobian adds
+
+    v = H^T dx,    u = (dx - H dF) / (v . dF),
+
+so that the new ``H`` maps ``dF`` to ``dx`` (the secant condition). This is torchdeq's and locuslab/deq's solver
+without line search. On an affine map with full memory (``m`` at least twice the dimension) it finds the fixed
+point in at most ``2 dim`` steps (Gay's theorem).
+
+Implementation notes:
+
+- ``u`` and ``v`` live in buffers of shape ``(batch, m, dim)`` allocated once; when ``m`` updates are held, the
+  approximation restarts from ``-I`` (limited memory). Overwriting only the oldest update instead (torchdeq's
+  ``LBFGS_thres``) leaves the later updates, each built on it, inconsistent: on the hard linear map of
+  ``tests/runtime/test_broyden.py`` (dimension 128) torchdeq 0.1.0 returns NaN with ``LBFGS_thres`` 30 or 100,
+  while restarts converge (m=100: 581 iterations; full memory m=300: 178). Products with the buffers are batched
+  row-times-buffer GEMMs;
+- a sample whose update is not finite (``v . dF = 0``: the secant step gave no information) keeps its ``H`` (its
+  slot is written with zeros), and a sample whose proposed step is not finite takes the Picard step ``g(x)``;
+  no sample's failure touches another sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BroydenState:
+    """Per-sample rank-one updates (ring buffers) and the previous iterate and residual."""
+
+    U: Tensor  # (batch, m, dim)
+    V: Tensor  # (batch, m, dim)
+    x_prev: Tensor  # (batch, dim)
+    f_prev: Tensor  # (batch, dim)
+    filled: int = 0  # slots holding an update (the same for every running sample)
+    slot: int = 0  # the slot the next update goes to (== filled; kept for symmetry with Anderson's ring)
+    started: bool = False
+
+
+def _rows_times(y: Tensor, buffer: Tensor) -> Tensor:
+    """``buffer @ y`` per sample as a row: ``(batch, 1, k)`` with entry ``i`` the product ``buffer_i . y``."""
+    return torch.bmm(y.unsqueeze(1), buffer.transpose(1, 2))
+
+
+class Broyden:
+    """Limited-memory Broyden with ``m`` rank-one updates of the inverse Jacobian."""
+
+    def __init__(self, m: int = 50):
+        self.m = m
+
+    def init(self, x: Tensor) -> BroydenState:
+        batch, dim = x.shape
+        return BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim),
+                            x_prev=torch.empty_like(x), f_prev=torch.empty_like(x))
+
+    @staticmethod
+    def _apply(state: BroydenState, y: Tensor, transpose: bool) -> Tensor:
+        """``H y`` (or ``H^T y``) with ``H = -I + U^T V`` over the filled slots."""
+        k = state.filled
+        if k == 0:
+            return -y
+        first, second = (state.U, state.V) if transpose else (state.V, state.U)
+        coefficients = _rows_times(y, first[:, :k])  # (batch, 1, k)
+        return torch.baddbmm(-y.unsqueeze(1), coefficients, second[:, :k]).squeeze(1)
+
+    def step(self, x: Tensor, g: Tensor, state: BroydenState) -> tuple[Tensor, BroydenState]:
+        f = g - x
+        if state.started:
+            self._update(x - state.x_prev, f - state.f_prev, state)
+        state.x_prev.copy_(x)
+        state.f_prev.copy_(f)
+        state.started = True
+        proposal = x - self._apply(state, f, transpose=False)
+        finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
+        return torch.where(finite, proposal, g), state
+
+    def _update(self, dx: Tensor, df: Tensor, state: BroydenState) -> None:
+        if state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update would
+            state.filled = state.slot = 0  # leave the later ones built on it inconsistent, and diverges)
+        v = self._apply(state, dx, transpose=True)
+        u = (dx - self._apply(state, df, transpose=False)) / torch.linalg.vecdot(v, df).unsqueeze(1)
+        usable = (torch.isfinite(u).all(dim=1) & torch.isfinite(v).all(dim=1)).unsqueeze(1)
+        s = state.slot
+        state.U[:, s] = u.masked_fill_(~usable, 0.0)
+        state.V[:, s] = v.masked_fill_(~usable, 0.0)
+        state.slot = s + 1
+        state.filled = s + 1
+
+    def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
+        return BroydenState(U=state.U[keep], V=state.V[keep], x_prev=state.x_prev[keep], f_prev=state.f_prev[keep],
+                            filled=state.filled, slot=state.slot, started=state.started)
