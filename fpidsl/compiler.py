@@ -1,7 +1,8 @@
-"""The compiler driver: file → source → AST → checked graphs (→ Python, see :mod:`fpidsl.codegen`).
+"""The compiler driver: file → source → AST → checked graphs → lowered layers → Python.
 
-Each step is a function of the previous result; :func:`check_file` runs the front half that
-``fpidsl check`` needs and that every later step starts from.
+Each step is a function of the previous result: :func:`check_file` runs the front half that ``fpidsl check``
+needs (:mod:`fpidsl.passes.pipeline`); :meth:`CheckedSpec.lowered` the lowering passes
+(:mod:`fpidsl.passes.lower`); :func:`compile_source` prints the lowered layers (:mod:`fpidsl.codegen.emit`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ class CheckedSpec:
     spec: ast.SpecFile
     graphs: dict  # layer name -> fpidsl.ir.graph.LayerGraph, in source order
 
+    def lowered(self, lint: bool = False) -> dict:
+        """Layer name -> its :class:`~fpidsl.passes.lower.LoweredLayer`, in source order (computed once)."""
+        from .passes.lower import lower
+
+        cache = self.__dict__.setdefault("_lowered", {})
+        if lint or lint not in cache:
+            cache[lint] = {name: lower(graph, lint=lint) for name, graph in self.graphs.items()}
+        return cache[lint]
+
 
 def parse_file(path: str) -> tuple[Source, ast.SpecFile]:
     """Read and parse a ``.fpi`` or YAML spec."""
@@ -35,6 +45,13 @@ def check_source(source: Source) -> CheckedSpec:
 
     spec = parse_source(source)
     return CheckedSpec(source, spec, check_spec(spec))
+
+
+def compile_source(source: Source, only: str | None = None) -> str:
+    """The Python module of a spec given as text: checked, lowered and printed."""
+    from .codegen.emit import emit_module
+
+    return emit_module(check_source(source), only)
 
 
 def check_file(path: str) -> CheckedSpec:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..ir.graph import LayerGraph
+from ..passes.lower import LoweredLayer
 from ..ir.primitives import SliceSpec
 from .namespace import Namespace
 
@@ -153,17 +154,15 @@ def _indent(lines: list[str], depth: int) -> list[str]:
 class LayerEmitter:
     """Writes the class of one layer."""
 
-    def __init__(self, graph: LayerGraph, class_name: str):
-        from ..passes.differentiate import backward_graph, expand_grads
-
-        self.source_graph = graph
-        self.graph = expand_grads(graph)
-        self.backward = backward_graph(self.graph)
+    def __init__(self, lowered: LoweredLayer, class_name: str):
+        self.lowered = lowered
+        self.source_graph = lowered.source
+        self.graph = lowered.step
         self.class_name = class_name
         self.ns = Namespace()
-        self.state_names = list(self.graph.states)
-        self.input_names = list(self.graph.inputs)
-        self.param_names = list(self.graph.params)
+        self.state_names = lowered.state_names
+        self.input_names = lowered.input_names
+        self.param_names = lowered.param_names
 
     # ------------------------------------------------------------------ helpers
     def _arg_vars(self, ns: Namespace) -> dict[str, str]:
@@ -198,7 +197,7 @@ class LayerEmitter:
     # ------------------------------------------------------------------ parts
     def _step(self) -> list[str]:
         g = self.graph
-        ns = Namespace(("states",))
+        ns = Namespace()
         bound, states, args = self._leaf_vars(g, ns)
         updates = [g.states[s].update for s in self.state_names]
         roots = [g.args(u)[0] for u in updates]
@@ -214,10 +213,8 @@ class LayerEmitter:
     def _hoisted_iteration(self) -> list[str]:
         """``hoist`` (what g reads that depends on no state, computed once per forward solve) and ``iterate``
         (g from the states and those values), when something is worth hoisting (:mod:`fpidsl.passes.hoist`)."""
-        from ..passes.hoist import split_step
-
-        parts = split_step(self.graph)
-        if parts is None or not parts.worthwhile:
+        parts = self.lowered.forward
+        if parts is None:
             return ["HOIST_BATCHED = None"]
         g = parts.graph
         ns = Namespace()
@@ -227,7 +224,7 @@ class LayerEmitter:
         hoist = ["@staticmethod", f"def hoist({', '.join(args)}):",
                  *_indent(['"""What g reads that depends on no state: computed once per forward solve."""',
                            *pre.lines, f"return {_tuple(values)}"], 1)]
-        ns2 = Namespace(("states",))
+        ns2 = Namespace()
         states = [ns2.create(s) for s in self.state_names]
         names = [ns2.create(v) for v in values]
         bound2 = {g.states[s].node: var for s, var in zip(self.state_names, states)}
@@ -240,12 +237,12 @@ class LayerEmitter:
         body += block.lines
         results = [block.var[r] for r in parts.roots]
         body.append(f"return {results[0]}" if single else f"return {_tuple(results)}")
-        return [f"HOIST_BATCHED = {literal(tuple(parts.batched))}", "", *hoist, "",
+        return [f"HOIST_BATCHED = {literal(self.lowered.hoist_batched)}", "", *hoist, "",
                 "@staticmethod", head, *_indent(body, 1)]
 
     def _init_states(self) -> list[str]:
         g = self.graph
-        ns = Namespace(("dims", "like"))
+        ns = Namespace()
         bound, _, args = self._leaf_vars(g, ns)
         lines: list[str] = []
         results = []
@@ -277,7 +274,7 @@ class LayerEmitter:
 
     def _outputs(self) -> list[str]:
         g = self.graph
-        ns = Namespace(("states",))
+        ns = Namespace()
         bound, states, args = self._leaf_vars(g, ns)
         roots = g.args(g.output) if g.output else [g.states[s].node for s in self.state_names]
         block = emit_nodes(g, roots, bound, ns)
@@ -289,12 +286,8 @@ class LayerEmitter:
 
     def _adjoint(self) -> list[str]:
         """``prepare`` (what depends only on x̂), ``vjp_state`` and ``vjp_args`` (linear in c)."""
-        from ..passes.narrow import narrow_slices
-        from .split import linear_nodes, split_backward
-
-        bg = narrow_slices(self.backward, linear_nodes(self.backward, self.state_names))
-        parts = split_backward(bg, self.state_names, self.input_names, self.param_names)
-        ns = Namespace(("x_hat", "args", "saved", "c"))
+        bg, parts = self.lowered.backward, self.lowered.adjoint
+        ns = Namespace()
         bound, states, args = self._leaf_vars(bg, ns)
         prep = emit_nodes(bg, parts.saved, bound, ns)
         saved_vars = [prep.var[s] for s in parts.saved]
@@ -308,7 +301,7 @@ class LayerEmitter:
 
         def linear_part(fn_name: str, doc: str, sinks: list[str | None], zeros_like: list[str],
                         selective: bool = False) -> list[str]:
-            ns2 = Namespace(("saved", "c"))
+            ns2 = Namespace()
             saved_names = [ns2.create(prep.var[s]) for s in parts.saved]
             c_names = [ns2.create(f"c_{s}") for s in self.state_names]
             bound2 = dict(zip(parts.saved, saved_names))
@@ -388,7 +381,7 @@ class LayerEmitter:
                 f"INPUTS = {inputs}",
                 f"STATES = {states}",
                 f"ASSUMPTIONS = {assumptions}",
-                f"SAMPLEWISE = {samplewise(g)}",
+                f"SAMPLEWISE = {self.lowered.samplewise}",
                 f"SOLVE = {settings(g.solve)}",
                 f"BACKWARD = {settings(g.backward)}",
                 "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
@@ -396,59 +389,21 @@ class LayerEmitter:
         return [f"class {self.class_name}(_layer.CompiledLayer):", *_indent(body, 1)]
 
 
-def _touches_batch(graph: LayerGraph, nid: str) -> bool:
-    """Whether a call may mix samples: it reduces, indexes, reshapes or concatenates along dimension 0."""
-    data = graph.node(nid)
-    prim, attrs = data["prim"], data["attrs"]
-    args = graph.args(nid)
-    rank = len(graph.shape(args[0])) if args and graph.shape(args[0]) is not None else 0
-    if prim == "index":
-        first = attrs["index"][0] if attrs["index"] else None
-        return not (first is Ellipsis or (isinstance(first, SliceSpec) and first == SliceSpec()))
-    if prim in ("reshape", "flatten", "transpose", "matmul"):
-        if prim == "flatten":
-            return attrs.get("start", 1) % max(rank, 1) == 0
-        if prim == "transpose":
-            return 0 in (attrs["dim0"] % max(rank, 1), attrs["dim1"] % max(rank, 1))
-        if prim == "matmul":
-            return any(len(graph.shape(a) or ()) < 2 for a in args)
-        shape = graph.shape(nid)
-        return not (shape and graph.shape(args[0]) and shape[0] == graph.shape(args[0])[0]
-                    and not isinstance(shape[0], int))
-    if prim == "count":  # a number of elements, not data
-        return False
-    if prim == "unsqueeze":  # positions in the result, non-negative
-        dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
-        return 0 in dims
-    if "dim" in attrs:
-        dims = attrs["dim"]
-        if dims is None:
-            return True
-        dims = dims if isinstance(dims, tuple) else (dims,)
-        return any(d % max(rank, 1) == 0 for d in dims)
-    return False
-
-
-def samplewise(graph: LayerGraph) -> bool:
-    """True when g treats the samples (dimension 0) independently, so the solver may drop finished samples
-    from the work; a map that mixes samples is solved jointly (finished samples frozen, not dropped)."""
-    return not any(graph.node(n)["op"] == "call" and _touches_batch(graph, n) for n in graph.nodes())
-
-
 def spec_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def emit_module(checked, only: str | None = None) -> str:
-    """The Python source of a checked spec (:class:`~fpidsl.compiler.CheckedSpec`)."""
+    """The Python source of a checked spec (:class:`~fpidsl.compiler.CheckedSpec`), printed from its lowered
+    layers (:mod:`fpidsl.passes.lower`): the code generator runs no pass itself."""
     path = checked.source.path
     ns = Namespace()
     classes, layer_map = [], []
-    for name, graph in checked.graphs.items():
+    for name, lowered in checked.lowered().items():
         if only is not None and name != only:
             continue
         class_name = ns.create(name)
-        classes.append(LayerEmitter(graph, class_name).emit(path))
+        classes.append(LayerEmitter(lowered, class_name).emit(path))
         layer_map.append(f"{literal(name)}: {class_name}")
     header = [
         f"# Generated by fpidsl {__version__} from {_file_name(path)}; do not edit.",

@@ -6,7 +6,12 @@ import keyword
 import re
 
 _ILLEGAL = re.compile(r"[^0-9a-zA-Z_]+")
-_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"torch", "self", "_ops", "_layer"}
+# Every identifier the emitted code itself uses: the module's globals, and the arguments and locals the code
+# generator writes in its functions (step's ``states``, init_states' ``dims``/``like``, the adjoint's ``x_hat``,
+# ``args``, ``saved``, ``c`` and ``needs``). A user's name that is one of them is renamed (``needs_1``).
+EMITTER_NAMES = frozenset({"torch", "self", "_ops", "_layer", "_", "LAYERS", "states", "dims", "like", "x_hat",
+                           "args", "saved", "c", "needs"})
+_RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins)) | EMITTER_NAMES
 
 
 class Namespace:
@@ -21,6 +26,8 @@ class Namespace:
         base = _ILLEGAL.sub("_", candidate) or "v"
         if base[0].isdigit():
             base = f"v_{base}"
+        if base.startswith("__"):  # dunder names (``__builtins__``, ``__name__``) mean something to Python
+            base = f"v{base}"
         name = base
         while name in self._taken:
             self._counts[base] = self._counts.get(base, 0) + 1

@@ -169,12 +169,15 @@ def copy_metadata(src: LayerGraph, dst: LayerGraph, mapping: dict[str, str]) -> 
     dst.solve, dst.backward = dict(src.solve), dict(src.backward)
     dst.solve_spans, dst.backward_spans = dict(src.solve_spans), dict(src.backward_spans)
     dst.assumptions = list(src.assumptions)
+    if type(src) is type(dst):
+        dst.copy_extra_metadata(src, mapping)
 
 
-def compact(graph: LayerGraph, roots: Iterable[str], cls: type) -> tuple[LayerGraph, dict[str, str]]:
+def compact(graph: LayerGraph, roots: Iterable[str] | None = None, cls: type | None = None
+            ) -> tuple[LayerGraph, dict[str, str]]:
     """A copy (of class ``cls``) of the nodes that ``roots`` need, renumbered; and the id mapping."""
-    keep = graph.upstream(roots)
-    out = cls(graph.name, graph.span)
+    keep = graph.upstream(graph.roots() if roots is None else roots)
+    out = (cls or type(graph))(graph.name, graph.span)
     b = GraphBuilder(out)
     mapping: dict[str, str] = {}
     for nid in graph.nodes():

@@ -1,9 +1,15 @@
 """Names that become Python attributes of the compiled ``nn.Module`` must not clash with its own.
 
-A ``param NAME`` is the layer's attribute ``NAME``; ``param forward`` or ``param parameters`` would
-replace a method of ``torch.nn.Module``, so such names are refused with the param's span.
+A ``param NAME`` is the layer's attribute ``NAME`` (``self.NAME``); ``param forward`` or ``param parameters``
+would replace a method of ``torch.nn.Module``, ``param hoist`` a function the code generator writes, and
+``param class`` is not an attribute Python can write; such names are refused with the param's span. Names
+starting with ``_`` are refused too: they are where ``torch.nn.Module`` and fpidsl keep their internals
+(``_forward_hooks``, ``_hoisted``), now and in later versions. ``tests/codegen/test_names.py`` checks these lists
+against ``dir()`` of a compiled layer, so a new attribute of the runtime cannot slip through.
 """
 from __future__ import annotations
+
+import keyword
 
 from ..errors import ErrorSink, NameErr
 from ..ir.graph import LayerGraph
@@ -23,10 +29,12 @@ register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_
 to_empty train type xpu zero_grad training _parameters _buffers _modules
 """.split())
 
-# What fpidsl.runtime.layer.CompiledLayer and the generated class define.
+# What fpidsl.runtime.layer.CompiledLayer and the generated class define (public names; every name starting with
+# ``_`` is refused anyway).
 COMPILED_LAYER_ATTRIBUTES = frozenset("""
-SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD adjoint step outputs init_states parameter_tensors bind
-stats solve_settings backward_settings history compiled contraction _step_fn _adjoint_obj _last_states _batched
+SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD SAMPLEWISE HOIST_BATCHED SELECTIVE_VJP_ARGS LAYERS adjoint step
+hoist iterate outputs init_states parameter_tensors bind stats solve_settings backward_settings history compiled
+contraction
 """.split())
 
 RESERVED = NN_MODULE_ATTRIBUTES | COMPILED_LAYER_ATTRIBUTES
@@ -40,8 +48,14 @@ def check_python_names(graph: LayerGraph, sink: ErrorSink) -> None:
         if name in seen:
             continue
         seen.add(name)
-        if name in RESERVED or name.startswith("__"):
-            data = graph.node(nid)
+        data = graph.node(nid)
+        if keyword.iskeyword(name):
+            sink.add(NameErr(f"param {name} is a Python keyword, and a param becomes an attribute of the compiled "
+                             "module", data["span"], hint=f"rename the param, e.g. {name}_p"))
+        elif name.startswith("_"):
+            sink.add(NameErr(f"param {name} starts with '_', where torch.nn.Module and fpidsl keep their internal "
+                             "attributes", data["span"], hint=f"rename the param, e.g. p{name}"))
+        elif name in RESERVED:
             sink.add(NameErr(
                 f"param {name} would replace the compiled layer's own attribute {name!r} "
                 "(of torch.nn.Module or of fpidsl's compiled layer)",

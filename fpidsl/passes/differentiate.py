@@ -15,57 +15,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
-from ..ir.graph import GraphLintError, LayerGraph
+from ..ir.graph import BackwardGraph, LayerGraph
 from ..ir.primitives import PRIMITIVES
 from ..ir.shapes import fmt_shape
-
-
-class BackwardGraph(LayerGraph):
-    """The backward fixed-point map of a layer: a :class:`LayerGraph` with, besides the primal nodes,
-
-    * ``cotangents``: state name -> its cotangent node (op ``input``, ``role="cotangent"``,
-      ``state=NAME``, named ``c_NAME``);
-    * ``grad_of``: ``"state:x"`` / ``"input:a"`` / ``"param:fc1.weight"`` -> the node holding ∂h/∂that;
-      no entry where the gradient is structurally zero;
-    * an ``output`` node whose arguments are the ``grad_of`` nodes, in that order (the graph's sinks,
-      with the states' ``update``/``init`` sinks kept from the primal graph).
-    """
-
-    def __init__(self, name, span):
-        super().__init__(name, span)
-        self.cotangents: dict[str, str] = {}
-        self.grad_of: dict[str, str] = {}
-
-    def result_keys(self) -> list[str]:
-        """Every gradient the backward map can have, in state, input, param order."""
-        return ([f"state:{s}" for s in self.states] + [f"input:{n}" for n in self.inputs]
-                + [f"param:{n}" for n in self.params])
-
-    def format(self) -> str:
-        """The graph's text form, with the map ``h`` in the header and the gradients at the end."""
-        head, body = super().format().split("\n", 1)
-        h = " + ".join(f"{self.node(c)['name']} . g_{s}" for s, c in self.cotangents.items()) or "0"
-        grads = [f"  grad {key} = {self.grad_of.get(key, '0')}" for key in self.result_keys()]
-        return "\n".join([head, f"  backward h = {h}", body.rstrip("\n"), *grads]) + "\n"
-
-    def lint(self, shapes: bool = True) -> None:
-        super().lint(shapes)
-        _check(list(self.cotangents) == list(self.states), "one cotangent per state, in state order")
-        for state, nid in self.cotangents.items():
-            d = self.node(nid)
-            _check(d["op"] == "input" and d.get("role") == "cotangent" and d.get("state") == state,
-                   f"{nid} is not the cotangent input of state {state}")
-        keys = set(self.result_keys())
-        for key, nid in self.grad_of.items():
-            _check(key in keys, f"grad_of has an unknown key {key!r}")
-            _check(nid in self.g, f"grad_of[{key!r}] = {nid} is not a node")
-        _check(self.output is not None and self.args(self.output) == list(self.grad_of.values()),
-               "the output node's arguments are not the grad_of nodes")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise GraphLintError(message)
 
 
 # --------------------------------------------------------------------------- reverse mode

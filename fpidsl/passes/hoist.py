@@ -41,13 +41,6 @@ def state_dependent(graph: LayerGraph) -> set[str]:
     return graph.downstream(info.node for info in graph.states.values())
 
 
-def _sinks(graph: LayerGraph) -> list[str]:
-    """The nodes a layer's code reads: updates, inits, the output, and every leaf."""
-    roots = [n for info in graph.states.values() for n in (info.update, info.init, info.node) if n is not None]
-    roots += list(graph.inputs.values()) + list(graph.params.values())
-    return roots + ([graph.output] if graph.output is not None else [])
-
-
 @dataclass(frozen=True)
 class _Plan:
     prim: str
@@ -135,14 +128,13 @@ def distribute_over_cat(graph: LayerGraph) -> LayerGraph:
         else:
             mapping[nid] = copy_node(b, graph, nid, mapping)
     copy_metadata(graph, out, mapping)
-    return compact(out, _sinks(out), LayerGraph)[0]
+    return compact(out)[0]
 
 
 def narrow_step(graph: LayerGraph) -> LayerGraph:
     """The step graph with slices of products narrowed to slices of their state-free factors (renumbered,
     identical slices made once)."""
-    narrowed = narrow_slices(graph, state_dependent(graph))
-    return graph if narrowed is graph else compact(narrowed, _sinks(narrowed), LayerGraph)[0]
+    return narrow_slices(graph, state_dependent(graph))
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
 ``index(matmul(a, W), [:, lo:hi])`` becomes ``matmul(a, W[:, lo:hi])`` (and likewise the channel slice of a
 convolution's input gradient) where ``W`` does not depend on the iterated variable, so the slice of ``W`` is
 computed once and every iteration does only the part of the product it keeps. Used on the backward map (the
-variable is the cotangent; codegen/split.py) and on the forward iteration (the variable is the state;
+variable is the cotangent; passes/split_backward.py) and on the forward iteration (the variable is the state;
 passes/hoist.py).
 """
 from __future__ import annotations
 
+from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import LayerGraph
 from ..ir.primitives import SliceSpec
 
@@ -36,9 +37,9 @@ def narrow_slices(bg: LayerGraph, linear: set[str]) -> LayerGraph:
     channel axis), whose other user is nobody and whose factor ``W`` does not depend on the cotangent: the slice
     of ``W`` is then computed once, in ``prepare``, and every iteration does only the part of the product it
     keeps (the state's share of ``cat([x, z])``'s gradient, not the input's). Both forms compute the same numbers.
+    The copy is built with the graph builder, so it is renumbered and passes ``lint()``; ``bg`` is returned
+    unchanged when nothing narrows.
     """
-    import copy
-
     candidates: dict[str, list] = {}
     for nid in bg.nodes():
         data = bg.node(nid)
@@ -56,34 +57,29 @@ def narrow_slices(bg: LayerGraph, linear: set[str]) -> LayerGraph:
             continue
         sliced = _only_slice(data["attrs"]["index"], axis, len(oshape))
         if sliced is not None:
-            candidates.setdefault(src, []).append((nid, src, pos, factor, sliced))
-    plans = [plan for src, group in candidates.items() if len(group) == len(bg.users(src)) for plan in group]
+            candidates.setdefault(src, []).append((nid, pos, sliced))
+    plans = {nid: (src, pos, sliced) for src, group in candidates.items() if len(group) == len(bg.users(src))
+             for nid, pos, sliced in group}
     if not plans:
         return bg
-    out = copy.copy(bg)
-    g = bg.g.copy()
-    order = list(g.nodes)
-    for nid, src, pos, factor, sliced in plans:
-        full = SliceSpec(None, None, None)
-        fshape = list(bg.shape(factor))
-        kept = len(range(*slice(sliced.lo, sliced.hi, sliced.step).indices(fshape[1]))) \
-            if isinstance(fshape[1], int) else None
-        new = f"n{len(order) + 1000}"
-        while new in g:
-            new += "_"
-        span = g.nodes[nid]["span"]
-        g.add_node(new, op="call", prim="index", attrs={"index": (full, sliced)}, span=span, name=None,
-                   shape=(fshape[0], kept, *fshape[2:]) if kept is not None else None)
-        g.add_edge(factor, new, key=0, pos=0, span=span)
-        order.insert(order.index(nid), new)
-        # the index node becomes the narrowed product; the wide product loses its only user
-        sdata = g.nodes[src]
-        g.nodes[nid].update(prim=sdata["prim"], attrs=dict(sdata["attrs"]), name=sdata.get("name"))
-        g.remove_edge(src, nid, key=0)
-        for u, _, d in list(bg.g.in_edges(src, data=True)):
-            g.add_edge(new if d["pos"] == pos else u, nid, key=d["pos"], pos=d["pos"], span=d["span"])
-    reordered = type(g)()
-    reordered.add_nodes_from((n, g.nodes[n]) for n in order)
-    reordered.add_edges_from(g.edges(keys=True, data=True))
-    out.g = reordered
-    return out
+    wide = {src for src, _, _ in plans.values()}
+    out = type(bg)(bg.name, bg.span)
+    b = GraphBuilder(out)
+    mapping: dict[str, str] = {}
+    full = SliceSpec(None, None, None)
+    for nid in bg.nodes():
+        if nid in wide:
+            continue
+        if nid not in plans:
+            mapping[nid] = copy_node(b, bg, nid, mapping)
+            continue
+        src, pos, sliced = plans[nid]
+        sdata = bg.node(src)
+        with b.deriving(nid, bg):
+            args = [mapping[a] for a in bg.args(src)]
+            args[pos] = b.call("index", args[pos], index=(full, sliced))
+            mapping[nid] = b.call(sdata["prim"], *args, **sdata["attrs"])
+        if out.node(mapping[nid]).get("name") is None:
+            out.node(mapping[nid])["name"] = sdata.get("name")
+    copy_metadata(bg, out, mapping)
+    return compact(out)[0]

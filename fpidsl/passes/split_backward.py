@@ -1,5 +1,5 @@
 """Split a derived backward graph into what depends only on x̂ and what is linear in the cotangent c (the
-backward map is narrowed first, by :mod:`fpidsl.passes.narrow`).
+backward map is narrowed first, by :mod:`fpidsl.passes.narrow`; both are lowering passes, :mod:`fpidsl.passes.lower`).
 
 The first part is computed once per backward solve (``adjoint.prepare``); the second runs every
 iteration (``adjoint.vjp_state``) or once at the end (``adjoint.vjp_args``)."""

@@ -1,0 +1,99 @@
+"""Sample mixing is decided from the primitives' declared batch rules (fpidsl/ir/batching.py), never from how an
+index is spelled: a layer that mixes samples is solved jointly, and its fixed points match plain iteration of the
+whole batch."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import fpidsl
+from fpidsl.compiler import check_source
+from fpidsl.ir.batching import MIXED, batch_axes
+from fpidsl.ir.primitives import PRIMITIVES
+from fpidsl.source import Source
+
+HEAD = """
+layer L {
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param W : tensor [4, 4] = normal(0, 0.3)
+"""
+
+
+def _lowered(body: str):
+    text = HEAD + textwrap.indent(textwrap.dedent(body).strip(), "  ") + "\n}\n"
+    checked = check_source(Source("mix.fpi", text))
+    return checked.lowered(lint=True)["L"], text
+
+
+SAMPLEWISE = [
+    "update x = tanh(0.5 * x @ W + a)",
+    "update x = tanh(0.5 * x + a[:, 0:1])",
+    "update x = tanh(0.5 * x + a[..., 1:2])",
+    "update x = tanh(0.5 * transpose(transpose(x, 0, 1), 0, 1) + a)",
+    "update x = tanh(0.5 * x + sum(a, dim=-1, keepdim=true))",
+    "update x = tanh(0.5 * reshape(reshape(x, [B, 2, 2]), [B, 4]) + a)",
+    "update x = 0.5 * softmax(x, dim=1) + a",
+    "update x = tanh(0.5 * flatten(reshape(x, [B, 2, 2])) + a)",
+]
+
+MIXING = [
+    # the defect of issue 16: `v[..., i]` on a value whose only dimension is the batch selects a sample
+    "let v = sum(x, dim=-1)\nupdate x = tanh(0.5 * x + a * v[..., 0])",
+    "let v = sum(x, dim=1)\nupdate x = tanh(0.5 * x + a * v[0])",
+    "update x = tanh(0.5 * x + a * mean(x, dim=0))",
+    "update x = 0.5 * softmax(x, dim=0) + a",
+    "update x = tanh(0.5 * x @ (transpose(x, 0, 1) @ x) * 0.1 + a)",
+    "update x = tanh(0.5 * x + reshape(reshape(x, [4, B]), [B, 4]))",
+    "let v = sum(x, dim=-1)\nupdate x = tanh(0.5 * x + a * sum(v))",
+    "update x = tanh(0.5 * x + a * flatten(x, 0, 1)[0])",
+    "let v = sum(x, dim=-1)\nlet u = sum(a, dim=-1, keepdim=true)\nupdate x = tanh(0.5 * x + sum(u * v, dim=1, keepdim=true))",
+]
+
+
+@pytest.mark.parametrize("body", SAMPLEWISE)
+def test_samplewise_maps_are_recognised(body):
+    lowered, _ = _lowered(body)
+    assert lowered.samplewise is True
+
+
+@pytest.mark.parametrize("body", MIXING)
+def test_maps_that_mix_samples_are_solved_jointly(body):
+    lowered, _ = _lowered(body)
+    assert lowered.samplewise is False
+
+
+def test_an_ellipsis_index_of_a_batch_vector_gives_the_fixed_point_of_plain_iteration(tmp_path):
+    """The issue's case: with v of shape [B], v[..., 0] reads sample 0. Dropping finished samples used to change
+    which sample that is, so the reported fixed points were wrong (and marked converged)."""
+    lowered, text = _lowered("let v = sum(x, dim=-1)\nupdate x = tanh(0.5 * x + a * v[..., 0] * 0.2 + a)")
+    spec = tmp_path / "mix.fpi"
+    spec.write_text(text)
+    cls = fpidsl.load(str(spec))
+    assert cls.SAMPLEWISE is False
+    torch.manual_seed(0)
+    m = cls(solve={"tol": 1e-12, "max_iter": 500}).double()
+    for trial in range(20):
+        # samples of very different sizes converge at different iterations
+        a = torch.randn(7, 4, dtype=torch.float64) * torch.logspace(-3, 0, 7, dtype=torch.float64)[:, None]
+        got = m(a)
+        x = torch.zeros(7, 4, dtype=torch.float64)
+        for _ in range(2000):
+            x = m.step(x, a, *m.parameter_tensors())
+        torch.testing.assert_close(got, x, rtol=1e-9, atol=1e-10)
+
+
+def test_every_primitive_declares_how_samples_flow():
+    for name, prim in PRIMITIVES.items():
+        assert callable(prim.batch), f"{name} has no batch rule"
+
+
+def test_the_batch_axis_follows_transposes_and_integer_indices():
+    lowered, _ = _lowered("let y = transpose(reshape(x, [B, 2, 2]), 0, 2)\nupdate x = tanh(reshape(transpose(y, 0, 2), [B, 4]) + a)")
+    g = lowered.step
+    axes = batch_axes(g)
+    ys = [n for n in g.nodes() if g.node(n).get("name") == "y"]
+    assert [axes[n] for n in ys] == [2]
+    assert MIXED not in axes.values()
