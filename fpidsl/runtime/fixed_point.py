@@ -22,9 +22,12 @@ from torch import Tensor, nn
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
+from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
+from .warm_start import WarmStart, eval_settings
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
 from .stats import Stats, enforce
+from .transforms import is_transformed, tangent_of_fixed_point, vmap_by_slices
 
 SettingsLike = SolverSettings | Mapping[str, Any] | None
 
@@ -150,8 +153,11 @@ def _solve(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
 
 def _apply(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
     """The fixed point, as a differentiable operation of ``args`` where autograd needs one."""
+    if problem.phase == "forward" and problem.backward.mode == "unrolled":  # pretraining: no solver
+        return unrolled_forward(problem, x0, args)
     inputs = (*x0, *args)
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+    if is_transformed(inputs) or _dual(inputs) or (
+            torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)):
         return _FixedPointFunction.apply(problem, *inputs)
     return _solve(problem, x0, args)
 
@@ -160,37 +166,67 @@ class _FixedPointFunction(torch.autograd.Function):
     """``x_hat`` from ``(x0..., args...)``; the backward solves the adjoint fixed point (see the module's doc)."""
 
     @staticmethod
-    def forward(ctx, problem: _Problem, *inputs: Any) -> States:
+    def forward(problem: _Problem, *inputs: Any) -> States:
         n = problem.n_state
-        x_hat = tuple(x.clone() for x in _solve(problem, inputs[:n], inputs[n:]))
-        args = inputs[n:]
+        return tuple(x.clone() for x in _solve(problem, inputs[:n], inputs[n:]))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: States) -> None:
+        problem, n = inputs[0], inputs[0].n_state
+        args = inputs[1 + n :]
         ctx.problem = problem
         ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in args)
-        ctx.save_for_backward(*x_hat, *(a for a in args if isinstance(a, Tensor)))
-        return x_hat
+        tensors = (*output, *(a for a in args if isinstance(a, Tensor)))
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def jvp(ctx, _problem_tangent: None, *tangents: Any) -> States:  # forward mode: fpidsl.runtime.transforms
+        n = ctx.problem.n_state
+        x_hat, args = _saved(ctx, n)
+        return tangent_of_fixed_point(ctx.problem, x_hat, args, tangents[n:])
+
+    @staticmethod
+    def vmap(info, in_dims: tuple, problem: _Problem, *inputs: Any):  # torch.func.vmap: one solve per slice
+        return vmap_by_slices(_FixedPointFunction.apply, info, in_dims, problem, inputs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple:
         problem: _Problem = ctx.problem
         n = problem.n_state
-        saved = ctx.saved_tensors
-        x_hat, tensors = saved[:n], iter(saved[n:])
-        args = tuple(next(tensors) if c is None else c for c in ctx.constants)
+        x_hat, args = _saved(ctx, n)
         gbar = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, x_hat))
         arg_grads = _backprop(problem, x_hat, args, gbar, ctx.needs_input_grad[1 + n :])
         x0_grads = tuple(torch.zeros_like(x) if need else None for x, need in zip(x_hat, ctx.needs_input_grad[1:]))
         return (None, *x0_grads, *arg_grads)
 
 
+def _dual(inputs: Sequence[Any]) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on any input."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 and any(
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+
+
+def _saved(ctx, n: int) -> tuple[States, tuple]:
+    """The fixed point and the arguments that the forward saved (constants put back in their places)."""
+    saved = ctx.saved_tensors
+    x_hat, tensors = saved[:n], iter(saved[n:])
+    return tuple(x_hat), tuple(next(tensors) if c is None else c for c in ctx.constants)
+
+
 def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs: Sequence[bool]) -> tuple:
     """``(df/dargs)^T c`` with ``c`` the fixed point of ``c = (df/dx)^T c + gbar``; ``None`` where not needed."""
     if not any(needs):
         return (None,) * len(args)
+    if problem.phase == "forward" and problem.backward.mode in INEXACT_MODES:  # jfb, phantom: no adjoint solve
+        return inexact_backprop(problem, x_hat, args, gbar, needs)
     adjoint = problem.adjoint
     saved = tuple(adjoint.prepare(x_hat, args))
     adjoint_stats = problem.stats.record_adjoint(Stats())
     start = tuple(g.detach() for g in gbar)
-    if torch.is_grad_enabled():  # recording a higher derivative: every step is a differentiable operation
+    if torch.is_grad_enabled() or is_transformed((*x_hat, *args, *gbar)):  # recording a higher derivative
         c = _apply(_adjoint_problem(problem, saved, adjoint_stats), start, (*saved, *gbar))
         grads = vjp_args(adjoint, saved, c, needs)
     else:
@@ -315,6 +351,7 @@ def fixed_point(
     x0: Tensor | Sequence[Tensor],
     *args: Any,
     backward: SettingsLike = None,
+    solve: SettingsLike = None,
     adjoint: Adjoint | None = None,
     stats: Stats | None = None,
     history: bool = False,
@@ -354,15 +391,19 @@ def fixed_point(
             ``f`` is evaluated once more at the fixed point (grad mode on only) to check that it reads no other
             tensor requiring grad, else :class:`~fpidsl.runtime.capture.HiddenTensorError`. ``"explicit"``:
             ``f`` reads no tensor requiring grad but its arguments (compiled layers; no discovery, no check).
+        solve: the forward's settings as one value (a :class:`SolverSettings`, taken as validated, or a mapping);
+            ``forward_settings`` apply over it.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
             ``criterion``, ``max_iter``, ``min_iter``, ``on_fail``) over
-            :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``.
+            :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``. The
+            backward's ``mode`` (``implicit``, ``jfb``, ``phantom`` with ``k`` and ``tau``, ``unrolled`` with ``k``;
+            :mod:`fpidsl.runtime.gradient_modes`) and ``method="gmres"`` go in ``backward``.
 
     Raises:
         ConvergenceError: a forward (or, later, backward) solve failed and ``on_fail='raise'``; with
             ``on_fail='warn'`` a :class:`ConvergenceWarning` is issued instead.
     """
-    forward = FORWARD_DEFAULTS.merged(forward_settings)
+    forward = resolve_settings(solve, FORWARD_DEFAULTS).merged(forward_settings)
     backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
     stats = Stats() if stats is None else stats
     x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted,
@@ -377,7 +418,9 @@ class FixedPoint(nn.Module):
     unknown key raises ``SettingsError``), or :class:`SolverSettings`. When ``f`` is an ``nn.Module`` it is a
     submodule and its parameters get gradients. After each call ``self.stats`` holds that call's :class:`Stats`
     (its ``backward`` is filled when the backward runs). ``adjoint``, ``batched``, ``per_sample`` and ``history``
-    are as in :func:`fixed_point`.
+    are as in :func:`fixed_point`. ``eval_solve`` (keys over ``solve``) applies instead of ``solve`` in eval mode
+    (``module.eval()``): an inference budget. ``warm_start=True`` starts each call from the previous call's fixed
+    point where the start has the same shapes (:mod:`fpidsl.runtime.warm_start`).
     """
 
     def __init__(
@@ -390,10 +433,14 @@ class FixedPoint(nn.Module):
         batched: Sequence[bool] | None = None,
         per_sample: bool = True,
         history: bool = False,
+        eval_solve: SettingsLike = None,
+        warm_start: bool = False,
     ):
         super().__init__()
         self.f = f
         self.solve_settings = resolve_settings(solve, FORWARD_DEFAULTS)
+        self.eval_settings = eval_settings(self.solve_settings, eval_solve)
+        self.warm = WarmStart(warm_start)
         self.backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
         self.adjoint = adjoint
         self.batched = None if batched is None else tuple(batched)
@@ -403,8 +450,11 @@ class FixedPoint(nn.Module):
 
     def forward(self, x0: Tensor | Sequence[Tensor], *args: Any) -> Any:
         self.stats = Stats()
-        return _run(self.f, x0, args, self.solve_settings, self.backward_settings, self.adjoint, self.stats,
-                    self.history, self.batched, self.per_sample)
+        settings = self.solve_settings if self.training else self.eval_settings
+        x_hat = _run(self.f, self.warm.start(x0), args, settings, self.backward_settings, self.adjoint, self.stats,
+                     self.history, self.batched, self.per_sample)
+        self.warm.remember(x_hat)
+        return x_hat
 
     def extra_repr(self) -> str:
         def short(s: SolverSettings, defaults: SolverSettings) -> str:

@@ -183,7 +183,14 @@ class CompiledLayer(nn.Module):
 
     def __init__(self, *, solve: Mapping[str, Any] | None = None,
                  backward: Mapping[str, Any] | None = None, history: bool = False,
-                 compile: bool = False) -> None:  # noqa: A002 - named like torch.compile
+                 compile: bool = False,  # noqa: A002 - named like torch.compile
+                 eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> None:
+        """``solve`` / ``backward``: settings over the spec's blocks; ``eval_solve``: settings over ``solve`` for
+        eval mode; ``warm_start``: start each call from the previous fixed point of the same shapes
+        (:mod:`fpidsl.runtime.warm_start`)."""
+        from .jacobian import LastCall
+        from .warm_start import WarmStart, eval_settings
+
         super().__init__()
         self.history = history
         self.compiled = compile
@@ -200,8 +207,11 @@ class CompiledLayer(nn.Module):
         try:
             self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
             self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
+            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
         except SettingsError as exc:
             raise SettingsError(f"{type(self).__name__}: {exc}") from None
+        self.warm = WarmStart(warm_start)
+        self._last_call = LastCall()
         self.stats = None
 
     # hooks a generated class implements
@@ -227,9 +237,14 @@ class CompiledLayer(nn.Module):
         return bound
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
+        """The layer's output for these inputs. ``init=`` (unless an input is named so) starts the solve there:
+        a tensor per state (see :func:`fpidsl.runtime.warm_start.given_start`)."""
         from .fixed_point import fixed_point
+        from .jacobian import LastCall
         from .stats import Stats
+        from .warm_start import given_start
 
+        init = kwargs.pop("init", None) if "init" not in self.INPUTS else None
         inputs = self.bind(args, kwargs)
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec)
@@ -237,16 +252,21 @@ class CompiledLayer(nn.Module):
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
         like = values[0] if values else torch.zeros(())
         x0 = self.init_states(dims, like, *values)
+        if init is not None:
+            x0 = given_start(init, tuple(x0), list(self.STATES), spec)
+        x0 = self.warm.start(tuple(x0))
         stats = Stats()
         x_hat = fixed_point(
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
             adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
             backward=self.backward_settings, hoisted=self._hoisted, capture="explicit",
-            **self.solve_settings.as_dict(),
+            solve=self.solve_settings if self.training else self.eval_settings,
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
         self._last_states = tuple(s.detach() for s in states)
+        self.warm.remember(states)
+        self._last_call = LastCall(tuple(states), values)
         return self.outputs(states, *values)
 
     def _batched(self) -> tuple[bool, ...] | None:
@@ -258,6 +278,21 @@ class CompiledLayer(nn.Module):
         batched = tuple(bool(shape) and shape[0] in lead and isinstance(shape[0], str)
                         for shape in self.INPUTS.values())
         return batched + (False,) * len(self.parameter_tensors())
+
+    def jacobian_penalty(self, samples: int = 1, *, reduction: str = "mean",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """The Hutchinson estimate of ``|dg/dx|_F^2`` at the fixed point of the last forward, differentiable
+        (:func:`fpidsl.runtime.jacobian.jacobian_penalty`): add ``gamma * layer.jacobian_penalty()`` to the loss."""
+        from .jacobian import jacobian_penalty
+
+        last = self._last_call
+        if last.states is None:
+            raise RuntimeError(f"{type(self).__name__}.jacobian_penalty() needs a forward call first (it is "
+                               "measured at that call's fixed point)")
+        adjoint = type(self).adjoint if type(self).adjoint is not None else None
+        step = type(self).step
+        return jacobian_penalty(step, last.states if len(last.states) > 1 else last.states[0], *last.values,
+                                samples=samples, adjoint=adjoint, reduction=reduction, generator=generator)
 
     def contraction(self, *args: torch.Tensor, iters: int = 30, **kwargs: torch.Tensor) -> torch.Tensor:
         """Solve for the fixed point of these inputs, then estimate the contraction factor ‖∂g/∂x‖₂ at it,

@@ -212,7 +212,7 @@ def failure_message(stats: SolveStats) -> str | None:
             if bool(nonfinite.all())
             else DIVERGED_HOW_GROWTH if not bool(nonfinite.any()) else DIVERGED_HOW_BOTH
         )
-        return DIVERGED.format(
+        message = DIVERGED.format(
             phase=stats.phase,
             count=len(idx),
             batch=stats.batch,
@@ -224,11 +224,12 @@ def failure_message(stats: SolveStats) -> str | None:
             tol=s.tol,
             where=BACKWARD_WHERE if backward else "",
             advice=BACKWARD_ADVICE_DIVERGED if backward else FORWARD_ADVICE_DIVERGED,
-        ) + _best_note(stats)
+        )
+        return message + _best_note(stats, message)
     idx = torch.nonzero(failed_mask).flatten().tolist()
     residuals = stats.residual[failed_mask]
     advice = BACKWARD_ADVICE_SLOW if backward else FORWARD_ADVICE_SLOW
-    return NOT_CONVERGED.format(
+    message = NOT_CONVERGED.format(
         phase=stats.phase,
         count=len(idx),
         batch=stats.batch,
@@ -239,19 +240,21 @@ def failure_message(stats: SolveStats) -> str | None:
         tol=s.tol,
         iterations=int(stats.iterations[failed_mask].max()),
         advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter, anderson=_anderson_advice(s, backward)),
-    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals) + _best_note(stats)
+    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals)
+    return message + _best_note(stats, message)
 
 
 BEST_ITERATE = (" {count} of them return their lowest-residual iterate (residual down to {best:.3g}), not the last "
                 "(stats.best_iterate).")
 
 
-def _best_note(stats: SolveStats) -> str:
+def _best_note(stats: SolveStats, message: str) -> str:
     """A sentence when failed samples return an earlier iterate of lower residual."""
     if stats.best_iterate is None or not bool(stats.best_iterate.any()):
         return ""
     chosen = stats.best_iterate
-    return BEST_ITERATE.format(count=int(chosen.sum()), best=float(stats.best_residual[chosen].min()))
+    return ("" if message.endswith(".") else ".") + BEST_ITERATE.format(
+        count=int(chosen.sum()), best=float(stats.best_residual[chosen].min()))
 
 
 def _anderson_advice(s: SolverSettings, backward: bool) -> str:

@@ -1,0 +1,97 @@
+"""Where a solve starts, and with which budget: warm starts and the eval-time settings of a layer.
+
+- A call-time start (``layer(x, init=previous)``): one tensor per state (a tensor for a one-state layer, a tuple
+  in declaration order, or a mapping by state name), each of the shape, dtype and device of the declared start.
+- ``warm_start=True`` on a layer: each call starts from the fixed point of the previous call whose start had the
+  same shapes (DEQ-Flow, video frames, online training); other shapes start from the declared start. The kept
+  points are detached (a start gets no gradient) and at most ``WARM_SLOTS`` shapes are remembered.
+- ``eval_solve``: settings over the training ones that apply in eval mode (``layer.eval()``), so inference can
+  trade accuracy for time (a smaller ``max_iter``, a looser ``tol``).
+
+Only where the iteration starts changes: the fixed point, and so the gradient, are the same (to the tolerance).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+
+from .settings import SolverSettings
+
+WARM_SLOTS = 8
+
+
+def eval_settings(train: SolverSettings, overrides: SolverSettings | Mapping[str, Any] | None) -> SolverSettings:
+    """The settings of an eval-mode solve: ``overrides`` over ``train`` (``train`` itself without overrides)."""
+    if overrides is None:
+        return train
+    if isinstance(overrides, SolverSettings):
+        return overrides
+    return train.merged(overrides)
+
+
+def _key(states: Sequence[Tensor]) -> tuple:
+    return tuple((tuple(s.shape), s.dtype, s.device) for s in states)
+
+
+class WarmStart:
+    """The fixed points of earlier calls, by the shapes of their start; ``start`` picks, ``remember`` keeps."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = bool(enabled)
+        self.points: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+
+    def start(self, x0: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
+        """``x0``, or the remembered fixed point of the same shapes (in ``x0``'s structure)."""
+        if not self.enabled:
+            return x0
+        states = (x0,) if isinstance(x0, Tensor) else tuple(x0)
+        found = self.points.get(_key(states))
+        if found is None:
+            return x0
+        return found[0] if isinstance(x0, Tensor) else found
+
+    def remember(self, x_hat: Tensor | Sequence[Tensor]) -> None:
+        if not self.enabled:
+            return
+        states = (x_hat,) if isinstance(x_hat, Tensor) else tuple(x_hat)
+        key = _key(states)
+        self.points.pop(key, None)
+        self.points[key] = tuple(s.detach() for s in states)
+        while len(self.points) > WARM_SLOTS:
+            self.points.popitem(last=False)
+
+    def clear(self) -> None:
+        self.points.clear()
+
+
+def given_start(init: Any, declared: tuple[Tensor, ...], names: Sequence[str], where: str) -> tuple[Tensor, ...]:
+    """A call-time start checked against the declared start ``declared`` (one tensor per state, ``names``)."""
+    from .layer import LayerInputError
+
+    if isinstance(init, Tensor):
+        given = (init,)
+    elif isinstance(init, Mapping):
+        unknown = [k for k in init if k not in names]
+        if unknown:
+            raise LayerInputError(f"{where}: init names no state {unknown[0]!r}; states: {', '.join(names)}")
+        missing = [n for n in names if n not in init]
+        if missing:
+            raise LayerInputError(f"{where}: init is missing the state(s) {', '.join(missing)}")
+        given = tuple(init[n] for n in names)
+    elif isinstance(init, (tuple, list)):
+        given = tuple(init)
+    else:
+        raise LayerInputError(f"{where}: init must be a tensor, a tuple of tensors (one per state) or a mapping "
+                              f"by state name, got {type(init).__name__}")
+    if len(given) != len(declared):
+        raise LayerInputError(f"{where}: init has {len(given)} entries for {len(declared)} state(s) "
+                              f"({', '.join(names)})")
+    for name, g, d in zip(names, given, declared):
+        if not isinstance(g, Tensor):
+            raise LayerInputError(f"{where}: init for state {name!r} must be a tensor, got {type(g).__name__}")
+        if g.shape != d.shape:
+            raise LayerInputError(f"{where}: init for state {name!r} has shape {list(g.shape)}; the state's start "
+                                  f"has shape {list(d.shape)}")
+    return tuple(g.detach().to(dtype=d.dtype, device=d.device) for g, d in zip(given, declared))
