@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .transforms import func_vjp_args, func_vjp_state, is_transformed
+
 States = tuple[Tensor, ...]
 
 
@@ -118,6 +120,8 @@ class AutogradAdjoint:
 
     def vjp_state(self, saved: tuple, c: States) -> States:
         xs, args = self.split(saved)
+        if is_transformed((*xs, *args, *c)):  # inside torch.func transforms: torch.func.vjp
+            return func_vjp_state(self.call, xs, args, c)
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             xs_i = tuple(_independent(x, create) for x in xs)
@@ -127,6 +131,8 @@ class AutogradAdjoint:
 
     def vjp_args(self, saved: tuple, c: States) -> tuple[Tensor | None, ...]:
         xs, args = self.split(saved)
+        if is_transformed((*xs, *args, *c)):
+            return func_vjp_args(self.call, xs, args, c)
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             args_i = tuple(_independent(a, create) if _wants_grad(a) else a for a in args)

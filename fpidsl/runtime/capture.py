@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
 
 MAX_DEPTH = 12
 _LIBRARY_PREFIXES = ("torch", "fpidsl.runtime", "numpy", "builtins", "functools", "math", "typing")
@@ -281,11 +283,32 @@ def discover(f: Callable) -> Captured:
 # The safety net
 
 
-def _foreign_leaf(outputs: Sequence[Tensor], known: set[int]) -> Tensor | None:
-    """A leaf requiring grad that the graph of ``outputs`` reaches and that is not in ``known`` (by id)."""
+class _Births(TorchFunctionMode):
+    """Remembers every tensor that a torch operation returns while it is active (weakly): a leaf made inside
+    the map (``x.detach().requires_grad_()`` for an inner gradient) is the map's own, not a captured tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, weakref.ref] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, Tensor):
+                self.refs[id(t)] = weakref.ref(t)
+        return out
+
+    def made(self, t: Tensor) -> bool:
+        ref = self.refs.get(id(t))
+        return ref is not None and ref() is t
+
+
+def _foreign_leaf(outputs: Sequence[Tensor], known: set[int], births: _Births) -> Tensor | None:
+    """A leaf requiring grad that the graph of ``outputs`` reaches, not in ``known`` (by id) nor made inside."""
     stack = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
     for t in outputs:
-        if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None and id(t) not in known:
+        if (isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None and id(t) not in known
+                and not births.made(t)):
             return t
     visited: set[int] = set()
     while stack:
@@ -295,7 +318,7 @@ def _foreign_leaf(outputs: Sequence[Tensor], known: set[int]) -> Tensor | None:
         visited.add(id(node))
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):  # an AccumulateGrad node: a leaf
-            if id(variable) not in known:
+            if id(variable) not in known and not births.made(variable):
                 return variable
             continue
         stack.extend(next_fn for next_fn, _ in node.next_functions)
@@ -310,15 +333,18 @@ def _describe(t: Tensor) -> str:
 def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
     """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
     reads a tensor that requires grad other than its arguments; nothing to do where grad mode is off."""
-    if not torch.is_grad_enabled():
+    from .transforms import is_transformed
+
+    if not torch.is_grad_enabled() or is_transformed((*x_hat, *args)):  # torch.func: only its inputs vary
         return
     with torch.enable_grad():
         leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else
                        (a.detach() if isinstance(a, Tensor) else a) for a in args)
         xs = tuple(x.detach() for x in x_hat)
-        y = fn(xs, *leaves)
+        with _Births() as births:
+            y = fn(xs, *leaves)
     outputs = (y,) if isinstance(y, Tensor) else tuple(y)
-    hidden = _foreign_leaf(outputs, {id(a) for a in leaves if isinstance(a, Tensor)})
+    hidden = _foreign_leaf(outputs, {id(a) for a in leaves if isinstance(a, Tensor)}, births)
     if hidden is not None:
         raise HiddenTensorError(
             f"the fixed-point map reads {_describe(hidden)} that requires grad and that fpidsl cannot reach "

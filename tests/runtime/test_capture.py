@@ -223,3 +223,18 @@ def test_capture_explicit_skips_discovery_and_bad_value_raises():
     assert lin.weight.grad is None  # the caller said f reads nothing else: documented, not discovered
     with pytest.raises(ValueError, match="capture must be 'auto' or 'explicit'"):
         fixed_point(lambda x, a: x, x0, a, capture="closures")
+
+
+def test_a_leaf_the_map_makes_itself_is_not_taken_for_a_captured_tensor():
+    """An energy map takes an inner gradient through a leaf it makes from x: that is no hidden tensor."""
+    lin = small_linear(4, 4, seed=14)
+    x0, a = x0_and_a()
+
+    def f(x, a):
+        with torch.enable_grad():
+            xx = x if x.requires_grad else x.detach().requires_grad_()
+            energy = 0.5 * (xx - a).square().sum() + 0.1 * torch.nn.functional.softplus(lin(xx)).sum()
+            (gx,) = torch.autograd.grad(energy, xx, create_graph=True)
+        return x - 0.5 * gx
+
+    compare(f, x0, (a,), [lin.weight, a], order=1)
