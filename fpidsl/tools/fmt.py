@@ -82,6 +82,8 @@ def _space(a: Tok, b: Tok) -> bool:
     """Whether one space separates ``a`` and ``b`` on a line."""
     if a.text in ("(", "[") or b.text in (")", "]", ","):
         return False
+    if a.text == ",":
+        return True
     if a.text == "{":
         return b.text != "}"
     if b.text == "(" and b.rule in ("call", "fn_def", "fn_head_only"):

@@ -8,6 +8,7 @@ with the generic spacing rules, never dropped.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from importlib import resources
 
@@ -46,9 +47,32 @@ def _grammar() -> str:
     return resources.files("fpidsl.grammars").joinpath("fpi.lark").read_text(encoding="utf-8")
 
 
-def _parser(comments: list) -> Lark:
+class _Comments:
+    """The lexer callback that collects the ignored ``COMMENT`` tokens of the parse in progress."""
+
+    def __init__(self) -> None:
+        self.found: list[Token] = []
+
+    def __call__(self, token: Token) -> Token:
+        self.found.append(token)
+        return token
+
+
+_COMMENTS = _Comments()
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _parser() -> Lark:
     return Lark(_grammar(), parser="lalr", lexer="contextual", start="start", propagate_positions=True,
-                keep_all_tokens=True, maybe_placeholders=True, lexer_callbacks={"COMMENT": comments.append})
+                keep_all_tokens=True, maybe_placeholders=True, lexer_callbacks={"COMMENT": _COMMENTS})
+
+
+def _parse(text: str) -> tuple[Tree, list[Token]]:
+    with _LOCK:  # one parser, one comment list: one parse at a time
+        _COMMENTS.found = []
+        tree = _parser().parse(text)
+        return tree, _COMMENTS.found
 
 
 def _tok(token: Token, rule: str = "", role: str = "", depth: int = 0) -> Tok:
@@ -78,8 +102,7 @@ def tokens(source: Source) -> list[Tok]:
     """The tokens and comments of a ``.fpi`` source in text order. A file the compiler cannot parse raises the
     compiler's own :class:`~fpidsl.errors.SyntaxErr` (line:col and hint)."""
     parse_fpi(source)  # the compiler's errors, exactly
-    comments: list[Token] = []
-    tree = _parser(comments).parse(source.text)
+    tree, comments = _parse(source.text)
     out: list[Tok] = []
     _walk(tree, out, 0)
     merged = sorted(out + [_tok(c) for c in comments], key=lambda t: (t.line, t.col))

@@ -48,6 +48,7 @@ class ConversionError(FpiError):
 @dataclass
 class _Comment:
     line: int
+    col: int
     text: str
     trailing: bool  # code before it on its line
 
@@ -69,7 +70,7 @@ def _fpi_comments(source: Source) -> list[_Comment]:
     for i, tok in enumerate(toks):
         if tok.is_comment:
             trailing = i > 0 and not toks[i - 1].is_comment and toks[i - 1].end_line == tok.line
-            out.append(_Comment(tok.line, tok.text.rstrip(), trailing))
+            out.append(_Comment(tok.line, tok.col, tok.text.rstrip(), trailing))
     return out
 
 
@@ -85,7 +86,7 @@ def _yaml_comments(source: Source) -> list[_Comment]:
             elif ch in "\"'" and (col == 0 or line[col - 1] in " \t[{,:"):
                 quote = ch
             elif ch == "#" and (col == 0 or line[col - 1] in " \t"):
-                out.append(_Comment(number, line[col:].rstrip(), bool(line[:col].strip())))
+                out.append(_Comment(number, col + 1, line[col:].rstrip(), bool(line[:col].strip())))
                 break
     return out
 
@@ -101,7 +102,8 @@ def _anchors(spec: ast.SpecFile) -> list[tuple[Span, object]]:
 
 def place_comments(source: Source, spec: ast.SpecFile) -> Comments:
     """Attach each comment of ``source`` to the declaration, layer or fn it belongs with."""
-    found = _fpi_comments(source) if _is_fpi(source.path) else _yaml_comments(source)
+    fpi = _is_fpi(source.path)
+    found = _fpi_comments(source) if fpi else _yaml_comments(source)
     anchors = _anchors(spec)
     placed = Comments()
     for comment in found:
@@ -115,6 +117,10 @@ def place_comments(source: Source, spec: ast.SpecFile) -> Comments:
             placed.lead.setdefault(id(holding[-1]), []).append(comment.text)
             continue
         layer = next((la for la in spec.layers if la.span.line <= line <= la.span.end_line), None)
+        if layer is None and not fpi:  # YAML: a comment indented under a layer's name is inside it
+            above = [la for la in spec.layers if la.name_span.line < line]
+            if above and comment.col > above[-1].name_span.col:
+                layer = above[-1]
         after = [obj for span, obj in anchors if span.line > line]
         if layer is not None and not any(d.span.line > line for d in layer.decls):
             placed.layer_foot.setdefault(id(layer), []).append(comment.text)
@@ -210,8 +216,29 @@ def reorder(spec: ast.SpecFile) -> ast.SpecFile:
                                       for layer in spec.layers))
 
 
+def _refuse_what_yaml_cannot_hold(spec: ast.SpecFile) -> None:
+    """A second ``solve``/``backward``/``output`` of a layer, or a second entry of one name in a YAML mapping."""
+    for layer in spec.layers:
+        seen: dict[tuple[str, str], ast.Decl] = {}
+        for decl in layer.decls:
+            if isinstance(decl, ast.SettingsDecl):
+                key, what = (decl.which, ""), f"a second `{decl.which}` block"
+            elif isinstance(decl, ast.OutputDecl):
+                key, what = ("output", ""), "a second `output`"
+            elif isinstance(decl, ast.LetDecl):
+                continue  # `lets` is a list
+            else:
+                section = next(name for name, kind in SECTIONS if isinstance(decl, kind))
+                key, what = (section, decl.name), f"a second entry `{decl.name}` in `{section}`"
+            if key in seen:
+                raise ConversionError(f"{what} in layer {layer.name}: the YAML form holds one", decl.span,
+                                      hint=_HINT)
+            seen[key] = decl
+
+
 def to_yaml(source: Source, spec: ast.SpecFile) -> str:
     """The YAML text of a parsed spec, comments carried."""
+    _refuse_what_yaml_cannot_hold(spec)
     notes = place_comments(source, spec)
     out = list(notes.head) + ["fpi: 1"]
 

@@ -1,0 +1,106 @@
+"""`fpidsl fmt --to fpi|yaml`: each shipped spec converts to the other form with the same graph and the same
+emitted code, comments carried; what the YAML form cannot hold is refused with a positioned error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fpidsl.cli import main
+from fpidsl.compiler import check_source
+from fpidsl.frontend.ast_compare import strip_spans
+from fpidsl.frontend.load import parse_source
+from fpidsl.source import Source, read_source
+from fpidsl.tools.fmt import format_source
+from fpidsl.tools.yaml_convert import ConversionError, convert, reorder
+from tests.tools.test_fmt import FPI_SPECS, ROOT, YAML_SPECS, code_text, comments, graph_text, rel
+
+
+def _yaml_comments(text: str) -> list[str]:
+    return [line[line.index("#"):] for line in text.splitlines() if "#" in line]
+
+
+@pytest.mark.parametrize("spec", FPI_SPECS, ids=rel)
+def test_fpi_to_yaml_and_back(spec, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    source = read_source(rel(spec))
+    yaml_text = convert(source, "yaml")
+    as_yaml = Source(rel(spec.with_suffix(".yaml")), yaml_text)
+    assert strip_spans(parse_source(as_yaml)) == strip_spans(reorder(parse_source(source)))
+    before, after = check_source(source), check_source(as_yaml)
+    assert graph_text(after) == graph_text(before)
+    assert code_text(after) == code_text(before)
+    assert _yaml_comments(yaml_text) == comments(source.text)
+    back = convert(as_yaml, "fpi")
+    assert comments(back) == comments(source.text)
+    assert graph_text(check_source(Source(source.path, back))) == graph_text(before)
+    if strip_spans(reorder(parse_source(source))) == strip_spans(parse_source(source)):
+        # declarations already in the YAML form's order: the round trip is the formatted file, up to blank lines
+        squeeze = lambda t: [ln for ln in t.splitlines() if ln.strip()]  # noqa: E731
+        assert squeeze(back) == squeeze(format_source(source))
+
+
+@pytest.mark.parametrize("spec", YAML_SPECS, ids=rel)
+def test_yaml_to_fpi(spec, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    source = read_source(rel(spec))
+    fpi_text = convert(source, "fpi")
+    as_fpi = Source(rel(spec.with_suffix(".converted.fpi")), fpi_text)
+    assert format_source(as_fpi) == fpi_text
+    assert strip_spans(parse_source(as_fpi)) == strip_spans(parse_source(source))
+    before, after = check_source(source), check_source(as_fpi)
+    assert graph_text(after) == graph_text(before)
+    assert code_text(after) == code_text(before)
+    assert comments(fpi_text) == _yaml_comments(source.text)
+
+
+def test_comments_go_with_their_declarations():
+    text = ("# file\nlayer L {  # the layer\n  # the data\n  input a : [B, 4]  # a batch\n  state x : [B, 4]\n"
+            "  update x = 0.5 * a\n  # last\n}\n")
+    out = convert(Source("c.fpi", text), "yaml")
+    assert out == ('# file\nfpi: 1\nlayers:\n  L:  # the layer\n    inputs:\n      # the data\n'
+                   '      a: "[B, 4]"  # a batch\n    states:\n      x: "[B, 4]"\n    updates:\n'
+                   '      x: "0.5 * a"\n    # last\n')
+    assert convert(Source("c.yaml", out), "fpi") == (
+        "# file\n\nlayer L {  # the layer\n  # the data\n  input a : [B, 4]  # a batch\n  state x : [B, 4]\n"
+        "  update x = 0.5 * a\n  # last\n}\n")
+
+
+def test_fns_names_yaml_reads_as_other_types_and_expressions():
+    text = ("fn sq(v) = v * v\nfn two() = 2\nlayer L {\n  input off : [B, 4]\n  state yes : [B, 4] = -0.5\n"
+            "  param w : tensor [4] = normal(0, 0.1)\n  const k = 2 * 3\n  let h = sq(yes[:, ::2]) ** 2 / -(off - 1)\n"
+            "  energy E = sum(square(yes - off), dim=-1)\n  descend yes on E step 1e-2\n  output yes, h\n"
+            "  solve { method = anderson(m=5), tol = 1e-6 }\n  backward { max_iter = 30 }\n}\n")
+    source = Source("n.fpi", text)
+    out = convert(source, "yaml")
+    assert '"off": "[B, 4]"' in out and '"yes": {shape: "[B, 4]", init: "-0.5"}' in out
+    assert '"sq(v)": "v * v"' in out and '"two()": "2"' in out
+    assert strip_spans(parse_source(Source("n.yaml", out))) == strip_spans(reorder(parse_source(source)))
+
+
+def test_what_yaml_cannot_hold_is_refused(tmp_path, capsys):
+    two_solves = "layer L {\n  input a : [B]\n  state x : [B]\n  update x = a\n  solve { tol = 1e-6 }\n" \
+                 "  solve { max_iter = 3 }\n}\n"
+    with pytest.raises(ConversionError) as info:
+        convert(Source("t.fpi", two_solves), "yaml")
+    assert info.value.kind == "conversion"
+    assert (info.value.span.line, info.value.span.col) == (6, 3)
+    assert info.value.message == "a second `solve` block in layer L: the YAML form holds one"
+    spec = tmp_path / "t.fpi"
+    spec.write_text(two_solves)
+    assert main(["fmt", "--to", "yaml", str(spec)]) == 1
+    assert capsys.readouterr().err.startswith(f"{spec}:6:3: error: a second `solve` block in layer L")
+    two_updates = two_solves.replace("  solve { max_iter = 3 }\n", "  update x = 2 * a\n")
+    with pytest.raises(ConversionError, match="a second entry `x` in `updates`") as info:
+        convert(Source("t.fpi", two_updates), "yaml")
+    assert (info.value.span.line, info.value.span.col) == (6, 3)
+
+
+def test_the_command_writes_the_other_form(tmp_path, capsys):
+    out = tmp_path / "box.yaml"
+    assert main(["fmt", "--to", "yaml", str(ROOT / "specs" / "box_projection.fpi"), "-o", str(out)]) == 0
+    assert main(["fmt", "--to", "fpi", str(out)]) == 0
+    printed = capsys.readouterr().out
+    squeeze = lambda t: [ln for ln in t.splitlines() if ln.strip()]  # noqa: E731
+    assert squeeze(printed) == squeeze(format_source(read_source(str(ROOT / "specs" / "box_projection.fpi"))))
+    assert main(["fmt", "--to", "fpi", str(Path(ROOT / "specs" / "missing.yaml"))]) == 1
