@@ -78,6 +78,12 @@ class SchemaErr(FpiError):
     kind = "schema"
 
 
+class LimitErr(FpiError):
+    """A spec beyond the compiler's size limits (see :mod:`fpidsl.limits`): nesting, chains, expansion."""
+
+    kind = "limit"
+
+
 class FpiErrors(Exception):
     """Several errors found in one file, reported together (at most ``MAX_REPORTED_ERRORS``)."""
 
@@ -120,28 +126,47 @@ class _Caret:
     marks: str
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable (control characters and
+    terminal escapes, format characters, line and paragraph separators, lone surrogates from undecodable file
+    names) is written as its Python escape (``\\x1b``, ``\\u2028``); tabs are kept."""
+    if text.isprintable():
+        return text
+    return "".join(_visible(ch) for ch in text)
+
+
+def _visible(ch: str) -> str:
+    if ch == "\t" or ch.isprintable():
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _caret(line_text: str, span: Span) -> _Caret:
+    """The carets under ``span`` on a line that is shown as :func:`printable` makes it."""
     start = max(span.col - 1, 0)
     if span.end_line == span.line:
         end = max(span.end_col - 1, start + 1)
     else:
         end = max(len(line_text.rstrip()), start + 1)
     end = min(end, max(len(line_text), start + 1))
-    prefix = "".join("\t" if ch == "\t" else " " for ch in line_text[:start])
-    return _Caret(prefix, "^" * (end - start))
+    prefix = "".join("\t" if ch == "\t" else " " * len(_visible(ch)) for ch in line_text[:start])
+    width = sum(len(_visible(ch)) for ch in line_text[start:end]) + max(0, end - max(start, len(line_text)))
+    return _Caret(prefix, "^" * max(width, 1))
 
 
 def render(error: FpiError, source: Source | None = None) -> str:
-    """Format one error the way a compiler does: location, message, source line, carets, hint."""
+    """Format one error the way a compiler does: location, message, source line, carets, hint. Whatever
+    comes from the spec (its path, names, its text) is shown through :func:`printable`."""
     span = error.span
-    out = [f"{span.path}:{span.line}:{span.col}: error: {error.message}"]
+    out = [printable(f"{span.path}:{span.line}:{span.col}: error: {error.message}")]
     if source is not None and span.line >= 1:
         text = source.line(span.line)
         if text or span.line <= len(source.lines):
             gutter = f"{span.line:>5}"
             caret = _caret(text, span)
-            out.append(f"{gutter} | {text}")
+            out.append(f"{gutter} | {printable(text)}")
             out.append(f"{' ' * len(gutter)} | {caret.prefix}{caret.marks}")
     if error.hint:
-        out.append(f"hint: {error.hint}")
+        out.append(printable(f"hint: {error.hint}"))
     return "\n".join(out)

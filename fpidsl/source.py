@@ -1,9 +1,27 @@
 """Source text and positions: every AST node and graph node carries a :class:`Span`."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 MAX_SOURCE_BYTES = 1_000_000
+
+# The line breaks each format counts: the .fpi grammar only "\n"; PyYAML also NEL, LS and PS. Carriage returns
+# ("\r\n" and a lone "\r") are made "\n" when a Source is made, so that both count them as one line break.
+_FPI_BREAKS = re.compile("\n")
+_YAML_BREAKS = re.compile("[\n\x85\u2028\u2029]")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def line_breaks(path: str) -> "re.Pattern[str]":
+    """The line breaks of the format of ``path`` (by its extension), as a pattern."""
+    return _YAML_BREAKS if os.path.splitext(path)[1].lower() in YAML_SUFFIXES else _FPI_BREAKS
+
+
+def normalize_newlines(text: str) -> str:
+    r"""``\r\n`` and a lone ``\r`` as ``\n``."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 @dataclass(frozen=True)
@@ -37,14 +55,21 @@ UNKNOWN_SPAN = Span("<generated>", 0, 0, 0, 0)
 
 @dataclass(frozen=True)
 class Source:
-    """The text of one spec file, decoded and size-checked by :func:`fpidsl.source.read_source`."""
+    r"""The text of one spec file, decoded and size-checked by :func:`fpidsl.source.read_source`.
+
+    Carriage returns are normalized to ``\n``; ``lines`` are split at the line breaks the file's format
+    counts (see :func:`line_breaks`), so that line ``n`` of an error is the line shown with it."""
 
     path: str
     text: str
     lines: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lines", tuple(self.text.splitlines()))
+        object.__setattr__(self, "text", normalize_newlines(self.text))
+        lines = line_breaks(self.path).split(self.text)
+        if lines and lines[-1] == "":
+            lines.pop()
+        object.__setattr__(self, "lines", tuple(lines))
 
     def line(self, number: int) -> str:
         """The text of 1-based line ``number`` (empty when out of range)."""
@@ -93,8 +118,9 @@ def decode_source(path: str, data: bytes) -> Source:
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
+    text = normalize_newlines(text)
     if not text.strip() or all(
-        not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()
+        not ln.strip() or ln.lstrip().startswith("#") for ln in text.split("\n")
     ):
         raise InputError(f"{path} is empty: it defines no layer", where,
                          hint="a spec holds at least one `layer NAME { ... }` block")

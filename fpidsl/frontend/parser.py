@@ -12,9 +12,10 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from ..errors import SyntaxErr
+from ..errors import FpiError, LimitErr, SyntaxErr, TypeErr
+from ..limits import MAX_NESTING
 from ..source import Source, Span
-from . import ast
+from . import ast, numbers
 
 KEYWORDS = frozenset(
     "layer fn input state param tensor const let energy update descend on step output solve backward".split()
@@ -147,7 +148,7 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
         token = exc.token
         expected = set(exc.accepts or exc.expected or ())
         if token.type == "$END":
-            lines = text.splitlines() or [""]
+            lines = _lines(text)
             line = len(lines)
             col = len(lines[-1]) + 1
             span = at.span(line, col, line, col + 1)
@@ -167,10 +168,18 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
             hint = "is a ',' missing before it?"
         return SyntaxErr(message, span, hint=hint)
     if isinstance(exc, lark.exceptions.UnexpectedEOF):
-        lines = text.splitlines() or [""]
+        lines = _lines(text)
         span = at.span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return SyntaxErr(f"unexpected end of input: expected {_expected_words(set(exc.expected))}", span)
     raise exc  # pragma: no cover - lark has no other kinds
+
+
+def _lines(text: str) -> list[str]:
+    """The lines as the grammar counts them (at ``\\n`` only), like ``str.splitlines`` for a final newline."""
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _hint_for_end(expected: set[str]) -> str | None:
@@ -183,11 +192,12 @@ def _hint_for_end(expected: set[str]) -> str | None:
     return None
 
 
-def _number(text: str) -> int | float:
-    clean = text.replace("_", "")
-    if any(ch in clean for ch in ".eE"):
-        return float(clean)
-    return int(clean)
+def _number(token: Token, span: Span) -> int | float:
+    """The value of a number token; one out of range is a positioned :class:`TypeErr`."""
+    try:
+        return numbers.literal(str(token))
+    except numbers.OutOfRange as exc:
+        raise _Misplaced(TypeErr(exc.reason, span, hint=exc.hint)) from None
 
 
 @v_args(meta=True)
@@ -305,7 +315,8 @@ class ToAst(Transformer):
         return ast.Name(str(children[0]), self._tok(children[0]))
 
     def dim_int(self, meta, children):
-        return ast.Num(int(children[0]), str(children[0]), self._tok(children[0]))
+        span = self._tok(children[0])
+        return ast.Num(_number(children[0], span), str(children[0]), span)
 
     # ------------------------------------------------------------------ expressions
     def expr_only(self, meta, children):
@@ -331,7 +342,8 @@ class ToAst(Transformer):
 
     def number(self, meta, children):
         token = children[0]
-        return ast.Num(_number(str(token)), str(token), self._tok(token))
+        span = self._tok(token)
+        return ast.Num(_number(token, span), str(token), span)
 
     def name(self, meta, children):
         token = children[0]
@@ -383,11 +395,31 @@ class ToAst(Transformer):
 
 
 class _Misplaced(Exception):
-    """Carries a SyntaxErr found while transforming out of lark's visitor machinery."""
+    """Carries an error found while transforming out of lark's visitor machinery."""
 
-    def __init__(self, error: SyntaxErr):
+    def __init__(self, error: FpiError):
         super().__init__(error.message)
         self.error = error
+
+
+# Parse-tree nodes that are one level of an expression (calls, operators, lists, indexing).
+_EXPRESSION_LEVELS = frozenset("add sub mul div matmul pow neg call list index".split())
+
+
+def _check_nesting(tree: lark.Tree, at: Placement) -> None:
+    """Refuse an expression nested deeper than :data:`~fpidsl.limits.MAX_NESTING` levels, at its innermost
+    level past the limit (an iterative walk: the parse tree may be deeper than Python's recursion limit)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _EXPRESSION_LEVELS:
+            depth += 1
+            if depth > MAX_NESTING:
+                meta = node.meta
+                span = at.span(meta.line, meta.column, meta.line, meta.column + 1)
+                raise LimitErr(f"this expression is nested more than {MAX_NESTING:,} levels deep", span,
+                               hint="split it into lets, or sum long lists with fewer, larger terms")
+        stack.extend((child, depth) for child in node.children if isinstance(child, lark.Tree))
 
 
 def _parse(text: str, start: str, at: Placement):
@@ -395,6 +427,7 @@ def _parse(text: str, start: str, at: Placement):
         tree = _parser().parse(text, start=start)
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, at) from None
+    _check_nesting(tree, at)
     try:
         return ToAst(at).transform(tree)
     except lark.exceptions.VisitError as exc:

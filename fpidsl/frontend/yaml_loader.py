@@ -51,12 +51,13 @@ from typing import Any, Callable
 import yaml
 
 from ..errors import SchemaErr, SyntaxErr
-from ..source import Source, Span
+from ..source import MAX_SOURCE_BYTES, Source, Span, line_breaks
 from . import ast
 from .parser import KEYWORDS, Placement, parse_expr, parse_fn_head, parse_param_type, parse_shape
 
 FORMAT_VERSION = 1
 MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_CHARS = MAX_SOURCE_BYTES  # the text of the values, aliases expanded: no more than a spec file holds
 
 ROOT_KEYS = ("fpi", "layers", "fns")
 LAYER_KEYS = ("inputs", "states", "params", "consts", "lets", "energies", "updates", "descend", "output",
@@ -197,7 +198,7 @@ class _Reader:
         """The 1-based (line, column) of a character index into the text."""
         if self._line_starts is None:
             text = self.source.text
-            self._line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+            self._line_starts = [0] + [m.end() for m in line_breaks(self.path).finditer(text)]
         row = bisect.bisect_right(self._line_starts, index) - 1
         return row + 1, index - self._line_starts[row] + 1
 
@@ -315,6 +316,7 @@ class _Reader:
     def _check_tree(self, root: yaml.Node) -> None:
         """Refuse non-core tags, duplicate keys, recursive aliases and alias bombs, in document order."""
         sizes: dict[int, int] = {}
+        chars: dict[int, int] = {}  # the length of the scalars of a node, aliases expanded
         open_nodes: set[int] = set()
         duplicates: dict[int, yaml.Node] = {}  # id of a repeated key -> its first occurrence
         stack: list[tuple[yaml.Node, bool]] = [(root, False)]
@@ -323,10 +325,17 @@ class _Reader:
             key = id(node)
             if finished:
                 open_nodes.discard(key)
-                sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+                children = _children(node)
+                sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+                chars[key] = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(
+                    chars[id(child)] for child in children)
                 if sizes[key] > MAX_EXPANDED_NODES:
                     raise SchemaErr(f"YAML aliases expand this spec to more than {MAX_EXPANDED_NODES:,} values",
                                     self._span(node), hint="a spec is small; is this the right file?")
+                if chars[key] > MAX_EXPANDED_CHARS:
+                    raise SchemaErr(f"YAML aliases expand this spec to more than {MAX_EXPANDED_CHARS:,} characters "
+                                    "of values", self._span(node),
+                                    hint="each use of an alias is read again: write it once, as a let")
                 continue
             if key in sizes:
                 continue  # reached again through an alias; already checked

@@ -21,7 +21,7 @@ from typing import Any
 
 import networkx as nx
 
-from ..errors import ErrorSink, FpiError, NameErr, ShapeErr, StructureErr, TypeErr
+from ..errors import ErrorSink, FpiError, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
 from ..frontend import ast
 from ..ir.graph import LayerGraph, ModuleSpec, StateInfo, TensorInit
 from ..ir.primitives import (
@@ -35,6 +35,7 @@ from ..ir.primitives import (
     SliceSpec,
     format_attr,
 )
+from ..limits import MAX_CHAIN
 from ..source import Span
 from .resolve import (
     KIND_WORDS,
@@ -50,6 +51,7 @@ from .resolve import (
 
 _FAIL: Any = object()
 MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
+MAX_BUILD_DEPTH = 4 * MAX_CHAIN  # nested build_expr calls: a chain of MAX_CHAIN lets `l2 = 0.5 * l1` is 2 each
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class _Builder:
         self.init_of: str | None = None
         self.input_symbols: set[str] = set()
         self.inlined = 0
+        self.static_cache: dict[int, tuple[dict, Env | None]] = {}
+        self.depth = 0  # build_expr calls in progress
+        self.too_deep = False
 
     # ------------------------------------------------------------------ errors
     def error(self, cls: type[FpiError], message: str, span: Span, hint: str | None = None) -> None:
@@ -384,6 +389,21 @@ class _Builder:
     # ------------------------------------------------------------------ expressions
     def build_expr(self, expr, env: Env | None) -> str | None:
         """The node of a tensor-valued expression (None: it failed, already reported)."""
+        if self.depth >= MAX_BUILD_DEPTH:
+            if not self.too_deep:
+                self.too_deep = True
+                self.error(LimitErr, f"this expression is nested more than {MAX_BUILD_DEPTH:,} levels deep "
+                                     "through the lets, energies and fn calls it uses", self.use_span(expr, env),
+                           hint=f"each level of a let or fn it uses counts; chains of at most {MAX_CHAIN:,} "
+                                "short lets or fns are accepted")
+            return None
+        self.depth += 1
+        try:
+            return self._build_expr(expr, env)
+        finally:
+            self.depth -= 1
+
+    def _build_expr(self, expr, env: Env | None) -> str | None:
         try:
             value = self.static(expr, env)
         except NotStatic:
@@ -429,8 +449,13 @@ class _Builder:
                                    args=edges)
 
     def static(self, expr, env: Env | None) -> Number:
-        """A compile-time number, or :class:`NotStatic`."""
-        return static_number(expr, lambda ref: self.static_name(ref, env))
+        """A compile-time number, or :class:`NotStatic`. Memoized per (expression, fn environment), so that
+        trying every subexpression of a tree (as :meth:`build_expr` does) stays linear."""
+        key = id(env)
+        if key not in self.static_cache:
+            self.static_cache[key] = ({}, env)  # the environment is kept alive: its id stays its own
+        cache = self.static_cache[key][0]
+        return static_number(expr, lambda ref: self.static_name(ref, env), cache)
 
     def static_name(self, ref: ast.Name, env: Env | None) -> Number:
         if env is not None:
@@ -538,7 +563,7 @@ class _Builder:
                 if v is _FAIL:
                     return None
                 items.append(v)
-        if value is None:
+        if value is None or self.numbers_only("index", [value], [expr.value], expr.span, env):
             return None
         node = self.call("index", [(value, expr.value)], {"index": tuple(items)}, expr.span, env)
         self.graph.node(node)["item_spans"] = spans
@@ -624,10 +649,23 @@ class _Builder:
         nodes = [self.build_expr(e, env) for e in exprs]
         if None in nodes or _FAIL in attrs.values():
             return None
+        if self.numbers_only(prim.name, nodes, exprs, call.span, env):
+            return None
         node = self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
         if attrs:
             self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
         return node
+
+    def numbers_only(self, what: str, nodes: list[str], exprs, span: Span, env: Env | None) -> bool:
+        """Report (and say True) when every argument of a call that needs a tensor is a number: the
+        elementwise built-ins are folded instead (see :data:`fpidsl.frontend.numbers.FOLDS`)."""
+        if not nodes or any(self.graph.node(n)["op"] != "const" for n in nodes):
+            return False
+        written = self.use_span(exprs[0], env) if len(exprs) == 1 else span
+        found = "its argument is a number" if len(nodes) == 1 else "all its arguments are numbers"
+        self.error(TypeErr, f"{what} needs a tensor, but {found}", written,
+                   hint="compute with numbers in a const, or apply it to a tensor")
+        return True
 
     def grad(self, call: ast.Call, env: Env | None) -> str | None:
         bound = self.bind(call, ["energy", "state"], {"energy", "state"}, "grad", "grad(E, x)")
@@ -653,7 +691,7 @@ class _Builder:
                        call.span, hint=f"call it on one tensor: {name}(x)")
             return None
         x = self.build_expr(call.args[0], env)
-        if x is None or spec is None:
+        if x is None or spec is None or self.numbers_only(name, [x], call.args, call.span, env):
             return None
         args = [(x, call.args[0]), (self.graph.params[f"{name}.weight"], call.func.span)]
         if spec.bias:

@@ -5,7 +5,8 @@
 * :func:`resolve_layer` checks one layer's declarations (every name declared once, none shadowing a
   built-in, a keyword or an ``fn``; each state updated exactly once; one ``output``; one ``solve`` and
   one ``backward``), evaluates its ``const`` s and returns a :class:`LayerScope`.
-* :func:`static_number` evaluates a compile-time number (literals, consts, ``+ - * / **``).
+* :func:`static_number` evaluates a compile-time number (literals, consts, ``+ - * / **``, elementwise
+  built-ins on numbers), within the limits of :mod:`fpidsl.frontend.numbers`.
 
 Lets and energies may be used anywhere in their layer, before or after their declaration: a layer is a
 set of equations, not a program. A let that depends on itself (directly or through other lets) is an
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
 from ..errors import ErrorSink, NameErr, SettingsErr, StructureErr, TypeErr
-from ..frontend import ast
+from ..frontend import ast, numbers
 from ..ir.primitives import BUILTINS, MODULE_KINDS, TENSOR_INITS
 from ..source import Span
 
@@ -81,36 +82,64 @@ def describe_expr(expr) -> str:
     return "a tensor expression"
 
 
-def static_number(expr, lookup: Callable[[ast.Name], Number]) -> Number:
+def static_number(expr, lookup: Callable[[ast.Name], Number], cache: dict | None = None) -> Number:
     """Evaluate a compile-time number. ``lookup`` gives a name's number or raises :class:`NotStatic`.
-    Arithmetic errors (division by zero, overflow) are :class:`~fpidsl.errors.TypeErr`."""
+    Elementwise built-ins whose arguments are all numbers are folded (``tanh(0.5)``). Numbers out of range
+    (integers of 64 bits or more, infinity, ``log(0)``) and arithmetic errors are
+    :class:`~fpidsl.errors.TypeErr` at the expression. ``cache`` (``id(expr)`` -> value or exception) makes
+    repeated evaluation of the subexpressions of one tree linear; the caller keeps the tree alive."""
+    if cache is None:
+        return _static(expr, lookup, None)
+    key = id(expr)
+    hit = cache.get(key)
+    if hit is None:
+        try:
+            hit = (True, _static(expr, lookup, cache))
+        except (NotStatic, UnknownStatic, TypeErr) as exc:
+            hit = (False, exc)
+        cache[key] = hit
+    if hit[0]:
+        return hit[1]
+    raise hit[1]
+
+
+def _static(expr, lookup, cache) -> Number:
     if isinstance(expr, ast.Num):
         return expr.value
     if isinstance(expr, ast.Name):
         return lookup(expr)
     if isinstance(expr, ast.Neg):
-        return -static_number(expr.operand, lookup)
+        return _checked(lambda: numbers.checked(-static_number(expr.operand, lookup, cache)), expr.span)
     if isinstance(expr, ast.BinOp) and expr.op != "@":
-        a = static_number(expr.left, lookup)
-        b = static_number(expr.right, lookup)
-        try:
-            if expr.op == "+":
-                return a + b
-            if expr.op == "-":
-                return a - b
-            if expr.op == "*":
-                return a * b
-            if expr.op == "/":
-                return a / b
-            value = a ** b
-            if isinstance(value, complex):
-                raise TypeErr(f"{a} ** {b} is not a real number", expr.span)
-            return value
-        except ZeroDivisionError:
-            raise TypeErr("division by zero in a constant expression", expr.span) from None
-        except OverflowError:
-            raise TypeErr("this constant expression overflows", expr.span) from None
+        a = static_number(expr.left, lookup, cache)
+        b = static_number(expr.right, lookup, cache)
+        return _checked(lambda: numbers.arithmetic(expr.op, a, b), expr.span)
+    if isinstance(expr, ast.Call) and expr.func.id in numbers.FOLDS:
+        return _fold(expr, lookup, cache)
     raise NotStatic(expr, f"`{_short(expr)}` is {describe_expr(expr)}")
+
+
+def _checked(compute: Callable[[], Number], span: Span) -> Number:
+    try:
+        return compute()
+    except numbers.OutOfRange as exc:
+        raise TypeErr(exc.reason, span, hint=exc.hint) from None
+
+
+def _fold(call: ast.Call, lookup, cache) -> Number:
+    """A built-in on numbers only. Arguments that do not bind are left to the graph builder's messages."""
+    names, defaults, _ = numbers.FOLDS[call.func.id]
+    if len(call.args) > len(names):
+        raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
+    bound = dict(zip(names, call.args))
+    for kw in call.kwargs:
+        if kw.name not in names or kw.name in bound:
+            raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
+        bound[kw.name] = kw.value
+    if any(n not in bound and n not in defaults for n in names):
+        raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
+    values = {n: static_number(e, lookup, cache) for n, e in bound.items()}
+    return _checked(lambda: numbers.fold(call.func.id, values), call.span)
 
 
 def _short(expr) -> str:
@@ -300,7 +329,8 @@ def _declare(scope: LayerScope, fns: FnTable, decl, kind: str, sink: ErrorSink) 
 
 def _eval_consts(scope: LayerScope, sink: ErrorSink) -> None:
     """Consts may refer to other consts, in any order; cycles are errors."""
-    busy: list[str] = []
+    busy: list[str] = []  # the consts being evaluated, in order (for the cycle's message)
+    busy_set: set[str] = set()
 
     def lookup(ref: ast.Name) -> Number:
         sym = scope.symbols.get(ref.id)
@@ -311,16 +341,17 @@ def _eval_consts(scope: LayerScope, sink: ErrorSink) -> None:
     def value_of(sym: Symbol, ref: ast.Name | None) -> Number:
         if sym.name in scope.consts:
             return scope.consts[sym.name]
-        if sym.name in busy:
+        if sym.name in busy_set:
             cycle = busy[busy.index(sym.name):] + [sym.name]
             sink.add(StructureErr(f"const {sym.name} is defined in terms of itself ({' → '.join(cycle)})",
                                   ref.span if ref else sym.span))
             raise UnknownStatic()
         busy.append(sym.name)
+        busy_set.add(sym.name)
         try:
             value = static_number(sym.decl.value, lookup)
         finally:
-            busy.pop()
+            busy_set.discard(busy.pop())
         scope.consts[sym.name] = value
         return value
 
