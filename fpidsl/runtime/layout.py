@@ -2,7 +2,8 @@
 
 The solvers and the convergence test see ``(batch, dim)``; the map ``f`` sees the states in their own shapes.
 Dimension 0 of every state is the batch; the per-sample norm runs over all other dimensions of all states
-together. With ``per_sample=False`` the whole state is one sample (row).
+together. With ``per_sample=False`` the whole state is one sample (row). A batch of 0 samples is a
+``(0, dim)`` matrix.
 """
 from __future__ import annotations
 
@@ -68,9 +69,10 @@ class StateLayout:
                     f"the map returned state {i} with shape {tuple(s.shape)} and dtype {s.dtype}; the state has "
                     f"shape {tuple(expected)} and dtype {self.dtype} (f(x, *args) must return x's structure)"
                 )
+        # explicit sizes, not -1: with a batch of 0 samples (rows == 0), -1 would be ambiguous
         if len(states) == 1:
-            return states[0].reshape(rows, -1)
-        return torch.cat([s.reshape(rows, -1) for s in states], dim=1)
+            return states[0].reshape(rows, self.sizes[0])
+        return torch.cat([s.reshape(rows, size) for s, size in zip(states, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> States:
         """The states, as views of ``flat`` (``(batch, dim)``)."""
