@@ -79,30 +79,26 @@ def _lipschitz(checked, name: str) -> list[str]:
     return lines
 
 
-def _hoisted(expanded: LayerGraph) -> list[str]:
-    from ..passes.hoist import split_step
-
-    parts = split_step(expanded)
+def _hoisted(lowered) -> list[str]:
+    parts = lowered.forward
     if parts is None:
-        return ["    nothing: a hoisted value's batch dimension cannot be told from its shape"]
+        return ["    nothing: every operation of g depends on a state"]
     g = parts.graph
-    calls = [n for n in parts.hoisted if g.node(n)["op"] == "call"]
-    if not calls:
-        return ["    nothing: every value of g depends on a state"]
-    lines = []
-    for nid in calls:
-        lines.append(f"    {_node_text(g, nid)} : {fmt_shape(g.shape(nid))}  ({g.node(nid)['span']})")
-    return lines
+    return [f"    {_node_text(g, nid)} : {fmt_shape(g.shape(nid))}  ({g.node(nid)['span']})"
+            for nid in parts.hoisted if g.node(nid)["op"] == "call"]
+
+
+def _calls(graph: LayerGraph, among=None) -> int:
+    return sum(1 for n in (graph.nodes() if among is None else among) if graph.node(n)["op"] == "call")
 
 
 def explain_layer(checked, name: str) -> str:
-    """The report for layer ``name`` of a :class:`~fpidsl.compiler.CheckedSpec`."""
-    from ..codegen.emit import samplewise
-    from ..passes.differentiate import backward_graph, expand_grads
+    """The report for layer ``name`` of a :class:`~fpidsl.compiler.CheckedSpec`, from the same lowering the code
+    generator prints (:func:`fpidsl.passes.lower.lower`)."""
+    from ..passes.lower import lower
 
     graph = checked.graphs[name]
-    expanded = expand_grads(graph)
-    backward = backward_graph(expanded)
+    lowered = lower(graph)
     out = [f"layer {name}  ({graph.span})"]
     out.append("  inputs:" if graph.inputs else "  inputs: none")
     out += [f"    {n} : {fmt_shape(graph.shape(nid))}" for n, nid in graph.inputs.items()]
@@ -121,16 +117,16 @@ def explain_layer(checked, name: str) -> str:
     out.append("  Lipschitz bound of g in each state (initial weights, seed 0):")
     out += _lipschitz(checked, name)
     out.append("  computed once per solve, not every iteration:")
-    out += _hoisted(expanded)
-    if samplewise(expanded):
+    out += _hoisted(lowered)
+    if lowered.samplewise:
         out.append("  samples: independent (finished samples leave the solve)")
     else:
         out.append("  samples: mixed (g reads across the batch; solved jointly, finished samples frozen)")
-    forward_calls = sum(1 for n in expanded.nodes() if expanded.node(n)["op"] == "call")
-    backward_calls = sum(1 for n in backward.nodes() if backward.node(n)["op"] == "call")
-    out.append(f"  map g: {len(expanded)} nodes, {forward_calls} operations")
-    out.append(f"  backward map: {len(backward)} nodes, {backward_calls} operations "
-               f"(one fixed-point iteration of the adjoint)")
+    step, backward = lowered.step, lowered.backward
+    out.append(f"  map g: {len(step)} nodes, {_calls(step)} operations")
+    per_iteration = _calls(backward, backward.downstream(lowered.adjoint.cotangents))
+    out.append(f"  backward map: {len(backward)} nodes, {_calls(backward)} operations, {per_iteration} of them "
+               "each iteration (linear in the cotangent), the rest once at the fixed point")
     out += _settings(graph)
     return "\n".join(out) + "\n"
 
