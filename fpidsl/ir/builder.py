@@ -89,7 +89,7 @@ class GraphBuilder:
 
     def _identity(self, prim: str, args: tuple[str, ...]) -> str | None:
         """The argument that ``prim(*args)`` equals, for ``expand_as`` to its own shape and products
-        with ones (the seed of ``grad``) that do not broadcast; else None."""
+        with ones (the seed of ``grad``, a step of 1) that do not broadcast; else None."""
         if prim == "expand_as" and self.shape(args[0]) == self.shape(args[1]):
             return args[0]
         if prim == "mul":
@@ -100,6 +100,8 @@ class GraphBuilder:
 
     def _is_ones(self, nid: str) -> bool:
         data = self.graph.node(nid)
+        if data["op"] == "const":
+            return data["value"] == 1 and not isinstance(data["value"], bool)
         if data["op"] != "call":
             return False
         if data["prim"] == "ones_like":

@@ -34,7 +34,7 @@ to_empty train type xpu zero_grad training _parameters _buffers _modules
 COMPILED_LAYER_ATTRIBUTES = frozenset("""
 SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD SAMPLEWISE HOIST_BATCHED SELECTIVE_VJP_ARGS LAYERS adjoint step
 hoist iterate outputs init_states parameter_tensors bind stats solve_settings backward_settings history compiled
-contraction
+contraction eval_settings jacobian_penalty warm
 """.split())
 
 RESERVED = NN_MODULE_ATTRIBUTES | COMPILED_LAYER_ATTRIBUTES
@@ -53,8 +53,8 @@ def check_python_names(graph: LayerGraph, sink: ErrorSink) -> None:
             sink.add(NameErr(f"param {name} is a Python keyword, and a param becomes an attribute of the compiled "
                              "module", data["span"], hint=f"rename the param, e.g. {name}_p"))
         elif name.startswith("_"):
-            sink.add(NameErr(f"param {name} starts with '_', where torch.nn.Module and fpidsl keep their internal "
-                             "attributes", data["span"], hint=f"rename the param, e.g. p{name}"))
+            sink.add(NameErr(f"param {name} would replace an internal attribute: names starting with '_' are where "
+                             "torch.nn.Module and fpidsl keep theirs", data["span"], hint=f"rename the param, e.g. p{name}"))
         elif name in RESERVED:
             sink.add(NameErr(
                 f"param {name} would replace the compiled layer's own attribute {name!r} "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import LayerGraph
 from ..ir.primitives import SliceSpec
-from .narrow import narrow_slices
+from .narrow import narrow
 
 # prim -> (the axis of the data argument the weight contracts, the weight axis that matches it)
 _DISTRIBUTABLE = {"linear": (-1, 1), "conv2d": (1, 1), "conv_transpose2d": (1, 0)}
@@ -134,7 +134,7 @@ def distribute_over_cat(graph: LayerGraph) -> LayerGraph:
 def narrow_step(graph: LayerGraph) -> LayerGraph:
     """The step graph with slices of products narrowed to slices of their state-free factors (renumbered,
     identical slices made once)."""
-    return narrow_slices(graph, state_dependent(graph))
+    return narrow(graph, state_dependent(graph))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ The passes, in order (:data:`LOWERING`; each a pure function from the layer lowe
 3. ``samples`` (:func:`~fpidsl.ir.batching.samplewise`): whether g treats the samples independently, from each
    primitive's declared batch rule (``samplewise``), and which hoisted values follow the batch;
 4. ``backward`` (:func:`~fpidsl.passes.differentiate.backward_graph`): the paper's backward map h = Σ c_sᵀ g_s;
-5. ``narrow backward`` (:func:`~fpidsl.passes.narrow.narrow_slices`): slices of products become products of
-   slices where the factor does not depend on the cotangent;
+5. ``narrow backward`` (:func:`~fpidsl.passes.narrow.narrow`): slices of products become products of slices,
+   and products of scattered slices products with a slice, where the factor does not depend on the cotangent;
 6. ``split backward`` (:func:`~fpidsl.passes.split_backward.split_backward`): what depends only on x̂
    (``prepare``) and what is linear in c (``vjp_state``, ``vjp_args``).
 
@@ -27,7 +27,7 @@ from ..ir.batching import batch_axes, samplewise
 from ..ir.graph import BackwardGraph, LayerGraph
 from .differentiate import backward_graph, expand_grads
 from .hoist import StepParts, split_step
-from .narrow import narrow_slices
+from .narrow import narrow
 from .split_backward import BackwardParts, linear_nodes, split_backward
 
 
@@ -89,7 +89,7 @@ def _backward(layer: LoweredLayer) -> LoweredLayer:
 
 def _narrow_backward(layer: LoweredLayer) -> LoweredLayer:
     bg = layer.backward
-    return dataclasses.replace(layer, backward=narrow_slices(bg, linear_nodes(bg, layer.state_names)))
+    return dataclasses.replace(layer, backward=narrow(bg, linear_nodes(bg, layer.state_names)))
 
 
 def _split_backward(layer: LoweredLayer) -> LoweredLayer:

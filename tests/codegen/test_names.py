@@ -76,9 +76,9 @@ def test_a_let_named_needs_gets_its_own_name_in_vjp_args():
 @pytest.mark.parametrize("name, message", [
     ("class", "is a Python keyword"),
     ("lambda", "is a Python keyword"),
-    ("_hoisted", "starts with '_'"),
-    ("_forward_hooks", "starts with '_'"),
-    ("__builtins__", "starts with '_'"),
+    ("_hoisted", "names starting with '_'"),
+    ("_forward_hooks", "names starting with '_'"),
+    ("__builtins__", "names starting with '_'"),
     ("hoist", "would replace the compiled layer's own attribute"),
     ("iterate", "would replace the compiled layer's own attribute"),
     ("SAMPLEWISE", "would replace the compiled layer's own attribute"),
