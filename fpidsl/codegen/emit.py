@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..interface import emitted_check
 from ..ir.graph import LayerGraph
 from ..passes.lower import LoweredLayer
 from ..ir.primitives import SliceSpec
@@ -413,6 +414,7 @@ def emit_module(checked, only: str | None = None) -> str:
         "",
         "from fpidsl.runtime import layer as _layer",
         "from fpidsl.runtime import ops as _ops",
+        *emitted_check(__version__),  # the runtime this module was emitted for (issue 15)
     ]
     out = header
     for cls in classes:
