@@ -31,8 +31,47 @@ def add_commands(commands) -> None:
     lsp.set_defaults(run=cmd_lsp)
 
 
+def write_spec(text: str, path: str) -> None:
+    """Replace the file at ``path`` (through a symbolic link, its target) by ``text`` atomically: a temporary file in
+    the same folder, then a rename, so a failure leaves the old file whole. Errors are :class:`OSError`."""
+    import tempfile
+
+    target = os.path.realpath(path)
+    mode = os.stat(target).st_mode & 0o777 if os.path.exists(target) else None
+    fd, temporary = tempfile.mkstemp(prefix=".fpidsl-fmt-", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _converted_output(text: str, output: str | None, spec: str) -> None:
+    from ..cli import UsageError
+
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        return
+    if os.path.exists(output) and os.path.exists(spec) and os.path.samefile(output, spec):
+        raise UsageError(f"{output} is the spec being converted; not overwriting it")
+    if os.path.isdir(output):
+        raise UsageError(f"{output} is a folder")
+    try:
+        write_spec(text, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+
+
 def cmd_fmt(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, report, _write
+    from ..cli import UsageError, report
     from ..errors import FpiError, FpiErrors
     from ..source import read_source
     from .fmt import format_source
@@ -42,7 +81,7 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             raise UsageError("--to converts one spec at a time")
         from .yaml_convert import convert
 
-        _write(convert(read_source(args.specs[0]), args.to), args.output)
+        _converted_output(convert(read_source(args.specs[0]), args.to), args.output, args.specs[0])
         return EXIT_OK
     if args.output is not None:
         raise UsageError("-o/--output goes with --to; fmt rewrites .fpi files in place")
@@ -66,8 +105,10 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             print(f"would reformat {path}", file=sys.stderr)
             status = EXIT_SPEC_ERROR
         elif not args.diff:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            try:
+                write_spec(text, path)
+            except OSError as exc:
+                raise UsageError(f"cannot write {path}: {exc.strerror}") from None
             print(f"reformatted {path}", file=sys.stderr)
     return status
 
