@@ -11,8 +11,8 @@ import traceback
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import FpiError, FpiErrors, as_list, render
-from .source import Source
+from .errors import FpiError, FpiErrors, as_list, printable, render
+from .source import FORMATS, Source
 
 EXIT_OK, EXIT_SPEC_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -58,20 +58,39 @@ def report(exc: BaseException, stream=None, source: Source | None = None) -> int
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .compiler import check_file
+def _read(path: str, args: argparse.Namespace) -> Source:
+    """The spec at ``path`` (``-``: standard input, with ``--format``); kept on ``args`` for error reports."""
+    from .source import read_source
 
+    args.source = None
+    fmt = getattr(args, "format", None)
+    if path == "-" and fmt is None:
+        raise UsageError("a spec read from standard input (`-`) needs --format fpi or --format yaml")
+    args.source = read_source(path, fmt)
+    return args.source
+
+
+def _check(path: str, args: argparse.Namespace):
+    from .compiler import check_source
+
+    return check_source(_read(path, args))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
     status = EXIT_OK
+    if args.specs.count("-") > 1:
+        raise UsageError("standard input (`-`) can be read only once")
     for path in args.specs:
         try:
-            checked = check_file(path)
+            checked = _check(path, args)
         except (FpiError, FpiErrors) as exc:
-            report(exc)
+            report(exc, source=args.source)
             status = EXIT_SPEC_ERROR
             continue
         names = ", ".join(checked.graphs)
         if not args.quiet:
-            print(f"{path}: ok ({len(checked.graphs)} layer{'s' if len(checked.graphs) != 1 else ''}: {names})")
+            print(printable(f"{checked.source.path}: ok ({len(checked.graphs)} "
+                            f"layer{'s' if len(checked.graphs) != 1 else ''}: {names})"))
         if args.lipschitz:
             from .passes.lipschitz import report_lipschitz
 
@@ -89,9 +108,9 @@ def _select(checked, name: str | None):
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import check_file
-
-    checked = check_file(args.spec)  # spec errors are reported by main()
+    if args.output not in (None, "-"):
+        _output_ok(args.output, args)  # before the work, not after
+    checked = _check(args.spec, args)  # spec errors are reported by main()
     if args.emit == "graph":
         text = "\n\n".join(graph.format() for graph in _select(checked, args.layer)) + "\n"
     elif args.emit == "backward":
@@ -104,34 +123,53 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.layer is not None:
             _select(checked, args.layer)
         text = emit_module(checked, only=args.layer)
-    _write(text, args.output)
+    _write(text, args.output, args)
     return EXIT_OK
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .compiler import check_file
     from .ir.draw import draw_graph
+    from .passes.differentiate import backward_graph
 
-    checked = check_file(args.spec)  # spec errors are reported by main()
+    _output_ok(args.output, args)
+    checked = _check(args.spec, args)  # spec errors are reported by main()
     graphs = _select(checked, args.layer)
     if len(graphs) > 1:
         raise UsageError(
             f"{args.spec} has {len(graphs)} layers; choose one with --layer ({', '.join(checked.graphs)})"
         )
-    draw_graph(graphs[0], args.output, backward=args.backward)
-    print(f"wrote {args.output}")
+    try:
+        draw_graph(backward_graph(graphs[0]) if args.backward else graphs[0], args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    print(printable(f"wrote {args.output}"))
     return EXIT_OK
 
 
-def _write(text: str, output: str | None) -> None:
+def _inputs(args: argparse.Namespace) -> list[str]:
+    return [args.spec] if args.spec != "-" else []
+
+
+def _output_ok(output: str, args: argparse.Namespace) -> None:
+    """An output path that is not a spec, the input, a symbolic link or a folder (see fpidsl.outfile)."""
+    from .outfile import OutputError, check_output_path
+
+    try:
+        check_output_path(output, _inputs(args))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _write(text: str, output: str | None, args: argparse.Namespace) -> None:
+    from .outfile import OutputError, write_text
+
     if output is None or output == "-":
         sys.stdout.write(text)
         return
     try:
-        with open(output, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        write_text(text, output, _inputs(args))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -147,14 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     check = commands.add_parser("check", help="parse and check specs; report every error")
-    check.add_argument("specs", nargs="+", metavar="SPEC")
+    check.add_argument("specs", nargs="+", metavar="SPEC", help="spec files; - reads standard input")
+    check.add_argument("--format", choices=FORMATS, help="the format of the specs (default: by extension; "
+                                                          "needed for -)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     check.add_argument("--lipschitz", action="store_true",
                        help="also bound the Lipschitz constant of each layer's map in its states (initial weights)")
     check.set_defaults(run=cmd_check)
 
     comp = commands.add_parser("compile", help="emit a Python module (or the graph) for a spec")
-    comp.add_argument("spec", metavar="SPEC")
+    comp.add_argument("spec", metavar="SPEC", help="a spec file; - reads standard input")
+    comp.add_argument("--format", choices=FORMATS, help="the spec's format (default: by extension; needed for -)")
     comp.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     comp.add_argument("--emit", choices=("python", "graph", "backward"), default="python",
                       help="python (default): an importable module; graph: the checked graph; "
@@ -163,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(run=cmd_compile)
 
     graph = commands.add_parser("graph", help="draw a layer's graph as .dot, .svg or .png")
-    graph.add_argument("spec", metavar="SPEC")
+    graph.add_argument("spec", metavar="SPEC", help="a spec file; - reads standard input")
+    graph.add_argument("--format", choices=FORMATS, help="the spec's format (default: by extension; needed for -)")
     graph.add_argument("-o", "--output", metavar="FILE", required=True)
     graph.add_argument("--layer", metavar="NAME", help="the layer to draw (needed when the spec has several)")
     graph.add_argument("--backward", action="store_true", help="draw the derived backward graph")
@@ -175,17 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _safe_streams() -> None:
+    """Print what the terminal's encoding cannot show (a file name, a spec's text) as escapes, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: printing will fail on its own
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    _safe_streams()
     try:
         return run(args)
     except UsageError as exc:
-        print(f"fpidsl: error: {exc}", file=sys.stderr)
+        print(printable(f"fpidsl: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except (FpiError, FpiErrors) as exc:
-        report(exc)
+        report(exc, source=getattr(args, "source", None))
         return EXIT_SPEC_ERROR
     except KeyboardInterrupt:
         return 130

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 MAX_SOURCE_BYTES = 1_000_000
@@ -14,9 +15,20 @@ _YAML_BREAKS = re.compile("[\n\x85\u2028\u2029]")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def line_breaks(path: str) -> "re.Pattern[str]":
-    """The line breaks of the format of ``path`` (by its extension), as a pattern."""
-    return _YAML_BREAKS if os.path.splitext(path)[1].lower() in YAML_SUFFIXES else _FPI_BREAKS
+FORMATS = ("fpi", "yaml")
+STDIN = "-"  # the spec path that means standard input
+STDIN_NAME = "<stdin>"  # its name in messages
+
+
+def format_of(path: str) -> str | None:
+    """``fpi`` or ``yaml`` by the extension of ``path`` (any letter case); None for another extension."""
+    extension = os.path.splitext(path)[1].lower()
+    return "yaml" if extension in YAML_SUFFIXES else "fpi" if extension == ".fpi" else None
+
+
+def line_breaks(path: str, fmt: str | None = None) -> "re.Pattern[str]":
+    """The line breaks of a format (by default, that of ``path`` by its extension), as a pattern."""
+    return _YAML_BREAKS if (fmt or format_of(path)) == "yaml" else _FPI_BREAKS
 
 
 def normalize_newlines(text: str) -> str:
@@ -62,11 +74,12 @@ class Source:
 
     path: str
     text: str
+    format: str | None = None  # "fpi" or "yaml"; None: by the extension of ``path``
     lines: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text", normalize_newlines(self.text))
-        lines = line_breaks(self.path).split(self.text)
+        lines = line_breaks(self.path, self.format).split(self.text)
         if lines and lines[-1] == "":
             lines.pop()
         object.__setattr__(self, "lines", tuple(lines))
@@ -78,25 +91,61 @@ class Source:
         return ""
 
 
-def read_source(path: str) -> Source:
-    """Read a spec file: at most ``MAX_SOURCE_BYTES``, UTF-8, not empty. Errors are :class:`FpiError`."""
+def read_source(path: str, fmt: str | None = None) -> Source:
+    """Read a spec file: at most ``MAX_SOURCE_BYTES``, UTF-8, not empty; ``-`` reads standard input (then
+    ``fmt``, ``fpi`` or ``yaml``, is needed). Only a regular file is read: a FIFO, a device or a socket is
+    refused without waiting for it. Errors are :class:`FpiError`."""
     from .errors import InputError
 
+    if path == STDIN:
+        return read_stdin(fmt)
     where = Span.point(path, 1, 1)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_SOURCE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
     except FileNotFoundError:
         raise InputError(f"no such file: {path}", where) from None
     except IsADirectoryError:
         raise InputError(f"{path} is a directory, not a spec file", where) from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}", where) from None
-    return decode_source(path, data)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{path} is a directory, not a spec file", where)
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{path} is not a regular file (a FIFO, a device or a socket)", where,
+                             hint="pass a spec file, or `-` with --format fpi|yaml to read standard input")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}", where) from None
+    finally:
+        os.close(fd)
+    return decode_source(path, data, fmt)
 
 
-def decode_source(path: str, data: bytes) -> Source:
-    """Check and decode the bytes of a spec file."""
+def read_stdin(fmt: str | None) -> Source:
+    """The spec on standard input, in format ``fmt`` (``fpi`` or ``yaml``), named ``<stdin>`` in messages."""
+    import sys
+
+    from .errors import InputError
+
+    where = Span.point(STDIN_NAME, 1, 1)
+    if fmt not in FORMATS:
+        raise InputError("a spec read from standard input needs its format", where,
+                         hint="add --format fpi or --format yaml")
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise InputError("standard input is closed", where)
+    try:
+        data = stream.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read standard input: {exc.strerror}", where) from None
+    return decode_source(STDIN_NAME, data, fmt)
+
+
+def decode_source(path: str, data: bytes, fmt: str | None = None) -> Source:
+    """Check and decode the bytes of a spec file (of format ``fmt``; by default by its extension)."""
     from .errors import InputError
 
     where = Span.point(path, 1, 1)
@@ -124,4 +173,4 @@ def decode_source(path: str, data: bytes) -> Source:
     ):
         raise InputError(f"{path} is empty: it defines no layer", where,
                          hint="a spec holds at least one `layer NAME { ... }` block")
-    return Source(path, text)
+    return Source(path, text, fmt)

@@ -64,10 +64,10 @@ def test_missing_file_is_a_spec_error_without_traceback(tmp_path):
 def test_internal_errors_print_one_line_unless_debug(monkeypatch, capsys):
     import fpidsl.compiler
 
-    def boom(path):
+    def boom(source):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(fpidsl.compiler, "check_file", boom)
+    monkeypatch.setattr(fpidsl.compiler, "check_source", boom)
     spec = str(shipped_specs()[0])
     assert main(["check", spec]) == 3
     err = capsys.readouterr().err

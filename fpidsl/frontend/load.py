@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InputError
-from ..source import Source, Span
+from ..source import Source, Span, format_of
 from . import ast
 from .parser import parse_fpi
 from .yaml_loader import parse_yaml
@@ -14,11 +14,13 @@ YAML_EXTENSIONS = (".yaml", ".yml")
 
 
 def parse_source(source: Source) -> ast.SpecFile:
-    """Parse ``source`` with the ``.fpi`` grammar or as YAML, by its extension (in any letter case)."""
+    """Parse ``source`` with the ``.fpi`` grammar or as YAML: by its ``format``, else by its extension (in any
+    letter case)."""
     extension = os.path.splitext(source.path)[1].lower()
-    if extension in FPI_EXTENSIONS:
+    fmt = source.format or format_of(source.path)
+    if fmt == "fpi":
         return parse_fpi(source)
-    if extension in YAML_EXTENSIONS:
+    if fmt == "yaml":
         return parse_yaml(source)
     accepted = ", ".join(FPI_EXTENSIONS + YAML_EXTENSIONS)
     found = f"`{extension}`" if extension else "no extension"

@@ -198,7 +198,7 @@ class _Reader:
         """The 1-based (line, column) of a character index into the text."""
         if self._line_starts is None:
             text = self.source.text
-            self._line_starts = [0] + [m.end() for m in line_breaks(self.path).finditer(text)]
+            self._line_starts = [0] + [m.end() for m in line_breaks(self.path, self.source.format).finditer(text)]
         row = bisect.bisect_right(self._line_starts, index) - 1
         return row + 1, index - self._line_starts[row] + 1
 
