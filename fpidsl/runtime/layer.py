@@ -249,6 +249,9 @@ class CompiledLayer(nn.Module):
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec)
         check_assumptions(self.ASSUMPTIONS, dims, spec)
+        from .input_checks import check_dtypes_and_devices
+
+        check_dtypes_and_devices(inputs, self.parameter_tensors(), spec)
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
         like = values[0] if values else torch.zeros(())
         x0 = self.init_states(dims, like, *values)

@@ -1,0 +1,55 @@
+"""Dtype and device checks of a compiled layer's inputs, before anything is computed from them.
+
+Shapes are checked against the spec by :func:`fpidsl.runtime.layer.bind_dims`; here every input must hold
+values (not the ``meta`` device), be floating point, and have the dtype and device of the layer's parameters
+(of the first input, for a layer without parameters). A mismatch raises
+:class:`~fpidsl.runtime.layer.LayerInputError` naming the input and saying how to convert, instead of a raw
+torch error from deep inside the emitted code ("mat1 and mat2 must have the same dtype").
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from .layer import LayerInputError
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor], spec: str) -> None:
+    """Raise :class:`LayerInputError` for an input without values, not floating point, or whose dtype or device
+    differs from the parameters' (see the module's doc)."""
+    for p in params:
+        if p.device.type == "meta":
+            raise LayerInputError(
+                f"{spec}: the layer's parameters are on the meta device (shapes without values): give them "
+                "values first (layer.to_empty(device=...) then load_state_dict, or load_state_dict(..., assign=True))")
+    target = _dtype(params[0].dtype) if params else "float32"
+    for name, t in inputs.items():
+        if t.device.type == "meta":
+            raise LayerInputError(
+                f"{spec}: input {name!r} is on the meta device (a shape without values); a fixed point is "
+                "computed from values: pass a tensor on the layer's device")
+        if not (t.is_floating_point() or t.is_complex()):
+            raise LayerInputError(
+                f"{spec}: input {name!r} has dtype {_dtype(t.dtype)}; the layer computes in floating point: "
+                f"pass {name}.to(torch.{target})")
+    if params:
+        ref_dtype, ref_device, ref = params[0].dtype, params[0].device, "the layer's parameters are"
+    elif inputs:
+        first = next(iter(inputs))
+        ref_dtype, ref_device, ref = inputs[first].dtype, inputs[first].device, f"input {first!r} is"
+    else:
+        return
+    for name, t in inputs.items():
+        if t.dtype != ref_dtype:
+            raise LayerInputError(
+                f"{spec}: input {name!r} is {_dtype(t.dtype)} but {ref} {_dtype(ref_dtype)}: convert the input "
+                f"({name}.to(torch.{_dtype(ref_dtype)})) or the layer (layer.to(torch.{_dtype(t.dtype)}))")
+        if t.device != ref_device:
+            raise LayerInputError(
+                f"{spec}: input {name!r} is on {t.device} but {ref} on {ref_device}: move the input "
+                f"({name}.to({str(ref_device)!r})) or the layer (layer.to({str(t.device)!r}))")
