@@ -92,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(printable(f"{checked.source.path}: ok ({len(checked.graphs)} "
                             f"layer{'s' if len(checked.graphs) != 1 else ''}: {names})"))
         if args.lipschitz:
-            from .passes.lipschitz import report_lipschitz
+            from .lipschitz_report import report_lipschitz
 
             report_lipschitz(checked, sys.stdout)
     return status

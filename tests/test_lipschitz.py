@@ -9,7 +9,8 @@ import torch
 import fpidsl
 from fpidsl.cli import main
 from fpidsl.compiler import check_source
-from fpidsl.passes.lipschitz import bound_layer, initial_weights, report_lipschitz
+from fpidsl.lipschitz_report import initial_weights, report_lipschitz
+from fpidsl.passes.lipschitz import bound_layer
 from fpidsl.source import Source
 
 LINEAR = ("layer Lin {\n  input z : [B, 3]\n  state x : [B, 3]\n  param A : tensor [3, 3] = normal(0, 0.3)\n"

@@ -19,7 +19,7 @@ from .. import __version__
 from ..interface import emitted_check
 from ..ir.graph import LayerGraph
 from ..passes.lower import LoweredLayer
-from ..ir.primitives import SliceSpec
+from ..ir.primitives import PRIMITIVES, SliceSpec
 from .namespace import Namespace
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -102,7 +102,7 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
             attrs["shape"] = _concrete_reshape(data["shape"], data["span"])
         kwargs = [f"{k}={literal(v)}" for k, v in sorted(attrs.items())]
         name = ns.create(data.get("name") or prim)
-        call = f"_ops.{prim}({', '.join(args + kwargs)})"
+        call = f"_ops.{PRIMITIVES[prim].op}({', '.join(args + kwargs)})"
         block.lines.append(f"{name} = {call}  # {_where(data['span'])}")
         block.made.append(nid)
         block.var[nid] = name
@@ -313,8 +313,10 @@ class LayerEmitter:
             for sink, like in zip(sinks, zeros_like):
                 results.append(block.var[sink] if sink is not None else like)
             body = [f'"""{doc}"""']
-            if saved_names:
-                body.append(self._unpack(saved_names, "saved"))
+            read = {a for nid in block.made for a in bg.args(nid)}
+            if saved_names:  # a saved value this function does not read is unpacked as _
+                body.append(self._unpack([n if s in read else "_" for s, n in zip(parts.saved, saved_names)],
+                                         "saved"))
             body.append(self._unpack(c_names, "c"))
             head = f"def {fn_name}(saved, c):"
             if selective:

@@ -64,16 +64,12 @@ def to_dot(graph: LayerGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_graph(graph: LayerGraph, output: str, backward: bool = False) -> None:
-    """Write ``graph`` (or its derived backward graph) to ``output`` (.dot, .svg or .png)."""
+def draw_graph(graph: LayerGraph, output: str) -> None:
+    """Write ``graph`` to ``output`` (.dot, .svg or .png)."""
     where = Span.point(output, 1, 1)
     suffix = Path(output).suffix.lower()
     if suffix not in FORMATS:
         raise InputError(f"cannot draw to {output}: the file must end in .dot, .svg or .png", where)
-    if backward:
-        from ..passes.differentiate import backward_graph
-
-        graph = backward_graph(graph)
     dot_text = to_dot(graph)
     folder = Path(output).resolve().parent
     if not folder.is_dir():

@@ -6,8 +6,18 @@ numbers, booleans, dims, never AST). ``builtin`` primitives are callable by name
 Python-like signature ``name(*inputs, *attrs)`` (positional or keyword). The others come from
 operators (``+ - * / @ ** -x``), indexing, module calls and ``descend``.
 
-``emit`` (PyTorch source) and ``vjp`` (a vector-Jacobian product written with primitives) are left
-``None`` here; the code generator and the differentiation pass fill them in.
+Every fact about a primitive is declared in its entry, and nowhere else:
+
+* ``shape``: the shape rule (below); ``attrs``, ``inputs``: its signature;
+* ``vjp``: its vector-Jacobian product written with primitives (the body in :mod:`fpidsl.ir.derivatives`);
+* ``batch``: how the samples of a batch flow through it (a rule of :mod:`fpidsl.ir.batching`), which decides
+  whether a layer may drop finished samples;
+* ``op``: the :mod:`fpidsl.runtime.ops` function the emitted code calls (its torch lowering);
+* ``lipschitz``: its Lipschitz factor or the name of a rule of :mod:`fpidsl.passes.lipschitz` (None: unknown);
+* ``narrow`` / ``distribute``: whether the narrowing and hoisting passes may rewrite it, and how.
+
+``tests/ir/test_primitive_table.py`` fails when an entry lacks one of them. docs/ARCHITECTURE.md, "Adding a
+primitive", says what to write.
 
 A shape rule is ``rule(shapes, attrs, ctx) -> shape``: ``shapes`` are the input shapes in argument
 order, ``attrs`` the node's attributes with defaults filled, ``ctx`` a :class:`~fpidsl.ir.shapes.ShapeCtx`.
@@ -99,6 +109,12 @@ class Primitive:
     emit: Callable | None = None
     vjp: Callable | None = None
     batch: Callable | None = None  # how samples flow through it (:mod:`fpidsl.ir.batching`)
+    op: str = ""  # the function of fpidsl.runtime.ops the code generator calls (the torch lowering)
+    lipschitz: float | str | None = None  # a constant factor, a rule of passes/lipschitz.py, or None: no rule
+    narrow: tuple[int, int] | None = None  # (factor position, axis): a slice of the result along axis is the
+    #                                        product with that factor sliced (passes/narrow.py)
+    distribute: tuple[int, int] | None = None  # (data axis, weight axis): linear in its data argument's pieces
+    #                                            along data axis, with the weight cut along weight axis (hoist.py)
 
     @property
     def min_args(self) -> int:
@@ -403,8 +419,10 @@ _X = ("x",)
 _AB = ("a", "b")
 
 
-def _p(name, inputs, rule, *attrs, vjp, batch, builtin=False, optional=0, variadic=False, doc=""):
-    return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch)
+def _p(name, inputs, rule, *attrs, vjp, batch, lipschitz=None, narrow=None, distribute=None, op=None,
+       builtin=False, optional=0, variadic=False, doc=""):
+    return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch,
+                     op=op or name, lipschitz=lipschitz, narrow=narrow, distribute=distribute)
 
 
 # The VJP rules' bodies are in derivatives.py (they build graphs with the primitives below).
@@ -415,56 +433,56 @@ _EW = _B.elementwise()
 
 _TABLE = [
     # arithmetic (operators)
-    _p("add", _AB, _broadcast, batch=_EW, doc="a + b", vjp=_V["add"]),
-    _p("sub", _AB, _broadcast, batch=_EW, doc="a - b", vjp=_V["sub"]),
-    _p("mul", _AB, _broadcast, batch=_EW, doc="a * b", vjp=_V["mul"]),
-    _p("div", _AB, _broadcast, batch=_EW, doc="a / b", vjp=_V["div"]),
-    _p("matmul", _AB, _matmul, batch=_B.matrix_product(), doc="a @ b (torch.matmul)", vjp=_V["matmul"]),
-    _p("pow", _X, _same, Attr("exponent", "number"), batch=_EW, doc="x ** exponent", vjp=_V["pow"]),
-    _p("neg", _X, _same, batch=_EW, doc="-x", vjp=_V["neg"]),
+    _p("add", _AB, _broadcast, batch=_EW, doc="a + b", vjp=_V["add"], lipschitz="sum_of_args"),
+    _p("sub", _AB, _broadcast, batch=_EW, doc="a - b", vjp=_V["sub"], lipschitz="sum_of_args"),
+    _p("mul", _AB, _broadcast, batch=_EW, doc="a * b", vjp=_V["mul"], lipschitz="product"),
+    _p("div", _AB, _broadcast, batch=_EW, doc="a / b", vjp=_V["div"], lipschitz="quotient"),
+    _p("matmul", _AB, _matmul, batch=_B.matrix_product(), doc="a @ b (torch.matmul)", vjp=_V["matmul"], lipschitz="matrix_product", narrow=(1, -1)),
+    _p("pow", _X, _same, Attr("exponent", "number"), batch=_EW, doc="x ** exponent", vjp=_V["pow"], lipschitz="unbounded"),
+    _p("neg", _X, _same, batch=_EW, doc="-x", vjp=_V["neg"], lipschitz=1.0),
     # elementwise built-ins
-    _p("relu", _X, _same, batch=_EW, builtin=True, vjp=_V["relu"]),
-    _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), batch=_EW, builtin=True, vjp=_V["leaky_relu"]),
-    _p("tanh", _X, _same, batch=_EW, builtin=True, vjp=_V["tanh"]),
-    _p("sigmoid", _X, _same, batch=_EW, builtin=True, vjp=_V["sigmoid"]),
-    _p("softplus", _X, _same, Attr("beta", "number", 1.0), batch=_EW, builtin=True, vjp=_V["softplus"]),
-    _p("elu", _X, _same, Attr("alpha", "number", 1.0), batch=_EW, builtin=True, vjp=_V["elu"]),
-    _p("exp", _X, _same, batch=_EW, builtin=True, vjp=_V["exp"]),
-    _p("log", _X, _same, batch=_EW, builtin=True, vjp=_V["log"]),
-    _p("sqrt", _X, _same, batch=_EW, builtin=True, vjp=_V["sqrt"]),
-    _p("square", _X, _same, batch=_EW, builtin=True, vjp=_V["square"]),
-    _p("abs", _X, _same, batch=_EW, builtin=True, vjp=_V["abs"]),
-    _p("sin", _X, _same, batch=_EW, builtin=True, vjp=_V["sin"]),
-    _p("cos", _X, _same, batch=_EW, builtin=True, vjp=_V["cos"]),
-    _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), batch=_EW, builtin=True, vjp=_V["clamp"]),
-    _p("minimum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["minimum"]),
-    _p("maximum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["maximum"]),
+    _p("relu", _X, _same, batch=_EW, builtin=True, vjp=_V["relu"], lipschitz=1.0),
+    _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), batch=_EW, builtin=True, vjp=_V["leaky_relu"], lipschitz="leaky_relu"),
+    _p("tanh", _X, _same, batch=_EW, builtin=True, vjp=_V["tanh"], lipschitz=1.0),
+    _p("sigmoid", _X, _same, batch=_EW, builtin=True, vjp=_V["sigmoid"], lipschitz=0.25),
+    _p("softplus", _X, _same, Attr("beta", "number", 1.0), batch=_EW, builtin=True, vjp=_V["softplus"], lipschitz=1.0),
+    _p("elu", _X, _same, Attr("alpha", "number", 1.0), batch=_EW, builtin=True, vjp=_V["elu"], lipschitz="elu"),
+    _p("exp", _X, _same, batch=_EW, builtin=True, vjp=_V["exp"], lipschitz="unbounded"),
+    _p("log", _X, _same, batch=_EW, builtin=True, vjp=_V["log"], lipschitz="unbounded"),
+    _p("sqrt", _X, _same, batch=_EW, builtin=True, vjp=_V["sqrt"], lipschitz="unbounded"),
+    _p("square", _X, _same, batch=_EW, builtin=True, vjp=_V["square"], lipschitz="unbounded"),
+    _p("abs", _X, _same, batch=_EW, builtin=True, vjp=_V["abs"], lipschitz=1.0),
+    _p("sin", _X, _same, batch=_EW, builtin=True, vjp=_V["sin"], lipschitz=1.0),
+    _p("cos", _X, _same, batch=_EW, builtin=True, vjp=_V["cos"], lipschitz=1.0),
+    _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), batch=_EW, builtin=True, vjp=_V["clamp"], lipschitz=1.0),
+    _p("minimum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["minimum"], lipschitz="sum_of_args"),
+    _p("maximum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["maximum"], lipschitz="sum_of_args"),
     # reductions and shape ops
     _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
-       builtin=True, vjp=_V["sum"]),
+       builtin=True, vjp=_V["sum"], lipschitz="sum_reduction"),
     _p("mean", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
-       builtin=True, vjp=_V["mean"]),
-    _p("softmax", _X, _softmax, Attr("dim", "dim"), batch=_B.along(), builtin=True, vjp=_V["softmax"]),
+       builtin=True, vjp=_V["mean"], lipschitz=1.0),
+    _p("softmax", _X, _softmax, Attr("dim", "dim"), batch=_B.along(), builtin=True, vjp=_V["softmax"], lipschitz=1.0),
     _p("logsumexp", _X, _reduce, Attr("dim", "dims"), Attr("keepdim", "bool", False), batch=_B.reduction(),
-       builtin=True, vjp=_V["logsumexp"]),
-    _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"]),
-    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"]),
+       builtin=True, vjp=_V["logsumexp"], lipschitz=1.0),
+    _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"], lipschitz="root_sum_squares"),
+    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0),
     _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), batch=_B.transposing(),
-       builtin=True, vjp=_V["transpose"]),
+       builtin=True, vjp=_V["transpose"], lipschitz=1.0),
     _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), batch=_B.flattening(),
-       builtin=True, vjp=_V["flatten"]),
-    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"]),
+       builtin=True, vjp=_V["flatten"], lipschitz=1.0),
+    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0),
     # modules, lowered (weights are param nodes)
     _p("linear", ("x", "weight", "bias"), _linear, batch=_B.per_row(row_rank=1), optional=1,
-       doc="x @ weight.T + bias", vjp=_V["linear"]),
+       doc="x @ weight.T + bias", vjp=_V["linear"], lipschitz="weight_norm", distribute=(-1, 1)),
     _p("conv2d", ("x", "weight", "bias"), _conv2d, Attr("stride", "pair", (1, 1)),
-       Attr("padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3), optional=1, vjp=_V["conv2d"]),
+       Attr("padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3), optional=1, vjp=_V["conv2d"], lipschitz="weight_norm", distribute=(1, 1)),
     _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
        Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3),
-       optional=1, vjp=_V["conv_transpose2d"]),
+       optional=1, vjp=_V["conv_transpose2d"], lipschitz="weight_norm", distribute=(1, 0)),
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
-       doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"]),
+       doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"], lipschitz="curvature"),
 ]
 
 def _like(shapes, attrs, ctx):
@@ -508,8 +526,9 @@ def _conv2d_weight_grad_shape(shapes, attrs, ctx):
     return (ct[1], x[1]) + tuple(attrs["kernel"])
 
 
-def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, variadic=False, doc=""):
-    return _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, variadic=variadic, doc=doc)
+def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, narrow=None, variadic=False, doc=""):
+    # the static Lipschitz bound is taken on checked graphs, where no auxiliary primitive occurs: no rule
+    return _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, narrow=narrow, variadic=variadic, doc=doc)
 
 
 _CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
@@ -540,7 +559,7 @@ AUXILIARY: tuple[Primitive, ...] = (
          doc="sum over batch dims of ct (x) x: the weight gradient of linear", vjp=_V["linear_weight_grad"]),
     _aux("conv2d_input_grad", ("ct", "weight", "like"), _like, *_CONV,
          batch=_B.per_row(row_rank=3, shape_only=(2,)),
-         doc="the input gradient of conv2d(like, weight)", vjp=_V["conv2d_input_grad"]),
+         doc="the input gradient of conv2d(like, weight)", vjp=_V["conv2d_input_grad"], narrow=(1, 1)),
     _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
          batch=_B.sample_free_result(),
          doc="the weight gradient of conv2d(x, W)", vjp=_V["conv2d_weight_grad"]),

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 
 from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import LayerGraph
-from ..ir.primitives import SliceSpec
+from ..ir.primitives import PRIMITIVES, SliceSpec
 from .narrow import narrow
 
-# prim -> (the axis of the data argument the weight contracts, the weight axis that matches it)
-_DISTRIBUTABLE = {"linear": (-1, 1), "conv2d": (1, 1), "conv_transpose2d": (1, 0)}
 # A convolution is split only when its state-free input channels are at least this share of all of them: on CPU a
 # convolution with few input channels costs about the same whatever their number, so splitting 1 + 1 channels
 # only adds a pass (benchmarks/kernels.py, batch 8 of 64x64, 16 output channels: 2 channels whole 0.24 ms, split
@@ -52,7 +50,7 @@ class _Plan:
 def _plan(graph: LayerGraph, nid: str, variant: set[str]) -> _Plan | None:
     data = graph.node(nid)
     prim = data.get("prim")
-    if data["op"] != "call" or prim not in _DISTRIBUTABLE:
+    if data["op"] != "call" or PRIMITIVES[prim].distribute is None:
         return None
     args = graph.args(nid)
     cat, weight = args[0], args[1]
@@ -64,7 +62,7 @@ def _plan(graph: LayerGraph, nid: str, variant: set[str]) -> _Plan | None:
     shape = graph.shape(cat)
     if shape is None:
         return None
-    axis_of_data, weight_axis = _DISTRIBUTABLE[prim]
+    axis_of_data, weight_axis = PRIMITIVES[prim].distribute  # the data axis the weight contracts, and its own
     rank = len(shape)
     axis = axis_of_data % rank
     if cdata["attrs"]["dim"] % rank != axis:

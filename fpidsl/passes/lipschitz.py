@@ -1,7 +1,9 @@
-"""A static upper bound of the Lipschitz constant of a layer's map g in each state (``fpidsl check --lipschitz``).
+"""A static upper bound of the Lipschitz constant of a layer's map g in each state (``fpidsl check --lipschitz``;
+the report, which needs the initial weights of a compiled layer, is :mod:`fpidsl.lipschitz_report`).
 
 Bounds propagate through the graph, one number per node: how much the node can change per unit change of
-the state (in the 2-norm). States start at 1, everything else at 0; each primitive has a rule (a linear map
+the state (in the 2-norm). States start at 1, everything else at 0; each primitive declares its rule in the
+primitive table (a linear map
 multiplies by the spectral norm of its initial weight, found by power iteration; a 1-Lipschitz activation
 keeps the bound; a sum of two terms adds their bounds). Where no finite rule applies (``exp``, a product of
 two state-dependent values, the gradient of an energy), the bound is reported as unknown with the reason.
@@ -14,17 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..ir.graph import LayerGraph
+from ..ir.primitives import PRIMITIVES
 
 INF = math.inf
-
-# Activations and shape ops whose Lipschitz constant does not depend on anything else.
-_FIXED = {
-    "relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "softplus": 1.0, "sin": 1.0, "cos": 1.0, "abs": 1.0,
-    "clamp": 1.0, "neg": 1.0, "softmax": 1.0, "logsumexp": 1.0, "mean": 1.0, "index": 1.0,
-    "reshape": 1.0, "transpose": 1.0, "flatten": 1.0,
-}
-_UNBOUNDED = {"exp", "log", "sqrt", "square", "pow"}
-
 
 @dataclass(frozen=True)
 class Bound:
@@ -102,40 +96,27 @@ def _bound_in(graph: LayerGraph, weights: dict, state_node: str) -> tuple[dict, 
 
 
 def _rule(graph: LayerGraph, weights: dict, nid: str, ls: list[float]) -> tuple[float, str | None]:
+    """The bound of one call from its arguments' bounds ``ls``, by the rule its primitive declares."""
     data = graph.node(nid)
-    prim, attrs, args = data["prim"], data["attrs"], graph.args(nid)
+    prim = PRIMITIVES[data["prim"]]
     if all(v == 0 for v in ls):
         return 0.0, None
-    where = f"{prim} at {data['span'].line}:{data['span'].col}"
-    rules: dict[str, Callable[[], tuple[float, str | None]]] = {
-        "add": lambda: (ls[0] + ls[1], None),
-        "sub": lambda: (ls[0] + ls[1], None),
-        "cat": lambda: (math.sqrt(sum(v * v for v in ls)), None),
-        "maximum": lambda: (ls[0] + ls[1], None),
-        "minimum": lambda: (ls[0] + ls[1], None),
-        "leaky_relu": lambda: (max(1.0, abs(attrs["slope"])) * ls[0], None),
-        "elu": lambda: (max(1.0, abs(attrs["alpha"])) * ls[0], None),
-        "linear": lambda: (_weight_norm(graph, weights, nid) * ls[0], None) if ls[1:] == [0.0] * len(ls[1:])
-        else (INF, f"{where}: its weight depends on the state"),
-        "mul": lambda: _product(graph, weights, args, ls, where),
-        "div": lambda: _divide(graph, weights, args, ls, where),
-        "matmul": lambda: _matmul(graph, weights, args, ls, where),
-        "sum": lambda: _sum(graph, nid, ls[0], where),
-        "grad": lambda: (INF, f"{where}: the gradient of an energy needs a curvature bound, which the static "
-                              "check does not have (try a smaller step)"),
-    }
-    rules["conv2d"] = rules["linear"]
-    rules["conv_transpose2d"] = rules["linear"]
-    if prim in _FIXED:
-        return _FIXED[prim] * ls[0], None
-    if prim in _UNBOUNDED:
-        return INF, f"{where} is not globally Lipschitz"
-    if prim in rules:
-        return rules[prim]()
-    return INF, f"{where} has no Lipschitz rule"
+    where = f"{prim.name} at {data['span'].line}:{data['span'].col}"
+    if isinstance(prim.lipschitz, float):
+        return prim.lipschitz * ls[0], None
+    if prim.lipschitz is None:
+        return INF, f"{where} has no Lipschitz rule"
+    return RULES[prim.lipschitz](graph, weights, nid, ls, where)
 
 
-def _product(graph, weights, args, ls, where):
+def _weight_rule(graph, weights, nid, ls, where):
+    if ls[1:] != [0.0] * len(ls[1:]):
+        return INF, f"{where}: its weight depends on the state"
+    return _weight_norm(graph, weights, nid) * ls[0], None
+
+
+def _product(graph, weights, nid, ls, where):
+    args = graph.args(nid)
     if ls[0] and ls[1]:
         return INF, f"{where}: a product of two values that both depend on the state"
     fixed, moving = (args[0], ls[1]) if ls[0] == 0 else (args[1], ls[0])
@@ -143,7 +124,8 @@ def _product(graph, weights, args, ls, where):
     return (sup * moving, None) if sup < INF else (INF, f"{where}: a factor whose size is unknown statically")
 
 
-def _divide(graph, weights, args, ls, where):
+def _divide(graph, weights, nid, ls, where):
+    args = graph.args(nid)
     if ls[1]:
         return INF, f"{where}: division by a value that depends on the state"
     data = graph.node(args[1])
@@ -152,7 +134,8 @@ def _divide(graph, weights, args, ls, where):
     return INF, f"{where}: division by a value whose size is unknown statically"
 
 
-def _matmul(graph, weights, args, ls, where):
+def _matmul(graph, weights, nid, ls, where):
+    args = graph.args(nid)
     if ls[0] and ls[1]:
         return INF, f"{where}: a product of two values that both depend on the state"
     matrix = _fixed_matrix(graph, weights, args[1] if ls[0] else args[0])
@@ -172,7 +155,8 @@ def _fixed_matrix(graph, weights, nid):
     return None
 
 
-def _sum(graph, nid, l_in, where):
+def _sum(graph, weights, nid, ls, where):
+    l_in = ls[0]
     shape = graph.shape(graph.args(nid)[0])
     dim = graph.node(nid)["attrs"].get("dim")
     dims = range(len(shape)) if dim is None else (dim if isinstance(dim, tuple) else (dim,))
@@ -182,39 +166,25 @@ def _sum(graph, nid, l_in, where):
     return INF, f"{where}: a sum over a symbolic dimension"
 
 
-def initial_weights(checked, layer: str) -> dict:
-    """The initial weights of a layer (seed 0): param node -> tensor, from the compiled module."""
-    import torch
-
-    from ..codegen.emit import emit_module
-    from ..codegen.load import module_from_source
-
-    code = emit_module(checked, only=layer)
-    module = module_from_source(code, f"<fpidsl lipschitz {layer}>", f"fpidsl_lipschitz_{layer}")
-    torch.manual_seed(0)
-    instance = module.LAYERS[layer]()
-    graph = checked.graphs[layer]
-    tensors = dict(zip(graph.params, instance.parameter_tensors()))
-    return {graph.params[name]: t.detach() for name, t in tensors.items()}
+def _slope(attr: str):
+    def rule(graph, weights, nid, ls, where):
+        return max(1.0, abs(graph.node(nid)["attrs"][attr])) * ls[0], None
+    return rule
 
 
-def report_lipschitz(checked, stream) -> int:
-    """Print the bound of each layer of a checked spec; returns how many layers lack a bound below 1."""
-    warnings = 0
-    for name, graph in checked.graphs.items():
-        weights = initial_weights(checked, name)
-        for bound in bound_layer(graph, weights):
-            where = f"{graph.states[bound.state].span}"
-            if bound.value < 1:
-                print(f"{where}: layer {name}: g is a contraction in {bound.state} at the initial weights "
-                      f"(Lipschitz bound {bound.value:.3g} < 1)", file=stream)
-                continue
-            warnings += 1
-            text = f"{bound.value:.3g}" if bound.value < INF else "unknown"
-            print(f"{where}: warning: layer {name}: the Lipschitz bound of g in {bound.state} is {text} at the "
-                  "initial weights; the fixed-point iterations may not converge", file=stream)
-            if bound.reason:
-                print(f"  because: {bound.reason}", file=stream)
-            print("hint: use a smaller init_scale, norm=spectral on the modules, or a smaller descend step; "
-                  "the runtime's contraction estimate at the fixed point is sharper", file=stream)
-    return warnings
+# The rules that primitives name in their ``lipschitz`` entry (fpidsl/ir/primitives.py).
+RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
+    "sum_of_args": lambda graph, weights, nid, ls, where: (ls[0] + ls[1], None),
+    "root_sum_squares": lambda graph, weights, nid, ls, where: (math.sqrt(sum(v * v for v in ls)), None),
+    "leaky_relu": _slope("slope"),
+    "elu": _slope("alpha"),
+    "weight_norm": _weight_rule,
+    "product": _product,
+    "quotient": _divide,
+    "matrix_product": _matmul,
+    "sum_reduction": _sum,
+    "unbounded": lambda graph, weights, nid, ls, where: (INF, f"{where} is not globally Lipschitz"),
+    "curvature": lambda graph, weights, nid, ls, where: (
+        INF, f"{where}: the gradient of an energy needs a curvature bound, which the static check does not have "
+             "(try a smaller step)"),
+}

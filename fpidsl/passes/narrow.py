@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from ..ir.builder import GraphBuilder, compact, copy_metadata, copy_node
 from ..ir.graph import LayerGraph
-from ..ir.primitives import SliceSpec
+from ..ir.primitives import PRIMITIVES, SliceSpec
 
-_NARROWABLE = {"matmul": (1, -1), "conv2d_input_grad": (1, 1)}  # prim -> (factor position, sliced axis)
 
 
 def _only_slice(index, axis: int, ndim: int):
@@ -51,9 +50,9 @@ def narrow_slices(bg: LayerGraph, linear: set[str]) -> LayerGraph:
         (src,) = bg.args(nid)
         sdata = bg.node(src)
         prim = sdata.get("prim")
-        if sdata["op"] != "call" or prim not in _NARROWABLE:
+        if sdata["op"] != "call" or PRIMITIVES[prim].narrow is None:
             continue
-        pos, axis = _NARROWABLE[prim]
+        pos, axis = PRIMITIVES[prim].narrow
         factor = bg.args(src)[pos]
         fshape, oshape = bg.shape(factor), bg.shape(src)
         if factor in linear or fshape is None or oshape is None or len(fshape) != (2 if prim == "matmul" else 4):

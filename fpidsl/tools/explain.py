@@ -66,7 +66,8 @@ def _params(graph: LayerGraph) -> tuple[list[str], int]:
 
 
 def _lipschitz(checked, name: str) -> list[str]:
-    from ..passes.lipschitz import INF, bound_layer, initial_weights
+    from ..lipschitz_report import initial_weights
+    from ..passes.lipschitz import INF, bound_layer
 
     graph = checked.graphs[name]
     lines = []
