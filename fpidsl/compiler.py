@@ -38,8 +38,9 @@ class CheckedSpec:
     spec: ast.SpecFile
     graphs: dict  # layer name -> fpidsl.ir.graph.LayerGraph, in source order
 
-    def lowered(self, lint: bool = False) -> dict:
-        """Layer name -> its :class:`~fpidsl.passes.lower.LoweredLayer`, in source order (computed once)."""
+    def lowered(self, lint: bool | None = None) -> dict:
+        """Layer name -> its :class:`~fpidsl.passes.lower.LoweredLayer`, in source order (computed once; ``lint``:
+        see :func:`~fpidsl.passes.lower.lower`)."""
         from .passes.lower import lower
 
         cache = self.__dict__.setdefault("_lowered", {})

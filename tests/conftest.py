@@ -1,9 +1,13 @@
 """Shared fixtures: paths of the repository and its shipped specs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Every compile in the suite lints every graph after every lowering pass (fpidsl/passes/lower.py).
+os.environ["FPIDSL_LINT_PASSES"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

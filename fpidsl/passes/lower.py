@@ -15,11 +15,12 @@ The passes, in order (:data:`LOWERING`; each a pure function from the layer lowe
    (``prepare``) and what is linear in c (``vjp_state``, ``vjp_args``).
 
 Every graph a pass returns passes :meth:`~fpidsl.ir.graph.LayerGraph.lint`; ``lower(graph, lint=True)`` checks
-that between passes (the test suite always does).
+that between passes (the test suite always does: tests/conftest.py sets ``FPIDSL_LINT_PASSES=1``).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,8 +108,11 @@ LOWERING: tuple[tuple[str, Callable[[LoweredLayer], LoweredLayer]], ...] = (
 )
 
 
-def lower(graph: LayerGraph, lint: bool = False) -> LoweredLayer:
-    """Run :data:`LOWERING` on a checked graph; with ``lint``, every graph is linted after every pass."""
+def lower(graph: LayerGraph, lint: bool | None = None) -> LoweredLayer:
+    """Run :data:`LOWERING` on a checked graph; with ``lint``, every graph is linted after every pass (by default
+    when the environment sets ``FPIDSL_LINT_PASSES=1``, as the test suite does)."""
+    if lint is None:
+        lint = os.environ.get("FPIDSL_LINT_PASSES") == "1"
     layer = LoweredLayer(graph)
     for name, run in LOWERING:
         layer = run(layer)

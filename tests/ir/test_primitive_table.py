@@ -45,3 +45,14 @@ def test_batch_rules_are_the_module_s_factories():
                  and fn.__module__ == batching.__name__ and not name.startswith("_")}
     for prim in PRIMITIVES.values():
         assert prim.batch.__qualname__.split(".<locals>")[0] in factories, prim.name
+
+
+def test_every_shipped_layer_lowers_to_graphs_that_lint_after_every_pass():
+    from fpidsl.compiler import check_file
+    from tests.conftest import shipped_specs
+
+    for spec in shipped_specs():
+        for name, lowered in check_file(str(spec)).lowered(lint=True).items():
+            for g in lowered.graphs():
+                g.lint()
+            assert lowered.adjoint is not None and lowered.samplewise in (True, False), (spec.name, name)
