@@ -43,6 +43,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .precision import floor_eps
 from .settings import SolverSettings
 from .solvers import make_solver
 from .solvers.gmres import gmres
@@ -151,7 +152,7 @@ class _Thresholds:
         def const(value: float) -> Tensor:
             return torch.tensor(value, dtype=like.dtype, device=like.device)
 
-        eps = torch.finfo(like.dtype).eps
+        eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
         return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
                            const(FLOOR_FACTOR * eps), const(s.tol))
 
@@ -166,7 +167,8 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: 
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
-    torch.lt(step, track.best_step, out=track.shrank)
+    if n > 1:
+        torch.lt(step, track.best_step, out=track.shrank)
     torch.fmin(track.best_step, step, out=track.best_step)
     torch.fmin(track.best_rel, rel, out=track.best_rel)
     if n < s.min_iter:

@@ -7,6 +7,7 @@ the inputs, checks their shapes against the spec, and runs :func:`fixed_point`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -189,7 +190,6 @@ class CompiledLayer(nn.Module):
         eval mode; ``warm_start``: start each call from the previous fixed point of the same shapes
         (:mod:`fpidsl.runtime.warm_start`)."""
         from .jacobian import LastCall
-        from .warm_start import WarmStart, eval_settings
 
         super().__init__()
         self.history = history
@@ -207,12 +207,40 @@ class CompiledLayer(nn.Module):
         try:
             self.solve_settings = FORWARD_DEFAULTS.merged(self.SOLVE).merged(solve)
             self.backward_settings = BACKWARD_DEFAULTS.merged(self.BACKWARD).merged(backward)
-            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
         except SettingsError as exc:
             raise SettingsError(f"{type(self).__name__}: {exc}") from None
-        self.warm = WarmStart(warm_start)
         self._last_call = LastCall()
         self.stats = None
+        self.configure(eval_solve=eval_solve, warm_start=warm_start)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A generated class's ``__init__`` (which lists the spec-level options) also takes ``eval_solve`` and
+        ``warm_start``, applied by :meth:`configure` after it."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_takes_toolkit_options", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False,
+                     **more: Any) -> None:
+            init(self, *args, **more)
+            if eval_solve is not None or warm_start:
+                self.configure(eval_solve=eval_solve, warm_start=warm_start)
+
+        __init__._takes_toolkit_options = True
+        cls.__init__ = __init__
+
+    def configure(self, *, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> "CompiledLayer":
+        """Set the eval-mode settings (``eval_solve``, over ``solve``) and warm starts; returns the layer."""
+        from .warm_start import WarmStart, eval_settings
+
+        try:
+            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
+        except SettingsError as exc:
+            raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
+        self.warm = WarmStart(warm_start)
+        return self
 
     # hooks a generated class implements
     def parameter_tensors(self) -> tuple[torch.Tensor, ...]:

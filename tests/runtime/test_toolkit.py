@@ -1,0 +1,265 @@
+"""The DEQ training toolkit around a solve: the Jacobian penalty, warm starts, the best iterate on failure,
+eval-time budgets, the relative criterion's large-step warning, and the positioned errors of the new settings."""
+import math
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import fpidsl
+from fpidsl.errors import FpiError, SettingsErr
+from fpidsl.runtime import ConvergenceWarning, FixedPoint, fixed_point
+from fpidsl.runtime.jacobian import jacobian_penalty
+
+from .helpers import DTYPE
+
+N = 5
+
+
+def f(x, W, c):
+    return torch.tanh(x @ W.T + c)
+
+
+def _map(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    W = (0.8 * torch.randn(N, N, dtype=DTYPE, generator=g) / N**0.5).requires_grad_()
+    c = torch.randn(batch, N, dtype=DTYPE, generator=g).requires_grad_()
+    return W, c
+
+
+def _dense_frobenius(x_hat, W, c):
+    """|df/dx|_F^2 per sample, from the dense Jacobian."""
+    out = []
+    for s in range(x_hat.shape[0]):
+        J = torch.autograd.functional.jacobian(lambda z: f(z[None], W, c[s : s + 1])[0], x_hat[s].detach())
+        out.append(J.pow(2).sum())
+    return torch.stack(out)
+
+
+def test_jacobian_penalty_expectation_matches_the_dense_frobenius_norm():
+    W, c = _map()
+    x = fixed_point(f, torch.zeros_like(c), W, c, tol=1e-12, max_iter=2000)
+    dense = _dense_frobenius(x, W, c).detach()
+    samples = 2000
+    gen = torch.Generator().manual_seed(1)
+    estimate = jacobian_penalty(f, x, W, c, samples=samples, reduction="none", generator=gen).detach()
+    # Var |v^T J|^2 = 2 |J J^T|_F^2 for Gaussian v: the standard error of the mean of `samples` draws
+    se = torch.stack([
+        (2 * (J @ J.T).pow(2).sum() / samples).sqrt() for J in (
+            torch.autograd.functional.jacobian(lambda z: f(z[None], W, c[s : s + 1])[0], x[s].detach())
+            for s in range(x.shape[0]))]).detach()
+    assert ((estimate - dense).abs() < 4 * se).all(), (estimate, dense, se)
+    mean = jacobian_penalty(f, x, W, c, samples=samples, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(mean, estimate.mean())
+
+
+def test_jacobian_penalty_gradient_is_right_through_the_fixed_point():
+    W, c = _map(2)
+
+    def penalty(W, c):
+        x = fixed_point(f, torch.zeros_like(c), W, c, tol=1e-14, max_iter=2000,
+                        backward={"tol": 1e-14, "max_iter": 2000})
+        return jacobian_penalty(f, x, W, c, samples=3, generator=torch.Generator().manual_seed(0))
+
+    assert torch.autograd.gradcheck(penalty, (W, c))
+
+
+SPEC = textwrap.dedent("""\
+    layer Warm {
+      input a : [B, 5]
+      state x : [B, 5]
+      param W : Linear(5, 5)
+      update x = tanh(W(x) + a)
+      solve { tol = 1e-10, max_iter = 400 }
+    }
+""")
+
+
+@pytest.fixture
+def layer_class(tmp_path):
+    path = tmp_path / "warm.fpi"
+    path.write_text(SPEC)
+    return fpidsl.load(str(path))
+
+
+def test_layer_jacobian_penalty_after_a_forward_is_differentiable(layer_class):
+    torch.manual_seed(0)
+    layer = layer_class().double()
+    with pytest.raises(RuntimeError, match="needs a forward call first"):
+        layer.jacobian_penalty()
+    a = torch.randn(3, N, dtype=DTYPE)
+    x = layer(a)
+    ours = layer.jacobian_penalty(samples=4, generator=torch.Generator().manual_seed(3))
+    params = dict(layer.named_parameters())
+    weight, bias = params["W.weight"], params["W.bias"]
+    reference = jacobian_penalty(lambda z, a: torch.tanh(z @ weight.T + bias + a), x, a, samples=4,
+                                 generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, reference, rtol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours, weight, retain_graph=True)
+    (g_ref,) = torch.autograd.grad(reference, weight)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+    assert g_ours.abs().sum() > 0
+
+
+def test_warm_starts_reduce_iterations_and_give_the_same_fixed_point(layer_class):
+    torch.manual_seed(1)
+    layer = layer_class().double()
+    a = torch.randn(4, N, dtype=DTYPE)
+    cold = layer(a).detach()
+    cold_iterations = layer.stats.forward.max_iterations
+    near = layer(a + 1e-3, init=cold)  # a call-time start near the new fixed point
+    warm_iterations = layer.stats.forward.max_iterations
+    fresh = layer(a + 1e-3).detach()
+    assert warm_iterations < layer.stats.forward.max_iterations
+    assert torch.allclose(near, fresh, rtol=0, atol=1e-9)
+    assert cold_iterations > 1
+    layer(a, init={"x": cold})  # by state name
+    assert layer.stats.forward.max_iterations <= 2
+    with pytest.raises(fpidsl.LayerInputError, match=r"init for state 'x' has shape \[2, 5\]"):
+        layer(a, init=cold[:2])
+    with pytest.raises(fpidsl.LayerInputError, match="init names no state 'y'"):
+        layer(a, init={"y": cold})
+    reuse = layer_class(warm_start=True).double()
+    reuse.load_state_dict(layer.state_dict())
+    first = reuse(a).detach()
+    first_iterations = reuse.stats.forward.max_iterations
+    second = reuse(a + 1e-3)
+    assert reuse.stats.forward.max_iterations < first_iterations
+    assert torch.allclose(second, fresh, rtol=0, atol=1e-9)
+    reuse(torch.randn(2, N, dtype=DTYPE))  # another batch shape starts cold
+    assert reuse.stats.forward.max_iterations > 2
+    assert torch.allclose(first, cold, atol=1e-12)
+
+
+def test_fixed_point_module_warm_start_and_eval_budget():
+    W, c = _map(3, batch=4)
+    W, c = W.detach(), c.detach()
+    module = FixedPoint(f, solve={"tol": 1e-10}, eval_solve={"max_iter": 3, "on_fail": "ignore"}, warm_start=True)
+    x = module(torch.zeros_like(c), W, c)
+    cold = module.stats.forward.max_iterations
+    module(torch.zeros_like(c), W, c + 1e-4)
+    assert module.stats.forward.max_iterations < cold
+    module.eval()
+    module.warm.clear()
+    module(torch.zeros_like(c), W, c)
+    assert module.stats.forward.settings.max_iter == 3 and module.stats.forward.max_iterations == 3
+    assert module.stats.forward.settings.tol == 1e-10  # eval settings apply over the training ones
+    assert x.shape == c.shape
+
+
+def test_compiled_layer_eval_budget(layer_class):
+    layer = layer_class(eval_solve={"max_iter": 4, "tol": 1e-3, "on_fail": "ignore"}).double()
+    a = torch.randn(2, N, dtype=DTYPE)
+    layer(a)
+    assert layer.stats.forward.settings.max_iter == 400
+    layer.eval()
+    with torch.no_grad():
+        layer(a)
+    assert layer.stats.forward.settings.max_iter == 4 and layer.stats.forward.max_iterations <= 4
+    with pytest.raises(fpidsl.SettingsError, match="eval_solve|unknown solver setting 'maxiter'"):
+        layer_class(eval_solve={"maxiter": 4})
+
+
+def test_best_iterate_is_the_minimum_residual_iterate_of_a_failing_map():
+    """x <- A x + b with eigenvalues 0.5 and 1.2: the residual first falls, then grows."""
+    A = torch.diag(torch.tensor([0.5, 1.2], dtype=DTYPE))
+    b = torch.tensor([[1.0, 1e-4], [2.0, 1e-5]], dtype=DTYPE)
+    g = lambda x: x @ A.T + b  # noqa: E731
+    x0 = torch.zeros_like(b)
+    out, stats = fixed_point(g, x0, tol=1e-12, max_iter=60, criterion="absolute", on_fail="ignore",
+                             history=True, return_stats=True)
+    s = stats.forward
+    assert not s.ok.any() and s.best_iterate.all()
+    x, iterates, residuals = x0, [], []
+    for _ in range(60):
+        y = g(x)
+        iterates.append(y)
+        residuals.append(torch.linalg.vector_norm(y - x, dim=1))
+        x = y
+    residuals = torch.stack(residuals)
+    best = residuals.argmin(dim=0)
+    for sample in range(2):
+        n = int(best[sample])
+        assert int(s.best_at[sample]) == n + 1
+        assert 0 < n < 59
+        assert torch.allclose(out[sample], iterates[n][sample], rtol=1e-14)
+        assert math.isclose(float(s.best_residual[sample]), float(residuals[n, sample]), rel_tol=1e-12)
+        assert float(s.residual[sample]) > float(s.best_residual[sample])  # the last residual stays recorded
+    with pytest.warns(ConvergenceWarning, match=r"return their lowest-residual iterate"):
+        fixed_point(g, x0, tol=1e-12, max_iter=60, criterion="absolute")
+
+
+def test_relative_criterion_warns_when_a_large_step_passes_without_contraction():
+    x0 = torch.full((1, 1), 1e6, dtype=DTYPE)
+    with pytest.warns(ConvergenceWarning, match=r"accepted by the relative criterion .* absolute step \|g\(x\)-x\| "
+                      r"of up to 1: "):
+        out, stats = fixed_point(lambda x: x + 1, x0, return_stats=True)
+    assert stats.forward.all_ok and stats.forward.max_iterations == 1  # documented: the criterion accepts it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed_point(lambda x: x + 1, x0, on_fail="ignore")
+        fixed_point(lambda x: 0.5 * x + 1e150, torch.zeros(2, 3, dtype=DTYPE), tol=1e-12)  # contracting: no warning
+    with pytest.raises(fpidsl.ConvergenceError):
+        fixed_point(lambda x: x + 1, x0, criterion="absolute", max_iter=20, on_fail="raise")
+
+
+def _error(text: str):
+    from tests.ir.helpers import errors
+
+    (only,) = errors(text)
+    return only
+
+
+def _at(text: str, anchor: str) -> tuple[int, int]:
+    from tests.ir.helpers import locate
+
+    return locate(text, anchor)
+
+
+LAYER = "layer L {{\n  input a : [B, 4]\n  state x : [B, 4]\n  update x = 0.5 * tanh(x) + a\n  {}\n}}\n"
+BAD = [
+    ("solve { method = anderson(m=1000000000) }", "1000000000", "m must be an integer >= 1 and <= 1000"),
+    ("solve { method = broyden(m=0) }", "0)", "m must be an integer >= 1 and <= 1000"),
+    ("solve { method = gmres }", "gmres", "gmres solves the linear system of the backward"),
+    ("solve { mode = jfb }", "mode", "mode is a backward setting"),
+    ("backward { mode = phantom(k=0) }", "0)", "k must be an integer >= 1 and <= 10000"),
+    ("backward { mode = phantom(k=3, tau=1.5) }", "1.5", "tau must be a number in (0, 1]"),
+    ("backward { mode = jfb(k=3) }", "jfb(", "jfb takes no options"),
+    ("backward { mode = adjoint }", "adjoint", "unknown mode adjoint"),
+    ("backward { mode = jfb, k = 3 }", "k = 3", "k applies to mode = phantom or unrolled, but the mode is jfb"),
+    ("backward { method = gmres, beta = 0.5 }", "beta = 0.5", "beta applies to method = picard or anderson"),
+    ("solve { method = broyden(lam=1) }", "lam", "broyden has no option lam"),
+]
+
+
+@pytest.mark.parametrize("block, anchor, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_toolkit_settings_are_positioned_errors(block, anchor, message):
+    text = LAYER.format(block)
+    error = _error(text)
+    assert isinstance(error, SettingsErr)
+    assert message in error.message
+    assert (error.span.line, error.span.col) == _at(text, anchor)
+
+
+@pytest.mark.parametrize("block, anchor", [("solve { tol = 1e999 }", "1e999"),
+                                           ("backward { lam = 1e999, method = anderson }", "1e999")])
+def test_infinite_settings_are_refused_at_check_time_with_a_position(block, anchor):
+    text = LAYER.format(block)
+    error = _error(text)
+    assert isinstance(error, FpiError)
+    assert (error.span.line, error.span.col) == _at(text, anchor)
+
+
+def test_good_toolkit_settings_check_and_reach_the_layer(tmp_path):
+    text = LAYER.format("solve { method = picard(beta=0.5), tol = 1e-9 }\n  "
+                        "backward { method = gmres(m=8), mode = implicit, tol = 1e-9 }")
+    path = tmp_path / "ok.fpi"
+    path.write_text(text)
+    layer = fpidsl.load(str(path))().double()
+    a = torch.randn(2, 4, dtype=DTYPE, requires_grad=True)
+    x = layer(a)
+    x.sum().backward()
+    assert layer.stats.forward.settings.beta == 0.5
+    assert layer.stats.backward.settings.method == "gmres" and layer.stats.backward.all_ok
+    assert torch.isfinite(a.grad).all()
