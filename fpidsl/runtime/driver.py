@@ -43,7 +43,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .precision import floor_eps
 from .settings import SolverSettings
 from .solvers import make_solver
 from .solvers.gmres import gmres
@@ -152,7 +151,7 @@ class _Thresholds:
         def const(value: float) -> Tensor:
             return torch.tensor(value, dtype=like.dtype, device=like.device)
 
-        eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
+        eps = torch.finfo(like.dtype).eps
         return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
                            const(FLOOR_FACTOR * eps), const(s.tol))
 
