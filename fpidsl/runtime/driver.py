@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .precision import floor_eps
 from .settings import SolverSettings
 from .solvers import make_solver
 from .solvers.gmres import gmres
@@ -60,6 +62,12 @@ LARGE_STEP_WARNING = (
     "accepted after one iteration), this is not a fixed point. To check: use criterion='absolute', or "
     "min_iter > 1, or rescale the state"
 )
+
+
+# Iteration numbers -> the batch's value at them, filled by the forward solves run while it is set (the
+# fixed-point correction's intermediate states, fpidsl.runtime.correction): a running sample's g(x) at that
+# iteration, a finished sample's result.
+SNAPSHOTS: ContextVar[dict[int, Tensor | None] | None] = ContextVar("fpidsl_snapshots", default=None)
 
 
 class Evaluator(Protocol):
@@ -151,7 +159,7 @@ class _Thresholds:
         def const(value: float) -> Tensor:
             return torch.tensor(value, dtype=like.dtype, device=like.device)
 
-        eps = torch.finfo(like.dtype).eps
+        eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
         return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
                            const(FLOOR_FACTOR * eps), const(s.tol))
 
@@ -247,6 +255,11 @@ def solve(
         else:
             out, stats, record = _loop(evaluate, x0, settings, phase, history)
     _warn_large_steps(stats, record)
+    snapshots = SNAPSHOTS.get() if phase == "forward" else None
+    if snapshots is not None:  # iterations the solve did not reach: its result
+        for n, value in snapshots.items():
+            if value is None:
+                snapshots[n] = out.clone()
     return out, stats
 
 
@@ -262,8 +275,11 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     x = x0
     state = solver.init(x)
     track = _Tracker.start(batch, x)
+    snapshots = SNAPSHOTS.get() if phase == "forward" else None
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
+        if snapshots is not None and n in snapshots:
+            snapshots[n] = out.index_copy(0, index, g)
         verdict = _judge(n, x, g, track, s, thresholds)
         track.remember(n, verdict.residual, g)
         record.log(index, verdict.residual)

@@ -28,6 +28,7 @@ from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
 from .stats import Stats, enforce
 from .transforms import is_transformed, tangent_of_fixed_point, vmap_by_slices
+from .precision import solve_in_safe_dtype
 
 SettingsLike = SolverSettings | Mapping[str, Any] | None
 
@@ -144,8 +145,8 @@ def _solve(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
     """The fixed point, computed without recording autograd; fills the stats and applies ``on_fail``."""
     with torch.no_grad():
         start = problem.layout.flatten(tuple(x.detach() for x in x0))
-        flat, stats = solve(_evaluator(problem, args), start, problem.forward, phase=problem.phase,
-                            history=problem.history)
+        flat, stats = solve_in_safe_dtype(solve, _evaluator(problem, args), start, problem.forward, args,
+                                          phase=problem.phase, history=problem.history)  # see .precision
     problem.stats.forward = stats
     enforce(stats)
     return problem.layout.unflatten(flat)

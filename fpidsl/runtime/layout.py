@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .precision import autocast_output
+
 States = tuple[Tensor, ...]
 
 
@@ -60,6 +62,7 @@ class StateLayout:
         """``(batch, dim)`` from states; checks that they have this layout (a map's output must)."""
         if len(states) != len(self.shapes):
             raise ValueError(f"the map returned {len(states)} states, expected {len(self.shapes)}")
+        states = tuple(autocast_output(s, self.dtype) for s in states)  # fpidsl.runtime.precision
         rows = states[0].shape[0] if self.per_sample else 1
         for i, (s, shape) in enumerate(zip(states, self.shapes)):
             found = s.shape[1:] if self.per_sample else s.shape
