@@ -34,7 +34,7 @@ to_empty train type xpu zero_grad training _parameters _buffers _modules
 COMPILED_LAYER_ATTRIBUTES = frozenset("""
 SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD SAMPLEWISE HOIST_BATCHED SELECTIVE_VJP_ARGS LAYERS adjoint step
 hoist iterate outputs init_states parameter_tensors bind stats solve_settings backward_settings history compiled
-contraction eval_settings jacobian_penalty warm configure
+contraction eval_settings jacobian_penalty warm configure correction_outputs
 """.split())
 
 RESERVED = NN_MODULE_ATTRIBUTES | COMPILED_LAYER_ATTRIBUTES

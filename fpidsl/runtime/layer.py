@@ -310,6 +310,29 @@ class CompiledLayer(nn.Module):
                         for shape in self.INPUTS.values())
         return batched + (False,) * len(self.parameter_tensors())
 
+    def correction_outputs(self, *args: torch.Tensor, n_states: int = 2, k: int = 1, tau: float = 1.0,
+                           indexing: Sequence[int] | None = None, **kwargs: torch.Tensor) -> list:
+        """The layer's outputs at ``n_states`` states of one solve, earliest first, the last at the fixed point
+        (fixed-point correction, :mod:`fpidsl.runtime.correction`); weigh their losses with
+        :func:`~fpidsl.runtime.correction.correction_loss`."""
+        from .correction import fixed_point_states
+        from .stats import Stats
+
+        inputs = self.bind(args, kwargs)
+        spec = f"{type(self).__name__} ({self.SPEC})"
+        dims = bind_dims(self.INPUTS, inputs, spec)
+        check_assumptions(self.ASSUMPTIONS, dims, spec)
+        values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
+        x0 = self.init_states(dims, values[0] if values else torch.zeros(()), *values)
+        stats = Stats()
+        states = fixed_point_states(
+            self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states, indexing=indexing, k=k,
+            tau=tau, stats=stats, adjoint=self._adjoint_obj if type(self).adjoint is not None else None,
+            history=self.history, batched=self._batched(), backward=self.backward_settings, hoisted=self._hoisted,
+            capture="explicit", solve=self.solve_settings if self.training else self.eval_settings)
+        self.stats = stats
+        return [self.outputs(s if isinstance(s, tuple) else (s,), *values) for s in states]
+
     def jacobian_penalty(self, samples: int = 1, *, reduction: str = "mean",
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """The Hutchinson estimate of ``|dg/dx|_F^2`` at the fixed point of the last forward, differentiable

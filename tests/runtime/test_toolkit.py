@@ -263,3 +263,55 @@ def test_good_toolkit_settings_check_and_reach_the_layer(tmp_path):
     assert layer.stats.forward.settings.beta == 0.5
     assert layer.stats.backward.settings.method == "gmres" and layer.stats.backward.all_ok
     assert torch.isfinite(a.grad).all()
+
+
+# ------------------------------------------------------------------------------------- fixed-point correction
+
+
+def test_correction_states_are_the_iterates_with_phantom_gradients_and_the_fixed_point():
+    from fpidsl.runtime.correction import correction_loss, fixed_point_states, uniform_indexing
+
+    W, c = _map(5, batch=3)
+    x0 = torch.zeros_like(c)
+    states, stats = fixed_point_states(f, x0, W, c, indexing=(2, 5), k=2, tau=0.5, tol=1e-12, return_stats=True)
+    assert len(states) == 3 and stats.forward.all_ok and stats.forward.max_iterations > 5
+    iterates = [x0]
+    for _ in range(5):
+        iterates.append(f(iterates[-1], W, c).detach())
+    for state, n in zip(states[:2], (2, 5)):
+        z = iterates[n]  # Picard: g at iteration n is f^n(x0)
+        for _ in range(2):
+            z = 0.5 * z + 0.5 * f(z, W, c)
+        assert torch.allclose(state, z, rtol=1e-14, atol=1e-15)
+        ours = torch.autograd.grad(state.sum(), (W, c))
+        ref = torch.autograd.grad(z.sum(), (W, c))
+        for a, b in zip(ours, ref):
+            assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+    exact = fixed_point(f, x0, W, c, tol=1e-12)
+    assert torch.allclose(states[-1], exact, atol=1e-11)
+    ours = torch.autograd.grad(states[-1].sum(), W)[0]
+    ref = torch.autograd.grad(exact.sum(), W)[0]
+    assert torch.allclose(ours, ref, rtol=1e-5)  # both the implicit gradient, to the backward's tol
+    assert stats.backward is not None
+    loss = correction_loss([s.pow(2).sum() for s in states], gamma=0.5)
+    assert torch.allclose(loss, 0.25 * states[0].pow(2).sum() + 0.5 * states[1].pow(2).sum()
+                          + states[2].pow(2).sum())
+    assert uniform_indexing(3, 30) == (10, 20)
+    # an index past a sample's convergence gives its fixed point there
+    late = fixed_point_states(f, x0, W, c, indexing=(400,), tol=1e-12)
+    assert torch.allclose(late[0], late[1], atol=1e-11)
+    with pytest.raises(ValueError, match="indexing must hold iteration numbers in 1..500"):
+        fixed_point_states(f, x0, W, c, indexing=(0,))
+
+
+def test_layer_correction_outputs(layer_class):
+    torch.manual_seed(2)
+    layer = layer_class(solve={"max_iter": 30, "tol": 1e-10, "on_fail": "ignore"}).double()
+    a = torch.randn(3, N, dtype=DTYPE)
+    outputs = layer.correction_outputs(a, n_states=3)
+    assert len(outputs) == 3
+    assert torch.allclose(outputs[-1], layer(a), atol=1e-9)
+    from fpidsl.runtime.correction import correction_loss
+
+    correction_loss([o.pow(2).mean() for o in outputs]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
