@@ -156,6 +156,9 @@ def _layout(toks: list[Tok]) -> str:
         elif tok.role == "close":
             out.start(INDENT * tok.depth, 0)
             opened = []
+        elif tok.role == "open":  # a layer's `{` stays on the header line unless a comment is in the way
+            if not out.open:
+                out.start(INDENT * tok.depth, 0)
         elif not out.open or (prev is not None and prev.end_line < tok.line):
             # a line break the author made inside a declaration (or one forced by a comment)
             out.start(_continuation_indent(tok, opened, decl_indent), 0)

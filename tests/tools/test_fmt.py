@@ -193,6 +193,13 @@ def test_multiline_brackets_indent_by_their_opening_line():
         "    max_iter = 10,\n  }\n  update x = 0.5 * tanh(cat([x,\n    a], dim=-1)[:, 0:4]\n  )\n}\n")
 
 
+def test_a_layer_header_is_one_line():
+    assert format_source(Source("h.fpi", "layer L\n{\n  input a : [B]\n  state x : [B]\n  update x = a }\n")) == \
+        "layer L {\n  input a : [B]\n  state x : [B]\n  update x = a\n}\n"
+    assert format_source(Source("h.fpi", "layer L  # why\n{ input a : [B] state x : [B] update x = a }\n")) == \
+        "layer L  # why\n{\n  input a : [B]\n  state x : [B]\n  update x = a\n}\n"
+
+
 def test_operators_keep_their_meaning():
     """Spacing never merges tokens or moves a unary minus: these parse to the same AST (format_source checks
     it and raises FormatBug otherwise) and read canonically."""
