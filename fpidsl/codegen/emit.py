@@ -291,7 +291,8 @@ class LayerEmitter:
         ns = Namespace()
         bound, states, args = self._leaf_vars(bg, ns)
         prep = emit_nodes(bg, parts.saved, bound, ns)
-        saved_vars = [prep.var[s] for s in parts.saved]
+        # a value the c-dependent part reads for its shape only is returned as its shape (the tensor is freed)
+        saved_vars = [prep.var[s] + (".shape" if s in parts.shape_only else "") for s in parts.saved]
         prepare = [
             "@staticmethod",
             "def prepare(x_hat, args):",

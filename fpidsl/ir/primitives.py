@@ -26,6 +26,7 @@ what was expected and what was found.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -113,6 +114,8 @@ class Primitive:
     lipschitz: float | str | None = None  # a constant factor, a rule of passes/lipschitz.py, or None: no rule
     narrow: tuple[int, int] | None = None  # (factor position, axis): a slice of the result along axis is the
     #                                        product with that factor sliced (passes/narrow.py)
+    shape_only: tuple[int, ...] = ()  # argument positions read for their shape only (the emitted backward may
+    #                                   pass a shape there)
     distribute: tuple[int, int] | None = None  # (data axis, weight axis): linear in its data argument's pieces
     #                                            along data axis, with the weight cut along weight axis (hoist.py)
 
@@ -526,9 +529,10 @@ def _conv2d_weight_grad_shape(shapes, attrs, ctx):
     return (ct[1], x[1]) + tuple(attrs["kernel"])
 
 
-def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, narrow=None, variadic=False, doc=""):
+def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, narrow=None, shape_only=(), variadic=False, doc=""):
     # the static Lipschitz bound is taken on checked graphs, where no auxiliary primitive occurs: no rule
-    return _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, narrow=narrow, variadic=variadic, doc=doc)
+    entry = _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, narrow=narrow, variadic=variadic, doc=doc)
+    return dataclasses.replace(entry, shape_only=shape_only)
 
 
 _CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
@@ -547,11 +551,11 @@ AUXILIARY: tuple[Primitive, ...] = (
     _aux("count", ("x",), _scalar, Attr("dim", "dims", None), batch=_B.counting(), doc="how many elements mean(x, dim) averages", vjp=_V["count"]),
     _aux("unsqueeze", ("x",), _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(),
          doc="size-1 dims inserted at dim (non-negative positions in the result)", vjp=_V["unsqueeze"]),
-    _aux("expand_as", ("x", "like"), _like, batch=_B.like(1), doc="x broadcast to the shape of like", vjp=_V["expand_as"]),
-    _aux("reshape_as", ("x", "like"), _like, batch=_B.reshaping(like_position=1), doc="x reshaped to the shape of like", vjp=_V["reshape_as"]),
+    _aux("expand_as", ("x", "like"), _like, batch=_B.like(1), doc="x broadcast to the shape of like", vjp=_V["expand_as"], shape_only=(1,)),
+    _aux("reshape_as", ("x", "like"), _like, batch=_B.reshaping(like_position=1), doc="x reshaped to the shape of like", vjp=_V["reshape_as"], shape_only=(1,)),
     _aux("index_backward", ("ct", "like"), _like, Attr("index", "index"),
          batch=_B.indexing(data=0, like_position=1),
-         doc="zeros shaped like `like`, with ct at [index]", vjp=_V["index_backward"]),
+         doc="zeros shaped like `like`, with ct at [index]", vjp=_V["index_backward"], shape_only=(1,)),
     _aux("cat_part", ("ct", "parts"), _cat_part_shape, Attr("dim", "dim"), Attr("item", "int"), variadic=True,
          batch=_B.cat_piece(),
          doc="the slice of ct = cotangent of cat(parts, dim) that belongs to parts[item]", vjp=_V["cat_part"]),
@@ -559,7 +563,7 @@ AUXILIARY: tuple[Primitive, ...] = (
          doc="sum over batch dims of ct (x) x: the weight gradient of linear", vjp=_V["linear_weight_grad"]),
     _aux("conv2d_input_grad", ("ct", "weight", "like"), _like, *_CONV,
          batch=_B.per_row(row_rank=3, shape_only=(2,)),
-         doc="the input gradient of conv2d(like, weight)", vjp=_V["conv2d_input_grad"], narrow=(1, 1)),
+         doc="the input gradient of conv2d(like, weight)", vjp=_V["conv2d_input_grad"], shape_only=(2,), narrow=(1, 1)),
     _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
          batch=_B.sample_free_result(),
          doc="the weight gradient of conv2d(x, W)", vjp=_V["conv2d_weight_grad"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.graph import LayerGraph
+from ..ir.primitives import PRIMITIVES
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class BackwardParts:
     saved: list[str]               # primal nodes the c-dependent part reads, in topological order
     state_grads: list[str | None]  # per state: the node of (dg/dx)^T c, None where structurally zero
     arg_grads: list[str | None]    # per input, then per param
+    shape_only: frozenset = frozenset()  # saved nodes the c-dependent part reads for their shape only
 
 
 def cotangent_nodes(bg: LayerGraph, state_names: list[str]) -> list[str]:
@@ -50,4 +52,6 @@ def split_backward(bg: LayerGraph, state_names, input_names, param_names) -> Bac
     for sink in state_grads + arg_grads:  # a gradient that does not depend on c at all
         if sink is not None and sink not in linear:
             raise ValueError(f"backward graph sink {sink} does not depend on the cotangent")
-    return BackwardParts(cot, saved, state_grads, arg_grads)
+    shape_only = frozenset(s for s in saved if all(
+        pos in PRIMITIVES[bg.node(user)["prim"]].shape_only for user, pos in bg.users(s) if user in needed))
+    return BackwardParts(cot, saved, state_grads, arg_grads, shape_only)

@@ -276,17 +276,23 @@ def unsqueeze(x: Tensor, *, dim: int | tuple[int, ...]) -> Tensor:
     return x
 
 
-def expand_as(x: Tensor, like: Tensor) -> Tensor:
-    return x.expand(like.shape)
+def _shape(like: Tensor | torch.Size) -> torch.Size:
+    """A ``like`` argument is read for its shape only: the emitted backward passes the shape itself where the
+    tensor would be kept alive only for it (``shape_only`` in the primitive table)."""
+    return like if isinstance(like, torch.Size) else like.shape
 
 
-def reshape_as(x: Tensor, like: Tensor) -> Tensor:
-    return x.reshape(like.shape)
+def expand_as(x: Tensor, like: Tensor | torch.Size) -> Tensor:
+    return x.expand(_shape(like))
 
 
-def index_backward(ct: Tensor, like: Tensor, *, index: Sequence[Any]) -> Tensor:
+def reshape_as(x: Tensor, like: Tensor | torch.Size) -> Tensor:
+    return x.reshape(_shape(like))
+
+
+def index_backward(ct: Tensor, like: Tensor | torch.Size, *, index: Sequence[Any]) -> Tensor:
     """Zeros of ``like``'s shape with ``ct`` written at ``like[index]``."""
-    out = torch.zeros(like.shape, dtype=ct.dtype, device=ct.device)
+    out = torch.zeros(_shape(like), dtype=ct.dtype, device=ct.device)
     out[_as_index(index)] = ct
     return out
 
@@ -306,7 +312,7 @@ def linear_weight_grad(ct: Tensor, x: Tensor) -> Tensor:
     return torch.matmul(ct.flatten(0, -2).mT, x.flatten(0, -2))
 
 
-def conv2d_input_grad(ct: Tensor, weight: Tensor, like: Tensor, *, stride: tuple[int, int] = (1, 1),
+def conv2d_input_grad(ct: Tensor, weight: Tensor, like: Tensor | torch.Size, *, stride: tuple[int, int] = (1, 1),
                       padding: tuple[int, int] = (0, 0)) -> Tensor:
     """The input gradient of ``conv2d(x, weight)`` (x shaped like ``like``).
 
@@ -321,7 +327,7 @@ def conv2d_input_grad(ct: Tensor, weight: Tensor, like: Tensor, *, stride: tuple
             and all(0 <= p <= k - 1 for p, k in zip(padding, kernel))):
         flipped = weight.transpose(0, 1).flip((2, 3))
         return conv2d(ct, flipped, None, padding=tuple(k - 1 - p for p, k in zip(padding, kernel)))
-    extra = tuple((like.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i]) % stride[i] for i in range(2))
+    extra = tuple((_shape(like)[2 + i] + 2 * padding[i] - weight.shape[2 + i]) % stride[i] for i in range(2))
     return F.conv_transpose2d(ct, weight, None, stride, padding, extra)
 
 
