@@ -12,7 +12,11 @@ from .settings import FORWARD_DEFAULTS as FORWARD_DEFAULTS
 from .settings import SETTING_KEYS as SETTING_KEYS
 from .settings import SettingsError as SettingsError
 from .settings import SolverSettings as SolverSettings
+from .correction import correction_loss as correction_loss
+from .correction import fixed_point_states as fixed_point_states
+from .jacobian import jacobian_penalty as jacobian_penalty
 from .solvers import Anderson as Anderson
+from .solvers import Broyden as Broyden
 from .solvers import Picard as Picard
 from .stats import ConvergenceError as ConvergenceError
 from .stats import ConvergenceWarning as ConvergenceWarning

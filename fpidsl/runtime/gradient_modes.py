@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .adjoint import _Bound, linearized, vjp_args
+from .adjoint import AutogradAdjoint, _Bound, linearized, vjp_args
 from .layout import States
 from .settings import JacobianFreeGradient, PhantomGradient, UnrolledGradient
 from .stats import SolveStats
@@ -62,6 +62,8 @@ def inexact_backprop(problem, x_hat: States, args: tuple, gbar: States, needs: S
         raise ValueError(f"not an inexact gradient mode: {mode!r}")
     adjoint = problem.adjoint
     create = torch.is_grad_enabled()
+    if not create and isinstance(adjoint, AutogradAdjoint):
+        return _by_autograd(problem, x_hat, args, gbar, needs, k, tau)
     points = [tuple(x_hat)]
     for _ in range(k - 1):
         points.append(_damped(points[-1], problem.fn(points[-1], *args), tau))
@@ -81,6 +83,30 @@ def inexact_backprop(problem, x_hat: States, args: tuple, gbar: States, needs: S
     if len(total) != len(args):
         raise ValueError(f"{adjoint!r}.vjp_args returned {len(total)} gradients for {len(args)} arguments")
     return tuple(g if need else None for g, need in zip(total, needs))
+
+
+def _by_autograd(problem, x_hat: States, args: tuple, gbar: States, needs: Sequence[bool], k: int,
+                 tau: float) -> tuple:
+    """The same gradient for a map without a compiled adjoint: the ``k`` steps recorded once, one backward pass
+    (what torchdeq does; cheaper than ``k`` separate linearisations)."""
+    wanted = [i for i, (a, need) in enumerate(zip(args, needs))
+              if need and isinstance(a, Tensor) and a.is_floating_point()]
+    with torch.enable_grad():
+        leaves = list(args)
+        for i in wanted:
+            leaves[i] = args[i].detach().requires_grad_()
+        z = tuple(x.detach() for x in x_hat)
+        for _ in range(k):
+            z = _damped(z, problem.fn(z, *leaves), tau)
+        pairs = [(zi, gi) for zi, gi in zip(z, gbar) if zi.requires_grad]
+        if not pairs or not wanted:
+            return (None,) * len(args)
+        grads = torch.autograd.grad([p[0] for p in pairs], [leaves[i] for i in wanted], [p[1] for p in pairs],
+                                    allow_unused=True)
+    out: list[Tensor | None] = [None] * len(args)
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
 
 
 def unrolled_forward(problem, x0: States, args: Sequence[Any]) -> States:
