@@ -306,9 +306,9 @@ def _linear(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, hist
     """The fixed point of an affine map by restarted GMRES, recorded like the iteration's."""
     record = _Record(x0.shape[0], x0, history)
     result = gmres(evaluate, evaluate.restrict, x0, m=s.memory, tol=s.tol, relative=s.criterion == "relative",
-                   max_iter=s.max_iter, min_iter=s.min_iter)
+                   max_iter=s.max_iter, min_iter=s.min_iter, floor=FLOOR_FACTOR * floor_eps(x0.dtype))
     record.iterations, record.residual, record.best_residual = result.iterations, result.residual, result.residual
-    record.converged, record.diverged = result.converged, result.diverged
+    record.converged, record.diverged, record.floor = result.converged, result.diverged, result.floor
     if record.history is not None:
         record.history = result.history
     if x0.shape[0]:  # the large-step check's norms, from the residual (not worth one more evaluation)

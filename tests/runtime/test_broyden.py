@@ -128,13 +128,14 @@ def test_gmres_backward_equals_the_fixed_point_backward_on_a_contractive_map():
     c = torch.randn(3, n, dtype=DTYPE, requires_grad=True)
     f = lambda x, W, c: torch.tanh(x @ W.T + c)  # noqa: E731
     grads = {}
-    for method in ("picard", "gmres"):
+    for method in ("picard", "gmres", "broyden"):  # Broyden on the adjoint too
         x, stats = fixed_point(f, torch.zeros_like(c), W, c, tol=1e-13, return_stats=True,
                                backward={"method": method, "tol": 1e-13, "on_fail": "raise"})
         grads[method] = torch.autograd.grad((x * torch.linspace(-1, 1, n, dtype=DTYPE)).sum(), (W, c))
         assert stats.backward.all_ok and stats.backward.settings.method == method
-    for a, b in zip(grads["picard"], grads["gmres"]):
-        assert rel_err(b, a) < 1e-10
+    for other in ("gmres", "broyden"):
+        for a, b in zip(grads["picard"], grads[other]):
+            assert rel_err(b, a) < 1e-10
 
 
 def test_gmres_solves_an_adjoint_of_spectral_radius_1_05_where_the_iteration_diverges():
@@ -156,14 +157,15 @@ def test_gmres_solves_an_adjoint_of_spectral_radius_1_05_where_the_iteration_div
     assert stats.backward.all_ok and stats.backward.max_iterations <= n + 3
 
 
-def test_gmres_backward_is_exact_to_second_order():
+@pytest.mark.parametrize("backward", [{"method": "gmres", "m": 3}, {"method": "broyden"}])
+def test_gmres_and_broyden_backward_are_exact_to_second_order(backward):
     n = 4
     W = 0.6 * torch.randn(n, n, dtype=DTYPE) / n**0.5
     c = torch.randn(2, n, dtype=DTYPE, requires_grad=True)
 
     def fp(c):
         return fixed_point(lambda x, c: torch.tanh(x @ W.T + c), torch.zeros_like(c), c, tol=1e-14,
-                           max_iter=2000, method="broyden", backward={"method": "gmres", "tol": 1e-14, "m": 3})
+                           max_iter=2000, method="broyden", backward={**backward, "tol": 1e-14, "max_iter": 2000})
 
     assert torch.autograd.gradcheck(fp, (c,))
     assert torch.autograd.gradgradcheck(fp, (c,))
@@ -181,3 +183,14 @@ def test_gmres_per_sample_and_restarts():
     for s in range(3):  # every sample to its own relative tolerance, whatever its scale
         assert rel_err(grad[s], closed[s]) < 1e-9
     assert stats.backward.all_ok and stats.backward.max_iterations > 6  # restarted (m = 4)
+
+
+def test_gmres_stops_at_the_precision_floor_instead_of_burning_max_iter():
+    n = 30
+    W = 0.9 * torch.randn(n, n, dtype=DTYPE) / n**0.5
+    b = torch.randn(3, n, dtype=DTYPE, requires_grad=True)
+    x, stats = fixed_point(lambda x, b: torch.tanh(x @ W.T + b), torch.zeros_like(b), b, tol=1e-13,
+                           backward={"method": "gmres", "m": 5, "tol": 1e-30, "max_iter": 5000}, return_stats=True)
+    torch.autograd.grad(x.sum(), b)
+    s = stats.backward
+    assert s.all_ok and bool(s.stopped_at_floor.any()) and s.max_iterations < 1000, s

@@ -26,13 +26,14 @@ from torch import Tensor
 @dataclass
 class GmresResult:
     """Per sample: the solution, the evaluations of ``T`` it took, its last true residual (by ``criterion``), and
-    whether it converged or broke down (a residual that is not finite)."""
+    whether it converged, broke down (a residual that is not finite) or stopped at the precision floor."""
 
     x: Tensor
     iterations: Tensor
     residual: Tensor
     converged: Tensor
     diverged: Tensor
+    floor: Tensor
     history: list[Tensor]  # the true residual of every sample at each check (NaN where finished)
 
 
@@ -48,19 +49,22 @@ def _measure(x: Tensor, r: Tensor, relative: bool) -> Tensor:
 
 
 def gmres(evaluate: Callable[[Tensor], Tensor], restrict: Callable[[Tensor], None], x0: Tensor, *, m: int,
-          tol: float, relative: bool, max_iter: int, min_iter: int = 0) -> GmresResult:
+          tol: float, relative: bool, max_iter: int, min_iter: int = 0, floor: float = 0.0) -> GmresResult:
     """Solve ``c = T(c)`` for an affine ``T`` (``evaluate``, rows are samples) from ``x0`` ``(batch, dim)``.
 
-    ``restrict(index)`` tells ``evaluate`` which samples (batch indices, in row order) are still running."""
+    ``restrict(index)`` tells ``evaluate`` which samples (batch indices, in row order) are still running. A sample
+    whose relative residual is at most ``floor`` and no lower than at the previous check (the cycle gained
+    nothing: rounding) stops there, as at the iteration's precision floor."""
     batch, dim = x0.shape
     out = x0.clone()
     iterations = torch.zeros(batch, dtype=torch.long, device=x0.device)
     residual = torch.full((batch,), float("nan"), dtype=x0.dtype, device=x0.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
     diverged = torch.zeros_like(converged)
+    at_floor = torch.zeros_like(converged)
     history: list[Tensor] = []
     if batch == 0:
-        return GmresResult(out, iterations, residual, converged, diverged, history)
+        return GmresResult(out, iterations, residual, converged, diverged, at_floor, history)
     index = torch.arange(batch, device=x0.device)
     b = evaluate(torch.zeros_like(x0))
     evals = 1
@@ -70,30 +74,36 @@ def gmres(evaluate: Callable[[Tensor], Tensor], restrict: Callable[[Tensor], Non
     r = evaluate(x) - x
     evals += 1
     m = min(m, max(dim, 1))
+    previous = torch.full_like(residual, float("inf"))  # the relative residual at the last check, per running row
     while True:
         res = _measure(x, r, relative)
+        rel = res if relative else _measure(x, r, True)
         row = torch.full_like(residual, float("nan"))
         row[index] = res
         history.append(row)
         bad = ~torch.isfinite(res)
-        done = bad | ((res < tol) & (evals >= min_iter)) if evals >= min_iter else bad
+        started = evals >= min_iter
+        good = (res < tol) & ~bad if started else torch.zeros_like(bad)
+        stuck = (rel <= floor) & (rel >= previous) & ~good & ~bad if started else torch.zeros_like(bad)
+        done = bad | good | stuck
         if evals >= max_iter:
             done = torch.ones_like(done)
+        previous = rel
         if bool(done.any()):
             rows = index[done]
             out[rows], residual[rows], iterations[rows] = x[done], res[done], evals
-            converged[rows] = (res[done] < tol) & ~bad[done]
-            diverged[rows] = bad[done]
+            converged[rows], diverged[rows], at_floor[rows] = good[done], bad[done], stuck[done]
             keep = ~done
             if not bool(keep.any()):
                 break
             index, x, r, b, scale = index[keep], x[keep], r[keep], b[keep], scale[keep]
+            previous = previous[keep]
             restrict(index)
         threshold = tol * _norm(x) if relative else torch.full_like(x[:, 0], tol)
         x, evals = _cycle(evaluate, x, r, b, scale, m, threshold, evals, max_iter - 1)
         r = evaluate(x) - x
         evals += 1
-    return GmresResult(out, iterations, residual, converged, diverged, history)
+    return GmresResult(out, iterations, residual, converged, diverged, at_floor, history)
 
 
 def _cycle(evaluate, x: Tensor, r: Tensor, b: Tensor, scale: Tensor, m: int, threshold: Tensor, evals: int,
