@@ -58,6 +58,13 @@ def _alternatives(rule: str) -> set[str]:
     return set(re.search(r"\\b\(([^)]*)\)", pattern).group(1).split("|"))
 
 
+def test_the_grammar_file_is_up_to_date():
+    from fpidsl.tools.textmate import render
+
+    assert (VSCODE / "syntaxes" / "fpi.tmLanguage.json").read_text() == render(), \
+        "regenerate it: python -m fpidsl.tools.textmate editors/vscode/syntaxes/fpi.tmLanguage.json"
+
+
 def test_the_grammar_names_the_compilers_words():
     keywords = set()
     for pattern in GRAMMAR["repository"]["keyword"]["patterns"]:
