@@ -55,6 +55,8 @@ def run_deep(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
                 threading.stack_size(STACK_BYTES)
                 worker = threading.Thread(target=body, name="fpidsl-compiler", daemon=True)
                 worker.start()
+            except RuntimeError:  # no memory (or no thread left) for the stack
+                raise MemoryError(f"cannot start the compiler's thread with a {STACK_BYTES >> 20} MiB stack") from None
             finally:
                 threading.stack_size(previous)
         worker.join()

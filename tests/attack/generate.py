@@ -144,7 +144,7 @@ def specs(draw) -> Spec:
     if draw(st.booleans()):
         spec.consts["c"] = draw(st.sampled_from(["0.25", "1 / 4", "tanh(0.25)", "2 ** -2"]))
     if n >= 2 and draw(st.booleans()):
-        leaves.append(f"cat([x[:, 1:], x[:, :1]], dim=-1)")  # a rotation of the features
+        leaves.append("cat([x[:, 1:], x[:, :1]], dim=-1)")  # a rotation of the features
     if draw(st.booleans()):
         spec.fns["squash"] = (["v", "k"], "k * tanh(v)")
         leaves.append("squash(x, 0.9)")

@@ -54,10 +54,7 @@ def layer(body: str) -> str:
     ("  state y : [B, 3] = 1e999\n  update y = y\n  update x = 0.5 * x + a\n", 4, 22, "infinity"),
 ])
 def test_numbers_out_of_range_are_refused_where_written(body, line, col, words):
-    text = layer(body)
-    start = time.perf_counter()
-    error = first_error(text)
-    assert time.perf_counter() - start < 5
+    error = first_error(layer(body))
     assert (error.kind, error.span.line, error.span.col) == ("type", line, col), render(error)
     assert words in error.message
 
@@ -151,21 +148,18 @@ def test_nesting_up_to_the_limit_checks_and_beyond_is_a_positioned_error():
     assert errors(over) == [("limit", 4, 14 + MAX_NESTING)]
 
 
-def test_long_sums_and_chains_check():
-    assert errors(layer("  update x = 0.001 * x + " + " + ".join(["a"] * 5000) + "\n")) == []
-    lets = "  let l0 = x\n" + "".join(f"  let l{i + 1} = 0.5 * l{i}\n" for i in range(5000))
-    assert errors(layer(lets + "  update x = l5000 + a\n")) == []
-    backwards = "".join(f"  let l{i} = 0.5 * l{i + 1}\n" for i in range(5000)) + "  let l5000 = x\n"
-    assert errors(layer(backwards + "  update x = l0 + a\n")) == []
-    fns = "fn f0(v) = v\n" + "".join(f"fn f{i + 1}(v) = 0.9 * f{i}(v)\n" for i in range(5000))
-    assert errors(fns + layer("  update x = 0.5 * f5000(x) + a\n")) == []
+# chains of 5000 lets and fns, and sums of 5000 terms, are in the hostile table (tests/attack/test_hostile.py)
 
 
-def test_a_chain_too_deep_is_a_positioned_error():
+def test_a_chain_too_deep_is_a_positioned_error(monkeypatch):
+    from fpidsl.passes import build_graph
+
+    monkeypatch.setattr(build_graph, "MAX_BUILD_DEPTH", 60)  # the mechanism, on a small chain
     e = "0.5 * (0.5 * (0.5 * (0.5 * (0.5 * ({}))))) "
-    fns = "fn f0(v) = v\n" + "".join(f"fn f{i + 1}(v) = {e.format(f'f{i}(v)')}\n" for i in range(5000))
-    found = errors(fns + layer("  update x = 0.5 * f5000(x) + a\n"))
-    assert found == [("limit", 1669, 43)]
+    fns = "fn f0(v) = v\n" + "".join(f"fn f{i + 1}(v) = {e.format(f'f{i}(v)')}\n" for i in range(30))
+    found = errors(fns + layer("  update x = 0.5 * f30(x) + a\n"))
+    assert found == [("limit", 22, 27)]
+    assert errors(fns + layer("  update x = 0.5 * f8(x) + a\n")) == []  # 9 fns of 6 levels: within 60
 
 
 def test_run_deep_is_reentrant_and_reraises():
