@@ -56,6 +56,18 @@ def diagnostic(source: Source, error: FpiError) -> lsp.Diagnostic:
                           severity=lsp.DiagnosticSeverity.Error, source="fpidsl", code=error.kind)
 
 
+_FORMS = {".fpi": ".fpi", ".yaml": ".yaml", ".yml": ".yaml"}
+
+
+def document_path(uri: str, language_id: str | None) -> str:
+    """The path errors are reported under; a document without a spec extension (an unsaved buffer) is read in
+    the form its language id names (``fpi`` unless it is ``yaml``)."""
+    path = to_fs_path(uri) or uri
+    if os.path.splitext(path)[1].lower() in _FORMS:
+        return path
+    return path + (".yaml" if language_id == "yaml" else ".fpi")
+
+
 class FpiServer(LanguageServer):
     """The server, with the latest analysis of each open document."""
 
@@ -65,7 +77,7 @@ class FpiServer(LanguageServer):
 
     def refresh(self, uri: str) -> None:
         document = self.workspace.get_text_document(uri)
-        path = to_fs_path(uri) or uri
+        path = document_path(uri, document.language_id)
         result = analysis.analyze(path, document.source)
         self.analyses[uri] = result
         diagnostics = [diagnostic(result.source, e) for e in result.errors if e.span.path == path]
@@ -129,7 +141,7 @@ def build_server() -> FpiServer:
         from .fmt import format_source
 
         document = ls.workspace.get_text_document(params.text_document.uri)
-        path = to_fs_path(params.text_document.uri) or params.text_document.uri
+        path = document_path(params.text_document.uri, document.language_id)
         if os.path.splitext(path)[1].lower() != ".fpi":
             return None
         try:

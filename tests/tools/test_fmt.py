@@ -255,3 +255,46 @@ def test_the_installed_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fpidsl", "fmt", "--check", str(spec)], capture_output=True,
                           text=True, cwd=ROOT)
     assert (done.returncode, done.stderr) == (1, f"would reformat {spec}\n")
+
+
+# --------------------------------------------------------------------------- property: any text that parses
+
+
+def _layout_mutations():
+    """Shipped specs with their layout scrambled: spaces, tabs, line breaks, blank lines and comments between
+    any two tokens. Each still parses (whitespace and comments only separate tokens)."""
+    from hypothesis import strategies as st
+
+    texts = {rel(p): p.read_text() for p in FPI_SPECS}
+    token = re.compile(r"#[^\n]*|\s+|[A-Za-z_][A-Za-z0-9_]*|\d[\d_.eE+-]*|\*\*|\.\.\.|\S")
+
+    @st.composite
+    def build(draw):
+        name = draw(st.sampled_from(sorted(texts)))
+        pieces = [p for p in token.findall(texts[name]) if not p.isspace()]
+        out = []
+        for piece in pieces:
+            out.append(piece)
+            if piece.startswith("#"):
+                out.append("\n")
+                continue
+            out.append(draw(st.sampled_from([" ", " ", " ", "  ", "\t", "\n", "\n\n\n", " # note\n"])))
+        return name, "".join(out)
+
+    return build()
+
+
+def test_scrambled_layouts_format_idempotently():
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_layout_mutations())
+    def check(case):
+        name, text = case
+        source = Source(name, text)
+        parse_fpi(source)  # still a valid spec
+        once = format_source(source)  # raises FormatBug if the AST or a comment changed
+        assert format_source(Source(name, once)) == once
+        assert comments(once) == comments(text)
+
+    check()

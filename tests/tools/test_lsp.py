@@ -193,6 +193,12 @@ def test_incremental_edit_and_wide_characters(tmp_path):
         assert [d.code for d in published.diagnostics] == ["name"]
         assert published.diagnostics[0].range.start == lsp.Position(line=line, character=char)
         assert published.diagnostics[0].range.end == lsp.Position(line=line, character=char + 2)
+        # an unsaved buffer (no file, no extension) is read as .fpi
+        untitled = "untitled:Untitled-1"
+        session.client.text_document_did_open(lsp.DidOpenTextDocumentParams(
+            text_document=lsp.TextDocumentItem(uri=untitled, language_id="fpi", version=1, text=text)))
+        published = await session.next_diagnostics()
+        assert published.uri == untitled and list(published.diagnostics) == []
         # an unexpected wide character: its range is two UTF-16 units long
         session.client.text_document_did_change(lsp.DidChangeTextDocumentParams(
             text_document=lsp.VersionedTextDocumentIdentifier(uri=uri, version=3),
