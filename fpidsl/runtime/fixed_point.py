@@ -320,6 +320,7 @@ def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLay
                              f"size {rows} in dimension 0")
 
 
+@torch.compiler.disable  # torch.compile of a model: the solve is one graph break, never traced (docs/PYTORCH.md)
 def _run(
     f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
     adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
