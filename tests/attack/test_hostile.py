@@ -55,6 +55,7 @@ class Case:
     text: str
     expect: str  # "run", "clean" or "KIND LINE:COL"
     path: str = "t.fpi"
+    seconds: float = 5.0  # CPU seconds
 
 
 CASES = [
@@ -75,8 +76,10 @@ CASES = [
     Case("486-term sum", fpi("  update x = 0.001 * x + " + " + ".join(["a"] * 486) + "\n"), "run"),
     Case("141 chained lets", chain_of_lets(141), "run"),
     Case("196 chained fns", chain_of_fns(196), "run"),
-    Case("5000 nested calls", fpi("  update x = 0.5 * " + "tanh(" * 5000 + "x" + ")" * 5000 + " + a\n"), "clean"),
-    Case("5000 chained lets", chain_of_lets(5000), "clean"),
+    # 5000 levels through check, compile, load and a forward and backward run (emission takes its time)
+    Case("5000 nested calls", fpi("  update x = 0.5 * " + "tanh(" * 5000 + "x" + ")" * 5000 + " + a\n"), "run",
+         seconds=15),
+    Case("5000 chained lets", chain_of_lets(5000), "run", seconds=15),
     Case("5000 lets chained backwards", fpi("".join(f"  let l{i} = 0.5 * l{i + 1}\n" for i in range(5000))
                                             + "  let l5000 = x\n  update x = l0 + a\n"), "clean"),
     Case("5000 chained fns", chain_of_fns(5000), "clean"),
@@ -112,7 +115,7 @@ def sandbox():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_spec(case, sandbox):
-    outcome = sandbox.run(case.path, case.text, run=case.expect == "run")
+    outcome = sandbox.run(case.path, case.text, run=case.expect == "run", seconds=case.seconds)
     assert outcome.status not in ("crash", "timeout", "memory", "died"), (outcome.status, outcome.detail)
     if case.expect in ("run", "clean"):
         assert outcome.status == "clean", outcome.errors
@@ -120,7 +123,7 @@ def test_hostile_spec(case, sandbox):
         kind, where = case.expect.split()
         line, col = map(int, where.split(":"))
         assert outcome.status == "errors" and outcome.errors[0][:3] == (kind, line, col), outcome.errors
-    assert outcome.seconds < 5 and outcome.added_mb < 500  # CPU seconds, resident MB added
+    assert outcome.seconds < case.seconds and outcome.added_mb < 500  # CPU seconds, resident MB added
 
 
 def test_the_sandbox_catches_what_it_bounds(sandbox):
