@@ -14,7 +14,8 @@ def add_commands(commands) -> None:
     fmt = commands.add_parser("fmt", help="lay out .fpi specs canonically (comments kept); convert YAML <-> .fpi",
                               description="Rewrite each .fpi SPEC in the canonical layout, keeping every comment. "
                                           "With --to, print SPEC (either form) in the other form instead.")
-    fmt.add_argument("specs", nargs="+", metavar="SPEC")
+    fmt.add_argument("specs", nargs="+", metavar="SPEC",
+                     help="spec files; - reads standard input and prints the result (for editor integrations)")
     fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
     fmt.add_argument("--diff", action="store_true", help="change nothing; print what formatting would change")
     fmt.add_argument("--to", choices=("fpi", "yaml"), help="convert one spec to this form (same AST and graph)")
@@ -76,33 +77,41 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     from ..source import read_source
     from .fmt import format_source
 
+    if args.specs.count("-") > 1:
+        raise UsageError("standard input (`-`) can be read only once")
     if args.to is not None:
         if len(args.specs) != 1:
             raise UsageError("--to converts one spec at a time")
         from .yaml_convert import convert
 
-        _converted_output(convert(read_source(args.specs[0]), args.to), args.output, args.specs[0])
+        # from standard input, the spec is in the form it is converted from
+        source = read_source(args.specs[0], "yaml" if args.to == "fpi" else "fpi")
+        _converted_output(convert(source, args.to), args.output, args.specs[0])
         return EXIT_OK
     if args.output is not None:
         raise UsageError("-o/--output goes with --to; fmt rewrites .fpi files in place")
     status = EXIT_OK
     for path in args.specs:
-        if os.path.splitext(path)[1].lower() != ".fpi":
+        if path != "-" and os.path.splitext(path)[1].lower() != ".fpi":
             raise UsageError(f"fmt lays out .fpi files; {path} is not one (convert YAML with --to fpi)")
+        source = None
         try:
-            source = read_source(path)
+            source = read_source(path, "fpi")
             text = format_source(source)
         except (FpiError, FpiErrors) as exc:
-            report(exc)
+            report(exc, source=source)
             status = EXIT_SPEC_ERROR
+            continue
+        if path == "-" and not (args.check or args.diff):
+            sys.stdout.write(text)  # standard input: the formatted text on standard output
             continue
         if text == source.text:
             continue
         if args.diff:
             sys.stdout.writelines(difflib.unified_diff(source.text.splitlines(True), text.splitlines(True),
-                                                       path, f"{path} (formatted)"))
+                                                       source.path, f"{source.path} (formatted)"))
         if args.check:
-            print(f"would reformat {path}", file=sys.stderr)
+            print(f"would reformat {source.path}", file=sys.stderr)
             status = EXIT_SPEC_ERROR
         elif not args.diff:
             try:

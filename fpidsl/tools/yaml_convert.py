@@ -23,7 +23,7 @@ from ..errors import FpiError
 from ..frontend import ast
 from ..frontend.ast_compare import strip_spans
 from ..frontend.load import parse_source
-from ..source import Source, Span
+from ..source import Source, Span, format_of
 from . import unparse
 from .fmt import format_source
 from .tokens import tokens
@@ -102,7 +102,7 @@ def _anchors(spec: ast.SpecFile) -> list[tuple[Span, object]]:
 
 def place_comments(source: Source, spec: ast.SpecFile) -> Comments:
     """Attach each comment of ``source`` to the declaration, layer or fn it belongs with."""
-    fpi = _is_fpi(source.path)
+    fpi = (source.format or format_of(source.path)) == "fpi"
     found = _fpi_comments(source) if fpi else _yaml_comments(source)
     anchors = _anchors(spec)
     placed = Comments()
@@ -131,10 +131,6 @@ def place_comments(source: Source, spec: ast.SpecFile) -> Comments:
         else:
             placed.foot.append(comment.text)
     return placed
-
-
-def _is_fpi(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() == ".fpi"
 
 
 # --------------------------------------------------------------------------- to .fpi

@@ -298,3 +298,19 @@ def test_scrambled_layouts_format_idempotently():
         assert comments(once) == comments(text)
 
     check()
+
+
+def test_standard_input(tmp_path):
+    def fmt(*argv, text):
+        return subprocess.run([sys.executable, "-m", "fpidsl", "fmt", *argv], input=text, capture_output=True,
+                              text=True, cwd=ROOT)
+
+    done = fmt("-", text=MESSY)
+    assert (done.returncode, done.stdout, done.stderr) == (0, CANONICAL, "")
+    done = fmt("--check", "-", text=MESSY)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "would reformat <stdin>\n")
+    done = fmt("-", text="layer L {\n  input a [B]\n}\n")
+    assert done.returncode == 1 and done.stderr.startswith("<stdin>:2:11: error: expected ':'")
+    assert "    2 |   input a [B]" in done.stderr
+    done = fmt("--to", "yaml", "-", text=CANONICAL)
+    assert done.returncode == 0 and "  M:\n    inputs:\n      a: \"[B]\"\n" in done.stdout
