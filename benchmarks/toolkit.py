@@ -16,6 +16,9 @@ the same map (the workload's hand-written ``g``), weights, inputs, start (zeros)
    ``implicit`` against torchdeq ``ift=True``; ``jfb`` against ``grad=1``; ``phantom(k=5, tau=0.5)`` against
    ``grad=5, tau=0.5``; ``unrolled(k=20)`` against plain autograd through 20 Picard steps (torchdeq has no such
    mode). torchdeq's phantom output is ``z_k`` (k steps past the solve), fpidsl's the fixed point itself.
+3. Broyden's limited memory on the hard linear map: fpidsl's m (restart when full) against torchdeq's
+   ``LBFGS_thres`` (the oldest update overwritten), iterations and whether the result is finite and accurate.
+   ``--only memory`` runs this table alone.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ def hard_map(quick: bool):
     Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
     W = 0.99 * Q
     b = torch.randn(batch, n, dtype=torch.float64, generator=g)
-    return (lambda x: x @ W.T + b), torch.zeros(batch, n, dtype=torch.float64), 1e-8
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - W, b.T).T
+    return (lambda x: x @ W.T + b), torch.zeros(batch, n, dtype=torch.float64), 1e-8, exact
 
 
 def solver_rows(problems, repeats: int) -> list[list[str]]:
@@ -153,19 +157,46 @@ def mode_rows(workloads, repeats: int) -> list[list[str]]:
     return rows
 
 
+def memory_rows(quick: bool) -> list[list[str]]:
+    from torchdeq.solver import get_solver
+
+    g, x0, tol, exact = hard_map(quick)
+    rows = []
+    for m in (30, 100, 300):
+        with torch.no_grad():
+            ours, stats = fixed_point(g, x0, method="broyden", m=m, tol=tol, criterion="absolute", max_iter=3000,
+                                      on_fail="ignore", return_stats=True)
+            theirs, _, info = get_solver("broyden")(g, x0, max_iter=3000, tol=tol, stop_mode="abs", LBFGS_thres=m)
+
+        def err(x):
+            e = float((x - exact).norm() / exact.norm())
+            return f"{e:.1e}" if e == e else "NaN"
+
+        rows.append([str(m), str(stats.forward.max_iterations), err(ours), str(int(info["nstep"].max())),
+                     err(theirs)])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--only", choices=["memory"], default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    memory_table = table(["m", "fpidsl iters", "fpidsl rel. error", "torchdeq iters", "torchdeq rel. error"],
+                         memory_rows(args.quick))
+    if args.only == "memory":
+        print("## 3. Broyden's limited memory, hard linear map\n")
+        print(memory_table)
+        return 0
     repeats = args.repeats or (2 if args.quick else 5)
     all_workloads = make_workloads(args.quick)
     chosen = [w for w in all_workloads if w.name in ("conv16-slow", "bibtex-nn", "bibtex-gd")]
     problems = {w.name: ((lambda x, w=w: w.hand(x, w.z, *[p.detach() for p in w.params])), w.x0(), w.tol,
                          w.max_iter) for w in chosen}
-    g, x0, tol = hard_map(args.quick)
+    g, x0, tol, _ = hard_map(args.quick)
     problems["hard linear (float64)"] = (g, x0, tol, 3000)
     print("## 1. Solvers: forward solve, no autograd (iterations: the most any sample took)\n")
     print(table(["workload", "solver", "fpidsl iters", "fpidsl ms", "tol reached", "torchdeq iters", "torchdeq ms",
@@ -173,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## 2. Training step by gradient mode, Anderson forward (target: at most {TARGET}x torchdeq)\n")
     print(table(["workload", "mode", "fpidsl ms", "torchdeq ms", "ratio", "target"],
                 mode_rows([w for w in chosen if w.name != "bibtex-gd"], repeats)))
+    print("\n## 3. Broyden's limited memory, hard linear map\n")
+    print(memory_table)
     return 0
 
 

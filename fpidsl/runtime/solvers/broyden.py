@@ -15,9 +15,9 @@ Implementation notes:
 
 - ``u`` and ``v`` live in buffers of shape ``(batch, m, dim)`` allocated once; when ``m`` updates are held, the
   approximation restarts from ``-I`` (limited memory). Overwriting only the oldest update instead (torchdeq's
-  ``LBFGS_thres``) leaves the later updates, each built on it, inconsistent: on the hard linear map of
-  ``tests/runtime/test_broyden.py`` (dimension 128) torchdeq 0.1.0 returns NaN with ``LBFGS_thres`` 30 or 100,
-  while restarts converge (m=100: 581 iterations; full memory m=300: 178). Products with the buffers are batched
+  ``LBFGS_thres``) leaves the later updates, each built on it, inconsistent: on the hard linear map (dimension
+  128, ``benchmarks/toolkit.py --only memory``) torchdeq 0.1.0 returns NaN with ``LBFGS_thres`` 30 or 100, while
+  restarts converge (m=100: 682 iterations; m=300: 183). Products with the buffers are batched
   row-times-buffer GEMMs;
 - a sample whose update is not finite (``v . dF = 0``: the secant step gave no information) keeps its ``H`` (its
   slot is written with zeros), and a sample whose proposed step is not finite takes the Picard step ``g(x)``;
