@@ -232,15 +232,8 @@ class LayerGraph:
         return self.g.nodes[nid]["shape"]
 
     def downstream(self, sources: Iterable[str]) -> set[str]:
-        """The nodes whose value depends on one of ``sources`` (the sources included)."""
-        out: set[str] = set()
-        stack = list(sources)
-        while stack:
-            nid = stack.pop()
-            if nid not in out:
-                out.add(nid)
-                stack.extend(self.g.successors(nid))
-        return out
+        """The nodes whose value depends on one of ``sources`` (the sources included): one walk, linear."""
+        return _reach(sources, self.g.successors)
 
     def roots(self) -> list[str]:
         """The nodes the layer's code reads: every state's node, update and init, the inputs, the params and the
@@ -254,14 +247,7 @@ class LayerGraph:
 
     def upstream(self, roots: Iterable[str]) -> set[str]:
         """The nodes that one of ``roots`` depends on (the roots included): one walk, linear in the graph."""
-        out: set[str] = set()
-        stack = list(roots)
-        while stack:
-            nid = stack.pop()
-            if nid not in out:
-                out.add(nid)
-                stack.extend(self.g.predecessors(nid))
-        return out
+        return _reach(roots, self.g.predecessors)
 
     def upstream_within(self, roots: Iterable[str], allowed: set[str]) -> set[str]:
         """The nodes of ``allowed`` that ``roots`` need through a path of ``allowed`` nodes (a root outside
@@ -405,6 +391,18 @@ class LayerGraph:
         _require(outputs == ([self.output] if self.output else []), f"output nodes {outputs}")
         for name in self.modules:
             _require(f"{name}.weight" in self.params, f"module {name} has no weight param")
+
+
+def _reach(starts: Iterable[str], neighbours) -> set[str]:
+    """Every node reachable from ``starts`` by ``neighbours`` (the starts included)."""
+    out: set[str] = set()
+    stack = list(starts)
+    while stack:
+        nid = stack.pop()
+        if nid not in out:
+            out.add(nid)
+            stack.extend(neighbours(nid))
+    return out
 
 
 def _require(ok: bool, message: str) -> None:

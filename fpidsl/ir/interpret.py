@@ -67,16 +67,7 @@ def _bind_dims(graph: LayerGraph, values: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _needed(graph: LayerGraph, roots: Iterable[str] | None) -> set[str]:
-    if roots is None:
-        return set(graph.nodes())
-    out: set[str] = set()
-    stack = list(roots)
-    while stack:
-        nid = stack.pop()
-        if nid not in out:
-            out.add(nid)
-            stack.extend(graph.args(nid))
-    return out
+    return set(graph.nodes()) if roots is None else graph.upstream(roots)
 
 
 def _value(graph: LayerGraph, nid: str, values: dict[str, Any], dims: dict[str, int]) -> Any:
