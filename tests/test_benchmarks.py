@@ -65,3 +65,14 @@ def test_precision_floor_measurement_runs_and_the_floor_covers_the_shipped_conv_
     worst = [float(v) for v in re.findall(r"([\d.]+) eps \(max\)", proc.stdout)]
     assert len(worst) == 6  # three layers, two weight scales
     assert max(worst) < FLOOR_FACTOR  # their rounding noise is below the floor: they stop there, not at max_iter
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_toolkit_benchmark_memory_table_runs(capsys):
+    spec = importlib.util.spec_from_file_location("fpidsl_benchmarks_toolkit", ROOT / "benchmarks" / "toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--only", "memory"]) == 0
+    out = capsys.readouterr().out
+    assert "| 30 |" in out and "| 300 |" in out
