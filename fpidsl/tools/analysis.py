@@ -128,6 +128,15 @@ def hover(analysis: Analysis, pos: Pos) -> Hover | None:
         return None
     path = _ast_path(analysis.spec, pos)
     layer = next((n for n in path if isinstance(n, ast.Layer)), None)
+    shape = next((n for n in reversed(path) if isinstance(n, ast.Shape)), None)
+    dim = next((d for d in shape.dims if contains(d.span, pos)), None) if shape is not None else None
+    if isinstance(dim, ast.Name):
+        return Hover(dim.span, f"symbolic dimension **{dim.id}**: one size in the whole layer, taken from the "
+                               "inputs at each call")
+    setting = next((n for n in reversed(path) if isinstance(n, ast.Setting)), None)
+    if setting is not None and contains(setting.key_span, pos):
+        block = next(n for n in reversed(path) if isinstance(n, ast.SettingsDecl))
+        return Hover(setting.key_span, _setting_text(block.which, setting.key))
     decl = next((n for n in reversed(path) if hasattr(n, "name_span") and not isinstance(n, ast.Keyword)), None)
     if decl is not None and contains(decl.name_span, pos) and not isinstance(decl, (ast.Layer, ast.Setting)):
         return _hover_declared(analysis, layer, decl)
@@ -135,6 +144,18 @@ def hover(analysis: Analysis, pos: Pos) -> Hover | None:
     if call is not None:
         return _hover_callee(analysis, layer, call)
     return _hover_value(analysis, pos)
+
+
+def _setting_text(which: str, key: str) -> str:
+    from ..passes.settings import CRITERIA, METHODS, ON_FAIL, SETTING_KEYS
+
+    words = {"method": METHODS, "criterion": CRITERIA, "on_fail": ON_FAIL}
+    head = f"`{which}` setting **{key}**"
+    if key not in SETTING_KEYS:
+        return f"{head}: not a setting (the settings are {', '.join(SETTING_KEYS)})"
+    if key in words:
+        return f"{head}: one of " + ", ".join(f"`{w}`" for w in words[key])
+    return f"{head} (docs/LANGUAGE.md, Solver settings)"
 
 
 def _graph_of(analysis: Analysis, layer: ast.Layer | None):

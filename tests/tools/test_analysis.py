@@ -73,3 +73,13 @@ def test_completions_while_typing():
     assert modules == {"Linear", "Conv2d", "ConvTranspose2d", "tensor"}
     settings = {c.label for c in completions(text, at(text, "= an", 4))}
     assert {"method", "tol", "anderson", "picard"} <= settings and "sq" not in settings
+
+
+def test_hover_on_dimensions_and_settings():
+    text = ("layer L {\n  input a : [B, 4]\n  state x : [B, 4]\n  update x = 0.5 * x + a\n"
+            "  solve { method = anderson(m=5), tolx = 1e-6 }\n}\n")
+    result = analyze("t.fpi", text)
+    assert hover(result, at(text, "B, 4]")).markdown.startswith("symbolic dimension **B**: one size")
+    assert hover(result, at(text, "method")).markdown.startswith("`solve` setting **method**: one of `picard`, `anderson`")
+    assert [e.kind for e in result.errors] == ["settings"]
+    assert "not a setting" in hover(result, at(text, "tolx")).markdown
