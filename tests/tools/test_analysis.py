@@ -32,7 +32,8 @@ def at(text: str, needle: str, offset: int = 0, nth: int = 0) -> tuple[int, int]
 def test_an_fn_body_has_one_shape_per_calling_layer():
     result = analyze("f.fpi", TWO_LAYERS)
     assert result.errors == []
-    assert hover(result, at(TWO_LAYERS, "v * v", 2)).markdown == "expression `v * v`\n\n- in A: `[B, 4]`\n- in C: `[B, 8]`"
+    shapes = hover(result, at(TWO_LAYERS, "v * v", 2)).markdown
+    assert shapes == "expression `v * v`\n\n- in A: `[B, 4]`\n- in C: `[B, 8]`"
     assert hover(result, at(TWO_LAYERS, "sq(v)")).markdown == "fn **sq**(v), inlined at each call"
     assert "fn **sq**(v) = `v * v`" in hover(result, at(TWO_LAYERS, "sq(x)")).markdown
     assert hover(result, at(TWO_LAYERS, "k = 0.5")).markdown == "const **k** = `0.5`"
@@ -80,6 +81,7 @@ def test_hover_on_dimensions_and_settings():
             "  solve { method = anderson(m=5), tolx = 1e-6 }\n}\n")
     result = analyze("t.fpi", text)
     assert hover(result, at(text, "B, 4]")).markdown.startswith("symbolic dimension **B**: one size")
-    assert hover(result, at(text, "method")).markdown.startswith("`solve` setting **method**: one of `picard`, `anderson`")
+    method = hover(result, at(text, "method")).markdown
+    assert method.startswith("`solve` setting **method**: one of `picard`, `anderson`")
     assert [e.kind for e in result.errors] == ["settings"]
     assert "not a setting" in hover(result, at(text, "tolx")).markdown

@@ -114,5 +114,6 @@ def test_the_extension_folder():
     grammar = package["contributes"]["grammars"][0]
     assert grammar["scopeName"] == GRAMMAR["scopeName"] and (VSCODE / grammar["path"]).exists()
     assert (VSCODE / package["main"]).exists()
-    assert package["contributes"]["configuration"]["properties"]["fpidsl.server.command"]["default"] == ["fpidsl", "lsp"]
+    setting = package["contributes"]["configuration"]["properties"]["fpidsl.server.command"]
+    assert setting["default"] == ["fpidsl", "lsp"]
     json.loads((VSCODE / "language-configuration.json").read_text())
