@@ -47,6 +47,9 @@ def analyze(path: str, text: str) -> Analysis:
         result.errors = as_list(exc)
         if result.spec is not None:
             result.graphs = _partial_graphs(result.spec)
+    except Exception as exc:  # noqa: BLE001 - a compiler bug: say so in the editor instead of going silent
+        result.errors = [FpiError(f"internal error: {type(exc).__name__}: {exc} (a bug in fpidsl, not in the spec; "
+                                  "please report it with the spec)", Span.point(path, 1, 1))]
     return result
 
 

@@ -85,3 +85,15 @@ def test_hover_on_dimensions_and_settings():
     assert method.startswith("`solve` setting **method**: one of `picard`, `anderson`")
     assert [e.kind for e in result.errors] == ["settings"]
     assert "not a setting" in hover(result, at(text, "tolx")).markdown
+
+
+def test_a_compiler_bug_is_a_diagnostic_not_silence(monkeypatch):
+    import fpidsl.compiler
+
+    def broken(source):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fpidsl.compiler, "check_source", broken)
+    result = analyze("t.fpi", TWO_LAYERS)
+    assert [(e.kind, e.span.line, e.span.col) for e in result.errors] == [("error", 1, 1)]
+    assert result.errors[0].message.startswith("internal error: RuntimeError: boom (a bug in fpidsl")
