@@ -166,4 +166,6 @@ def fold(name: str, values: dict[str, Number]) -> float:
         value = fn(*(float(a) for a in args))
     except OverflowError:
         raise OutOfRange(f"{name}(...) overflows", FLOAT_HINT) from None
+    except (ZeroDivisionError, ValueError):  # softplus(x, beta=0), a math domain error
+        raise OutOfRange(f"{name}(...) of these numbers is not a finite number") from None
     return checked(float(value), f"{name}(...)")

@@ -51,6 +51,7 @@ def layer(body: str) -> str:
     ("  const k = 2.0 ** 5000\n  update x = 0.5 * x + k * a\n", 4, 13, "overflows"),
     ("  const k = log(0)\n  update x = 0.5 * x + k * a\n", 4, 13, "log"),
     ("  const k = exp(1000)\n  update x = 0.5 * x + k * a\n", 4, 13, "overflows"),
+    ("  update x = 0.5 * x + softplus(0, beta=0) * a\n", 4, 24, "not a finite number"),
     ("  state y : [B, 3] = 1e999\n  update y = y\n  update x = 0.5 * x + a\n", 4, 22, "infinity"),
 ])
 def test_numbers_out_of_range_are_refused_where_written(body, line, col, words):
