@@ -19,5 +19,9 @@ pip install "torch==2.13.0"
 pip install -e ".[dev,examples]"
 # torchdeq 0.1.0, the competitor in benchmarks/ (no deps: it must not touch the pinned torch).
 pip install --no-deps "torchdeq==0.1.0"
+# the lightning extra, for examples/lightning_box.py and its test (no deps: they must not touch the pinned torch;
+# what they import besides torch is already installed: fsspec, packaging, PyYAML, tqdm, typing_extensions, numpy).
+pip install --no-deps "pytorch-lightning==2.6.6" "lightning-utilities==0.15.3" "torchmetrics==1.9.0"
 .venv/bin/python -c "import fpidsl, lark, networkx, yaml, pytest, hypothesis, matplotlib, tqdm, skimage, pywt, sklearn" || { echo "setup: fpidsl did not install" >&2; exit 1; }
+.venv/bin/python -c "import pytorch_lightning" || { echo "setup: pytorch-lightning did not install" >&2; exit 1; }
 echo "$want" > "$stamp"
