@@ -155,6 +155,27 @@ def _caret(line_text: str, span: Span) -> _Caret:
     return _Caret(prefix, "^" * max(width, 1))
 
 
+MAX_SHOWN = 160  # characters of a long source line shown around the error
+_BEFORE = 60
+_ELLIPSIS = "..."
+
+
+def _window(text: str, span: Span) -> tuple[str, Span]:
+    """A long line cut to ``MAX_SHOWN`` characters around the span's start, marked with ``...``, and the span
+    moved onto the cut line (clipped at its end)."""
+    if len(text) <= MAX_SHOWN:
+        return text, span
+    start = max(span.col - 1, 0)
+    lo = max(0, min(start - _BEFORE, len(text) - MAX_SHOWN))
+    hi = min(len(text), lo + MAX_SHOWN)
+    head = _ELLIPSIS if lo > 0 else ""
+    shown = head + text[lo:hi] + (_ELLIPSIS if hi < len(text) else "")
+    col = start - lo + len(head) + 1
+    end_col = span.end_col - lo + len(head) if span.end_line == span.line else hi - lo + len(head) + 1
+    end_col = min(max(end_col, col + 1), hi - lo + len(head) + 1)
+    return shown, Span(span.path, span.line, col, span.line, end_col)
+
+
 def render(error: FpiError, source: Source | None = None) -> str:
     """Format one error the way a compiler does: location, message, source line, carets, hint. Whatever
     comes from the spec (its path, names, its text) is shown through :func:`printable`."""
@@ -164,6 +185,7 @@ def render(error: FpiError, source: Source | None = None) -> str:
         text = source.line(span.line)
         if text or span.line <= len(source.lines):
             gutter = f"{span.line:>5}"
+            text, span = _window(text, span)
             caret = _caret(text, span)
             out.append(f"{gutter} | {printable(text)}")
             out.append(f"{' ' * len(gutter)} | {caret.prefix}{caret.marks}")

@@ -228,3 +228,12 @@ def test_carets_stay_under_their_text_after_escaped_characters():
     lines = render(error, Source("t.fpi", text)).splitlines()
     assert lines[1][lines[2].index("^")] == "\\"  # the escape's first character, where the bad one is
     assert printable("a\u202eb\udcff") == "a\\u202eb\\udcff"
+
+
+def test_a_long_line_is_shown_around_the_error():
+    text = layer("  update x = 0.001 * x + " + " + ".join(["a"] * 3000) + " + q + a\n")
+    error = first_error(text)
+    assert (error.kind, error.span.line, error.span.col) == ("name", 4, 26 + 4 * 3000)
+    shown = render(error, Source("t.fpi", text)).splitlines()
+    assert len(shown[1]) < 200 and shown[1].startswith("    4 | ...") and shown[1].endswith(" + q + a")
+    assert shown[1][shown[2].index("^")] == "q"
