@@ -96,7 +96,7 @@ def static_number(expr, lookup: Callable[[ast.Name], Number], cache: dict | None
         try:
             hit = (True, _static(expr, lookup, cache))
         except (NotStatic, UnknownStatic, TypeErr) as exc:
-            hit = (False, exc)
+            hit = (False, exc.with_traceback(None))  # a kept traceback would keep every frame alive
         cache[key] = hit
     if hit[0]:
         return hit[1]
