@@ -211,13 +211,27 @@ def indexing(data: int = 0, like_position: int | None = None) -> BatchRule:
 
 
 def unsqueezing() -> BatchRule:
+    """``unsqueeze``: size-1 dims inserted at positions of the result (negative ones count from its end)."""
     def rule(axes, shapes, out, attrs):
         a = axes[0]
         if a is None or a is MIXED:
             return a
         dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
-        positions = [i for i in range(len(out)) if i not in set(dims)]
+        inserted = {_norm(d, len(out)) for d in dims}
+        positions = [i for i in range(len(out)) if i not in inserted]
         return positions[a]
+    return rule
+
+
+def permuting(dims_attr: str = "dims") -> BatchRule:
+    """``permute``: the batch axis goes where the order puts it."""
+    def rule(axes, shapes, out, attrs):
+        a = axes[0]
+        if a is None or a is MIXED:
+            return a
+        dims = attrs[dims_attr] if isinstance(attrs[dims_attr], tuple) else (attrs[dims_attr],)
+        order = [_norm(d, len(shapes[0])) for d in dims]
+        return order.index(a) if a in order else MIXED
     return rule
 
 
@@ -226,15 +240,19 @@ def matrix_product() -> BatchRule:
     def rule(axes, shapes, out, attrs):
         (aa, ab), (sa, sb) = axes, shapes
         ra, rb = len(sa), len(sb)
+        # the result is [*batch dims, rows of a (when a is 2-D or more), columns of b (when b is)]
+        rows_at = len(out) - (2 if rb >= 2 else 1)  # the position of a's rows in the result
+        cols_at = len(out) - 1                      # b's columns
         cands = []
         if aa is not None:
-            if aa is MIXED or ra < 2 or aa == ra - 1:
+            if aa is MIXED or ra < 2 or aa == ra - 1:  # a vector, or a's contracted columns
                 return MIXED
-            cands.append(len(out) - (2 if rb >= 2 else 1) if aa == ra - 2 else aa + (len(out) - (2 if rb >= 2 else 1)) - (ra - 2))
+            cands.append(rows_at if aa == ra - 2 else rows_at - (ra - 2) + aa)
         if ab is not None:
-            if ab is MIXED or rb < 2 or ab == rb - 2:
+            if ab is MIXED or rb < 2 or ab == rb - 2:  # a vector, or b's contracted rows
                 return MIXED
-            cands.append(len(out) - 1 if ab == rb - 1 else ab + (len(out) - (1 if ra >= 2 else 0) - 1) - (rb - 2))
+            batch_dims = cols_at - (1 if ra >= 2 else 0)
+            cands.append(cols_at if ab == rb - 1 else batch_dims - (rb - 2) + ab)
         return _agree(cands)
     return rule
 

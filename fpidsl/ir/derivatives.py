@@ -14,6 +14,7 @@ derived graph can be differentiated again; the masks (``*_mask``, ``sign``, ``on
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 from .primitives import SliceSpec
@@ -193,6 +194,41 @@ def _clamp_d(b, x, y, attrs):
     return b.call("clamp_mask", x, lo=attrs["lo"], hi=attrs["hi"])
 
 
+def _gelu_d(b, x, y, attrs):
+    if attrs["approximate"] == "tanh":  # 0.5 x (1 + tanh(u)), u = k (x + a x^3)
+        k, a = math.sqrt(2 / math.pi), 0.044715
+        x2 = b.call("square", x)
+        t = b.call("tanh", _mul(b, b.call("add", x, _mul(b, _mul(b, x, x2), b.const(a))), b.const(k)))
+        du = _mul(b, b.call("add", b.const(1), _mul(b, x2, b.const(3 * a))), b.const(k))
+        half_x = _mul(b, x, b.const(0.5))
+        return b.call("add", _mul(b, b.call("add", b.const(1), t), b.const(0.5)),
+                      _mul(b, half_x, _mul(b, b.call("sub", b.const(1), b.call("square", t)), du)))
+    # Phi(x) + x phi(x)
+    cdf = _mul(b, b.call("add", b.const(1), b.call("erf", _mul(b, x, b.const(1 / math.sqrt(2))))), b.const(0.5))
+    pdf = _mul(b, b.call("exp", _mul(b, b.call("square", x), b.const(-0.5))), b.const(1 / math.sqrt(2 * math.pi)))
+    return b.call("add", cdf, _mul(b, x, pdf))
+
+
+def _silu_d(b, x, y, attrs):
+    s = b.call("sigmoid", x)
+    return _mul(b, s, b.call("add", b.const(1), _mul(b, x, b.call("sub", b.const(1), s))))
+
+
+def _erf_d(b, x, y, attrs):
+    return _mul(b, b.call("exp", b.call("neg", b.call("square", x))), b.const(2 / math.sqrt(math.pi)))
+
+
+def _reciprocal(b, n, ct):
+    return {0: b.call("neg", _mul(b, ct, b.call("square", n)))}
+
+
+def _where(b, n, ct):
+    cond, x, y = b.args(n)
+    zero = b.const(0)
+    return {1: sum_to(b, b.call("where", cond, ct, zero), b.shape(x)),
+            2: sum_to(b, b.call("where", cond, zero, ct), b.shape(y))}
+
+
 def _log(b, n, ct):
     (x,) = b.args(n)
     return {0: b.call("div", ct, x)}
@@ -250,6 +286,74 @@ def _logsumexp(b, n, ct):
     return {0: _mul(b, keep_dims(b, ct, dims, attrs["keepdim"]), b.call("exp", shift))}
 
 
+def _extremum_reduction(larger: bool) -> VjpRule:
+    """max (``larger``) or min along dims: the cotangent goes to the elements equal to the result, shared evenly
+    among ties (as torch.amax / torch.amin)."""
+    def rule(b, n, ct):
+        (x,) = b.args(n)
+        attrs = b.attrs(n)
+        dims = reduced_dims(attrs["dim"], b.rank(x))
+        mask = b.call("equal_mask", x, keep_dims(b, n, dims, attrs["keepdim"]))
+        share = b.call("div", mask, b.call("sum", mask, dim=_dims(dims), keepdim=True))
+        return {0: _mul(b, keep_dims(b, ct, dims, attrs["keepdim"]), share)}
+    rule.__name__ = rule.__qualname__ = "vjp_max" if larger else "vjp_min"
+    return rule
+
+
+def _norm(b, n, ct):
+    """d|x|_p / dx = sign(x) |x|^(p-1) / |x|_p^(p-1), and 0 where the norm is 0 (as torch)."""
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    dims = reduced_dims(attrs["dim"], b.rank(x))
+    p = attrs["p"]
+    norm = keep_dims(b, n, dims, attrs["keepdim"])
+    if p == 1:
+        factor = b.call("sign", x)
+    elif p == 2:
+        factor = b.call("safe_div", x, norm)
+    else:
+        power = _mul(b, b.call("sign", x), b.call("pow", b.call("abs", x), exponent=p - 1))
+        factor = b.call("safe_div", power, b.call("pow", norm, exponent=p - 1))
+    return {0: _mul(b, keep_dims(b, ct, dims, attrs["keepdim"]), factor)}
+
+
+def _prod(b, n, ct):
+    """The product of the other elements along dim, from prefix and suffix products of slices: exact where
+    elements are 0 (no division), and made of products only, so differentiable again."""
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    d = normalize_dim(attrs["dim"], b.rank(x))
+    size = b.shape(x)[d]
+    ct = keep_dims(b, ct, [d], attrs["keepdim"])
+    if size == 1:
+        return {0: b.call("expand_as", ct, x)}
+    part = [b.call("index", x, index=(SliceSpec(),) * d + (SliceSpec(j, j + 1),)) for j in range(size)]
+    before = [None, part[0]]  # before[j]: the product of part[:j]
+    for j in range(2, size):
+        before.append(_mul(b, before[-1], part[j - 1]))
+    after = [None] * size  # after[j]: the product of part[j + 1:]
+    after[size - 2] = part[size - 1]
+    for j in range(size - 3, -1, -1):
+        after[j] = _mul(b, after[j + 1], part[j + 1])
+    others = [after[0]] + [_mul(b, before[j], after[j]) for j in range(1, size - 1)] + [before[size - 1]]
+    return {0: _mul(b, ct, b.call("cat", *others, dim=d))}
+
+
+def _var(b, n, ct):
+    """d var / dx = 2 (x - mean(x)) / (N - correction), N the number of elements reduced."""
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    dims = reduced_dims(attrs["dim"], b.rank(x))
+    sizes = [b.shape(x)[d] for d in dims]
+    if all(isinstance(s, int) for s in sizes):
+        denominator = b.const(math.prod(sizes) - attrs["correction"])
+    else:
+        denominator = b.call("sub", b.call("count", x, dim=attrs["dim"]), b.const(attrs["correction"]))
+    centered = b.call("sub", x, b.call("mean", x, dim=attrs["dim"], keepdim=True))
+    factor = b.call("div", _mul(b, centered, b.const(2)), denominator)
+    return {0: _mul(b, keep_dims(b, ct, dims, attrs["keepdim"]), factor)}
+
+
 def _cat(b, n, ct):
     parts = b.args(n)
     dim = normalize_dim(b.attrs(n)["dim"], b.rank(n))
@@ -274,6 +378,22 @@ def _reshape(b, n, ct):
 def _transpose(b, n, ct):
     attrs = b.attrs(n)
     return {0: b.call("transpose", ct, dim0=attrs["dim0"], dim1=attrs["dim1"])}
+
+
+def _permute(b, n, ct):
+    (x,) = b.args(n)
+    dims = b.attrs(n)["dims"]
+    order = [normalize_dim(d, b.rank(x)) for d in (dims if isinstance(dims, tuple) else (dims,))]
+    inverse = tuple(order.index(i) for i in range(len(order)))
+    return {0: b.call("permute", ct, dims=inverse)}
+
+
+def _triangle(upper: bool) -> VjpRule:
+    """triu / tril: a fixed mask, its own adjoint."""
+    def rule(b, n, ct):
+        return {0: b.call("triu" if upper else "tril", ct, diagonal=b.attrs(n)["diagonal"])}
+    rule.__name__ = rule.__qualname__ = "vjp_triu" if upper else "vjp_tril"
+    return rule
 
 
 def _index(b, n, ct):
@@ -345,6 +465,12 @@ def _elu_grad(b, n, ct):
     return {0: _mul(b, ct, b.call("sub", n, b.call("relu_mask", x)))}
 
 
+def _safe_div(b, n, ct):
+    x, y = b.args(n)
+    dy = b.call("neg", b.call("safe_div", _mul(b, ct, n), y))
+    return {0: sum_to(b, b.call("safe_div", ct, y), b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
+
+
 def _unsqueeze(b, n, ct):
     return {0: b.call("sum", ct, dim=b.attrs(n)["dim"], keepdim=False)}
 
@@ -393,18 +519,22 @@ def _conv2d_weight_grad(b, n, ct):
 
 _ELEMENTWISE = {"relu": _relu_d, "leaky_relu": _leaky_relu_d, "tanh": _tanh_d, "sigmoid": _sigmoid_d,
                 "softplus": _softplus_d, "elu": _elu_d, "exp": _exp_d, "square": _square_d, "abs": _abs_d,
-                "sin": _sin_d, "cos": _cos_d, "clamp": _clamp_d}
+                "sin": _sin_d, "cos": _cos_d, "clamp": _clamp_d, "gelu": _gelu_d, "silu": _silu_d, "erf": _erf_d}
 
 RULES: dict[str, VjpRule] = {
     "add": _add, "sub": _sub, "mul": _mul_rule, "div": _div, "matmul": _matmul, "pow": _pow, "neg": _neg,
     **{name: _times(factor) for name, factor in _ELEMENTWISE.items()},
     "log": _log, "sqrt": _sqrt, "minimum": _extremum(False), "maximum": _extremum(True),
+    "reciprocal": _reciprocal, "where": _where, "sign": _zero,
+    "max": _extremum_reduction(True), "min": _extremum_reduction(False), "norm": _norm, "prod": _prod, "var": _var,
+    "permute": _permute, "unsqueeze": _unsqueeze, "triu": _triangle(True), "tril": _triangle(False),
     "sum": _sum, "mean": _mean, "softmax": _softmax, "logsumexp": _logsumexp, "cat": _cat,
     "reshape": _reshape, "flatten": _reshape, "transpose": _transpose, "index": _index, "grad": _grad,
     "linear": _linear, "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d,
     # auxiliary
-    "relu_mask": _zero, "leaky_relu_mask": _zero, "sign": _zero, "clamp_mask": _zero, "greater_mask": _zero,
-    "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad, "unsqueeze": _unsqueeze,
+    "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,
+    "equal_mask": _zero, "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad,
+    "safe_div": _safe_div,
     "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
     "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,
     "conv2d_input_grad": _conv2d_input_grad, "conv2d_weight_grad": _conv2d_weight_grad,

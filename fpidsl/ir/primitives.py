@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import math
 from typing import Any, Callable, Mapping
 
 from . import batching as _B
@@ -55,6 +56,8 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+
+GELU_APPROXIMATIONS = ("none", "tanh")
 
 # Attribute kinds: what a static argument may be.
 ATTR_KINDS = {
@@ -416,6 +419,126 @@ def _grad(shapes, attrs, ctx):
     return tuple(shapes[1])
 
 
+
+def _gelu(shapes, attrs, ctx):
+    if attrs["approximate"] not in GELU_APPROXIMATIONS:
+        raise ctx.fail(f"approximate of gelu must be none or tanh, found {format_attr(attrs['approximate'])}",
+                       attr="approximate", hint="gelu(x) is exact (with erf); gelu(x, approximate=tanh) the tanh "
+                                                "formula")
+    return tuple(shapes[0])
+
+
+def _extremum(shapes, attrs, ctx):
+    """max / min: a reduction whose ``dim`` is required."""
+    return _reduce(shapes, attrs, ctx)
+
+
+def _reduce_dims(x, attrs, ctx) -> list[int]:
+    """The non-negative dims a reduction's ``dim`` attribute names (checked as :func:`_reduce` checks them)."""
+    _reduce([x], attrs, ctx)
+    dims = attrs["dim"]
+    listed = range(len(x)) if dims is None else (dims if isinstance(dims, tuple) else (dims,))
+    return sorted(normalize_dim(d, len(x)) for d in listed)
+
+
+def _norm(shapes, attrs, ctx):
+    p = attrs["p"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < float("inf"):
+        raise ctx.fail(f"p of norm must be a number of at least 1, found {format_attr(p)}", attr="p",
+                       hint="norm(x, dim, p=2) is the Euclidean norm; p=1 the sum of absolute values")
+    return _reduce(shapes, attrs, ctx)
+
+
+PROD_MAX_SIZE = 256  # the exact VJP of prod is built from about 4 products per element of the reduced dim
+
+
+def _prod(shapes, attrs, ctx):
+    (x,) = shapes
+    out = _reduce(shapes, attrs, ctx)
+    size = x[normalize_dim(attrs["dim"], len(x))]
+    if not isinstance(size, int):
+        raise ctx.fail(f"prod along dim {attrs['dim']} of {fmt_shape(x)} needs a dimension of known size, found "
+                       f"{fmt_dim(size)}", attr="dim",
+                       hint="its derivative is built element by element (exact where elements are 0); use "
+                            "exp(sum(log(x), dim)) for positive x along a symbolic dimension")
+    if size > PROD_MAX_SIZE:
+        raise ctx.fail(f"prod along a dimension of {size} elements (at most {PROD_MAX_SIZE})", attr="dim",
+                       hint="use exp(sum(log(x), dim)) for positive x")
+    return out
+
+
+def _var(shapes, attrs, ctx):
+    (x,) = shapes
+    out = _reduce(shapes, attrs, ctx)
+    count = dim_prod(x[d] for d in _reduce_dims(x, attrs, ctx))
+    correction = attrs["correction"]
+    if correction < 0:
+        raise ctx.fail(f"correction of var must be at least 0, found {correction}", attr="correction")
+    if isinstance(count, int) and count <= correction:
+        raise ctx.fail(f"var over {count} element{'s' if count != 1 else ''} with correction={correction} divides "
+                       f"by {count - correction}", attr="correction",
+                       hint="correction=0 is the population variance, correction=1 (the default) the sample "
+                            "variance")
+    return out
+
+
+def _triangle(shapes, attrs, ctx):
+    (x,) = shapes
+    if len(x) < 2:
+        raise ctx.fail(f"{ctx.callee} needs a tensor of at least 2 dimensions (a matrix, or a batch of them), "
+                       f"found {fmt_shape(x)}", arg=0, hint=f"{ctx.callee} keeps a triangle of the last two dims")
+    return tuple(x)
+
+
+def _permute(shapes, attrs, ctx):
+    (x,) = shapes
+    dims = attrs["dims"] if isinstance(attrs["dims"], tuple) else (attrs["dims"],)
+    if len(dims) != len(x):
+        raise ctx.fail(f"permute needs one dim per dimension of {fmt_shape(x)} ({len(x)}), found "
+                       f"{len(dims)}: {format_attr(tuple(dims))}", attr="dims",
+                       hint=f"list every dim 0..{len(x) - 1} once, in the order of the result" if x else
+                       "a scalar has no dimensions")
+    order = [_dim(d, x, ctx, "dims") for d in dims]
+    if len(set(order)) != len(order):
+        twice = next(n for n in order if order.count(n) > 1)
+        written = " and ".join(str(d) for d, n in zip(dims, order) if n == twice)
+        raise ctx.fail(f"permute lists dimension {twice} twice ({written}) in {format_attr(tuple(dims))}",
+                       attr="dims", hint=f"list every dim 0..{len(x) - 1} once")
+    return tuple(x[i] for i in order)
+
+
+def _where(shapes, attrs, ctx):
+    cond, a, b = shapes
+    out = tuple(cond)
+    for i, s in ((1, a), (2, b)):
+        try:
+            out = broadcast(out, s)
+        except DimConflict as c:
+            raise ctx.fail(
+                f"the arguments of where have shapes {fmt_shape(cond)}, {fmt_shape(a)} and {fmt_shape(b)}, which "
+                f"do not broadcast: {fmt_dim(c.a)} vs {fmt_dim(c.b)} in dimension {c.index}", arg=i,
+                hint="broadcasting pairs dimensions from the right; each pair must be equal or contain a 1") from None
+    return out
+
+
+def _unsqueeze_shape(shapes, attrs, ctx):
+    """Size-1 dims inserted at ``dim``: positions in the result (negative ones count from its end)."""
+    (x,) = shapes
+    dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
+    rank = len(x) + len(dims)
+    picked = []
+    for d in dims:
+        n = normalize_dim(d, rank)
+        if n is None:
+            raise ctx.fail(f"dim={d} is out of range for unsqueeze of a tensor of shape {fmt_shape(x)}: the result "
+                           f"has {rank} dimensions", attr="dim", hint=f"valid dims are {-rank}..{rank - 1}")
+        if n in picked:
+            raise ctx.fail(f"dim {d} appears twice in the dims of unsqueeze", attr="dim")
+        picked.append(n)
+    rest = iter(x)
+    return tuple(1 if i in picked else next(rest) for i in range(rank))
+
+
 # --------------------------------------------------------------------------- the table
 
 _X = ("x",)
@@ -460,6 +583,14 @@ _TABLE = [
     _p("clamp", _X, _same, Attr("lo", "number"), Attr("hi", "number"), batch=_EW, builtin=True, vjp=_V["clamp"], lipschitz=1.0),
     _p("minimum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["minimum"], lipschitz="sum_of_args"),
     _p("maximum", _AB, _broadcast, batch=_EW, builtin=True, vjp=_V["maximum"], lipschitz="sum_of_args"),
+    _p("gelu", _X, _gelu, Attr("approximate", "word", "none"), batch=_EW, builtin=True, vjp=_V["gelu"],
+       lipschitz=1.129, doc="x * Phi(x); approximate=tanh: the tanh formula"),  # max |gelu'| = 1.12899 (tanh)
+    _p("silu", _X, _same, batch=_EW, builtin=True, vjp=_V["silu"], lipschitz=1.0999, doc="x * sigmoid(x)"),
+    _p("erf", _X, _same, batch=_EW, builtin=True, vjp=_V["erf"], lipschitz=2 / math.sqrt(math.pi)),
+    _p("sign", _X, _same, batch=_EW, builtin=True, vjp=_V["sign"], lipschitz="unbounded", doc="-1, 0 or 1"),
+    _p("reciprocal", _X, _same, batch=_EW, builtin=True, vjp=_V["reciprocal"], lipschitz="unbounded", doc="1 / x"),
+    _p("where", ("cond", "a", "b"), _where, batch=_EW, builtin=True, vjp=_V["where"], lipschitz="unbounded",
+       doc="a where cond != 0, else b (not differentiable in cond)"),
     # reductions and shape ops
     _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
        builtin=True, vjp=_V["sum"], lipschitz="sum_reduction"),
@@ -468,12 +599,30 @@ _TABLE = [
     _p("softmax", _X, _softmax, Attr("dim", "dim"), batch=_B.along(), builtin=True, vjp=_V["softmax"], lipschitz=1.0),
     _p("logsumexp", _X, _reduce, Attr("dim", "dims"), Attr("keepdim", "bool", False), batch=_B.reduction(),
        builtin=True, vjp=_V["logsumexp"], lipschitz=1.0),
+    _p("max", _X, _extremum, Attr("dim", "dims"), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["max"], lipschitz=1.0, doc="the largest values along dim (ties share the gradient)"),
+    _p("min", _X, _extremum, Attr("dim", "dims"), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["min"], lipschitz=1.0, doc="the smallest values along dim (ties share the gradient)"),
+    _p("norm", _X, _norm, Attr("dim", "dims", None), Attr("p", "number", 2), Attr("keepdim", "bool", False),
+       batch=_B.reduction(), builtin=True, vjp=_V["norm"], lipschitz="sum_reduction", doc="the p-norm along dim"),
+    _p("prod", _X, _prod, Attr("dim", "dim"), Attr("keepdim", "bool", False), batch=_B.reduction(),
+       builtin=True, vjp=_V["prod"], lipschitz="unbounded"),
+    _p("var", _X, _var, Attr("dim", "dims"), Attr("keepdim", "bool", False), Attr("correction", "int", 1),
+       batch=_B.reduction(), builtin=True, vjp=_V["var"], lipschitz="unbounded"),
     _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"], lipschitz="root_sum_squares"),
     _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0),
     _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), batch=_B.transposing(),
        builtin=True, vjp=_V["transpose"], lipschitz=1.0),
     _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), batch=_B.flattening(),
        builtin=True, vjp=_V["flatten"], lipschitz=1.0),
+    _p("permute", _X, _permute, Attr("dims", "dims"), batch=_B.permuting(), builtin=True, vjp=_V["permute"],
+       lipschitz=1.0),
+    _p("unsqueeze", _X, _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(), builtin=True,
+       vjp=_V["unsqueeze"], lipschitz=1.0, doc="size-1 dims inserted at dim (positions in the result)"),
+    _p("triu", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
+       vjp=_V["triu"], lipschitz=1.0, doc="the upper triangle of the last two dims (from diagonal up)"),
+    _p("tril", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
+       vjp=_V["tril"], lipschitz=1.0, doc="the lower triangle of the last two dims (up to diagonal)"),
     _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0),
     # modules, lowered (weights are param nodes)
     _p("linear", ("x", "weight", "bias"), _linear, batch=_B.per_row(row_rank=1), optional=1,
@@ -505,16 +654,6 @@ def _broadcast2(shapes, attrs, ctx):
             from None
 
 
-def _unsqueeze_shape(shapes, attrs, ctx):
-    dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
-    out = list(shapes[0])
-    for d in sorted(dims):
-        if not 0 <= d <= len(out):
-            raise ctx.fail(f"unsqueeze: dim {d} out of range for {fmt_shape(tuple(out))}")
-        out.insert(d, 1)
-    return tuple(out)
-
-
 def _cat_part_shape(shapes, attrs, ctx):
     return tuple(shapes[1 + attrs["item"]])
 
@@ -542,15 +681,14 @@ AUXILIARY: tuple[Primitive, ...] = (
     _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0", vjp=_V["relu_mask"]),
     _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope", vjp=_V["leaky_relu_mask"]),
     _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)", vjp=_V["elu_grad"]),
-    _aux("sign", ("x",), _same, doc="-1, 0 or 1", vjp=_V["sign"]),
     _aux("clamp_mask", ("x",), _same, Attr("lo", "number"), Attr("hi", "number"),
          doc="1 where lo <= x <= hi, else 0", vjp=_V["clamp_mask"]),
     _aux("greater_mask", ("a", "b"), _broadcast2, doc="1 where a > b, 1/2 where a == b, else 0", vjp=_V["greater_mask"]),
+    _aux("equal_mask", ("a", "b"), _broadcast2, doc="1 where a == b, else 0", vjp=_V["equal_mask"]),
+    _aux("safe_div", ("a", "b"), _broadcast2, doc="a / b where b != 0, else 0", vjp=_V["safe_div"]),
     _aux("ones_like", ("x",), _same, vjp=_V["ones_like"]),
     _aux("zeros_like", ("x",), _same, vjp=_V["zeros_like"]),
     _aux("count", ("x",), _scalar, Attr("dim", "dims", None), batch=_B.counting(), doc="how many elements mean(x, dim) averages", vjp=_V["count"]),
-    _aux("unsqueeze", ("x",), _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(),
-         doc="size-1 dims inserted at dim (non-negative positions in the result)", vjp=_V["unsqueeze"]),
     _aux("expand_as", ("x", "like"), _like, batch=_B.like(1), doc="x broadcast to the shape of like", vjp=_V["expand_as"], shape_only=(1,)),
     _aux("reshape_as", ("x", "like"), _like, batch=_B.reshaping(like_position=1), doc="x reshaped to the shape of like", vjp=_V["reshape_as"], shape_only=(1,)),
     _aux("index_backward", ("ct", "like"), _like, Attr("index", "index"),

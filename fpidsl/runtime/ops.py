@@ -118,6 +118,35 @@ def clamp(x: Tensor, *, lo: float, hi: float) -> Tensor:
     return torch.clamp(x, lo, hi)
 
 
+def gelu(x: Tensor, *, approximate: str = "none") -> Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def silu(x: Tensor) -> Tensor:
+    return F.silu(x)
+
+
+def erf(x: Tensor) -> Tensor:
+    return torch.erf(x)
+
+
+def reciprocal(x: Tensor) -> Tensor:
+    return torch.reciprocal(x)
+
+
+def sign(x: Tensor) -> Tensor:
+    return torch.sign(x)
+
+
+def where(cond, a, b):
+    """``a`` where ``cond != 0``, else ``b`` (broadcast; ``a`` or ``b`` may be a number)."""
+    like = next(t for t in (cond, a, b) if isinstance(t, Tensor))
+    mask = torch.as_tensor(cond, device=like.device) != 0
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        a = torch.as_tensor(a, dtype=torch.get_default_dtype(), device=like.device)
+    return torch.where(mask, a, b)
+
+
 def minimum(a, b):
     if not isinstance(b, Tensor):
         return torch.clamp_max(a, b)
@@ -153,6 +182,28 @@ def logsumexp(x: Tensor, *, dim: int | tuple[int, ...], keepdim: bool = False) -
     return torch.logsumexp(x, dim, keepdim)
 
 
+def max(x: Tensor, *, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:  # noqa: A001
+    """The largest values along ``dim`` (torch.amax: ties share the gradient evenly)."""
+    return torch.amax(x, dim=dim, keepdim=keepdim)
+
+
+def min(x: Tensor, *, dim: int | tuple[int, ...], keepdim: bool = False) -> Tensor:  # noqa: A001
+    """The smallest values along ``dim`` (torch.amin: ties share the gradient evenly)."""
+    return torch.amin(x, dim=dim, keepdim=keepdim)
+
+
+def norm(x: Tensor, *, dim: Dims = None, p: float = 2, keepdim: bool = False) -> Tensor:
+    return torch.linalg.vector_norm(x, ord=p, dim=dim, keepdim=keepdim)
+
+
+def prod(x: Tensor, *, dim: int, keepdim: bool = False) -> Tensor:
+    return torch.prod(x, dim, keepdim=keepdim)
+
+
+def var(x: Tensor, *, dim: int | tuple[int, ...], keepdim: bool = False, correction: int = 1) -> Tensor:
+    return torch.var(x, dim=dim, correction=correction, keepdim=keepdim)
+
+
 def cat(tensors: Sequence[Tensor], *, dim: int = 0) -> Tensor:
     return torch.cat(tuple(tensors), dim)
 
@@ -167,6 +218,27 @@ def transpose(x: Tensor, *, dim0: int, dim1: int) -> Tensor:
 
 def flatten(x: Tensor, *, start: int = 1, end: int = -1) -> Tensor:
     return torch.flatten(x, start, end)
+
+
+def permute(x: Tensor, *, dims: int | tuple[int, ...]) -> Tensor:
+    return x.permute(dims if isinstance(dims, tuple) else (dims,))
+
+
+def triu(x: Tensor, *, diagonal: int = 0) -> Tensor:
+    return torch.triu(x, diagonal)
+
+
+def tril(x: Tensor, *, diagonal: int = 0) -> Tensor:
+    return torch.tril(x, diagonal)
+
+
+def unsqueeze(x: Tensor, *, dim: int | tuple[int, ...]) -> Tensor:
+    """Insert size-1 dimensions at ``dim``: positions in the result, negative ones counted from its end."""
+    dims = dim if isinstance(dim, tuple) else (dim,)
+    rank = x.dim() + len(dims)
+    for d in sorted(d % rank for d in dims):
+        x = x.unsqueeze(d)
+    return x
 
 
 def _index_item(item: Any) -> Any:
@@ -238,10 +310,6 @@ def elu_grad(x: Tensor, *, alpha: float) -> Tensor:
     return torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x))
 
 
-def sign(x: Tensor) -> Tensor:
-    return torch.sign(x)
-
-
 def clamp_mask(x: Tensor, *, lo: float, hi: float) -> Tensor:
     """1 where lo <= x <= hi, else 0 (clamp')."""
     return ((x >= lo) & (x <= hi)).to(x.dtype)
@@ -251,6 +319,20 @@ def greater_mask(a, b):
     """1 where a > b, 1/2 where a == b, 0 where a < b (broadcast): maximum' in a, ties split evenly."""
     like = a if isinstance(a, Tensor) else b
     return (a > b).to(like.dtype) + 0.5 * (a == b).to(like.dtype)
+
+
+def equal_mask(a, b):
+    """1 where a == b, else 0 (broadcast): which elements a max or min reduction picked."""
+    like = a if isinstance(a, Tensor) else b
+    return (a == b).to(like.dtype)
+
+
+def safe_div(a, b):
+    """a / b where b != 0, else 0 (broadcast): the gradient of a norm, 0 where the norm is 0 (as torch)."""
+    if not isinstance(b, Tensor):
+        b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+    nonzero = b != 0
+    return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), 0.0)
 
 
 def ones_like(x: Tensor) -> Tensor:
@@ -267,13 +349,6 @@ def count(x: Tensor, *, dim: Dims = None) -> float:
         return float(x.numel())
     dims = dim if isinstance(dim, tuple) else (dim,)
     return float(math.prod(x.shape[d] for d in dims))
-
-
-def unsqueeze(x: Tensor, *, dim: int | tuple[int, ...]) -> Tensor:
-    """Insert size-1 dimensions at ``dim`` (non-negative positions in the result)."""
-    for d in sorted(dim if isinstance(dim, tuple) else (dim,)):
-        x = x.unsqueeze(d)
-    return x
 
 
 def _shape(like: Tensor | torch.Size) -> torch.Size:

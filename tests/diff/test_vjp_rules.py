@@ -23,7 +23,8 @@ class Case:
     prim: str
     shapes: tuple
     attrs: dict = field(default_factory=dict)
-    domains: tuple = ()  # per input: "any" (default), "positive", "nonzero"
+    domains: tuple = ()  # per input: "any" (default), "positive", "nonzero", "ties" (values in {-1, 0, 1}),
+    #                      "zeros" (about a third of the entries 0), "zero_row" (its first row 0)
     tie: bool = False    # make the second input equal the first in about half of the entries
 
     def __str__(self) -> str:
@@ -91,6 +92,28 @@ CASES = [
     _c("conv2d_input_grad", [2, 4, 3, 3], [4, 3, 3, 3], [2, 3, 5, 5], stride=(1, 1), padding=(0, 0)),
     _c("conv2d_weight_grad", [2, 4, 4, 3], [2, 3, 7, 6], kernel=(3, 3), **CONV),
     _c("conv2d_weight_grad", [1, 3, 4, 3], [1, 2, 6, 5], kernel=(3, 3), stride=(1, 1), padding=(0, 0)),
+    # issue 13: element-wise
+    _c("gelu", [3, 4]), _c("gelu", [3, 4], approximate="tanh"), _c("silu", [3, 4]), _c("erf", [3, 4]),
+    _c("reciprocal", [3, 4], domains=("nonzero",)),
+    _c("where", [3, 4], [3, 4], [3, 4], domains=("zeros",)), _c("where", [3, 1], [4], [3, 4], domains=("zeros",)),
+    _c("where", [4], [3, 4], [], domains=("zeros",)),
+    # issue 13: reductions
+    _c("max", [2, 3, 4], dim=1), _c("max", [2, 3, 4], dim=(0, 2), keepdim=True),
+    _c("max", [3, 5], dim=-1, domains=("ties",)), _c("max", [3, 5], dim=(0, 1), domains=("ties",)),
+    _c("min", [2, 3, 4], dim=-1, keepdim=True), _c("min", [4, 5], dim=0, domains=("ties",)),
+    _c("norm", [3, 4], dim=1), _c("norm", [2, 3, 4], dim=None), _c("norm", [3, 4], dim=0, p=1),
+    _c("norm", [2, 3, 4], dim=(1, 2), p=3, keepdim=True), _c("norm", [3, 4], dim=1, p=2.5),
+    _c("norm", [3, 4], dim=1, domains=("zero_row",)),
+    _c("prod", [2, 3, 4], dim=1), _c("prod", [3, 4], dim=-1, keepdim=True), _c("prod", [3, 1], dim=1),
+    _c("prod", [4, 5], dim=1, domains=("zeros",)), _c("prod", [3, 2], dim=1),
+    _c("var", [2, 3, 4], dim=1), _c("var", [2, 3, 4], dim=(0, 2), keepdim=True, correction=0),
+    # issue 13: shapes
+    _c("permute", [2, 3, 4], dims=(2, 0, 1)), _c("permute", [2, 3, 4], dims=(-1, 0, 1)),
+    _c("unsqueeze", [2, 3], dim=-1), _c("unsqueeze", [2, 3], dim=(-1, 0)),
+    _c("triu", [3, 4], diagonal=1), _c("triu", [2, 4, 3]), _c("tril", [2, 3, 4], diagonal=-1), _c("tril", [4, 4]),
+    # issue 13: auxiliary
+    _c("equal_mask", [2, 3], [3]), _c("equal_mask", [3, 4], [3, 4], tie=True),
+    _c("safe_div", [2, 3], [3], domains=("any", "nonzero")), _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
 ]
 
 SECOND_ORDER = [
@@ -104,13 +127,35 @@ SECOND_ORDER = [
     _c("pow", [2, 3], exponent=3), _c("pow", [2, 3], exponent=-1.5, domains=("positive",)),
     _c("matmul", [2, 3, 4], [4, 5]), _c("div", [2, 3], [3], domains=("any", "nonzero")),
     _c("maximum", [2, 3], [3]), _c("softplus", [3, 4], beta=2.5),
+    _c("gelu", [3, 4]), _c("gelu", [3, 4], approximate="tanh"), _c("silu", [3, 4]), _c("erf", [3, 4]),
+    _c("reciprocal", [3, 4], domains=("nonzero",)), _c("where", [3, 1], [4], [3, 4], domains=("zeros",)),
+    _c("max", [2, 3, 4], dim=(0, 2), keepdim=True), _c("max", [3, 5], dim=-1, domains=("ties",)),
+    _c("min", [4, 5], dim=0, domains=("ties",)), _c("norm", [3, 4], dim=1),
+    _c("norm", [2, 3, 4], dim=(1, 2), p=3, keepdim=True), _c("norm", [3, 4], dim=1, p=2.5),
+    _c("prod", [2, 3, 4], dim=1), _c("prod", [4, 5], dim=1, domains=("zeros",)), _c("prod", [3, 2], dim=1),
+    _c("var", [2, 3, 4], dim=(0, 2), keepdim=True, correction=0), _c("var", [3, 5], dim=1),
+    _c("permute", [2, 3, 4], dims=(2, 0, 1)), _c("unsqueeze", [2, 3], dim=(-1, 0)),
+    _c("triu", [2, 4, 3], diagonal=1), _c("tril", [2, 3, 4], diagonal=-1),
+    _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
 ]
+
+
+def _special(x: torch.Tensor, domain: str, gen: torch.Generator) -> torch.Tensor:
+    """The domains that only these tests need (ties for max/min, zeros for prod, where and safe_div, a zero row
+    for norm)."""
+    if domain == "ties":
+        return torch.randint(-1, 2, x.shape, generator=gen).to(x.dtype)
+    if domain == "zeros":
+        return torch.where(torch.rand(x.shape, generator=gen) < 1 / 3, torch.zeros_like(x), x)
+    if domain == "zero_row":
+        return torch.cat([torch.zeros_like(x[:1]), x[1:]])
+    return x
 
 
 def _inputs(case: Case, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     domains = case.domains + ("any",) * (len(case.shapes) - len(case.domains))
-    xs = [rand(s, gen, d) for s, d in zip(case.shapes, domains)]
+    xs = [_special(rand(s, gen, d), d, gen) for s, d in zip(case.shapes, domains)]
     if case.tie:
         xs[1] = torch.where(torch.rand(xs[1].shape, generator=gen) < 0.5, xs[0], xs[1])
     return xs

@@ -37,6 +37,18 @@ SAMPLEWISE = [
     "update x = tanh(0.5 * reshape(reshape(x, [B, 2, 2]), [B, 4]) + a)",
     "update x = 0.5 * softmax(x, dim=1) + a",
     "update x = tanh(0.5 * flatten(reshape(x, [B, 2, 2])) + a)",
+    "update x = tanh(0.5 * transpose(W @ transpose(x, 0, 1), 0, 1) + a)",
+    "update x = tanh(0.1 * reshape(reshape(x, [B, 2, 2]) @ reshape(a, [B, 2, 2]), [B, 4]) + a)",
+    # issue 13: reductions along the sample's own dims, shape ops that keep the batch axis apart
+    "update x = tanh(0.5 * x * max(x, dim=1, keepdim=true) + a)",
+    "update x = tanh(0.5 * x - min(reshape(x, [B, 2, 2]), dim=[1, 2], keepdim=true)[:, 0] + a)",
+    "update x = tanh(0.5 * x / (1 + norm(x, dim=-1, keepdim=true)) + a)",
+    "update x = tanh(0.1 * x * prod(x, dim=1, keepdim=true) + a)",
+    "update x = tanh(0.5 * x * var(x, dim=1, keepdim=true) + a)",
+    "update x = tanh(0.5 * reshape(permute(permute(reshape(x, [B, 2, 2]), [2, 0, 1]), [1, 2, 0]), [B, 4]) + a)",
+    "update x = tanh(0.5 * reshape(triu(reshape(x, [B, 2, 2])) + tril(reshape(x, [B, 2, 2]), diagonal=-1), [B, 4]) + a)",
+    "update x = tanh(0.5 * sum(unsqueeze(x, -1), dim=-1) + sum(unsqueeze(a, dim=1), dim=1))",
+    "update x = tanh(where(a, 0.5 * x, 0.2 * x) + a)",
 ]
 
 MIXING = [
@@ -50,6 +62,15 @@ MIXING = [
     "let v = sum(x, dim=-1)\nupdate x = tanh(0.5 * x + a * sum(v))",
     "update x = tanh(0.5 * x + a * flatten(x, 0, 1)[0])",
     "let v = sum(x, dim=-1)\nlet u = sum(a, dim=-1, keepdim=true)\nupdate x = tanh(0.5 * x + sum(u * v, dim=1, keepdim=true))",
+    # issue 13: reductions over the batch, triangles of a matrix whose rows are the samples
+    "update x = tanh(0.5 * x * max(x, dim=0) + a)",
+    "update x = tanh(0.5 * x * min(x, dim=[0, 1], keepdim=true) + a)",
+    "update x = tanh(0.5 * x / (1 + norm(x)) + a)",
+    "update x = tanh(0.5 * x * var(x, dim=0, keepdim=true) + a)",
+    "update x = tanh(0.5 * tril(x) + a)",
+    "update x = tanh(0.5 * reshape(transpose(triu(transpose(reshape(x, [B, 2, 2]), 0, 1)), 0, 1), [B, 4]) + a)",
+    "update x = tanh(0.5 * x + a * sum(permute(x, [1, 0]), dim=1))",
+    "update x = tanh(where(sum(x, dim=0), x, a) * 0.5)",
 ]
 
 
@@ -92,6 +113,16 @@ def test_every_primitive_declares_how_samples_flow():
 
 def test_the_batch_axis_follows_transposes_and_integer_indices():
     lowered, _ = _lowered("let y = transpose(reshape(x, [B, 2, 2]), 0, 2)\nupdate x = tanh(reshape(transpose(y, 0, 2), [B, 4]) + a)")
+    g = lowered.step
+    axes = batch_axes(g)
+    ys = [n for n in g.nodes() if g.node(n).get("name") == "y"]
+    assert [axes[n] for n in ys] == [2]
+    assert MIXED not in axes.values()
+
+
+def test_the_batch_axis_follows_permute_and_unsqueeze():
+    lowered, _ = _lowered("let y = permute(unsqueeze(reshape(x, [B, 2, 2]), -2), [2, 3, 0, 1])\n"
+                          "update x = tanh(reshape(permute(y, [2, 3, 0, 1]), [B, 4]) + a)")
     g = lowered.step
     axes = batch_axes(g)
     ys = [n for n in g.nodes() if g.node(n).get("name") == "y"]

@@ -7,7 +7,8 @@ from fpidsl.ir.primitives import BUILTINS, MODULE_KINDS, PRIMITIVES, SliceSpec
 from fpidsl.ir.shapes import ShapeCtx, ShapeRuleError, dim_floordiv
 
 H2 = dim_floordiv("H", 2, ShapeCtx())
-UNARY = ["relu", "tanh", "sigmoid", "exp", "log", "sqrt", "square", "abs", "sin", "cos", "neg"]
+UNARY = ["relu", "tanh", "sigmoid", "exp", "log", "sqrt", "square", "abs", "sin", "cos", "neg", "silu", "erf", "sign",
+         "reciprocal"]
 
 CASES = [
     *[(p, [("B", 10)], {}, ("B", 10)) for p in UNARY],
@@ -61,6 +62,29 @@ CASES = [
      {"stride": (2, 2), "padding": (1, 1), "output_padding": (1, 1)}, ("B", 2, 14, 14)),
     ("grad", [("B",), ("B", 10)], {}, ("B", 10)),
     ("grad", [(), ("B", 10)], {}, ("B", 10)),
+    # issue 13
+    ("gelu", [("B", 3)], {}, ("B", 3)),
+    ("gelu", [("B", 3)], {"approximate": "tanh"}, ("B", 3)),
+    ("where", [("B", 4), ("B", 4), ()], {}, ("B", 4)),
+    ("where", [("B", 1), (4,), ("B", 4)], {}, ("B", 4)),
+    ("max", [("B", 3, 4)], {"dim": 1}, ("B", 4)),
+    ("max", [("B", 3, 4)], {"dim": (1, 2), "keepdim": True}, ("B", 1, 1)),
+    ("min", [("B", 3, 4)], {"dim": -1}, ("B", 3)),
+    ("norm", [("B", 3, 4)], {}, ()),
+    ("norm", [("B", 3, 4)], {"dim": -1, "p": 1, "keepdim": True}, ("B", 3, 1)),
+    ("prod", [("B", 3, 4)], {"dim": 1}, ("B", 4)),
+    ("prod", [("B", 3)], {"dim": -1, "keepdim": True}, ("B", 1)),
+    ("var", [("B", 3, 4)], {"dim": (1, 2)}, ("B",)),
+    ("var", [("B", "N")], {"dim": 1, "correction": 0, "keepdim": True}, ("B", 1)),
+    ("permute", [("B", 3, 4)], {"dims": (0, 2, 1)}, ("B", 4, 3)),
+    ("permute", [("B", 3, "H")], {"dims": (-1, 0, -2)}, ("H", "B", 3)),
+    ("permute", [("B",)], {"dims": 0}, ("B",)),
+    ("unsqueeze", [("B", 3)], {"dim": 1}, ("B", 1, 3)),
+    ("unsqueeze", [("B", 3)], {"dim": -1}, ("B", 3, 1)),
+    ("unsqueeze", [("B", 3)], {"dim": (0, -1)}, (1, "B", 3, 1)),
+    ("unsqueeze", [()], {"dim": 0}, (1,)),
+    ("triu", [("B", 4, 4)], {}, ("B", 4, 4)),
+    ("tril", [(3, 5)], {"diagonal": -1}, (3, 5)),
 ]
 
 
@@ -98,7 +122,8 @@ def test_shape_rule(prim, shapes, attrs, expected):
 
 CORE = set("""add sub mul div matmul pow neg relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin
 cos clamp minimum maximum sum mean softmax logsumexp cat reshape transpose flatten index linear conv2d
-conv_transpose2d grad""".split())
+conv_transpose2d grad
+gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -144,6 +169,36 @@ FAILURES = [
      {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0)}, "expects 4 input channels"),
 ]
 
+# issue 13: each failure names the argument or attribute it is about (the error is positioned there)
+POSITIONED_FAILURES = [
+    ("gelu", [("B", 3)], {"approximate": "exact"}, "approximate", "approximate of gelu must be none or tanh, found exact"),
+    ("where", [("B", 4), ("B", 3), ()], {}, 1, "[B, 4], [B, 3] and [], which do not broadcast: 4 vs 3 in dimension -1"),
+    ("where", [("B", 4), ("B", 4), (3,)], {}, 2, "[B, 4], [B, 4] and [3], which do not broadcast: 4 vs 3 in dimension -1"),
+    ("max", [("B", 3)], {"dim": 2}, "dim", "dim=2 is out of range for max"),
+    ("min", [("B", 3)], {"dim": (1, -1)}, "dim", "appears twice"),
+    ("norm", [("B", 3)], {"dim": 1, "p": 0.5}, "p", "p of norm must be a number of at least 1, found 0.5"),
+    ("prod", [("B", 3)], {"dim": 0}, "dim", "needs a dimension of known size, found B"),
+    ("prod", [("B", 300)], {"dim": 1}, "dim", "prod along a dimension of 300 elements (at most 256)"),
+    ("var", [("B", 1)], {"dim": 1}, "correction", "var over 1 element with correction=1 divides by 0"),
+    ("var", [("B", 3)], {"dim": 1, "correction": -1}, "correction", "at least 0"),
+    ("permute", [("B", 3, 4)], {"dims": (0, 1)}, "dims", "permute needs one dim per dimension of [B, 3, 4] (3)"),
+    ("permute", [("B", 3, 4)], {"dims": (0, 2, -1)}, "dims", "permute lists dimension 2 twice (2 and -1) in [0, 2, -1]"),
+    ("permute", [("B", 3)], {"dims": (0, 2)}, "dims", "dims=2 is out of range"),
+    ("unsqueeze", [("B", 3)], {"dim": 3}, "dim", "dim=3 is out of range for unsqueeze"),
+    ("unsqueeze", [("B", 3)], {"dim": (1, -3)}, "dim", "appears twice"),
+    ("triu", [("B",)], {}, 0, "triu needs a tensor of at least 2 dimensions"),
+    ("tril", [()], {}, 0, "tril needs a tensor of at least 2 dimensions"),
+]
+
+
+@pytest.mark.parametrize("prim, shapes, attrs, where, fragment", POSITIONED_FAILURES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(POSITIONED_FAILURES)])
+def test_new_shape_rule_failures_are_positioned(prim, shapes, attrs, where, fragment):
+    with pytest.raises(ShapeRuleError) as info:
+        run(prim, shapes, attrs)
+    assert fragment in info.value.message
+    assert (info.value.attr if isinstance(where, str) else info.value.arg) == where
+
 
 @pytest.mark.parametrize("prim, shapes, attrs, fragment", FAILURES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(FAILURES)])
@@ -157,10 +212,15 @@ def test_signatures_and_table():
     assert BUILTINS["sum"].signature() == "sum(x, dim=none, keepdim=false)"
     assert BUILTINS["cat"].signature() == "cat([tensors, ...], dim=0)"
     assert BUILTINS["clamp"].signature() == "clamp(x, lo, hi)"
+    assert BUILTINS["gelu"].signature() == "gelu(x, approximate=none)"
+    assert BUILTINS["norm"].signature() == "norm(x, dim=none, p=2, keepdim=false)"
+    assert BUILTINS["var"].signature() == "var(x, dim, keepdim=false, correction=1)"
+    assert BUILTINS["where"].signature() == "where(cond, a, b)"
     assert PRIMITIVES["linear"].min_args == 2 and PRIMITIVES["linear"].max_args == 3
     assert PRIMITIVES["cat"].max_args is None
     assert MODULE_KINDS["Conv2d"].signature() == \
         "Conv2d(in, out, kernel, stride=[1, 1], padding=[0, 0], bias=true, init_scale=none, norm=none)"
     language = ("relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin cos clamp minimum maximum "
-                "sum mean softmax logsumexp cat reshape transpose flatten grad").split()
+                "sum mean softmax logsumexp cat reshape transpose flatten grad "
+                "gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril").split()
     assert set(language) <= set(BUILTINS)

@@ -1,0 +1,127 @@
+"""Issue 13's new built-ins in compiled layers: a small layer using each one checks, compiles, loads, and its fixed
+point and its first and second derivatives match autograd through the unrolled iteration of its own map (float64);
+gradcheck and gradgradcheck pass on the compiled layer. Their errors point at the argument at fault."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpidsl
+from fpidsl.compiler import check_source
+from fpidsl.errors import FpiError, FpiErrors, ShapeErr, TypeErr
+from fpidsl.source import Source
+
+from ..runtime.helpers import derivatives
+
+BODIES = {
+    "gelu": "gelu(h)",
+    "gelu-tanh": "gelu(h, approximate=tanh)",
+    "silu": "silu(h)",
+    "erf": "erf(h)",
+    "sign": "sign(a) * h",
+    "reciprocal": "reciprocal(2 + sigmoid(h))",
+    "where": "where(relu(a), h, 0.5 * h)",
+    "max": "h - max(h, dim=1, keepdim=true)",
+    "min": "h * min(h, dim=-1, keepdim=true)",
+    "norm": "h / (1 + norm(h, dim=1, keepdim=true))",
+    "norm-p3": "h * norm(h, dim=-1, p=3, keepdim=true)",
+    "prod": "h * prod(h, dim=1, keepdim=true)",
+    "var": "h * var(h, dim=1, keepdim=true)",
+    "permute": "reshape(permute(reshape(h, [B, 2, 2]), [0, 2, 1]), [B, 4])",
+    "unsqueeze": "sum(unsqueeze(h, -1) * unsqueeze(a, dim=1), dim=-1)",
+    "triu": "reshape(triu(reshape(h, [B, 2, 2])), [B, 4])",
+    "tril": "reshape(tril(reshape(h, [B, 2, 2]), diagonal=-1), [B, 4]) + h",
+}
+
+TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
+UNROLL = 200
+
+
+def _spec(body: str) -> str:
+    return f"""
+layer L {{
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param fc : Linear(8, 4, init_scale=0.4)
+  let h = fc(cat([x, a], dim=-1))
+  update x = 0.5 * tanh({body})
+}}
+"""
+
+
+def _unrolled(layer, a):
+    x = torch.zeros_like(a)
+    for _ in range(UNROLL):
+        x = type(layer).step(x, a, *layer.parameter_tensors())
+    return x
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_a_layer_with_the_builtin_matches_unrolled_autograd(name, tmp_path):
+    spec = tmp_path / "new.fpi"
+    spec.write_text(_spec(BODIES[name]))
+    cls = fpidsl.load(spec)
+    torch.manual_seed(0)
+    layer = cls(solve=TIGHT, backward=TIGHT).double()
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [a, *layer.parameters()]
+    weight = torch.randn(3, 4, dtype=torch.float64)
+
+    torch.testing.assert_close(layer(a), _unrolled(layer, a), rtol=1e-10, atol=1e-12)
+    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
+    want = derivatives(lambda: (weight * _unrolled(layer, a)).sum(), params, order=2)
+    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
+    assert any(g.abs().max() > 0 for g in got[1]), "the second derivatives are all zero: the test would not see them"
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(layer, (small,))
+    assert torch.autograd.gradgradcheck(layer, (small,))
+
+
+def _error(body: str):
+    text = _spec(body)
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    return errors[0], text
+
+
+BAD = [
+    # (body, error kind, the text the error points at, a fragment of its message)
+    ("gelu(h, approximate=exact)", ShapeErr, "exact", "approximate of gelu must be none or tanh, found exact"),
+    ("h * norm(h, dim=1, p=0.5, keepdim=true)", ShapeErr, "0.5", "p of norm must be a number of at least 1"),
+    ("h * prod(h, dim=0, keepdim=true)", ShapeErr, "0", "needs a dimension of known size, found B"),
+    ("h * var(h, dim=1, keepdim=true, correction=4)", ShapeErr, "4",
+     "var over 4 elements with correction=4 divides by 0"),
+    ("reshape(permute(reshape(h, [B, 2, 2]), [0, 2]), [B, 4])", ShapeErr, "[0, 2]",
+     "permute needs one dim per dimension of [B, 2, 2] (3)"),
+    ("sum(unsqueeze(h, 3), dim=-1)", ShapeErr, "3", "dim=3 is out of range for unsqueeze"),
+    ("triu(sum(h, dim=1, keepdim=true))[:, 0:1] + h", None, None, None),  # valid: [B, 1] is a matrix
+    ("sum(triu(h, diagonal=1), dim=1, keepdim=true) + tril(sum(h, dim=1))", ShapeErr, "sum(h, dim=1)",
+     "tril needs a tensor of at least 2 dimensions"),
+    ("where(h, a, reshape(h, [B, 2, 2]))", ShapeErr, "reshape(h, [B, 2, 2])", "which do not broadcast"),
+    ("max(h, keepdim=true) + h", TypeErr, None, "max needs dim"),
+]
+
+
+@pytest.mark.parametrize("body, kind, at, fragment", BAD, ids=[b for b, *_ in BAD])
+def test_mistakes_with_the_new_builtins_are_one_positioned_error(body, kind, at, fragment):
+    if kind is None:
+        check_source(Source("ok.fpi", _spec(body)))
+        return
+    error, text = _error(body)
+    assert isinstance(error, kind), error
+    assert fragment in error.message, error.message
+    assert error.span.line == 7, error.span  # the update line of _spec
+    line = text.splitlines()[error.span.line - 1]
+    if at is not None:  # the first occurrence of `at` in the body
+        assert error.span.col - 1 == line.index(at, line.index(body)), (error.span, at)
+
+
+def test_max_and_gelu_are_builtins_not_did_you_mean_hints():
+    """Before issue 13, `max` got "did you mean `softmax`?" and `gelu` "did you mean `elu`?"."""
+    check_source(Source("ok.fpi", _spec("gelu(h) + max(h, dim=1, keepdim=true) + min(h, dim=1, keepdim=true)")))
+    error, _ = _error("maxx(h, dim=1) + h")
+    assert "unknown function maxx" in error.message and "max" in (error.hint or "")
