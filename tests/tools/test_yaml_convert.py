@@ -8,6 +8,7 @@ import pytest
 
 from fpidsl.cli import main
 from fpidsl.compiler import check_source
+from fpidsl.errors import FpiError, FpiErrors
 from fpidsl.frontend.ast_compare import strip_spans
 from fpidsl.frontend.load import parse_source
 from fpidsl.source import Source, read_source
@@ -24,10 +25,14 @@ def _yaml_comments(text: str) -> list[str]:
 def test_fpi_to_yaml_and_back(spec, monkeypatch):
     monkeypatch.chdir(ROOT)
     source = read_source(rel(spec))
+    try:
+        before = check_source(source)
+    except (FpiError, FpiErrors):
+        pytest.skip(f"{rel(spec)} is kept for its errors")  # test_fmt covers it
     yaml_text = convert(source, "yaml")
     as_yaml = Source(rel(spec.with_suffix(".yaml")), yaml_text)
     assert strip_spans(parse_source(as_yaml)) == strip_spans(reorder(parse_source(source)))
-    before, after = check_source(source), check_source(as_yaml)
+    after = check_source(as_yaml)
     assert graph_text(after) == graph_text(before)
     assert code_text(after) == code_text(before)
     assert _yaml_comments(yaml_text) == comments(source.text)
