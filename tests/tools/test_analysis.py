@@ -97,3 +97,13 @@ def test_a_compiler_bug_is_a_diagnostic_not_silence(monkeypatch):
     result = analyze("t.fpi", TWO_LAYERS)
     assert [(e.kind, e.span.line, e.span.col) for e in result.errors] == [("error", 1, 1)]
     assert result.errors[0].message.startswith("internal error: RuntimeError: boom (a bug in fpidsl")
+
+
+def test_lsp_without_pygls_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from fpidsl.cli import main
+
+    monkeypatch.setitem(sys.modules, "fpidsl.tools.lsp", None)  # as if pygls were not installed
+    assert main(["lsp"]) == 2
+    assert "pip install 'fpidsl[lsp]'" in capsys.readouterr().err
