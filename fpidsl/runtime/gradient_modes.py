@@ -17,10 +17,13 @@ With ``x* = f(x*, theta)`` the fixed point and ``gbar = dL/dx*``:
   ``x <- (1 - beta) x + beta f(x)`` from the start (``beta`` the solve's), recorded by autograd, so the gradient is
   plain backpropagation through them (exact for that output, to every order; memory grows with ``k``).
   ``k`` defaults to the solve's ``max_iter``. The stats record ``k`` iterations and the last step's residual;
-  ``on_fail`` is not applied (a pretraining iterate is not expected to have converged).
+  ``on_fail`` is not applied (a pretraining iterate is not expected to have converged). Unlike the other modes,
+  the output depends on the start, and its gradient reaches it.
 
 A higher derivative through ``jfb`` or ``phantom`` differentiates the surrogate's formula (with ``x*`` the
 differentiable output of the solve); only ``implicit`` and ``unrolled`` are exact derivatives of their output.
+The surrogates are reverse-mode only: forward-mode derivatives (``torch.func.jvp``) of a fixed point are the
+implicit ones whatever the mode.
 """
 from __future__ import annotations
 
