@@ -224,3 +224,53 @@ def test_signatures_and_table():
                 "sum mean softmax logsumexp cat reshape transpose flatten grad "
                 "gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril").split()
     assert set(language) <= set(BUILTINS)
+
+
+def _ops_call(prim, x, **attrs):
+    from fpidsl.runtime import ops
+
+    return getattr(ops, PRIMITIVES[prim].op)(x, **attrs)
+
+
+@pytest.mark.parametrize("prim, attrs", [("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("erf", {})])
+def test_the_declared_lipschitz_constant_is_the_largest_slope(prim, attrs):
+    """Issue 13's element-wise entries: the constant bounds |f'| everywhere, and is tight (within 0.1%)."""
+    import torch
+
+    x = torch.linspace(-12, 12, 48_001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(_ops_call(prim, x, **attrs).sum(), x)
+    steepest = float(slope.abs().max())
+    assert steepest <= PRIMITIVES[prim].lipschitz <= steepest * 1.001
+
+
+@pytest.mark.parametrize("prim, attrs", [
+    ("max", {"dim": 1}), ("min", {"dim": (1, 2), "keepdim": True}), ("permute", {"dims": (2, 0, 1)}),
+    ("unsqueeze", {"dim": -1}), ("triu", {"diagonal": 1}), ("tril", {}),
+])
+def test_the_declared_lipschitz_constant_bounds_the_change(prim, attrs):
+    """|f(x) - f(y)| <= L |x - y| (Euclidean) on random pairs, ties included, for the 1-Lipschitz entries."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    law = PRIMITIVES[prim].lipschitz
+    assert law == 1.0
+    for _ in range(200):
+        x = torch.randint(-2, 3, (3, 4, 5), generator=gen).double()
+        y = x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * torch.rand((), generator=gen)
+        change = torch.linalg.vector_norm(_ops_call(prim, x, **attrs) - _ops_call(prim, y, **attrs))
+        assert change <= law * torch.linalg.vector_norm(x - y) * (1 + 1e-12)
+
+
+def test_the_norm_bound_is_the_root_of_the_reduced_count():
+    """norm names the sum_reduction rule (sqrt of the number of reduced elements): a bound for every p >= 1."""
+    import torch
+
+    assert PRIMITIVES["norm"].lipschitz == "sum_reduction"
+    gen = torch.Generator().manual_seed(1)
+    for p in (1, 1.5, 2, 3):
+        worst = 0.0
+        for _ in range(200):
+            x, y = (torch.randn(3, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+            change = torch.linalg.vector_norm(_ops_call("norm", x, dim=1, p=p) - _ops_call("norm", y, dim=1, p=p))
+            worst = max(worst, float(change / torch.linalg.vector_norm(x - y)))
+        assert worst <= 6 ** 0.5
