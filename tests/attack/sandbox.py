@@ -62,6 +62,7 @@ class Sandbox:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=30)
+        self.process.stdout.close()
 
 
 # --------------------------------------------------------------------------- the worker
