@@ -142,8 +142,9 @@ def where(cond, a, b):
     """``a`` where ``cond != 0``, else ``b`` (broadcast; ``a`` or ``b`` may be a number)."""
     like = next(t for t in (cond, a, b) if isinstance(t, Tensor))
     mask = torch.as_tensor(cond, device=like.device) != 0
-    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
-        a = torch.as_tensor(a, dtype=torch.get_default_dtype(), device=like.device)
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):  # where(mask, 1, 0): in the mask's float dtype
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        a = torch.as_tensor(a, dtype=dtype, device=like.device)
     return torch.where(mask, a, b)
 
 

@@ -238,3 +238,14 @@ def test_index_accepts_python_slices_and_slice_specs():
     a = ops.index(x, index=(S(1, None, 2), Ellipsis, -1))
     b = ops.index(x, index=(slice(1, None, 2), Ellipsis, -1))
     assert torch.equal(a, x[1::2, ..., -1]) and torch.equal(b, a)
+
+
+def test_where_and_safe_div_take_numbers_where_generated_code_passes_them():
+    """A const argument reaches the ops function as a Python number (``where(m, 1, 0)``, the 0 of a derived
+    ``where(cond, ct, 0)``): the result keeps the tensors' dtype."""
+    c = torch.tensor([-1.5, 0.0, 2.0], dtype=torch.float64)
+    assert torch.equal(ops.where(c, 1, 0), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(ops.where(c, c, 0), c)
+    assert torch.equal(ops.where(0, c, -c), -c)
+    assert torch.equal(ops.safe_div(c, torch.tensor(0.0, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(ops.safe_div(1.0, c), torch.tensor([-1 / 1.5, 0.0, 0.5], dtype=torch.float64))
