@@ -501,8 +501,9 @@ def _permute(shapes, attrs, ctx):
     order = [_dim(d, x, ctx, "dims") for d in dims]
     if len(set(order)) != len(order):
         twice = next(n for n in order if order.count(n) > 1)
-        written = " and ".join(str(d) for d, n in zip(dims, order) if n == twice)
-        raise ctx.fail(f"permute lists dimension {twice} twice ({written}) in {format_attr(tuple(dims))}",
+        spelled = {d for d, n in zip(dims, order) if n == twice}
+        written = f" ({' and '.join(map(str, sorted(spelled, reverse=True)))})" if len(spelled) > 1 else ""
+        raise ctx.fail(f"permute lists dimension {twice} twice{written} in {format_attr(tuple(dims))}",
                        attr="dims", hint=f"list every dim 0..{len(x) - 1} once")
     return tuple(x[i] for i in order)
 

@@ -184,6 +184,7 @@ POSITIONED_FAILURES = [
     ("permute", [("B", 3, 4)], {"dims": (0, 1)}, "dims", "permute needs one dim per dimension of [B, 3, 4] (3)"),
     ("permute", [("B", 3, 4)], {"dims": (0, 2, -1)}, "dims", "permute lists dimension 2 twice (2 and -1) in [0, 2, -1]"),
     ("permute", [("B", 3)], {"dims": (0, 2)}, "dims", "dims=2 is out of range"),
+    ("permute", [("B", 3)], {"dims": (1, 1)}, "dims", "permute lists dimension 1 twice in [1, 1]"),
     ("unsqueeze", [("B", 3)], {"dim": 3}, "dim", "dim=3 is out of range for unsqueeze"),
     ("unsqueeze", [("B", 3)], {"dim": (1, -3)}, "dim", "appears twice"),
     ("triu", [("B",)], {}, 0, "triu needs a tensor of at least 2 dimensions"),
