@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InputError
+from ..limits import run_deep
 from ..source import Source, Span, format_of
 from . import ast
 from .parser import parse_fpi
@@ -19,9 +20,9 @@ def parse_source(source: Source) -> ast.SpecFile:
     extension = os.path.splitext(source.path)[1].lower()
     fmt = source.format or format_of(source.path)
     if fmt == "fpi":
-        return parse_fpi(source)
+        return run_deep(parse_fpi, source)  # deeply nested text needs a deep stack (fpidsl.limits)
     if fmt == "yaml":
-        return parse_yaml(source)
+        return run_deep(parse_yaml, source)
     accepted = ", ".join(FPI_EXTENSIONS + YAML_EXTENSIONS)
     found = f"`{extension}`" if extension else "no extension"
     raise InputError(
