@@ -56,16 +56,19 @@ def run_fresh(code: str) -> str:
     return done.stdout
 
 
-def test_torch_save_whole_model_loads_in_a_new_process(spec_file, tmp_path):
+def test_whole_model_and_state_dict_load_in_a_new_process(spec_file, tmp_path):
+    """One fresh process (it has never compiled the spec): the pickled model without the spec file, then the
+    state_dict into a freshly compiled layer once the file is back."""
     torch.manual_seed(0)
     layer = fpidsl.load(str(spec_file))(solve={"tol": 1e-13}, backward={"tol": 1e-13}).double()
     model = Model(layer)
     a = torch.randn(3, 4, dtype=torch.float64)
-    want = model(a).detach()
-    torch.save({"model": model, "a": a, "want": want}, tmp_path / "model.pt")
+    torch.save({"model": model, "a": a, "want": model(a).detach()}, tmp_path / "model.pt")
+    torch.save({"state": layer.state_dict(), "a": a, "want": layer(a).detach()}, tmp_path / "state.pt")
+    text = spec_file.read_text()
     spec_file.unlink()  # the new process has only the pickle
     out = run_fresh(f"""
-        import torch
+        import pathlib, torch
         blob = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
         model = blob["model"]
         got = model(blob["a"])
@@ -74,24 +77,16 @@ def test_torch_save_whole_model_loads_in_a_new_process(spec_file, tmp_path):
         got.sum().backward()
         assert model.layer.fc.weight.grad is not None
         print(type(model.layer).__name__, type(model.layer).__module__.startswith("fpidsl_compiled_"))
-    """)
-    assert out.split() == ["Tanh", "True"]
 
-
-def test_state_dict_saved_in_one_process_loads_into_a_freshly_compiled_layer(spec_file, tmp_path):
-    torch.manual_seed(1)
-    layer = fpidsl.load(str(spec_file))().double()
-    a = torch.randn(2, 4, dtype=torch.float64)
-    torch.save({"state": layer.state_dict(), "a": a, "want": layer(a).detach()}, tmp_path / "state.pt")
-    out = run_fresh(f"""
-        import torch, fpidsl
+        import fpidsl
+        pathlib.Path({str(spec_file)!r}).write_text({text!r})
         blob = torch.load({str(tmp_path / 'state.pt')!r})  # weights_only: plain tensors
-        layer = fpidsl.load({str(spec_file)!r})().double()
+        layer = fpidsl.load({str(spec_file)!r})(solve={{"tol": 1e-13}}, backward={{"tol": 1e-13}}).double()
         layer.load_state_dict(blob["state"])
         assert torch.equal(layer(blob["a"]).detach(), blob["want"])
         print("ok")
     """)
-    assert out.strip() == "ok"
+    assert out.split() == ["Tanh", "True", "ok"]
 
 
 def test_deepcopy_and_pickle_round_trip_give_independent_equal_layers(spec_file):
@@ -135,18 +130,18 @@ def test_unpickling_an_old_state_without_newer_attributes(spec_file):
 
 
 def test_emitted_module_refuses_a_runtime_it_does_not_match(tmp_path, spec_file):
+    import importlib.util
+
+    from fpidsl.cli import main
+
     out_py = tmp_path / "tanh_layers.py"
-    subprocess.run([sys.executable, "-m", "fpidsl", "compile", str(spec_file), "-o", str(out_py)], cwd=ROOT,
-                   check=True, capture_output=True)
+    assert main(["compile", str(spec_file), "-o", str(out_py)]) == 0
     code = out_py.read_text()
     assert "require_runtime(" in code
-    run_fresh(f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("tanh_layers", {str(out_py)!r})
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        print(module.Tanh().SPEC)
-    """)
+    spec = importlib.util.spec_from_file_location("tanh_layers_for_the_runtime_check", out_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # this runtime: it imports
+    assert module.Tanh().SPEC == "tanh.fpi"
     from fpidsl.interface import RUNTIME_INTERFACE
 
     out_py.write_text(code.replace(f"require_runtime({RUNTIME_INTERFACE},", f"require_runtime({RUNTIME_INTERFACE + 1},"))
