@@ -20,6 +20,7 @@ _EXPORTS = {
     "SolverSettings": "fpidsl.runtime.settings",
     "SettingsError": "fpidsl.runtime.settings",
     "LayerInputError": "fpidsl.runtime.layer",
+    "HiddenTensorError": "fpidsl.runtime.capture",
     "Hoisted": "fpidsl.runtime.fixed_point",
     "FpiError": "fpidsl.errors",
     "FpiErrors": "fpidsl.errors",
