@@ -50,9 +50,9 @@ from typing import Any, Callable
 
 import yaml
 
-from ..errors import SchemaErr, SyntaxErr
+from ..errors import SchemaErr, SyntaxErr, TypeErr
 from ..source import MAX_SOURCE_BYTES, Source, Span, line_breaks
-from . import ast
+from . import ast, numbers
 from .parser import KEYWORDS, Placement, parse_expr, parse_fn_head, parse_param_type, parse_shape
 
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ _ALLOWED_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "nu
                                               "timestamp", "merge", "value"))
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_DIGITS = re.compile(r"\d+\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
 # Line breaks that YAML counts and the expression grammar does not: text holding them is not parsed in place.
 _ODD_BREAKS = re.compile(r"\r(?!\n)|[\x85\u2028\u2029]")
 
@@ -413,7 +413,8 @@ class _Reader:
                             self._span(value) if not _is_null(value) else self._key_span(key),
                             hint=f"write `fpi: {FORMAT_VERSION}`")
         if value.value != str(FORMAT_VERSION):
-            raise SchemaErr(f"unsupported format version `fpi: {value.value}`", self._span(value),
+            shown = value.value if len(value.value) <= 20 else value.value[:17] + "..."
+            raise SchemaErr(f"unsupported format version `fpi: {shown}`", self._span(value),
                             hint=f"this fpidsl reads `fpi: {FORMAT_VERSION}`")
 
     # ------------------------------------------------------------------ values
@@ -457,7 +458,11 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _STR):
             span = self._span(node)
             if node.tag == _INT and _DIGITS.match(node.value):
-                return ast.Num(int(node.value), node.value, span)
+                try:
+                    value = numbers.literal(node.value)
+                except numbers.OutOfRange as exc:
+                    raise TypeErr(exc.reason, span, hint=exc.hint) from None
+                return ast.Num(value, node.value, span)
             if node.tag == _STR and _NAME.match(node.value) and node.value not in KEYWORDS:
                 return ast.Name(node.value, self._key_span(node))
         raise SchemaErr(f"a dimension of {what} must be a name or an integer, got {_kind(node)}",

@@ -16,6 +16,7 @@ mistake gives one error.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ from .resolve import (
 
 _FAIL: Any = object()
 MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
+MAX_PARAM_ELEMENTS = 2**31 - 1  # numbers in one parameter tensor (8 GiB of float32)
 MAX_BUILD_DEPTH = 4 * MAX_CHAIN  # nested build_expr calls: a chain of MAX_CHAIN lets `l2 = 0.5 * l1` is 2 each
 
 
@@ -202,6 +204,8 @@ class _Builder:
             kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
             values.get("padding"), values.get("output_padding"), values["bias"], values["init_scale"],
             values["norm"], decl.span)
+        if self.too_many_elements(f"the weight of {decl.name}", spec.weight_shape(), call.span):
+            return
         self.graph.modules[decl.name] = spec
         for role, shape in (("weight", spec.weight_shape()), ("bias", (spec.out_size,))):
             if role == "bias" and not spec.bias:
@@ -209,6 +213,16 @@ class _Builder:
             qual = f"{decl.name}.{role}"
             self.graph.params[qual] = self.graph.add_node(
                 "param", span=decl.span, shape=tuple(shape), name=qual, module=decl.name, role=role)
+
+    def too_many_elements(self, what: str, shape, span: Span) -> bool:
+        """Report (and say True) a parameter too large to be allocated: one of more than
+        ``MAX_PARAM_ELEMENTS`` numbers would fail when the layer is constructed, not here."""
+        count = math.prod(shape)
+        if count <= MAX_PARAM_ELEMENTS:
+            return False
+        self.error(LimitErr, f"{what} would hold {count:,} numbers; a parameter holds at most "
+                             f"{MAX_PARAM_ELEMENTS:,}", span, hint="is a dimension mistyped?")
+        return True
 
     def module_value_ok(self, kind: str, key: str, value, expr, values: dict) -> bool:
         problem = None
@@ -234,6 +248,8 @@ class _Builder:
 
     def tensor_param(self, decl: ast.TensorParamDecl) -> None:
         shape = self.declared_shape(decl.shape, f"the tensor param {decl.name}", symbolic=False)
+        if shape is not None and self.too_many_elements(f"the tensor param {decl.name}", shape, decl.shape.span):
+            shape = None
         init = self.tensor_init(decl.init)
         if shape is None or init is None:
             self.named[decl.name] = None

@@ -237,3 +237,19 @@ def test_a_long_line_is_shown_around_the_error():
     shown = render(error, Source("t.fpi", text)).splitlines()
     assert len(shown[1]) < 200 and shown[1].startswith("    4 | ...") and shown[1].endswith(" + q + a")
     assert shown[1][shown[2].index("^")] == "q"
+
+
+@pytest.mark.parametrize("dim", ["9" * 5000, "99999999999999999999"])
+def test_yaml_list_dimensions_out_of_range(dim):
+    text = (f'fpi: 1\nlayers:\n  L:\n    inputs: {{a: [B, {dim}]}}\n    states: {{x: "[B, 3]"}}\n'
+            '    updates: {x: "x"}\n')
+    assert errors(text, "t.yaml") == [("type", 4, 21)]
+
+
+@pytest.mark.parametrize("decl, line, col", [
+    ("  param w : tensor [3000000, 3000000, 300000] = zeros\n", 4, 20),
+    ("  param fc : Linear(100000, 100000)\n", 4, 14),
+])
+def test_parameters_too_large_to_allocate_are_refused_at_check(decl, line, col):
+    found = errors(layer(decl + "  update x = 0.5 * x + a\n"))
+    assert found == [("limit", line, col)]
