@@ -150,9 +150,9 @@ def hover(analysis: Analysis, pos: Pos) -> Hover | None:
 
 
 def _setting_text(which: str, key: str) -> str:
-    from ..passes.settings import CRITERIA, METHODS, ON_FAIL, SETTING_KEYS
+    from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
-    words = {"method": METHODS, "criterion": CRITERIA, "on_fail": ON_FAIL}
+    words = {"method": METHODS, "criterion": CRITERIA, "on_fail": ON_FAIL, "mode": MODES}
     head = f"`{which}` setting **{key}**"
     if key not in SETTING_KEYS:
         return f"{head}: not a setting (the settings are {', '.join(SETTING_KEYS)})"
@@ -352,7 +352,7 @@ def _strip_comments(text: str) -> str:
 def completions(text: str, pos: Pos) -> list[Completion]:
     """What may be typed at ``pos``; read from the text itself, so it works while the file does not parse."""
     from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
-    from ..passes.settings import CRITERIA, METHODS, ON_FAIL, SETTING_KEYS
+    from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
     before = _strip_comments(text[:_offset(text, pos)])
     heads = list(_LAYER_HEAD.finditer(before))
@@ -360,6 +360,7 @@ def completions(text: str, pos: Pos) -> list[Completion]:
     if heads and heads[-1].group(1) == "layer" and _OPEN_SETTINGS.search(region):
         return ([Completion(k, "setting", "solver setting") for k in SETTING_KEYS]
                 + [Completion(w, "value", "method") for w in METHODS]
+                + [Completion(w, "value", "mode") for w in MODES]
                 + [Completion(w, "value", "criterion") for w in CRITERIA]
                 + [Completion(w, "value", "on_fail") for w in ON_FAIL])
     if _PARAM_TYPE.search(region.split("\n")[-1]):

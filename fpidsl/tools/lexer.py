@@ -11,11 +11,11 @@ from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation
 
 from ..frontend.parser import KEYWORDS
 from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
-from ..passes.settings import CRITERIA, METHODS, ON_FAIL, SETTING_KEYS
+from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
 DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor"}))
 BUILTINS = tuple(sorted(name for name, prim in PRIMITIVES.items() if prim.builtin))
-CONSTANTS = tuple(sorted(set(TENSOR_INITS) | set(METHODS) | set(CRITERIA) | set(ON_FAIL)))
+CONSTANTS = tuple(sorted(set(TENSOR_INITS) | set(METHODS) | set(MODES) | set(CRITERIA) | set(ON_FAIL)))
 
 
 class FpiLexer(RegexLexer):
