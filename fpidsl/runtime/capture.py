@@ -14,10 +14,11 @@ Found (:func:`discover`), recursively through whatever of these ``f`` is made of
 - a bound method: its object (a module, or any object with tensor attributes) and its function;
 - ``functools.partial``: its function, positional and keyword arguments;
 - a Python function: closure cells, default arguments, and the globals its code names;
-- any other callable object: its tensor attributes and its ``__call__``.
+- any other callable object: its tensor attributes and its ``__call__``;
+- a list or a dict found in any of these (up to ``MAX_CONTAINER`` entries): its entries.
 
 Only tensors that require grad are collected, and only those of floating or complex dtype. What cannot be
-found this way (a tensor inside a list, an attribute of an object reached only at run time) is caught by
+found this way (a tensor inside a tuple, an attribute of an object reached only at run time) is caught by
 :func:`check_complete` after the solve: it evaluates ``f`` once at the fixed point with every known tensor
 replaced by a fresh leaf and walks the recorded graph; any other leaf that requires grad raises
 :class:`HiddenTensorError` before a result is returned.
@@ -41,6 +42,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 
 MAX_DEPTH = 12
+MAX_CONTAINER = 1000  # lists and dicts longer than this are not searched
 _LIBRARY_PREFIXES = ("torch", "fpidsl.runtime", "numpy", "builtins", "functools", "math", "typing")
 
 
@@ -192,8 +194,20 @@ class _Walker:
         if isinstance(value, Tensor):
             if wants_grad(value):
                 self.captured.add(value, location)
+        elif isinstance(value, (list, dict)) and len(value) <= MAX_CONTAINER and id(value) not in self.seen:
+            self.container(value, location.where, depth)
         else:
             self.visit(value, depth + 1)
+
+    def container(self, value: list | dict, where: str, depth: int) -> None:
+        """A list's or a dict's entries (swapped in place: both are mutable); a tuple cannot be, and is left to
+        :func:`check_complete`."""
+        self.seen.add(id(value))
+        if depth > MAX_DEPTH:
+            return
+        items = enumerate(value) if isinstance(value, list) else list(value.items())
+        for key, item in items:
+            self.tensor_or_visit(item, _item(value, key, f"entry {key!r} of {where}"), depth + 1)
 
     def visit(self, obj: Any, depth: int = 0) -> None:
         if depth > MAX_DEPTH or id(obj) in self.seen or isinstance(obj, (Tensor, type, types.ModuleType)):
@@ -236,6 +250,9 @@ class _Walker:
                     self.captured.add(value, _attr(obj, name, f"attribute {name!r} of {owner}"))
             elif isinstance(value, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
                 self.visit(value, depth + 1)
+            elif (isinstance(value, (list, dict)) and not name.startswith("_") and len(value) <= MAX_CONTAINER
+                  and id(value) not in self.seen):  # not a module's own _parameters, _buffers, hooks
+                self.container(value, f"attribute {name!r} of {owner}", depth)
 
     def partial(self, p: functools.partial, depth: int) -> None:
         self.visit(p.func, depth + 1)

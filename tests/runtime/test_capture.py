@@ -195,7 +195,7 @@ def test_values_are_restored_after_the_solve_and_after_an_error():
 
 
 def test_a_tensor_it_cannot_reach_raises_before_returning():
-    hidden = [torch.tensor(0.5, dtype=DTYPE, requires_grad=True)]  # inside a list: not followed
+    hidden = (torch.tensor(0.5, dtype=DTYPE, requires_grad=True),)  # inside a tuple: not followed
     x0, a = x0_and_a()
     with pytest.raises(HiddenTensorError, match=r"reads a tensor of shape \[\] and dtype float64"):
         fixed_point(lambda x, a: torch.tanh(hidden[0] * x + a), x0, a, **TIGHT)
@@ -238,3 +238,20 @@ def test_a_leaf_the_map_makes_itself_is_not_taken_for_a_captured_tensor():
         return x - 0.5 * gx
 
     compare(f, x0, (a,), [lin.weight, a], order=1)
+
+
+def test_tensors_in_lists_and_dicts():
+    weights = [small_linear(4, 4, seed=15).weight.detach().requires_grad_()]
+    gains = {"g": torch.tensor(0.8, dtype=DTYPE, requires_grad=True)}
+
+    class Holder:
+        def __init__(self):
+            self.shifts = [torch.full((4,), 0.05, dtype=DTYPE, requires_grad=True)]
+
+        def __call__(self, x, a):
+            return torch.tanh(gains["g"] * (x @ weights[0].T) + self.shifts[0] + a)
+
+    f = Holder()
+    x0, a = x0_and_a()
+    compare(f, x0, (a,), [weights[0], gains["g"], f.shifts[0], a])
+    assert isinstance(weights, list) and weights[0].grad_fn is None  # restored: the caller's tensors
