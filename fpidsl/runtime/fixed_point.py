@@ -364,8 +364,8 @@ def fixed_point(
     capture: str = "auto",
     **forward_settings: Any,
 ) -> Any:
-    """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and, where ``f`` is
-    an ``nn.Module``, in its parameters.
+    """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and in every other
+    tensor requiring grad that ``f`` reads (module parameters, closures, ...: see ``capture``).
 
     Args:
         f: ``f(x, *args)``, returning the structure of ``x`` (a tensor, or a tuple of tensors: several states
