@@ -50,13 +50,14 @@ from typing import Any, Callable
 
 import yaml
 
-from ..errors import SchemaErr, SyntaxErr, TypeErr
+from ..errors import LimitErr, SchemaErr, SyntaxErr, TypeErr
 from ..source import MAX_SOURCE_BYTES, Source, Span, line_breaks
 from . import ast, numbers
 from .parser import KEYWORDS, Placement, parse_expr, parse_fn_head, parse_param_type, parse_shape
 
 FORMAT_VERSION = 1
 MAX_EXPANDED_NODES = 100_000
+MAX_FLOW_DEPTH = 100  # levels of [ ] and { }: a spec needs about 6
 MAX_EXPANDED_CHARS = MAX_SOURCE_BYTES  # the text of the values, aliases expanded: no more than a spec file holds
 
 ROOT_KEYS = ("fpi", "layers", "fns")
@@ -182,6 +183,51 @@ def _unknown_key(text: str, allowed: tuple[str, ...], where: str, span: Span, va
     return SchemaErr(f"unknown key `{text}` {where}", span, hint=hint)
 
 
+def _too_deep_flow(text: str) -> int | None:
+    """The index of the first ``[`` or ``{`` nested deeper than ``MAX_FLOW_DEPTH``, or None. PyYAML's scanner
+    spends time proportional to the nesting on every token (200,000 levels ran for minutes), so the depth is
+    found first, by one pass that skips quoted scalars and comments (an over-count elsewhere only refuses a
+    spec that nests brackets past the limit inside its text)."""
+    depth, i, n = 0, 0, len(text)
+    previous = "\n"
+    while i < n:
+        ch = text[i]
+        if ch == "#" and previous in " \t\n":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if ch in "'\"" and previous in " \t\n[{,:":
+            i = _quoted_end(text, i)
+            previous = ch
+            continue
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return i
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        previous = ch
+        i += 1
+    return None
+
+
+def _quoted_end(text: str, start: int) -> int:
+    """The index after the quoted scalar that starts at ``start`` (the end of the text if it is not closed)."""
+    quote, i, n = text[start], start + 1, len(text)
+    while i < n:
+        ch = text[i]
+        if quote == '"' and ch == "\\":
+            i += 2
+            continue
+        if ch == quote:
+            if quote == "'" and i + 1 < n and text[i + 1] == "'":
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    return n
+
+
 # --------------------------------------------------------------------------- the reader
 
 
@@ -289,6 +335,11 @@ class _Reader:
         return ast.SpecFile(self.path, tuple(layers), tuple(fns), self._span(root))
 
     def _compose(self) -> yaml.Node | None:
+        deep = _too_deep_flow(self.source.text)
+        if deep is not None:
+            line, col = self._point(deep)
+            raise LimitErr(f"YAML nested more than {MAX_FLOW_DEPTH} levels of [ ] and {{ }}",
+                           Span.point(self.path, line, col), hint="a spec is a few levels of mappings and lists")
         try:
             return yaml.compose(self.source.text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:

@@ -28,7 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 WALL_FACTOR = 6
-WARM_UP = "layer W {\n  input a : [B, 2]\n  state x : [B, 2]\n  param fc : Linear(2, 2)\n  update x = 0.5 * tanh(fc(x)) + a\n}\n"
+WARM_UP = ("layer W {\n  input a : [B, 2]\n  state x : [B, 2]\n  param fc : Linear(2, 2)\n"
+           "  update x = 0.5 * tanh(fc(x)) + a\n}\n")
 
 
 @dataclass

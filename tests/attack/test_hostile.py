@@ -91,6 +91,10 @@ CASES = [
     Case("power of a float", fpi("  const k = 1.5 ** 1e18\n  update x = 0.5 * x + a\n"), "type 4:13"),
     Case("billion laughs", billion_laughs(), "schema 6:5", "t.yaml"),
     Case("alias of a long text", alias_of_long_text(), "schema 7:5", "t.yaml"),
+    Case("YAML lists nested 200000 deep", "fpi: 1\nlayers: " + "[" * 200000 + "]" * 200000 + "\n", "limit 2:109",
+         "t.yaml"),
+    Case("YAML quoted brackets", yaml_layer("0.5 * x + a", "    consts: {k: '" + "[" * 300 + "' }\n"),
+         "syntax 6:318", "t.yaml"),  # brackets in a quoted scalar are not YAML nesting
     Case("a large spec", big_spec(), "clean"),
     # point 10: line ends and odd characters
     Case("CR line ends", "layer L {\r  input a : [B, 3]\r  state x : [B, 3] = zeros\r  update x = 0.5 * x + q\r}\r",

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from fpidsl.errors import FpiError, InputError, SchemaErr, SyntaxErr
+from fpidsl.errors import FpiError, InputError, LimitErr, SchemaErr, SyntaxErr
 from fpidsl.frontend import ast
 from fpidsl.frontend.ast_compare import strip_spans
 from fpidsl.frontend.load import parse_source
@@ -547,7 +547,7 @@ BAD_SPECS = [
      + "layers: {L: {}}\n",
      SchemaErr, 6, 4, f"more than {MAX_EXPANDED_NODES:,} values", None),
     ("nested too deeply", "fpi: 1\nlayers: " + "[" * 3000 + "\n",
-     SyntaxErr, 1, 1, "nested too deeply", None),
+     LimitErr, 2, 109, "nested more than 100 levels", None),
 ]
 
 
