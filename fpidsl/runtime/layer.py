@@ -264,6 +264,7 @@ class CompiledLayer(nn.Module):
             raise LayerInputError(f"{spec}: missing input(s) {', '.join(missing)}")
         return bound
 
+    @torch.compiler.disable  # torch.compile of a model: the layer is one graph break, never traced (docs/PYTORCH.md)
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
         """The layer's output for these inputs. ``init=`` (unless an input is named so) starts the solve there:
         a tensor per state (see :func:`fpidsl.runtime.warm_start.given_start`)."""
