@@ -2,13 +2,16 @@
 
 A worker (``python -m tests.attack.sandbox``, a fresh interpreter that imports fpidsl and torch once and
 warms them up on a small spec) reads cases as JSON lines and forks one child per case. The child runs under
-resource limits: its address space may grow by at most ``memory_mb`` (plus the compiler thread's stack
-reservation, see :mod:`fpidsl.limits`) and its CPU time is limited to ``seconds`` (``RLIMIT_CPU``; CPU time,
+resource limits: its address space may grow by at most ``memory_mb`` plus the compiler thread's stack
+reservation (:mod:`fpidsl.limits`; a hard stop, looser than the bound by up to that reservation) and its CPU
+time is limited to ``seconds`` (``RLIMIT_CPU``; CPU time,
 so that a busy machine does not fail a case); the worker also kills it after ``WALL_FACTOR`` times that in
 wall-clock time (a case that blocks). The child reports its outcome, the CPU seconds it used and the
-resident memory it added (``VmHWM`` at the end less ``VmRSS`` at the fork).
+resident memory it added (``VmHWM`` at the end less ``VmRSS`` at the fork); more than ``memory_mb`` added is
+the outcome ``memory``, more than ``seconds`` used is ``timeout``.
 
-Outcomes: ``clean`` (checked clean; with ``run``, also compiled, loaded and ran forward and backward),
+Outcomes: ``clean`` (checked clean; with ``run``, also loaded by ``fpidsl.codegen.load.load_module`` from a file, which
+checks and compiles it again, and ran forward and backward),
 ``errors`` (fpidsl errors: kind, line, column, message), ``crash`` (any other exception, with its
 traceback), ``timeout``, ``memory`` (``MemoryError`` at the limit) or ``died`` (killed by a signal).
 """
@@ -20,6 +23,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -81,16 +85,20 @@ def _execute(case: dict) -> dict:
     """In the child: check (and, with ``run``, compile, load, run) the case."""
     import torch
 
-    from fpidsl.codegen.load import module_from_source
-    from fpidsl.compiler import check_source, compile_source
+    from fpidsl.codegen.load import load_module
+    from fpidsl.compiler import check_source
     from fpidsl.errors import FpiError, FpiErrors, as_list
     from fpidsl.source import Source
 
     source = Source(case["path"], case["text"])
     try:
         check_source(source)
-        if case["run"]:
-            module = module_from_source(compile_source(source), "<sandbox>", "fpidsl_sandbox")
+        if case["run"]:  # through fpidsl.load's own path: a file, checked, compiled and loaded
+            folder = tempfile.mkdtemp(prefix="fpidsl-sandbox-")
+            path = os.path.join(folder, os.path.basename(case["path"]))
+            with open(path, "w", encoding="utf-8", newline="") as handle:
+                handle.write(case["text"])
+            module = load_module(path)
             for cls in module.LAYERS.values():
                 layer = cls().double()
                 inputs = [torch.randn(*[2 if isinstance(d, str) else d for d in shape], dtype=torch.float64,
