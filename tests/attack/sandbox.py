@@ -94,11 +94,11 @@ def _execute(case: dict) -> dict:
     try:
         check_source(source)
         if case["run"]:  # through fpidsl.load's own path: a file, checked, compiled and loaded
-            folder = tempfile.mkdtemp(prefix="fpidsl-sandbox-")
-            path = os.path.join(folder, os.path.basename(case["path"]))
-            with open(path, "w", encoding="utf-8", newline="") as handle:
-                handle.write(case["text"])
-            module = load_module(path)
+            with tempfile.TemporaryDirectory(prefix="fpidsl-sandbox-") as folder:
+                path = os.path.join(folder, os.path.basename(case["path"]))
+                with open(path, "w", encoding="utf-8", newline="") as handle:
+                    handle.write(case["text"])
+                module = load_module(path)
             for cls in module.LAYERS.values():
                 layer = cls().double()
                 inputs = [torch.randn(*[2 if isinstance(d, str) else d for d in shape], dtype=torch.float64,
