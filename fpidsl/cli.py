@@ -28,7 +28,7 @@ class UsageError(Exception):
 
 
 def _sources_of(errors: list[FpiError]) -> dict[str, Source]:
-    from .source import read_source
+    from .frontend.read import read_source
 
     sources: dict[str, Source] = {}
     for error in errors:
@@ -60,7 +60,7 @@ def report(exc: BaseException, stream=None, source: Source | None = None) -> int
 
 def _read(path: str, args: argparse.Namespace) -> Source:
     """The spec at ``path`` (``-``: standard input, with ``--format``); kept on ``args`` for error reports."""
-    from .source import read_source
+    from .frontend.read import read_source
 
     args.source = None
     fmt = getattr(args, "format", None)

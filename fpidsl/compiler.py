@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .frontend import ast
-from .source import Source, read_source
+from .frontend.read import read_source
+from .source import Source
 
 
 @contextmanager

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 
 MAX_SOURCE_BYTES = 1_000_000
@@ -67,7 +66,7 @@ UNKNOWN_SPAN = Span("<generated>", 0, 0, 0, 0)
 
 @dataclass(frozen=True)
 class Source:
-    r"""The text of one spec file, decoded and size-checked by :func:`fpidsl.source.read_source`.
+    r"""The text of one spec file, decoded and size-checked by :func:`fpidsl.frontend.read.read_source`.
 
     Carriage returns are normalized to ``\n``; ``lines`` are split at the line breaks the file's format
     counts (see :func:`line_breaks`), so that line ``n`` of an error is the line shown with it."""
@@ -89,88 +88,3 @@ class Source:
         if 1 <= number <= len(self.lines):
             return self.lines[number - 1]
         return ""
-
-
-def read_source(path: str, fmt: str | None = None) -> Source:
-    """Read a spec file: at most ``MAX_SOURCE_BYTES``, UTF-8, not empty; ``-`` reads standard input (then
-    ``fmt``, ``fpi`` or ``yaml``, is needed). Only a regular file is read: a FIFO, a device or a socket is
-    refused without waiting for it. Errors are :class:`FpiError`."""
-    from .errors import InputError
-
-    if path == STDIN:
-        return read_stdin(fmt)
-    where = Span.point(path, 1, 1)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}", where) from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a spec file", where) from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}", where) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise InputError(f"{path} is a directory, not a spec file", where)
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{path} is not a regular file (a FIFO, a device or a socket)", where,
-                             hint="pass a spec file, or `-` with --format fpi|yaml to read standard input")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_SOURCE_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}", where) from None
-    finally:
-        os.close(fd)
-    return decode_source(path, data, fmt)
-
-
-def read_stdin(fmt: str | None) -> Source:
-    """The spec on standard input, in format ``fmt`` (``fpi`` or ``yaml``), named ``<stdin>`` in messages."""
-    import sys
-
-    from .errors import InputError
-
-    where = Span.point(STDIN_NAME, 1, 1)
-    if fmt not in FORMATS:
-        raise InputError("a spec read from standard input needs its format", where,
-                         hint="add --format fpi or --format yaml")
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:
-        raise InputError("standard input is closed", where)
-    try:
-        data = stream.read(MAX_SOURCE_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read standard input: {exc.strerror}", where) from None
-    return decode_source(STDIN_NAME, data, fmt)
-
-
-def decode_source(path: str, data: bytes, fmt: str | None = None) -> Source:
-    """Check and decode the bytes of a spec file (of format ``fmt``; by default by its extension)."""
-    from .errors import InputError
-
-    where = Span.point(path, 1, 1)
-    if len(data) > MAX_SOURCE_BYTES:
-        raise InputError(
-            f"{path} is larger than {MAX_SOURCE_BYTES:,} bytes",
-            where,
-            hint="a spec is a few lines of text; is this the right file?",
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise InputError(
-            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            Span.point(path, line, col),
-            hint="save the spec as UTF-8",
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    text = normalize_newlines(text)
-    if not text.strip() or all(
-        not ln.strip() or ln.lstrip().startswith("#") for ln in text.split("\n")
-    ):
-        raise InputError(f"{path} is empty: it defines no layer", where,
-                         hint="a spec holds at least one `layer NAME { ... }` block")
-    return Source(path, text, fmt)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors
-from fpidsl.source import decode_source
+from fpidsl.frontend.read import decode_source
 from tests.conftest import shipped_specs
 
 SPEC_TEXTS = {p.name: p.read_text() for p in shipped_specs()}

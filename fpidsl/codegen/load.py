@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..compiler import check_source
-from ..source import Source, read_source
+from ..frontend.read import read_source
+from ..source import Source
 from .emit import emit_module, spec_hash
 
 _CACHE: dict[str, types.ModuleType] = {}

@@ -36,7 +36,7 @@ def analyze(path: str, text: str) -> Analysis:
     """Parse and check ``text`` as the spec at ``path`` (its extension picks the form)."""
     from ..compiler import check_source
     from ..frontend.load import parse_source
-    from ..source import decode_source
+    from ..frontend.read import decode_source
 
     result = Analysis(Source(path, text))
     try:

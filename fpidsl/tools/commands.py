@@ -74,7 +74,7 @@ def _converted_output(text: str, output: str | None, spec: str) -> None:
 def cmd_fmt(args: argparse.Namespace) -> int:
     from ..cli import UsageError, report
     from ..errors import FpiError, FpiErrors
-    from ..source import read_source
+    from ..frontend.read import read_source
     from .fmt import format_source
 
     if args.specs.count("-") > 1:

@@ -13,7 +13,7 @@ from fpidsl.codegen.load import load_module
 from fpidsl.compiler import check_source
 from fpidsl.passes.differentiate import expand_grads
 from fpidsl.passes.hoist import distribute_over_cat, split_step, state_dependent
-from fpidsl.source import decode_source
+from fpidsl.frontend.read import decode_source
 
 SPECS = sorted(glob.glob("specs/*.fpi") + glob.glob("tests/specs/*.fpi") + glob.glob("benchmarks/specs/*.fpi"))
 SIZES = {"B": 3}

@@ -11,7 +11,8 @@ from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors, as_list, printable, render
 from fpidsl.frontend import numbers
 from fpidsl.limits import MAX_NESTING, run_deep
-from fpidsl.source import Source, decode_source
+from fpidsl.frontend.read import decode_source
+from fpidsl.source import Source
 
 HEAD = "layer L {\n  input a : [B, 3]\n  state x : [B, 3] = zeros\n"
 

@@ -6,7 +6,8 @@ import pytest
 from fpidsl.errors import InputError, SyntaxErr
 from fpidsl.frontend import ast
 from fpidsl.frontend.parser import parse_fpi
-from fpidsl.source import Source, decode_source
+from fpidsl.frontend.read import decode_source
+from fpidsl.source import Source
 
 
 def parse(text: str) -> ast.SpecFile:

@@ -12,7 +12,8 @@ from fpidsl.frontend.ast_compare import strip_spans
 from fpidsl.frontend.load import parse_source
 from fpidsl.frontend.parser import parse_fpi
 from fpidsl.frontend.yaml_loader import MAX_EXPANDED_NODES, parse_yaml
-from fpidsl.source import Source, Span, read_source
+from fpidsl.frontend.read import read_source
+from fpidsl.source import Source, Span
 from tests.conftest import SPECS
 
 

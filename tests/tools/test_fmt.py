@@ -14,7 +14,8 @@ from fpidsl.cli import main
 from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors, SyntaxErr, as_list
 from fpidsl.frontend.parser import parse_fpi
-from fpidsl.source import Source, read_source
+from fpidsl.frontend.read import read_source
+from fpidsl.source import Source
 from fpidsl.tools.fmt import format_source
 from fpidsl.tools.tokens import tokens
 

@@ -11,7 +11,8 @@ from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors
 from fpidsl.frontend.ast_compare import strip_spans
 from fpidsl.frontend.load import parse_source
-from fpidsl.source import Source, read_source
+from fpidsl.frontend.read import read_source
+from fpidsl.source import Source
 from fpidsl.tools.fmt import format_source
 from fpidsl.tools.yaml_convert import ConversionError, convert, reorder
 from tests.tools.test_fmt import FPI_SPECS, ROOT, YAML_SPECS, code_text, comments, graph_text, rel
