@@ -345,6 +345,13 @@ class LayerEmitter:
                  *_indent(["super().__init__(solve=solve, backward=backward, history=history, compile=compile)"],
                           1)]
         for name, spec in g.modules.items():
+            if spec.is_normalization:  # torch's GroupNorm(groups, channels) / LayerNorm(dims)
+                sizes = [str(spec.groups), str(spec.in_size)] if spec.kind == "GroupNorm" else \
+                    [literal(tuple(spec.normalized))]
+                args = [literal(spec.kind), *sizes, f"eps={literal(spec.eps)}", f"affine={spec.bias}"]
+                where = f"  # {_where(spec.span)}" if spec.span is not None else ""
+                lines.append(f"{INDENT}self.{name} = _layer.make_module({', '.join(args)}){where}")
+                continue
             args = [literal(spec.kind), str(spec.in_size), str(spec.out_size)]
             opts = [f"bias={spec.bias}"]
             if spec.kernel is not None:

@@ -292,6 +292,15 @@ def sample_free_result() -> BatchRule:
     def rule(axes, shapes, out, attrs):
         return None if all(a is None for a in axes) else MIXED
     return rule
+def normalizing(trailing: Callable[[int, Mapping[str, Any]], int]) -> BatchRule:
+    """Normalisations (``group_norm``, ``layer_norm``): argument 0 is normalized over its last
+    ``trailing(rank, attrs)`` dims, with sample-free weight and bias. Per-sample when the batch axis lies in
+    the leading dims (it keeps its place); mixing when it is normalized over or a weight is batched."""
+    def rule(axes, shapes, out, attrs):
+        return per_row(row_rank=trailing(len(shapes[0]), attrs))(axes, shapes, out, attrs)
+    return rule
+
+
 
 
 def cat_piece() -> BatchRule:

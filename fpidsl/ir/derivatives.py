@@ -452,6 +452,48 @@ def _conv_transpose2d(b, n, ct):
     return out
 
 
+def _normalization_vjp(b, n, ct, mean_of, weight_view, weight_sum):
+    """The VJP of ``weight * (x - m) r + bias``, m = M(x), r = (M((x - m)^2) + eps)^-1/2, with M the
+    normalisation's mean broadcast back to x: dx = r (g - M(g) - xhat M(g xhat)), g = ct weight,
+    xhat = (x - m) r. Written with primitives only (M is ``mean`` or ``group_mean``), so it differentiates
+    again."""
+    args = b.args(n)
+    x = args[0]
+    centered = b.call("sub", x, mean_of(x))
+    variance = mean_of(_mul(b, centered, centered))
+    r = b.call("pow", b.call("add", variance, b.const(b.attrs(n)["eps"])), exponent=-0.5)
+    xhat = _mul(b, centered, r)
+    g = ct if len(args) == 1 else _mul(b, ct, weight_view(args[1]))
+    inner = b.call("sub", b.call("sub", g, mean_of(g)), _mul(b, xhat, mean_of(_mul(b, g, xhat))))
+    out = {0: _mul(b, r, inner)}
+    if len(args) >= 2:
+        out[1] = weight_sum(_mul(b, ct, xhat))
+    if len(args) == 3:
+        out[2] = weight_sum(ct)
+    return out
+
+
+def _group_norm(b, n, ct):
+    (x, *_) = b.args(n)
+    attrs = b.attrs(n)
+    rank = b.rank(x)
+    view = (attrs["channels"],) + (1,) * (rank - 2)
+    others = _dims([0, *range(2, rank)])
+    return _normalization_vjp(
+        b, n, ct, lambda v: b.call("group_mean", v, groups=attrs["groups"]),
+        lambda w: w if rank == 2 else b.call("reshape", w, shape=view),
+        lambda v: b.call("sum", v, dim=others, keepdim=False))
+
+
+def _layer_norm(b, n, ct):
+    (x, *_) = b.args(n)
+    normalized = tuple(b.attrs(n)["shape"])
+    trailing = _dims(range(-len(normalized), 0))
+    return _normalization_vjp(
+        b, n, ct, lambda v: b.call("mean", v, dim=trailing, keepdim=True), lambda w: w,
+        lambda v: sum_to(b, v, normalized))
+
+
 # --------------------------------------------------------------------------- rules: auxiliary
 
 
@@ -496,6 +538,11 @@ def _cat_part(b, n, ct):
     return {0: b.call("cat", *pieces, dim=attrs["dim"])}
 
 
+def _group_mean(b, n, ct):
+    """Averaging over groups is an orthogonal projection: its own adjoint."""
+    return {0: b.call("group_mean", ct, groups=b.attrs(n)["groups"])}
+
+
 def _linear_weight_grad(b, n, ct):
     g, x = b.args(n)
     return {0: b.call("linear", x, ct), 1: b.call("matmul", g, ct)}
@@ -534,6 +581,7 @@ RULES: dict[str, VjpRule] = {
     # auxiliary
     "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,
     "equal_mask": _zero, "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad,
+    "group_norm": _group_norm, "layer_norm": _layer_norm, "group_mean": _group_mean,
     "safe_div": _safe_div,
     "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
     "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,

@@ -49,10 +49,13 @@ class GraphLintError(AssertionError):
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """A declared ``param NAME : Linear | Conv2d | ConvTranspose2d (...)``, for code generation.
+    """A declared ``param NAME : Linear | Conv2d | ConvTranspose2d | GroupNorm | LayerNorm (...)``, for code
+    generation.
 
-    ``in_size``/``out_size``: features (Linear) or channels (convolutions); ``kernel``, ``stride``,
-    ``padding``, ``output_padding`` are (h, w) pairs (None for Linear)."""
+    ``in_size``/``out_size``: features (Linear) or channels (convolutions, GroupNorm; for LayerNorm the
+    number of normalized elements); ``kernel``, ``stride``, ``padding``, ``output_padding`` are (h, w) pairs
+    (None for Linear). The normalisations: ``groups`` (GroupNorm), ``normalized`` (LayerNorm's dims),
+    ``eps``, and ``bias`` says whether they are affine (a weight and a bias, or neither)."""
 
     kind: str
     in_size: int
@@ -65,12 +68,31 @@ class ModuleSpec:
     init_scale: float | None = None
     norm: str | None = None
     span: Span | None = field(default=None, compare=False)
+    groups: int | None = None
+    normalized: tuple[int, ...] | None = None
+    eps: float | None = None
 
     @property
     def prim(self) -> str:
-        return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d"}[self.kind]
+        return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d",
+                "GroupNorm": "group_norm", "LayerNorm": "layer_norm"}[self.kind]
+
+    @property
+    def is_normalization(self) -> bool:
+        return self.kind in ("GroupNorm", "LayerNorm")
+
+    @property
+    def has_weight(self) -> bool:
+        return self.bias or not self.is_normalization
+
+    def bias_shape(self) -> tuple[int, ...]:
+        return self.weight_shape() if self.is_normalization else (self.out_size,)
 
     def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "GroupNorm":
+            return (self.in_size,)
+        if self.kind == "LayerNorm":
+            return tuple(self.normalized)
         if self.kind == "Linear":
             return (self.out_size, self.in_size)
         if self.kind == "Conv2d":
@@ -81,6 +103,10 @@ class ModuleSpec:
         """The static attributes of the call nodes this module lowers to."""
         if self.kind == "Linear":
             return {}
+        if self.kind == "GroupNorm":
+            return {"groups": self.groups, "channels": self.in_size, "eps": self.eps}
+        if self.kind == "LayerNorm":
+            return {"shape": tuple(self.normalized), "eps": self.eps}
         out = {"stride": self.stride, "padding": self.padding}
         if self.kind == "ConvTranspose2d":
             out["output_padding"] = self.output_padding
@@ -88,6 +114,11 @@ class ModuleSpec:
 
     def describe(self) -> str:
         """``Conv2d(2, 32, 3)``: the kind and its sizes, for messages."""
+        if self.kind == "GroupNorm":
+            return f"GroupNorm({self.groups}, {self.in_size})"
+        if self.kind == "LayerNorm":
+            dims = self.normalized
+            return f"LayerNorm({dims[0] if len(dims) == 1 else list(dims)})"
         args = [str(self.in_size), str(self.out_size)]
         if self.kernel is not None:
             kh, kw = self.kernel
@@ -96,6 +127,12 @@ class ModuleSpec:
 
     def format(self) -> str:
         parts = [self.describe()[:-1]]
+        if self.is_normalization:
+            if self.eps != 1e-5:
+                parts.append(f"eps={self.eps!r}")
+            if not self.bias:
+                parts.append("affine=false")
+            return ", ".join(parts) + ")"
         defaults = {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0)}
         for key in ("stride", "padding", "output_padding"):
             value = getattr(self, key)
@@ -391,7 +428,8 @@ class LayerGraph:
         outputs = [nid for nid, d in self.g.nodes(data=True) if d["op"] == "output"]
         _require(outputs == ([self.output] if self.output else []), f"output nodes {outputs}")
         for name in self.modules:
-            _require(f"{name}.weight" in self.params, f"module {name} has no weight param")
+            if self.modules[name].has_weight:
+                _require(f"{name}.weight" in self.params, f"module {name} has no weight param")
 
 
 def _reach(starts: Iterable[str], neighbours) -> set[str]:

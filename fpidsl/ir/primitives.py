@@ -545,6 +545,48 @@ def _unsqueeze_shape(shapes, attrs, ctx):
 _X = ("x",)
 _AB = ("a", "b")
 
+def _affine_parameters(shapes, ctx, expected: tuple) -> None:
+    """The weight and bias of a normalisation, when present, have the shape ``expected``."""
+    for i, s in enumerate(shapes[1:], start=1):
+        if tuple(s) != tuple(expected):
+            raise ctx.fail(f"{ctx.callee} expects its {'weight' if i == 1 else 'bias'} of shape "
+                           f"{fmt_shape(expected)}, found {fmt_shape(s)}", arg=i)
+
+
+def _group_norm(shapes, attrs, ctx):
+    x = shapes[0]
+    groups, channels = attrs["groups"], attrs["channels"]
+    if len(x) < 2:
+        raise ctx.fail(f"{ctx.callee} expects an input [N, C, ...] of at least 2 dimensions, but its argument "
+                       f"has shape {fmt_shape(x)}", arg=0, at_call=True)
+    if x[1] != channels:
+        raise ctx.fail(f"{ctx.callee} expects {channels} channels (dimension 1), but its argument has shape "
+                       f"{fmt_shape(x)}", arg=0, dim=1, at_call=True)
+    if groups < 1 or channels % groups:
+        raise ctx.fail(f"{ctx.callee}: {channels} channels cannot be split into {groups} groups",
+                       attr="groups", hint="the number of channels must be a multiple of the number of groups")
+    _affine_parameters(shapes, ctx, (channels,))
+    return tuple(x)
+
+
+def _layer_norm(shapes, attrs, ctx):
+    x = shapes[0]
+    normalized = tuple(attrs["shape"])
+    if len(x) < len(normalized) or tuple(x[len(x) - len(normalized):]) != normalized:
+        raise ctx.fail(f"{ctx.callee} normalizes over trailing dimensions {fmt_shape(normalized)}, but its "
+                       f"argument has shape {fmt_shape(x)}", arg=0, at_call=True,
+                       hint="LayerNorm(dims) normalizes the last dimensions of its input, which must equal dims")
+    _affine_parameters(shapes, ctx, normalized)
+    return tuple(x)
+
+
+def _group_mean(shapes, attrs, ctx):
+    x = shapes[0]
+    if len(x) < 2 or not isinstance(x[1], int) or x[1] % attrs["groups"]:
+        raise ctx.fail(f"group_mean: {fmt_shape(x)} has no dimension 1 that {attrs['groups']} groups divide")
+    return tuple(x)
+
+
 
 def _p(name, inputs, rule, *attrs, vjp, batch, lipschitz=None, narrow=None, distribute=None, op=None,
        builtin=False, optional=0, variadic=False, doc=""):
@@ -646,6 +688,13 @@ def _like(shapes, attrs, ctx):
 
 def _scalar(shapes, attrs, ctx):
     return ()
+    _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int"),
+       Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
+       vjp=_V["group_norm"], doc="GroupNorm: x normalized over each group of channels (and space), then "
+                                 "weight * . + bias per channel"),
+    _p("layer_norm", ("x", "weight", "bias"), _layer_norm, Attr("shape", "shape"), Attr("eps", "number", 1e-5),
+       batch=_B.normalizing(lambda rank, attrs: len(attrs["shape"])), optional=2, vjp=_V["layer_norm"],
+       doc="LayerNorm: x normalized over its trailing dims shape, then weight * . + bias"),
 
 
 def _broadcast2(shapes, attrs, ctx):
@@ -719,6 +768,10 @@ BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul"}
 # --------------------------------------------------------------------------- modules
 
 @dataclass(frozen=True)
+    _aux("group_mean", ("x",), _group_mean, Attr("groups", "int"),
+         batch=_B.normalizing(lambda rank, attrs: rank - 1),
+         doc="each element replaced by the mean of its group (dim 1 cut into groups, with every later dim)",
+         vjp=_V["group_mean"]),
 class ModuleKind:
     """A ``param NAME : Kind(...)`` module: its surface parameters (name, attr kind, default) and the
     primitive its calls lower to."""
@@ -749,3 +802,9 @@ NORMS = ("spectral",)
 
 # Initialisers of raw ``tensor`` params and states: name -> number of numeric arguments.
 TENSOR_INITS = {"zeros": 0, "ones": 0, "normal": 2, "uniform": 2}
+    "GroupNorm": ModuleKind("GroupNorm", "group_norm", (
+        Attr("groups", "int"), Attr("channels", "int"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
+    "LayerNorm": ModuleKind("LayerNorm", "layer_norm", (
+        Attr("dims", "dims"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
+NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine
+

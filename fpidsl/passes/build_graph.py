@@ -31,6 +31,7 @@ from ..ir.primitives import (
     BUILTINS,
     MODULE_KINDS,
     NORMS,
+    NORMALIZATIONS,
     Attr,
     Primitive,
     SliceSpec,
@@ -200,15 +201,20 @@ class _Builder:
             if not self.module_value_ok(kind.name, attr.name, value, expr, values):
                 return
             values[attr.name] = value
-        spec = ModuleSpec(
-            kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
-            values.get("padding"), values.get("output_padding"), values["bias"], values["init_scale"],
-            values["norm"], decl.span)
+        if kind.name in NORMALIZATIONS:
+            spec = self.normalization_spec(kind.name, values, bound, decl.span)
+            if spec is None:
+                return
+        else:
+            spec = ModuleSpec(
+                kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
+                values.get("padding"), values.get("output_padding"), values["bias"], values["init_scale"],
+                values["norm"], decl.span)
         if self.too_many_elements(f"the weight of {decl.name}", spec.weight_shape(), call.span):
             return
         self.graph.modules[decl.name] = spec
-        for role, shape in (("weight", spec.weight_shape()), ("bias", (spec.out_size,))):
-            if role == "bias" and not spec.bias:
+        for role, shape in (("weight", spec.weight_shape()), ("bias", spec.bias_shape())):
+            if not spec.bias and (role == "bias" or spec.is_normalization):
                 continue
             qual = f"{decl.name}.{role}"
             self.graph.params[qual] = self.graph.add_node(
@@ -216,6 +222,33 @@ class _Builder:
 
     def too_many_elements(self, what: str, shape, span: Span) -> bool:
         """Report (and say True) a parameter too large to be allocated: one of more than
+    def normalization_spec(self, kind: str, values: dict, bound: dict, span: Span) -> ModuleSpec | None:
+        """GroupNorm(groups, channels, eps, affine) / LayerNorm(dims, eps, affine), checked; None after an
+        error at the offending argument."""
+        def bad(key: str, problem: str, hint: str | None = None) -> None:
+            self.error(TypeErr, f"{kind}: {problem}", bound[key].span, hint=hint)
+
+        eps = values["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            return bad("eps", f"eps must be a positive number, found {format_attr(eps)}")
+        if kind == "GroupNorm":
+            groups, channels = values["groups"], values["channels"]
+            if groups < 1:
+                return bad("groups", f"groups must be a positive integer, found {groups}")
+            if channels < 1:
+                return bad("channels", f"channels must be a positive integer, found {channels}")
+            if channels % groups:
+                return bad("channels", f"{channels} channels cannot be split into {groups} groups",
+                           hint="the number of channels must be a multiple of the number of groups")
+            return ModuleSpec(kind, channels, channels, bias=values["affine"], span=span, groups=groups,
+                              eps=float(eps))
+        dims = values["dims"] if isinstance(values["dims"], tuple) else (values["dims"],)
+        if min(dims) < 1:
+            return bad("dims", f"dims must be positive sizes, found {format_attr(values['dims'])}",
+                       hint="LayerNorm(dims) takes the sizes of the trailing dimensions it normalizes over")
+        return ModuleSpec(kind, math.prod(dims), math.prod(dims), bias=values["affine"], span=span,
+                          normalized=dims, eps=float(eps))
+
         ``MAX_PARAM_ELEMENTS`` numbers would fail when the layer is constructed, not here."""
         count = math.prod(shape)
         if count <= MAX_PARAM_ELEMENTS:
@@ -709,7 +742,9 @@ class _Builder:
         x = self.build_expr(call.args[0], env)
         if x is None or spec is None or self.numbers_only(name, [x], call.args, call.span, env):
             return None
-        args = [(x, call.args[0]), (self.graph.params[f"{name}.weight"], call.func.span)]
+        args = [(x, call.args[0])]
+        if spec.has_weight:
+            args.append((self.graph.params[f"{name}.weight"], call.func.span))
         if spec.bias:
             args.append((self.graph.params[f"{name}.bias"], call.func.span))
         return self.call(spec.prim, args, spec.attrs(), call.span, env, module=name)

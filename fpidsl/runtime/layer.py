@@ -95,7 +95,12 @@ def make_module(kind: str, *args: Any, bias: bool = True, init_scale: float | No
                 norm: str | None = None, **options: Any) -> nn.Module:
     """``nn.Linear`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` with PyTorch's default initialisation,
     weight and bias multiplied by ``init_scale``, and ``norm="spectral"`` through PyTorch's
-    spectral-norm parametrisation (which then fixes the weight's scale)."""
+    spectral-norm parametrisation (which then fixes the weight's scale). ``GroupNorm(groups, channels,
+    eps=, affine=)`` and ``LayerNorm(dims, eps=, affine=)`` are torch's (weight 1, bias 0)."""
+    if kind == "GroupNorm":
+        return nn.GroupNorm(*args, eps=options["eps"], affine=options["affine"])
+    if kind == "LayerNorm":
+        return nn.LayerNorm(*args, eps=options["eps"], elementwise_affine=options["affine"])
     cls = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "ConvTranspose2d": nn.ConvTranspose2d}[kind]
     module = cls(*args, bias=bias, **options)
     _scale(module, init_scale)

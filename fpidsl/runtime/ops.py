@@ -315,6 +315,16 @@ def clamp_mask(x: Tensor, *, lo: float, hi: float) -> Tensor:
     """1 where lo <= x <= hi, else 0 (clamp')."""
     return ((x >= lo) & (x <= hi)).to(x.dtype)
 
+def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,
+               channels: int, eps: float = 1e-5) -> Tensor:
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
+               eps: float = 1e-5) -> Tensor:
+    return F.layer_norm(x, tuple(shape), weight, bias, eps)
+
+
 
 def greater_mask(a, b):
     """1 where a > b, 1/2 where a == b, 0 where a < b (broadcast): maximum' in a, ties split evenly."""
@@ -413,3 +423,9 @@ def conv2d_weight_grad(ct: Tensor, x: Tensor, *, kernel: tuple[int, int], stride
     weight = ct.new_empty(1).expand(ct.shape[1], x.shape[1], *kernel)
     return torch.ops.aten.convolution_backward(
         ct, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [False, True, False])[1]
+def group_mean(x: Tensor, *, groups: int) -> Tensor:
+    """Each element replaced by the mean of its group: dim 1 cut into ``groups``, with every later dim."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    return grouped.mean(-1, keepdim=True).expand(grouped.shape).reshape(x.shape)
+
+
