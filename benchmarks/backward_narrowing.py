@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import median_time  # noqa: E402
 
-from fpidsl.codegen.load import module_from_source  # noqa: E402
+from fpidsl.loader import module_from_source  # noqa: E402
 from fpidsl.compiler import check_file  # noqa: E402
 from fpidsl.codegen.emit import emit_module  # noqa: E402
 from fpidsl.passes import narrow  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fpidsl.codegen.load import load
+from fpidsl.loader import load
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_SPEC = ROOT / "benchmarks" / "specs" / "conv.fpi"

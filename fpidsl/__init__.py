@@ -10,7 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "fpidsl.codegen.load",
+    "load": "fpidsl.loader",
     "fixed_point": "fpidsl.runtime.fixed_point",
     "FixedPoint": "fpidsl.runtime.fixed_point",
     "contraction_factor": "fpidsl.runtime.contraction",

@@ -10,7 +10,7 @@ def initial_weights(checked, layer: str) -> dict:
     import torch
 
     from .codegen.emit import emit_module
-    from .codegen.load import module_from_source
+    from .loader import module_from_source
 
     code = emit_module(checked, only=layer)
     module = module_from_source(code, f"<fpidsl lipschitz {layer}>", f"fpidsl_lipschitz_{layer}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fpidsl
-from fpidsl.codegen.load import load_module
+from fpidsl.loader import load_module
 from tests.conftest import ROOT
 
 SPEC = """

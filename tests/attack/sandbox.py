@@ -10,7 +10,7 @@ wall-clock time (a case that blocks). The child reports its outcome, the CPU sec
 resident memory it added (``VmHWM`` at the end less ``VmRSS`` at the fork); more than ``memory_mb`` added is
 the outcome ``memory``, more than ``seconds`` used is ``timeout``.
 
-Outcomes: ``clean`` (checked clean; with ``run``, also loaded by ``fpidsl.codegen.load.load_module`` from a file, which
+Outcomes: ``clean`` (checked clean; with ``run``, also loaded by ``fpidsl.loader.load_module`` from a file, which
 checks and compiles it again, and ran forward and backward),
 ``errors`` (fpidsl errors: kind, line, column, message), ``crash`` (any other exception, with its
 traceback), ``timeout``, ``memory`` (``MemoryError`` at the limit) or ``died`` (killed by a signal).
@@ -85,7 +85,7 @@ def _execute(case: dict) -> dict:
     """In the child: check (and, with ``run``, compile, load, run) the case."""
     import torch
 
-    from fpidsl.codegen.load import load_module
+    from fpidsl.loader import load_module
     from fpidsl.compiler import check_source
     from fpidsl.errors import FpiError, FpiErrors, as_list
     from fpidsl.source import Source

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fpidsl.codegen.load import module_from_source
+from fpidsl.loader import module_from_source
 from fpidsl.compiler import check_source, compile_source
 from fpidsl.errors import FpiError, FpiErrors
 from fpidsl.ir.primitives import BUILTINS

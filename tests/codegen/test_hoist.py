@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpidsl
-from fpidsl.codegen.load import load_module
+from fpidsl.loader import load_module
 from fpidsl.compiler import check_source
 from fpidsl.passes.differentiate import expand_grads
 from fpidsl.passes.hoist import distribute_over_cat, split_step, state_dependent

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compiler import check_source
-from ..frontend.read import read_source
-from ..source import Source
-from .emit import emit_module, spec_hash
+from .codegen.emit import emit_module, spec_hash
+from .compiler import check_source
+from .frontend.read import read_source
+from .source import Source
 
 _CACHE: dict[str, types.ModuleType] = {}
 
