@@ -37,6 +37,14 @@ def _c(prim, *shapes, domains=(), tie=False, **attrs):
 
 
 CONV = {"stride": (2, 2), "padding": (1, 1)}
+NORM_CASES = [
+    _c("group_norm", [2, 4, 3, 2], [4], [4], groups=2, channels=4, eps=1e-5),
+    _c("group_norm", [3, 6], [6], [6], groups=3, channels=6, eps=1e-3),
+    _c("group_norm", [2, 4, 3], groups=4, channels=4, eps=1e-5), _c("group_norm", [2, 4, 5], groups=1, channels=4),
+    _c("layer_norm", [3, 5], [5], [5], shape=(5,), eps=1e-5), _c("layer_norm", [2, 3, 4], [3, 4], [3, 4], shape=(3, 4)),
+    _c("layer_norm", [2, 3, 4], shape=(4,), eps=1e-4), _c("layer_norm", [3, 4], shape=(3, 4)),
+    _c("group_mean", [2, 4, 3], groups=2), _c("group_mean", [3, 6], groups=6),
+]
 CASES = [
     _c("add", [3, 4], [3, 4]), _c("add", [2, 3, 4], [4]), _c("add", [3, 1], [1, 4]), _c("add", [3, 4], []),
     _c("sub", [2, 3], [3]), _c("sub", [1, 3], [2, 1]),
@@ -114,6 +122,8 @@ CASES = [
     # issue 13: auxiliary
     _c("equal_mask", [2, 3], [3]), _c("equal_mask", [3, 4], [3, 4], tie=True),
     _c("safe_div", [2, 3], [3], domains=("any", "nonzero")), _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
+    # issue 13: normalisation modules
+    *NORM_CASES,
 ]
 
 SECOND_ORDER = [
@@ -137,6 +147,7 @@ SECOND_ORDER = [
     _c("permute", [2, 3, 4], dims=(2, 0, 1)), _c("unsqueeze", [2, 3], dim=(-1, 0)),
     _c("triu", [2, 4, 3], diagonal=1), _c("tril", [2, 3, 4], diagonal=-1),
     _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
+    *NORM_CASES,
 ]
 
 

@@ -128,3 +128,20 @@ def test_the_batch_axis_follows_permute_and_unsqueeze():
     ys = [n for n in g.nodes() if g.node(n).get("name") == "y"]
     assert [axes[n] for n in ys] == [2]
     assert MIXED not in axes.values()
+
+
+def test_normalisations_are_per_sample_unless_they_normalize_over_the_batch_axis():
+    """group_norm normalizes dims 1.., layer_norm its trailing ``shape``: per-sample with the batch on a leading
+    dim that is not normalized, mixing when the batch is normalized over or the weight is batched."""
+    gn, ln, gm = PRIMITIVES["group_norm"].batch, PRIMITIVES["layer_norm"].batch, PRIMITIVES["group_mean"].batch
+    x4 = ("B", 4, 3, 3)
+    gn_attrs = {"groups": 2, "channels": 4, "eps": 1e-5}
+    assert gn([0, None, None], [x4, (4,), (4,)], x4, gn_attrs) == 0
+    assert gn([None, None, None], [x4, (4,), (4,)], x4, gn_attrs) is None
+    assert gn([1, None, None], [(4, "B", 3), (4,), (4,)], (4, "B", 3), gn_attrs) is MIXED
+    assert gn([0, 0, None], [x4, ("B",), (4,)], x4, gn_attrs) is MIXED
+    assert gm([0], [x4], x4, {"groups": 2}) == 0 and gm([2], [(3, 4, "B")], (3, 4, "B"), {"groups": 2}) is MIXED
+    assert ln([0], [("B", 3, 4)], ("B", 3, 4), {"shape": (3, 4), "eps": 1e-5}) == 0
+    assert ln([1], [(2, "B", 4)], (2, "B", 4), {"shape": (4,), "eps": 1e-5}) == 1
+    assert ln([1], [(2, "B", 4)], (2, "B", 4), {"shape": ("B", 4), "eps": 1e-5}) is MIXED
+    assert ln([0], [("B", 4)], ("B", 4), {"shape": ("B", 4), "eps": 1e-5}) is MIXED

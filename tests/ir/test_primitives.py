@@ -85,6 +85,10 @@ CASES = [
     ("unsqueeze", [()], {"dim": 0}, (1,)),
     ("triu", [("B", 4, 4)], {}, ("B", 4, 4)),
     ("tril", [(3, 5)], {"diagonal": -1}, (3, 5)),
+    ("group_norm", [("B", 4, "H", "W"), (4,), (4,)], {"groups": 2, "channels": 4}, ("B", 4, "H", "W")),
+    ("group_norm", [("B", 6)], {"groups": 3, "channels": 6, "eps": 1e-3}, ("B", 6)),
+    ("layer_norm", [("B", "T", 8), (8,), (8,)], {"shape": (8,)}, ("B", "T", 8)),
+    ("layer_norm", [("B", 3, 4)], {"shape": (3, 4), "eps": 1e-4}, ("B", 3, 4)),
 ]
 
 
@@ -123,7 +127,8 @@ def test_shape_rule(prim, shapes, attrs, expected):
 CORE = set("""add sub mul div matmul pow neg relu leaky_relu tanh sigmoid softplus elu exp log sqrt square abs sin
 cos clamp minimum maximum sum mean softmax logsumexp cat reshape transpose flatten index linear conv2d
 conv_transpose2d grad
-gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril""".split())
+gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril
+group_norm layer_norm""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -189,6 +194,15 @@ POSITIONED_FAILURES = [
     ("unsqueeze", [("B", 3)], {"dim": (1, -3)}, "dim", "appears twice"),
     ("triu", [("B",)], {}, 0, "triu needs a tensor of at least 2 dimensions"),
     ("tril", [()], {}, 0, "tril needs a tensor of at least 2 dimensions"),
+    ("group_norm", [("B", 6, "H")], {"groups": 2, "channels": 4}, 0,
+     "expects 4 channels (dimension 1), but its argument has shape [B, 6, H]"),
+    ("group_norm", [("B",)], {"groups": 1, "channels": 4}, 0, "expects an input [N, C, ...] of at least 2"),
+    ("group_norm", [("B", 6)], {"groups": 4, "channels": 6}, "groups", "6 channels cannot be split into 4 groups"),
+    ("group_norm", [("B", 4), (3,), (4,)], {"groups": 2, "channels": 4}, 1, "expects its weight of shape [4], found [3]"),
+    ("layer_norm", [("B", 3, 4)], {"shape": (4, 3)}, 0,
+     "normalizes over trailing dimensions [4, 3], but its argument has shape [B, 3, 4]"),
+    ("layer_norm", [(4,)], {"shape": (3, 4)}, 0, "normalizes over trailing dimensions [3, 4]"),
+    ("layer_norm", [("B", 4), (4,), (3,)], {"shape": (4,)}, 2, "expects its bias of shape [4], found [3]"),
 ]
 
 
