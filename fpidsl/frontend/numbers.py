@@ -12,6 +12,7 @@ a built-in outside its domain (``log(0)``).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Union
 
 Number = Union[int, float]
@@ -80,12 +81,21 @@ def power(a: Number, b: Number) -> Number:
     return checked(value, f"{a} ** {b}")
 
 
+_COMPARISONS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+                "!=": operator.ne}
+
+
 def arithmetic(op: str, a: Number, b: Number) -> Number:
-    """``a op b`` for ``op`` in ``+ - * / **``, checked."""
+    """``a op b`` for ``op`` in ``+ - * / // **`` (``//``: floor division, an integer of integers), or a
+    comparison ``< <= > >= == !=`` (1 or 0), checked."""
     if op == "**":
         return power(a, b)
+    if op in _COMPARISONS:
+        return int(_COMPARISONS[op](a, b))
     try:
-        if op == "+":
+        if op == "//":
+            value = a // b
+        elif op == "+":
             value = a + b
         elif op == "-":
             value = a - b

@@ -39,8 +39,8 @@ _TERMINAL_WORDS = {
     "MINUS": "'-'",
     "STAR": "'*'",
     "SLASH": "'/'",
-    "__ANON_0": "'**'",
     "AT": "'@'",
+    "COMPARE": "a comparison (< <= > >= == !=)",
     "$END": "the end of the file",
 }
 
@@ -92,7 +92,8 @@ def _describe(token: Token) -> str:
 
 
 _DECLARATION_KEYWORDS = {"input", "state", "param", "const", "let", "energy", "update", "descend", "output"}
-_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "__ANON_0", "LSQB", "LPAR"}
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "COMPARE", "LSQB", "LPAR"}
+_OPERATOR_LITERALS = {"**", "//"}  # anonymous terminals (lark numbers them in grammar order)
 
 
 def _expected_words(expected: set[str]) -> str:
@@ -107,8 +108,9 @@ def _expected_words(expected: set[str]) -> str:
     if {"NAME", "NUMBER"} <= remaining and "MINUS" in remaining:
         words.add("an expression")
         remaining -= {"NAME", "NUMBER", "MINUS", "LPAR", "LSQB"}
-    if remaining - _OPERATORS:
-        remaining -= _OPERATORS
+    operators = _OPERATORS | {t for t in remaining if _literal_map().get(t) in _OPERATOR_LITERALS}
+    if remaining - operators:
+        remaining -= operators
     words |= {_TERMINAL_WORDS.get(t, _literal_of(t)) for t in remaining}
     ordered = sorted(words, key=lambda w: (not w.startswith("'"), w))
     if not ordered:
@@ -136,6 +138,9 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
         char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
         span = at.span(exc.line, exc.column, exc.line, exc.column + 1)
+        if char == "." and exc.pos_in_stream > 0 and (text[exc.pos_in_stream - 1].isalnum()
+                                                      or text[exc.pos_in_stream - 1] in "_)]"):
+            return _attribute_error(text, exc.pos_in_stream, span)
         if char in "\"'":
             return SyntaxErr(
                 "string literals are not part of the language",
@@ -160,6 +165,9 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
         hint = None
         if token.type == "NAME" and str(token) in KEYWORDS and "NAME" in expected:
             hint = f"'{token}' is a keyword and cannot be used as a name"
+        elif token.type == "COMPARE":
+            message = f"comparisons do not chain: found a second {_describe(token)}"
+            hint = "compare once, or combine masks: (a < b) * (b < c)"
         elif token.type == "LPAR" and "NAME" not in expected:
             hint = "only built-in functions, `fn` definitions and param modules can be called, by name"
         elif token.type in ("RBRACE", "RPAR", "RSQB") or str(token) in KEYWORDS:
@@ -172,6 +180,43 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
         span = at.span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return SyntaxErr(f"unexpected end of input: expected {_expected_words(set(exc.expected))}", span)
     raise exc  # pragma: no cover - lark has no other kinds
+
+
+_ATTRIBUTES = {
+    "T": "use transpose(x, 0, 1) (or permute(x, [dims]) for more than two dimensions)",
+    "shape": "shapes are declared, not read: write the declared sizes, e.g. reshape(x, [B, -1])",
+    "sum": "use sum(x, dim=...)",
+    "mean": "use mean(x, dim=...)",
+    "max": "use max(x, dim)",
+    "min": "use min(x, dim)",
+    "reshape": "use reshape(x, [sizes])",
+    "view": "use reshape(x, [sizes])",
+    "transpose": "use transpose(x, dim0, dim1)",
+    "permute": "use permute(x, [dims])",
+    "unsqueeze": "use unsqueeze(x, dim) or x[:, None]",
+    "abs": "use abs(x)",
+    "exp": "use exp(x)",
+}
+
+
+def _attribute_error(text: str, pos: int, span: Span) -> SyntaxErr:
+    """``W.T``, ``x.sum(...)``: attribute access is not part of the language; say what is."""
+    end = pos + 1
+    while end < len(text) and (text[end].isalnum() or text[end] == "_"):
+        end += 1
+    attribute = text[pos + 1:end]
+    start = pos
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    receiver = text[start:pos] if start < pos and not text[start].isdigit() else ""
+    hint = _ATTRIBUTES.get(attribute)
+    if hint is not None and receiver:  # W.T -> transpose(W, 0, 1)
+        hint = hint.replace("(x,", f"({receiver},")
+    if hint is None:
+        hint = ("functions are called by name on their argument, e.g. transpose(W, 0, 1), sum(x, dim=1)"
+                if attribute else "a number needs a digit before or after its '.', e.g. 0.5")
+    what = f"'.{attribute}'" if attribute else "'.'"
+    return SyntaxErr(f"attribute access ({what}) is not part of the language", span, hint=hint)
 
 
 def _lines(text: str) -> list[str]:
@@ -333,9 +378,14 @@ class ToAst(Transformer):
     sub = _binop("-")
     mul = _binop("*")
     div = _binop("/")
+    floordiv = _binop("//")
     matmul = _binop("@")
     pow = _binop("**")
     del _binop
+
+    def compare(self, meta, children):
+        left, op, right = children
+        return ast.BinOp(str(op), left, right, self._span(meta))
 
     def neg(self, meta, children):
         return ast.Neg(children[0], self._span(meta))
@@ -403,7 +453,7 @@ class _Misplaced(Exception):
 
 
 # Parse-tree nodes that are one level of an expression (calls, operators, lists, indexing).
-_EXPRESSION_LEVELS = frozenset("add sub mul div matmul pow neg call list index".split())
+_EXPRESSION_LEVELS = frozenset("add sub mul div floordiv matmul pow compare neg call list index".split())
 
 
 def _check_nesting(tree: lark.Tree, at: Placement) -> None:

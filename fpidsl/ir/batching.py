@@ -161,17 +161,31 @@ def flattening() -> BatchRule:
 
 
 def _index_items(items: tuple, rank: int) -> list:
-    """The index expanded to one item per dimension of the indexed value (Ellipsis and the tail filled)."""
+    """The index expanded to one item per dimension of the indexed value (Ellipsis and the tail filled);
+    a ``None`` item (a new size-1 dimension) stays in place and reads no dimension."""
     from .primitives import SliceSpec
 
-    explicit = sum(1 for it in items if it is not Ellipsis)
+    explicit = sum(1 for it in items if it is not Ellipsis and it is not None)
     out: list = []
     for it in items:
         if it is Ellipsis:
             out.extend([SliceSpec()] * (rank - explicit))
         else:
             out.append(it)
-    return out + [SliceSpec()] * (rank - len(out))
+    return out + [SliceSpec()] * (rank - sum(1 for it in out if it is not None))
+
+
+def _index_positions(items: list) -> list[tuple]:
+    """For each expanded item: (item, the dimension of the indexed value it reads or None, the dimension
+    of the result it makes or None). An integer reads one and makes none, ``None`` makes one and reads none."""
+    out, i, j = [], 0, 0
+    for it in items:
+        reads = None if it is None else i
+        makes = None if isinstance(it, int) and not isinstance(it, bool) else j
+        out.append((it, reads, makes))
+        i += reads is not None
+        j += makes is not None
+    return out
 
 
 def _full(item) -> bool:
@@ -183,28 +197,31 @@ def _full(item) -> bool:
 def indexing(data: int = 0, like_position: int | None = None) -> BatchRule:
     """``x[index]`` (and ``index_backward``, which places a cotangent at ``like[index]``): the samples stay
     apart only when the batch axis is taken whole (``:``); any integer or partial slice on it selects
-    among the samples. Integers before the batch axis remove dimensions and move it left."""
+    among the samples. Integers before the batch axis remove dimensions and move it left; ``None`` items
+    (new size-1 dimensions) before it move it right."""
     def rule(axes, shapes, out, attrs):
         full_rank_position = like_position if like_position is not None else data
         rank = len(shapes[full_rank_position])
-        items = _index_items(tuple(attrs["index"]), rank)
-        keep = [i for i, it in enumerate(items) if not isinstance(it, int)]
+        positions = _index_positions(_index_items(tuple(attrs["index"]), rank))
+        by_input = {reads: (it, makes) for it, reads, makes in positions if reads is not None}
+        by_result = {makes: (it, reads) for it, reads, makes in positions if makes is not None}
         if like_position is None:  # forward: axis in x -> axis in the result
             a = axes[data]
             if a is None or a is MIXED:
                 return a
-            return keep.index(a) if _full(items[a]) else MIXED
-        # backward: ct lives on the kept dims; like is read for its shape
+            it, makes = by_input[a]
+            return makes if _full(it) else MIXED
+        # backward: ct lives on the result's dims; like is read for its shape
         ct_axis = axes[data]
         cands = [axes[like_position]]
         if ct_axis is MIXED:
             return MIXED
         if ct_axis is not None:
-            full_axis = keep[ct_axis]
-            if not _full(items[full_axis]):
+            it, full_axis = by_result[ct_axis]
+            if full_axis is None or not _full(it):  # the samples along a new size-1 dim, or a selection
                 return MIXED
             cands.append(full_axis)
-        elif axes[like_position] is not None and not _full(items[axes[like_position]]):
+        elif axes[like_position] is not None and not _full(by_input[axes[like_position]][0]):
             return MIXED
         return _agree(cands)
     return rule

@@ -573,6 +573,9 @@ RULES: dict[str, VjpRule] = {
     **{name: _times(factor) for name, factor in _ELEMENTWISE.items()},
     "log": _log, "sqrt": _sqrt, "minimum": _extremum(False), "maximum": _extremum(True),
     "reciprocal": _reciprocal, "where": _where, "sign": _zero,
+    # comparisons (operators < <= > >= == !=): 0/1 masks, piecewise constant
+    "less": _zero, "less_equal": _zero, "greater": _zero, "greater_equal": _zero, "equal": _zero,
+    "not_equal": _zero,
     "max": _extremum_reduction(True), "min": _extremum_reduction(False), "norm": _norm, "prod": _prod, "var": _var,
     "permute": _permute, "unsqueeze": _unsqueeze, "triu": _triangle(True), "tril": _triangle(False),
     "sum": _sum, "mean": _mean, "softmax": _softmax, "logsumexp": _logsumexp, "cat": _cat,

@@ -289,7 +289,7 @@ def _index(shapes, attrs, ctx):
     n_ell = sum(1 for it in items if it is Ellipsis)
     if n_ell > 1:
         raise ctx.fail("an index can have only one ...")
-    explicit = len(items) - n_ell
+    explicit = sum(1 for it in items if it is not Ellipsis and it is not None)  # None adds a dim, reads none
     if explicit > len(x):
         raise ctx.fail(f"too many indices: a tensor of shape {fmt_shape(x)} has {len(x)} dimensions but "
                        f"{explicit} are indexed", arg=0)
@@ -299,9 +299,14 @@ def _index(shapes, attrs, ctx):
             expanded.extend([(SliceSpec(), i)] * (len(x) - explicit))
         else:
             expanded.append((it, i))
-    expanded.extend([(SliceSpec(), None)] * (len(x) - len(expanded)))
+    expanded.extend([(SliceSpec(), None)] * (len(x) + (len(items) - n_ell - explicit) - len(expanded)))
     out = []
-    for d, (it, i) in zip(x, expanded):
+    dims = iter(x)
+    for it, i in expanded:
+        if it is None:  # x[:, None]: a new dimension of size 1
+            out.append(1)
+            continue
+        d = next(dims)
         if isinstance(it, int):
             if isinstance(d, int) and not -d <= it < d:
                 raise ctx.fail(f"index {it} out of range for dimension of size {d}", item=i)
@@ -540,11 +545,6 @@ def _unsqueeze_shape(shapes, attrs, ctx):
     return tuple(1 if i in picked else next(rest) for i in range(rank))
 
 
-# --------------------------------------------------------------------------- the table
-
-_X = ("x",)
-_AB = ("a", "b")
-
 def _affine_parameters(shapes, ctx, expected: tuple) -> None:
     """The weight and bias of a normalisation, when present, have the shape ``expected``."""
     for i, s in enumerate(shapes[1:], start=1):
@@ -587,12 +587,21 @@ def _group_mean(shapes, attrs, ctx):
     return tuple(x)
 
 
+# --------------------------------------------------------------------------- the table
+
+_X = ("x",)
+_AB = ("a", "b")
+
 
 def _p(name, inputs, rule, *attrs, vjp, batch, lipschitz=None, narrow=None, distribute=None, op=None,
        builtin=False, optional=0, variadic=False, doc=""):
     return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch,
                      op=op or name, lipschitz=lipschitz, narrow=narrow, distribute=distribute)
 
+
+# The comparison operators and their primitives.
+COMPARISON_OPS = {"<": "less", "<=": "less_equal", ">": "greater", ">=": "greater_equal", "==": "equal",
+                  "!=": "not_equal"}
 
 # The VJP rules' bodies are in derivatives.py (they build graphs with the primitives below).
 from . import derivatives as _D  # noqa: E402 - needs the classes above
@@ -633,6 +642,9 @@ _TABLE = [
        doc="the error function"),
     _p("sign", _X, _same, batch=_EW, builtin=True, vjp=_V["sign"], lipschitz="unbounded", doc="-1, 0 or 1"),
     _p("reciprocal", _X, _same, batch=_EW, builtin=True, vjp=_V["reciprocal"], lipschitz="unbounded", doc="1 / x"),
+    # comparisons (operators): 0/1 masks in the operands' float dtype, not differentiable (zero VJP)
+    *(_p(name, _AB, _broadcast, batch=_EW, vjp=_V[name], lipschitz="unbounded", doc=f"1 where a {op} b, else 0")
+      for op, name in COMPARISON_OPS.items()),
     _p("where", ("cond", "a", "b"), _where, batch=_EW, builtin=True, vjp=_V["where"], lipschitz="unbounded",
        doc="a where cond != 0, else b (not differentiable in cond)"),
     # reductions and shape ops
@@ -676,6 +688,13 @@ _TABLE = [
     _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
        Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3),
        optional=1, vjp=_V["conv_transpose2d"], lipschitz="weight_norm", distribute=(1, 0)),
+    _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int"),
+       Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
+       vjp=_V["group_norm"], doc="GroupNorm: x normalized over each group of channels (and space), then "
+                                 "weight * . + bias per channel"),
+    _p("layer_norm", ("x", "weight", "bias"), _layer_norm, Attr("shape", "shape"), Attr("eps", "number", 1e-5),
+       batch=_B.normalizing(lambda rank, attrs: len(attrs["shape"])), optional=2, vjp=_V["layer_norm"],
+       doc="LayerNorm: x normalized over its trailing dims shape, then weight * . + bias"),
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
        doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"], lipschitz="curvature"),
@@ -688,13 +707,6 @@ def _like(shapes, attrs, ctx):
 
 def _scalar(shapes, attrs, ctx):
     return ()
-    _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int"),
-       Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
-       vjp=_V["group_norm"], doc="GroupNorm: x normalized over each group of channels (and space), then "
-                                 "weight * . + bias per channel"),
-    _p("layer_norm", ("x", "weight", "bias"), _layer_norm, Attr("shape", "shape"), Attr("eps", "number", 1e-5),
-       batch=_B.normalizing(lambda rank, attrs: len(attrs["shape"])), optional=2, vjp=_V["layer_norm"],
-       doc="LayerNorm: x normalized over its trailing dims shape, then weight * . + bias"),
 
 
 def _broadcast2(shapes, attrs, ctx):
@@ -756,6 +768,10 @@ AUXILIARY: tuple[Primitive, ...] = (
     _aux("conv2d_weight_grad", ("ct", "x"), _conv2d_weight_grad_shape, Attr("kernel", "pair"), *_CONV,
          batch=_B.sample_free_result(),
          doc="the weight gradient of conv2d(x, W)", vjp=_V["conv2d_weight_grad"]),
+    _aux("group_mean", ("x",), _group_mean, Attr("groups", "int"),
+         batch=_B.normalizing(lambda rank, attrs: rank - 1),
+         doc="each element replaced by the mean of its group (dim 1 cut into groups, with every later dim)",
+         vjp=_V["group_mean"]),
 )
 
 
@@ -768,10 +784,6 @@ BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul"}
 # --------------------------------------------------------------------------- modules
 
 @dataclass(frozen=True)
-    _aux("group_mean", ("x",), _group_mean, Attr("groups", "int"),
-         batch=_B.normalizing(lambda rank, attrs: rank - 1),
-         doc="each element replaced by the mean of its group (dim 1 cut into groups, with every later dim)",
-         vjp=_V["group_mean"]),
 class ModuleKind:
     """A ``param NAME : Kind(...)`` module: its surface parameters (name, attr kind, default) and the
     primitive its calls lower to."""
@@ -796,15 +808,15 @@ MODULE_KINDS: dict[str, ModuleKind] = {
         Attr("in", "int"), Attr("out", "int"), Attr("kernel", "pair"),
         Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)),
         Attr("output_padding", "pair", (0, 0))) + _COMMON),
+    "GroupNorm": ModuleKind("GroupNorm", "group_norm", (
+        Attr("groups", "int"), Attr("channels", "int"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
+    "LayerNorm": ModuleKind("LayerNorm", "layer_norm", (
+        Attr("dims", "dims"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
 }
+
+NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine
 
 NORMS = ("spectral",)
 
 # Initialisers of raw ``tensor`` params and states: name -> number of numeric arguments.
 TENSOR_INITS = {"zeros": 0, "ones": 0, "normal": 2, "uniform": 2}
-    "GroupNorm": ModuleKind("GroupNorm", "group_norm", (
-        Attr("groups", "int"), Attr("channels", "int"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
-    "LayerNorm": ModuleKind("LayerNorm", "layer_norm", (
-        Attr("dims", "dims"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
-NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine
-

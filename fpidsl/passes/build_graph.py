@@ -28,10 +28,11 @@ from ..ir.graph import LayerGraph, ModuleSpec, StateInfo, TensorInit
 from ..ir.primitives import (
     ATTR_KINDS,
     BINARY_OPS,
+    COMPARISON_OPS,
     BUILTINS,
     MODULE_KINDS,
-    NORMS,
     NORMALIZATIONS,
+    NORMS,
     Attr,
     Primitive,
     SliceSpec,
@@ -55,6 +56,7 @@ _FAIL: Any = object()
 MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
 MAX_PARAM_ELEMENTS = 2**31 - 1  # numbers in one parameter tensor (8 GiB of float32)
 MAX_BUILD_DEPTH = 4 * MAX_CHAIN  # nested build_expr calls: a chain of MAX_CHAIN lets `l2 = 0.5 * l1` is 2 each
+NEW_AXIS = frozenset(("None", "none"))  # the index item `x[:, None]` (a new size-1 dimension)
 
 
 @dataclass(frozen=True)
@@ -220,8 +222,6 @@ class _Builder:
             self.graph.params[qual] = self.graph.add_node(
                 "param", span=decl.span, shape=tuple(shape), name=qual, module=decl.name, role=role)
 
-    def too_many_elements(self, what: str, shape, span: Span) -> bool:
-        """Report (and say True) a parameter too large to be allocated: one of more than
     def normalization_spec(self, kind: str, values: dict, bound: dict, span: Span) -> ModuleSpec | None:
         """GroupNorm(groups, channels, eps, affine) / LayerNorm(dims, eps, affine), checked; None after an
         error at the offending argument."""
@@ -249,6 +249,8 @@ class _Builder:
         return ModuleSpec(kind, math.prod(dims), math.prod(dims), bias=values["affine"], span=span,
                           normalized=dims, eps=float(eps))
 
+    def too_many_elements(self, what: str, shape, span: Span) -> bool:
+        """Report (and say True) a parameter too large to be allocated: one of more than
         ``MAX_PARAM_ELEMENTS`` numbers would fail when the layer is constructed, not here."""
         count = math.prod(shape)
         if count <= MAX_PARAM_ELEMENTS:
@@ -586,11 +588,22 @@ class _Builder:
             if base is None:
                 return None
             return self.call("pow", [(base, expr.left)], {"exponent": exponent}, expr.span, env)
+        if expr.op == "//":
+            self.error(TypeErr, "`//` is integer division of numbers and consts, not of tensors", expr.span,
+                       hint="for tensors use `/`; a comparison such as `x > 0` gives a 0/1 mask")
+            return None
         left = self.build_expr(expr.left, env)
         right = self.build_expr(expr.right, env)
         if left is None or right is None:
             return None
-        return self.call(BINARY_OPS[expr.op], [(left, expr.left), (right, expr.right)], {}, expr.span, env)
+        prim = COMPARISON_OPS.get(expr.op) or BINARY_OPS[expr.op]
+        return self.call(prim, [(left, expr.left), (right, expr.right)], {}, expr.span, env)
+
+    def _declared(self, name: str, env: Env | None) -> bool:
+        """Whether ``name`` is a declared name or fn parameter (which then shadows the word ``None``)."""
+        if env is not None:
+            return name in env
+        return bool(self.scope and name in self.scope.symbols)
 
     def index(self, expr: ast.Index, env: Env | None) -> str | None:
         value = self.build_expr(expr.value, env)
@@ -599,6 +612,8 @@ class _Builder:
         for item in expr.items:
             if isinstance(item, ast.EllipsisIndex):
                 items.append(Ellipsis)
+            elif isinstance(item, ast.Name) and item.id in NEW_AXIS and not self._declared(item.id, env):
+                items.append(None)  # x[:, None]: a new dimension of size 1
             elif isinstance(item, ast.Slice):
                 parts = []
                 for part in (item.lo, item.hi, item.step):

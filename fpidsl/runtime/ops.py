@@ -20,6 +20,7 @@ This module imports only torch: the compiler's representation of attributes is m
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -146,6 +147,37 @@ def where(cond, a, b):
         dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
         a = torch.as_tensor(a, dtype=dtype, device=like.device)
     return torch.where(mask, a, b)
+
+
+def _mask(a, b, test) -> Tensor:
+    """``test(a, b)`` (broadcast; one side may be a number) as 0/1 in the operands' float dtype."""
+    like = next(t for t in (a, b) if isinstance(t, Tensor))
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return test(a, b).to(dtype)
+
+
+def less(a, b):
+    return _mask(a, b, operator.lt)
+
+
+def less_equal(a, b):
+    return _mask(a, b, operator.le)
+
+
+def greater(a, b):
+    return _mask(a, b, operator.gt)
+
+
+def greater_equal(a, b):
+    return _mask(a, b, operator.ge)
+
+
+def equal(a, b):
+    return _mask(a, b, operator.eq)
+
+
+def not_equal(a, b):
+    return _mask(a, b, operator.ne)
 
 
 def minimum(a, b):

@@ -44,7 +44,7 @@ class FpiLexer(RegexLexer):
             (r"\d+(_\d+)*\.(\d+(_\d+)*)?|\.\d+(_\d+)*", Number.Float),
             (r"\d+(_\d+)*", Number.Integer),
             (r"[A-Za-z_][A-Za-z0-9_]*", Name),
-            (r"\*\*|[-+*/@=:]", Operator),
+            (r"\*\*|//|[<>=!]=|[-+*/@=:<>]", Operator),
             (r"\.\.\.", Punctuation),
             (r"[\[\](){},]", Punctuation),
             (r".", Text),

@@ -50,7 +50,7 @@ def grammar() -> dict:
             "number": {"name": "constant.numeric.fpi",
                        "match": "(?<![A-Za-z0-9_])(\\d+(_\\d+)*(\\.(\\d+(_\\d+)*)?)?|\\.\\d+(_\\d+)*)"
                                 "([eE][+-]?\\d+(_\\d+)*)?"},
-            "operator": {"name": "keyword.operator.fpi", "match": "\\*\\*|[-+*/@=:]"},
+            "operator": {"name": "keyword.operator.fpi", "match": "\\*\\*|//|[<>=!]=|[-+*/@=:<>]"},
             "punctuation": {"name": "punctuation.separator.fpi", "match": "\\.\\.\\.|[,()\\[\\]{}]"},
         },
     }

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..frontend import ast
 
-# How tightly each form binds (LANGUAGE.md "Expressions" and grammars/fpi.lark): sum < term < factor < power
-# < postfix < atom.
-SUM, TERM, FACTOR, POWER, POSTFIX, ATOM = range(1, 7)
-_BINARY = {"+": SUM, "-": SUM, "*": TERM, "/": TERM, "@": TERM}
+# How tightly each form binds (LANGUAGE.md "Expressions" and grammars/fpi.lark): comparison < sum < term
+# < factor < power < postfix < atom.
+COMPARISON, SUM, TERM, FACTOR, POWER, POSTFIX, ATOM = range(1, 8)
+_BINARY = {"+": SUM, "-": SUM, "*": TERM, "/": TERM, "//": TERM, "@": TERM}
+_COMPARISONS = frozenset(("<", "<=", ">", ">=", "==", "!="))
 
 
-def expr(node, need: int = SUM) -> str:
+def expr(node, need: int = COMPARISON) -> str:
     """``node`` as text; parenthesised when it binds looser than ``need``."""
     text, level = _expr(node)
     return f"({text})" if level < need else text
@@ -24,6 +25,8 @@ def _expr(node) -> tuple[str, int]:
     if isinstance(node, ast.BinOp):
         if node.op == "**":
             return f"{expr(node.left, POSTFIX)} ** {expr(node.right, FACTOR)}", POWER
+        if node.op in _COMPARISONS:  # not chained: both sides are sums
+            return f"{expr(node.left, SUM)} {node.op} {expr(node.right, SUM)}", COMPARISON
         level = _BINARY[node.op]
         return f"{expr(node.left, level)} {node.op} {expr(node.right, level + 1)}", level
     if isinstance(node, ast.Neg):

@@ -157,7 +157,15 @@ SYNTAX_ERRORS = [
     ("let y = 1\n", 1, 1, "expected 'fn', 'layer' or the end of the file", None),
     ("layer L {\n  let y = 1 +* 2\n}\n", 2, 14, "found '*'", None),
     ("layer L {\n  output\n}\n", 3, 1, "expected an expression", None),
-    ("layer L {\n  let y = a.b\n}\n", 2, 12, "unexpected character", None),
+    ("layer L {\n  let y = a.b\n}\n", 2, 12, "attribute access ('.b') is not part of the language",
+     "functions are called by name"),
+    ("layer L {\n  let y = W.T @ x\n}\n", 2, 12, "attribute access ('.T')", "use transpose(W, 0, 1)"),
+    ("layer L {\n  let y = (W).T\n}\n", 2, 14, "attribute access ('.T')", "use transpose(x, 0, 1)"),
+    ("layer L {\n  let y = sum(x).shape\n}\n", 2, 17, "attribute access ('.shape')", "declared"),
+    ("layer L {\n  let y = a < b < c\n}\n", 2, 17, "comparisons do not chain: found a second '<'",
+     "(a < b) * (b < c)"),
+    ("layer L {\n  let y = a = b\n}\n", 2, 13, "found '='", None),
+    ("layer L {\n  let y = a =< b\n}\n", 2, 13, "found '='", None),
     ("layer L {\n  let y = 1e\n}\n", 2, 12, "found name 'e'", None),
 ]
 

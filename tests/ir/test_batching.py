@@ -49,6 +49,13 @@ SAMPLEWISE = [
     "update x = tanh(0.5 * reshape(triu(reshape(x, [B, 2, 2])) + tril(reshape(x, [B, 2, 2]), diagonal=-1), [B, 4]) + a)",
     "update x = tanh(0.5 * sum(unsqueeze(x, -1), dim=-1) + sum(unsqueeze(a, dim=1), dim=1))",
     "update x = tanh(where(a, 0.5 * x, 0.2 * x) + a)",
+    # issue 13: comparisons (elementwise masks) and `None` index items (new size-1 dims move the batch axis)
+    "update x = tanh(0.5 * x * (x > 0) + a * (a <= x) - 0.1 * (x != a))",
+    "update x = tanh(where(x >= a, 0.5 * x, 0.2 * x) + a)",
+    "update x = tanh(0.5 * sum(x[:, None] * a[:, :, None], dim=1) + a)",
+    "update x = tanh(0.5 * x[None][0] + a)",
+    "update x = tanh(0.5 * x[None, :, None][0, :, 0] + a)",
+    "update x = tanh(0.5 * sum(x[..., None], dim=-1) + a[None, ...][0])",
 ]
 
 MIXING = [
@@ -71,6 +78,10 @@ MIXING = [
     "update x = tanh(0.5 * reshape(transpose(triu(transpose(reshape(x, [B, 2, 2]), 0, 1)), 0, 1), [B, 4]) + a)",
     "update x = tanh(0.5 * x + a * sum(permute(x, [1, 0]), dim=1))",
     "update x = tanh(where(sum(x, dim=0), x, a) * 0.5)",
+    # issue 13: a mask against a batch statistic; an integer after a `None` item reads the batch axis
+    "update x = tanh(0.5 * x * (x > mean(x, dim=0)) + a)",
+    "update x = tanh(0.5 * x[None, 0] + a)",
+    "update x = tanh(0.5 * x[None][:, 1:2][0, 0] + a)",
 ]
 
 

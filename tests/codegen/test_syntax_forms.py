@@ -1,0 +1,144 @@
+"""Issue 13's new syntax in compiled layers: comparisons (0/1 masks), ``None`` index items (new size-1 dims) and
+``//`` on numbers. A small layer using each form checks, compiles and loads; its fixed point and its first and second
+derivatives match autograd through the unrolled iteration of its own map (float64); gradcheck and gradgradcheck
+pass on the compiled layer. Mistakes are one positioned error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpidsl
+from fpidsl.compiler import check_source
+from fpidsl.errors import FpiError, FpiErrors, ShapeErr, SyntaxErr, TypeErr
+from fpidsl.source import Source
+
+from ..runtime.helpers import derivatives
+
+BODIES = {
+    "greater-as-where-condition": "where(h > 0, h, 0.5 * h)",
+    "masks-in-arithmetic": "h * (a >= 0) + (h < 0.1) * 0.3 * h",
+    "equal-and-not-equal": "h * (sign(a) == 1) + h * (sign(a) != 1) * 0.5",
+    "number-on-the-left": "(0 <= a) * h + 0.5 * h",
+    "mask-of-the-state": "h * (x > 0) + 0.2 * h",
+    "none-items": "sum(h[:, None] * sigmoid(a)[:, :, None], dim=1)",
+    "none-before-the-batch": "h + sum(h[None], dim=0) * 0.5",
+    "none-with-ellipsis": "sum(h[..., None] * h[:, None, :], dim=1) * 0.3 + h",
+    "floordiv-of-numbers": "reshape(reshape(h, [B, 8 // 4, 5 // 2]), [B, 4])",
+}
+
+TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
+UNROLL = 200
+
+
+def _spec(body: str) -> str:
+    return f"""
+layer L {{
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param fc : Linear(8, 4, init_scale=0.4)
+  let h = fc(cat([x, a], dim=-1))
+  update x = 0.5 * tanh({body})
+}}
+"""
+
+
+def _unrolled(layer, a):
+    x = torch.zeros_like(a)
+    for _ in range(UNROLL):
+        x = type(layer).step(x, a, *layer.parameter_tensors())
+    return x
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_a_layer_with_the_form_matches_unrolled_autograd(name, tmp_path):
+    spec = tmp_path / "form.fpi"
+    spec.write_text(_spec(BODIES[name]))
+    cls = fpidsl.load(spec)
+    torch.manual_seed(0)
+    layer = cls(solve=TIGHT, backward=TIGHT).double()
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [a, *layer.parameters()]
+    weight = torch.randn(3, 4, dtype=torch.float64)
+
+    torch.testing.assert_close(layer(a), _unrolled(layer, a), rtol=1e-10, atol=1e-12)
+    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
+    want = derivatives(lambda: (weight * _unrolled(layer, a)).sum(), params, order=2)
+    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
+    assert any(g.abs().max() > 0 for g in got[1]), "the second derivatives are all zero: the test would not see them"
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(layer, (small,))
+    assert torch.autograd.gradgradcheck(layer, (small,))
+
+
+def test_a_comparison_is_a_float_mask_with_no_gradient(tmp_path):
+    spec = tmp_path / "mask.fpi"
+    spec.write_text("""
+layer M {
+  input a : [B, 3]
+  state x : [B, 3] = zeros
+  update x = 0.5 * x + (a > 0.25) - (a <= -0.5) + 2 * (a == 0) + 3 * (a != a)
+}
+""")
+    layer = fpidsl.load(spec)(solve=TIGHT).double()
+    a = torch.tensor([[0.3, -0.7, 0.0], [0.25, -0.5, 1.0]], dtype=torch.float64, requires_grad=True)
+    out = layer(a)
+    assert out.dtype == torch.float64
+    want = 2 * ((a > 0.25).double() - (a <= -0.5).double() + 2 * (a == 0).double())
+    torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.sum(), a, allow_unused=True)
+    assert grad is None or torch.count_nonzero(grad) == 0
+
+
+def test_comparisons_and_floordiv_of_numbers_fold_at_compile_time(tmp_path):
+    spec = tmp_path / "fold.fpi"
+    spec.write_text("""
+layer F {
+  input a : [B, 6]
+  const C = 6
+  const G = 4
+  const K = C // G + (C > G) + (C == 6) * 10 + (7 // -2)
+  state x : [B, 6] = zeros
+  update x = 0.5 * x + K * a
+}
+""")
+    layer = fpidsl.load(spec)(solve=TIGHT).double()
+    a = torch.ones(2, 6, dtype=torch.float64)
+    # K = 1 + 1 + 10 - 4 = 8; the fixed point of x = x/2 + 8a is 16a
+    torch.testing.assert_close(layer(a), 16 * a, rtol=1e-12, atol=1e-12)
+
+
+def _error(body: str):
+    text = _spec(body)
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    return errors[0], text
+
+
+BAD = [
+    # (body, error kind, the text the error points at, a fragment of its message)
+    ("h // 2", TypeErr, "h // 2", "`//` is integer division of numbers and consts"),
+    ("h > 0 > a", SyntaxErr, "> a", "comparisons do not chain"),
+    ("h * (h > reshape(h, [B, 2, 2]))", ShapeErr, "h > reshape", "which do not broadcast"),
+    ("h[:, None, None, 0, 1]", ShapeErr, None, "too many indices"),
+    ("h[:, None] + reshape(h, [B, 2, 2])", ShapeErr, "h[:, None] +", "which do not broadcast"),
+    ("h * (1 // 0)", TypeErr, "1 // 0", "division by zero"),
+    ("fc.weight @ h", SyntaxErr, ".weight", "attribute access ('.weight')"),
+    ("reshape(h, [B, 2, 2]).T", SyntaxErr, ".T", "use transpose(x, 0, 1)"),
+    ("h.T", SyntaxErr, ".T", "use transpose(h, 0, 1)"),
+    ("h.sum(dim=1)", SyntaxErr, ".sum", "use sum(h, dim=...)"),
+]
+
+
+@pytest.mark.parametrize("body, kind, at, fragment", BAD, ids=[b for b, *_ in BAD])
+def test_mistakes_with_the_new_forms_are_one_positioned_error(body, kind, at, fragment):
+    error, text = _error(body)
+    assert isinstance(error, kind), error
+    assert fragment in f"{error.message} {error.hint}", (error.message, error.hint)
+    assert error.span.line == 7, error.span  # the update line of _spec
+    line = text.splitlines()[error.span.line - 1]
+    if at is not None:  # the first occurrence of `at` in the body
+        assert error.span.col - 1 == line.index(at, line.index(body)), (error.span, at)
