@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or long runs: not in `pytest -m "not slow"`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("torchdeq", reason="the benchmark compares against torchdeq 0.1.0 (pip install torchdeq==0.1.0)")

@@ -14,6 +14,9 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
 import ddp_train  # noqa: E402
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or long runs: not in `pytest -m "not slow"`
 
 
 def test_two_processes_match_one(tmp_path):

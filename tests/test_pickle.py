@@ -17,6 +17,8 @@ import fpidsl
 from fpidsl.loader import load_module
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses or long runs: not in `pytest -m "not slow"`
+
 SPEC = """
 layer Tanh {
   input a : [B, 4]

@@ -9,6 +9,8 @@ import pytest
 
 from tests.attack.sandbox import Sandbox
 
+pytestmark = pytest.mark.slow  # subprocesses or long runs: not in `pytest -m "not slow"`
+
 H = "layer L {\n  input a : [B, 3]\n  state x : [B, 3] = zeros\n"
 
 

@@ -143,6 +143,7 @@ def test_yaml_builtin_on_numbers_checks_and_folds():
 # --------------------------------------------------------------------------- nesting and chains
 
 
+@pytest.mark.slow
 def test_nesting_up_to_the_limit_checks_and_beyond_is_a_positioned_error():
     deep = layer("  update x = 0.5 * " + "tanh(" * 5000 + "x" + ")" * 5000 + " + a\n")
     assert errors(deep) == []
@@ -153,6 +154,7 @@ def test_nesting_up_to_the_limit_checks_and_beyond_is_a_positioned_error():
 # chains of 5000 lets and fns, and sums of 5000 terms, are in the hostile table (tests/attack/test_hostile.py)
 
 
+@pytest.mark.slow
 def test_a_chain_too_deep_is_a_positioned_error(monkeypatch):
     from fpidsl.passes import build_graph
 

@@ -191,6 +191,7 @@ def test_no_cascades(body):
     assert len(found) <= 2
 
 
+@pytest.mark.slow
 def test_exponential_inlining_is_stopped():
     fns = "fn f0(u) = u * 2\n" + "".join(f"fn f{i}(u) = f{i - 1}(u) + f{i - 1}(u)\n" for i in range(1, 40))
     found = errors(fns + L("update x = f39(a)"))

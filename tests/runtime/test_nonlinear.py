@@ -77,6 +77,7 @@ def test_value_and_derivatives_match_unrolled(case, method):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_gradcheck_and_gradgradcheck(case):
     f, x0, params = CASES[case](batch=1) if case == "conv" else CASES[case]()
 
