@@ -292,6 +292,23 @@ def per_row(data: int = 0, row_rank: int = 1, shape_only: Sequence[int] = ()) ->
     return rule
 
 
+def normalizing(trailing: Callable[[int, Mapping[str, Any]], int]) -> BatchRule:
+    """Normalisations (``group_norm``, ``layer_norm``): argument 0 is normalized over its last
+    ``trailing(rank, attrs)`` dims, with sample-free weight and bias. Per-sample when the batch axis lies in
+    the leading dims (it keeps its place); mixing when it is normalized over or a weight is batched."""
+    def rule(axes, shapes, out, attrs):
+        return per_row(row_rank=trailing(len(shapes[0]), attrs))(axes, shapes, out, attrs)
+    return rule
+
+
+def constant() -> BatchRule:
+    """Constructors (``eye``, ``zeros`` ...): a value made from static sizes, sample-free; one sized by a
+    symbolic dimension (the batch, maybe) cannot be told apart from a batched value, so it counts as mixing."""
+    def rule(axes, shapes, out, attrs):
+        return None if all(isinstance(d, int) for d in out) else MIXED
+    return rule
+
+
 def counting(dim_attr: str = "dim") -> BatchRule:
     """``count(x, dim)``: how many elements a mean averages; it depends on the batch size only when the
     batch axis is among the averaged dims."""
@@ -309,15 +326,6 @@ def sample_free_result() -> BatchRule:
     def rule(axes, shapes, out, attrs):
         return None if all(a is None for a in axes) else MIXED
     return rule
-def normalizing(trailing: Callable[[int, Mapping[str, Any]], int]) -> BatchRule:
-    """Normalisations (``group_norm``, ``layer_norm``): argument 0 is normalized over its last
-    ``trailing(rank, attrs)`` dims, with sample-free weight and bias. Per-sample when the batch axis lies in
-    the leading dims (it keeps its place); mixing when it is normalized over or a weight is batched."""
-    def rule(axes, shapes, out, attrs):
-        return per_row(row_rank=trailing(len(shapes[0]), attrs))(axes, shapes, out, attrs)
-    return rule
-
-
 
 
 def cat_piece() -> BatchRule:

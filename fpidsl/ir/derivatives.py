@@ -581,10 +581,11 @@ RULES: dict[str, VjpRule] = {
     "sum": _sum, "mean": _mean, "softmax": _softmax, "logsumexp": _logsumexp, "cat": _cat,
     "reshape": _reshape, "flatten": _reshape, "transpose": _transpose, "index": _index, "grad": _grad,
     "linear": _linear, "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d,
+    "group_norm": _group_norm, "layer_norm": _layer_norm, "group_mean": _group_mean,
+    "eye": _zero, "zeros": _zero, "ones": _zero, "full": _zero,
     # auxiliary
     "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,
     "equal_mask": _zero, "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad,
-    "group_norm": _group_norm, "layer_norm": _layer_norm, "group_mean": _group_mean,
     "safe_div": _safe_div,
     "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
     "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,

@@ -121,6 +121,8 @@ class Primitive:
     #                                   pass a shape there)
     distribute: tuple[int, int] | None = None  # (data axis, weight axis): linear in its data argument's pieces
     #                                            along data axis, with the weight cut along weight axis (hoist.py)
+    dtype_from_state: bool = False  # a constructor (eye, zeros ...): its one tensor input is not written in specs;
+    #                                 the compiler passes the layer's first state, read for dtype and device only
 
     @property
     def min_args(self) -> int:
@@ -138,8 +140,13 @@ class Primitive:
         out.update(attrs)
         return out
 
+    @property
+    def written_inputs(self) -> tuple[str, ...]:
+        """The tensor inputs a spec writes (a constructor's dtype source is supplied by the compiler)."""
+        return () if self.dtype_from_state else self.inputs
+
     def signature(self) -> str:
-        parts = [f"[{n}, ...]" if self.variadic else n for n in self.inputs]
+        parts = [f"[{n}, ...]" if self.variadic else n for n in self.written_inputs]
         for a in self.attrs:
             parts.append(a.name if a.required else f"{a.name}={format_attr(a.default)}")
         return f"{self.name}({', '.join(parts)})"
@@ -587,6 +594,29 @@ def _group_mean(shapes, attrs, ctx):
     return tuple(x)
 
 
+def _constructed_shape(shape, ctx, what: str = "shape"):
+    for d in shape:
+        if not isinstance(d, int):
+            raise ctx.fail(f"the sizes of {ctx.callee} must be numbers (or consts), found {fmt_dim(d)} in "
+                           f"{format_attr(tuple(shape))}", attr=what,
+                           hint="a tensor sized by a dimension of an input is made from that input: "
+                                "0 * x + 1 is ones shaped like x")
+        if d < 1:
+            raise ctx.fail(f"the sizes of {ctx.callee} must be positive, found {format_attr(tuple(shape))}",
+                           attr=what, hint="a -1 is only for reshape")
+    return tuple(shape)
+
+
+def _eye(shapes, attrs, ctx):
+    if attrs["n"] < 1:
+        raise ctx.fail(f"eye(n) needs a positive size, found {attrs['n']}", attr="n")
+    return (attrs["n"], attrs["n"])
+
+
+def _filled(shapes, attrs, ctx):
+    return _constructed_shape(attrs["shape"], ctx)
+
+
 # --------------------------------------------------------------------------- the table
 
 _X = ("x",)
@@ -647,6 +677,16 @@ _TABLE = [
       for op, name in COMPARISON_OPS.items()),
     _p("where", ("cond", "a", "b"), _where, batch=_EW, builtin=True, vjp=_V["where"], lipschitz="unbounded",
        doc="a where cond != 0, else b (not differentiable in cond)"),
+    # constructors: no written tensor input; the dtype and device are the first state's (dtype_from_state)
+    *(dataclasses.replace(entry, dtype_from_state=True) for entry in (
+        _p("eye", ("dtype_like",), _eye, Attr("n", "int"), batch=_B.constant(), builtin=True, vjp=_V["eye"],
+           lipschitz=0.0, doc="the n x n identity matrix"),
+        _p("zeros", ("dtype_like",), _filled, Attr("shape", "shape"), batch=_B.constant(), builtin=True,
+           vjp=_V["zeros"], lipschitz=0.0, doc="a tensor of zeros of the given shape"),
+        _p("ones", ("dtype_like",), _filled, Attr("shape", "shape"), batch=_B.constant(), builtin=True,
+           vjp=_V["ones"], lipschitz=0.0, doc="a tensor of ones of the given shape"),
+        _p("full", ("dtype_like",), _filled, Attr("shape", "shape"), Attr("value", "number"), batch=_B.constant(),
+           builtin=True, vjp=_V["full"], lipschitz=0.0, doc="a tensor of the given shape filled with value"))),
     # reductions and shape ops
     _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
        builtin=True, vjp=_V["sum"], lipschitz="sum_reduction"),

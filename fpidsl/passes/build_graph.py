@@ -690,6 +690,8 @@ class _Builder:
         return out
 
     def builtin(self, prim: Primitive, call: ast.Call, env: Env | None) -> str | None:
+        if prim.dtype_from_state:
+            return self.constructor(prim, call, env)
         names = list(prim.inputs) + [a.name for a in prim.attrs]
         required = set(prim.inputs[:prim.min_args if not prim.variadic else 1])
         required |= {a.name for a in prim.attrs if a.required}
@@ -718,6 +720,21 @@ class _Builder:
         node = self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
         if attrs:
             self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
+        return node
+
+    def constructor(self, prim: Primitive, call: ast.Call, env: Env | None) -> str | None:
+        """``eye(n)``, ``zeros([..])`` ...: static arguments only; the node's one argument is the layer's first
+        state, which gives the result its dtype and device (never its values)."""
+        bound = self.bind(call, [a.name for a in prim.attrs], {a.name for a in prim.attrs if a.required},
+                          prim.name, prim.signature())
+        if bound is None:
+            return None
+        attrs = {a.name: self.attr_value(a, bound[a.name], env, prim.name) for a in prim.attrs if a.name in bound}
+        if _FAIL in attrs.values() or not self.graph.states:
+            return None
+        state = next(iter(self.graph.states.values())).node
+        node = self.call(prim.name, [(state, call.func.span)], prim.with_defaults(attrs), call.span, env)
+        self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
         return node
 
     def numbers_only(self, what: str, nodes: list[str], exprs, span: Span, env: Env | None) -> bool:

@@ -315,6 +315,36 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
 
 
+# --------------------------------------------------------------------------- constructors: the first argument
+# is a tensor of the layer (its first state) whose dtype and device the result takes; its values are not read
+
+
+def eye(dtype_like: Tensor, *, n: int) -> Tensor:
+    return torch.eye(n, dtype=dtype_like.dtype, device=dtype_like.device)
+
+
+def zeros(dtype_like: Tensor, *, shape: tuple[int, ...]) -> Tensor:
+    return torch.zeros(tuple(shape), dtype=dtype_like.dtype, device=dtype_like.device)
+
+
+def ones(dtype_like: Tensor, *, shape: tuple[int, ...]) -> Tensor:
+    return torch.ones(tuple(shape), dtype=dtype_like.dtype, device=dtype_like.device)
+
+
+def full(dtype_like: Tensor, *, shape: tuple[int, ...], value: float) -> Tensor:
+    return torch.full(tuple(shape), float(value), dtype=dtype_like.dtype, device=dtype_like.device)
+
+
+def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,
+               channels: int, eps: float = 1e-5) -> Tensor:
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
+               eps: float = 1e-5) -> Tensor:
+    return F.layer_norm(x, tuple(shape), weight, bias, eps)
+
+
 def grad(energy: Tensor, state: Tensor) -> Tensor:
     """The gradient of ``energy.sum()`` with respect to ``state``, by autograd (a reference only:
     compiled code has ``grad`` expanded into an explicit graph). ``state`` must require grad."""
@@ -346,16 +376,6 @@ def elu_grad(x: Tensor, *, alpha: float) -> Tensor:
 def clamp_mask(x: Tensor, *, lo: float, hi: float) -> Tensor:
     """1 where lo <= x <= hi, else 0 (clamp')."""
     return ((x >= lo) & (x <= hi)).to(x.dtype)
-
-def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,
-               channels: int, eps: float = 1e-5) -> Tensor:
-    return F.group_norm(x, groups, weight, bias, eps)
-
-
-def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
-               eps: float = 1e-5) -> Tensor:
-    return F.layer_norm(x, tuple(shape), weight, bias, eps)
-
 
 
 def greater_mask(a, b):
@@ -423,6 +443,12 @@ def cat_part(ct: Tensor, *parts: Tensor, dim: int, item: int) -> Tensor:
     return ct.narrow(dim, start, parts[item].shape[dim])
 
 
+def group_mean(x: Tensor, *, groups: int) -> Tensor:
+    """Each element replaced by the mean of its group: dim 1 cut into ``groups``, with every later dim."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    return grouped.mean(-1, keepdim=True).expand(grouped.shape).reshape(x.shape)
+
+
 def linear_weight_grad(ct: Tensor, x: Tensor) -> Tensor:
     """sum over the batch dims of ct ⊗ x: the weight gradient of ``linear(x, W)``."""
     if ct.dim() == 1:
@@ -455,9 +481,3 @@ def conv2d_weight_grad(ct: Tensor, x: Tensor, *, kernel: tuple[int, int], stride
     weight = ct.new_empty(1).expand(ct.shape[1], x.shape[1], *kernel)
     return torch.ops.aten.convolution_backward(
         ct, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [False, True, False])[1]
-def group_mean(x: Tensor, *, groups: int) -> Tensor:
-    """Each element replaced by the mean of its group: dim 1 cut into ``groups``, with every later dim."""
-    grouped = x.reshape(x.shape[0], groups, -1)
-    return grouped.mean(-1, keepdim=True).expand(grouped.shape).reshape(x.shape)
-
-

@@ -166,3 +166,85 @@ def test_mistakes_with_the_norms_are_one_positioned_error(template, decl, body, 
     source_line = text.splitlines()[error.span.line - 1]
     start = source_line.index(decl) if line == 6 else source_line.index(body)
     assert error.span.col - 1 == source_line.index(at, start), (error.span, at, source_line)
+
+
+# --------------------------------------------------------------------------- constructors
+
+CONSTRUCTED = """
+layer E {
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param W : tensor [4, 4] = normal(0, 0.3)
+  const n = 4
+  update x = tanh(0.5 * x @ (W + 0.2 * eye(n)) + a * ones([4]) + full([1, 4], -0.1) + zeros([4]) * x)
+}
+"""
+
+
+def _constructed(tmp_path):
+    spec = tmp_path / "eye.fpi"
+    spec.write_text(CONSTRUCTED)
+    return fpidsl.load(spec)
+
+
+def _constructed_unrolled(layer, a):
+    (w,) = layer.parameter_tensors()
+    x = torch.zeros_like(a)
+    for _ in range(UNROLL):
+        x = torch.tanh(0.5 * x @ (w + 0.2 * torch.eye(4, dtype=a.dtype)) + a - 0.1)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_constructors_take_the_layers_dtype(dtype, tmp_path):
+    """eye / zeros / ones / full are made in the dtype (and on the device) of the layer's state, so a float64
+    layer and a float32 layer both run; the float64 one matches the map written by hand in torch to second
+    order and passes gradcheck and gradgradcheck."""
+    torch.manual_seed(0)
+    layer = _constructed(tmp_path)(solve=TIGHT if dtype == torch.float64 else None,
+                                   backward=TIGHT if dtype == torch.float64 else None).to(dtype)
+    assert layer.SAMPLEWISE
+    a = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    x = layer(a)
+    assert x.dtype == dtype
+    want = _constructed_unrolled(layer, a)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(x, want, **tol)
+    (grad_a,) = torch.autograd.grad(x.sum(), a)
+    assert grad_a.dtype == dtype
+    if dtype == torch.float32:
+        return
+    weight = torch.randn(3, 4, dtype=dtype)
+    params = [a, *layer.parameters()]
+    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
+    want = derivatives(lambda: (weight * _constructed_unrolled(layer, a)).sum(), params, order=2)
+    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(layer, (small,))
+    assert torch.autograd.gradgradcheck(layer, (small,))
+
+
+CONSTRUCTOR_BAD = [
+    # (body, the text the error points at, a fragment of its message)
+    ("zeros([B, 4]) + x", "[B, 4]", "the sizes of zeros must be numbers (or consts), found B in [B, 4]"),
+    ("eye(0) + x", "0", "eye(n) needs a positive size, found 0"),
+    ("full([4], x) + x", "x)", "value of full must be a number"),
+    ("ones([2, -1]) + x", "[2, -1]", "the sizes of ones must be positive"),
+    ("eye(x, 4) + x", "4)", "eye takes 1 argument, but 2 were given"),
+]
+
+
+@pytest.mark.parametrize("body, at, fragment", CONSTRUCTOR_BAD, ids=[b[0] for b in CONSTRUCTOR_BAD])
+def test_mistakes_with_the_constructors_are_one_positioned_error(body, at, fragment):
+    text = CONSTRUCTED.replace("tanh(0.5 * x @ (W + 0.2 * eye(n)) + a * ones([4]) + full([1, 4], -0.1) + "
+                               "zeros([4]) * x)", f"tanh({body} + a)")
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    error = errors[0]
+    assert fragment in error.message, error.message
+    line = text.splitlines()[error.span.line - 1]
+    assert error.span.line == 7 and error.span.col - 1 == line.index(at, line.index(body)), (error.span, line)

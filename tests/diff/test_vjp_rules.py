@@ -45,6 +45,10 @@ NORM_CASES = [
     _c("layer_norm", [2, 3, 4], shape=(4,), eps=1e-4), _c("layer_norm", [3, 4], shape=(3, 4)),
     _c("group_mean", [2, 4, 3], groups=2), _c("group_mean", [3, 6], groups=6),
 ]
+CONSTRUCTOR_CASES = [  # the one input gives the dtype only: no derivative
+    _c("eye", [2, 3], n=3), _c("zeros", [2, 3], shape=(4, 1)), _c("ones", [3], shape=(2,)),
+    _c("full", [2, 3], shape=(2, 2), value=-0.5),
+]
 CASES = [
     _c("add", [3, 4], [3, 4]), _c("add", [2, 3, 4], [4]), _c("add", [3, 1], [1, 4]), _c("add", [3, 4], []),
     _c("sub", [2, 3], [3]), _c("sub", [1, 3], [2, 1]),
@@ -122,8 +126,8 @@ CASES = [
     # issue 13: auxiliary
     _c("equal_mask", [2, 3], [3]), _c("equal_mask", [3, 4], [3, 4], tie=True),
     _c("safe_div", [2, 3], [3], domains=("any", "nonzero")), _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
-    # issue 13: normalisation modules
-    *NORM_CASES,
+    # issue 13: normalisation modules, constructors
+    *NORM_CASES, *CONSTRUCTOR_CASES,
 ]
 
 SECOND_ORDER = [

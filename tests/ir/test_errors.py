@@ -26,7 +26,8 @@ CASES = [
     ("fn-param-twice", "fn f(u, u) = u\n" + L("update x = a"), NameErr, "u, |u", "has two parameters named u"),
     ("output-unknown", L("update x = a\n  output x, nothing"), NameErr, "nothing", "unknown name nothing"),
     ("update-unknown-state", L("update x = a\n  update z = a"), NameErr, "update |z", "update of an unknown state z"),
-    ("reserved-word-as-value", L("update x = zeros"), NameErr, "zeros", "zeros is not a value here"),
+    ("reserved-word-as-value", L("update x = normal"), NameErr, "normal", "normal is not a value here"),
+    ("constructor-as-value", L("update x = zeros"), TypeErr, "zeros", "zeros is a function, not a value"),
     ("duplicate-layer", L("update x = a") + L("update x = a"), NameErr, ("layer |L", 2), "layer L is already defined"),
     # --- types and arguments
     ("builtin-arity", L("update x = relu(x, a)"), TypeErr, "a)", "relu takes 1 argument, but 2 were given"),

@@ -89,6 +89,10 @@ CASES = [
     ("group_norm", [("B", 6)], {"groups": 3, "channels": 6, "eps": 1e-3}, ("B", 6)),
     ("layer_norm", [("B", "T", 8), (8,), (8,)], {"shape": (8,)}, ("B", "T", 8)),
     ("layer_norm", [("B", 3, 4)], {"shape": (3, 4), "eps": 1e-4}, ("B", 3, 4)),
+    ("eye", [("B", 4)], {"n": 3}, (3, 3)),
+    ("zeros", [("B", 4)], {"shape": (2, 5)}, (2, 5)),
+    ("ones", [("B", 4)], {"shape": (4,)}, (4,)),
+    ("full", [("B", 4)], {"shape": (1, 4), "value": 0.5}, (1, 4)),
 ]
 
 
@@ -128,7 +132,7 @@ CORE = set("""add sub mul div matmul pow neg relu leaky_relu tanh sigmoid softpl
 cos clamp minimum maximum sum mean softmax logsumexp cat reshape transpose flatten index linear conv2d
 conv_transpose2d grad
 gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril
-group_norm layer_norm""".split())
+group_norm layer_norm eye zeros ones full""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -203,6 +207,9 @@ POSITIONED_FAILURES = [
      "normalizes over trailing dimensions [4, 3], but its argument has shape [B, 3, 4]"),
     ("layer_norm", [(4,)], {"shape": (3, 4)}, 0, "normalizes over trailing dimensions [3, 4]"),
     ("layer_norm", [("B", 4), (4,), (3,)], {"shape": (4,)}, 2, "expects its bias of shape [4], found [3]"),
+    ("eye", [("B", 4)], {"n": 0}, "n", "eye(n) needs a positive size, found 0"),
+    ("zeros", [("B", 4)], {"shape": ("B", 4)}, "shape", "the sizes of zeros must be numbers (or consts), found B"),
+    ("full", [("B", 4)], {"shape": (2, 0), "value": 1.0}, "shape", "the sizes of full must be positive"),
 ]
 
 
