@@ -248,3 +248,17 @@ def test_mistakes_with_the_constructors_are_one_positioned_error(body, at, fragm
     assert fragment in error.message, error.message
     line = text.splitlines()[error.span.line - 1]
     assert error.span.line == 7 and error.span.col - 1 == line.index(at, line.index(body)), (error.span, line)
+
+
+def test_fmt_keeps_the_norms_and_constructors():
+    """`fpidsl fmt` lays the new forms out unchanged (they are ordinary calls) and its output checks."""
+    from fpidsl.tools.fmt import format_source
+
+    for name in ("group_norm-no-affine", "layer_norm-2-dims"):
+        template, decl, body = LAYERS[name]
+        text = format_source(Source("n.fpi", template.format(decl=decl, body=body)))
+        assert decl in text and body in text
+        assert format_source(Source("n.fpi", text)) == text
+        check_source(Source("n.fpi", text))
+    text = format_source(Source("e.fpi", CONSTRUCTED))
+    assert "eye(n)" in text and "full([1, 4], -0.1)" in text and format_source(Source("e.fpi", text)) == text
