@@ -112,9 +112,10 @@ Expr = Union[Num, Name, BinOp, Neg, Call, ListExpr, Index]
 
 @dataclass(frozen=True)
 class Shape:
-    """``[B, 10]``: each dimension a :class:`Name` (symbolic) or an integer :class:`Num`."""
+    """``[B, 10]``: each dimension a :class:`Name` (symbolic), an integer :class:`Num`, or a :class:`BinOp`
+    (``+ - * / //``) of them (``[B, H / 2]``)."""
 
-    dims: tuple[Union[Name, Num], ...]
+    dims: tuple[Union[Name, Num, BinOp], ...]
     span: Span
 
 

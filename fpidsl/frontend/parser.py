@@ -52,7 +52,7 @@ def _parser() -> Lark:
         grammar,
         parser="lalr",
         lexer="contextual",
-        start=["start", "expr_only", "shape_only", "param_type_only", "fn_head_only"],
+        start=["start", "expr_only", "shape_only", "dim_only", "param_type_only", "fn_head_only"],
         propagate_positions=True,
         maybe_placeholders=True,
     )
@@ -356,8 +356,25 @@ class ToAst(Transformer):
     def shape_only(self, meta, children):
         return children[0]
 
+    def dim_only(self, meta, children):
+        return children[0]
+
     def dim_name(self, meta, children):
         return ast.Name(str(children[0]), self._tok(children[0]))
+
+    def _dim_binop(op):  # noqa: N805 - a rule factory used in the class body
+        def rule(self, meta, children):
+            left, right = children
+            return ast.BinOp(op, left, right, self._span(meta))
+
+        return rule
+
+    dim_add = _dim_binop("+")
+    dim_sub = _dim_binop("-")
+    dim_mul = _dim_binop("*")
+    dim_div = _dim_binop("/")
+    dim_floordiv = _dim_binop("//")
+    del _dim_binop
 
     def dim_int(self, meta, children):
         span = self._tok(children[0])
@@ -453,7 +470,8 @@ class _Misplaced(Exception):
 
 
 # Parse-tree nodes that are one level of an expression (calls, operators, lists, indexing).
-_EXPRESSION_LEVELS = frozenset("add sub mul div floordiv matmul pow compare neg call list index".split())
+_EXPRESSION_LEVELS = frozenset("add sub mul div floordiv matmul pow compare neg call list index "
+                               "dim_add dim_sub dim_mul dim_div dim_floordiv".split())
 
 
 def _check_nesting(tree: lark.Tree, at: Placement) -> None:
@@ -499,6 +517,11 @@ def parse_expr(text: str, at: Placement) -> ast.Expr:
 def parse_shape(text: str, at: Placement) -> ast.Shape:
     """Parse a shape such as ``[B, 10]``."""
     return _parse(text, "shape_only", at)
+
+
+def parse_dim(text: str, at: Placement):
+    """Parse one dimension of a shape: ``B``, ``10``, ``C // 2``."""
+    return _parse(text, "dim_only", at)
 
 
 def parse_param_type(text: str, at: Placement):

@@ -53,7 +53,7 @@ import yaml
 from ..errors import LimitErr, SchemaErr, SyntaxErr, TypeErr
 from ..source import MAX_SOURCE_BYTES, Source, Span, line_breaks
 from . import ast, numbers
-from .parser import KEYWORDS, Placement, parse_expr, parse_fn_head, parse_param_type, parse_shape
+from .parser import KEYWORDS, Placement, parse_dim, parse_expr, parse_fn_head, parse_param_type, parse_shape
 
 FORMAT_VERSION = 1
 MAX_EXPANDED_NODES = 100_000
@@ -504,8 +504,9 @@ class _Reader:
             return ast.Shape(tuple(self._dim(item, what) for item in node.value), self._span(node))
         return self._parse(parse_shape, self._string(node, what, '"[B, 10]"', key))
 
-    def _dim(self, node: yaml.Node, what: str) -> ast.Name | ast.Num:
-        """One dimension of a shape written as a YAML list: a name or a non-negative integer."""
+    def _dim(self, node: yaml.Node, what: str) -> ast.Name | ast.Num | ast.BinOp:
+        """One dimension of a shape written as a YAML list: a name, a non-negative integer, or arithmetic of
+        them written as text (``"C // 2"``)."""
         if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _STR):
             span = self._span(node)
             if node.tag == _INT and _DIGITS.match(node.value):
@@ -516,7 +517,10 @@ class _Reader:
                 return ast.Num(value, node.value, span)
             if node.tag == _STR and _NAME.match(node.value) and node.value not in KEYWORDS:
                 return ast.Name(node.value, self._key_span(node))
-        raise SchemaErr(f"a dimension of {what} must be a name or an integer, got {_kind(node)}",
+            if node.tag == _STR and any(op in node.value for op in "+-*/"):
+                return self._parse(parse_dim, node)
+        raise SchemaErr(f"a dimension of {what} must be a name, an integer or arithmetic of them, got "
+                        f"{_kind(node)}",
                         self._span(node), hint='shapes look like "[B, 10]" or [B, 1, H, W]')
 
     # ------------------------------------------------------------------ file level

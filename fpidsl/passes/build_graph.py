@@ -17,6 +17,7 @@ mistake gives one error.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,17 @@ _FAIL: Any = object()
 MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
 MAX_PARAM_ELEMENTS = 2**31 - 1  # numbers in one parameter tensor (8 GiB of float32)
 MAX_BUILD_DEPTH = 4 * MAX_CHAIN  # nested build_expr calls: a chain of MAX_CHAIN lets `l2 = 0.5 * l1` is 2 each
+def _dim_text(d, need: int = 0) -> str:
+    """A declared dimension as written (``H / 2``, ``(C + 1) // 2``) for messages."""
+    if isinstance(d, ast.Name):
+        return d.id
+    if isinstance(d, ast.Num):
+        return d.text
+    level = 0 if d.op in "+-" else 1
+    text = f"{_dim_text(d.left, level)} {d.op} {_dim_text(d.right, level + 1)}"
+    return f"({text})" if level < need else text
+
+
 NEW_AXIS = frozenset(("None", "none"))  # the index item `x[:, None]` (a new size-1 dimension)
 
 
@@ -148,35 +160,69 @@ class _Builder:
                        symbolic: bool = True) -> tuple | None:
         """The dims of a declared shape; names are symbols (or consts). ``bound``: symbols must be
         dimensions of inputs. ``symbolic``: whether symbols are allowed at all."""
-        dims: list = []
-        ok = True
-        for d in shape.dims:
-            if isinstance(d, ast.Num):
-                if not isinstance(d.value, int) or d.value < 1:
-                    self.error(ShapeErr, f"a dimension must be a positive integer, found {d.text}", d.span)
-                    ok = False
-                dims.append(d.value)
-                continue
-            if d.id in self.scope.consts:
-                value = self.scope.consts[d.id]
-                if not isinstance(value, int) or value < 1:
-                    self.error(ShapeErr, f"the dimension {d.id} of {what} is the const {format_attr(value)}, "
-                                         "not a positive integer", d.span)
-                    ok = False
-                dims.append(value)
-                continue
-            if not symbolic:
-                self.error(ShapeErr, f"{what} has a fixed size, but its dimension {d.id} is symbolic", d.span,
-                           hint="a tensor param's dimensions are integers (or consts)")
-                ok = False
-            elif bound and d.id not in self.input_symbols:
-                self.error(ShapeErr, f"the dimension {d.id} of {what} is not a dimension of any input, so its "
-                                     "size is unknown when the layer is called", d.span,
-                           hint=did_you_mean(d.id, self.input_symbols)
-                           or "use a dimension of an input, or a number")
-                ok = False
-            dims.append(d.id)
-        return tuple(dims) if ok else None
+        dims = [self.declared_dim(d, what, bound, symbolic) for d in shape.dims]
+        return None if any(d is None for d in dims) else tuple(dims)
+
+    def declared_dim(self, d, what: str, bound: bool, symbolic: bool, part: bool = False):
+        """One dimension of a declared shape (None: it failed, already reported). ``part``: an operand of
+        dimension arithmetic (any integer; only the whole dimension must be positive)."""
+        if isinstance(d, ast.BinOp):
+            value = self.dim_arithmetic(d, what, bound, symbolic)
+            if value is not None and value < 1 and not part:
+                self.error(ShapeErr, f"the dimension {_dim_text(d)} of {what} is {value}, not a positive integer",
+                           d.span)
+                return None
+            return value
+        if isinstance(d, ast.Num):
+            if not isinstance(d.value, int) or (d.value < 1 and not part):
+                self.error(ShapeErr, f"a dimension must be a positive integer, found {d.text}", d.span)
+                return None
+            return d.value
+        if d.id in self.scope.consts:
+            value = self.scope.consts[d.id]
+            if not isinstance(value, int) or (value < 1 and not part):
+                self.error(ShapeErr, f"the dimension {d.id} of {what} is the const {format_attr(value)}, "
+                                     "not a positive integer", d.span)
+                return None
+            return value
+        if not symbolic:
+            self.error(ShapeErr, f"{what} has a fixed size, but its dimension {d.id} is symbolic", d.span,
+                       hint="a tensor param's dimensions are integers (or consts)")
+            return None
+        if bound and d.id not in self.input_symbols:
+            self.error(ShapeErr, f"the dimension {d.id} of {what} is not a dimension of any input, so its "
+                                 "size is unknown when the layer is called", d.span,
+                       hint=did_you_mean(d.id, self.input_symbols) or "use a dimension of an input, or a number")
+            return None
+        return d.id
+
+    def dim_arithmetic(self, d: ast.BinOp, what: str, bound: bool, symbolic: bool):
+        """``a + b``, ``a - b``, ``a * b``, ``a / b`` (exact) or ``a // b`` of declared dimensions: a positive
+        integer when both sides are numbers or consts. A size computed from symbolic dimensions is refused."""
+        text = _dim_text(d)
+        left = self.declared_dim(d.left, what, bound, symbolic, part=True)
+        right = self.declared_dim(d.right, what, bound, symbolic, part=True)
+        if left is None or right is None:
+            return None
+        if not (isinstance(left, int) and isinstance(right, int)):
+            self.error(ShapeErr, f"the dimension {text} of {what} is computed from symbolic sizes, which a "
+                                 "declared shape cannot be yet", d.span,
+                       hint="write it with numbers and consts (`C // G`), or declare an input whose dimension "
+                            "is that size")
+            return None
+        if d.op in ("/", "//") and right == 0:
+            self.error(ShapeErr, f"the dimension {text} of {what} divides by zero", d.span)
+            return None
+        if d.op == "/" and left % right:
+            self.error(ShapeErr, f"the dimension {text} of {what} is not a whole number: {left} / {right} "
+                                 f"= {left / right}", d.span, hint=f"use {left} // {right} to round down")
+            return None
+        value = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv,
+                 "//": operator.floordiv}[d.op](left, right)
+        if abs(value) > 2**63 - 1:
+            self.error(ShapeErr, f"the dimension {text} of {what} does not fit in 64 bits", d.span)
+            return None
+        return value
 
     # ------------------------------------------------------------------ params
     def lower_module(self, decl: ast.ModuleParamDecl) -> None:

@@ -55,7 +55,7 @@ def call(node: ast.Call) -> str:
 
 
 def shape(node: ast.Shape) -> str:
-    return "[" + ", ".join(d.id if isinstance(d, ast.Name) else d.text for d in node.dims) + "]"
+    return "[" + ", ".join(expr(d) for d in node.dims) + "]"
 
 
 def param_type(decl) -> str:

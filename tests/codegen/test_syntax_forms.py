@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fpidsl
-from fpidsl.compiler import check_source
+from fpidsl.compiler import check_file, check_source
 from fpidsl.errors import FpiError, FpiErrors, ShapeErr, SyntaxErr, TypeErr
 from fpidsl.source import Source
 
@@ -142,3 +142,100 @@ def test_mistakes_with_the_new_forms_are_one_positioned_error(body, kind, at, fr
     line = text.splitlines()[error.span.line - 1]
     if at is not None:  # the first occurrence of `at` in the body
         assert error.span.col - 1 == line.index(at, line.index(body)), (error.span, at)
+
+
+# --------------------------------------------------------------------------- declared shapes with arithmetic
+
+SHAPED = """
+layer S {
+  const C = 6
+  const G = 3
+  input a : [B, C // G * 2]
+  state x : [B, G, C / G + 0] = zeros
+  param W : tensor [(C + G) // 2 + 2, C - 2 + 2] = normal(0, 0.3)
+  let h = reshape(x, [B, C]) @ W
+  update x = 0.5 * tanh(reshape(h + cat([a, a[:, 0:2]], dim=-1), [B, G, C // G]))
+}
+"""
+
+
+def test_declared_shapes_with_arithmetic_of_consts_compile_and_match_unrolled_autograd(tmp_path):
+    spec = tmp_path / "shaped.fpi"
+    spec.write_text(SHAPED)
+    cls = fpidsl.load(spec)
+    torch.manual_seed(0)
+    layer = cls(solve=TIGHT, backward=TIGHT).double()
+    assert tuple(layer.W.shape) == (6, 6)
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def unrolled():
+        x = torch.zeros(3, 3, 2, dtype=torch.float64)
+        for _ in range(UNROLL):
+            x = type(layer).step(x, a, *layer.parameter_tensors())
+        return x
+
+    torch.testing.assert_close(layer(a), unrolled(), rtol=1e-10, atol=1e-12)
+    params = [a, *layer.parameters()]
+    weight = torch.randn(3, 3, 2, dtype=torch.float64)
+    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
+    want = derivatives(lambda: (weight * unrolled()).sum(), params, order=2)
+    for g_order, w_order in zip(got, want):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(layer, (small,))
+    assert torch.autograd.gradgradcheck(layer, (small,))
+
+
+SHAPE_HEAD = "layer L {\n  const C = 6\n  input a : [B, H]\n"
+
+BAD_SHAPES = [
+    # (declaration, error kind, column, a fragment of the message)
+    ("state x : [B, H/2] = zeros", ShapeErr, 17, "the dimension H / 2 of state x is computed from symbolic sizes"),
+    ("state x : [B, C / 4] = zeros", ShapeErr, 17, "is not a whole number: 6 / 4 = 1.5"),
+    ("state x : [B, C - 6] = zeros", ShapeErr, 17, "the dimension C - 6 of state x is 0"),
+    ("state x : [B, C - 7 + 2] = zeros", None, None, None),  # only the whole dimension must be positive
+    ("state x : [B, (C + 1) // 0] = zeros", ShapeErr, 17, "divides by zero"),
+    ("param w : tensor [C * T] = ones", ShapeErr, 25, "its dimension T is symbolic"),
+    ("state x : [B, C ** 2] = zeros", SyntaxErr, 20, "expected a name or an integer, found '*'"),
+    ("state x : [B, 9223372036854775807 * 2] = zeros", ShapeErr, 17, "does not fit in 64 bits"),
+]
+
+
+@pytest.mark.parametrize("decl, kind, col, fragment", BAD_SHAPES, ids=[d for d, *_ in BAD_SHAPES])
+def test_mistakes_in_declared_shape_arithmetic_are_one_positioned_error(decl, kind, col, fragment):
+    update = "  update x = 0.5 * x\n" if decl.startswith("state x") else ""
+    text = SHAPE_HEAD + f"  {decl}\n  state y : [B, H] = zeros\n{update}  update y = tanh(a)\n}}\n"
+    if kind is None:
+        check_source(Source("ok.fpi", text))
+        return
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    error = errors[0]
+    assert isinstance(error, kind), error
+    assert fragment in error.message, error.message
+    assert (error.span.line, error.span.col) == (4, col), error.span
+
+
+def test_the_yaml_form_takes_the_same_arithmetic(tmp_path):
+    spec = tmp_path / "shaped.yaml"
+    spec.write_text(
+        "fpi: 1\nlayers:\n  Y:\n    inputs:\n      a: [B, 4]\n    consts:\n      C: 6\n"
+        "    states:\n      x: {shape: [B, \"C // 3 + 2\"], init: zeros}\n"
+        "      y: {shape: \"[B, C / 3 * 2]\", init: zeros}\n"
+        "    updates:\n      x: \"0.5 * tanh(x + a) * (a > 0)\"\n      y: \"0.5 * y + x[:, None][:, 0] * (x >= 0)\"\n"
+    )
+    layer = fpidsl.load(spec)(solve=TIGHT).double()
+    a = torch.randn(2, 4, dtype=torch.float64)
+    x, y = layer(a)
+    assert x.shape == y.shape == (2, 4)
+    torch.testing.assert_close(y, 2 * x * (x >= 0), rtol=1e-10, atol=1e-12)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace('"C // 3 + 2"', '"C / 4"'))
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_file(str(bad))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1 and isinstance(errors[0], ShapeErr), errors
+    assert (errors[0].span.line, errors[0].span.col) == (9, 23), errors[0].span  # the C inside the quotes

@@ -202,3 +202,26 @@ def test_not_utf8_points_at_the_byte():
     with pytest.raises(InputError) as info:
         decode_source("bad.fpi", b"layer L {\n  let y = \xff\n}\n")
     assert (info.value.span.line, info.value.span.col) == (2, 11)
+
+
+def test_comparisons_bind_looser_than_arithmetic_and_floordiv_like_division():
+    from fpidsl.frontend.parser import Placement, parse_expr
+
+    e = parse_expr("x + 1 > 2 * y // 3", Placement("t.fpi"))
+    assert isinstance(e, ast.BinOp) and e.op == ">"
+    assert (e.left.op, e.right.op, e.right.left.op) == ("+", "//", "*")
+    for op in ("<", "<=", ">", ">=", "==", "!="):
+        assert parse_expr(f"a {op} b", Placement("t.fpi")).op == op
+    assert parse_expr("where(a>=0, a, 0)", Placement("t.fpi")).args[0].op == ">="
+
+
+def test_index_items_none_are_names_and_declared_dims_take_arithmetic():
+    from fpidsl.frontend.parser import Placement, parse_dim, parse_shape
+
+    shape = parse_shape("[B, H / 2, (C + 1) // 2, T*D - 1]", Placement("t.fpi"))
+    b, half, ceil, flat = shape.dims
+    assert isinstance(b, ast.Name) and (half.op, ceil.op, flat.op, flat.left.op) == ("/", "//", "-", "*")
+    assert (ceil.span.col, ceil.span.end_col) == (12, 24)  # from the `(`
+    assert parse_dim("C // 2", Placement("t.yaml", 3, 10)).span.col == 10
+    layer = parse("layer L {\n  let y = x[:, None]\n}\n").layers[0]
+    assert layer.decls[0].value.items[1] == ast.Name("None", layer.decls[0].value.items[1].span)

@@ -449,7 +449,7 @@ BAD_SPECS = [
     ("shape missing", LAYER + "    inputs:\n      a:\n",
      SchemaErr, 5, 7, "the shape of input `a` is missing", '"[B, 10]"'),
     ("shape list with a float", LAYER + "    inputs: {a: [B, 1.5]}\n",
-     SchemaErr, 4, 21, "a dimension of the shape of input `a` must be a name or an integer, got the number 1.5",
+     SchemaErr, 4, 21, "a dimension of the shape of input `a` must be a name, an integer or arithmetic of them, got the number 1.5",
      None),
     ("param type not a string", LAYER + "    params: {fc: [Linear, 2]}\n",
      SchemaErr, 4, 18, "the type of param `fc` must be a string", None),
