@@ -165,9 +165,13 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
         hint = None
         if token.type == "NAME" and str(token) in KEYWORDS and "NAME" in expected:
             hint = f"'{token}' is a keyword and cannot be used as a name"
-        elif token.type == "COMPARE":
+        elif token.type == "COMPARE" and _follows_a_comparison(text, token.start_pos):
             message = f"comparisons do not chain: found a second {_describe(token)}"
             hint = "compare once, or combine masks: (a < b) * (b < c)"
+        elif token.type == "COMPARE":
+            message = f"a comparison is not allowed here: {message}"
+            hint = ("comparisons give 0/1 masks inside expressions; a declared shape takes names, integers "
+                    "and + - * // /")
         elif token.type == "LPAR" and "NAME" not in expected:
             hint = "only built-in functions, `fn` definitions and param modules can be called, by name"
         elif token.type in ("RBRACE", "RPAR", "RSQB") or str(token) in KEYWORDS:
@@ -217,6 +221,27 @@ def _attribute_error(text: str, pos: int, span: Span) -> SyntaxErr:
                 if attribute else "a number needs a digit before or after its '.', e.g. 0.5")
     what = f"'.{attribute}'" if attribute else "'.'"
     return SyntaxErr(f"attribute access ({what}) is not part of the language", span, hint=hint)
+
+
+def _follows_a_comparison(text: str, pos: int) -> bool:
+    """Whether a comparison operator comes before ``pos`` in the same (bracket-level) expression."""
+    depth = 0
+    i = pos - 1
+    while i >= 0:
+        c = text[i]
+        if c in ")]":
+            depth += 1
+        elif c in "([":
+            if depth == 0:
+                return False
+            depth -= 1
+        elif depth == 0 and (c in ",\n" or (c == "=" and text[i - 1:i] not in ("<", ">", "=", "!")
+                                             and text[i + 1:i + 2] != "=")):
+            return False
+        elif depth == 0 and c in "<>" or (depth == 0 and c in "=!" and text[i + 1:i + 2] == "="):
+            return True
+        i -= 1
+    return False
 
 
 def _lines(text: str) -> list[str]:

@@ -239,3 +239,14 @@ def test_the_yaml_form_takes_the_same_arithmetic(tmp_path):
     errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
     assert len(errors) == 1 and isinstance(errors[0], ShapeErr), errors
     assert (errors[0].span.line, errors[0].span.col) == (9, 23), errors[0].span  # the C inside the quotes
+
+
+@pytest.mark.parametrize("module", ["Lineer(8, 4)", "Linear(8)", "Linear(8, 4, norm=spectal)"])
+def test_a_failed_module_declaration_is_one_error_however_often_the_module_is_called(module):
+    text = ("layer L {\n  input a : [B, 4]\n  state x : [B, 4] = zeros\n"
+            f"  param fc : {module}\n  let h = fc(cat([x, a], dim=-1))\n  update x = tanh(fc(h) + h)\n}}\n")
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    assert errors[0].span.line == 4, errors[0].span

@@ -164,6 +164,8 @@ SYNTAX_ERRORS = [
     ("layer L {\n  let y = sum(x).shape\n}\n", 2, 17, "attribute access ('.shape')", "declared"),
     ("layer L {\n  let y = a < b < c\n}\n", 2, 17, "comparisons do not chain: found a second '<'",
      "(a < b) * (b < c)"),
+    ("layer L {\n  let y = f(a < b, c) > d > e\n}\n", 2, 27, "comparisons do not chain: found a second '>'", None),
+    ("layer L {\n  input a : [B, C > 2]\n}\n", 2, 19, "a comparison is not allowed here", "declared shape"),
     ("layer L {\n  let y = a = b\n}\n", 2, 13, "found '='", None),
     ("layer L {\n  let y = a =< b\n}\n", 2, 13, "found '='", None),
     ("layer L {\n  let y = 1e\n}\n", 2, 12, "found name 'e'", None),
