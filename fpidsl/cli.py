@@ -6,7 +6,6 @@ A mistake in a spec never shows a Python traceback; an internal error shows one 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -243,12 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SPEC_ERROR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `fpidsl compile spec.fpi | head`: the reader has gone, which is not an error
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that the interpreter's final flush is quiet
-        except OSError:
-            pass
-        return EXIT_OK
     except Exception as exc:  # an internal bug: one line, the traceback only on request
         if args.debug:
             traceback.print_exc()
