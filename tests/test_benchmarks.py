@@ -78,3 +78,21 @@ def test_toolkit_benchmark_memory_table_runs(capsys):
     assert module.main(["--quick", "--only", "memory"]) == 0
     out = capsys.readouterr().out
     assert "| 30 |" in out and "| 300 |" in out
+
+
+def test_compile_time_benchmark_runs():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_time.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "chain of lets" in proc.stdout and "nested calls" in proc.stdout
+
+
+def test_backward_narrowing_benchmark_runs_and_both_forms_agree():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward_narrowing.py"), "--batch", "8",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "both forms agree" in proc.stdout
