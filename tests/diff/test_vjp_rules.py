@@ -109,6 +109,10 @@ CASES = [
     _c("reciprocal", [3, 4], domains=("nonzero",)),
     _c("where", [3, 4], [3, 4], [3, 4], domains=("zeros",)), _c("where", [3, 1], [4], [3, 4], domains=("zeros",)),
     _c("where", [4], [3, 4], [], domains=("zeros",)),
+    # issue 13: comparisons (0/1 masks, no derivative), with ties so that == and <= see equal entries
+    _c("less", [2, 3], [3]), _c("less_equal", [3, 4], [3, 4], tie=True), _c("greater", [3, 1], [1, 4]),
+    _c("greater_equal", [3, 4], [], tie=True), _c("equal", [3, 4], [3, 4], tie=True),
+    _c("not_equal", [2, 3], [2, 3], tie=True),
     # issue 13: reductions
     _c("max", [2, 3, 4], dim=1), _c("max", [2, 3, 4], dim=(0, 2), keepdim=True),
     _c("max", [3, 5], dim=-1, domains=("ties",)), _c("max", [3, 5], dim=(0, 1), domains=("ties",)),
