@@ -876,10 +876,10 @@ class _Builder:
             if isinstance(expr, ast.Name):
                 return expr.id
             return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
-        if kind in ("dims", "shape", "pair") and isinstance(expr, ast.ListExpr):
+        if kind in ("dims", "sizes", "shape", "pair") and isinstance(expr, ast.ListExpr):
             if kind == "pair" and len(expr.items) != 2:
                 return self.bad_attr(attr, expr, fname, f"found a list of {len(expr.items)}")
-            if kind == "dims" and not expr.items:
+            if kind in ("dims", "sizes") and not expr.items:
                 return self.bad_attr(attr, expr, fname, "found an empty list")
             items = []
             for item in expr.items:
@@ -902,7 +902,7 @@ class _Builder:
         except FpiError as e:
             self.sink.add(e)
             return _FAIL
-        if kind in ("int", "dim", "dims", "pair") and not isinstance(value, int):
+        if kind in ("int", "dim", "dims", "sizes", "pair") and not isinstance(value, int):
             return self.bad_attr(attr, expr, fname, f"found {format_attr(value)}")
         if kind == "pair":
             return (value, value)
@@ -913,7 +913,10 @@ class _Builder:
             message = f"an index must be an integer, a slice lo:hi:step or ..., but {found}"
         else:
             message = f"{attr.name} of {fname} must be {ATTR_KINDS[attr.kind]}, but {found}"
-        self.error(TypeErr, message, span or expr.span)
+        hint = None
+        if isinstance(expr, ast.BinOp) and expr.op == "/":
+            hint = "`/` always gives a float; `//` divides integers (`C // G`)"
+        self.error(TypeErr, message, span or expr.span, hint=hint)
         return _FAIL
 
     def is_number_name(self, ref: ast.Name, env: Env | None) -> bool:

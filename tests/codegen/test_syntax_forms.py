@@ -126,6 +126,7 @@ BAD = [
     ("h[:, None, None, 0, 1]", ShapeErr, None, "too many indices"),
     ("h[:, None] + reshape(h, [B, 2, 2])", ShapeErr, "h[:, None] +", "which do not broadcast"),
     ("h * (1 // 0)", TypeErr, "1 // 0", "division by zero"),
+    ("reshape(reshape(h, [B, 8 / 4, 2]), [B, 4])", TypeErr, "8 / 4", "`//` divides integers"),
     ("fc.weight @ h", SyntaxErr, ".weight", "attribute access ('.weight')"),
     ("reshape(h, [B, 2, 2]).T", SyntaxErr, ".T", "use transpose(x, 0, 1)"),
     ("h.T", SyntaxErr, ".T", "use transpose(h, 0, 1)"),
