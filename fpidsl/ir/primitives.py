@@ -66,6 +66,7 @@ ATTR_KINDS = {
     "bool": "true or false",
     "dim": "a dimension index (an integer)",
     "dims": "a dimension index or a list of them",
+    "sizes": "a size or a list of sizes (positive integers)",
     "shape": "a list of sizes (integers, symbolic dimensions, one -1)",
     "index": "an index (integers, slices, ...)",
     "pair": "an integer or a pair [a, b] of integers",
@@ -851,7 +852,7 @@ MODULE_KINDS: dict[str, ModuleKind] = {
     "GroupNorm": ModuleKind("GroupNorm", "group_norm", (
         Attr("groups", "int"), Attr("channels", "int"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
     "LayerNorm": ModuleKind("LayerNorm", "layer_norm", (
-        Attr("dims", "dims"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
+        Attr("dims", "sizes"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
 }
 
 NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine

@@ -151,6 +151,8 @@ BAD = [
     (CONV_LAYER, "ln : LayerNorm([3, 4])", f"ln({h_conv})", ShapeErr, 7, "ln(",
      "normalizes over trailing dimensions [3, 4], but its argument has shape [B, 4, 3, 3]"),
     (FLAT_LAYER, "ln : LayerNorm([6, 0])", f"ln({h_flat})", TypeErr, 6, "[6, 0]", "dims must be positive sizes"),
+    (FLAT_LAYER, "ln : LayerNorm(6.5)", f"ln({h_flat})", TypeErr, 6, "6.5",
+     "dims of LayerNorm must be a size or a list of sizes (positive integers), but found 6.5"),
     (FLAT_LAYER, "ln : LayerNorm(6, affine=2)", f"ln({h_flat})", TypeErr, 6, "2)",
      "affine of LayerNorm must be true or false"),
     (FLAT_LAYER, "ln : LayerNorm(6)", f"ln({h_flat}, x)", TypeErr, 7, "ln(", "it takes one argument, but 2"),
