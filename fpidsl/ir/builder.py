@@ -71,6 +71,10 @@ class GraphBuilder:
         same = self._identity(prim, args)
         if same is not None:
             return same
+        if prim == "expand_as" and self.graph.node(args[0])["op"] == "const":
+            # a number broadcast to a tensor's shape (the cotangent of `0.5 * sum(...)`): made from the tensor,
+            # which gives it a dtype and a device
+            return self.call("mul", self.call("ones_like", args[1]), args[0])
         ctx = ShapeCtx(callee=prim)
         shape = p.shape([self.shape(a) for a in args], attrs, ctx)
         origin = self._origin_data()

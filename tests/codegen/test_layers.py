@@ -287,3 +287,24 @@ def test_vjp_args_computes_only_the_gradients_asked_for(spec, name):
         assert torch.equal(a, b)
     only_input = cls.adjoint.vjp_args(saved, c, (True,) + (False,) * (len(args) - 1))
     assert torch.equal(only_input[0], full[0]) and all(g is None for g in only_input[1:])
+
+
+def test_an_energy_scaled_by_a_number_runs_and_has_the_closed_form_minimiser(tmp_path):
+    """`0.5 * sum(...)` in an energy: the gradient of the sum is a number broadcast to the state's shape, which the
+    emitted code used to write as `expand_as(0.5, ...)` (checked clean, then failed at the first call)."""
+    spec = tmp_path / "scaled.fpi"
+    spec.write_text("""
+layer Scaled {
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param W : tensor [4, 4] = normal(0, 0.1)
+  energy E = 0.5 * sum(square(x)) + 0.5 * sum(x * (x @ W)) - sum(a * x)
+  descend x on E step 0.5
+}
+""")
+    m = fpidsl.load(str(spec))(solve=TIGHT, backward=TIGHT).double()
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    W = m.W.detach()
+    want = torch.linalg.solve((torch.eye(4, dtype=torch.float64) + 0.5 * (W + W.T)).T, a.detach().T).T
+    torch.testing.assert_close(m(a), want, rtol=1e-9, atol=1e-10)
+    assert torch.autograd.gradcheck(m, (a,))
