@@ -14,9 +14,8 @@ from fpidsl.errors import FpiError, FpiErrors, ShapeErr, TypeErr
 from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
+from .helpers import TIGHT, UNROLL, assert_matches_unrolled_autograd
 
-TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
-UNROLL = 200
 
 CONV_LAYER = """
 layer N {{
@@ -59,13 +58,6 @@ def _load(tmp_path, name):
     return fpidsl.load(spec)
 
 
-def _unrolled(layer, a):
-    x = torch.zeros_like(a)
-    for _ in range(UNROLL):
-        x = type(layer).step(x, a, *layer.parameter_tensors())
-    return x
-
-
 def _perturb(layer):
     """Weights away from torch's (1, 0) start, so the affine part is exercised."""
     with torch.no_grad():
@@ -82,19 +74,7 @@ def test_a_layer_with_the_norm_matches_unrolled_autograd(name, tmp_path):
     _perturb(layer)
     shape = (3, 4, 3, 3) if LAYERS[name][0] is CONV_LAYER else (3, 6)
     a = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    params = [a, *layer.parameters()]
-    weight = torch.randn(*shape, dtype=torch.float64)
-
-    torch.testing.assert_close(layer(a), _unrolled(layer, a), rtol=1e-10, atol=1e-12)
-    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
-    want = derivatives(lambda: (weight * _unrolled(layer, a)).sum(), params, order=2)
-    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
-        for g, w in zip(g_order, w_order):
-            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
-    assert any(g.abs().max() > 0 for g in got[1]), "the second derivatives are all zero: the test would not see them"
-    small = a[:2].detach().requires_grad_()
-    assert torch.autograd.gradcheck(layer, (small,))
-    assert torch.autograd.gradgradcheck(layer, (small,))
+    assert_matches_unrolled_autograd(layer, a)
 
 
 def test_the_modules_are_torchs_with_torchs_state_dict_names(tmp_path):

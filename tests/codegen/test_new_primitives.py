@@ -11,7 +11,7 @@ from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors, ShapeErr, TypeErr
 from fpidsl.source import Source
 
-from ..runtime.helpers import derivatives
+from .helpers import ONE_STATE_SPEC, TIGHT, assert_matches_unrolled_autograd
 
 BODIES = {
     "gelu": "gelu(h)",
@@ -33,54 +33,25 @@ BODIES = {
     "tril": "reshape(tril(reshape(h, [B, 2, 2]), diagonal=-1), [B, 4]) + h",
 }
 
-TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
-UNROLL = 200
 
 
-def _spec(body: str) -> str:
-    return f"""
-layer L {{
-  input a : [B, 4]
-  state x : [B, 4] = zeros
-  param fc : Linear(8, 4, init_scale=0.4)
-  let h = fc(cat([x, a], dim=-1))
-  update x = 0.5 * tanh({body})
-}}
-"""
 
 
-def _unrolled(layer, a):
-    x = torch.zeros_like(a)
-    for _ in range(UNROLL):
-        x = type(layer).step(x, a, *layer.parameter_tensors())
-    return x
 
 
 @pytest.mark.parametrize("name", list(BODIES))
 def test_a_layer_with_the_builtin_matches_unrolled_autograd(name, tmp_path):
     spec = tmp_path / "new.fpi"
-    spec.write_text(_spec(BODIES[name]))
+    spec.write_text(ONE_STATE_SPEC.format(body=BODIES[name]))
     cls = fpidsl.load(spec)
     torch.manual_seed(0)
     layer = cls(solve=TIGHT, backward=TIGHT).double()
     a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    params = [a, *layer.parameters()]
-    weight = torch.randn(3, 4, dtype=torch.float64)
-
-    torch.testing.assert_close(layer(a), _unrolled(layer, a), rtol=1e-10, atol=1e-12)
-    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
-    want = derivatives(lambda: (weight * _unrolled(layer, a)).sum(), params, order=2)
-    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
-        for g, w in zip(g_order, w_order):
-            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
-    assert any(g.abs().max() > 0 for g in got[1]), "the second derivatives are all zero: the test would not see them"
-    small = a[:2].detach().requires_grad_()
-    assert torch.autograd.gradcheck(layer, (small,))
-    assert torch.autograd.gradgradcheck(layer, (small,))
+    assert_matches_unrolled_autograd(layer, a)
 
 
 def _error(body: str):
-    text = _spec(body)
+    text = ONE_STATE_SPEC.format(body=body)
     with pytest.raises((FpiError, FpiErrors)) as info:
         check_source(Source("bad.fpi", text))
     errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
@@ -109,7 +80,7 @@ BAD = [
 @pytest.mark.parametrize("body, kind, at, fragment", BAD, ids=[b for b, *_ in BAD])
 def test_mistakes_with_the_new_builtins_are_one_positioned_error(body, kind, at, fragment):
     if kind is None:
-        check_source(Source("ok.fpi", _spec(body)))
+        check_source(Source("ok.fpi", ONE_STATE_SPEC.format(body=body)))
         return
     error, text = _error(body)
     assert isinstance(error, kind), error
@@ -122,6 +93,6 @@ def test_mistakes_with_the_new_builtins_are_one_positioned_error(body, kind, at,
 
 def test_max_and_gelu_are_builtins_not_did_you_mean_hints():
     """Before issue 13, `max` got "did you mean `softmax`?" and `gelu` "did you mean `elu`?"."""
-    check_source(Source("ok.fpi", _spec("gelu(h) + max(h, dim=1, keepdim=true) + min(h, dim=1, keepdim=true)")))
+    check_source(Source("ok.fpi", ONE_STATE_SPEC.format(body="gelu(h) + max(h, dim=1, keepdim=true) + min(h, dim=1, keepdim=true)")))
     error, _ = _error("maxx(h, dim=1) + h")
     assert "unknown function maxx" in error.message and "max" in (error.hint or "")

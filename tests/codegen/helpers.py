@@ -1,0 +1,45 @@
+"""Checks shared by the tests of compiled layers that use one language form each."""
+from __future__ import annotations
+
+import torch
+
+from ..runtime.helpers import derivatives
+
+TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
+UNROLL = 200
+
+# A one-state layer around an expression `body` of h = fc(cat([x, a])) (and a, x): the map is 0.5 * tanh(body).
+ONE_STATE_SPEC = """
+layer L {{
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param fc : Linear(8, 4, init_scale=0.4)
+  let h = fc(cat([x, a], dim=-1))
+  update x = 0.5 * tanh({body})
+}}
+"""
+
+
+def unrolled(layer, a, steps: int = UNROLL):
+    """The layer's map iterated ``steps`` times from zeros, recorded by autograd."""
+    x = torch.zeros_like(a)
+    for _ in range(steps):
+        x = type(layer).step(x, a, *layer.parameter_tensors())
+    return x
+
+
+def assert_matches_unrolled_autograd(layer, a) -> None:
+    """The fixed point, and its first and second derivatives in the input and every parameter, equal autograd
+    through plain iteration (float64); gradcheck and gradgradcheck pass on two samples."""
+    params = [a, *layer.parameters()]
+    weight = torch.randn(a.shape, dtype=a.dtype)
+    torch.testing.assert_close(layer(a), unrolled(layer, a), rtol=1e-10, atol=1e-12)
+    got = derivatives(lambda: (weight * layer(a)).sum(), params, order=2)
+    want = derivatives(lambda: (weight * unrolled(layer, a)).sum(), params, order=2)
+    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"order {k}: {m}")
+    assert any(g.abs().max() > 0 for g in got[1]), "the second derivatives are all zero: the test would not see them"
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(layer, (small,))
+    assert torch.autograd.gradgradcheck(layer, (small,))
