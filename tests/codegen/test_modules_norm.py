@@ -66,6 +66,7 @@ def _perturb(layer):
                 p.add_(0.3 * torch.randn_like(p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_a_layer_with_the_norm_matches_unrolled_autograd(name, tmp_path):
     cls = _load(tmp_path, name)

@@ -39,6 +39,7 @@ BODIES = {
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BODIES))
 def test_a_layer_with_the_builtin_matches_unrolled_autograd(name, tmp_path):
     spec = tmp_path / "new.fpi"

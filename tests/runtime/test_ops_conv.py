@@ -28,6 +28,7 @@ def _tensors(cin, cout, k, bias=True):
     return x, w, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cin,cout,k,stride,pad", CASES)
 def test_conv2d_is_torch_conv2d(cin, cout, k, stride, pad):
     x, w, b = _tensors(cin, cout, k)
@@ -38,6 +39,7 @@ def test_conv2d_is_torch_conv2d(cin, cout, k, stride, pad):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cin,cout,k,stride,pad", CASES)
 def test_conv2d_input_grad_is_autograds(cin, cout, k, stride, pad):
     x, w, _ = _tensors(cin, cout, k, bias=False)
