@@ -1,7 +1,12 @@
 """Checks shared by the tests of compiled layers that use one language form each."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+from fpidsl.compiler import check_source
+from fpidsl.errors import FpiError, FpiErrors
+from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
 
@@ -43,3 +48,12 @@ def assert_matches_unrolled_autograd(layer, a) -> None:
     small = a[:2].detach().requires_grad_()
     assert torch.autograd.gradcheck(layer, (small,))
     assert torch.autograd.gradgradcheck(layer, (small,))
+
+
+def the_one_error(text: str):
+    """The single error that checking ``text`` reports (a mistake gives one error, not a cascade)."""
+    with pytest.raises((FpiError, FpiErrors)) as info:
+        check_source(Source("bad.fpi", text))
+    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
+    assert len(errors) == 1, errors
+    return errors[0]

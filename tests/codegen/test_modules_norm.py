@@ -14,7 +14,7 @@ from fpidsl.errors import FpiError, FpiErrors, ShapeErr, TypeErr
 from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
-from .helpers import TIGHT, UNROLL, assert_matches_unrolled_autograd
+from .helpers import TIGHT, UNROLL, assert_matches_unrolled_autograd, the_one_error
 
 
 CONV_LAYER = """
@@ -112,11 +112,7 @@ def test_group_norm_and_layer_norm_are_per_sample_unless_normalizing_the_batch(t
 
 def _error(template: str, decl: str, body: str):
     text = template.format(decl=decl, body=body)
-    with pytest.raises((FpiError, FpiErrors)) as info:
-        check_source(Source("bad.fpi", text))
-    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
-    assert len(errors) == 1, errors
-    return errors[0], text
+    return the_one_error(text), text
 
 
 BAD = [

@@ -8,10 +8,10 @@ import torch
 
 import fpidsl
 from fpidsl.compiler import check_source
-from fpidsl.errors import FpiError, FpiErrors, ShapeErr, TypeErr
+from fpidsl.errors import ShapeErr, TypeErr
 from fpidsl.source import Source
 
-from .helpers import ONE_STATE_SPEC, TIGHT, assert_matches_unrolled_autograd
+from .helpers import ONE_STATE_SPEC, TIGHT, assert_matches_unrolled_autograd, the_one_error
 
 BODIES = {
     "gelu": "gelu(h)",
@@ -53,11 +53,7 @@ def test_a_layer_with_the_builtin_matches_unrolled_autograd(name, tmp_path):
 
 def _error(body: str):
     text = ONE_STATE_SPEC.format(body=body)
-    with pytest.raises((FpiError, FpiErrors)) as info:
-        check_source(Source("bad.fpi", text))
-    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
-    assert len(errors) == 1, errors
-    return errors[0], text
+    return the_one_error(text), text
 
 
 BAD = [

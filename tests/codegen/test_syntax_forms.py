@@ -13,7 +13,7 @@ from fpidsl.errors import FpiError, FpiErrors, ShapeErr, SyntaxErr, TypeErr
 from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
-from .helpers import ONE_STATE_SPEC, TIGHT, UNROLL, assert_matches_unrolled_autograd
+from .helpers import ONE_STATE_SPEC, TIGHT, UNROLL, assert_matches_unrolled_autograd, the_one_error
 
 BODIES = {
     "greater-as-where-condition": "where(h > 0, h, 0.5 * h)",
@@ -84,11 +84,7 @@ layer F {
 
 def _error(body: str):
     text = ONE_STATE_SPEC.format(body=body)
-    with pytest.raises((FpiError, FpiErrors)) as info:
-        check_source(Source("bad.fpi", text))
-    errors = info.value.errors if isinstance(info.value, FpiErrors) else [info.value]
-    assert len(errors) == 1, errors
-    return errors[0], text
+    return the_one_error(text), text
 
 
 BAD = [
