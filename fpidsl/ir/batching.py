@@ -18,6 +18,7 @@ judged samplewise gives wrong fixed points.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
@@ -32,10 +33,6 @@ Axis = Any  # None | int | MIXED
 BatchRule = Callable[[Sequence[Axis], Sequence[tuple], tuple, Mapping[str, Any]], Axis]
 
 
-def _batched(axes: Sequence[Axis]) -> list[tuple[int, Axis]]:
-    return [(i, a) for i, a in enumerate(axes) if a is not None]
-
-
 def _agree(candidates: Iterable[Axis]) -> Axis:
     """The one axis all batched operands put the samples on, else MIXED; None when none is batched."""
     found: set = set()
@@ -47,6 +44,15 @@ def _agree(candidates: Iterable[Axis]) -> Axis:
     if len(found) > 1:
         return MIXED
     return next(iter(found)) if found else None
+
+
+def _of_the_operand(rule):
+    """A rule of the first operand's batch axis ``a`` (an int): a sample-free or mixed operand passes through."""
+    @functools.wraps(rule)
+    def wrapped(axes, shapes, out, attrs):
+        a = axes[0]
+        return a if a is None or a is MIXED else rule(a, shapes, out, attrs)
+    return wrapped
 
 
 def _norm(d: int, rank: int) -> int | None:
@@ -78,10 +84,8 @@ def like(position: int, data: Sequence[int] = (0,)) -> BatchRule:
 
 def reduction(dim_attr: str = "dim", keep_attr: str | None = "keepdim") -> BatchRule:
     """Reduces the dims ``attrs[dim_attr]`` (None: all): mixing when the batch axis is one of them."""
-    def rule(axes, shapes, out, attrs):
-        (a,) = axes[:1]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         rank = len(shapes[0])
         dims = attrs.get(dim_attr)
         listed = range(rank) if dims is None else (dims if isinstance(dims, tuple) else (dims,))
@@ -95,10 +99,8 @@ def reduction(dim_attr: str = "dim", keep_attr: str | None = "keepdim") -> Batch
 
 def along(dim_attr: str = "dim") -> BatchRule:
     """Works along one dimension and keeps the shape (``softmax``): mixing along the batch axis."""
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         return MIXED if _norm(attrs[dim_attr], len(shapes[0])) in (None, a) else a
     return rule
 
@@ -133,10 +135,8 @@ def reshaping(like_position: int | None = None) -> BatchRule:
 
 
 def transposing() -> BatchRule:
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         rank = len(shapes[0])
         d0, d1 = _norm(attrs["dim0"], rank), _norm(attrs["dim1"], rank)
         return d1 if a == d0 else d0 if a == d1 else a
@@ -144,10 +144,8 @@ def transposing() -> BatchRule:
 
 
 def flattening() -> BatchRule:
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         rank = len(shapes[0])
         if rank == 0:
             return MIXED
@@ -229,10 +227,8 @@ def indexing(data: int = 0, like_position: int | None = None) -> BatchRule:
 
 def unsqueezing() -> BatchRule:
     """``unsqueeze``: size-1 dims inserted at positions of the result (negative ones count from its end)."""
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         dims = attrs["dim"] if isinstance(attrs["dim"], tuple) else (attrs["dim"],)
         inserted = {_norm(d, len(out)) for d in dims}
         positions = [i for i in range(len(out)) if i not in inserted]
@@ -242,10 +238,8 @@ def unsqueezing() -> BatchRule:
 
 def permuting(dims_attr: str = "dims") -> BatchRule:
     """``permute``: the batch axis goes where the order puts it."""
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
         dims = attrs[dims_attr] if isinstance(attrs[dims_attr], tuple) else (attrs[dims_attr],)
         order = [_norm(d, len(shapes[0])) for d in dims]
         return order.index(a) if a in order else MIXED
@@ -312,11 +306,9 @@ def constant() -> BatchRule:
 def counting(dim_attr: str = "dim") -> BatchRule:
     """``count(x, dim)``: how many elements a mean averages; it depends on the batch size only when the
     batch axis is among the averaged dims."""
-    def rule(axes, shapes, out, attrs):
-        a = axes[0]
-        if a is None or a is MIXED:
-            return a
-        return None if reduction(dim_attr, None)(axes, shapes, (), attrs) is not MIXED else MIXED
+    @_of_the_operand
+    def rule(a, shapes, out, attrs):
+        return None if reduction(dim_attr, None)([a], shapes, (), attrs) is not MIXED else MIXED
     return rule
 
 

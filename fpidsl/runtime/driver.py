@@ -174,7 +174,6 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: 
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
-    if n > 1:
         torch.lt(step, track.best_step, out=track.shrank)
     torch.fmin(track.best_step, step, out=track.best_step)
     torch.fmin(track.best_rel, rel, out=track.best_rel)
