@@ -3,6 +3,9 @@ printed (``fpidsl compile``'s work), with the growth ratio per doubling.
 
     python benchmarks/compile_time.py            # lets 100..3200, nesting 125..1000 (and 5000 with --deep)
     python benchmarks/compile_time.py --quick    # small sizes (the smoke test)
+    python benchmarks/compile_time.py --with-gc  # the same with the garbage collector left running
+    python benchmarks/compile_time.py --megabyte # check a 1 MB spec: time and peak memory
+    python benchmarks/compile_time.py --limits   # the 5000-sized cases of docs/LIMITS.md
 
 Targets (issue 12): 1600 lets in under 5 s on the 2-core CI machine; each doubling at most 2.3x the time.
 """
@@ -55,12 +58,80 @@ def table(title: str, make, sizes, repeats: int = 1, budget: float = 0.0) -> lis
     return rows
 
 
+def megabyte() -> int:
+    import resource
+
+    from fpidsl.compiler import check_source
+
+    text = chain_of_lets(24000)
+    start = time.perf_counter()
+    check_source(Source("megabyte.fpi", text))
+    took = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"a spec of {len(text.encode()):,} bytes (24,000 chained lets): checked in {took:.1f} s, "
+          f"peak resident memory {peak:.0f} MB")
+    return 0
+
+
+def _limit_specs() -> dict[str, str]:
+    """The 5000-sized cases of docs/LIMITS.md."""
+    head = "layer L {\n  input a : [B, 4]\n  state x : [B, 4] = zeros\n"
+    lets = "\n".join(f"  let l{i + 1} = 0.5 * l{i}" for i in range(5000))
+    fns = "\n".join(f"fn f{i + 1}(v) = 0.9 * f{i}(v)" for i in range(5000))
+    return {
+        "0.5 * tanh(tanh(... 5000 ...(x)...)) + a":
+            head + "  update x = 0.5 * " + "tanh(" * 5000 + "x" + ")" * 5000 + " + a\n}\n",
+        "5000 chained lets `let l{i+1} = 0.5 * l{i}`": head + "  let l0 = x\n" + lets + "\n  update x = l5000 + a\n}\n",
+        "5000 chained fns `fn f{i+1}(v) = 0.9 * f{i}(v)`":
+            "fn f0(v) = v\n" + fns + "\n" + head + "  update x = 0.5 * f5000(x) + a\n}\n",
+        "a 5000-term sum": head + "  update x = 0.0001 * (" + " + ".join(["x"] * 5000) + ") + a\n}\n",
+    }
+
+
+def limits() -> int:
+    """CPU seconds (resource.getrusage) to check, to check and compile, and to load each 5000-sized case."""
+    import resource
+
+    from fpidsl.compiler import check_source
+    from fpidsl.loader import load_source
+
+    def cpu(run) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        run()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_utime - before
+
+    print(f"{'spec':<52} {'check':>7} {'compile':>8} {'load':>6}   (CPU seconds; compile = check + lower + print,"
+          " load = fpidsl.load's compile + exec)")
+    for name, text in _limit_specs().items():
+        check = cpu(lambda: check_source(Source("limits.fpi", text)))
+        both = cpu(lambda: compile_source(Source("limits.fpi", text)))
+        load = cpu(lambda: load_source(Source(f"limits_{len(name)}.fpi", text)))
+        print(f"{name:<52} {check:7.1f} {both:8.1f} {load:6.1f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--deep", action="store_true", help="also nest 5000 deep")
     ap.add_argument("--repeats", type=int, default=3, help="compiles per size; the best is reported")
+    ap.add_argument("--with-gc", action="store_true",
+                    help="leave Python's cyclic garbage collector running during compiles (what the compiler did "
+                         "before it paused it: fpidsl.compiler.paused_gc)")
+    ap.add_argument("--megabyte", action="store_true",
+                    help="only: check a spec of about 1 MB (24,000 chained lets); print its time and peak memory")
+    ap.add_argument("--limits", action="store_true", help="only: the 5000-sized cases of docs/LIMITS.md")
     args = ap.parse_args(argv)
+    if args.limits:
+        return limits()
+    if args.with_gc:
+        import contextlib
+
+        from fpidsl import compiler
+
+        compiler.paused_gc = contextlib.nullcontext
+    if args.megabyte:
+        return megabyte()
     seconds(chain_of_lets(2))  # warm-up: imports and the parser's tables
     lets = [25, 50, 100] if args.quick else [100, 200, 400, 800, 1600, 3200]
     depths = [25, 50] if args.quick else [125, 250, 500, 1000] + ([5000] if args.deep else [])

@@ -18,9 +18,9 @@ from .source import Source
 @contextmanager
 def paused_gc():
     """Python's cyclic garbage collector paused while the compiler builds its graphs: each collection walks every
-    node and edge dict made so far, which made compile time grow as the square of the spec's size (1600 chained
-    lets: 8.1 s with it, 4.0 s without; benchmarks/compile_time.py). Nested uses are free; what the compiler
-    leaves behind is collected as usual afterwards."""
+    node and edge dict made so far, which doubled compile time (1600 chained lets: 4.6 s with it, 2.3 s without;
+    ``python benchmarks/compile_time.py [--with-gc]``). Nested uses are free; what the compiler leaves behind is
+    collected as usual afterwards."""
     if not gc.isenabled():
         yield
         return
