@@ -96,3 +96,12 @@ def test_backward_narrowing_benchmark_runs_and_both_forms_agree():
                            "--repeats", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "both forms agree" in proc.stdout
+
+
+def test_capture_cost_benchmark_runs():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "capture_cost.py"), "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "capture='auto'" in proc.stdout and "discover" in proc.stdout
