@@ -50,6 +50,17 @@ def assert_matches_unrolled_autograd(layer, a) -> None:
     assert torch.autograd.gradgradcheck(layer, (small,))
 
 
+def assert_body_matches_unrolled_autograd(body: str, tmp_path) -> None:
+    """``ONE_STATE_SPEC`` around ``body``, compiled and loaded in float64, against unrolled autograd."""
+    import fpidsl
+
+    spec = tmp_path / "body.fpi"
+    spec.write_text(ONE_STATE_SPEC.format(body=body))
+    torch.manual_seed(0)
+    layer = fpidsl.load(spec)(solve=TIGHT, backward=TIGHT).double()
+    assert_matches_unrolled_autograd(layer, torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
+
+
 def the_one_error(text: str):
     """The single error that checking ``text`` reports (a mistake gives one error, not a cascade)."""
     with pytest.raises((FpiError, FpiErrors)) as info:

@@ -4,14 +4,12 @@ gradcheck and gradgradcheck pass on the compiled layer. Their errors point at th
 from __future__ import annotations
 
 import pytest
-import torch
 
-import fpidsl
 from fpidsl.compiler import check_source
 from fpidsl.errors import ShapeErr, TypeErr
 from fpidsl.source import Source
 
-from .helpers import ONE_STATE_SPEC, TIGHT, assert_matches_unrolled_autograd, the_one_error
+from .helpers import ONE_STATE_SPEC, assert_body_matches_unrolled_autograd, the_one_error
 
 BODIES = {
     "gelu": "gelu(h)",
@@ -34,21 +32,10 @@ BODIES = {
 }
 
 
-
-
-
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BODIES))
 def test_a_layer_with_the_builtin_matches_unrolled_autograd(name, tmp_path):
-    spec = tmp_path / "new.fpi"
-    spec.write_text(ONE_STATE_SPEC.format(body=BODIES[name]))
-    cls = fpidsl.load(spec)
-    torch.manual_seed(0)
-    layer = cls(solve=TIGHT, backward=TIGHT).double()
-    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert_matches_unrolled_autograd(layer, a)
+    assert_body_matches_unrolled_autograd(BODIES[name], tmp_path)
 
 
 def _error(body: str):

@@ -13,7 +13,7 @@ from fpidsl.errors import FpiError, FpiErrors, ShapeErr, SyntaxErr, TypeErr
 from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
-from .helpers import ONE_STATE_SPEC, TIGHT, UNROLL, assert_matches_unrolled_autograd, the_one_error
+from .helpers import ONE_STATE_SPEC, TIGHT, UNROLL, assert_body_matches_unrolled_autograd, the_one_error
 
 BODIES = {
     "greater-as-where-condition": "where(h > 0, h, 0.5 * h)",
@@ -28,21 +28,10 @@ BODIES = {
 }
 
 
-
-
-
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BODIES))
 def test_a_layer_with_the_form_matches_unrolled_autograd(name, tmp_path):
-    spec = tmp_path / "form.fpi"
-    spec.write_text(ONE_STATE_SPEC.format(body=BODIES[name]))
-    cls = fpidsl.load(spec)
-    torch.manual_seed(0)
-    layer = cls(solve=TIGHT, backward=TIGHT).double()
-    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert_matches_unrolled_autograd(layer, a)
+    assert_body_matches_unrolled_autograd(BODIES[name], tmp_path)
 
 
 def test_a_comparison_is_a_float_mask_with_no_gradient(tmp_path):
