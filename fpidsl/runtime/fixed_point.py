@@ -241,7 +241,12 @@ def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs
 
 def _adjoint_problem(problem: _Problem, saved: tuple, stats: Stats, lin=None) -> _Problem:
     """The backward fixed-point iteration of ``problem`` as a fixed-point problem of its own."""
-    t_map = AdjointMap(problem.adjoint, len(saved), lin)
+    return derived_problem(problem, AdjointMap(problem.adjoint, len(saved), lin), stats, "backward")
+
+
+def derived_problem(problem: _Problem, t_map, stats: Stats, phase: str) -> _Problem:
+    """A fixed-point problem derived from ``problem`` (its adjoint, its tangent): the map ``t_map`` solved with
+    ``problem``'s backward settings, and differentiated again by autograd through ``t_map``."""
     return _Problem(
         fn=t_map,
         iteration_map=t_map.iteration_map,
@@ -252,7 +257,7 @@ def _adjoint_problem(problem: _Problem, saved: tuple, stats: Stats, lin=None) ->
         stats=stats,
         history=problem.history,
         batched=None,
-        phase="backward",
+        phase=phase,
     )
 
 

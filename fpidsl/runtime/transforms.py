@@ -99,25 +99,13 @@ def _tangent_stats(stats: Any) -> Any:
 def tangent_of_fixed_point(problem: Any, x_hat: States, args: tuple, arg_tangents: Sequence[Any]) -> States:
     """The tangent of the fixed point along ``arg_tangents`` (one per argument, ``None`` for none): see the
     module's doc. ``problem`` is the operator's ``_Problem``."""
-    from .adjoint import AutogradAdjoint
-    from .fixed_point import _apply, _Problem
+    from .fixed_point import _apply, derived_problem
 
     b = _args_tangent(problem.fn, x_hat, args, arg_tangents)
     if b is None:
         return tuple(torch.zeros_like(x) for x in x_hat)
     t_map = TangentMap(problem.fn, len(x_hat), len(args))
-    tangent = _Problem(
-        fn=t_map,
-        iteration_map=t_map.iteration_map,
-        layout=problem.layout,
-        forward=problem.backward,
-        backward=problem.backward,
-        adjoint=AutogradAdjoint(t_map, tuple_states=True),
-        stats=_tangent_stats(problem.stats),
-        history=problem.history,
-        batched=None,
-        phase="tangent",
-    )
+    tangent = derived_problem(problem, t_map, _tangent_stats(problem.stats), "tangent")
     start = tuple(bi.detach() if not is_transformed((bi,)) else bi for bi in b)
     return tuple(_apply(tangent, start, (*x_hat, *args, *b)))
 
