@@ -207,7 +207,9 @@ def test_vjp_matches_autograd(case):
         return
     u = rand(value.shape, torch.Generator().manual_seed(1))
     got = pg.run({**env, "u": u}, grads + [out])
-    torch.testing.assert_close(got[out], value.detach(), rtol=0, atol=0)
+    # bit for bit against the op on the same (detached) inputs: torch's matmul takes another path, one ulp apart,
+    # when its inputs require grad
+    torch.testing.assert_close(got[out], call_op(case.prim, list(env.values()), case.attrs), rtol=0, atol=0)
     want = grads_or_none(value, xs, u)
     for i, (g, w) in enumerate(zip(grads, want)):
         assert_same_grad(got[g] if g is not None else None, w, f"{case} argument {i}")
