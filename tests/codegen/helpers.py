@@ -6,6 +6,7 @@ import torch
 
 from fpidsl.compiler import check_source
 from fpidsl.errors import FpiError, FpiErrors
+from fpidsl.runtime.layer import bind_dims
 from fpidsl.source import Source
 
 from ..runtime.helpers import derivatives
@@ -31,6 +32,19 @@ def unrolled(layer, a, steps: int = UNROLL):
     for _ in range(steps):
         x = type(layer).step(x, a, *layer.parameter_tensors())
     return x
+
+
+def unrolled_outputs(layer, inputs, steps: int = UNROLL):
+    """What ``layer(*inputs)`` returns, with the fixed point replaced by ``steps`` plain iterations of the layer's
+    map from the layer's own start (any number of inputs and states), recorded by autograd."""
+    cls = type(layer)
+    bound = layer.bind(tuple(inputs), {})
+    values = tuple(bound[n] for n in cls.INPUTS) + tuple(layer.parameter_tensors())
+    states = tuple(layer.init_states(bind_dims(cls.INPUTS, bound, cls.SPEC), values[0], *values))
+    for _ in range(steps):
+        new = cls.step(states if len(states) > 1 else states[0], *values)
+        states = new if isinstance(new, tuple) else (new,)
+    return layer.outputs(states, *values)
 
 
 def assert_matches_unrolled_autograd(layer, a) -> None:

@@ -1,0 +1,73 @@
+"""The model zoo (specs/zoo/): each model's spec and layer, and the toy inputs it is run on.
+
+One table, read by the zoo's tests (tests/zoo/test_zoo.py) and by examples/zoo_report.py (docs/ZOO.md's
+iteration table and convergence plots). Inputs are float64 and drawn from a ``torch.Generator``, so both see the
+same numbers for the same seed. Nothing here imports fpidsl.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ZOO = Path(__file__).resolve().parent.parent / "specs" / "zoo"
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A zoo layer: ``inputs(gen, batch)`` draws its inputs in declaration order; its derivatives are compared
+    in the input ``wrt_input`` and the parameter ``param`` (a ``named_parameters`` name); ``unroll`` plain
+    iterations from the layer's start reach its fixed point to float64 precision."""
+
+    key: str
+    spec: str
+    layer: str
+    paper: str
+    inputs: Callable[[torch.Generator, int], tuple[Tensor, ...]]
+    wrt_input: str
+    param: str
+    unroll: int = 300
+
+    @property
+    def path(self) -> Path:
+        return ZOO / self.spec
+
+
+def normal(gen: torch.Generator, *shape: int, scale: float = 1.0) -> Tensor:
+    return scale * torch.randn(*shape, generator=gen, dtype=DTYPE)
+
+
+def normalized_graphs(gen: torch.Generator, batch: int, nodes: int, p: float = 0.4) -> Tensor:
+    """Random undirected graphs with self-loops, as D^-1/2 (A + I) D^-1/2 (spectral radius 1)."""
+    edges = (torch.rand(batch, nodes, nodes, generator=gen, dtype=DTYPE) < p).to(DTYPE)
+    adjacency = ((edges + edges.transpose(1, 2)) > 0).to(DTYPE) + torch.eye(nodes, dtype=DTYPE)
+    scale = adjacency.sum(-1).rsqrt()
+    return scale[:, :, None] * adjacency * scale[:, None, :]
+
+
+MODELS = [
+    ZooModel("mondeq", "mondeq.fpi", "MonDEQ", "Winston & Kolter 2020",
+             lambda g, b: (normal(g, b, 4),), "x", "A"),
+    ZooModel("hopfield", "hopfield.fpi", "Hopfield", "Ramsauer et al. 2021",
+             lambda g, b: (normal(g, b, 5, 4), normal(g, b, 4)), "Y", "WK.weight"),
+    ZooModel("ista", "lista.fpi", "ISTA", "Beck & Teboulle 2009",
+             lambda g, b: (normal(g, b, 8),), "y", "A", unroll=400),
+    ZooModel("lista", "lista.fpi", "LISTA", "Gregor & LeCun 2010",
+             lambda g, b: (normal(g, b, 8),), "y", "S"),
+    ZooModel("sinkhorn", "sinkhorn.fpi", "Sinkhorn", "Cuturi 2013",
+             lambda g, b: (normal(g, b, 5, 3), normal(g, b, 4, 3)), "u", "P.weight"),
+    ZooModel("implicit_euler", "implicit_euler.fpi", "ImplicitEuler", "Chen et al. 2018",
+             lambda g, b: (normal(g, b, 4),), "y0", "fc1.weight"),
+    ZooModel("icnn", "icnn.fpi", "ICNN", "Amos, Xu & Kolter 2017",
+             lambda g, b: (normal(g, b, 4),), "x", "W0.weight"),
+    ZooModel("qp", "qp.fpi", "BoxQP", "Amos & Kolter 2017",
+             lambda g, b: (normal(g, b, 4, scale=2.0),), "a", "L"),
+    ZooModel("ignn", "ignn.fpi", "IGNN", "Gu et al. 2020",
+             lambda g, b: (normalized_graphs(g, b, 6), normal(g, b, 6, 3)), "U", "V"),
+    ZooModel("mdeq", "mdeq.fpi", "MDEQCell", "Bai, Koltun & Kolter 2020",
+             lambda g, b: (normal(g, b, 4, 5, 5),), "x", "conv1.weight"),
+]
