@@ -24,6 +24,8 @@ _EXPORTS = {
     "Hoisted": "fpidsl.runtime.fixed_point",
     "FpiError": "fpidsl.errors",
     "FpiErrors": "fpidsl.errors",
+    "trace": "fpidsl.tracing",
+    "UntraceableError": "fpidsl.tracing",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,223 @@
+"""``fpidsl.trace``: a PyTorch map ``g(x, *args)`` compiled as a layer through the normal pipeline.
+
+``torch.fx`` traces the map (:mod:`~fpidsl.tracing.fx_capture`), :mod:`~fpidsl.tracing.writer` writes the graph as
+an ``.fpi`` layer, and that text goes through the compiler like any spec (check, lower, emit, load): the traced
+layer gets the derived straight-line backward, the hoisting and the narrowing of a hand-written spec, and its
+spec can be written out (``fpidsl trace``) and compiled again to the same layer.
+
+The traced layer's weights. The compiled class declares the map's tensors as its own params (an ``nn.Linear``
+submodule is a ``Linear`` param, any other tensor a ``tensor`` param), so ``Layer()`` starts from fresh weights
+like any compiled spec; ``Layer.from_module(module)`` copies the traced module's tensors into the layer, and
+``Layer.from_module(module, share=True)`` makes the layer's params *the same tensors* (training either trains
+both). ``fpidsl.fixed_point`` uses neither: it calls the compiled map with the module's own tensors, read at
+every call (:mod:`~fpidsl.tracing.auto`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import weakref
+
+from .fx_capture import UntraceableError, capture, one_more_sample, record, resolve
+from .writer import WrittenSpec, Writer
+
+
+@dataclass(frozen=True, eq=False)
+class TracedMap:
+    """A traced map: its spec, the compiled layer class, and how the map's tensors reach the layer.
+
+    ``inputs``: the positions (among ``args``) of the tensor arguments, which are the layer's inputs in order
+    (the other arguments are fixed to their example values); ``params``: per tensor of the layer's
+    ``parameter_tensors()``, its dotted name in the traced module, or under a name of ``foreign``: the modules
+    and tensors that the map reads without owning them (a function's closure, a global); ``root``: a weak
+    reference to the traced module (None for a function)."""
+
+    spec: WrittenSpec
+    layer: type
+    inputs: tuple[int, ...]
+    params: tuple[str, ...]
+    foreign: dict[str, Any]
+    root: Any = None
+
+    def tensors(self, module: nn.Module | None = None) -> tuple[Tensor, ...]:
+        """The map's tensors as they are now, in the layer's parameter order, read from ``module`` (default: the
+        traced module)."""
+        if module is None and self.root is not None:
+            module = self.root()
+            if module is None:
+                raise ValueError("the traced module no longer exists; pass the module to read the tensors from")
+        return tuple(resolve(module, self.foreign, p) for p in self.params)
+
+    def arguments(self, args: Sequence[Any]) -> tuple[Tensor, ...]:
+        """The layer's inputs among a call's arguments."""
+        return tuple(args[i] for i in self.inputs)
+
+
+def _parameter_order(spec: WrittenSpec) -> list[str]:
+    """The layer's params (``fc.weight``, ``w``) in the order its ``step`` takes them."""
+    from ..compiler import check_source
+    from ..source import Source
+
+    return list(check_source(Source(f"{spec.name}.fpi", spec.text)).graphs[spec.name].params)
+
+
+def _compiled_class(spec: WrittenSpec) -> type:
+    from ..errors import FpiError, FpiErrors
+    from ..loader import load_source
+    from ..source import Source
+
+    try:
+        return load_source(Source(f"{spec.name}.fpi", spec.text)).LAYERS[spec.name]
+    except (FpiError, FpiErrors) as exc:
+        raise UntraceableError(f"the traced spec does not check ({exc}); the spec was:\n{spec.text}") from None
+
+
+def default_batched(x: Tensor, args: Sequence[Any]) -> list[bool]:
+    """Per argument: a tensor whose dimension 0 has the batch size of ``x`` is batched."""
+    n = x.shape[0]
+    return [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
+
+
+def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[bool] | None = None,
+              name: str | None = None, check: bool = True) -> TracedMap:
+    """Trace ``f(x, *args)`` into a compiled layer (see :func:`trace`); raises :class:`UntraceableError`."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point():
+        raise UntraceableError("the state must be a floating-point tensor with a batch dimension")
+    args = list(args)
+    flags = default_batched(x, args) if batched is None else list(batched)
+    if len(flags) != len(args):
+        raise UntraceableError(f"batched has {len(flags)} entries for {len(args)} arguments")
+    module = capture(f, [x, *args])
+    example = [x, *args]
+    try:
+        first = record(module, example)
+        second = record(module, one_more_sample(example, [True, *flags]))
+    except UntraceableError:
+        raise
+    except Exception as exc:
+        raise UntraceableError(f"the traced graph fails on the example with one more sample ({type(exc).__name__}: "
+                               f"{exc}); give batched= to say which arguments have the batch in dimension 0") from None
+    tensor_flags = [True] + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
+    layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
+    spec = Writer(module, first, second, x.shape[0], tensor_flags, _layer_name(layer_name)).write()
+    base = _compiled_class(spec)
+    order = _parameter_order(spec)
+    foreign = module.meta["foreign"]
+    traced_ref: list[TracedMap] = []
+    traced = TracedMap(spec, _traced_class(base, traced_ref), tuple(i for i, a in enumerate(args) if isinstance(a, Tensor)),
+                       tuple(spec.sources[q] for q in order), foreign,
+                       weakref.ref(f) if isinstance(f, nn.Module) else None)
+    traced_ref.append(traced)
+    if check:
+        check_agrees(traced, f, x, args)
+    return traced
+
+
+def _layer_name(wanted: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in wanted).strip("_")
+    return name if name and not name[0].isdigit() else f"Traced{name}"
+
+
+def _traced_class(base: type, traced_ref: list) -> type:
+    """A subclass of the compiled class that knows its trace (two maps with the same spec share ``base``)."""
+
+    def from_module(cls, module: nn.Module | None = None, *, share: bool = False, **options: Any):
+        """A layer with the traced map's tensors: copies (default) or, with ``share=True``, the same tensors (a
+        tensor that is not an ``nn.Parameter`` becomes a buffer). ``module``: where to read them (default: the
+        traced module); ``options``: the layer's constructor options (``solve=``, ``backward=`` ...)."""
+        layer = cls(**options)
+        traced = cls.TRACED
+        for qualified, tensor in zip(_parameter_order(traced.spec), traced.tensors(module)):
+            _put(layer, qualified, tensor, share)
+        return layer
+
+    cls = type(base.__name__, (base,), {"__module__": base.__module__, "__doc__": base.__doc__,
+                                        "__qualname__": base.__qualname__, "from_module": classmethod(from_module),
+                                        "TRACED": _TracedAttribute(traced_ref)})
+    cls._fpidsl_spec = base._fpidsl_spec  # instances pickle as the compiled class (loader._reduce_ex)
+    return cls
+
+
+class _TracedAttribute:
+    """The class attribute ``TRACED``: the :class:`TracedMap` (made after the class)."""
+
+    def __init__(self, ref: list):
+        self.ref = ref
+
+    def __get__(self, obj, owner) -> TracedMap:
+        return self.ref[0]
+
+
+def _put(layer: nn.Module, qualified: str, tensor: Tensor, share: bool) -> None:
+    owner_path, _, leaf = qualified.rpartition(".")
+    owner = layer.get_submodule(owner_path) if owner_path else layer
+    if share and isinstance(tensor, nn.Parameter):
+        setattr(owner, leaf, tensor)
+        return
+    value = tensor if share else tensor.detach().clone()
+    if isinstance(tensor, nn.Parameter) or not share:
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=tensor.requires_grad))
+        return
+    del owner._parameters[leaf]
+    owner.register_buffer(leaf, value)
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """How far the compiled map may be from ``f`` (relative to the output's scale): the square root of the dtype's
+    precision, far below what a different branch of the map would give."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any], root: nn.Module | None = None) -> None:
+    """The compiled map gives ``f``'s numbers at ``x`` and at a perturbed ``x``, else :class:`UntraceableError`
+    (fx records one path through the map: a branch on the tensors' values, or a side effect, is not in the graph)."""
+    params = traced.tensors(root)
+    inputs = traced.arguments(args)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        perturbed = x + torch.randn_like(x) * (x.abs().mean() + 1)
+        for point in (x, perturbed):
+            want = f(point, *args)
+            got = traced.layer.step(point, *inputs, *params)
+            if not isinstance(want, Tensor) or want.shape != got.shape:
+                raise UntraceableError("the map's result is not one tensor of the traced shape")
+            tol = agreement_tolerance(want.dtype) * (1 + float(want.abs().max()))
+            if not torch.allclose(got, want, rtol=0, atol=tol):
+                err = float((got - want).abs().max())
+                raise UntraceableError(
+                    f"the traced map differs from the map by {err:.3g} (tolerance {tol:.3g}): the map does something "
+                    "torch.fx does not record (a branch on a tensor's values, a side effect, randomness)")
+
+
+def trace(f: Callable, example_x: Tensor, *example_args: Any, batched: Sequence[bool] | None = None,
+          name: str | None = None) -> type:
+    """The compiled layer class of the PyTorch map ``f(x, *args)``, traced with ``torch.fx`` at an example.
+
+    Args:
+        f: an ``nn.Module`` or a function ``f(x, *args)`` returning the new state (a tensor shaped like ``x``). Its
+            operations must be in the primitive table (docs/TRACE.md lists what maps onto it): standard modules
+            (``nn.Linear``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.GroupNorm``, ``nn.LayerNorm``, activation
+            modules), ``torch`` / ``torch.nn.functional`` functions, tensor methods and operators.
+        example_x: the state at the example; dimension 0 is the batch, the symbol ``B`` of the layer.
+        *example_args: the other arguments at the example. Tensors become the layer's inputs, in order; other
+            values are fixed to what they are here.
+        batched: one flag per argument: whether its dimension 0 is the batch (default: a tensor whose dimension
+            0 has the size of ``example_x``'s).
+        name: the layer's name (default: the module's class name or the function's name).
+
+    Returns:
+        A :class:`~fpidsl.runtime.layer.CompiledLayer` subclass: ``Layer()`` has fresh weights,
+        ``Layer.from_module(module)`` copies the traced module's, ``Layer.from_module(module, share=True)`` uses
+        the same tensors. Called as ``layer(*tensor_args)`` it returns the fixed point from ``x0 = 0``.
+        ``Layer.TRACED.spec.text`` is the layer's ``.fpi`` text (what ``fpidsl trace`` writes).
+
+    Raises:
+        UntraceableError: torch.fx cannot trace ``f``, it uses an operation with no primitive (the message names
+        it and where it is written), or the compiled map does not give ``f``'s numbers at the example.
+    """
+    return trace_map(f, example_x, example_args, batched, name).layer

@@ -1,0 +1,177 @@
+"""A PyTorch map ``g(x, *args)`` as a ``torch.fx`` graph, run at two batch sizes to tell the batch dims apart.
+
+:func:`capture` traces ``g`` symbolically (``torch.fx``). The tracer keeps the standard ``torch.nn`` modules as
+leaves (``nn.Linear`` is one ``call_module`` node) and traces through the user's own modules, ``nn.Sequential``
+included. A module or a parameter that ``g`` reaches without owning it (a function closing over a model) is
+installed in the traced root under a fresh name, so every tensor the graph reads is a ``get_attr`` of it.
+
+The graph is then run (:class:`Recorder`) on the example, and again on the example with one more sample (the
+first sample repeated) in every batched argument: a dimension that changes between the two runs is a batch
+dimension, ``a * B + b`` (:class:`BatchDim`), and one that does not is a number. That is how a shape written
+``x.view(x.shape[0], 4, 4)`` or ``x.reshape(-1, 16)`` becomes ``[B, 4, 4]`` or ``[B, 16]`` in the spec.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+
+class UntraceableError(Exception):
+    """The map cannot become a layer graph: torch.fx cannot trace it, or it uses an operation with no primitive
+    (the message names the operation and where it is)."""
+
+
+@dataclass(frozen=True)
+class BatchDim:
+    """A size that follows the batch: ``scale * B + offset``."""
+
+    scale: int
+    offset: int = 0
+
+    @property
+    def is_batch(self) -> bool:
+        return self.scale == 1 and self.offset == 0
+
+
+class _Tracer(fx.Tracer):
+    """Standard ``torch.nn`` modules as leaves. A module, a parameter or a tensor that the map reaches without
+    owning it (a function closing over a model, a global tensor) gets a fresh name in :attr:`foreign` (the
+    user's module is never changed): ``get_attr`` and ``call_module`` nodes name either a path in the traced
+    root or an entry of ``foreign``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # where the user wrote each node, for messages
+        self.foreign: dict[str, Any] = {}
+        self._foreign_names: dict[int, str] = {}
+
+    def _adopt(self, value: Any, stem: str) -> str:
+        key = id(value)
+        if key not in self._foreign_names:
+            name = f"{stem}{len(self._foreign_names)}"
+            self.foreign[name] = value
+            self._foreign_names[key] = name
+        return self._foreign_names[key]
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        if id(mod) in self._foreign_names:
+            return self._foreign_names[id(mod)]
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            return self._adopt(mod, "_module")
+
+    def create_arg(self, a: Any):
+        if isinstance(a, Tensor) and not isinstance(a, fx.Proxy):
+            owned = (self.root.named_parameters() if isinstance(a, nn.Parameter) else self.root.named_buffers())
+            for name, t in owned:
+                if t is a:
+                    return self.create_node("get_attr", name, (), {})
+            name = self.tensor_attrs.get(a)
+            if name is None:
+                name = self._adopt(a, "_tensor")
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def resolve(root: Any, foreign: dict[str, Any], target: str) -> Any:
+    """The object at the dotted ``target``: from ``foreign`` when its first part is a foreign name, else in
+    ``root``."""
+    first, *rest = target.split(".")
+    value = foreign[first] if first in foreign else getattr(root, first)
+    for part in rest:
+        value = getattr(value, part)
+    return value
+
+
+def _signature_names(f: Callable) -> list[str]:
+    target = f.forward if isinstance(f, nn.Module) else f
+    params = list(inspect.signature(target).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise UntraceableError("the map takes *args or **kwargs; trace one with named arguments")
+    return [p.name for p in params]
+
+
+def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
+    """The fx graph of ``f`` called as ``f(*example)``; arguments that are not tensors are fixed to their values."""
+    try:
+        names = _signature_names(f)
+    except (TypeError, ValueError) as exc:
+        raise UntraceableError(f"the map's signature cannot be read: {exc}") from None
+    if len(names) < len(example):
+        raise UntraceableError(f"the map takes {len(names)} arguments, given {len(example)}")
+    concrete = {name: value for name, value in zip(names, example) if not isinstance(value, Tensor)}
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(f, concrete_args=concrete or None)
+    except Exception as exc:  # fx raises many kinds: TraceError, TypeError (a Proxy in bool()), NameError ...
+        raise UntraceableError(f"torch.fx cannot trace the map: {type(exc).__name__}: {exc}") from None
+    _drop_specialization_checks(graph)
+    targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    attributes = {t: resolve(tracer.root, tracer.foreign, t) for t in targets}
+    name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "map")
+    module = fx.GraphModule(attributes, graph, name)
+    module.meta["foreign"] = dict(tracer.foreign)  # what f reads without owning it (the other targets are paths in f)
+    return module
+
+
+def _drop_specialization_checks(graph: fx.Graph) -> None:
+    """The ``torch._assert`` nodes fx adds for arguments fixed to their values (the cache key holds those values)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert and "specialized" in str(node.args[1:]):
+            condition = node.args[0]
+            graph.erase_node(node)
+            if isinstance(condition, fx.Node) and not condition.users:
+                graph.erase_node(condition)
+
+
+class Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's value."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.values[n] = value
+        return value
+
+
+def record(module: fx.GraphModule, example: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Every node's value on ``example`` (the map's arguments, in order), without recording autograd."""
+    recorder = Recorder(module)
+    with torch.no_grad():
+        recorder.run(*example)
+    return recorder.values
+
+
+def one_more_sample(example: Sequence[Any], batched: Sequence[bool]) -> list[Any]:
+    """The example with its first sample appended to every batched argument (one flag per argument)."""
+    return [torch.cat([t, t[:1]]) if b else t for t, b in zip(example, batched)]
+
+
+def batch_dim(a: int, b: int, n: int) -> int | BatchDim:
+    """A size that is ``a`` at batch ``n`` and ``b`` at batch ``n + 1``: a number, or ``scale * B + offset``."""
+    if a == b:
+        return a
+    scale = b - a
+    return BatchDim(scale, a - scale * n)
+
+
+def symbolic(a: Any, b: Any, n: int) -> Any:
+    """A value recorded at batch ``n`` (``a``) and ``n + 1`` (``b``), with its batch-following sizes symbolic:
+    a tensor becomes its symbolic shape, an int a :class:`BatchDim` where it moved, a tuple item by item."""
+    if isinstance(a, Tensor):
+        if a.dim() != b.dim():
+            raise UntraceableError("a value changes rank with the batch size")
+        return tuple(batch_dim(p, q, n) for p, q in zip(a.shape, b.shape))
+    if isinstance(a, bool) or not isinstance(a, (int, tuple, list, torch.Size)):
+        return a
+    if isinstance(a, int):
+        return batch_dim(a, b, n)
+    return tuple(symbolic(p, q, n) for p, q in zip(a, b))

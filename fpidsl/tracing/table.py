@@ -1,0 +1,457 @@
+"""The PyTorch operations a traced map may use, each written as ``.fpi`` text over the primitive table.
+
+A handler takes the :class:`~fpidsl.tracing.writer.Writer` (which turns values into text: a tensor is its spec
+name, a number its literal) and the call's arguments bound to their names, and returns the expression of the
+node's value. ``torch.tanh(x)``, ``x.tanh()``, ``F.tanh(x)`` and ``nn.Tanh()`` reach the same handler: functions
+and methods are keyed by a canonical name (:data:`FUNCTIONS`, method names as they are), modules by their class
+(:data:`MODULES`). A handler raises :class:`~fpidsl.tracing.fx_capture.UntraceableError` for a form it does not
+cover (``F.softplus`` with a threshold other than 20, a convolution with groups ...).
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fx_capture import BatchDim, UntraceableError
+
+Handler = Callable[..., str]
+
+# canonical name -> (handler, argument names (``a|b``: accepted aliases), defaults)
+OPS: dict[str, tuple[Handler, tuple[str, ...], dict[str, Any]]] = {}
+
+
+def op(*names: str, args: tuple[str, ...] = ("input|self",), **defaults: Any):
+    """Register a handler under canonical ``names`` with its argument names and defaults."""
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            OPS[name] = (fn, args, defaults)
+        return fn
+
+    return register
+
+
+def bind(name: str, args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict) -> dict[str, Any]:
+    """The call's arguments by their first names (``*``: the remaining positional ones, as a tuple); an argument
+    the handler does not know is refused."""
+    rest = names[-1] == "*"
+    if rest:
+        names = names[:-1]
+    if len(args) > len(names) and not rest:
+        raise UntraceableError(f"{name} with {len(args)} positional arguments")
+    bound = {names[i].split("|")[0]: a for i, a in enumerate(args[:len(names)])}
+    if rest:
+        bound["*"] = tuple(args[len(names):])
+    aliases = {alias: n.split("|")[0] for n in names for alias in n.split("|")}
+    for key, value in kwargs.items():
+        if key not in aliases:
+            raise UntraceableError(f"{name} with the argument {key}=")
+        bound[aliases[key]] = value
+    for key in names:
+        first = key.split("|")[0]
+        if first not in bound:
+            if first not in defaults:
+                raise UntraceableError(f"{name} without its argument {first}")
+            bound[first] = defaults[first]
+    return bound
+
+
+# --------------------------------------------------------------------------- elementwise
+
+_UNARY = ("relu", "tanh", "sigmoid", "exp", "log", "sqrt", "square", "abs", "sin", "cos", "erf", "sign",
+          "reciprocal", "silu")
+for _name in _UNARY:
+    op(_name, args=("input|self", "inplace"), inplace=False)(lambda w, a, _n=_name: f"{_n}({w.text(a['input'])})")
+
+
+@op("neg")
+def _neg(w, a):
+    return f"-{w.text(a['input'])}"
+
+
+@op("rsqrt")
+def _rsqrt(w, a):
+    return f"reciprocal(sqrt({w.text(a['input'])}))"
+
+
+@op("leaky_relu", args=("input|self", "negative_slope", "inplace"), negative_slope=0.01, inplace=False)
+def _leaky_relu(w, a):
+    return f"leaky_relu({w.text(a['input'])}, slope={w.number(a['negative_slope'])})"
+
+
+@op("elu", args=("input|self", "alpha", "inplace"), alpha=1.0, inplace=False)
+def _elu(w, a):
+    return f"elu({w.text(a['input'])}, alpha={w.number(a['alpha'])})"
+
+
+@op("softplus", args=("input|self", "beta", "threshold"), beta=1.0, threshold=20)
+def _softplus(w, a):
+    if a["threshold"] != 20:
+        raise UntraceableError("softplus with a threshold other than 20")
+    return f"softplus({w.text(a['input'])}, beta={w.number(a['beta'])})"
+
+
+@op("gelu", args=("input|self", "approximate"), approximate="none")
+def _gelu(w, a):
+    if a["approximate"] not in ("none", "tanh"):
+        raise UntraceableError(f"gelu with approximate={a['approximate']!r}")
+    return f"gelu({w.text(a['input'])}, approximate={a['approximate']})"
+
+
+@op("clamp", "clip", args=("input|self", "min", "max"), min=None, max=None)
+def _clamp(w, a):
+    x, lo, hi = w.text(a["input"]), a["min"], a["max"]
+    if lo is not None and hi is not None:
+        return f"clamp({x}, {w.number(lo)}, {w.number(hi)})"
+    if lo is None and hi is None:
+        raise UntraceableError("clamp without bounds")
+    return f"{'maximum' if lo is not None else 'minimum'}({x}, {w.text(lo if lo is not None else hi)})"
+
+
+@op("hardtanh", args=("input|self", "min_val", "max_val", "inplace"), min_val=-1.0, max_val=1.0, inplace=False)
+def _hardtanh(w, a):
+    return f"clamp({w.text(a['input'])}, {w.number(a['min_val'])}, {w.number(a['max_val'])})"
+
+
+@op("relu6", args=("input|self", "inplace"), inplace=False)
+def _relu6(w, a):
+    return f"clamp({w.text(a['input'])}, 0, 6)"
+
+
+@op("minimum", "maximum", args=("input|self", "other"))
+def _extreme(w, a):
+    return f"{w.current}({w.text(a['input'])}, {w.text(a['other'])})"
+
+
+@op("where", args=("condition", "input|self", "other"))
+def _where(w, a):
+    return f"where({w.text(a['condition'])}, {w.text(a['input'])}, {w.text(a['other'])})"
+
+
+# --------------------------------------------------------------------------- arithmetic and comparisons
+
+_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "lt": "<", "le": "<=", "gt": ">",
+              "ge": ">=", "eq": "==", "ne": "!="}
+
+
+@op("add", "sub", args=("input|self|a", "other|b", "alpha"), alpha=1)
+def _add_sub(w, a):
+    other = w.text(a["other"]) if a["alpha"] == 1 else f"{w.number(a['alpha'])} * {w.text(a['other'])}"
+    return f"{w.text(a['input'])} {_OPERATORS[w.current]} {other}"
+
+
+@op("mul", "matmul", "lt", "le", "gt", "ge", "eq", "ne", args=("input|self|a", "other|b"))
+def _binary(w, a):
+    return f"{w.text(a['input'])} {_OPERATORS[w.current]} {w.text(a['other'])}"
+
+
+@op("div", args=("input|self|a", "other|b", "rounding_mode"), rounding_mode=None)
+def _div(w, a):
+    if a["rounding_mode"] is not None:
+        raise UntraceableError(f"div with rounding_mode={a['rounding_mode']!r}")
+    return f"{w.text(a['input'])} / {w.text(a['other'])}"
+
+
+@op("pow", args=("input|self|a", "exponent|b"))
+def _pow(w, a):
+    if w.is_tensor(a["exponent"]):
+        raise UntraceableError("pow with a tensor exponent")
+    return f"{w.text(a['input'])} ** {w.number(a['exponent'])}"
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def _dims(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+@op("sum", "mean", args=("input|self", "dim|axis", "keepdim", "dtype"), dim=None, keepdim=False, dtype=None)
+def _sum_mean(w, a):
+    w.no_dtype(a)
+    dim = _dims(a["dim"])
+    parts = [w.text(a["input"])] + ([] if dim is None or dim == () else [f"dim={w.attr(dim)}"])
+    if a["keepdim"]:
+        parts.append("keepdim=true")
+    return f"{w.current}({', '.join(parts)})"
+
+
+@op("logsumexp", args=("input|self", "dim", "keepdim"), keepdim=False)
+def _logsumexp(w, a):
+    return f"logsumexp({w.text(a['input'])}, dim={w.attr(_dims(a['dim']))}, keepdim={w.attr(a['keepdim'])})"
+
+
+@op("amax", "amin", args=("input|self", "dim", "keepdim"), dim=(), keepdim=False)
+def _amax(w, a):
+    dim = _dims(a["dim"])
+    if dim == ():
+        dim = tuple(range(len(w.shape(a["input"]))))
+    return f"{w.current[1:]}({w.text(a['input'])}, dim={w.attr(dim)}, keepdim={w.attr(a['keepdim'])})"
+
+
+@op("prod", args=("input|self", "dim", "keepdim", "dtype"), keepdim=False, dtype=None)
+def _prod(w, a):
+    w.no_dtype(a)
+    return f"prod({w.text(a['input'])}, dim={w.attr(a['dim'])}, keepdim={w.attr(a['keepdim'])})"
+
+
+@op("var", args=("input|self", "dim", "unbiased", "keepdim", "correction"), dim=None, unbiased=None,
+    keepdim=False, correction=None)
+def _var(w, a):
+    if a["dim"] is None:
+        raise UntraceableError("var over every dimension")
+    correction = a["correction"] if a["correction"] is not None else (0 if a["unbiased"] is False else 1)
+    return (f"var({w.text(a['input'])}, dim={w.attr(_dims(a['dim']))}, keepdim={w.attr(a['keepdim'])}, "
+            f"correction={w.attr(int(correction))})")
+
+
+@op("norm", args=("input|self", "p", "dim", "keepdim", "dtype"), p=2, dim=None, keepdim=False, dtype=None)
+def _norm(w, a):
+    return _p_norm(w, a["input"], a["p"], a["dim"], a["keepdim"], a["dtype"])
+
+
+@op("vector_norm", args=("input|x", "ord", "dim", "keepdim", "dtype"), ord=2, dim=None, keepdim=False, dtype=None)
+def _vector_norm(w, a):
+    return _p_norm(w, a["input"], a["ord"], a["dim"], a["keepdim"], a["dtype"])
+
+
+def _p_norm(w, x, p, dim, keepdim, dtype):
+    if dtype is not None or p in ("fro",):
+        p = 2 if p == "fro" and dtype is None else None
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 1 <= p < float("inf"):
+        raise UntraceableError(f"a norm with p={p!r}")
+    parts = [w.text(x)] + ([] if dim is None else [f"dim={w.attr(_dims(dim))}"])
+    parts += [f"p={w.number(p)}"] + (["keepdim=true"] if keepdim else [])
+    return f"norm({', '.join(parts)})"
+
+
+@op("softmax", args=("input|self", "dim", "_stacklevel", "dtype"), _stacklevel=3, dtype=None)
+def _softmax(w, a):
+    w.no_dtype(a)
+    if a["dim"] is None:
+        raise UntraceableError("softmax without dim")
+    return f"softmax({w.text(a['input'])}, dim={w.attr(a['dim'])})"
+
+
+@op("log_softmax", args=("input|self", "dim", "_stacklevel", "dtype"), _stacklevel=3, dtype=None)
+def _log_softmax(w, a):
+    w.no_dtype(a)
+    x = w.text(a["input"])
+    return f"{x} - logsumexp({x}, dim={w.attr(a['dim'])}, keepdim=true)"
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@op("cat", "concat", "concatenate", args=("tensors", "dim|axis"), dim=0)
+def _cat(w, a):
+    return f"cat([{', '.join(w.text(t) for t in a['tensors'])}], dim={w.attr(a['dim'])})"
+
+
+@op("stack", args=("tensors", "dim"), dim=0)
+def _stack(w, a):
+    items = ", ".join(f"unsqueeze({w.text(t)}, {w.attr(a['dim'])})" for t in a["tensors"])
+    return f"cat([{items}], dim={w.attr(a['dim'])})"
+
+
+@op("reshape", "view", "unflatten", "squeeze", "view_as", "reshape_as", args=("input|self", "*"))
+def _reshape(w, a):
+    return f"reshape({w.text(a['input'])}, {w.target_shape()})"
+
+
+@op("flatten", args=("input|self", "start_dim", "end_dim"), start_dim=0, end_dim=-1)
+def _flatten(w, a):
+    return f"flatten({w.text(a['input'])}, start={w.attr(a['start_dim'])}, end={w.attr(a['end_dim'])})"
+
+
+@op("unsqueeze", args=("input|self", "dim"))
+def _unsqueeze(w, a):
+    return f"unsqueeze({w.text(a['input'])}, {w.attr(a['dim'])})"
+
+
+@op("transpose", "swapaxes", "swapdims", args=("input|self", "dim0|axis0", "dim1|axis1"))
+def _transpose(w, a):
+    return f"transpose({w.text(a['input'])}, {w.attr(a['dim0'])}, {w.attr(a['dim1'])})"
+
+
+@op("t")
+def _t(w, a):
+    if len(w.shape(a["input"])) < 2:
+        return w.text(a["input"])
+    return f"transpose({w.text(a['input'])}, 0, 1)"
+
+
+@op("permute", args=("input|self", "*"))
+def _permute(w, a):
+    dims = a["*"]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return f"permute({w.text(a['input'])}, {w.attr(tuple(dims))})"
+
+
+@op("triu", "tril", args=("input|self", "diagonal"), diagonal=0)
+def _triangle(w, a):
+    return f"{w.current}({w.text(a['input'])}, diagonal={w.attr(a['diagonal'])})"
+
+
+@op("identity", args=("input|self", "*"))
+def _identity(w, a):
+    return w.text(a["input"])
+
+
+@op("linear", args=("input", "weight", "bias"), bias=None)
+def _linear(w, a):
+    out = f"{w.text(a['input'])} @ transpose({w.text(a['weight'])}, 0, 1)"
+    return out if a["bias"] is None else f"{out} + {w.text(a['bias'])}"
+
+
+@op("dropout", args=("input|self", "p", "training", "inplace"), p=0.5, training=True, inplace=False)
+def _dropout(w, a):
+    if a["training"] and a["p"] != 0:
+        raise UntraceableError("dropout in training mode (a random map has no fixed point)")
+    return w.text(a["input"])
+
+
+@op("to", "type", "float", "double", "contiguous", "clone", args=("input|self", "*"))
+def _same_value(w, a):
+    if not w.same_dtype(a["input"]):
+        raise UntraceableError(f"{w.current} changes the dtype")
+    return w.text(a["input"])
+
+
+@op("getitem", args=("input|self", "index"))
+def _getitem(w, a):
+    index = a["index"] if isinstance(a["index"], tuple) else (a["index"],)
+    return f"{w.text(a['input'])}[{', '.join(w.index_item(i) for i in index)}]"
+
+
+@op("T")
+def _transposed(w, a):
+    rank = len(w.shape(a["input"]))
+    return f"permute({w.text(a['input'])}, {w.attr(tuple(reversed(range(rank))))})"
+
+
+@op("mT")
+def _matrix_transposed(w, a):
+    return f"transpose({w.text(a['input'])}, -2, -1)"
+
+
+# --------------------------------------------------------------------------- functions and methods by name
+
+# torch and torch.nn.functional functions, operator.* and the method names that mean the same canonical op
+_ALIASES = {
+    "truediv": "div", "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub",
+    "negative": "neg", "greater": "gt", "greater_equal": "ge", "less": "lt", "less_equal": "le",
+    "not_equal": "ne", "absolute": "abs",
+}
+
+
+def _functions() -> dict[Any, str]:
+    out: dict[Any, str] = {}
+    names = set(OPS) | set(_ALIASES)
+    for name in sorted(names):
+        canonical = _ALIASES.get(name, name)
+        for space in (torch, F, operator, torch.linalg, torch.special):
+            fn = getattr(space, name, None)
+            if callable(fn) and not isinstance(fn, type):
+                out.setdefault(fn, canonical)
+    out[operator.neg] = "neg"
+    out[operator.getitem] = "getitem"
+    out[torch.Tensor.__getitem__] = "getitem"
+    return out
+
+
+FUNCTIONS = _functions()
+METHODS = {name: _ALIASES.get(name, name) for name in (*OPS, *_ALIASES)}
+
+# the fx ops that compute Python values from shapes (never from a tensor's contents)
+SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
+SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+PYTHON_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                              operator.getitem, operator.neg, builtins.len, builtins.int, builtins.getattr})
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _conv_options(m: nn.Module, transposed: bool) -> dict[str, Any]:
+    if m.groups != 1 or _pair(m.dilation) != (1, 1) or m.padding_mode != "zeros":
+        raise UntraceableError(f"{type(m).__name__} with groups, dilation or padding_mode other than the default")
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif all(k % 2 == 1 for k in _pair(m.kernel_size)):
+            padding = tuple(k // 2 for k in _pair(m.kernel_size))
+        else:
+            raise UntraceableError(f"{type(m).__name__} with padding='same' and an even kernel")
+    options = {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride), "padding": _pair(padding)}
+    if transposed:
+        options["output_padding"] = _pair(m.output_padding)
+    return options
+
+
+def _linear_module(w, m: nn.Linear) -> str:
+    return w.module_decl(f"Linear({m.in_features}, {m.out_features}{'' if m.bias is not None else ', bias=false'})")
+
+
+def _conv_module(w, m) -> str:
+    transposed = isinstance(m, nn.ConvTranspose2d)
+    o = _conv_options(m, transposed)
+    parts = [str(m.in_channels), str(m.out_channels), w.attr(o["kernel"])]
+    defaults = {"stride": (1, 1), "padding": (0, 0), "output_padding": (0, 0)}
+    parts += [f"{k}={w.attr(v)}" for k, v in o.items() if k != "kernel" and v != defaults[k]]
+    if m.bias is None:
+        parts.append("bias=false")
+    return w.module_decl(f"{'ConvTranspose2d' if transposed else 'Conv2d'}({', '.join(parts)})")
+
+
+def _group_norm_module(w, m: nn.GroupNorm) -> str:
+    extra = ("" if m.eps == 1e-5 else f", eps={w.number(m.eps)}") + ("" if m.affine else ", affine=false")
+    return w.module_decl(f"GroupNorm({m.num_groups}, {m.num_channels}{extra})")
+
+
+def _layer_norm_module(w, m: nn.LayerNorm) -> str:
+    if m.elementwise_affine and m.bias is None:
+        raise UntraceableError("LayerNorm with a weight and no bias")
+    dims = tuple(m.normalized_shape)
+    extra = ("" if m.eps == 1e-5 else f", eps={w.number(m.eps)}") + ("" if m.elementwise_affine else ", affine=false")
+    return w.module_decl(f"LayerNorm({w.attr(dims[0] if len(dims) == 1 else dims)}{extra})")
+
+
+# a module with weights: declared as a param; the handler returns the declaration's type text
+WEIGHTED_MODULES: dict[type, Callable] = {
+    nn.Linear: _linear_module, nn.Conv2d: _conv_module, nn.ConvTranspose2d: _conv_module,
+    nn.GroupNorm: _group_norm_module, nn.LayerNorm: _layer_norm_module,
+}
+
+# a module without weights: the canonical op and its arguments from the module's attributes
+ACTIVATION_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict[str, Any]]]] = {
+    nn.ReLU: lambda m: ("relu", {}), nn.Tanh: lambda m: ("tanh", {}), nn.Sigmoid: lambda m: ("sigmoid", {}),
+    nn.SiLU: lambda m: ("silu", {}), nn.Identity: lambda m: ("identity", {}),
+    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}),
+    nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
+    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
+    nn.Softplus: lambda m: ("softplus", {"beta": m.beta, "threshold": m.threshold}),
+    nn.Hardtanh: lambda m: ("hardtanh", {"min_val": m.min_val, "max_val": m.max_val}),
+    nn.Flatten: lambda m: ("flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}),
+    nn.Unflatten: lambda m: ("reshape", {}),
+    nn.Softmax: lambda m: ("softmax", {"dim": m.dim}),
+    nn.LogSoftmax: lambda m: ("log_softmax", {"dim": m.dim}),
+    nn.Dropout: lambda m: ("dropout", {"p": m.p, "training": m.training}),
+}
+ACTIVATION_MODULES[nn.ReLU6] = lambda m: ("relu6", {})
+
+
+def is_batch(dim: Any) -> bool:
+    return isinstance(dim, BatchDim) and dim.is_batch

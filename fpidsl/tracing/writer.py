@@ -1,0 +1,329 @@
+"""An fx graph of a map ``g(x, *args)`` written as a ``.fpi`` layer: one ``let`` per tensor operation.
+
+The first tensor argument is the state ``x``, the other tensor arguments are inputs, the standard modules with
+weights (``nn.Linear``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.GroupNorm``, ``nn.LayerNorm``) are ``param``
+modules and every other tensor the graph reads (an ``nn.Parameter``, a buffer, a captured tensor) is a raw
+``param NAME : tensor [..]``. The batch dimension is the symbol ``B``; every other size is the example's.
+:class:`WrittenSpec` says where each param's tensor lives in the traced module (``sources``), so the compiled
+layer can share or copy it.
+
+Python values computed from shapes (``x.shape[0]``, ``x.size(-1) // 2``) are taken from the two recorded runs
+(:mod:`~fpidsl.tracing.fx_capture`): they never reach the spec as code, only as the sizes they stand for.
+"""
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..ir.primitives import MODULE_KINDS
+from ..passes.check_python_names import RESERVED as PYTHON_RESERVED
+from ..passes.resolve import reserved
+from . import table
+from .fx_capture import BatchDim, UntraceableError, symbolic
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor value of the spec: its name."""
+
+    name: str
+
+
+@dataclass
+class WrittenSpec:
+    """The ``.fpi`` text of a traced map and what the compiled layer needs besides it.
+
+    ``sources``: spec param (``fc1.weight``, ``w``) -> the dotted name of its tensor in the traced module;
+    ``inputs``: the names of the layer's inputs, one per tensor argument after the state; ``batched``: per input,
+    whether its dimension 0 is the batch."""
+
+    name: str
+    text: str
+    state: str
+    inputs: list[str]
+    batched: list[bool]
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+class Names:
+    """Legal, unique spec names (not keywords, built-ins, module kinds, nor attributes of the compiled module)."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = {"B"}
+
+    def fresh(self, wanted: str) -> str:
+        base = re.sub(r"\W", "_", wanted).strip("_") or "v"
+        if base[0].isdigit():
+            base = f"v{base}"
+        name, i = base, 1
+        while self._taken(name):
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+    def _taken(self, name: str) -> bool:
+        return (name in self.used or reserved(name) is not None or keyword.iskeyword(name)
+                or name in PYTHON_RESERVED or name in MODULE_KINDS or name in ("None", "true", "false"))
+
+
+def _is_batch(dim: Any) -> bool:
+    return isinstance(dim, BatchDim) and dim.is_batch
+
+
+class Writer:
+    """Walks the graph once and collects the declarations (see the module's doc)."""
+
+    def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
+                 layer_name: str):
+        self.module, self.first, self.second, self.batch = module, first, second, batch
+        self.batched_args = list(batched)
+        self.names = Names()
+        self.layer = self.names.fresh(layer_name)
+        self.env: dict[fx.Node, Any] = {}
+        self.inputs: list[str] = []
+        self.input_decls: list[str] = []
+        self.state: str | None = None
+        self.params: list[str] = []
+        self.lets: list[str] = []
+        self.sources: dict[str, str] = {}
+        self.declared_modules: dict[str, str] = {}
+        self.update: str | None = None
+        self.node: fx.Node | None = None
+        self.current = ""
+
+    # ------------------------------------------------------------------ values as text
+    def is_tensor(self, value: Any) -> bool:
+        return isinstance(value, Ref)
+
+    def text(self, value: Any) -> str:
+        """A tensor's name, or a number's literal (parenthesised when negative)."""
+        if isinstance(value, Ref):
+            return value.name
+        literal = self.number(value)
+        return f"({literal})" if literal.startswith("-") else literal
+
+    def number(self, value: Any) -> str:
+        if isinstance(value, BatchDim):
+            raise UntraceableError("a size that follows the batch is used as a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UntraceableError(f"{type(value).__name__} {value!r} where a number or a tensor is expected")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UntraceableError(f"the number {value!r} (the language has finite numbers only)")
+        return repr(value) if isinstance(value, float) else str(value)
+
+    def attr(self, value: Any) -> str:
+        """A static argument: an integer, a number, a boolean or a list of them."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (list, tuple, torch.Size)):
+            return "[" + ", ".join(self.attr(v) for v in value) + "]"
+        return self.number(value)
+
+    def index_item(self, item: Any) -> str:
+        if item is None:
+            return "None"
+        if item is Ellipsis:
+            return "..."
+        if isinstance(item, slice):
+            parts = [item.start, item.stop] + ([item.step] if item.step is not None else [])
+            return ":".join("" if p is None else self.number(p) for p in parts)
+        if isinstance(item, int) and not isinstance(item, bool):
+            return self.number(item)
+        raise UntraceableError(f"indexing with {type(item).__name__} (integers, slices, None and ... only)")
+
+    def shape(self, value: Any) -> tuple:
+        node = next(n for n, v in self.env.items() if v == value)
+        return self._shape(node)
+
+    def _shape(self, node: fx.Node) -> tuple:
+        return symbolic(self.first[node], self.second[node], self.batch)
+
+    def target_shape(self) -> str:
+        """The current node's shape as a reshape target: ``B`` for the batch, ``-1`` for one other size that
+        follows it."""
+        dims = self._shape(self.node)
+        moving = [d for d in dims if isinstance(d, BatchDim) and not d.is_batch]
+        if len(moving) > 1:
+            raise UntraceableError("a reshape with two sizes that follow the batch")
+        return "[" + ", ".join("B" if _is_batch(d) else "-1" if isinstance(d, BatchDim) else str(d)
+                               for d in dims) + "]"
+
+    def same_dtype(self, value: Any) -> bool:
+        node = next(n for n, v in self.env.items() if v == value)
+        before, after = self.first[node].dtype, self.first[self.node].dtype
+        return before == after or (before == torch.bool and after.is_floating_point)
+
+    def no_dtype(self, bound: dict) -> None:
+        if bound.get("dtype") is not None:
+            raise UntraceableError(f"{self.current} with a dtype")
+
+    # ------------------------------------------------------------------ declarations
+    def declared_shape(self, node: fx.Node, batched: bool) -> str:
+        dims = list(self.first[node].shape)
+        return "[" + ", ".join("B" if batched and i == 0 else str(d) for i, d in enumerate(dims)) + "]"
+
+    def module_decl(self, type_text: str) -> str:
+        """Declare the current node's module as a param (once per module); its spec name."""
+        target = self.node.target
+        if target not in self.declared_modules:
+            name = self.names.fresh(target)
+            self.params.append(f"param {name} : {type_text}")
+            module = self.module.get_submodule(target)
+            for role in ("weight", "bias"):
+                if getattr(module, role, None) is not None:
+                    self.sources[f"{name}.{role}"] = f"{target}.{role}"
+            self.declared_modules[target] = name
+        return self.declared_modules[target]
+
+    # ------------------------------------------------------------------ the walk
+    def write(self) -> WrittenSpec:
+        for node in self.module.graph.nodes:
+            self.node = node
+            try:
+                self.env[node] = self._visit(node)
+            except UntraceableError as exc:
+                raise UntraceableError(f"{exc} (at {_where(node)})") from None
+        if self.state is None:
+            raise UntraceableError("the map has no tensor argument to iterate")
+        head = [f"layer {self.layer} {{", *(f"  {d}" for d in self.input_decls), *(f"  {p}" for p in self.params),
+                *(f"  {let}" for let in self.lets), f"  update {self.state} = {self.update}", "}"]
+        text = "# Traced from a PyTorch map by fpidsl.trace; B is the batch.\n" + "\n".join(head) + "\n"
+        return WrittenSpec(self.layer, text, self.state, self.inputs,
+                           [b for b, _ in zip(self.batched_args[1:], self.inputs)], self.sources)
+
+    def _visit(self, node: fx.Node) -> Any:
+        value = self.first.get(node)
+        if node.op == "placeholder":
+            return self._placeholder(node, value)
+        if node.op == "get_attr":
+            return self._attribute(node, value)
+        if node.op == "output":
+            result = self._arg(node.args[0])
+            if not isinstance(result, Ref):
+                raise UntraceableError("the map must return one tensor (the new state)")
+            self.update = result.name
+            return None
+        if not isinstance(value, Tensor):
+            return self._python_value(node)
+        if node.op == "call_module":
+            return self._module_call(node)
+        return self._call(node)
+
+    def _placeholder(self, node: fx.Node, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if not value.is_floating_point():
+            raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point only)")
+        position = len(self.inputs) + (self.state is not None)
+        name = self.names.fresh(node.target)
+        if self.state is None:
+            self.state = name
+            self.input_decls.append(f"state {name} : {self.declared_shape(node, True)}")
+        else:
+            batched = self.batched_args[position]
+            self.inputs.append(name)
+            self.input_decls.insert(len(self.inputs) - 1, f"input {name} : {self.declared_shape(node, batched)}")
+        return Ref(name)
+
+    def _attribute(self, node: fx.Node, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if not value.is_floating_point():
+            raise UntraceableError(f"the tensor {node.target} is {value.dtype} (floating point only)")
+        name = self.names.fresh(node.target)
+        self.params.append(f"param {name} : tensor {self.declared_shape(node, False)}")
+        self.sources[name] = node.target
+        return Ref(name)
+
+    def _python_value(self, node: fx.Node) -> Any:
+        """A value computed from shapes only; anything else that is not a tensor is refused."""
+        args = [self._arg(a) for a in node.args]
+        if any(isinstance(a, Ref) for a in args):
+            shape_only = ((node.op == "call_method" and node.target in table.SHAPE_METHODS)
+                          or (node.target is getattr and args[1] in table.SHAPE_ATTRIBUTES))
+            if not shape_only:
+                raise UntraceableError(f"{_what(node)} gives a Python value computed from a tensor's contents")
+        elif node.op == "call_function" and node.target not in table.PYTHON_FUNCTIONS:
+            raise UntraceableError(f"{_what(node)} gives a Python value")
+        return symbolic(self.first[node], self.second[node], self.batch)
+
+    def _arg(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(v) for v in a) if not isinstance(a, torch.Size) else tuple(a)
+        if isinstance(a, dict):
+            return {k: self._arg(v) for k, v in a.items()}
+        return a
+
+    def _module_call(self, node: fx.Node) -> Ref:
+        module = self.module.get_submodule(node.target)
+        if nn.utils.parametrize.is_parametrized(module):
+            raise UntraceableError(f"{type(module).__name__} {node.target} is parametrized (spectral norm ...)")
+        args = [self._arg(a) for a in node.args]
+        kind = type(module)
+        if kind in table.WEIGHTED_MODULES:
+            if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
+                raise UntraceableError(f"{kind.__name__} called on other than one tensor")
+            name = table.WEIGHTED_MODULES[kind](self, module)
+            return self._let(f"{name}({args[0].name})")
+        if kind in table.ACTIVATION_MODULES:
+            canonical, options = table.ACTIVATION_MODULES[kind](module)
+            return self._apply(canonical, args, options)
+        raise UntraceableError(f"the module {node.target} ({kind.__name__}) has no primitive")
+
+    def _call(self, node: fx.Node) -> Ref:
+        args = [self._arg(a) for a in node.args]
+        kwargs = {k: self._arg(v) for k, v in node.kwargs.items()}
+        if node.op == "call_method":
+            canonical = table.METHODS.get(node.target)
+        elif node.target is getattr and len(args) == 2 and args[1] in ("T", "mT"):
+            canonical, args = args[1], args[:1]
+        else:
+            canonical = table.FUNCTIONS.get(node.target)
+        if canonical is None or canonical not in table.OPS:
+            raise UntraceableError(f"{_what(node)} has no primitive")
+        return self._apply(canonical, args, kwargs)
+
+    def _apply(self, canonical: str, args: list, kwargs: dict) -> Ref:
+        handler, names, defaults = table.OPS[canonical]
+        bound = table.bind(canonical, tuple(args), kwargs, names, defaults)
+        if bound.get("inplace"):
+            raise UntraceableError(f"{canonical} in place")
+        self.current = canonical
+        text = handler(self, bound)
+        if re.fullmatch(r"[A-Za-z_]\w*", text):  # the same value (an identity, contiguous ...): no let
+            return Ref(text)
+        return self._let(text)
+
+    def _let(self, text: str) -> Ref:
+        name = self.names.fresh(self.node.name)
+        self.lets.append(f"let {name} = {text}")
+        return Ref(name)
+
+
+def _what(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"the method .{node.target}()"
+    if node.op == "call_module":
+        return f"the module {node.target}"
+    target = node.target
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
+
+
+def _where(node: fx.Node) -> str:
+    """Where the user wrote a node: the last frame of its stack trace in the user's code, else its fx name."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if frames:
+        path, line = frames[-1]
+        return f"{path}:{line}"
+    return f"the fx node {node.name}"
