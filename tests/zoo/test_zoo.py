@@ -80,3 +80,25 @@ def test_a_few_training_steps_lower_the_loss(model):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_zoo_md_shows_every_spec_and_the_reports_table(tmp_path):
+    """docs/ZOO.md holds each spec file verbatim and the iteration table examples/zoo_report.py prints."""
+    text = (ROOT / "docs" / "ZOO.md").read_text(encoding="utf-8")
+    for path in sorted(ZOO_TABLE.ZOO.glob("*.fpi")):
+        assert f"```fpi\n{path.read_text(encoding='utf-8').rstrip()}\n```" in text, f"ZOO.md does not show {path.name}"
+    for model in MODELS:
+        assert f"](img/zoo/{model.key}.png)" in text and (ROOT / "docs" / "img" / "zoo" / f"{model.key}.png").is_file()
+
+
+@pytest.mark.slow
+def test_zoo_md_iteration_table_is_the_reports(tmp_path):
+    text = (ROOT / "docs" / "ZOO.md").read_text(encoding="utf-8")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from zoo_report import report
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    table = "\n".join(report(tmp_path))
+    assert table in text, f"docs/ZOO.md's iteration table is not what examples/zoo_report.py prints:\n{table}"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{m.key}.png" for m in MODELS)
