@@ -39,11 +39,12 @@ def build(model, seed: int = 0, **settings):
     return fpidsl.load(model.path, name=model.layer)(**settings).double()
 
 
-def test_every_zoo_spec_checks_clean_and_every_layer_is_in_the_table(capsys):
+def test_every_zoo_spec_checks_clean_is_formatted_and_every_layer_is_in_the_table(capsys):
     specs = sorted(ZOO_TABLE.ZOO.glob("*.fpi"))
     assert main(["check", *map(str, specs)]) == 0
     out = capsys.readouterr()
     assert out.err == "" and out.out.count(": ok (") == len(specs), out
+    assert main(["fmt", "--check", *map(str, specs)]) == 0, "the zoo's specs are in the canonical layout (fpidsl fmt)"
     layers = {(path.name, name) for path in specs for name in load_module(path).LAYERS}
     tabled = {(m.spec, m.layer) for m in MODELS}
     assert layers == tabled, layers ^ tabled
