@@ -17,12 +17,16 @@ from typing import Any
 
 from .. import __version__
 from ..interface import emitted_check
+from ..ir.extern import externs
 from ..ir.graph import LayerGraph
 from ..passes.lower import LoweredLayer
 from ..ir.primitives import PRIMITIVES, SliceSpec
+from ..ir.shapes import DimExpr
 from .namespace import Namespace
+from .sizes import reshape_target
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EQUATION = re.compile(r"[A-Za-z.,]*->[A-Za-z.]*")  # a canonical einsum equation (fpidsl.ir.linalg)
 INDENT = "    "
 
 
@@ -45,8 +49,10 @@ def literal(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         inner = ", ".join(literal(v) for v in value)
         return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, str) and _IDENT.match(value):
+    if isinstance(value, str) and (_IDENT.match(value) or _EQUATION.fullmatch(value)):
         return repr(value)
+    if isinstance(value, DimExpr):  # a size such as 'H/2' (runtime/sizes.py reads it)
+        return repr(str(value))
     raise TypeError(f"the code generator cannot write {value!r} as a literal")
 
 
@@ -98,9 +104,9 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
         if prim == "cat":
             args = ["[" + ", ".join(args) + "]"]
         attrs = dict(data["attrs"])
-        if prim == "reshape":
-            attrs["shape"] = _concrete_reshape(data["shape"], data["span"])
-        kwargs = [f"{k}={literal(v)}" for k, v in sorted(attrs.items())]
+        if prim == "reshape":  # written from the argument's sizes (codegen/sizes.py)
+            attrs["shape"] = _Code(reshape_target(graph.shape(graph.args(nid)[0]), data["shape"], args[0]))
+        kwargs = [f"{k}={v.text if isinstance(v, _Code) else literal(v)}" for k, v in sorted(attrs.items())]
         name = ns.create(data.get("name") or prim)
         call = f"_ops.{PRIMITIVES[prim].op}({', '.join(args + kwargs)})"
         block.lines.append(f"{name} = {call}  # {_where(data['span'])}")
@@ -133,15 +139,11 @@ def _guarded(graph: LayerGraph, block: Block, sinks: list[str | None]) -> list[s
     return out
 
 
-def _concrete_reshape(shape, span) -> tuple:
-    """A reshape target for the emitted code, from the reshape's inferred result ``shape``: integers, with its one
-    symbolic size (if any) as -1."""
-    from ..passes.check_layer import reshape_target_error
+@dataclass(frozen=True)
+class _Code:
+    """An attribute written as code, not as a literal (a reshape's target from its argument's sizes)."""
 
-    error = reshape_target_error(shape, span)  # check_layer reports it first; kept as a guard
-    if error is not None:
-        raise error
-    return tuple(d if isinstance(d, int) else -1 for d in shape)
+    text: str
 
 
 def _tuple(names: list[str]) -> str:
@@ -341,9 +343,12 @@ class LayerEmitter:
 
     def _init(self) -> list[str]:
         g = self.graph
-        lines = ["def __init__(self, *, solve=None, backward=None, history=False, compile=False):",
+        outside = list(externs(g))  # the user's modules, given by keyword (fpidsl/runtime/extern.py)
+        lines = [f"def __init__(self, *, {''.join(f'{n}=None, ' for n in outside)}solve=None, backward=None, "
+                 "history=False, compile=False):",
                  *_indent(["super().__init__(solve=solve, backward=backward, history=history, compile=compile)"],
                           1)]
+        lines += [f"{INDENT}self.{n} = _layer.extern_module(self, {literal(n)}, {n})" for n in outside]
         for name, spec in g.modules.items():
             if spec.is_normalization:  # torch's GroupNorm(groups, channels) / LayerNorm(dims)
                 sizes = [str(spec.groups), str(spec.in_size)] if spec.kind == "GroupNorm" else \
@@ -372,8 +377,21 @@ class LayerEmitter:
                          f"{literal(tuple(float(a) for a in init.args))})  # {_where(data['span'])}")
         return lines
 
+    def _externs(self) -> str:
+        """``{name: (where declared, the declaration)}`` of the layer's extern modules, for messages."""
+        items = [f"{literal(n)}: ({_where(spec.span)!r}, {spec.format()!r})" for n, spec in externs(self.graph).items()]
+        return "{" + ", ".join(items) + "}"
+
     def _parameter_tensors(self) -> list[str]:
-        refs = [f"self.{name}" for name in self.param_names]
+        def ref(name: str) -> str:
+            data = self.graph.node(self.graph.params[name])
+            if data.get("role") == "module" and data.get("extern") is not None:
+                return f"_layer.extern_handle(self, {literal(data['extern'].name)})"
+            if data.get("role") == "parameters" and data.get("extern_of") is not None:
+                return f"_layer.extern_parameters(self.{data['extern_of']})"
+            return f"self.{name}"
+
+        refs = [ref(name) for name in self.param_names]
         body = ['"""The parameter tensors, in the order step and adjoint take them."""',
                 f"return {_tuple(refs) if refs else '()'}"]
         return ["def parameter_tensors(self):", *_indent(body, 1)]
@@ -383,18 +401,23 @@ class LayerEmitter:
         shapes = lambda table: "{" + ", ".join(  # noqa: E731
             f"{literal(n)}: {literal(tuple(s))}" for n, s in table) + "}"
         inputs = shapes((n, g.node(nid)["shape"]) for n, nid in g.inputs.items())
+        index_inputs = {n: g.dtype(nid) for n, nid in g.inputs.items() if g.dtype(nid) != "float"}
         states = shapes((n, info.shape) for n, info in g.states.items())
-        assumptions = literal(tuple((a.expr, a.divisor) for a in g.assumptions))
+        checks = [f"({a.expr!r}, {a.divisor}, {_where(a.span)!r})" for a in g.assumptions]  # 'H*W', 4, 'x.fpi:3:9'
+        assumptions = f"({checks[0]},)" if len(checks) == 1 else f"({', '.join(checks)})"
         settings = lambda table: "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in table.items()) + "}"  # noqa: E731
         doc = f'"""Layer {g.name} of {_file_name(spec_path)} (line {g.span.line})."""'
         body = [doc, "",
                 f"SPEC = {_file_name(spec_path)!r}",
                 f"INPUTS = {inputs}",
+                *([f"INDEX_INPUTS = {settings(index_inputs)}"] if index_inputs else []),
                 f"STATES = {states}",
                 f"ASSUMPTIONS = {assumptions}",
                 f"SAMPLEWISE = {self.lowered.samplewise}",
                 f"SOLVE = {settings(g.solve)}",
                 f"BACKWARD = {settings(g.backward)}",
+                *([f"EXTERNS = {self._externs()}"] if externs(g) else []),
+                *([f"EVAL = {settings(g.eval_solve)}"] if g.eval_solve else []),
                 "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
                 *self._step(), "", *self._hoisted_iteration(), "", *self._adjoint(), "", *self._outputs()]
         return [f"class {self.class_name}(_layer.CompiledLayer):", *_indent(body, 1)]

@@ -23,6 +23,14 @@ class Num:
 
 
 @dataclass(frozen=True)
+class Str:
+    """A string literal, ``"ij,jk->ik"``: only einsum's equation. ``value`` is the text between the quotes."""
+
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True)
 class Name:
     """A reference to a declared name, a parameter of an ``fn``, a built-in, or a bare word (``zeros``)."""
 
@@ -105,7 +113,7 @@ class Index:
     span: Span
 
 
-Expr = Union[Num, Name, BinOp, Neg, Call, ListExpr, Index]
+Expr = Union[Num, Str, Name, BinOp, Neg, Call, ListExpr, Index]
 
 # --------------------------------------------------------------------------- declarations
 
@@ -119,12 +127,16 @@ class Shape:
     span: Span
 
 
+INPUT_DTYPES = ("float", "int", "bool")  # `input NAME : [int | bool] SHAPE`; int and bool inputs are indices only
+
+
 @dataclass(frozen=True)
 class InputDecl:
     name: str
     shape: Shape
     name_span: Span
     span: Span
+    dtype: str = "float"  # one of INPUT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,27 @@ class TensorParamDecl:
     name: str
     shape: Shape
     init: "Expr | None"
+    name_span: Span
+    span: Span
+
+
+@dataclass(frozen=True)
+class ExternType:
+    """``extern [samplewise] SHAPE -> SHAPE`` or ``extern (SHAPE, SHAPE, ...) -> SHAPE``: what follows ``param NAME :``
+    for an outside nn.Module (``inputs`` one shape per argument)."""
+
+    inputs: tuple[Shape, ...]
+    output: Shape
+    samplewise: bool
+    span: Span
+
+
+@dataclass(frozen=True)
+class ExternParamDecl:
+    """``param f : extern [B, C] -> [B, C]``: a user's nn.Module given at construction (``Layer(f=module)``)."""
+
+    name: str
+    extern: ExternType
     name_span: Span
     span: Span
 
@@ -223,7 +256,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class SettingsDecl:
-    """``solve { ... }`` (``which == "solve"``) or ``backward { ... }``."""
+    """``solve { ... }`` (``which == "solve"``), ``backward { ... }`` or ``eval { ... }`` (the solve of eval mode)."""
 
     which: str
     settings: tuple[Setting, ...]
@@ -235,6 +268,7 @@ Decl = Union[
     StateDecl,
     ModuleParamDecl,
     TensorParamDecl,
+    ExternParamDecl,
     ConstDecl,
     LetDecl,
     EnergyDecl,

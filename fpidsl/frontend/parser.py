@@ -18,14 +18,19 @@ from ..source import Source, Span
 from . import ast, numbers
 
 KEYWORDS = frozenset(
-    "layer fn input state param tensor const let energy update descend on step output solve backward".split()
+    "layer fn input state param tensor extern const let energy update descend on step output solve backward".split()
 )
+# words that open a block only where a declaration starts (``eval { ... }``) and stay usable as names: added
+# after names could already be spelled so, they reserve nothing
+SOFT_KEYWORDS = frozenset({"eval"})
 
 _TERMINAL_WORDS = {
     "NAME": "a name",
     "INT": "an integer",
     "NUMBER": "a number",
-    "SETTINGS_KIND": "`solve` or `backward`",
+    "STRING": "a string",
+    "SETTINGS_KIND": "`solve`, `backward` or `eval`",
+    "INPUT_DTYPE": "`int` or `bool`",
     "LBRACE": "'{'",
     "RBRACE": "'}'",
     "LPAR": "'('",
@@ -52,7 +57,7 @@ def _parser() -> Lark:
         grammar,
         parser="lalr",
         lexer="contextual",
-        start=["start", "expr_only", "shape_only", "dim_only", "param_type_only", "fn_head_only"],
+        start=["start", "expr_only", "shape_only", "input_type_only", "dim_only", "param_type_only", "fn_head_only"],
         propagate_positions=True,
         maybe_placeholders=True,
     )
@@ -107,7 +112,7 @@ def _expected_words(expected: set[str]) -> str:
         remaining -= decls
     if {"NAME", "NUMBER"} <= remaining and "MINUS" in remaining:
         words.add("an expression")
-        remaining -= {"NAME", "NUMBER", "MINUS", "LPAR", "LSQB"}
+        remaining -= {"NAME", "NUMBER", "MINUS", "LPAR", "LSQB", "STRING"}
     operators = _OPERATORS | {t for t in remaining if _literal_map().get(t) in _OPERATOR_LITERALS}
     if remaining - operators:
         remaining -= operators
@@ -143,9 +148,10 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, at: Placement
             return _attribute_error(text, exc.pos_in_stream, span)
         if char in "\"'":
             return SyntaxErr(
-                "string literals are not part of the language",
+                "string literals in single quotes (or spanning lines) are not part of the language",
                 span,
-                hint="names are bare identifiers and values are numbers; a spec is data, not code",
+                hint='names are bare identifiers and values are numbers; the one string, in double quotes on one '
+                     'line, is the equation of einsum("bi,ij->bj", x, W); a spec is data, not code',
             )
         return SyntaxErr(f"unexpected character {char!r}", span,
                          hint=f"expected {_expected_words(set(exc.allowed or ()))}")
@@ -319,8 +325,9 @@ class ToAst(Transformer):
 
     # ------------------------------------------------------------------ declarations
     def input_decl(self, meta, children):
-        name, shape = children
-        return ast.InputDecl(str(name), shape, self._declared(name), self._span(meta))
+        name, dtype, shape = children
+        return ast.InputDecl(str(name), shape, self._declared(name), self._span(meta),
+                             "float" if dtype is None else str(dtype))
 
     def state_decl(self, meta, children):
         name, shape, init = children
@@ -330,6 +337,8 @@ class ToAst(Transformer):
         name, kind = children
         if isinstance(kind, ast.Call):
             return ast.ModuleParamDecl(str(name), kind, self._declared(name), self._span(meta))
+        if isinstance(kind, ast.ExternType):
+            return ast.ExternParamDecl(str(name), kind, self._declared(name), self._span(meta))
         shape, init = kind
         return ast.TensorParamDecl(str(name), shape, init, self._declared(name), self._span(meta))
 
@@ -338,6 +347,13 @@ class ToAst(Transformer):
 
     def tensor_type(self, meta, children):
         return tuple(children)
+
+    def extern_type(self, meta, children):
+        samplewise, inputs, output = children
+        return ast.ExternType(inputs, output, samplewise is not None, self._span(meta))
+
+    def extern_inputs(self, meta, shapes):
+        return tuple(shapes)
 
     def param_type_only(self, meta, children):
         return children[0]
@@ -380,6 +396,10 @@ class ToAst(Transformer):
 
     def shape_only(self, meta, children):
         return children[0]
+
+    def input_type_only(self, meta, children):
+        dtype, shape = children
+        return ("float" if dtype is None else str(dtype)), shape
 
     def dim_only(self, meta, children):
         return children[0]
@@ -436,6 +456,10 @@ class ToAst(Transformer):
         token = children[0]
         span = self._tok(token)
         return ast.Num(_number(token, span), str(token), span)
+
+    def string(self, meta, children):
+        token = children[0]
+        return ast.Str(str(token)[1:-1], self._tok(token))
 
     def name(self, meta, children):
         token = children[0]
@@ -542,6 +566,11 @@ def parse_expr(text: str, at: Placement) -> ast.Expr:
 def parse_shape(text: str, at: Placement) -> ast.Shape:
     """Parse a shape such as ``[B, 10]``."""
     return _parse(text, "shape_only", at)
+
+
+def parse_input_type(text: str, at: Placement) -> tuple[str, ast.Shape]:
+    """Parse an input's type, ``[B, 10]`` or ``int [B, T]``: its dtype and shape."""
+    return _parse(text, "input_type_only", at)
 
 
 def parse_dim(text: str, at: Placement):

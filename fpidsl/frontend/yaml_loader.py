@@ -17,13 +17,14 @@ The schema is the "YAML form" of LANGUAGE.md::
         output:   [x, y]                       # or one string
         solve:    {method: "anderson(m=5)", tol: 1e-6}
         backward: {max_iter: 200}
+        eval:     {max_iter: 20, tol: 1e-3}      # the solve of eval mode, over `solve`
 
 Expressions, shapes and parameter types are YAML scalars parsed with the ``.fpi`` grammar's fragment
 parsers; a YAML number where an expression is expected is parsed from its text, so ``init: -0.5`` is the
 same ``Neg(Num(0.5))`` as ``= -0.5`` in ``.fpi``. A shape may also be a YAML list of names and integers
 (``[B, 10]`` unquoted), an extension of the contract. Declarations are listed in a fixed order whatever the
 order of the YAML keys: inputs, states, params, consts, lets, energies, updates, descend, output, solve,
-backward. An absent or empty (``null``) section means no declarations of that kind.
+backward, eval. An absent or empty (``null``) section means no declarations of that kind.
 
 Safety: the file is only *composed* (``yaml.compose`` with ``yaml.SafeLoader``): a node tree, nothing is
 constructed. Any tag outside the YAML core schema (``!!python/object``, ``!!binary``, ``!custom``, ...) is
@@ -53,7 +54,8 @@ import yaml
 from ..errors import LimitErr, SchemaErr, SyntaxErr, TypeErr
 from ..source import MAX_SOURCE_BYTES, Source, Span, line_breaks
 from . import ast, numbers
-from .parser import KEYWORDS, Placement, parse_dim, parse_expr, parse_fn_head, parse_param_type, parse_shape
+from .parser import (KEYWORDS, Placement, parse_dim, parse_expr, parse_fn_head, parse_input_type, parse_param_type,
+                     parse_shape)
 
 FORMAT_VERSION = 1
 MAX_EXPANDED_NODES = 100_000
@@ -62,7 +64,7 @@ MAX_EXPANDED_CHARS = MAX_SOURCE_BYTES  # the text of the values, aliases expande
 
 ROOT_KEYS = ("fpi", "layers", "fns")
 LAYER_KEYS = ("inputs", "states", "params", "consts", "lets", "energies", "updates", "descend", "output",
-              "solve", "backward")
+              "solve", "backward", "eval")
 STATE_KEYS = ("shape", "init")
 DESCEND_KEYS = ("on", "step")
 
@@ -104,6 +106,7 @@ _SECTION_SHAPES = {
     "output": "an expression or a list of expressions",
     "solve": "a mapping of setting to value",
     "backward": "a mapping of setting to value",
+    "eval": "a mapping of setting to value",
 }
 
 
@@ -504,6 +507,12 @@ class _Reader:
             return ast.Shape(tuple(self._dim(item, what) for item in node.value), self._span(node))
         return self._parse(parse_shape, self._string(node, what, '"[B, 10]"', key))
 
+    def _input_type(self, node: yaml.Node, what: str, key: yaml.Node) -> tuple[str, ast.Shape]:
+        """An input's shape, as a list or a string, the string optionally led by ``int`` or ``bool``."""
+        if isinstance(node, yaml.SequenceNode):
+            return "float", self._shape(node, what, key)
+        return self._parse(parse_input_type, self._string(node, what, '"[B, 10]" or "int [B, T]"', key))
+
     def _dim(self, node: yaml.Node, what: str) -> ast.Name | ast.Num | ast.BinOp:
         """One dimension of a shape written as a YAML list: a name, a non-negative integer, or arithmetic of
         them written as text (``"C // 2"``)."""
@@ -561,8 +570,8 @@ class _Reader:
         decls = []
         for name_node, shape in self._entries(value, "inputs"):
             name, span = self._name(name_node, "input name")
-            decls.append(ast.InputDecl(name, self._shape(shape, f"the shape of input `{name}`", name_node), span,
-                                       self._cover(name_node, shape)))
+            dtype, parsed = self._input_type(shape, f"the shape of input `{name}`", name_node)
+            decls.append(ast.InputDecl(name, parsed, span, self._cover(name_node, shape), dtype))
         return decls
 
     def _states(self, key, value) -> list[ast.Decl]:
@@ -595,6 +604,8 @@ class _Reader:
             whole = self._cover(name_node, kind)
             if isinstance(parsed, ast.Call):
                 decls.append(ast.ModuleParamDecl(name, parsed, span, whole))
+            elif isinstance(parsed, ast.ExternType):
+                decls.append(ast.ExternParamDecl(name, parsed, span, whole))
             else:
                 shape, init = parsed
                 decls.append(ast.TensorParamDecl(name, shape, init, span, whole))
@@ -690,3 +701,6 @@ class _Reader:
 
     def _backward(self, key, value) -> list[ast.Decl]:
         return self._settings(key, value, "backward")
+
+    def _eval(self, key, value) -> list[ast.Decl]:
+        return self._settings(key, value, "eval")

@@ -172,8 +172,9 @@ def copy_metadata(src: LayerGraph, dst: LayerGraph, mapping: dict[str, str]) -> 
     dst.energies = {k: mapping[v] for k, v in src.energies.items() if v in mapping}
     dst.value_spans = {k: s for k, s in src.value_spans.items() if k in dst.lets or k in dst.energies}
     dst.output = mapping.get(src.output) if src.output is not None else None
-    dst.solve, dst.backward = dict(src.solve), dict(src.backward)
+    dst.solve, dst.backward, dst.eval_solve = dict(src.solve), dict(src.backward), dict(src.eval_solve)
     dst.solve_spans, dst.backward_spans = dict(src.solve_spans), dict(src.backward_spans)
+    dst.eval_spans = dict(src.eval_spans)
     dst.assumptions = list(src.assumptions)
     if type(src) is type(dst):
         dst.copy_extra_metadata(src, mapping)

@@ -75,7 +75,7 @@ class ModuleSpec:
     @property
     def prim(self) -> str:
         return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d",
-                "GroupNorm": "group_norm", "LayerNorm": "layer_norm"}[self.kind]
+                "GroupNorm": "group_norm", "LayerNorm": "layer_norm", "Embedding": "embedding"}[self.kind]
 
     @property
     def is_normalization(self) -> bool:
@@ -95,13 +95,15 @@ class ModuleSpec:
             return tuple(self.normalized)
         if self.kind == "Linear":
             return (self.out_size, self.in_size)
+        if self.kind == "Embedding":  # in_size: the number of rows (indices), out_size: their dimension
+            return (self.in_size, self.out_size)
         if self.kind == "Conv2d":
             return (self.out_size, self.in_size) + tuple(self.kernel)
         return (self.in_size, self.out_size) + tuple(self.kernel)
 
     def attrs(self) -> dict[str, Any]:
         """The static attributes of the call nodes this module lowers to."""
-        if self.kind == "Linear":
+        if self.kind in ("Linear", "Embedding"):
             return {}
         if self.kind == "GroupNorm":
             return {"groups": self.groups, "channels": self.in_size, "eps": self.eps}
@@ -138,7 +140,7 @@ class ModuleSpec:
             value = getattr(self, key)
             if value is not None and value != defaults[key]:
                 parts.append(f"{key}={_pair(value)}")
-        if not self.bias:
+        if not self.bias and self.kind != "Embedding":
             parts.append("bias=false")
         if self.init_scale is not None:
             parts.append(f"init_scale={self.init_scale!r}")
@@ -199,8 +201,9 @@ class LayerGraph:
     * ``params``: qualified name (``fc.weight``, ``w``) -> node; ``modules``: name -> :class:`ModuleSpec`;
     * ``lets``, ``energies``: name -> node of its value, ``value_spans``: name -> where that value is
       written (a let or energy may be another named node: ``energy E = h``); ``output``: the output node;
-    * ``solve``, ``backward``: validated settings, flat dicts (only the keys the spec gives), with
-      ``solve_spans``/``backward_spans`` (key -> span) for later errors;
+    * ``solve``, ``backward``, ``eval_solve`` (the ``eval`` block: settings over ``solve`` in eval mode):
+      validated settings, flat dicts (only the keys the spec gives), with ``solve_spans``/``backward_spans``/
+      ``eval_spans`` (key -> span) for later errors;
     * ``assumptions``: :class:`Assumption` s the shapes rely on.
     """
 
@@ -218,8 +221,10 @@ class LayerGraph:
         self.output: str | None = None
         self.solve: dict[str, Any] = {}
         self.backward: dict[str, Any] = {}
+        self.eval_solve: dict[str, Any] = {}
         self.solve_spans: dict[str, Span] = {}
         self.backward_spans: dict[str, Span] = {}
+        self.eval_spans: dict[str, Span] = {}
         self.assumptions: list[Assumption] = []
 
     # ------------------------------------------------------------------ building and reading
@@ -326,7 +331,7 @@ class LayerGraph:
         head.append("  states " + ", ".join(self.states))
         for name, spec in self.modules.items():
             head.append(f"  module {name} = {spec.format()}")
-        for which, table in (("solve", self.solve), ("backward", self.backward)):
+        for which, table in (("solve", self.solve), ("backward", self.backward), ("eval", self.eval_solve)):
             if table:
                 head.append(f"  {which} " + ", ".join(f"{k}={format_attr(v)}" for k, v in table.items()))
         for a in self.assumptions:
@@ -368,8 +373,13 @@ class LayerGraph:
         else:
             text = f"output({args})"
         if op != "output":
-            text += f" : {fmt_shape(d['shape'])}"
+            text += f" : {self.dtype(nid) + ' ' if self.dtype(nid) != 'float' else ''}{fmt_shape(d['shape'])}"
         return text
+
+    def dtype(self, nid: str) -> str:
+        """``int`` or ``bool`` for an input declared so (an index: no gradient, only where an index is
+        expected), ``float`` for every other value."""
+        return self.g.nodes[nid].get("dtype") or "float"
 
     # ------------------------------------------------------------------ invariants
     def lint(self, shapes: bool = True) -> None:

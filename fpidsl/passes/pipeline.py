@@ -6,7 +6,8 @@ The passes, in order (each a function of the previous result and an :class:`~fpi
    (file level, once), then per layer
 2. :func:`~fpidsl.passes.resolve.resolve_layer`: names, scopes, consts, one update per state;
 3. :func:`~fpidsl.passes.build_graph.build_graph`: AST → graph (lowering, fn inlining);
-4. :func:`~fpidsl.passes.infer_shapes.infer_shapes`;
+4. :func:`~fpidsl.passes.check_dtypes.check_dtypes` (int and bool inputs only where an index is expected), then
+   :func:`~fpidsl.passes.infer_shapes.infer_shapes`;
 5. :func:`~fpidsl.passes.check_layer.check_layer`: checks that need shapes;
    :func:`~fpidsl.passes.check_python_names.check_python_names`: params that would shadow module attributes;
 6. :func:`~fpidsl.passes.settings.check_settings` for ``solve`` and ``backward``.
@@ -20,13 +21,14 @@ from ..errors import ErrorSink, NameErr
 from ..frontend import ast
 from ..ir.graph import LayerGraph
 from .build_graph import build_graph, check_fn_bodies
+from .check_dtypes import check_dtypes
 from .check_layer import check_layer
 from .check_python_names import check_python_names
 from .infer_shapes import infer_shapes
 from .resolve import FnTable, resolve_fns, resolve_layer
 from .settings import check_settings
 
-GRAPH_PASSES = (infer_shapes, check_layer, check_python_names)
+GRAPH_PASSES = (check_dtypes, infer_shapes, check_layer, check_python_names)
 
 
 def check_spec(spec: ast.SpecFile) -> dict[str, LayerGraph]:
@@ -55,4 +57,6 @@ def check_layer_ast(layer: ast.Layer, fns: FnTable, sink: ErrorSink) -> LayerGra
         run(graph, sink)
     graph.solve, graph.solve_spans = check_settings(scope.settings.get("solve"), scope.const_lookup, sink)
     graph.backward, graph.backward_spans = check_settings(scope.settings.get("backward"), scope.const_lookup, sink)
+    graph.eval_solve, graph.eval_spans = check_settings(scope.settings.get("eval"), scope.const_lookup, sink,
+                                                        base=graph.solve)
     return graph

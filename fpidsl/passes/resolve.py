@@ -26,13 +26,14 @@ from ..source import Span
 Number = Union[int, float]
 
 KEYWORDS = frozenset(
-    "layer fn input state param tensor const let energy update descend on step output solve backward".split()
+    "layer fn input state param tensor extern const let energy update descend on step output solve backward".split()
 )
 WORDS = {"true": "a boolean", "false": "a boolean", "zeros": "an initializer", "ones": "an initializer"}
 WORDS.update({k: "an initializer" for k in TENSOR_INITS})
 
 KIND_WORDS = {
     "input": "an input", "state": "a state", "module": "a param module", "tensor": "a param",
+    "extern": "an extern module",
     "const": "a const", "let": "a let", "energy": "an energy",
 }
 
@@ -79,6 +80,8 @@ def describe_expr(expr) -> str:
         return "a list"
     if isinstance(expr, ast.Index):
         return "an indexed tensor"
+    if isinstance(expr, ast.Str):
+        return "a string"
     return "a tensor expression"
 
 
@@ -256,7 +259,7 @@ class LayerScope:
     consts: dict[str, Number] = field(default_factory=dict)
     updates: dict[str, object] = field(default_factory=dict)  # state -> UpdateDecl | DescendDecl
     output: ast.OutputDecl | None = None
-    settings: dict[str, ast.SettingsDecl] = field(default_factory=dict)  # "solve" / "backward"
+    settings: dict[str, ast.SettingsDecl] = field(default_factory=dict)  # "solve" / "backward" / "eval"
 
     def of_kind(self, kind: str) -> list[Symbol]:
         return [s for s in self.symbols.values() if s.kind == kind]
@@ -275,7 +278,7 @@ class LayerScope:
 
 _DECL_KINDS = {
     ast.InputDecl: "input", ast.StateDecl: "state", ast.ModuleParamDecl: "module",
-    ast.TensorParamDecl: "tensor", ast.ConstDecl: "const", ast.LetDecl: "let", ast.EnergyDecl: "energy",
+    ast.TensorParamDecl: "tensor", ast.ExternParamDecl: "extern", ast.ConstDecl: "const", ast.LetDecl: "let", ast.EnergyDecl: "energy",
 }
 
 

@@ -1,10 +1,12 @@
-"""``solve { ... }`` and ``backward { ... }`` blocks → validated flat dicts.
+"""``solve { ... }``, ``backward { ... }`` and ``eval { ... }`` blocks → validated flat dicts.
 
 ``method = anderson(m=5)`` becomes ``{"method": "anderson", "m": 5}`` and ``mode = phantom(k=5, tau=0.5)``
 becomes ``{"mode": "phantom", "k": 5, "tau": 0.5}``; only the keys the spec gives are kept (the runtime's
 ``FORWARD_DEFAULTS`` / ``BACKWARD_DEFAULTS`` fill the rest), each with the span of its ``key = value`` for later
 messages. A method's or a mode's options may also be given at the top level of the block (``m = 4`` next to
-``method = anderson``). ``gmres`` and ``mode`` belong to ``backward`` only.
+``method = anderson``). ``gmres`` and ``mode`` belong to ``backward`` only. ``eval`` holds the forward settings
+of eval mode, over ``solve``'s (``eval { max_iter = 20, tol = 1e-3 }``): it is checked against them (``m = 3``
+alone is right where ``solve`` chose anderson).
 
 The keys and rules mirror :class:`fpidsl.runtime.settings.SolverSettings` (a test keeps them equal); they
 are restated here because importing anything under ``fpidsl.runtime`` imports torch, and checking a
@@ -53,13 +55,16 @@ def _words(names) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def check_settings(decl: ast.SettingsDecl | None, lookup, sink: ErrorSink) -> tuple[dict[str, Any], dict[str, Span]]:
-    """Validate one block; ``lookup`` resolves const names (see :func:`static_number`)."""
+def check_settings(decl: ast.SettingsDecl | None, lookup, sink: ErrorSink,
+                   base: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Span]]:
+    """Validate one block; ``lookup`` resolves const names (see :func:`static_number`); ``base``: the settings the
+    block goes over (``solve``'s, for ``eval``), which give the method and max_iter the block does not set."""
     values: dict[str, Any] = {}
     spans: dict[str, Span] = {}
     if decl is None:
         return values, spans
-    where = "solve" if decl.which == "solve" else "backward"
+    base = base or {}
+    where = decl.which
 
     def put(key: str, value: Any, span: Span) -> None:
         if key in values:
@@ -73,7 +78,7 @@ def check_settings(decl: ast.SettingsDecl | None, lookup, sink: ErrorSink) -> tu
         if key not in SETTING_KEYS:
             sink.add(SettingsErr(f"unknown {where} setting {key}", setting.key_span,
                                  hint=did_you_mean(key, SETTING_KEYS) or f"settings are {', '.join(SETTING_KEYS)}"))
-        elif key == "mode" and where == "solve":
+        elif key == "mode" and where != "backward":
             sink.add(SettingsErr("mode is a backward setting: it says how gradients are computed",
                                  setting.key_span, hint="write it in the backward block: backward { mode = ... }"))
         elif key in _CHOICES:
@@ -86,18 +91,24 @@ def check_settings(decl: ast.SettingsDecl | None, lookup, sink: ErrorSink) -> tu
             number = _number(key, expr, lookup, sink)
             if number is not None:
                 put(key, number, setting.span)
-    _options_apply(values, spans, "method", "picard", METHOD_OPTIONS, sink)
+    methods = METHOD_OPTIONS if where == "backward" else {
+        name: options for name, options in METHOD_OPTIONS.items() if name not in BACKWARD_ONLY_METHODS}
+    _options_apply(values, spans, "method", base.get("method", "picard"), methods, sink)
     _options_apply(values, spans, "mode", "implicit", MODE_OPTIONS, sink)
-    max_iter = values.get("max_iter", DEFAULT_MAX_ITER)
-    if values.get("min_iter", 0) > max_iter:
-        sink.add(SettingsErr(f"min_iter = {values['min_iter']} is larger than max_iter = {max_iter}",
-                             spans["min_iter"], hint=None if "max_iter" in values else "max_iter defaults to "
-                             f"{max_iter}"))
+    max_iter = values.get("max_iter", base.get("max_iter", DEFAULT_MAX_ITER))
+    min_iter = values.get("min_iter", base.get("min_iter", 0))
+    if min_iter > max_iter:
+        missing = next((k for k in ("min_iter", "max_iter") if k not in values), None)
+        hint = (None if missing is None else f"{missing} comes from the solve block" if missing in base
+                else f"max_iter defaults to {max_iter}")
+        sink.add(SettingsErr(f"min_iter = {min_iter} is larger than max_iter = {max_iter}",
+                             spans["min_iter" if "min_iter" in values else "max_iter"], hint=hint))
     return values, spans
 
 
 def _options_apply(values, spans, key: str, default: str, options: dict, sink: ErrorSink) -> None:
-    """Refuse an option (given at the top level or as an argument) that the chosen method or mode does not take."""
+    """Refuse an option (given at the top level or as an argument) that the chosen method or mode does not take;
+    ``default``: the method or mode when the block names none."""
     chosen = values.get(key, default)
     for option in sorted({o for opts in options.values() for o in opts}, key=SETTING_KEYS.index):
         if option in values and option not in options[chosen]:
@@ -164,7 +175,7 @@ def _choice(key: str, expr, span: Span, where: str, put, lookup, sink: ErrorSink
         sink.add(SettingsErr(f"unknown {key} {name}", name_span,
                              hint=did_you_mean(name, names) or f"{key}s are {', '.join(names)}"))
         return
-    if key == "method" and name in BACKWARD_ONLY_METHODS and where == "solve":
+    if key == "method" and name in BACKWARD_ONLY_METHODS and where != "backward":
         sink.add(SettingsErr(f"{name} solves the linear system of the backward; it is not a forward method",
                              name_span, hint=f"write it in the backward block: backward {{ method = {name} }}, and "
                              "use picard, anderson or broyden here"))

@@ -8,6 +8,7 @@ the inputs, checks their shapes against the spec, and runs :func:`fixed_point`.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SettingsError, SolverSettings
+from .sizes import is_symbol, size, terms
 
 Dim = int | str
 
@@ -28,11 +30,13 @@ def _fmt(shape: Sequence[Any]) -> str:
 
 
 def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, torch.Tensor],
-              spec: str) -> dict[str, int]:
+              spec: str, assumptions: Sequence[tuple] = ()) -> dict[str, int]:
     """Bind the symbolic dimensions of the declared shapes to the sizes of ``tensors``; every use of a
-    symbol must agree, every integer must match."""
+    symbol must agree, every integer must match. Dimensions computed from symbols (``H/2``) are checked
+    once every symbol is bound, after the divisibility ``assumptions`` (:func:`check_assumptions`)."""
     dims: dict[str, int] = {}
     where: dict[str, str] = {}
+    computed = []
     for name, shape in declared.items():
         tensor = tensors[name]
         if not isinstance(tensor, torch.Tensor):
@@ -49,6 +53,8 @@ def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, tor
                         f"{spec}: input {name!r} is declared {_fmt(shape)}: dimension {axis} must be {want}, "
                         f"got shape {_fmt(tensor.shape)}"
                     )
+            elif not is_symbol(want):
+                computed.append((name, shape, axis, want, tensor.shape))
             elif want in dims and dims[want] != got:
                 raise LayerInputError(
                     f"{spec}: dimension {want} is {dims[want]} in {where[want]} but {got} in input {name!r} "
@@ -57,22 +63,40 @@ def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, tor
             else:
                 dims[want] = got
                 where.setdefault(want, f"input {name!r}")
+    check_assumptions(assumptions, dims, spec)
+    for name, shape, axis, want, got in computed:
+        if size(want, dims) != got[axis]:
+            raise LayerInputError(
+                f"{spec}: input {name!r} is declared {_fmt(shape)}: dimension {axis} must be {want} = "
+                f"{size(want, dims)} ({_bound(want, dims)}), got shape {_fmt(got)}"
+            )
     return dims
 
 
-def check_assumptions(assumptions: Sequence[tuple[str, int]], dims: Mapping[str, int], spec: str) -> None:
-    """Check the divisibility assumptions the compiler's shape inference relied on (``H % 2 == 0``)."""
-    for expr, divisor in assumptions:
+def _bound(expr: str, dims: Mapping[str, int]) -> str:
+    """The sizes of an expression's symbols, for messages: ``H = 5, W = 4``."""
+    names = sorted({n for _, factors in terms(expr) for n in factors} if not is_symbol(expr) else {expr})
+    return ", ".join(f"{n} = {dims[n]}" for n in names)
+
+
+def check_assumptions(assumptions: Sequence[tuple], dims: Mapping[str, int], spec: str) -> None:
+    """Check the divisibility assumptions the compiler's shape inference relied on (``H % 2 == 0``):
+    ``(expr, divisor)`` or ``(expr, divisor, "spec.fpi:3:20")`` with the place of the size that needs it."""
+    for expr, divisor, *at in assumptions:
         value = math.prod(dims[s] for s in expr.split("*"))
         if value % divisor:
-            raise LayerInputError(
-                f"{spec}: the layer's shapes need {expr} to be a multiple of {divisor}, but {expr} = {value}"
-            )
+            shown = f"{expr} = {value}" if is_symbol(expr) else f"{expr} = {value} ({_bound(expr, dims)})"
+            place = f" (required by the size at {at[0]})" if at else ""
+            raise LayerInputError(f"{spec}: {shown} is not divisible by {divisor}{place}")
 
 
 def concrete(shape: Sequence[Dim], dims: Mapping[str, int]) -> tuple[int, ...]:
-    """A declared shape with its symbols replaced by their bound sizes."""
-    return tuple(d if isinstance(d, int) else dims[d] for d in shape)
+    """A declared shape with its symbols replaced by their bound sizes (``H/2`` evaluated)."""
+    out = tuple(size(d, dims) for d in shape)
+    for d, value in zip(shape, out):
+        if not isinstance(value, int) or value < 0:
+            raise LayerInputError(f"the declared size {d} is {value} ({_bound(d, dims)}), not a size")
+    return out
 
 
 # --------------------------------------------------------------------------- parameters
@@ -101,6 +125,10 @@ def make_module(kind: str, *args: Any, bias: bool = True, init_scale: float | No
         return nn.GroupNorm(*args, eps=options["eps"], affine=options["affine"])
     if kind == "LayerNorm":
         return nn.LayerNorm(*args, eps=options["eps"], elementwise_affine=options["affine"])
+    if kind == "Embedding":  # Embedding(num, dim): torch's N(0, 1) rows, times init_scale
+        module = nn.Embedding(*args)
+        _scale(module, init_scale)
+        return module
     cls = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "ConvTranspose2d": nn.ConvTranspose2d}[kind]
     module = cls(*args, bias=bias, **options)
     _scale(module, init_scale)
@@ -123,6 +151,32 @@ def make_tensor(shape: tuple[int, ...], kind: str, args: tuple[float, ...] = ())
     else:  # pragma: no cover - the compiler only emits the kinds above
         raise ValueError(f"unknown tensor init {kind!r}")
     return nn.Parameter(data)
+
+
+def extern_module(layer: nn.Module, name: str, module: Any) -> nn.Module:
+    """The module given to ``layer``'s constructor as its extern ``name``, checked (:mod:`fpidsl.runtime.extern`)."""
+    from .extern import check_module
+
+    return check_module(layer, name, module)
+
+
+def extern_handle(layer: nn.Module, name: str):
+    """What ``step`` and the adjoint receive for extern ``name``: an :class:`~fpidsl.runtime.extern.ExternHandle`."""
+    from .extern import handle
+
+    return handle(layer, name)
+
+
+def extern_parameters(module: nn.Module) -> torch.Tensor:
+    """An extern module's parameters as one flat vector (:func:`fpidsl.runtime.extern.extern_parameters`)."""
+    from .extern import extern_parameters as flat
+
+    return flat(module)
+
+
+def _tensors(values) -> tuple[torch.Tensor, ...]:
+    """The parameter tensors that carry the layer's dtype and device (not an extern's handle, not an empty vector)."""
+    return tuple(v for v in values if isinstance(v, torch.Tensor) and v.numel())
 
 
 # --------------------------------------------------------------------------- compile=True
@@ -179,20 +233,23 @@ class CompiledLayer(nn.Module):
 
     SPEC: str = ""
     INPUTS: dict[str, tuple[Dim, ...]] = {}
+    INDEX_INPUTS: dict[str, str] = {}  # the inputs declared ``int`` / ``bool`` (indices), and their kind
     STATES: dict[str, tuple[Dim, ...]] = {}
     ASSUMPTIONS: tuple[tuple[str, int], ...] = ()
     SAMPLEWISE: bool = False  # the compiler sets True when g never mixes samples
     HOIST_BATCHED: tuple[bool, ...] | None = None  # set with ``hoist`` / ``iterate`` when g has state-free parts
     SOLVE: dict[str, Any] = {}
     BACKWARD: dict[str, Any] = {}
+    EVAL: dict[str, Any] = {}  # the spec's eval block: settings over SOLVE in eval mode
+    EXTERNS: dict[str, tuple[str, str]] = {}  # extern modules: name -> (where the spec declares it, the declaration)
     adjoint: Any = None
 
     def __init__(self, *, solve: Mapping[str, Any] | None = None,
                  backward: Mapping[str, Any] | None = None, history: bool = False,
                  compile: bool = False,  # noqa: A002 - named like torch.compile
                  eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> None:
-        """``solve`` / ``backward``: settings over the spec's blocks; ``eval_solve``: settings over ``solve`` for
-        eval mode; ``warm_start``: start each call from the previous fixed point of the same shapes
+        """``solve`` / ``backward``: settings over the spec's blocks; ``eval_solve``: settings over ``solve`` and the
+        spec's ``eval`` block for eval mode; ``warm_start``: start each call from the previous fixed point of the same shapes
         (:mod:`fpidsl.runtime.warm_start`)."""
         from .jacobian import LastCall
 
@@ -226,9 +283,19 @@ class CompiledLayer(nn.Module):
         if init is None or getattr(init, "_takes_toolkit_options", False):
             return
 
+        known = [p.name for p in inspect.signature(init).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
         @functools.wraps(init)
         def __init__(self, *args: Any, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False,
                      **more: Any) -> None:
+            unknown = [k for k in more if k not in known]
+            if unknown:
+                import difflib
+
+                close = difflib.get_close_matches(unknown[0], known, n=1)
+                raise TypeError(f"{cls.__name__}() has no option {unknown[0]!r}"
+                                f"{f' (did you mean {close[0]!r}?)' if close else ''}; it takes "
+                                f"{', '.join(known + ['eval_solve', 'warm_start'])}")
             init(self, *args, **more)
             if eval_solve is not None or warm_start:
                 self.configure(eval_solve=eval_solve, warm_start=warm_start)
@@ -237,11 +304,13 @@ class CompiledLayer(nn.Module):
         cls.__init__ = __init__
 
     def configure(self, *, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> "CompiledLayer":
-        """Set the eval-mode settings (``eval_solve``, over ``solve``) and warm starts; returns the layer."""
+        """Set the eval-mode settings (``eval_solve``, over the spec's ``eval`` block, over ``solve``) and warm
+        starts; returns the layer."""
         from .warm_start import WarmStart, eval_settings
 
         try:
-            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
+            spec_eval = self.solve_settings.merged(self.EVAL) if self.EVAL else self.solve_settings
+            self.eval_settings = eval_settings(spec_eval, eval_solve)
         except SettingsError as exc:
             raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
         self.warm = WarmStart(warm_start)
@@ -281,13 +350,13 @@ class CompiledLayer(nn.Module):
         init = kwargs.pop("init", None) if "init" not in self.INPUTS else None
         inputs = self.bind(args, kwargs)
         spec = f"{type(self).__name__} ({self.SPEC})"
-        dims = bind_dims(self.INPUTS, inputs, spec)
-        check_assumptions(self.ASSUMPTIONS, dims, spec)
+        dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
         from .input_checks import check_dtypes_and_devices
 
-        check_dtypes_and_devices(inputs, self.parameter_tensors(), spec)
+        self._call_dims = dims  # the sizes extern modules are checked against (extern_handle)
+        check_dtypes_and_devices(inputs, _tensors(self.parameter_tensors()), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
-        like = values[0] if values else torch.zeros(())
+        like = self._float_like(values)
         x0 = self.init_states(dims, like, *values)
         if init is not None:
             x0 = given_start(init, tuple(x0), list(self.STATES), spec)
@@ -305,6 +374,12 @@ class CompiledLayer(nn.Module):
         self.warm.remember(states)
         self._last_call = LastCall(tuple(states), values)
         return self.outputs(states, *values)
+
+    def _float_like(self, values: tuple) -> torch.Tensor:
+        """The value whose dtype and device the states take: the first floating-point input or parameter (an
+        ``int`` input holds indices)."""
+        return next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()),
+                    values[0] if values else torch.zeros(()))
 
     def _batched(self) -> tuple[bool, ...] | None:
         """Which arguments have the batch as dimension 0: inputs whose first declared dimension is the
@@ -326,10 +401,10 @@ class CompiledLayer(nn.Module):
 
         inputs = self.bind(args, kwargs)
         spec = f"{type(self).__name__} ({self.SPEC})"
-        dims = bind_dims(self.INPUTS, inputs, spec)
-        check_assumptions(self.ASSUMPTIONS, dims, spec)
+        dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
+        self._call_dims = dims
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
-        x0 = self.init_states(dims, values[0] if values else torch.zeros(()), *values)
+        x0 = self.init_states(dims, self._float_like(values), *values)
         stats = Stats()
         states = fixed_point_states(
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states, indexing=indexing, k=k,
@@ -362,7 +437,8 @@ class CompiledLayer(nn.Module):
         with torch.no_grad():
             self.forward(*args, **kwargs)
         inputs = self.bind(args, kwargs)
-        values = tuple(inputs[n] for n in self.INPUTS) + tuple(p.detach() for p in self.parameter_tensors())
+        values = tuple(inputs[n] for n in self.INPUTS) + tuple(
+            p.detach() if isinstance(p, torch.Tensor) else p for p in self.parameter_tensors())
         x_hat = self._last_states
         factor = contraction_factor(self.step, x_hat if len(x_hat) > 1 else x_hat[0], *values, iters=iters)
         self.stats.contraction = factor

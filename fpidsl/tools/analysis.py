@@ -333,10 +333,10 @@ class Completion:
 _LAYER_HEAD = re.compile(r"^[ \t]*(layer|fn)\b", re.M)
 _DECLARED = re.compile(r"\b(input|state|param|const|let|energy)\s+([A-Za-z_][A-Za-z0-9_]*)")
 _FN = re.compile(r"\bfn\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(([^)]*)\)")
-_OPEN_SETTINGS = re.compile(r"\b(solve|backward)\s*\{[^}]*\Z")
+_OPEN_SETTINGS = re.compile(r"\b(solve|backward|eval)\s*\{[^}]*\Z")
 _PARAM_TYPE = re.compile(r"\bparam\s+[A-Za-z_][A-Za-z0-9_]*\s*:\s*[A-Za-z_]*\Z")
 DECLARATION_KEYWORDS = ("input", "state", "param", "const", "let", "energy", "update", "descend", "output",
-                        "solve", "backward")
+                        "solve", "backward", "eval")
 
 
 def _offset(text: str, pos: Pos) -> int:

@@ -139,5 +139,8 @@ def _settings(graph: LayerGraph) -> list[str]:
     for which, table in (("solve", graph.solve), ("backward", graph.backward)):
         text = ", ".join(f"{k}={format_attr(v)}" for k, v in table.items()) if table else "defaults"
         lines.append(f"  {which}: {text}")
+    if graph.eval_solve:
+        text = ", ".join(f"{k}={format_attr(v)}" for k, v in graph.eval_solve.items())
+        lines.append(f"  eval: {text} (over solve, in eval mode)")
     return lines
 

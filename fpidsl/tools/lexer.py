@@ -9,11 +9,12 @@ from __future__ import annotations
 from pygments.lexer import RegexLexer, bygroups, words
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, Text, Whitespace
 
-from ..frontend.parser import KEYWORDS
+from ..frontend.parser import KEYWORDS, SOFT_KEYWORDS
 from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
 from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
 DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor"}))
+BLOCK_WORDS = tuple(sorted(SOFT_KEYWORDS))  # keywords only before a '{' (names elsewhere)
 BUILTINS = tuple(sorted(name for name, prim in PRIMITIVES.items() if prim.builtin))
 CONSTANTS = tuple(sorted(set(TENSOR_INITS) | set(METHODS) | set(MODES) | set(CRITERIA) | set(ON_FAIL)))
 
@@ -35,6 +36,7 @@ class FpiLexer(RegexLexer):
             (r"\b(input|state|param|const|let|energy|update|descend)(\s+)([A-Za-z_][A-Za-z0-9_]*)",
              bygroups(Keyword.Declaration, Whitespace, Name.Variable)),
             (words(DECLARATION_WORDS, suffix=r"\b"), Keyword.Declaration),
+            (words(BLOCK_WORDS, suffix=r"\b(?=\s*\{)"), Keyword.Declaration),
             (words(("on", "step", "tensor"), suffix=r"\b"), Keyword),
             (words(tuple(sorted(MODULE_KINDS)), suffix=r"\b"), Name.Builtin.Pseudo),
             (words(BUILTINS, suffix=r"\b(?=\s*\()"), Name.Builtin),

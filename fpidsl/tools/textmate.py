@@ -12,7 +12,7 @@ import sys
 
 from ..ir.primitives import MODULE_KINDS
 from ..passes.settings import SETTING_KEYS
-from .lexer import BUILTINS, CONSTANTS, DECLARATION_WORDS
+from .lexer import BLOCK_WORDS, BUILTINS, CONSTANTS, DECLARATION_WORDS
 
 _NAME = "[A-Za-z_][A-Za-z0-9_]*"
 
@@ -41,6 +41,7 @@ def grammar() -> dict:
             ]},
             "keyword": {"patterns": [
                 {"name": "storage.type.fpi", "match": f"\\b({_words(DECLARATION_WORDS)})\\b"},
+                {"name": "storage.type.fpi", "match": f"\\b({_words(BLOCK_WORDS)})\\b(?=\\s*\\{{)"},
                 {"name": "keyword.other.fpi", "match": "\\b(on|step|tensor)\\b"},
             ]},
             "module": {"name": "support.class.fpi", "match": f"\\b({_words(sorted(MODULE_KINDS))})\\b"},

@@ -1,7 +1,7 @@
 """``fpidsl fmt --to fpi|yaml``: a spec in the other form, with the same AST (hence the same graph).
 
 The YAML form lists declarations by kind (inputs, states, params, consts, lets, energies, updates, descend,
-output, solve, backward), so ``--to yaml`` orders each layer's declarations that way; ``--to fpi`` keeps the
+output, solve, backward, eval), so ``--to yaml`` orders each layer's declarations that way; ``--to fpi`` keeps the
 order it reads. Comments travel with what they are next to: a comment on the line where a declaration ends is
 its trailing comment, comment lines before a declaration (or a layer, or an ``fn``) lead it, the comments before
 the first of them head the file and the rest end it.
@@ -185,7 +185,7 @@ def _value(expr) -> str:
 def _decl_yaml(decl) -> tuple[str, str]:
     """The key and the value text of one declaration in its section."""
     if isinstance(decl, ast.InputDecl):
-        return decl.name, json.dumps(unparse.shape(decl.shape))
+        return decl.name, json.dumps(unparse.input_type(decl))
     if isinstance(decl, ast.StateDecl):
         shape = json.dumps(unparse.shape(decl.shape))
         if decl.init is None:
@@ -206,7 +206,7 @@ def reorder(spec: ast.SpecFile) -> ast.SpecFile:
         for i, (_, kind) in enumerate(SECTIONS):
             if isinstance(decl, kind):
                 return i
-        return len(SECTIONS) + ("solve", "backward").index(decl.which)
+        return len(SECTIONS) + ("solve", "backward", "eval").index(decl.which)
 
     return replace(spec, layers=tuple(replace(layer, decls=tuple(sorted(layer.decls, key=rank)))
                                       for layer in spec.layers))
