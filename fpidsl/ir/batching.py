@@ -331,6 +331,117 @@ def cat_piece() -> BatchRule:
     return rule
 
 
+def solving() -> BatchRule:
+    """``solve(A, b)``: every batch entry, and every column of a matrix right-hand side, is solved on its own;
+    samples along A's rows or columns, or b's rows, mix (each unknown depends on all of them)."""
+    from .linalg import solve_rhs_is_vector
+
+    def rule(axes, shapes, out, attrs):
+        (aa, ab), (sa, sb) = axes, shapes
+        vector = solve_rhs_is_vector(len(sa), len(sb))
+        batch_rank = len(out) - (1 if vector else 2)  # the broadcast batch dims lead the result
+        cands = []
+        if aa is not None:
+            if aa is MIXED or aa >= len(sa) - 2:
+                return MIXED
+            cands.append(batch_rank - (len(sa) - 2) + aa)
+        if ab is not None:
+            b_batch = len(sb) - (1 if vector else 2)
+            if ab is MIXED:
+                return MIXED
+            if not vector and ab == len(sb) - 1:  # the columns of b: independent right-hand sides
+                cands.append(len(out) - 1)
+            elif ab >= b_batch:
+                return MIXED
+            else:
+                cands.append(batch_rank - b_batch + ab)
+        return _agree(cands)
+    return rule
+
+
+def contracting(equation_attr: str = "equation") -> BatchRule:
+    """``einsum``: an operand's batch axis names a letter (or a dim of its ``...``); the result carries the
+    samples where the output writes that letter; a letter summed over (absent from the output) mixes."""
+    from .linalg import ellipsis_rank, letters, parse
+
+    def rule(axes, shapes, out, attrs):
+        eq = parse(attrs[equation_attr])
+        out_lead = len(out) - len(letters(eq.output))  # the output's `...` dims
+        cands = []
+        for a, shape, term in zip(axes, shapes, eq.operands):
+            if a is None:
+                continue
+            if a is MIXED:
+                return MIXED
+            lead = ellipsis_rank(term, len(shape))
+            if a < lead:  # a broadcast dim: aligned from the right with the output's `...`
+                cands.append(out_lead - lead + a)
+                continue
+            letter = letters(term)[a - lead]
+            if letter not in eq.output:
+                return MIXED
+            cands.append(out_lead + letters(eq.output).index(letter))
+        return _agree(cands)
+    return rule
+
+
+def sparse_product() -> BatchRule:
+    """``spmm(A, x)``: A's rows mix x's rows, so samples along x's rows (IGNN's nodes on one graph) mix; its
+    columns are independent. A batched sparse A counts as mixing."""
+    def rule(axes, shapes, out, attrs):
+        aa, ax = axes
+        if aa is not None or ax is MIXED or ax == 0:
+            return MIXED
+        return ax
+    return rule
+
+
+def gathering() -> BatchRule:
+    """``gather(x, index)`` along ``attrs["dim"]`` (x and index of one rank, the result shaped like the index) and
+    its adjoint ``gather_backward(ct, index, like)``: per sample when every batched argument has the samples on
+    one axis other than dim."""
+    def rule(axes, shapes, out, attrs):
+        a = _agree(axes)
+        if a is None or a is MIXED:
+            return a
+        return MIXED if _norm(attrs["dim"], len(out)) == a else a
+    return rule
+
+
+def selecting() -> BatchRule:
+    """``index_select(x, index)`` along ``attrs["dim"]`` with a 1-D index, and its adjoint
+    ``index_select_backward(ct, index, like)``: per sample when the index is sample-free and the samples run
+    along another axis than dim."""
+    def rule(axes, shapes, out, attrs):
+        if axes[1] is not None:
+            return MIXED
+        a = _agree([axes[0], *axes[2:]])
+        if a is None or a is MIXED:
+            return a
+        return MIXED if _norm(attrs["dim"], len(out)) == a else a
+    return rule
+
+
+def embedding() -> BatchRule:
+    """``embedding(index, weight)``: a row of the (sample-free) weight per index; the index's batch axis."""
+    def rule(axes, shapes, out, attrs):
+        return MIXED if axes[1] is not None else axes[0]
+    return rule
+
+
+def spatial(row_rank: int | Callable[[Mapping[str, Any]], int] = 2) -> BatchRule:
+    """Operations on the trailing ``row_rank`` dims of every argument (pooling, resampling, padding: 2 spatial
+    dims; ``grid_sample``: 3, its grid being [N, H, W, 2]): per sample when every batched argument has the samples
+    on one axis before those dims."""
+    def rule(axes, shapes, out, attrs):
+        rank = row_rank(attrs) if callable(row_rank) else row_rank
+        for a, s in zip(axes, shapes):
+            if a is not None and a is not MIXED and a >= len(s) - rank:
+                return MIXED
+        return _agree(axes)
+    return rule
+
+
 def unexpanded() -> BatchRule:
     """Primitives that a lowering pass replaces (``grad``): the analysis runs on the expanded graph."""
     def rule(axes, shapes, out, attrs):

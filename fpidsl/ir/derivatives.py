@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import linalg
 from .primitives import SliceSpec
 from .shapes import fmt_shape, normalize_dim
 
@@ -131,6 +132,52 @@ def _pow(b, n, ct):
 
 def _neg(b, n, ct):
     return {0: b.call("neg", ct)}
+
+
+def _power(b, n, ct):
+    """a ** b with a tensor exponent (a > 0): d/da = b a^(b-1), d/db = log(a) a^b."""
+    x, y = b.args(n)
+    dx = _mul(b, ct, _mul(b, y, b.call("power", x, b.call("sub", y, b.const(1)))))
+    base = b.graph.node(x)
+    log_x = b.const(math.log(base["value"])) if base["op"] == "const" else b.call("log", x)  # 2 ** y
+    dy = _mul(b, ct, _mul(b, log_x, n))
+    return {0: sum_to(b, dx, b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
+
+
+# --------------------------------------------------------------------------- rules: linear algebra
+
+
+def _solve(b, n, ct):
+    """x = A⁻¹ b: the cotangent of b is g = A⁻ᵀ ct (a solve with the transpose), that of A is -g xᵀ."""
+    a, rhs = b.args(n)
+    g = b.call("solve", b.call("transpose", a, dim0=-2, dim1=-1), ct)
+    if linalg.solve_rhs_is_vector(b.rank(a), b.rank(rhs)):
+        outer = _mul(b, b.call("unsqueeze", g, dim=-1), b.call("unsqueeze", n, dim=-2))
+    else:
+        outer = b.call("matmul", g, b.call("transpose", n, dim0=-2, dim1=-1))
+    return {0: sum_to(b, b.call("neg", outer), b.shape(a)), 1: sum_to(b, g, b.shape(rhs))}
+
+
+def _einsum(b, n, ct):
+    """Each operand's cotangent is the einsum of ct with the other operands onto its letters
+    (:func:`~fpidsl.ir.linalg.operand_gradient`), summed back over broadcast ``...`` dims and broadcast along
+    the letters only that operand has."""
+    operands = b.args(n)
+    eq = linalg.parse(b.attrs(n)["equation"])
+    out = {}
+    for i, x in enumerate(operands):
+        grad_eq, lonely = linalg.operand_gradient(eq, i)
+        g = b.call("einsum", ct, *(o for j, o in enumerate(operands) if j != i), equation=str(grad_eq))
+        shape = b.shape(x)
+        g = sum_to(b, g, tuple(d for k, d in enumerate(shape) if k - len(shape) not in lonely))
+        out[i] = b.call("expand_as", b.call("unsqueeze", g, dim=_dims(lonely)), x) if lonely else g
+    return out
+
+
+def _spmm(b, n, ct):
+    """A x is linear in x: its cotangent is Aᵀ ct. The sparse input A gets none (it is data, not a parameter)."""
+    a, _ = b.args(n)
+    return {1: b.call("spmm", a, ct, transpose=not b.attrs(n)["transpose"])}
 
 
 # --------------------------------------------------------------------------- rules: elementwise
@@ -561,6 +608,135 @@ def _conv2d_weight_grad(b, n, ct):
     return {0: b.call("conv2d", x, ct, **conv), 1: b.call("conv2d_input_grad", g, ct, x, **conv)}
 
 
+# --------------------------------------------------------------------------- rules: indexing and resampling
+
+
+def _gather(b, n, ct):
+    x, index = b.args(n)
+    return {0: b.call("gather_backward", ct, index, x, dim=b.attrs(n)["dim"])}
+
+
+def _gather_backward(b, n, ct):
+    _, index, _ = b.args(n)
+    return {0: b.call("gather", ct, index, dim=b.attrs(n)["dim"])}
+
+
+def _index_select(b, n, ct):
+    x, index = b.args(n)
+    return {0: b.call("index_select_backward", ct, index, x, dim=b.attrs(n)["dim"])}
+
+
+def _index_select_backward(b, n, ct):
+    _, index, _ = b.args(n)
+    return {0: b.call("index_select", ct, index, dim=b.attrs(n)["dim"])}
+
+
+def _embedding(b, n, ct):
+    index, weight = b.args(n)
+    return {1: b.call("embedding_backward", ct, index, weight)}
+
+
+def _embedding_backward(b, n, ct):
+    _, index, _ = b.args(n)
+    return {0: b.call("embedding", index, ct)}
+
+
+def _pad(b, n, ct):
+    """The adjoint of padding is the slice that drops the padding."""
+    attrs = b.attrs(n)
+    pad = attrs["pad"] if isinstance(attrs["pad"], tuple) else (attrs["pad"],)
+    cuts = [SliceSpec(pad[2 * k] or None, -pad[2 * k + 1] or None) for k in range(len(pad) // 2)]
+    return {0: b.call("index", ct, index=(Ellipsis, *reversed(cuts)))}
+
+
+def _pool_attrs(b, n) -> dict[str, Any]:
+    attrs = b.attrs(n)
+    return {"kernel": attrs["kernel"], "stride": attrs["stride"], "padding": attrs["padding"]}
+
+
+def _avg_pool2d(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("avg_pool2d_backward", ct, x, **_pool_attrs(b, n))}
+
+
+def _avg_pool2d_backward(b, n, ct):
+    return {0: b.call("avg_pool2d", ct, **_pool_attrs(b, n))}
+
+
+def _max_pool2d(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("max_pool2d_backward", ct, x, **_pool_attrs(b, n))}
+
+
+def _max_pool2d_backward(b, n, ct):
+    """Linear in the cotangent; piecewise constant in x (where the maxima are)."""
+    _, x = b.args(n)
+    return {0: b.call("max_pool2d_select", ct, x, **_pool_attrs(b, n))}
+
+
+def _max_pool2d_select(b, n, ct):
+    _, x = b.args(n)
+    return {0: b.call("max_pool2d_backward", ct, x, **_pool_attrs(b, n))}
+
+
+def _resampling(b, n) -> dict[str, Any]:
+    attrs = b.attrs(n)
+    return {"mode": attrs["mode"], "align_corners": attrs["align_corners"]}
+
+
+def _interpolate(b, n, ct):
+    (x,) = b.args(n)
+    return {0: b.call("interpolate_backward", ct, x, **_resampling(b, n))}
+
+
+def _interpolate_like(b, n, ct):
+    x, _ = b.args(n)
+    return {0: b.call("interpolate_backward", ct, x, **_resampling(b, n))}
+
+
+def _interpolate_backward(b, n, ct):
+    ct_in, _ = b.args(n)
+    return {0: b.call("interpolate_like", ct, ct_in, **_resampling(b, n))}
+
+
+def _grid_sample_attrs(b, n) -> dict[str, Any]:
+    attrs = b.attrs(n)
+    return {"mode": attrs["mode"], "padding_mode": attrs["padding_mode"], "align_corners": attrs["align_corners"]}
+
+
+def _grid_sample(b, n, ct):
+    """Each derivative of grid_sample by torch.autograd inside one auxiliary primitive (docs/ARCHITECTURE.md)."""
+    args = b.args(n)
+    return {i: b.call("grid_sample_vjp", ct, *args, path=(i,), **_grid_sample_attrs(b, n)) for i in range(len(args))}
+
+
+def _grid_sample_vjp(b, n, ct):
+    """The VJP of a VJP: one more level of the same primitive, for every argument (cotangents included)."""
+    args = b.args(n)
+    path = tuple(b.attrs(n)["path"])
+    return {i: b.call("grid_sample_vjp", ct, *args, path=path + (i,), **_grid_sample_attrs(b, n))
+            for i in range(len(args))}
+
+
+INDEXING_RULES: dict[str, VjpRule] = {
+    "gather": _gather, "gather_backward": _gather_backward, "index_select": _index_select,
+    "index_select_backward": _index_select_backward, "embedding": _embedding,
+    "embedding_backward": _embedding_backward, "pad": _pad, "avg_pool2d": _avg_pool2d,
+    "avg_pool2d_backward": _avg_pool2d_backward, "max_pool2d": _max_pool2d,
+    "max_pool2d_backward": _max_pool2d_backward, "max_pool2d_select": _max_pool2d_select,
+    "interpolate": _interpolate, "interpolate_like": _interpolate_like, "interpolate_backward": _interpolate_backward,
+    "grid_sample": _grid_sample, "grid_sample_vjp": _grid_sample_vjp,
+}
+
+
+def _extern(b, n, ct):
+    """An extern (or a VJP of one, chain w): the VJP with respect to each argument p but the module handle is the
+    extern_vjp with chain w + (p,) and ct as its last cotangent (fpidsl/ir/extern.py)."""
+    args, attrs = b.args(n), dict(b.attrs(n))
+    chain = attrs.pop("chain", ())
+    return {p: b.call("extern_vjp", *args, ct, chain=chain + (p,), **attrs) for p in range(1, len(args))}
+
+
 # --------------------------------------------------------------------------- auxiliary shape rules
 
 
@@ -582,7 +758,9 @@ RULES: dict[str, VjpRule] = {
     "reshape": _reshape, "flatten": _reshape, "transpose": _transpose, "index": _index, "grad": _grad,
     "linear": _linear, "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d,
     "group_norm": _group_norm, "layer_norm": _layer_norm, "group_mean": _group_mean,
-    "eye": _zero, "zeros": _zero, "ones": _zero, "full": _zero,
+    "eye": _zero, "zeros": _zero, "ones": _zero, "full": _zero, "arange": _zero,
+    "extern": _extern, "extern_vjp": _extern,
+    "power": _power, "solve": _solve, "einsum": _einsum, "spmm": _spmm,
     # auxiliary
     "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,
     "equal_mask": _zero, "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad,
@@ -590,6 +768,7 @@ RULES: dict[str, VjpRule] = {
     "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
     "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,
     "conv2d_input_grad": _conv2d_input_grad, "conv2d_weight_grad": _conv2d_weight_grad,
+    **INDEXING_RULES,
 }
 
 ZERO_DERIVATIVE = frozenset(name for name, rule in RULES.items() if rule is _zero)

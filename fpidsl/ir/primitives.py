@@ -32,6 +32,8 @@ import math
 from typing import Any, Callable, Mapping
 
 from . import batching as _B
+from . import linalg
+from .linalg import solve_rhs_is_vector
 from .shapes import (
     DimConflict,
     Shape,
@@ -71,6 +73,10 @@ ATTR_KINDS = {
     "index": "an index (integers, slices, ...)",
     "pair": "an integer or a pair [a, b] of integers",
     "word": "a name",
+    "ints": "an integer or a list of integers",
+    "equation": "an einsum equation, a string in double quotes (\"ij,jk->ik\")",
+    "shapes": "a list of shapes",
+    "positions": "a list of argument positions",
 }
 
 
@@ -124,6 +130,20 @@ class Primitive:
     #                                            along data axis, with the weight cut along weight axis (hoist.py)
     dtype_from_state: bool = False  # a constructor (eye, zeros ...): its one tensor input is not written in specs;
     #                                 the compiler passes the layer's first state, read for dtype and device only
+    written: str = ""  # the call as specs write it, where that is not the inputs then the attributes (einsum)
+    index_args: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (position, dtypes): where an int / bool input
+    #                                 (an index) is expected (passes/check_dtypes.py); elsewhere floats only
+    keeps_dtype: bool = False  # a shape op (reshape, index ...): its result has the dtype of argument 0
+    order: tuple[str, ...] = ()  # the parameter names in the order specs write them, where that is not the
+    #                              inputs then the attributes (``gather(x, dim, index)``, as torch)
+
+    def parameter_names(self) -> list[str]:
+        """The names a call binds positionally, in written order."""
+        return list(self.order) or list(self.written_inputs) + [a.name for a in self.attrs]
+
+    def dtypes_at(self, pos: int) -> tuple[str, ...]:
+        """The dtypes argument ``pos`` accepts: ``("float",)`` unless ``index_args`` says otherwise."""
+        return next((dtypes for p, dtypes in self.index_args if p == pos), ("float",))
 
     @property
     def min_args(self) -> int:
@@ -147,10 +167,12 @@ class Primitive:
         return () if self.dtype_from_state else self.inputs
 
     def signature(self) -> str:
-        parts = [f"[{n}, ...]" if self.variadic else n for n in self.written_inputs]
+        if self.written:
+            return self.written
+        text = {n: f"[{n}, ...]" if self.variadic else n for n in self.written_inputs}
         for a in self.attrs:
-            parts.append(a.name if a.required else f"{a.name}={format_attr(a.default)}")
-        return f"{self.name}({', '.join(parts)})"
+            text[a.name] = a.name if a.required else f"{a.name}={format_attr(a.default)}"
+        return f"{self.name}({', '.join(text[n] for n in self.parameter_names())})"
 
 
 def format_attr(value: Any) -> str:
@@ -618,6 +640,214 @@ def _filled(shapes, attrs, ctx):
     return _constructed_shape(attrs["shape"], ctx)
 
 
+def _arange(shapes, attrs, ctx):
+    if attrs["n"] < 1:
+        raise ctx.fail(f"arange(n) needs a positive size, found {attrs['n']}", attr="n")
+    return (attrs["n"],)
+
+
+_SOLVE_HINT = ("b is read as vectors [.., n] when it has one dimension or one fewer than A, else as matrices "
+               "[.., n, k] of right-hand sides; batch dims broadcast")
+
+
+def _solve(shapes, attrs, ctx):
+    a, b = shapes
+    if len(a) < 2 or a[-1] != a[-2]:
+        raise ctx.fail(f"solve needs a square matrix A of shape [.., n, n], found {fmt_shape(a)}", arg=0,
+                       hint="solve(A, b) is x with A x = b (torch.linalg.solve)")
+    if not b:
+        raise ctx.fail("solve needs a right-hand side b of at least one dimension, found a scalar", arg=1,
+                       hint=_SOLVE_HINT)
+    n = a[-1]
+    vector = solve_rhs_is_vector(len(a), len(b))
+    rows, rest = (b[-1], b[:-1]) if vector else (b[-2], b[:-2])
+    if rows != n:
+        want = f"[.., {fmt_dim(n)}]" if vector else f"[.., {fmt_dim(n)}, k]"
+        raise ctx.fail(f"solve(A, b) with A of shape {fmt_shape(a)} needs b of shape {want}, found {fmt_shape(b)} "
+                       f"({fmt_dim(rows)} vs {fmt_dim(n)})", arg=1, hint=_SOLVE_HINT)
+    try:
+        batch = broadcast(a[:-2], rest)
+    except DimConflict as c:
+        raise ctx.fail(f"the batch dims of solve's A {fmt_shape(a)} and b {fmt_shape(b)} do not broadcast: "
+                       f"{fmt_dim(c.a)} vs {fmt_dim(c.b)}", arg=1, hint=_SOLVE_HINT) from None
+    return tuple(batch) + ((n,) if vector else (n, b[-1]))
+
+
+def _einsum(shapes, attrs, ctx):
+    eq = linalg.parse(attrs["equation"])  # the graph builder reports a malformed equation at its character
+    if len(eq.operands) != len(shapes):
+        raise ctx.fail(f"the einsum equation {eq} names {len(eq.operands)} operands, but {len(shapes)} were given",
+                       attr="equation")
+    sizes: dict[str, tuple] = {}  # letter -> (its size, the operand that set it)
+    spread: tuple = ()
+    for i, (term, s) in enumerate(zip(eq.operands, shapes)):
+        own = linalg.letters(term)
+        free = linalg.ELLIPSIS in term
+        if len(s) < len(own) or (not free and len(s) != len(own)):
+            raise ctx.fail(f"operand {i} of einsum has shape {fmt_shape(s)} ({len(s)} dims), but its subscripts "
+                           f"{''.join(term) or '(none)'} name {len(own)}{' or more' if free else ''}", arg=i,
+                           hint="one letter per dimension; `...` first stands for any leading dims")
+        lead = linalg.ellipsis_rank(term, len(s))
+        try:
+            spread = broadcast(spread, s[:lead])
+        except DimConflict as c:
+            raise ctx.fail(f"the `...` dims of operand {i} of einsum ({fmt_shape(s[:lead])}) do not broadcast with "
+                           f"the other operands': {fmt_dim(c.a)} vs {fmt_dim(c.b)}", arg=i) from None
+        for letter, d in zip(own, s[lead:]):
+            if letter in sizes and sizes[letter][0] != d:
+                size, where = sizes[letter]
+                raise ctx.fail(f"einsum's letter {letter} is {fmt_dim(size)} in operand {where} but {fmt_dim(d)} in "
+                               f"operand {i} (shape {fmt_shape(s)})", arg=i,
+                               hint="the dims one letter names must be equal (letters do not broadcast; `...` does)")
+            sizes.setdefault(letter, (d, i))
+    head = tuple(spread) if eq.has_ellipsis else ()
+    return head + tuple(sizes[letter][0] for letter in linalg.letters(eq.output))
+
+
+def _spmm(shapes, attrs, ctx):
+    a, x = shapes
+    if len(a) != 2:
+        raise ctx.fail(f"spmm needs a sparse matrix A [N, M], found {fmt_shape(a)}", arg=0)
+    if len(x) != 2:
+        raise ctx.fail(f"spmm needs a dense matrix x of 2 dims, found {fmt_shape(x)}", arg=1,
+                       hint="a vector v is the one-column matrix unsqueeze(v, -1)")
+    rows, cols = (a[1], a[0]) if attrs["transpose"] else (a[0], a[1])
+    if x[0] != cols:
+        product = "Aᵀ x" if attrs["transpose"] else "A x"
+        raise ctx.fail(f"spmm: {product} with A of shape {fmt_shape(a)} needs x of shape [{fmt_dim(cols)}, D], "
+                       f"found {fmt_shape(x)}", arg=1)
+    return (rows, x[1])
+
+
+# --------------------------------------------------------------------------- indexing and resampling (issue 13)
+
+INTERPOLATE_MODES = ("nearest", "bilinear")
+GRID_SAMPLE_MODES = ("bilinear", "nearest")
+GRID_SAMPLE_PADDINGS = ("zeros", "border", "reflection")
+
+
+def _word(attrs, name: str, allowed: tuple[str, ...], ctx) -> None:
+    if attrs[name] not in allowed:
+        raise ctx.fail(f"{name} of {ctx.callee} must be {' or '.join(allowed)}, found {format_attr(attrs[name])}",
+                       attr=name)
+
+
+def _gather(shapes, attrs, ctx):
+    x, index = shapes
+    if len(index) != len(x):
+        raise ctx.fail(f"gather needs an index of the rank of x: x has shape {fmt_shape(x)}, the index "
+                       f"{fmt_shape(index)}", arg=1, hint="index_select(x, dim, index) takes a 1-D index")
+    d = _dim(attrs["dim"], x, ctx)
+    for j, (a, i) in enumerate(zip(x, index)):
+        if j != d and a != i and not (isinstance(a, int) and isinstance(i, int) and i <= a):
+            raise ctx.fail(f"gather's index may not be larger than x outside dim {attrs['dim']}: x has shape "
+                           f"{fmt_shape(x)}, the index {fmt_shape(index)} ({fmt_dim(i)} vs {fmt_dim(a)} in "
+                           f"dimension {j})", arg=1)
+    return tuple(index)
+
+
+def _index_select(shapes, attrs, ctx):
+    x, index = shapes
+    if len(index) != 1:
+        raise ctx.fail(f"index_select needs a 1-D index, found shape {fmt_shape(index)}", arg=1,
+                       hint="gather(x, dim, index) takes an index of the rank of x")
+    d = _dim(attrs["dim"], x, ctx)
+    return tuple(index[0] if j == d else a for j, a in enumerate(x))
+
+
+def _embedding(shapes, attrs, ctx):
+    index, weight = shapes
+    return tuple(index) + (weight[1],)
+
+
+def _image(x, ctx, what: str = "input"):
+    if len(x) != 4:
+        raise ctx.fail(f"{ctx.callee} expects a 4-D {what} [N, C, H, W], found shape {fmt_shape(x)}", arg=0)
+    return x
+
+
+def _pad(shapes, attrs, ctx):
+    (x,) = shapes
+    pad = attrs["pad"] if isinstance(attrs["pad"], tuple) else (attrs["pad"],)
+    if len(pad) % 2 or len(pad) > 2 * len(x):
+        raise ctx.fail(f"pad takes a pair [left, right] per padded dimension, last dimension first, at most "
+                       f"{len(x)} pairs for {fmt_shape(x)}; found {format_attr(pad)}", attr="pad",
+                       hint="pad(x, [l, r]) pads the last dimension, pad(x, [l, r, t, b]) the last two")
+    if any(p < 0 for p in pad):
+        raise ctx.fail(f"pad sizes must be at least 0, found {format_attr(pad)}", attr="pad",
+                       hint="cut with a slice instead: x[..., 1:-1]")
+    out = list(x)
+    for k in range(len(pad) // 2):
+        out[len(x) - 1 - k] = dim_add(x[len(x) - 1 - k], pad[2 * k] + pad[2 * k + 1])
+    return tuple(out)
+
+
+def _pool(shapes, attrs, ctx):
+    x = _image(shapes[0], ctx)
+    kernel, padding = attrs["kernel"], attrs["padding"]
+    stride = kernel if attrs["stride"] is None else attrs["stride"]
+    out = list(x[:2])
+    for i in range(2):
+        k, s, p, size = kernel[i], stride[i], padding[i], x[2 + i]
+        if k < 1 or s < 1:
+            raise ctx.fail(f"{ctx.callee} needs a positive kernel and stride, found kernel={format_attr(kernel)}, "
+                           f"stride={format_attr(stride)}", attr="kernel" if k < 1 else "stride")
+        if p < 0 or 2 * p > k:
+            raise ctx.fail(f"padding of {ctx.callee} must be between 0 and half the kernel ({k // 2}), found {p}",
+                           attr="padding")
+        span = dim_sub(dim_add(size, 2 * p), k)
+        if isinstance(span, int) and span < 0:
+            raise ctx.fail(f"{ctx.callee} cannot slide a kernel of size {k} over a dimension of size "
+                           f"{fmt_dim(size)} with padding {p}", arg=0)
+        out.append(dim_add(dim_floordiv(span, s, ctx), 1))
+    return tuple(out)
+
+
+def _interpolate(shapes, attrs, ctx):
+    x = _image(shapes[0], ctx)
+    _word(attrs, "mode", INTERPOLATE_MODES, ctx)
+    if attrs["align_corners"] and attrs["mode"] == "nearest":
+        raise ctx.fail("align_corners applies to mode=bilinear only", attr="align_corners")
+    scale, size = attrs["scale_factor"], attrs["size"]
+    if (scale is None) == (size is None):
+        raise ctx.fail("interpolate takes one of scale_factor=s (a positive integer) and size=[h, w]",
+                       attr="scale_factor" if scale is not None else None, at_call=True,
+                       hint="interpolate(x, scale_factor=2) doubles H and W; interpolate(x, size=[8, 8]) resizes")
+    if scale is not None:
+        if scale < 1:
+            raise ctx.fail(f"scale_factor of interpolate must be a positive integer, found {scale}",
+                           attr="scale_factor", hint="a downsampling is avg_pool2d(x, 2)")
+        return tuple(x[:2]) + (dim_mul(x[2], scale), dim_mul(x[3], scale))
+    if any(s < 1 for s in size):
+        raise ctx.fail(f"size of interpolate must be positive, found {format_attr(size)}", attr="size")
+    return tuple(x[:2]) + tuple(size)
+
+
+def _grid_sample(shapes, attrs, ctx):
+    x, grid = _image(shapes[0], ctx), shapes[1]
+    _word(attrs, "mode", GRID_SAMPLE_MODES, ctx)
+    _word(attrs, "padding_mode", GRID_SAMPLE_PADDINGS, ctx)
+    if len(grid) != 4 or grid[3] != 2 or grid[0] != x[0]:
+        raise ctx.fail(f"grid_sample needs a grid [N, H_out, W_out, 2] with the N of x {fmt_shape(x)}, found "
+                       f"{fmt_shape(grid)}", arg=1, hint="grid[n, i, j] holds the (x, y) place to sample, in [-1, 1]")
+    return (x[0], x[1], grid[1], grid[2])
+
+
+def _interpolate_like(shapes, attrs, ctx):
+    x, like = shapes
+    return tuple(x[:2]) + tuple(like[2:])
+
+
+def _pooled(shapes, attrs, ctx):
+    """max_pool2d_select(u, x): the pooled shape of x."""
+    return _pool(shapes[1:], attrs, ctx)
+
+
+def _vjp_of_level(shapes, attrs, ctx):
+    """An autograd-backed VJP (``grid_sample_vjp``): the shape of the argument it differentiates by."""
+    return tuple(shapes[1 + attrs["path"][-1]])
+
+
 # --------------------------------------------------------------------------- the table
 
 _X = ("x",)
@@ -625,9 +855,12 @@ _AB = ("a", "b")
 
 
 def _p(name, inputs, rule, *attrs, vjp, batch, lipschitz=None, narrow=None, distribute=None, op=None,
-       builtin=False, optional=0, variadic=False, doc=""):
+       builtin=False, optional=0, variadic=False, doc="", index_args=(), order=(), keeps_dtype=False):
+    if keeps_dtype:  # a shape op: an index input stays an index through it (passes/check_dtypes.py)
+        index_args = ((0, ("float", "int", "bool")),)
     return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch,
-                     op=op or name, lipschitz=lipschitz, narrow=narrow, distribute=distribute)
+                     op=op or name, lipschitz=lipschitz, narrow=narrow, distribute=distribute,
+                     index_args=tuple(index_args), order=tuple(order), keeps_dtype=keeps_dtype)
 
 
 # The comparison operators and their primitives.
@@ -639,6 +872,13 @@ from . import derivatives as _D  # noqa: E402 - needs the classes above
 
 _V = _D.RULES
 _EW = _B.elementwise()
+_POOL = (Attr("kernel", "pair"), Attr("stride", "pair", None), Attr("padding", "pair", (0, 0)))
+_RESAMPLE = (Attr("mode", "word", "nearest"), Attr("align_corners", "bool", False))
+_GRID_SAMPLE = (Attr("mode", "word", "bilinear"), Attr("padding_mode", "word", "zeros"),
+                Attr("align_corners", "bool", False))
+from . import extern as _X_EXTERN  # noqa: E402 - the extern primitives' rules
+
+_EXTERN_ATTRS = (Attr("name", "word"), Attr("inputs", "shapes"), Attr("output", "shape"), Attr("samplewise", "bool"))
 
 _TABLE = [
     # arithmetic (operators)
@@ -648,6 +888,8 @@ _TABLE = [
     _p("div", _AB, _broadcast, batch=_EW, doc="a / b", vjp=_V["div"], lipschitz="quotient"),
     _p("matmul", _AB, _matmul, batch=_B.matrix_product(), doc="a @ b (torch.matmul)", vjp=_V["matmul"], lipschitz="matrix_product", narrow=(1, -1)),
     _p("pow", _X, _same, Attr("exponent", "number"), batch=_EW, doc="x ** exponent", vjp=_V["pow"], lipschitz="unbounded"),
+    _p("power", _AB, _broadcast, batch=_EW, doc="a ** b, b a tensor (a must be positive)", vjp=_V["power"],
+       lipschitz="unbounded"),
     _p("neg", _X, _same, batch=_EW, doc="-x", vjp=_V["neg"], lipschitz=1.0),
     # elementwise built-ins
     _p("relu", _X, _same, batch=_EW, builtin=True, vjp=_V["relu"], lipschitz=1.0),
@@ -677,7 +919,7 @@ _TABLE = [
     *(_p(name, _AB, _broadcast, batch=_EW, vjp=_V[name], lipschitz="unbounded", doc=f"1 where a {op} b, else 0")
       for op, name in COMPARISON_OPS.items()),
     _p("where", ("cond", "a", "b"), _where, batch=_EW, builtin=True, vjp=_V["where"], lipschitz="unbounded",
-       doc="a where cond != 0, else b (not differentiable in cond)"),
+       doc="a where cond != 0, else b (not differentiable in cond)", index_args=((0, ("float", "bool")),)),
     # constructors: no written tensor input; the dtype and device are the first state's (dtype_from_state)
     *(dataclasses.replace(entry, dtype_from_state=True) for entry in (
         _p("eye", ("dtype_like",), _eye, Attr("n", "int"), batch=_B.constant(), builtin=True, vjp=_V["eye"],
@@ -687,7 +929,18 @@ _TABLE = [
         _p("ones", ("dtype_like",), _filled, Attr("shape", "shape"), batch=_B.constant(), builtin=True,
            vjp=_V["ones"], lipschitz=0.0, doc="a tensor of ones of the given shape"),
         _p("full", ("dtype_like",), _filled, Attr("shape", "shape"), Attr("value", "number"), batch=_B.constant(),
-           builtin=True, vjp=_V["full"], lipschitz=0.0, doc="a tensor of the given shape filled with value"))),
+           builtin=True, vjp=_V["full"], lipschitz=0.0, doc="a tensor of the given shape filled with value"),
+        _p("arange", ("dtype_like",), _arange, Attr("n", "int"), batch=_B.constant(), builtin=True, vjp=_V["arange"],
+           lipschitz=0.0, doc="0, 1, ..., n - 1 (floats)"))),
+    # linear algebra
+    _p("solve", ("A", "b"), _solve, batch=_B.solving(), builtin=True, vjp=_V["solve"], lipschitz="unbounded",
+       doc="x with A x = b (torch.linalg.solve)"),
+    dataclasses.replace(
+        _p("einsum", ("operands",), _einsum, Attr("equation", "equation"), variadic=True, batch=_B.contracting(),
+           builtin=True, vjp=_V["einsum"], lipschitz="unbounded", doc="torch.einsum"),
+        written="einsum(equation, a, b, ...)"),
+    _p("spmm", ("A", "x"), _spmm, Attr("transpose", "bool", False), batch=_B.sparse_product(), builtin=True,
+       vjp=_V["spmm"], lipschitz="sparse_operator", doc="A x for a sparse input A (Aᵀ x with transpose=true)"),
     # reductions and shape ops
     _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
        builtin=True, vjp=_V["sum"], lipschitz="sum_reduction"),
@@ -707,20 +960,42 @@ _TABLE = [
     _p("var", _X, _var, Attr("dim", "dims"), Attr("keepdim", "bool", False), Attr("correction", "int", 1),
        batch=_B.reduction(), builtin=True, vjp=_V["var"], lipschitz="unbounded", doc="the variance along dim (torch.var)"),
     _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"], lipschitz="root_sum_squares"),
-    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0),
+    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0, keeps_dtype=True),
     _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), batch=_B.transposing(),
-       builtin=True, vjp=_V["transpose"], lipschitz=1.0),
+       builtin=True, vjp=_V["transpose"], lipschitz=1.0, keeps_dtype=True),
     _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), batch=_B.flattening(),
-       builtin=True, vjp=_V["flatten"], lipschitz=1.0),
+       builtin=True, vjp=_V["flatten"], lipschitz=1.0, keeps_dtype=True),
     _p("permute", _X, _permute, Attr("dims", "dims"), batch=_B.permuting(), builtin=True, vjp=_V["permute"],
-       lipschitz=1.0, doc="x with its dims in the order dims"),
+       lipschitz=1.0, doc="x with its dims in the order dims", keeps_dtype=True),
     _p("unsqueeze", _X, _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(), builtin=True,
-       vjp=_V["unsqueeze"], lipschitz=1.0, doc="size-1 dims inserted at dim (positions in the result)"),
+       vjp=_V["unsqueeze"], lipschitz=1.0, doc="size-1 dims inserted at dim (positions in the result)", keeps_dtype=True),
     _p("triu", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
        vjp=_V["triu"], lipschitz=1.0, doc="the upper triangle of the last two dims (from diagonal up)"),
     _p("tril", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
        vjp=_V["tril"], lipschitz=1.0, doc="the lower triangle of the last two dims (up to diagonal)"),
-    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0),
+    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0, keeps_dtype=True),
+    # indexing (an int input as the index) and resampling
+    _p("gather", ("x", "index"), _gather, Attr("dim", "dim"), batch=_B.gathering(), builtin=True, vjp=_V["gather"],
+       lipschitz="repeated_index", index_args=((1, ("int",)),), order=("x", "dim", "index"),
+       doc="x[..., index[i, j, ...], ...] along dim (torch.gather); the index an int input"),
+    _p("index_select", ("x", "index"), _index_select, Attr("dim", "dim"), batch=_B.selecting(), builtin=True,
+       vjp=_V["index_select"], lipschitz="repeated_index", index_args=((1, ("int",)),), order=("x", "dim", "index"),
+       doc="the slices index[k] of x along dim; the index a 1-D int input"),
+    _p("pad", _X, _pad, Attr("pad", "ints"), Attr("value", "number", 0.0),
+       batch=_B.spatial(lambda attrs: len(attrs["pad"]) // 2 if isinstance(attrs["pad"], tuple) else 1),
+       builtin=True, vjp=_V["pad"], lipschitz=1.0, doc="x padded with value: [left, right, top, bottom], last dim first"),
+    _p("avg_pool2d", _X, _pool, *_POOL, batch=_B.spatial(), builtin=True, vjp=_V["avg_pool2d"], lipschitz=1.0,
+       doc="the mean of each kernel window (stride: the kernel unless given; zero padding counted)"),
+    _p("max_pool2d", _X, _pool, *_POOL, batch=_B.spatial(), builtin=True, vjp=_V["max_pool2d"],
+       lipschitz="window_overlap", doc="the largest value of each kernel window (padding: -inf)"),
+    _p("interpolate", _X, _interpolate, Attr("scale_factor", "int", None), Attr("size", "pair", None),
+       Attr("mode", "word", "nearest"), Attr("align_corners", "bool", False), batch=_B.spatial(), builtin=True,
+       vjp=_V["interpolate"], lipschitz="resampling",
+       doc="x resampled (nearest or bilinear) to scale_factor times H and W, or to size"),
+    _p("grid_sample", ("x", "grid"), _grid_sample, Attr("mode", "word", "bilinear"),
+       Attr("padding_mode", "word", "zeros"), Attr("align_corners", "bool", False), batch=_B.spatial(3),
+       builtin=True, vjp=_V["grid_sample"], lipschitz="unbounded",
+       doc="x sampled at the (x, y) places of grid [N, H, W, 2] in [-1, 1] (torch.nn.functional.grid_sample)"),
     # modules, lowered (weights are param nodes)
     _p("linear", ("x", "weight", "bias"), _linear, batch=_B.per_row(row_rank=1), optional=1,
        doc="x @ weight.T + bias", vjp=_V["linear"], lipschitz="weight_norm", distribute=(-1, 1)),
@@ -729,6 +1004,8 @@ _TABLE = [
     _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
        Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3),
        optional=1, vjp=_V["conv_transpose2d"], lipschitz="weight_norm", distribute=(1, 0)),
+    _p("embedding", ("index", "weight"), _embedding, batch=_B.embedding(), vjp=_V["embedding"], lipschitz=1.0,
+       index_args=((0, ("int",)),), doc="Embedding: row index[...] of weight (the index an int input)"),
     _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int"),
        Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
        vjp=_V["group_norm"], doc="GroupNorm: x normalized over each group of channels (and space), then "
@@ -739,6 +1016,10 @@ _TABLE = [
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
        doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"], lipschitz="curvature"),
+    # an outside nn.Module (fpidsl/ir/extern.py): handle, flat parameters, then its inputs
+    _p(_X_EXTERN.EXTERN, ("args",), _X_EXTERN.extern_shape, *_EXTERN_ATTRS, batch=_X_EXTERN.extern_batch(),
+       variadic=True, vjp=_V["extern"], lipschitz=None,
+       doc="a user's nn.Module (param f : extern ...) on its inputs; its VJP is taken by autograd"),
 ]
 
 def _like(shapes, attrs, ctx):
@@ -772,9 +1053,11 @@ def _conv2d_weight_grad_shape(shapes, attrs, ctx):
     return (ct[1], x[1]) + tuple(attrs["kernel"])
 
 
-def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, narrow=None, shape_only=(), variadic=False, doc=""):
+def _aux(name, inputs, rule, *attrs, vjp, batch=_EW, narrow=None, shape_only=(), variadic=False, doc="",
+         index_args=()):
     # the static Lipschitz bound is taken on checked graphs, where no auxiliary primitive occurs: no rule
-    entry = _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, narrow=narrow, variadic=variadic, doc=doc)
+    entry = _p(name, inputs, rule, *attrs, vjp=vjp, batch=batch, narrow=narrow, variadic=variadic, doc=doc,
+               index_args=index_args)
     return dataclasses.replace(entry, shape_only=shape_only)
 
 
@@ -782,6 +1065,34 @@ _CONV = (Attr("stride", "pair", (1, 1)), Attr("padding", "pair", (0, 0)))
 
 # auxiliary primitives: made only by the differentiation pass (the VJP rules' building blocks)
 AUXILIARY: tuple[Primitive, ...] = (
+    # indexing and resampling: adjoint pairs (each the other's VJP), and grid_sample's autograd-backed derivatives
+    _aux("gather_backward", ("ct", "index", "like"), _like, Attr("dim", "dim"), batch=_B.gathering(),
+         doc="zeros shaped like `like` with ct added at gather's places (scatter_add)", vjp=_V["gather_backward"],
+         shape_only=(2,), index_args=((1, ("int",)),)),
+    _aux("index_select_backward", ("ct", "index", "like"), _like, Attr("dim", "dim"), batch=_B.selecting(),
+         doc="zeros shaped like `like` with ct's slices added at index (index_add)", vjp=_V["index_select_backward"],
+         shape_only=(2,), index_args=((1, ("int",)),)),
+    _aux("embedding_backward", ("ct", "index", "like"), _like, batch=_B.sample_free_result(),
+         doc="the weight gradient of embedding: ct's rows added at their indices", vjp=_V["embedding_backward"],
+         shape_only=(2,), index_args=((1, ("int",)),)),
+    _aux("avg_pool2d_backward", ("ct", "like"), _like, *_POOL, batch=_B.spatial(),
+         doc="the adjoint of avg_pool2d: a transposed convolution with the constant kernel", shape_only=(1,),
+         vjp=_V["avg_pool2d_backward"]),
+    _aux("max_pool2d_backward", ("ct", "x"), _like, *_POOL, batch=_B.spatial(),
+         doc="ct added at each window's maximum of x", vjp=_V["max_pool2d_backward"]),
+    _aux("max_pool2d_select", ("u", "x"), _pooled, *_POOL, batch=_B.spatial(),
+         doc="u read at each window's maximum of x", vjp=_V["max_pool2d_select"]),
+    _aux("interpolate_like", ("x", "like"), _interpolate_like, *_RESAMPLE, batch=_B.spatial(),
+         doc="x resampled to the H and W of like", vjp=_V["interpolate_like"], shape_only=(1,)),
+    _aux("interpolate_backward", ("ct", "like"), _like, *_RESAMPLE, batch=_B.spatial(),
+         doc="the adjoint of resampling like to ct's H and W", vjp=_V["interpolate_backward"], shape_only=(1,)),
+    _aux("grid_sample_vjp", ("tensors",), _vjp_of_level, Attr("path", "dims"), *_GRID_SAMPLE, variadic=True,
+         batch=_B.spatial(3), vjp=_V["grid_sample_vjp"],
+         doc="a derivative of grid_sample by torch.autograd: cotangents then x and grid; path: the argument "
+             "differentiated at each level"),
+    _aux(_X_EXTERN.EXTERN_VJP, ("args",), _X_EXTERN.extern_vjp_shape, *_EXTERN_ATTRS, Attr("chain", "positions"),
+         variadic=True, batch=_X_EXTERN.extern_vjp_batch(), vjp=_V["extern_vjp"],
+         doc="nested VJPs of an extern along chain (torch.autograd.grad with create_graph=True)"),
     _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0", vjp=_V["relu_mask"]),
     _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope", vjp=_V["leaky_relu_mask"]),
     _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)", vjp=_V["elu_grad"]),
@@ -853,6 +1164,8 @@ MODULE_KINDS: dict[str, ModuleKind] = {
         Attr("groups", "int"), Attr("channels", "int"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
     "LayerNorm": ModuleKind("LayerNorm", "layer_norm", (
         Attr("dims", "sizes"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
+    "Embedding": ModuleKind("Embedding", "embedding", (
+        Attr("num", "int"), Attr("dim", "int"), Attr("init_scale", "number", None))),
 }
 
 NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine

@@ -25,7 +25,12 @@ import networkx as nx
 
 from ..errors import ErrorSink, FpiError, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
 from ..frontend import ast
-from ..ir.graph import LayerGraph, ModuleSpec, StateInfo, TensorInit
+from ..ir.extern import EXTERN, ExternSpec, declare_extern
+from ..ir.graph import Assumption, LayerGraph, ModuleSpec, StateInfo, TensorInit
+from ..ir.shapes import (
+    ShapeCtx, dim_add, dim_coefficients, dim_exact_div, dim_floordiv, dim_mul, dim_sub, dim_terms, fmt_dim,
+    never_positive, symbols,
+)
 from ..ir.primitives import (
     ATTR_KINDS,
     BINARY_OPS,
@@ -39,6 +44,7 @@ from ..ir.primitives import (
     SliceSpec,
     format_attr,
 )
+from ..ir import linalg
 from ..limits import MAX_CHAIN
 from ..source import Span
 from .resolve import (
@@ -63,6 +69,8 @@ def _dim_text(d, need: int = 0) -> str:
         return d.id
     if isinstance(d, ast.Num):
         return d.text
+    if not isinstance(d, ast.BinOp):  # a size in an expression (a reshape's target) may hold any expression
+        return "(...)"
     level = 0 if d.op in "+-" else 1
     text = f"{_dim_text(d.left, level)} {d.op} {_dim_text(d.right, level + 1)}"
     return f"({text})" if level < need else text
@@ -128,12 +136,14 @@ class _Builder:
         scope, g = self.scope, self.graph
         for sym in scope.of_kind("input"):
             shape = self.declared_shape(sym.decl.shape, f"input {sym.name}")
-            nid = g.add_node("input", span=sym.decl.span, shape=shape, name=sym.name)
+            nid = g.add_node("input", span=sym.decl.span, shape=shape, name=sym.name,
+                             **({} if sym.decl.dtype == "float" else {"dtype": sym.decl.dtype}))
             g.inputs[sym.name] = nid
             self.named[sym.name] = nid
             for d in shape or ():
                 if isinstance(d, str):
                     self.input_symbols.add(d)
+        self.check_computed_input_sizes(scope)
         for sym in scope.of_kind("state"):
             shape = self.declared_shape(sym.decl.shape, f"state {sym.name}", bound=True)
             nid = g.add_node("state", span=sym.decl.span, shape=shape, name=sym.name)
@@ -144,6 +154,8 @@ class _Builder:
                 self.lower_module(sym.decl)
             elif sym.kind == "tensor":
                 self.tensor_param(sym.decl)
+            elif sym.kind == "extern":
+                self.extern_param(sym.decl)
         for sym in scope.of_kind("state"):
             self.state_init(sym.decl)
         for sym in scope.symbols.values():
@@ -155,6 +167,20 @@ class _Builder:
                 self.update(sym.name, decl)
         self.output()
         return g
+
+    def check_computed_input_sizes(self, scope: LayerScope) -> None:
+        """An input's size computed from symbols (``[B, T*D]``) is checked at call time, so each of its symbols
+        must be bound by an input that has it as a whole dimension."""
+        for sym in scope.of_kind("input"):
+            shape = self.graph.node(self.graph.inputs[sym.name])["shape"] or ()
+            for d, written in zip(shape, sym.decl.shape.dims):
+                unbound = sorted(symbols(d) - self.input_symbols)
+                if unbound:
+                    self.error(ShapeErr, f"the dimension {_dim_text(written)} of input {sym.name} uses {unbound[0]}, "
+                                         "which no input has as a whole dimension, so its size is unknown when "
+                                         "the layer is called", written.span,
+                               hint=f"declare an input with a dimension {unbound[0]}, or write this size as "
+                                    "one symbol")
 
     def declared_shape(self, shape: ast.Shape, what: str, bound: bool = False,
                        symbolic: bool = True) -> tuple | None:
@@ -168,9 +194,10 @@ class _Builder:
         dimension arithmetic (any integer; only the whole dimension must be positive)."""
         if isinstance(d, ast.BinOp):
             value = self.dim_arithmetic(d, what, bound, symbolic)
-            if value is not None and value < 1 and not part:
-                self.error(ShapeErr, f"the dimension {_dim_text(d)} of {what} is {value}, not a positive integer",
-                           d.span)
+            if value is not None and never_positive(value) and not part:
+                why = (f"{value}, not a positive integer" if isinstance(value, int)
+                       else f"never positive ({fmt_dim(value)} with every size at least 1)")
+                self.error(ShapeErr, f"the dimension {_dim_text(d)} of {what} is {why}", d.span)
                 return None
             return value
         if isinstance(d, ast.Num):
@@ -197,29 +224,48 @@ class _Builder:
         return d.id
 
     def dim_arithmetic(self, d: ast.BinOp, what: str, bound: bool, symbolic: bool):
-        """``a + b``, ``a - b``, ``a * b``, ``a / b`` (exact) or ``a // b`` of declared dimensions: a positive
-        integer when both sides are numbers or consts. A size computed from symbolic dimensions is refused."""
-        text = _dim_text(d)
+        """``a + b``, ``a - b``, ``a * b``, ``a / b`` (exact) or ``a // b`` of declared dimensions."""
         left = self.declared_dim(d.left, what, bound, symbolic, part=True)
         right = self.declared_dim(d.right, what, bound, symbolic, part=True)
         if left is None or right is None:
             return None
-        if not (isinstance(left, int) and isinstance(right, int)):
-            self.error(ShapeErr, f"the dimension {text} of {what} is computed from symbolic sizes, which a "
-                                 "declared shape cannot be yet", d.span,
-                       hint="write it with numbers and consts (`C // G`), or declare an input whose dimension "
-                            "is that size")
-            return None
+        return self.size_arithmetic(d, left, right, what)
+
+    def size_arithmetic(self, d: ast.BinOp, left, right, what: str):
+        """``left d.op right`` for two sizes (ints, symbols or polynomials, ``ir.shapes``); None after an error.
+        A symbolic size may be divided only by a positive number; ``/`` must leave a whole constant part and
+        ``//`` floors it; either records that the symbolic part divides exactly (checked at call time)."""
+        text = _dim_text(d)
         if d.op in ("/", "//") and right == 0:
             self.error(ShapeErr, f"the dimension {text} of {what} divides by zero", d.span)
             return None
-        if d.op == "/" and left % right:
-            self.error(ShapeErr, f"the dimension {text} of {what} is not a whole number: {left} / {right} "
-                                 f"= {left / right}", d.span, hint=f"use {left} // {right} to round down")
+        if isinstance(left, int) and isinstance(right, int):
+            if d.op == "/" and left % right:
+                self.error(ShapeErr, f"the dimension {text} of {what} is not a whole number: {left} / {right} "
+                                     f"= {left / right}", d.span, hint=f"use {left} // {right} to round down")
+                return None
+            value = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv,
+                     "//": operator.floordiv}[d.op](left, right)
+        elif d.op in ("+", "-", "*"):
+            value = {"+": dim_add, "-": dim_sub, "*": dim_mul}[d.op](left, right)
+        elif not isinstance(right, int) or right < 0:
+            self.error(ShapeErr, f"the dimension {text} of {what} divides by {fmt_dim(right)}: a size may be "
+                                 "divided only by a positive number", d.right.span,
+                       hint="divide by a number or a const (`H / 2`), or declare an input whose dimension is "
+                            "that size")
             return None
-        value = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv,
-                 "//": operator.floordiv}[d.op](left, right)
-        if abs(value) > 2**63 - 1:
+        else:
+            ctx = ShapeCtx()
+            value = (dim_exact_div if d.op == "/" else dim_floordiv)(left, right, ctx)
+            if value is None:
+                const = sum((c for m, c in dim_terms(left) if not m), start=0)
+                self.error(ShapeErr, f"the dimension {text} of {what} is not a whole number for every size: the "
+                                     f"constant {const} of {fmt_dim(left)} does not divide by {right}", d.span,
+                           hint=f"divide only the symbolic part (`H / 2 + 1`), or round down with `//`")
+                return None
+            known = {(a.expr, a.divisor) for a in self.graph.assumptions}
+            self.graph.assumptions.extend(Assumption(e, k, d.span) for e, k in ctx.assumptions if (e, k) not in known)
+        if any(abs(c.numerator) > 2**63 - 1 or c.denominator > 2**63 - 1 for c in dim_coefficients(value)):
             self.error(ShapeErr, f"the dimension {text} of {what} does not fit in 64 bits", d.span)
             return None
         return value
@@ -253,6 +299,9 @@ class _Builder:
             spec = self.normalization_spec(kind.name, values, bound, decl.span)
             if spec is None:
                 return
+        elif kind.name == "Embedding":  # nn.Embedding(num, dim): a [num, dim] weight, read by an int input
+            spec = ModuleSpec(kind.name, values["num"], values["dim"], bias=False, init_scale=values["init_scale"],
+                              span=decl.span)
         else:
             spec = ModuleSpec(
                 kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
@@ -307,7 +356,7 @@ class _Builder:
 
     def module_value_ok(self, kind: str, key: str, value, expr, values: dict) -> bool:
         problem = None
-        if key in ("in", "out") and value < 1:
+        if key in ("in", "out", "num", "dim") and value < 1:
             problem = f"{key} must be a positive integer, found {value}"
         elif key in ("kernel", "stride") and min(value) < 1:
             problem = f"{key} must be at least 1, found {format_attr(value)}"
@@ -527,6 +576,10 @@ class _Builder:
             self.error(TypeErr, "a list is not a tensor", expr.span,
                        hint="lists are arguments of cat, reshape and dim=; to stack values use cat([...], dim)")
             return None
+        if isinstance(expr, ast.Str):
+            self.error(TypeErr, "a string is not a tensor", self.use_span(expr, env),
+                       hint='a string is only the equation of einsum: einsum("bi,ij->bj", x, W)')
+            return None
         raise TypeError(f"not an expression: {expr!r}")  # pragma: no cover
 
     def use_span(self, expr, env: Env | None) -> Span:
@@ -581,6 +634,10 @@ class _Builder:
         if sym is None:
             self.unknown_name(ref)
             return None
+        if sym.kind == "extern":
+            self.error(TypeErr, f"{ref.id} is an extern module, not a value", ref.span,
+                       hint=f"call it on its inputs: {ref.id}(x)")
+            return None
         if sym.kind == "module":
             spec = self.graph.modules.get(ref.id)
             what = f" ({spec.describe()})" if spec else ""
@@ -621,10 +678,8 @@ class _Builder:
         if expr.op == "**":
             try:
                 exponent = self.static(expr.right, env)
-            except NotStatic as e:
-                self.error(TypeErr, f"the exponent of ** must be a number known at compile time, but {e.reason}",
-                           e.expr.span, hint="for a tensor exponent use exp(b * log(a))")
-                return None
+            except NotStatic:
+                return self.tensor_power(expr, env)
             except UnknownStatic:
                 return None
             except FpiError as e:
@@ -644,6 +699,20 @@ class _Builder:
             return None
         prim = COMPARISON_OPS.get(expr.op) or BINARY_OPS[expr.op]
         return self.call(prim, [(left, expr.left), (right, expr.right)], {}, expr.span, env)
+
+    def tensor_power(self, expr: ast.BinOp, env: Env | None) -> str | None:
+        """``a ** b`` with a tensor exponent: the ``power`` primitive (``a`` must be positive; a number base is
+        checked here, a tensor base gives NaN where it is negative)."""
+        base = self.build_expr(expr.left, env)
+        exponent = self.build_expr(expr.right, env)
+        if base is None or exponent is None:
+            return None
+        data = self.graph.node(base)
+        if data["op"] == "const" and not data["value"] > 0:
+            self.error(TypeErr, f"the base of ** with a tensor exponent must be positive, found {data['value']}",
+                       self.use_span(expr.left, env), hint="a ** b is exp(b log(a)), defined for a > 0")
+            return None
+        return self.call("power", [(base, expr.left), (exponent, expr.right)], {}, expr.span, env)
 
     def _declared(self, name: str, env: Env | None) -> bool:
         """Whether ``name`` is a declared name or fn parameter (which then shadows the word ``None``)."""
@@ -690,6 +759,8 @@ class _Builder:
         if sym is not None:
             if sym.kind == "module":
                 return self.module_call(fname, call, env)
+            if sym.kind == "extern":
+                return self.extern_call(fname, call, env)
             self.error(TypeErr, f"{fname} is {KIND_WORDS[sym.kind]}, not a function", call.func.span,
                        hint="only built-in functions, fns and param modules can be called")
             return None
@@ -697,6 +768,8 @@ class _Builder:
             return self.inline_fn(self.fns.fns[fname], call, env)
         if fname == "grad":
             return self.grad(call, env)
+        if fname == "einsum":
+            return self.einsum(call, env)
         if fname in BUILTINS:
             return self.builtin(BUILTINS[fname], call, env)
         if fname in MODULE_KINDS:
@@ -738,7 +811,7 @@ class _Builder:
     def builtin(self, prim: Primitive, call: ast.Call, env: Env | None) -> str | None:
         if prim.dtype_from_state:
             return self.constructor(prim, call, env)
-        names = list(prim.inputs) + [a.name for a in prim.attrs]
+        names = prim.parameter_names()
         required = set(prim.inputs[:prim.min_args if not prim.variadic else 1])
         required |= {a.name for a in prim.attrs if a.required}
         bound = self.bind(call, names, required, prim.name, prim.signature())
@@ -783,6 +856,46 @@ class _Builder:
         self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
         return node
 
+    def einsum(self, call: ast.Call, env: Env | None) -> str | None:
+        """``einsum("equation", a, b, ...)``: the equation is checked here (errors at its character) and stored in
+        its canonical explicit form; the operands' shapes are checked by the shape rule."""
+        usage = 'einsum("bi,ij->bj", x, W)'
+        if call.kwargs:
+            self.error(TypeErr, "einsum takes its equation and operands by position", call.kwargs[0].span,
+                       hint=f"e.g. {usage}")
+            return None
+        written = call.args[0] if call.args else None
+        if not isinstance(written, ast.Str):
+            self.error(TypeErr, "the first argument of einsum is its equation, a string in double quotes",
+                       self.use_span(written, env) if written is not None else call.span, hint=f"e.g. {usage}")
+            return None
+        try:
+            eq = linalg.parse(written.value)
+        except linalg.EquationError as e:
+            at = written.span
+            col = at.col + 1 + e.offset
+            self.error(TypeErr, e.message, Span(at.path, at.line, col, at.line, col + e.length), hint=e.hint)
+            return None
+        operands = call.args[1:]
+        if len(operands) != len(eq.operands):
+            n = len(eq.operands)
+            where = self.use_span(operands[n], env) if len(operands) > n else written.span
+            self.error(TypeErr, f'the equation "{written.value}" names {n} operand{"s" if n != 1 else ""}, but '
+                                f"einsum was given {len(operands)}", where,
+                       hint="one comma-separated term of subscripts per operand, in order")
+            return None
+        nodes = [self.build_expr(e, env) for e in operands]
+        if None in nodes:
+            return None
+        for node, e in zip(nodes, operands):
+            if self.graph.node(node)["op"] == "const":
+                self.error(TypeErr, "the operands of einsum are tensors, but this one is a number",
+                           self.use_span(e, env), hint="multiply the result by the number instead")
+                return None
+        node = self.call("einsum", list(zip(nodes, operands)), {"equation": str(eq)}, call.span, env)
+        self.graph.node(node)["attr_spans"] = {"equation": written.span}
+        return node
+
     def numbers_only(self, what: str, nodes: list[str], exprs, span: Span, env: Env | None) -> bool:
         """Report (and say True) when every argument of a call that needs a tensor is a number: the
         elementwise built-ins are folded instead (see :data:`fpidsl.frontend.numbers.FOLDS`)."""
@@ -808,6 +921,31 @@ class _Builder:
                        bound["state"].span, hint="grad(E, x) needs an energy E and a state x of the same layer")
             return None
         return self.call("grad", [(energy, bound["energy"]), (state, bound["state"])], {}, call.span, env)
+
+    def extern_param(self, decl: ast.ExternParamDecl) -> None:
+        """``param f : extern SHAPES -> SHAPE``: its declared shapes (dimensions of inputs) and its two param nodes
+        (fpidsl/ir/extern.py)."""
+        what = f"extern {decl.name}"
+        inputs = [self.declared_shape(s, what, bound=True) for s in decl.extern.inputs]
+        output = self.declared_shape(decl.extern.output, what, bound=True)
+        if output is None or None in inputs:
+            return
+        spec = ExternSpec(decl.name, tuple(inputs), output, decl.extern.samplewise, decl.span)
+        declare_extern(self.graph, spec, decl.span)
+
+    def extern_call(self, name: str, call: ast.Call, env: Env | None) -> str | None:
+        handle = self.graph.params.get(f"{name}.module")
+        if call.kwargs:
+            self.error(TypeErr, f"{name} is an extern module: it takes its inputs by position", call.kwargs[0].span,
+                       hint=f"call it as {name}(x, ...)")
+            return None
+        nodes = [self.build_expr(e, env) for e in call.args]
+        if handle is None or None in nodes:
+            return None
+        spec = self.graph.node(handle)["extern"]
+        flat = self.graph.params[spec.parameters_param]
+        args = [(handle, call.func.span), (flat, call.func.span), *zip(nodes, call.args)]
+        return self.call(EXTERN, args, spec.attrs(), call.span, env)
 
     def module_call(self, name: str, call: ast.Call, env: Env | None) -> str | None:
         spec = self.graph.modules.get(name)
@@ -876,15 +1014,15 @@ class _Builder:
             if isinstance(expr, ast.Name):
                 return expr.id
             return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
-        if kind in ("dims", "sizes", "shape", "pair") and isinstance(expr, ast.ListExpr):
+        if kind in ("dims", "sizes", "shape", "pair", "ints") and isinstance(expr, ast.ListExpr):
             if kind == "pair" and len(expr.items) != 2:
                 return self.bad_attr(attr, expr, fname, f"found a list of {len(expr.items)}")
-            if kind in ("dims", "sizes") and not expr.items:
+            if kind in ("dims", "sizes", "ints") and not expr.items:
                 return self.bad_attr(attr, expr, fname, "found an empty list")
             items = []
             for item in expr.items:
-                if kind == "shape" and isinstance(item, ast.Name) and not self.is_number_name(item, env):
-                    items.append(self.shape_symbol(item, env))
+                if kind == "shape" and self.mentions_symbol(item, env):
+                    items.append(self.target_size(item, env, f"the shape of {fname}"))
                 else:
                     items.append(self.attr_value(Attr(attr.name, "int"), item, env, fname))
             return _FAIL if _FAIL in items else tuple(items)
@@ -902,7 +1040,7 @@ class _Builder:
         except FpiError as e:
             self.sink.add(e)
             return _FAIL
-        if kind in ("int", "dim", "dims", "sizes", "pair") and not isinstance(value, int):
+        if kind in ("int", "dim", "dims", "sizes", "pair", "ints") and not isinstance(value, int):
             return self.bad_attr(attr, expr, fname, f"found {format_attr(value)}")
         if kind == "pair":
             return (value, value)
@@ -924,12 +1062,34 @@ class _Builder:
             return ref.id in env
         return self.scope is not None and ref.id in self.scope.symbols
 
+    def mentions_symbol(self, expr, env: Env | None) -> bool:
+        """Whether a size of a shape argument is written with a symbolic dimension (``H``, ``H / 2``, ``C * H``)."""
+        if isinstance(expr, ast.Name):
+            return not self.is_number_name(expr, env)
+        return isinstance(expr, ast.BinOp) and expr.op in _SIZE_OPS and (
+            self.mentions_symbol(expr.left, env) or self.mentions_symbol(expr.right, env))
+
+    def target_size(self, expr, env: Env | None, what: str):
+        """A size of a shape argument written with symbols: a dim (``ir.shapes``); ``_FAIL`` after an error."""
+        if isinstance(expr, ast.Name) and not self.is_number_name(expr, env):
+            return self.shape_symbol(expr, env)
+        if not (isinstance(expr, ast.BinOp) and expr.op in _SIZE_OPS):
+            return self.attr_value(Attr("shape", "int"), expr, env, what)
+        left, right = self.target_size(expr.left, env, what), self.target_size(expr.right, env, what)
+        if _FAIL in (left, right):
+            return _FAIL
+        value = self.size_arithmetic(expr, left, right, what)
+        return _FAIL if value is None else value
+
     def shape_symbol(self, ref: ast.Name, env: Env | None):
         if self.scope is not None and env is None and ref.id not in self.input_symbols:
             self.error(ShapeErr, f"the dimension {ref.id} is not a dimension of any input", ref.span,
                        hint=did_you_mean(ref.id, self.input_symbols) or "use a dimension of an input, or a number")
             return _FAIL
         return ref.id
+
+
+_SIZE_OPS = frozenset(("+", "-", "*", "/", "//"))  # the arithmetic a size may be written with
 
 
 def _what(expr) -> str:

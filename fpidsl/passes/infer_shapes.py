@@ -30,7 +30,7 @@ def infer_shapes(graph: LayerGraph, sink: ErrorSink) -> None:
             continue  # declared (input, state, param), () for const and output, the state's for sinks
         args = graph.args(nid)
         shapes = [graph.shape(a) for a in args]
-        if any(s is None for s in shapes):
+        if any(s is None for s in shapes) or data.get("rejected"):  # rejected: an earlier pass reported it
             data["shape"] = None
             continue
         ctx = ShapeCtx(callee=callee(graph, nid))

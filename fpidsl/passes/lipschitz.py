@@ -172,6 +172,24 @@ def _slope(attr: str):
     return rule
 
 
+def _window_overlap(graph, weights, nid, ls, where):
+    """max_pool2d: each input is in at most ceil(kh / sh) * ceil(kw / sw) windows, and a window's maximum moves
+    at most as much as its largest change, so the bound is the root of that count."""
+    attrs = graph.node(nid)["attrs"]
+    kernel = attrs["kernel"]
+    stride = attrs["stride"] or kernel
+    return math.sqrt(math.prod(-(-k // s) for k, s in zip(kernel, stride))) * ls[0], None
+
+
+def _resampling(graph, weights, nid, ls, where):
+    """interpolate: nearest by an integer scale s copies each input to s * s places (a factor s); other
+    resamplings have no static rule here."""
+    attrs = graph.node(nid)["attrs"]
+    if attrs["mode"] == "nearest" and attrs["scale_factor"] is not None:
+        return float(attrs["scale_factor"]) * ls[0], None
+    return INF, f"{where}: {attrs['mode']} resampling to a size has no static Lipschitz rule"
+
+
 # The rules that primitives name in their ``lipschitz`` entry (fpidsl/ir/primitives.py).
 RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
     "sum_of_args": lambda graph, weights, nid, ls, where: (ls[0] + ls[1], None),
@@ -183,7 +201,13 @@ RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
     "quotient": _divide,
     "matrix_product": _matmul,
     "sum_reduction": _sum,
+    "window_overlap": _window_overlap,
+    "repeated_index": lambda graph, weights, nid, ls, where: (
+        INF, f"{where}: the bound is the root of how often the index repeats an entry, known only at call time"),
+    "resampling": _resampling,
     "unbounded": lambda graph, weights, nid, ls, where: (INF, f"{where} is not globally Lipschitz"),
+    "sparse_operator": lambda graph, weights, nid, ls, where: (
+        INF, f"{where} multiplies by a sparse input, whose norm is known only at call time"),
     "curvature": lambda graph, weights, nid, ls, where: (
         INF, f"{where}: the gradient of an energy needs a curvature bound, which the static check does not have "
              "(try a smaller step)"),

@@ -2,7 +2,7 @@
 
 Shapes are checked against the spec by :func:`fpidsl.runtime.layer.bind_dims`; here every input must hold
 values (not the ``meta`` device), be floating point, and have the dtype and device of the layer's parameters
-(of the first input, for a layer without parameters). A mismatch raises
+(of the first input, for a layer without parameters); an ``int`` / ``bool`` input (indices) must be int64 / bool. A mismatch raises
 :class:`~fpidsl.runtime.layer.LayerInputError` naming the input and saying how to convert, instead of a raw
 torch error from deep inside the emitted code ("mat1 and mat2 must have the same dtype").
 """
@@ -19,16 +19,38 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor], spec: str) -> None:
+INDEX_DTYPES = {"int": torch.int64, "bool": torch.bool}
+
+
+def check_index_inputs(inputs: Mapping[str, torch.Tensor], index_inputs: Mapping[str, str], spec: str) -> None:
+    """An ``int`` input must hold int64 indices and a ``bool`` input booleans; a float tensor there (or an index
+    where floats are declared, :func:`check_dtypes_and_devices`) is named with the conversion to write."""
+    for name, kind in index_inputs.items():
+        t = inputs[name]
+        want = INDEX_DTYPES[kind]
+        if t.dtype != want:
+            convert = f"{name}.long()" if kind == "int" else f"{name} != 0"
+            raise LayerInputError(
+                f"{spec}: input {name!r} is declared {kind} ({'indices' if kind == 'int' else 'a mask'}) but got a "
+                f"tensor of dtype {_dtype(t.dtype)}: "
+                f"pass {convert}" + (" (a float tensor cannot index)" if t.is_floating_point() else ""))
+
+
+def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor], spec: str,
+                             index_inputs: Mapping[str, str] | None = None) -> None:
     """Raise :class:`LayerInputError` for an input without values, not floating point, or whose dtype or device
-    differs from the parameters' (see the module's doc)."""
+    differs from the parameters' (see the module's doc). ``index_inputs`` (name -> ``int`` / ``bool``) are
+    checked by :func:`check_index_inputs` and only for their device here."""
+    index_inputs = index_inputs or {}
+    check_index_inputs(inputs, index_inputs, spec)
+    floats = {name: t for name, t in inputs.items() if name not in index_inputs}
     for p in params:
         if p.device.type == "meta":
             raise LayerInputError(
                 f"{spec}: the layer's parameters are on the meta device (shapes without values): give them "
                 "values first (layer.to_empty(device=...) then load_state_dict, or load_state_dict(..., assign=True))")
     target = _dtype(params[0].dtype) if params else "float32"
-    for name, t in inputs.items():
+    for name, t in floats.items():
         if t.device.type == "meta":
             raise LayerInputError(
                 f"{spec}: input {name!r} is on the meta device (a shape without values); a fixed point is "
@@ -36,16 +58,16 @@ def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequenc
         if not (t.is_floating_point() or t.is_complex()):
             raise LayerInputError(
                 f"{spec}: input {name!r} has dtype {_dtype(t.dtype)}; the layer computes in floating point: "
-                f"pass {name}.to(torch.{target})")
+                f"pass {name}.to(torch.{target}), or declare it `input {name} : int [...]` if it holds indices")
     if params:
         ref_dtype, ref_device, ref = params[0].dtype, params[0].device, "the layer's parameters are"
-    elif inputs:
-        first = next(iter(inputs))
-        ref_dtype, ref_device, ref = inputs[first].dtype, inputs[first].device, f"input {first!r} is"
+    elif floats:
+        first = next(iter(floats))
+        ref_dtype, ref_device, ref = floats[first].dtype, floats[first].device, f"input {first!r} is"
     else:
         return
     for name, t in inputs.items():
-        if t.dtype != ref_dtype:
+        if name not in index_inputs and t.dtype != ref_dtype:
             raise LayerInputError(
                 f"{spec}: input {name!r} is {_dtype(t.dtype)} but {ref} {_dtype(ref_dtype)}: convert the input "
                 f"({name}.to(torch.{_dtype(ref_dtype)})) or the layer (layer.to(torch.{_dtype(t.dtype)}))")

@@ -19,6 +19,7 @@ This module imports only torch: the compiler's representation of attributes is m
 """
 from __future__ import annotations
 
+import builtins
 import math
 import operator
 from typing import Any, Sequence
@@ -58,6 +59,11 @@ def pow(x: Tensor, *, exponent: float) -> Tensor:  # noqa: A001 - named after th
 
 def neg(x: Tensor) -> Tensor:
     return -x
+
+
+def power(a, b):
+    """``a ** b`` with a tensor exponent; NaN where ``a`` is negative (the base must be positive)."""
+    return torch.pow(a, b)
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -335,6 +341,35 @@ def full(dtype_like: Tensor, *, shape: tuple[int, ...], value: float) -> Tensor:
     return torch.full(tuple(shape), float(value), dtype=dtype_like.dtype, device=dtype_like.device)
 
 
+def arange(dtype_like: Tensor, *, n: int) -> Tensor:
+    return torch.arange(n, dtype=dtype_like.dtype, device=dtype_like.device)
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def solve(A: Tensor, b: Tensor) -> Tensor:
+    """x with A x = b. ``b`` is vectors ``[.., n]`` when it has one dimension or one fewer than A, else
+    matrices ``[.., n, k]``; batch dims broadcast. Decided by ranks (as the compiler's shape rule), never by
+    torch's size-dependent reading of ``b``: both are given the same rank first."""
+    vector = b.dim() == 1 or b.dim() == A.dim() - 1
+    rhs = b.unsqueeze(-1) if vector else b
+    rank = builtins.max(A.dim(), rhs.dim())
+    A = A.reshape((1,) * (rank - A.dim()) + tuple(A.shape))
+    rhs = rhs.reshape((1,) * (rank - rhs.dim()) + tuple(rhs.shape))
+    x = torch.linalg.solve(A, rhs)
+    return x.squeeze(-1) if vector else x
+
+
+def einsum(*operands: Tensor, equation: str) -> Tensor:
+    return torch.einsum(equation, *operands)
+
+
+def spmm(A: Tensor, x: Tensor, *, transpose: bool = False) -> Tensor:
+    """``A @ x`` (``Aᵀ @ x`` with ``transpose``) for a sparse ``A`` (COO or CSR) and a dense matrix ``x``."""
+    return torch.sparse.mm(A.t() if transpose else A, x)
+
+
 def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,
                channels: int, eps: float = 1e-5) -> Tensor:
     return F.group_norm(x, groups, weight, bias, eps)
@@ -481,3 +516,168 @@ def conv2d_weight_grad(ct: Tensor, x: Tensor, *, kernel: tuple[int, int], stride
     weight = ct.new_empty(1).expand(ct.shape[1], x.shape[1], *kernel)
     return torch.ops.aten.convolution_backward(
         ct, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+
+# --------------------------------------------------------------------------- outside modules (fpidsl.runtime.extern)
+
+
+def extern(module: Any, parameters: Tensor, *args: Tensor, name: str, inputs: tuple, output: tuple,
+           samplewise: bool) -> Tensor:
+    """The extern module (an ``ExternHandle``) applied to ``args`` with its parameters taken from the flat vector
+    ``parameters``; the result is checked against the declared ``output`` shape."""
+    return module.apply(parameters, args, inputs, output)
+
+
+def extern_vjp(module: Any, parameters: Tensor, *args: Tensor, name: str, inputs: tuple, output: tuple,
+               samplewise: bool, chain: tuple[int, ...]) -> Tensor:
+    """Nested VJPs of the extern (``args``: its inputs, then one cotangent per entry of ``chain``), by
+    ``torch.autograd.grad(..., create_graph=True)`` so that the result stays differentiable."""
+    return module.vjp(parameters, args, inputs, output, chain)
+
+
+# --------------------------------------------------------------------------- indexing and resampling (issue 13)
+# An ``index`` argument is an integer (int64) tensor: a layer's ``int`` input, never differentiated.
+
+
+def gather(x: Tensor, index: Tensor, *, dim: int) -> Tensor:
+    return torch.gather(x, dim, index)
+
+
+def index_select(x: Tensor, index: Tensor, *, dim: int) -> Tensor:
+    return torch.index_select(x, dim, index)
+
+
+def embedding(index: Tensor, weight: Tensor) -> Tensor:
+    """Row ``index[...]`` of ``weight`` for every index (``nn.Embedding``)."""
+    return F.embedding(index, weight)
+
+
+def gather_backward(ct: Tensor, index: Tensor, like: Tensor | torch.Size, *, dim: int) -> Tensor:
+    """The adjoint of ``gather(x, dim, index)`` (x shaped like ``like``): ``ct`` added at the gathered places."""
+    return torch.zeros(_shape(like), dtype=ct.dtype, device=ct.device).scatter_add(dim, index, ct)
+
+
+def index_select_backward(ct: Tensor, index: Tensor, like: Tensor | torch.Size, *, dim: int) -> Tensor:
+    """The adjoint of ``index_select(x, dim, index)``: ``ct``'s slices added at the selected places."""
+    return torch.zeros(_shape(like), dtype=ct.dtype, device=ct.device).index_add(dim, index, ct)
+
+
+def embedding_backward(ct: Tensor, index: Tensor, like: Tensor | torch.Size) -> Tensor:
+    """The weight gradient of ``embedding(index, W)`` (W shaped like ``like``): each row of ``ct`` added to the
+    row its index names."""
+    shape = _shape(like)
+    rows = ct.reshape(-1, shape[-1])
+    return torch.zeros(shape, dtype=ct.dtype, device=ct.device).index_add(0, index.reshape(-1), rows)
+
+
+def pad(x: Tensor, *, pad: int | tuple[int, ...], value: float = 0.0) -> Tensor:
+    """``x`` padded with ``value``: ``pad = (left, right, top, bottom, ...)``, the last dimension first."""
+    return F.pad(x, list(pad) if isinstance(pad, tuple) else [pad], value=value)
+
+
+def avg_pool2d(x: Tensor, *, kernel: tuple[int, int], stride: tuple[int, int] | None = None,
+               padding: tuple[int, int] = (0, 0)) -> Tensor:
+    return F.avg_pool2d(x, kernel, stride or kernel, padding)
+
+
+def max_pool2d(x: Tensor, *, kernel: tuple[int, int], stride: tuple[int, int] | None = None,
+               padding: tuple[int, int] = (0, 0)) -> Tensor:
+    return F.max_pool2d(x, kernel, stride or kernel, padding)
+
+
+def avg_pool2d_backward(ct: Tensor, like: Tensor | torch.Size, *, kernel: tuple[int, int],
+                        stride: tuple[int, int] | None = None, padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """The adjoint of ``avg_pool2d`` (input shaped like ``like``): the transposed convolution of every channel
+    with the constant kernel 1 / (kh kw)."""
+    stride = stride or kernel
+    shape = _shape(like)
+    n, c, h, w = shape
+    weight = torch.full((1, 1, *kernel), 1.0 / (kernel[0] * kernel[1]), dtype=ct.dtype, device=ct.device)
+    extra = tuple(size - ((o - 1) * s - 2 * p + k)
+                  for size, o, s, p, k in zip((h, w), ct.shape[2:], stride, padding, kernel))
+    out = F.conv_transpose2d(ct.reshape(n * c, 1, *ct.shape[2:]), weight, None, stride, padding, extra)
+    return out.reshape(shape)
+
+
+def _argmax_places(x: Tensor, kernel, stride, padding) -> Tensor:
+    """Where in each [H * W] plane of ``x`` every window of ``max_pool2d`` takes its maximum (torch's choice)."""
+    return F.max_pool2d(x.detach(), kernel, stride or kernel, padding, return_indices=True)[1]
+
+
+def max_pool2d_backward(ct: Tensor, x: Tensor, *, kernel: tuple[int, int], stride: tuple[int, int] | None = None,
+                        padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """The input gradient of ``max_pool2d(x)``: ``ct`` added at each window's maximum (piecewise constant in x)."""
+    places = _argmax_places(x, kernel, stride, padding)
+    out = torch.zeros(x.shape[:2] + (x.shape[2] * x.shape[3],), dtype=ct.dtype, device=ct.device)
+    return out.scatter_add(2, places.flatten(2), ct.flatten(2)).reshape(x.shape)
+
+
+def max_pool2d_select(u: Tensor, x: Tensor, *, kernel: tuple[int, int], stride: tuple[int, int] | None = None,
+                      padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """``u`` (shaped like x) read at each window's maximum of ``x``: the adjoint of :func:`max_pool2d_backward`."""
+    places = _argmax_places(x, kernel, stride, padding)
+    return u.flatten(2).gather(2, places.flatten(2)).reshape(places.shape)
+
+
+def _resize(x: Tensor, size, mode: str, align_corners: bool) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=align_corners if mode == "bilinear" else None)
+
+
+def interpolate(x: Tensor, *, scale_factor: int | None = None, size: tuple[int, int] | None = None,
+                mode: str = "nearest", align_corners: bool = False) -> Tensor:
+    """``x`` resampled to ``size`` or to ``scale_factor`` times its H and W (always by the output size, so that
+    the adjoint, :func:`interpolate_backward`, maps the same places)."""
+    target = size if size is not None else (x.shape[2] * scale_factor, x.shape[3] * scale_factor)
+    return _resize(x, target, mode, align_corners)
+
+
+def interpolate_like(x: Tensor, like: Tensor | torch.Size, *, mode: str = "nearest",
+                     align_corners: bool = False) -> Tensor:
+    """``x`` resampled to the H and W of ``like``."""
+    return _resize(x, _shape(like)[2:], mode, align_corners)
+
+
+def interpolate_backward(ct: Tensor, like: Tensor | torch.Size, *, mode: str = "nearest",
+                         align_corners: bool = False) -> Tensor:
+    """The adjoint of resampling an input shaped like ``like`` to ``ct``'s H and W (nearest: a sum over the
+    places each input pixel was copied to)."""
+    out_size, in_size = list(ct.shape[2:]), list(_shape(like))
+    if mode == "nearest":
+        return torch.ops.aten.upsample_nearest2d_backward(ct, out_size, in_size, None, None)
+    return torch.ops.aten.upsample_bilinear2d_backward(ct, out_size, in_size, align_corners, None, None)
+
+
+def grid_sample(x: Tensor, grid: Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False) -> Tensor:
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
+def _nested_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], create_graph: bool) -> Tensor:
+    """F_path(tensors): F_() = primal(*tensors); F_(p..., k)(u, *rest) = the VJP of F_(p...) at ``rest`` with
+    respect to ``rest[k]``, cotangent ``u``."""
+    if not path:
+        return primal(*tensors)
+    u, rest = tensors[0], tensors[1:]
+    value = _nested_vjp(primal, rest, path[:-1], True)
+    (grad,) = torch.autograd.grad(value, rest[path[-1]], u, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(rest[path[-1]]) if grad is None else grad
+
+
+def autograd_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...]) -> Tensor:
+    """:func:`_nested_vjp` by torch.autograd, differentiable again where autograd records: every argument enters
+    as its own view (or a fresh leaf), so a tensor passed at two positions is differentiated at the one asked for."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    with torch.enable_grad():
+        own = [t.view_as(t) if recording and t.requires_grad else t.detach().requires_grad_() for t in tensors]
+        out = _nested_vjp(primal, own, tuple(path), recording)
+    return out if recording else out.detach()
+
+
+def grid_sample_vjp(*tensors: Tensor, path: tuple[int, ...], mode: str = "bilinear", padding_mode: str = "zeros",
+                    align_corners: bool = False) -> Tensor:
+    """The derivatives of :func:`grid_sample` (x and grid the last two tensors, a cotangent before them per
+    entry of ``path``): see :func:`autograd_vjp`."""
+    def primal(x, grid):
+        return grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+    return autograd_vjp(primal, tensors, path)

@@ -58,6 +58,11 @@ def shape(node: ast.Shape) -> str:
     return "[" + ", ".join(expr(d) for d in node.dims) + "]"
 
 
+def input_type(decl) -> str:
+    """What follows ``input NAME :``: the shape, led by ``int`` or ``bool`` for an index input."""
+    return shape(decl.shape) if decl.dtype == "float" else f"{decl.dtype} {shape(decl.shape)}"
+
+
 def param_type(decl) -> str:
     """What follows ``param NAME :``."""
     if isinstance(decl, ast.ModuleParamDecl):
@@ -68,7 +73,7 @@ def param_type(decl) -> str:
 def decl(node) -> str:
     """One declaration on one line."""
     if isinstance(node, ast.InputDecl):
-        return f"input {node.name} : {shape(node.shape)}"
+        return f"input {node.name} : {input_type(node)}"
     if isinstance(node, ast.StateDecl):
         return f"state {node.name} : {shape(node.shape)}" + (f" = {expr(node.init)}" if node.init else "")
     if isinstance(node, (ast.ModuleParamDecl, ast.TensorParamDecl)):

@@ -56,6 +56,8 @@ SAMPLEWISE = [
     "update x = tanh(0.5 * x[None][0] + a)",
     "update x = tanh(0.5 * x[None, :, None][0, :, 0] + a)",
     "update x = tanh(0.5 * sum(x[..., None], dim=-1) + a[None, ...][0])",
+    # issue 13: padding the sample's own dims (and its adjoint, a slice, in the backward)
+    "update x = tanh(0.5 * pad(x, [1, 2])[:, 1:5] + a)",
 ]
 
 MIXING = [
@@ -82,6 +84,8 @@ MIXING = [
     "update x = tanh(0.5 * x * (x > mean(x, dim=0)) + a)",
     "update x = tanh(0.5 * x[None, 0] + a)",
     "update x = tanh(0.5 * x[None][:, 1:2][0, 0] + a)",
+    # issue 13: padding along the batch axis shifts the samples
+    "update x = tanh(0.5 * pad(x, [0, 0, 1, 0])[0:-1] + a)",
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fpidsl.ir.primitives import BUILTINS, MODULE_KINDS, PRIMITIVES, SliceSpec
-from fpidsl.ir.shapes import ShapeCtx, ShapeRuleError, dim_floordiv
+from fpidsl.ir.shapes import ShapeCtx, ShapeRuleError, dim_add, dim_floordiv
 
 H2 = dim_floordiv("H", 2, ShapeCtx())
 UNARY = ["relu", "tanh", "sigmoid", "exp", "log", "sqrt", "square", "abs", "sin", "cos", "neg", "silu", "erf", "sign",
@@ -93,6 +93,33 @@ CASES = [
     ("zeros", [("B", 4)], {"shape": (2, 5)}, (2, 5)),
     ("ones", [("B", 4)], {"shape": (4,)}, (4,)),
     ("full", [("B", 4)], {"shape": (1, 4), "value": 0.5}, (1, 4)),
+    # issue 13: linear algebra, a tensor exponent, arange, sparse products
+    ("arange", [("B", 4)], {"n": 5}, (5,)),
+    ("power", [("B", 3), ("B", 1)], {}, ("B", 3)),
+    ("solve", [(4, 4), ("B", 4, 2)], {}, ("B", 4, 2)),
+    ("solve", [("B", "N", "N"), ("B", "N")], {}, ("B", "N")),
+    ("solve", [(1, 4, 4), ("B", 4)], {}, ("B", 4)),
+    ("solve", [(4, 4), (4,)], {}, (4,)),
+    ("einsum", [("B", 3), (3, 5)], {"equation": "bi,ij->bj"}, ("B", 5)),
+    ("einsum", [("B", "T", 4), ("B", "S", 4)], {"equation": "btd,bsd->bts"}, ("B", "T", "S")),
+    ("einsum", [("B", 2, 3, 4), (4, 5)], {"equation": "...ij,jk->...ik"}, ("B", 2, 3, 5)),
+    ("einsum", [("B", 3)], {"equation": "bi->b"}, ("B",)),
+    ("spmm", [("N", "N"), ("N", 8)], {}, ("N", 8)),
+    ("spmm", [("N", "M"), ("N", 8)], {"transpose": True}, ("M", 8)),
+    # issue 13: indexing and resampling (symbolic sizes exact where they are: H/2 under an assumption, 2*H)
+    ("gather", [("B", "N", 4), ("B", "N", 2)], {"dim": 2}, ("B", "N", 2)),
+    ("gather", [("B", 10), ("B", 3)], {"dim": -1}, ("B", 3)),
+    ("gather", [(5, 10), (2, 10)], {"dim": 1}, (2, 10)),
+    ("index_select", [("B", 10, 4), ("K",)], {"dim": 1}, ("B", "K", 4)),
+    ("embedding", [("B", "T"), (1000, 64)], {}, ("B", "T", 64)),
+    ("pad", [("B", 3, "H", "W")], {"pad": (1, 2, 0, 3)}, ("B", 3, dim_add("H", 3), dim_add("W", 3))),
+    ("pad", [("B", 5)], {"pad": (2, 0), "value": -1.0}, ("B", 7)),
+    ("avg_pool2d", [("B", 3, "H", "W")], {"kernel": (2, 2)}, ("B", 3, H2, "W/2")),
+    ("avg_pool2d", [("B", 3, 7, 7)], {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1)}, ("B", 3, 4, 4)),
+    ("max_pool2d", [("B", 3, "H", 9)], {"kernel": (2, 3)}, ("B", 3, H2, 3)),
+    ("interpolate", [("B", 3, "H", "W")], {"scale_factor": 2}, ("B", 3, "2*H", "2*W")),
+    ("interpolate", [("B", 3, "H", "W")], {"size": (8, 6), "mode": "bilinear"}, ("B", 3, 8, 6)),
+    ("grid_sample", [("B", 3, "H", "W"), ("B", "K", 1, 2)], {}, ("B", 3, "K", 1)),
 ]
 
 
@@ -132,7 +159,9 @@ CORE = set("""add sub mul div matmul pow neg relu leaky_relu tanh sigmoid softpl
 cos clamp minimum maximum sum mean softmax logsumexp cat reshape transpose flatten index linear conv2d
 conv_transpose2d grad
 gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril
-group_norm layer_norm eye zeros ones full""".split())
+group_norm layer_norm eye zeros ones full
+arange power solve einsum spmm
+gather index_select embedding pad avg_pool2d max_pool2d interpolate grid_sample""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -210,6 +239,49 @@ POSITIONED_FAILURES = [
     ("eye", [("B", 4)], {"n": 0}, "n", "eye(n) needs a positive size, found 0"),
     ("zeros", [("B", 4)], {"shape": ("B", 4)}, "shape", "the sizes of zeros must be numbers (or consts), found B"),
     ("full", [("B", 4)], {"shape": (2, 0), "value": 1.0}, "shape", "the sizes of full must be positive"),
+    ("arange", [("B", 4)], {"n": 0}, "n", "arange(n) needs a positive size, found 0"),
+    ("power", [("B", 3), ("B", 4)], {}, None, "[B, 3] and [B, 4], which do not broadcast: 3 vs 4"),
+    ("solve", [("B", 3, 4), ("B", 3)], {}, 0, "solve needs a square matrix A of shape [.., n, n], found [B, 3, 4]"),
+    ("solve", [("N",), ("N",)], {}, 0, "square matrix"),
+    ("solve", [(3, 3), ()], {}, 1, "right-hand side b of at least one dimension"),
+    ("solve", [("B", 3, 3), ("B", 4)], {}, 1, "needs b of shape [.., 3], found [B, 4] (4 vs 3)"),
+    ("solve", [(3, 3), ("B", 4, 2)], {}, 1, "needs b of shape [.., 3, k], found [B, 4, 2]"),
+    ("solve", [("B", 3, 3), ("C", 3, 1)], {}, 1, "batch dims of solve's A [B, 3, 3] and b [C, 3, 1] do not broadcast"),
+    ("einsum", [("B", 3)], {"equation": "bi,ij->bj"}, "equation", "names 2 operands, but 1 were given"),
+    ("einsum", [("B", 3), (3, 4, 5)], {"equation": "bi,ij->bj"}, 1,
+     "operand 1 of einsum has shape [3, 4, 5] (3 dims), but its subscripts ij name 2"),
+    ("einsum", [("B", 3), (4, 5)], {"equation": "bi,ij->bj"}, 1, "letter i is 3 in operand 0 but 4 in operand 1"),
+    ("einsum", [("B", "N"), ("M", 5)], {"equation": "bi,ij->bj"}, 1, "letter i is N in operand 0 but M in operand 1"),
+    ("einsum", [(2, 3), (4, 5)], {"equation": "...i,...j->...ij"}, 1, "the `...` dims of operand 1 of einsum ([4]) do not broadcast"),
+    ("einsum", [("B",)], {"equation": "...ij->...i"}, 0, "subscripts ...ij name 2 or more"),
+    ("spmm", [("N", "N", 2), ("N", 3)], {}, 0, "spmm needs a sparse matrix A [N, M], found [N, N, 2]"),
+    ("spmm", [("N", "N"), ("N",)], {}, 1, "spmm needs a dense matrix x of 2 dims, found [N]"),
+    ("spmm", [("N", "M"), ("N", 3)], {}, 1, "A x with A of shape [N, M] needs x of shape [M, D], found [N, 3]"),
+    ("gather", [("B", 4), ("B",)], {"dim": 1}, 1, "gather needs an index of the rank of x"),
+    ("gather", [("B", 4, 3), ("B", 2, 5)], {"dim": 1}, 1, "(5 vs 3 in dimension 2)"),
+    ("gather", [("B", 4), ("C", 2)], {"dim": 1}, 1, "larger than x outside dim 1"),
+    ("gather", [("B", 4), ("B", 2)], {"dim": 2}, "dim", "dim=2 is out of range for gather"),
+    ("index_select", [("B", 4), ("B", 2)], {"dim": 1}, 1, "index_select needs a 1-D index, found shape [B, 2]"),
+    ("pad", [("B", 3)], {"pad": (1, 1, 1)}, "pad", "a pair [left, right] per padded dimension"),
+    ("pad", [("B", 3)], {"pad": (1, 1, 1, 1, 1, 1)}, "pad", "at most 2 pairs for [B, 3]"),
+    ("pad", [("B", 3)], {"pad": (-1, 0)}, "pad", "pad sizes must be at least 0, found [-1, 0]"),
+    ("avg_pool2d", [("B", 3, 4)], {"kernel": (2, 2)}, 0, "expects a 4-D input [N, C, H, W], found shape [B, 3, 4]"),
+    ("avg_pool2d", [("B", 3, 4, 4)], {"kernel": (2, 2), "padding": (2, 0)}, "padding",
+     "padding of avg_pool2d must be between 0 and half the kernel (1), found 2"),
+    ("max_pool2d", [("B", 3, 2, 2)], {"kernel": (3, 3)}, 0, "cannot slide a kernel of size 3"),
+    ("max_pool2d", [("B", 3, 4, 4)], {"kernel": (2, 2), "stride": (0, 1)}, "stride", "a positive kernel and stride"),
+    ("interpolate", [("B", 3, 4, 4)], {}, None, "one of scale_factor=s (a positive integer) and size=[h, w]"),
+    ("interpolate", [("B", 3, 4, 4)], {"scale_factor": 2, "size": (3, 3)}, "scale_factor", "one of scale_factor"),
+    ("interpolate", [("B", 3, 4, 4)], {"scale_factor": 0}, "scale_factor", "a positive integer, found 0"),
+    ("interpolate", [("B", 3, 4, 4)], {"scale_factor": 2, "mode": "cubic"}, "mode",
+     "mode of interpolate must be nearest or bilinear, found cubic"),
+    ("interpolate", [("B", 3, 4, 4)], {"scale_factor": 2, "align_corners": True}, "align_corners",
+     "align_corners applies to mode=bilinear only"),
+    ("interpolate", [("B", 3, 4, 4)], {"size": (0, 2)}, "size", "size of interpolate must be positive"),
+    ("grid_sample", [("B", 3, 4, 4), ("B", 5, 5, 3)], {}, 1, "needs a grid [N, H_out, W_out, 2] with the N of x"),
+    ("grid_sample", [("B", 3, 4, 4), ("C", 5, 5, 2)], {}, 1, "found [C, 5, 5, 2]"),
+    ("grid_sample", [("B", 3, 4, 4), ("B", 5, 5, 2)], {"padding_mode": "wrap"}, "padding_mode",
+     "padding_mode of grid_sample must be zeros or border or reflection, found wrap"),
 ]
 
 

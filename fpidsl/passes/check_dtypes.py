@@ -1,0 +1,62 @@
+"""Index inputs (``input tokens : int [B, T]``, ``input m : bool [B, T]``) are read only where an index is expected.
+
+An int or bool input carries no gradient and is not a number to compute with: it (or a shape op of it, which
+``keeps_dtype``: ``tokens[:, 0]``, ``reshape(tokens, [-1])``) may be an argument of a primitive only at a
+position whose ``index_args`` accept its dtype (gather's and index_select's index, an
+Embedding's argument, where's condition for bool); anywhere else (arithmetic, a state's update, the output ...)
+is a :class:`~fpidsl.errors.TypeErr` at the use. Conversely an index position takes an index input, never a
+computed float. A rejected call gets no shape, so one mistake gives one error. The pass runs before shape
+inference.
+"""
+from __future__ import annotations
+
+from ..errors import ErrorSink, TypeErr
+from ..ir.graph import LayerGraph
+from ..ir.primitives import PRIMITIVES
+from .infer_shapes import callee
+
+INDEX_USES = "gather's or index_select's index, an Embedding's argument, or (bool) where's condition"
+
+
+def _where_used(graph: LayerGraph, nid: str) -> str:
+    data = graph.node(nid)
+    if data["op"] == "call":
+        return f"an argument of {callee(graph, nid)}"
+    return {"update": f"the update of state {data.get('state')}", "init": f"the start of state {data.get('state')}",
+            "output": "an output"}.get(data["op"], "a value")
+
+
+def check_dtypes(graph: LayerGraph, sink: ErrorSink) -> None:
+    failed: set[str] = set()  # rejected calls and what reads them: reported once
+    for nid in graph.nodes():
+        data = graph.node(nid)
+        args = graph.args(nid)
+        if any(a in failed for a in args):
+            failed.add(nid)
+            if data["op"] == "call":
+                data["rejected"] = True
+            continue
+        prim = PRIMITIVES[data["prim"]] if data["op"] == "call" else None
+        for pos, (arg, span) in enumerate(zip(args, graph.arg_spans(nid))):
+            dtype = graph.dtype(arg)
+            accepted = prim.dtypes_at(pos) if prim is not None else ("float",)
+            if dtype in accepted:
+                continue
+            name = graph.node(arg).get("name")
+            if dtype != "float":
+                what = f"the {dtype} input {name} is an index" if graph.node(arg)["op"] == "input" else \
+                    f"this value is an {dtype} index"
+                sink.add(TypeErr(f"{what} and cannot be {_where_used(graph, nid)}", span,
+                                 hint=f"an {dtype} input is read only as {INDEX_USES}"))
+            else:
+                wanted = " or ".join(d for d in accepted if d != "float")
+                sink.add(TypeErr(f"{callee(graph, nid)} expects an {wanted} input as its {prim.inputs[pos]}, "
+                                 f"found {graph.label(arg)}", span,
+                                 hint=f"declare the indices as an input: `input idx : {accepted[0]} [...]`"))
+            failed.add(nid)
+            if data["op"] == "call":
+                data["rejected"] = True  # shape inference skips it and its users: one mistake, one error
+            break
+        else:
+            if prim is not None and prim.keeps_dtype and graph.dtype(args[0]) != "float":
+                data["dtype"] = graph.dtype(args[0])  # tokens[:, 0], reshape(tokens, ...): still an index
