@@ -13,6 +13,7 @@ import torch
 from ..runtime import ops
 from .graph import LayerGraph
 from .primitives import PRIMITIVES
+from .shapes import dim_value
 
 LEAVES = ("input", "state", "param")
 
@@ -103,5 +104,5 @@ def _concrete_attrs(data: Mapping[str, Any], dims: Mapping[str, int]) -> dict[st
     for name, value in out.items():
         attr = prim.attr(name)
         if attr is not None and attr.kind == "shape":
-            out[name] = tuple(dims[d] if isinstance(d, str) else d for d in value)
+            out[name] = tuple(int(dim_value(d, dims)) for d in value)
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from math import floor
+from math import floor, prod
 from typing import Iterable, Union
 
 Monomial = tuple[str, ...]  # sorted symbol names, with repetition; () is the constant term
@@ -173,6 +173,62 @@ def symbols(d: Dim) -> set[str]:
     return {s for m in _poly(d) for s in m}
 
 
+def dim_coefficients(d: Dim) -> list[Fraction]:
+    """The coefficients of a dim's polynomial (its constant term included)."""
+    return list(_poly(d).values())
+
+
+def never_positive(d: Dim) -> bool:
+    """Whether a dim is below 1 for every size of its symbols (each at least 1): an int below 1, or a
+    polynomial with no positive coefficient."""
+    if isinstance(d, int):
+        return d < 1
+    return all(c <= 0 for c in _poly(d).values())
+
+
+def dim_terms(d: Dim) -> tuple[tuple[Monomial, Fraction], ...]:
+    """A dim's polynomial as sorted (monomial, coefficient) pairs, as :class:`DimExpr` keeps them."""
+    made = _make(_poly(d))
+    return made.terms if isinstance(made, DimExpr) else tuple(sorted(_poly(d).items()))
+
+
+def dim_value(d: Dim, sizes: dict[str, int]) -> int | Fraction:
+    """A dim's value for the given sizes of its symbols (a Fraction when a ``/`` in it does not divide)."""
+    if isinstance(d, (int, str)):
+        return d if isinstance(d, int) else sizes[d]
+    value = sum((c * prod(sizes[s] for s in m) for m, c in _poly(d).items()), start=Fraction(0))
+    return int(value) if value.denominator == 1 else value
+
+
+def symbols_given_by(shape: Shape) -> dict[str, Dim]:
+    """The symbols that a tensor of ``shape`` gives away by its sizes, each as a dim of axis placeholders
+    ``@0, @1, ...`` (the sizes of its dimensions): from an axis that is the symbol itself (``H``: ``@2``)
+    or a degree-one dim of it alone (``H/2``: ``2*@2``; ``T+1``: ``@1-1``)."""
+    out: dict[str, Dim] = {}
+    for plain in (True, False):
+        for axis, d in enumerate(shape):
+            p = _poly(d)
+            monos = [m for m in p if m]
+            if len(monos) != 1 or len(monos[0]) != 1 or monos[0][0] in out:
+                continue
+            ((s,),) = monos
+            a, b = p[(s,)], p.get((), Fraction(0))
+            if (a == 1 and b == 0) == plain:
+                out[s] = _make({(f"@{axis}",): 1 / a, (): -b / a})
+    return out
+
+
+def dim_substitute(d: Dim, values: dict[str, Dim]) -> Dim:
+    """``d`` with each symbol replaced by its dim in ``values`` (all at once)."""
+    out: Dim = 0
+    for mono, coef in _poly(d).items():
+        term = _make({(): coef})
+        for s in mono:
+            term = dim_mul(term, values[s])
+        out = dim_add(out, term)
+    return out
+
+
 def _assume_integral(terms: dict[Monomial, Fraction], ctx: ShapeCtx | None) -> None:
     for mono, coef in terms.items():
         if mono and coef.denominator != 1:
@@ -278,3 +334,10 @@ def shape_symbols(shape: Shape) -> set[str]:
     for d in shape:
         out |= symbols(d)
     return out
+
+
+def sizes_not_given(source: Shape, target: Shape) -> list[int]:
+    """The positions of ``target`` whose symbols the sizes of a tensor of shape ``source`` do not give
+    (:func:`symbols_given_by`)."""
+    given = symbols_given_by(source)
+    return [i for i, d in enumerate(target) if not symbols(d) <= given.keys()]

@@ -1,12 +1,12 @@
 """Structural checks that need shapes: updates and initial values fit their states, energies are
 per-sample scalars, ``grad`` pairs an energy with a state it can be differentiated against, the
 symbolic dimensions used in ``reshape`` inside fns are dimensions of the inputs, and a reshape has at most
-one symbolic size (the generated code writes it as -1)."""
+one size that its argument's sizes do not give (the generated code writes it as -1)."""
 from __future__ import annotations
 
 from ..errors import ErrorSink, ShapeErr
 from ..ir.graph import LayerGraph
-from ..ir.shapes import broadcasts_to, fmt_shape, shape_symbols
+from ..ir.shapes import broadcasts_to, fmt_shape, shape_symbols, sizes_not_given
 
 
 def check_layer(graph: LayerGraph, sink: ErrorSink) -> None:
@@ -43,24 +43,28 @@ def check_layer(graph: LayerGraph, sink: ErrorSink) -> None:
         if data["prim"] == "grad":
             _check_grad(graph, nid, sink)
         elif data["prim"] == "reshape":
-            error = reshape_target_error(data["shape"], data["span"]) if data["shape"] is not None else None
+            source = graph.shape(graph.args(nid)[0])
+            error = (reshape_target_error(source, data["shape"], data["span"])
+                     if data["shape"] is not None and source is not None else None)
             if error is not None:
                 sink.add(error)
-            unbound = sorted(d for d in data["attrs"]["shape"] if isinstance(d, str) and d not in inputs)
+            unbound = sorted(shape_symbols(data["attrs"]["shape"]) - inputs)
             if unbound and data.get("inlined"):
                 sink.add(ShapeErr(f"the dimension {unbound[0]} of this reshape is not a dimension of any input",
                                   data["span"], hint=f"in fn {data['inlined'][0]}, inlined at {data['inlined'][1]}"))
 
 
-def reshape_target_error(shape, span) -> ShapeErr | None:
-    """The error for a reshape the code generator cannot write: its inferred result ``shape`` has more than one
-    symbolic size (the generated target is the result's integers with its one symbolic size, if any, as -1)."""
-    symbolic = [d for d in shape if not isinstance(d, int)]
-    if len(symbolic) <= 1:
+def reshape_target_error(source, shape, span) -> ShapeErr | None:
+    """The error for a reshape the code generator cannot write: more than one size of its inferred result
+    ``shape`` uses symbols that the sizes of its argument (of shape ``source``) do not give (the generated target
+    writes the others from the argument's sizes and that one, if any, as -1)."""
+    unknown = sizes_not_given(source, shape)
+    if len(unknown) <= 1:
         return None
     return ShapeErr(
-        "the code generator supports a reshape with at most one symbolic size (it becomes -1), "
-        f"but this one's result has {len(symbolic)}: [{', '.join(str(d) for d in shape)}]",
+        f"the code generator can write a reshape of {fmt_shape(source)} with at most one size that the argument's "
+        f"sizes do not give (it becomes -1), but this one's result {fmt_shape(shape)} has {len(unknown)}: "
+        + ", ".join(str(shape[i]) for i in unknown),
         span, hint="reshape in two steps, or write one of the sizes as -1")
 
 
