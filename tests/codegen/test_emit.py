@@ -95,7 +95,9 @@ HOSTILE = [
      "  update x = parameters(cat([x, a], dim=-1))\n}\n", "would replace the compiled layer's own attribute"),
     ("layer L {\n  input a : [B, 2]\n  state x : [B, 2]\n  param __class__ : Linear(4, 2)\n"
      "  update x = __class__(cat([x, a], dim=-1))\n}\n", "would replace"),
-    ('layer L {\n  input a : [B, 2]\n  state x : [B, 2]\n  update x = __import__("os")\n}\n', "string literals"),
+    ('layer L {\n  input a : [B, 2]\n  state x : [B, 2]\n  update x = __import__("os")\n}\n', "unknown function __import__"),
+    ('layer L {\n  input a : [B, 2]\n  state x : [B, 2]\n  update x = x + "os"\n}\n', "a string is not a tensor"),
+    ("layer L {\n  input a : [B, 2]\n  state x : [B, 2]\n  update x = __import__('os')\n}\n", "string literals"),
 ]
 
 

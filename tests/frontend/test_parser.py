@@ -133,8 +133,10 @@ layer L {
 # (text, line, col, message fragment, hint fragment or None)
 SYNTAX_ERRORS = [
     ("layer L {\n  input a : [B, 10]\n  update x = relu(a\n}\n", 4, 1, "expected ')'", "`(` is not closed"),
-    ('layer L {\n  let y = "os"\n}\n', 2, 11, "string literals are not part of the language", "spec is data"),
-    ('layer L {\n  let y = __import__("os")\n}\n', 2, 22, "string literals", None),
+    ("layer L {\n  let y = 'os'\n}\n", 2, 11, "string literals in single quotes (or spanning lines) are not part of "
+     "the language", "spec is data"),
+    ("layer L {\n  let y = __import__('os')\n}\n", 2, 22, "string literals", None),
+    ('layer L {\n  let y = einsum("ij\n->i", x)\n}\n', 2, 18, "string literals", "the equation of einsum"),
     ("layer L {\n  let y = a +\n}\n", 3, 1, "expected an expression, found '}'", None),
     ("layer L {\n  input a : [B, 10\n", 2, 19, "unexpected end of input: expected ',' or ']'", "`[` is not"),
     ("layer L {\n  let y = f(x=1, 2)\n}\n", 2, 18, "positional argument follows a keyword", "move it"),

@@ -539,8 +539,8 @@ BAD_SPECS = [
      SyntaxErr, 2, 12, "expected ')' or ','", None),
     ("expression syntax error", LAYER + "    updates: {x: 'relu(a'}\n",
      SyntaxErr, 4, 25, "unexpected end of input: expected ')'", "`(` is not closed"),
-    ("string literal in an expression", LAYER + "    updates: {x: f(\"a\")}\n",
-     SyntaxErr, 4, 20, "string literals are not part of the language", None),
+    ("string literal in an expression", LAYER + "    updates: {x: f('a')}\n",
+     SyntaxErr, 4, 20, "string literals in single quotes (or spanning lines) are not part of the language", None),
     ("recursive alias", "fpi: 1\nlayers: &a\n  L: *a\n",
      SchemaErr, 2, 9, "a YAML alias refers to a node that contains it", "recursive anchors"),
     ("alias bomb", "fpi: 1\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
