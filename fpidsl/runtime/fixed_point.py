@@ -329,7 +329,7 @@ def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLay
 def _run(
     f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
     adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
-    hoisted: Hoisted | None = None, capture: str = "auto",
+    hoisted: Hoisted | None = None, capture: str = "auto", trace: bool = False,
 ) -> Tensor | States:
     if capture not in ("auto", "explicit"):
         raise ValueError(f"capture must be 'auto' or 'explicit', got {capture!r}")
@@ -337,6 +337,14 @@ def _run(
     x0s = (x0,) if single else tuple(x0)
     layout = StateLayout.of(x0s, per_sample)
     _check_batched(batched, args, layout, x0s)
+    if trace and capture == "auto" and adjoint is None and hoisted is None and not is_transformed((*x0s, *args)) \
+            and not _dual((*x0s, *args)):
+        from ..tracing.auto import traced_plan  # the compiled form of f, when f traces (fpidsl/tracing)
+
+        plan = traced_plan(f, x0, args, batched, per_sample)
+        if plan is not None:
+            return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
+                        per_sample, plan.hoisted, "explicit")
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
     params = tuple(captured.tensors)
     if hoisted is not None and params:
@@ -367,6 +375,7 @@ def fixed_point(
     per_sample: bool = True,
     hoisted: Hoisted | None = None,
     capture: str = "auto",
+    trace: bool = True,
     **forward_settings: Any,
 ) -> Any:
     """The fixed point ``x_hat = f(x_hat, *args)``, differentiable (to any order) in ``args`` and in every other
@@ -398,6 +407,11 @@ def fixed_point(
             ``f`` is evaluated once more at the fixed point (grad mode on only) to check that it reads no other
             tensor requiring grad, else :class:`~fpidsl.runtime.capture.HiddenTensorError`. ``"explicit"``:
             ``f`` reads no tensor requiring grad but its arguments (compiled layers; no discovery, no check).
+        trace: ``True`` (default): when ``f`` traces with ``torch.fx`` into the primitive table, solve with the
+            compiled map instead (the derived backward, hoisting and narrowing of a compiled spec; the same numbers,
+            checked at the first call), traced once per ``f`` and signature (:mod:`fpidsl.tracing.auto`,
+            docs/TRACE.md); otherwise, or with ``trace=False``, ``f`` through autograd. Only for one tensor state,
+            ``capture="auto"`` and no ``adjoint`` or ``hoisted``.
         solve: the forward's settings as one value (a :class:`SolverSettings`, taken as validated, or a mapping);
             ``forward_settings`` apply over it.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
@@ -414,7 +428,7 @@ def fixed_point(
     backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
     stats = Stats() if stats is None else stats
     x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted,
-                 capture)
+                 capture, trace)
     return (x_hat, stats) if return_stats else x_hat
 
 
@@ -427,7 +441,8 @@ class FixedPoint(nn.Module):
     (its ``backward`` is filled when the backward runs). ``adjoint``, ``batched``, ``per_sample`` and ``history``
     are as in :func:`fixed_point`. ``eval_solve`` (keys over ``solve``) applies instead of ``solve`` in eval mode
     (``module.eval()``): an inference budget. ``warm_start=True`` starts each call from the previous call's fixed
-    point where the start has the same shapes (:mod:`fpidsl.runtime.warm_start`).
+    point where the start has the same shapes (:mod:`fpidsl.runtime.warm_start`). ``trace`` is as in
+    :func:`fixed_point`.
     """
 
     def __init__(
@@ -442,6 +457,7 @@ class FixedPoint(nn.Module):
         history: bool = False,
         eval_solve: SettingsLike = None,
         warm_start: bool = False,
+        trace: bool = True,
     ):
         super().__init__()
         self.f = f
@@ -453,13 +469,14 @@ class FixedPoint(nn.Module):
         self.batched = None if batched is None else tuple(batched)
         self.per_sample = per_sample
         self.history = history
+        self.trace = trace
         self.stats: Stats | None = None
 
     def forward(self, x0: Tensor | Sequence[Tensor], *args: Any) -> Any:
         self.stats = Stats()
         settings = self.solve_settings if self.training else self.eval_settings
         x_hat = _run(self.f, self.warm.start(x0), args, settings, self.backward_settings, self.adjoint, self.stats,
-                     self.history, self.batched, self.per_sample)
+                     self.history, self.batched, self.per_sample, trace=self.trace)
         self.warm.remember(x_hat)
         return x_hat
 

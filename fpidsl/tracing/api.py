@@ -42,6 +42,7 @@ class TracedMap:
     inputs: tuple[int, ...]
     params: tuple[str, ...]
     foreign: dict[str, Any]
+    shapes: tuple[torch.Size, ...]  # of each param tensor at the trace
     root: Any = None
 
     def tensors(self, module: nn.Module | None = None) -> tuple[Tensor, ...]:
@@ -111,6 +112,7 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     traced_ref: list[TracedMap] = []
     traced = TracedMap(spec, _traced_class(base, traced_ref), tuple(i for i, a in enumerate(args) if isinstance(a, Tensor)),
                        tuple(spec.sources[q] for q in order), foreign,
+                       tuple(resolve(module, foreign, spec.sources[q]).shape for q in order),
                        weakref.ref(f) if isinstance(f, nn.Module) else None)
     traced_ref.append(traced)
     if check:

@@ -1,0 +1,187 @@
+"""How ``fpidsl.fixed_point(f, x0, *args)`` uses the trace: a compiled map when ``f`` traces, else nothing.
+
+:func:`traced_plan` returns what ``fixed_point`` should call instead of ``f`` (the compiled layer's ``step``, its
+derived ``adjoint``, its hoisted form, and the arguments: the tensor arguments then the map's own tensors, read
+from ``f`` at every call so that training a module's weights is seen), or None: then ``fixed_point`` runs its
+autograd path, which gives the same numbers. A map is traced once per *signature* (the shapes, dtypes, devices
+and ``requires_grad`` of ``x0`` and of the tensor arguments, the values of the other arguments, ``batched``,
+``per_sample`` and the module's training flag), and the result is kept in a cache keyed weakly by ``f`` (by the
+object of a bound method), so a module is not kept alive by it.
+
+A traced map is used only where it was checked to give ``f``'s numbers at the first call's ``x0`` and at a
+perturbed one (:func:`~fpidsl.tracing.api.check_agrees`); where it does not, ``fixed_point`` falls back and says
+so once (:class:`TraceMismatchWarning`). A map that cannot be traced (an operation with no primitive, control
+flow on values) falls back silently: the result is the same, only slower. A tensor that ``f`` reads without
+owning it or taking it as an argument (a closure cell, a global) is looked up again at every call; if it was
+replaced, the map is traced again. A function traced :data:`MAX_TRACES` times (a new closure at every call)
+is not traced any more.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import Tensor, nn
+
+from ..runtime.fixed_point import Hoisted
+from .api import TracedMap, trace_map
+from .fx_capture import UntraceableError
+
+MAX_TRACES = 8
+
+
+class TraceMismatchWarning(UserWarning):
+    """A traced map did not give the numbers of the map itself; ``fixed_point`` uses the map (autograd path)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``fixed_point`` calls for a traced ``f``: ``step(x, *arguments)`` with ``adjoint`` and ``hoisted``."""
+
+    step: Callable
+    arguments: tuple
+    adjoint: Any
+    hoisted: Hoisted | None
+    batched: tuple[bool, ...] | None
+
+
+@dataclass(eq=False)
+class _Entry:
+    traced: TracedMap | None  # None: f does not trace with this signature
+    located: tuple  # (getter, object) of each foreign object: it must still be there
+
+
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_TRACES: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # code object -> traces made
+_WARNED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _owner(f: Callable) -> tuple[Any, Any]:
+    """The object the cache is keyed by, and the rest of the key (a bound method: its object and function)."""
+    if isinstance(f, types.MethodType):
+        return f.__self__, f.__func__
+    return f, None
+
+
+def _signature(x0: Tensor, args: Sequence[Any], batched, per_sample: bool, owner: Any) -> tuple | None:
+    parts: list[Any] = []
+    for a in (x0, *args):
+        if isinstance(a, Tensor):
+            parts.append((tuple(a.shape), a.dtype, a.device, a.requires_grad))
+        else:
+            try:
+                hash(a)
+            except TypeError:
+                return None
+            parts.append(("value", type(a), a))
+    training = owner.training if isinstance(owner, nn.Module) else None
+    return (tuple(parts), None if batched is None else tuple(batched), per_sample, training)
+
+
+def _locations(f: Callable, foreign: dict[str, Any]) -> tuple | None:
+    """For each object ``f`` reads without owning it: how to read it again (a closure cell, a global, a default).
+    None where one cannot be found (then ``f`` is not traced: a replaced value would go unseen)."""
+    fn = f.__func__ if isinstance(f, types.MethodType) else f
+    if not foreign:
+        return ()
+    if not isinstance(fn, types.FunctionType):
+        return None
+    getters: list[Callable[[], Any]] = []
+    for cell in fn.__closure__ or ():
+        getters.append(lambda cell=cell: cell.cell_contents)
+    for name in fn.__code__.co_names:
+        if name in fn.__globals__:
+            getters.append(lambda name=name, g=fn.__globals__: g.get(name))
+    for i, _ in enumerate(fn.__defaults__ or ()):
+        getters.append(lambda i=i: fn.__defaults__[i])
+    located = []
+    for obj in foreign.values():
+        getter = next((g for g in getters if _safe(g) is obj), None)
+        if getter is None:
+            return None
+        located.append((getter, obj))
+    return tuple(located)
+
+
+def _safe(getter: Callable[[], Any]) -> Any:
+    try:
+        return getter()
+    except ValueError:  # an empty cell
+        return None
+
+
+def _fresh(entry: _Entry) -> bool:
+    return all(_safe(getter) is obj for getter, obj in entry.located)
+
+
+def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
+    code = getattr(f.__func__ if isinstance(f, types.MethodType) else f, "__code__", None)
+    if code is not None:
+        count = _TRACES.get(code, 0)
+        if count >= MAX_TRACES:
+            return _Entry(None, ())
+        _TRACES[code] = count + 1
+    try:
+        traced = trace_map(f, x0.detach(), [a.detach() if isinstance(a, Tensor) else a for a in args], batched)
+    except UntraceableError as exc:
+        if "differs from the map" in str(exc):
+            _warn_once(f, str(exc))
+        return _Entry(None, ())
+    located = _locations(f, traced.foreign)
+    return _Entry(traced if located is not None else None, located or ())
+
+
+def _warn_once(f: Callable, message: str) -> None:
+    owner, _ = _owner(f)
+    try:
+        if owner in _WARNED:
+            return
+        _WARNED.add(owner)
+    except TypeError:  # not weakly referable: warn every time
+        pass
+    warnings.warn(f"fixed_point: not using the traced map ({message}); using f itself (autograd), which is "
+                  "slower. Pass trace=False to skip tracing this map.", TraceMismatchWarning, stacklevel=4)
+
+
+def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
+                per_sample: bool) -> Plan | None:
+    """The compiled form of ``f`` for ``fixed_point(f, x0, *args)``, or None (use ``f``); see the module's doc."""
+    if not isinstance(x0, Tensor) or not per_sample or not x0.is_floating_point() or x0.dim() == 0:
+        return None
+    owner, rest = _owner(f)
+    signature = _signature(x0, args, batched, per_sample, owner)
+    if signature is None:
+        return None
+    try:
+        table = _CACHE.setdefault(owner, {})
+    except TypeError:  # not weakly referable (a builtin): not traced
+        return None
+    key = (rest, signature)
+    entry = table.get(key)
+    if entry is None or not _fresh(entry):
+        entry = table[key] = _trace(f, x0, args, batched)
+    traced = entry.traced
+    if traced is None:
+        return None
+    layer = traced.layer
+    try:
+        params = traced.tensors(owner if isinstance(owner, nn.Module) else None)
+    except AttributeError:  # the module changed shape (a submodule removed): trace again next time
+        del table[key]
+        return None
+    if any(p.shape != shape for p, shape in zip(params, traced.shapes)):
+        del table[key]
+        return traced_plan(f, x0, args, batched, per_sample)
+    inputs = traced.arguments(args)
+    if batched is not None:
+        flags: tuple[bool, ...] | None = (*(batched[i] for i in traced.inputs), *([False] * len(params)))
+    elif layer.SAMPLEWISE:
+        flags = (*traced.spec.batched, *([False] * len(params)))
+    else:
+        flags = None
+    hoisted = None if layer.HOIST_BATCHED is None else Hoisted(layer.hoist, layer.iterate, tuple(layer.HOIST_BATCHED))
+    return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags)
+
