@@ -123,6 +123,8 @@ class _Verdict:
     converged: Tensor | None
     diverged: Tensor
     floor: Tensor | None
+    step: Tensor  # |g(x) - x|
+    norm: Tensor  # |x|
 
     @property
     def done(self) -> Tensor:
@@ -164,12 +166,13 @@ class _Thresholds:
                            const(FLOOR_FACTOR * eps), const(s.tol))
 
 
-def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
-    """Decide, per running sample, after evaluation ``n``; updates ``track`` in place. About fifteen small tensor
-    operations: this runs every iteration."""
-    step = torch.linalg.vector_norm(g - x, dim=1)
+def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
+    """Decide, per running sample, after evaluation ``n`` (``r = g(x) - x``); updates ``track`` in place. About
+    fifteen small tensor operations: this runs every iteration."""
+    step = torch.linalg.vector_norm(r, dim=1)
+    norm = torch.linalg.vector_norm(x, dim=1)
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
-    rel = (step / torch.linalg.vector_norm(x, dim=1)).masked_fill_(step == c.zero, 0.0)
+    rel = (step / norm).masked_fill_(step == c.zero, 0.0)
     residual = rel if s.criterion == "relative" else step
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
@@ -178,13 +181,13 @@ def _judge(n: int, x: Tensor, g: Tensor, track: _Tracker, s: SolverSettings, c: 
     torch.fmin(track.best_step, step, out=track.best_step)
     torch.fmin(track.best_rel, rel, out=track.best_rel)
     if n < s.min_iter:
-        return _Verdict(residual, None, diverged, None)
+        return _Verdict(residual, None, diverged, None, step, norm)
     floor = None
     if n % FLOOR_PATIENCE == 0:
         no_new_low = track.best_rel >= track.checked_rel
         track.checked_rel.copy_(track.best_rel)
         floor = no_new_low & (rel <= c.floor)
-    return _Verdict(residual, residual < c.tol, diverged, floor)
+    return _Verdict(residual, residual < c.tol, diverged, floor, step, norm)
 
 
 class _Record:
@@ -215,15 +218,16 @@ class _Record:
     def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None, out: Tensor, x: Tensor,
                g: Tensor, track: _Tracker) -> None:
         """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) and write their results
-        into ``out``: ``g(x)``, or the best iterate for a failed sample whose best residual is lower."""
+        into ``out``: ``g(x)``, or the best iterate for a failed sample whose best residual is lower. The norms
+        are the verdict's (not computed again)."""
         pick = (lambda t: t) if mask is None else (lambda t: t[mask])
         residual = pick(verdict.residual)
         self.iterations[index] = n
         converged, diverged, floor = verdict.outcome(mask)
         self.converged[index], self.diverged[index], self.floor[index] = converged, diverged, floor
         x, g = pick(x), pick(g)
-        self.step[index] = torch.linalg.vector_norm(g - x, dim=1)
-        self.norm[index] = torch.linalg.vector_norm(x, dim=1)
+        self.step[index] = pick(verdict.step)
+        self.norm[index] = pick(verdict.norm)
         self.shrank[index] = pick(track.shrank)
         best = ~(converged | floor) & (pick(track.best_residual) < residual)
         self.best_iterate[index] = best
@@ -279,7 +283,8 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
         g = evaluate(x)
         if snapshots is not None and n in snapshots:
             snapshots[n] = out.index_copy(0, index, g)
-        verdict = _judge(n, x, g, track, s, thresholds)
+        r = g - x  # the residual, for the judgement and the solver's step
+        verdict = _judge(n, x, r, track, s, thresholds)
         track.remember(n, verdict.residual, g)
         record.log(index, verdict.residual)
         if n == s.max_iter // 2:
@@ -294,10 +299,10 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
             if finished == index.shape[0]:
                 break
             keep = ~done
-            index, x, g = index[keep], x[keep], g[keep]
+            index, x, g, r = index[keep], x[keep], g[keep], r[keep]
             state, track = solver.select(state, keep), track.select(keep)
             evaluate.restrict(index)
-        x, state = solver.step(x, g, state)
+        x, state = solver.step(x, g, state, r)
     return out, record.stats(phase, s), record
 
 

@@ -4,7 +4,8 @@ A solver works on the flattened states of the samples still running, ``x`` of sh
 (one row a sample), and never on a sample's neighbours: every sample follows its own trajectory. It provides
 
 - ``init(x) -> state``: its state for the iteration that starts at ``x``;
-- ``step(x, g, state) -> (x_next, state)``: the next iterate, given ``g = g(x)``;
+- ``step(x, g, state, f=None) -> (x_next, state)``: the next iterate, given ``g = g(x)`` (and the residual
+  ``f = g - x``, which the driver has computed already; a solver computes it where it is not given);
 - ``select(state, keep) -> state``: the state of the samples in ``keep`` (a bool mask), once others finished.
 
 The driver (:mod:`fpidsl.runtime.driver`) evaluates the map, measures residuals, decides convergence and drops
@@ -25,7 +26,7 @@ from .picard import Picard as Picard
 class Solver(Protocol):
     def init(self, x: Tensor) -> Any: ...
 
-    def step(self, x: Tensor, g: Tensor, state: Any) -> tuple[Tensor, Any]: ...
+    def step(self, x: Tensor, g: Tensor, state: Any, f: Tensor | None = None) -> tuple[Tensor, Any]: ...
 
     def select(self, state: Any, keep: Tensor) -> Any: ...
 

@@ -9,12 +9,15 @@ problem ``min_gamma |f_n - dF gamma|^2 + reg |gamma|^2`` and steps to
 Implementation notes:
 
 - history buffers of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring: ``dF`` and
-  ``dH = dX + beta dF`` (the only form in which ``dX`` is used); the products with them are written as
+  ``dH = dX + beta dF`` (the only form in which ``dX`` is used); the previous iterate and residual are held by
+  reference, not copied (nothing writes them); the products with them are written as
   ``(batch, 1, dim) @ (batch, dim, k)`` (``bmm`` of a row with the transposed buffer: 0.013 ms against 0.15 ms
   for ``buffer @ column`` on CPU at batch 8, dim 4096, m 6, ``benchmarks/kernels.py``) and the correction is
   fused into the step (``baddbmm``);
 - the Gram matrix ``dF dF^T`` is kept up to date one row and column at a time (``O(m dim)`` a step, not
-  ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call;
+  ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call, and the
+  checks of its solution stay on the device: a step never waits for the host (the driver asks it one question an
+  iteration, :mod:`fpidsl.runtime.driver`);
 - ``reg = lam * mean(diag(Gram))`` keeps the regularisation independent of the scale of the problem;
 - a sample whose system is singular (``info != 0``), whose solution is not finite, or whose mix would predict a
   larger residual than the plain step (the sign of an ill-conditioned solve) takes the plain step
@@ -39,11 +42,13 @@ class AndersonState:
     dH: Tensor  # (batch, m, dim): dX + beta dF
     dF: Tensor  # (batch, m, dim)
     gram: Tensor  # (batch, m, m)
-    x_prev: Tensor  # (batch, dim)
-    f_prev: Tensor  # (batch, dim)
+    eye: Tensor  # (m, m), the regularisation's identity
+    tiny: Tensor  # 0-dimensional: the dtype's smallest normal number, keeps an all-zero system regular
+    zero: Tensor  # 0-dimensional zero (the coefficients of a rejected mix)
+    x_prev: Tensor | None = None  # (batch, dim): the previous iterate (held, never written)
+    f_prev: Tensor | None = None  # (batch, dim): its residual (held, never written)
     filled: int = 0  # how many ring slots hold differences (the same for every running sample)
     slot: int = 0  # the slot the next difference goes to
-    started: bool = False  # x_prev and f_prev hold the previous iterate
 
 
 class Anderson:
@@ -60,65 +65,68 @@ class Anderson:
             dH=x.new_zeros(batch, self.m, dim),
             dF=x.new_zeros(batch, self.m, dim),
             gram=x.new_zeros(batch, self.m, self.m),
-            x_prev=torch.empty_like(x),
-            f_prev=torch.empty_like(x),
+            eye=torch.eye(self.m, dtype=x.dtype, device=x.device),
+            tiny=torch.tensor(torch.finfo(x.dtype).tiny, dtype=x.dtype, device=x.device),
+            zero=x.new_zeros(()),
         )
 
-    def step(self, x: Tensor, g: Tensor, state: AndersonState) -> tuple[Tensor, AndersonState]:
-        f = g - x
-        newest = self._push(x, f, state) if state.started else None
-        state.x_prev.copy_(x)
-        state.f_prev.copy_(f)
-        state.started = True
+    def step(self, x: Tensor, g: Tensor, state: AndersonState, f: Tensor | None = None
+             ) -> tuple[Tensor, AndersonState]:
+        """The next iterate; ``f = g - x`` when the caller has it already."""
+        if f is None:
+            f = g - x
         plain = x + self.beta * f if self.beta != 1.0 else g
-        if state.filled == 0:
+        if state.f_prev is None:
+            state.x_prev, state.f_prev = x, f
             return plain, state
+        s = self._push(x, f, state)
         k = state.filled
         history = state.dF[:, :k].transpose(1, 2)  # (batch, dim, k): v (batch, 1, dim) @ it is one fast GEMM
-        if newest is not None:
-            column = torch.bmm(state.dF[:, newest].unsqueeze(1), history).squeeze(1)  # the new Gram row/column
-            state.gram[:, newest, :k] = column
-            state.gram[:, :k, newest] = column
+        column = torch.bmm(state.dF[:, s:s + 1], history)  # the new Gram row, (batch, 1, k)
+        state.gram[:, s:s + 1, :k] = column
+        state.gram[:, :k, s:s + 1] = column.transpose(1, 2)
         rhs = torch.bmm(f.unsqueeze(1), history).transpose(1, 2)  # dF f, (batch, k, 1)
         gamma = self._mix_coefficients(f, rhs, state)
-        step = torch.baddbmm(plain.unsqueeze(1), gamma.unsqueeze(1), state.dH[:, :k], alpha=-1)
-        return step.squeeze(1), state
+        return torch.baddbmm(plain.unsqueeze(1), gamma, state.dH[:, :k], alpha=-1).squeeze(1), state
 
     def select(self, state: AndersonState, keep: Tensor) -> AndersonState:
         return AndersonState(
             dH=state.dH[keep],
             dF=state.dF[keep],
             gram=state.gram[keep],
-            x_prev=state.x_prev[keep],
-            f_prev=state.f_prev[keep],
+            eye=state.eye,
+            tiny=state.tiny,
+            zero=state.zero,
+            x_prev=None if state.x_prev is None else state.x_prev[keep],
+            f_prev=None if state.f_prev is None else state.f_prev[keep],
             filled=state.filled,
             slot=state.slot,
-            started=state.started,
         )
 
     def _push(self, x: Tensor, f: Tensor, state: AndersonState) -> int:
-        """Write the newest differences into the ring; returns their slot (its Gram row is refreshed by the
-        caller)."""
+        """Write the newest differences into the ring and hold ``x`` and ``f`` as the previous iterate; returns
+        the slot (its Gram row is refreshed by the caller)."""
         s = state.slot
         torch.sub(f, state.f_prev, out=state.dF[:, s])
         dH = torch.sub(x, state.x_prev, out=state.dH[:, s])
         if self.beta != 0.0:
             dH.add_(state.dF[:, s], alpha=self.beta)
+        state.x_prev, state.f_prev = x, f
         state.slot = (s + 1) % self.m
         state.filled = min(state.filled + 1, self.m)
         return s
 
     def _mix_coefficients(self, f: Tensor, rhs: Tensor, state: AndersonState) -> Tensor:
-        """gamma per sample (``rhs = dF f``, ``(batch, k, 1)``), zero (the plain step) where the least-squares
-        solve failed or is not trustworthy."""
+        """gamma per sample as a row, ``(batch, 1, k)`` (``rhs = dF f``, ``(batch, k, 1)``), zero (the plain step)
+        where the least-squares solve failed or is not trustworthy. No value leaves the device."""
         k = state.filled
         gram = state.gram[:, :k, :k]
-        system = gram.clone()
-        diagonal = system.diagonal(dim1=-2, dim2=-1)
-        diagonal.add_(diagonal.mean(-1, keepdim=True).mul_(self.lam).add_(torch.finfo(f.dtype).tiny))
+        diagonal = gram.diagonal(dim1=-2, dim2=-1).unsqueeze(1)  # (batch, 1, k)
+        reg = diagonal.mean(-1, keepdim=True).mul_(self.lam).add_(state.tiny)  # (batch, 1, 1)
+        system = torch.addcmul(gram, state.eye[:k, :k], reg)
         gamma, info = torch.linalg.solve_ex(system, rhs)
-        f2 = torch.linalg.vecdot(f, f)
         # |f - dF gamma|^2 - |f|^2 = gamma . (G gamma - 2 dF f); not finite where gamma is not
-        change = (gamma * (torch.bmm(gram, gamma) - 2 * rhs)).sum((-1, -2))
-        good = (info == 0) & (change.abs() < math.inf) & (f2 + change <= PREDICTION_SLACK * f2)
-        return torch.where(good[:, None], gamma.squeeze(-1), 0.0)
+        change = torch.bmm(gamma.transpose(1, 2), torch.baddbmm(rhs, gram, gamma, beta=-2))  # (batch, 1, 1)
+        f2 = torch.linalg.vecdot(f, f).view(-1, 1, 1)
+        good = (info.view(-1, 1, 1) == 0) & (change.abs() < math.inf) & (f2 + change <= PREDICTION_SLACK * f2)
+        return torch.where(good, gamma.transpose(1, 2), state.zero)

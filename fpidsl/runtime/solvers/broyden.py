@@ -37,11 +37,10 @@ class BroydenState:
 
     U: Tensor  # (batch, m, dim)
     V: Tensor  # (batch, m, dim)
-    x_prev: Tensor  # (batch, dim)
-    f_prev: Tensor  # (batch, dim)
+    x_prev: Tensor | None = None  # (batch, dim): the previous iterate (held by reference: nothing writes it)
+    f_prev: Tensor | None = None  # (batch, dim): its residual (held likewise)
     filled: int = 0  # slots holding an update (the same for every running sample)
     slot: int = 0  # the slot the next update goes to (== filled; kept for symmetry with Anderson's ring)
-    started: bool = False
 
 
 def _rows_times(y: Tensor, buffer: Tensor) -> Tensor:
@@ -57,8 +56,7 @@ class Broyden:
 
     def init(self, x: Tensor) -> BroydenState:
         batch, dim = x.shape
-        return BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim),
-                            x_prev=torch.empty_like(x), f_prev=torch.empty_like(x))
+        return BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim))
 
     @staticmethod
     def _apply(state: BroydenState, y: Tensor, transpose: bool) -> Tensor:
@@ -70,13 +68,14 @@ class Broyden:
         coefficients = _rows_times(y, first[:, :k])  # (batch, 1, k)
         return torch.baddbmm(-y.unsqueeze(1), coefficients, second[:, :k]).squeeze(1)
 
-    def step(self, x: Tensor, g: Tensor, state: BroydenState) -> tuple[Tensor, BroydenState]:
-        f = g - x
-        if state.started:
+    def step(self, x: Tensor, g: Tensor, state: BroydenState, f: Tensor | None = None
+             ) -> tuple[Tensor, BroydenState]:
+        """The next iterate; ``f = g - x`` when the caller has it already. No value leaves the device."""
+        if f is None:
+            f = g - x
+        if state.x_prev is not None:
             self._update(x - state.x_prev, f - state.f_prev, state)
-        state.x_prev.copy_(x)
-        state.f_prev.copy_(f)
-        state.started = True
+        state.x_prev, state.f_prev = x, f
         proposal = x - self._apply(state, f, transpose=False)
         finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
         return torch.where(finite, proposal, g), state
@@ -87,12 +86,13 @@ class Broyden:
         v = self._apply(state, dx, transpose=True)
         u = (dx - self._apply(state, df, transpose=False)) / torch.linalg.vecdot(v, df).unsqueeze(1)
         usable = (torch.isfinite(u).all(dim=1) & torch.isfinite(v).all(dim=1)).unsqueeze(1)
-        s = state.slot
-        state.U[:, s] = u.masked_fill_(~usable, 0.0)
-        state.V[:, s] = v.masked_fill_(~usable, 0.0)
+        s, zero = state.slot, u.new_zeros(())
+        torch.where(usable, u, zero, out=state.U[:, s])
+        torch.where(usable, v, zero, out=state.V[:, s])
         state.slot = s + 1
         state.filled = s + 1
 
     def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
-        return BroydenState(U=state.U[keep], V=state.V[keep], x_prev=state.x_prev[keep], f_prev=state.f_prev[keep],
-                            filled=state.filled, slot=state.slot, started=state.started)
+        held = (None, None) if state.x_prev is None else (state.x_prev[keep], state.f_prev[keep])
+        return BroydenState(U=state.U[keep], V=state.V[keep], x_prev=held[0], f_prev=held[1], filled=state.filled,
+                            slot=state.slot)

@@ -14,10 +14,10 @@ class Picard:
     def init(self, x: Tensor) -> None:
         return None
 
-    def step(self, x: Tensor, g: Tensor, state: None) -> tuple[Tensor, None]:
+    def step(self, x: Tensor, g: Tensor, state: None, f: Tensor | None = None) -> tuple[Tensor, None]:
         if self.beta == 1.0:
             return g, None
-        return x + self.beta * (g - x), None
+        return x + self.beta * (g - x if f is None else f), None
 
     def select(self, state: None, keep: Tensor) -> None:
         return None
