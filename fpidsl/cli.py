@@ -1,4 +1,4 @@
-"""The command line: ``fpidsl check | compile | graph | fmt | explain | lsp``.
+"""The command line: ``fpidsl check | compile | graph | fmt | explain | lsp | trace``.
 
 Exit status: 0 success, 1 errors in a spec, 2 wrong usage, 3 an internal error (a bug in fpidsl).
 A mistake in a spec never shows a Python traceback; an internal error shows one only with ``--debug``.
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.commands import add_commands  # fmt, explain, lsp (issue 17)
 
     add_commands(commands)
+    from .tools.trace_command import add_trace_command  # trace (issue 18)
+
+    add_trace_command(commands)
     return parser
 
 

@@ -1,0 +1,149 @@
+"""``fpidsl trace FILE.py:NAME -o SPEC.fpi``: a PyTorch map in a Python file written as a ``.fpi`` spec.
+
+``NAME`` is an ``nn.Module`` class (built with ``--init KEY=VALUE`` keyword arguments) or a function
+``g(x, *args)``. ``--shape ARG=8,16`` gives the example shape of each tensor argument of its ``forward`` (the
+first one is the state; dimension 0 is the batch), ``--value ARG=0.5`` a non-tensor argument; the example
+tensors are drawn from a normal distribution (``--seed``). The file is imported (it runs: trace only files you
+trust). The spec is what :func:`fpidsl.trace` compiles; it checks clean and compiles to the same layer.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import os
+import sys
+
+EXIT_OK, EXIT_SPEC_ERROR = 0, 1
+
+
+def add_trace_command(commands) -> None:
+    trace = commands.add_parser("trace", help="write a PyTorch map (nn.Module class or function) as a .fpi spec",
+                                description=__doc__.split("\n\n")[1])
+    trace.add_argument("target", metavar="FILE.py:NAME", help="a Python file and the module class or function in it")
+    trace.add_argument("--shape", action="append", default=[], metavar="ARG=D0,D1,...",
+                       help="the example shape of a tensor argument (one per tensor argument; the first is the state)")
+    trace.add_argument("--value", action="append", default=[], metavar="ARG=LITERAL",
+                       help="a non-tensor argument's value (a Python literal)")
+    trace.add_argument("--init", action="append", default=[], metavar="KEY=LITERAL",
+                       help="a keyword argument of the module class's constructor (a Python literal)")
+    trace.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    trace.add_argument("--seed", type=int, default=0, help="the seed of the example tensors (default 0)")
+    trace.add_argument("--name", help="the layer's name (default: the class or function name)")
+    trace.add_argument("-o", "--output", metavar="OUT.fpi", help="write here instead of stdout")
+    trace.set_defaults(run=cmd_trace)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    from ..cli import UsageError
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"{flag} {item!r}: expected NAME=VALUE")
+        if key in out:
+            raise UsageError(f"{flag} {key} given twice")
+        out[key] = value
+    return out
+
+
+def _literal(text: str, flag: str, key: str):
+    from ..cli import UsageError
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UsageError(f"{flag} {key}={text}: not a Python literal (a number, a string in quotes, a list ...)") from None
+
+
+def _shape(text: str, key: str) -> tuple[int, ...]:
+    from ..cli import UsageError
+
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"--shape {key}={text}: expected positive sizes separated by commas (8,16)")
+    return dims
+
+
+def _load_target(target: str):
+    from ..cli import UsageError
+
+    path, sep, name = target.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise UsageError(f"{target}: expected FILE.py:NAME (a Python file and a class or function in it)")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"fpidsl_traced_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: its error in one line
+        raise UsageError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, name):
+        raise UsageError(f"{path} has no {name}")
+    return getattr(module, name)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
+    from ..cli import UsageError
+    from ..tracing import UntraceableError, trace_map
+    from .commands import _converted_output
+
+    obj = _load_target(args.target)
+    inits = {k: _literal(v, "--init", k) for k, v in _pairs(args.init, "--init").items()}
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        try:
+            f = obj(**inits)
+        except Exception as exc:
+            raise UsageError(f"{obj.__name__}({', '.join(f'{k}={v!r}' for k, v in inits.items())}) failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    elif callable(obj) and not isinstance(obj, type):
+        if inits:
+            raise UsageError("--init is for a module class; this is a function")
+        f = obj
+    else:
+        raise UsageError(f"{args.target} is not an nn.Module class or a function")
+    dtype = getattr(torch, args.dtype)
+    shapes = {k: _shape(v, k) for k, v in _pairs(args.shape, "--shape").items()}
+    values = {k: _literal(v, "--value", k) for k, v in _pairs(args.value, "--value").items()}
+    names = [p for p in inspect.signature(f.forward if isinstance(f, nn.Module) else f).parameters.values()]
+    known = {p.name for p in names}
+    for key in (*shapes, *values):
+        if key not in known:
+            raise UsageError(f"{args.target} takes no argument {key} (it takes {', '.join(p.name for p in names)})")
+    if not names or names[0].name not in shapes:
+        raise UsageError(f"give the state's example shape: --shape {names[0].name if names else 'x'}=BATCH,...")
+    generator = torch.Generator().manual_seed(args.seed)
+    example = []
+    for p in names:
+        if p.name in shapes:
+            example.append(torch.randn(shapes[p.name], generator=generator, dtype=dtype))
+        elif p.name in values:
+            example.append(values[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            break
+        else:
+            raise UsageError(f"give the argument {p.name}: --shape {p.name}=... (a tensor) or --value {p.name}=...")
+    if isinstance(f, nn.Module):
+        f = f.to(dtype)
+    try:
+        traced = trace_map(f, example[0], example[1:], name=args.name)
+    except UntraceableError as exc:
+        print(f"fpidsl: error: cannot trace {args.target}: {exc}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
+    shown = " ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
+    text = traced.spec.text.replace("# Traced from a PyTorch map by fpidsl.trace",
+                                    f"# Traced from {args.target} ({shown}) by fpidsl trace", 1)
+    _converted_output(text, args.output, args.target.rpartition(":")[0])  # a spec, written like fmt --to's
+    return EXIT_OK
