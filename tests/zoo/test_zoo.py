@@ -64,6 +64,92 @@ def test_derivatives_match_unrolled_autograd(model):
     assert all(bool(w.abs().max() > 0) for w in want[1]), "a second derivative is zero: the check would not see it"
 
 
+def _soft_threshold(v, t):
+    return torch.sign(v) * torch.relu(v.abs() - t)
+
+
+def _mondeq(m, x):
+    """The equilibrium z = relu(W z + U x + b) itself (not the splitting), with the spec's m = 0.5."""
+    z = m(x)
+    w = 0.5 * torch.eye(6, dtype=z.dtype) - m.A.T @ m.A + m.B - m.B.T
+    return z, torch.relu(z @ w.T + m.U(x))
+
+
+def _hopfield(m, y, q):
+    xi, keys = m(y, q), m.WK(y)
+    p = torch.softmax(0.5 * (keys @ xi[:, :, None])[..., 0], dim=-1)
+    return xi, (keys.transpose(1, 2) @ p[:, :, None])[..., 0]
+
+
+def _ista(m, y):
+    """The lasso's optimality: A^T (y - A x) = lam sign(x) where x != 0, and lies in [-lam, lam] where x = 0."""
+    x = m(y)
+    r = (y - x @ m.A.T) @ m.A
+    return r, torch.where(x != 0, 0.1 * torch.sign(x), r.clamp(-0.1, 0.1))
+
+
+def _lista(m, y):
+    x = m(y)
+    return x, _soft_threshold(m.We(y) + x @ m.S, m.theta)
+
+
+def _sinkhorn(m, u, v):
+    """The entropic plan's conditions: marginals 1/N and 1/M, and log P + C / eps = (f_i + g_j) / eps."""
+    plan = m(u, v)
+    logits = plan.log() + (m.P(u)[:, :, None] - m.P(v)[:, None]).square().sum(-1) / 0.5
+    additive = logits - logits[:, :1] - logits[:, :, :1] + logits[:, :1, :1]
+    got = torch.cat([plan.sum(2), plan.sum(1), additive.flatten(1)], dim=1)
+    return got, torch.cat([torch.full_like(plan.sum(2), 1 / 5), torch.full_like(plan.sum(1), 1 / 4),
+                           torch.zeros_like(additive.flatten(1))], dim=1)
+
+
+def _implicit_euler(m, y0):
+    y1 = m(y0)
+    return y1, y0 + 0.5 * m.fc2(torch.tanh(m.fc1(y1)))
+
+
+def _icnn(m, x):
+    """grad_y E(x, y) = 0 at the output, E written in torch and differentiated by autograd."""
+    y = m(x).detach().requires_grad_()
+    energy = (torch.nn.functional.softplus(m.w1) * torch.nn.functional.softplus(m.W0(y) + m.U0(x))).sum() \
+        + m.u1(x).sum() + 0.5 * y.square().sum()
+    (grad,) = torch.autograd.grad(energy, y)
+    return grad, torch.zeros_like(grad)
+
+
+def _qp(m, a):
+    """KKT of the box QP: the gradient Q x + p is 0 inside the box, <= 0 at x = 1 and >= 0 at x = -1."""
+    x = m(a)
+    grad = x @ (m.L @ m.L.T + 0.5 * torch.eye(5, dtype=x.dtype)) + m.U(a)
+    return grad, torch.where(x >= 1, grad.clamp(max=0), torch.where(x <= -1, grad.clamp(min=0), 0 * grad))
+
+
+def _ignn(m, adjacency, features):
+    out = m(adjacency, features)
+    (x,) = m._last_states
+    w = 0.9 * m.V / m.V.abs().sum(1).max()
+    fixed = torch.relu(adjacency @ x @ w.T + m.Omega(features))
+    return torch.cat([x.flatten(), out.flatten()]), torch.cat([fixed.flatten(), m.readout(x.mean(1)).flatten()])
+
+
+def _mdeq(m, x):
+    """The cell with torch's own modules (nn.Conv2d, nn.GroupNorm) at the fixed point."""
+    z = m(x)
+    return z, m.gn3(torch.relu(z + m.gn2(x + m.conv2(m.gn1(torch.relu(m.conv1(z)))))))
+
+
+PAPERS_EQUATIONS = {"mondeq": _mondeq, "hopfield": _hopfield, "ista": _ista, "lista": _lista, "sinkhorn": _sinkhorn,
+                    "implicit_euler": _implicit_euler, "icnn": _icnn, "qp": _qp, "ignn": _ignn, "mdeq": _mdeq}
+
+
+@pytest.mark.parametrize("model", MODELS, ids=IDS)
+def test_the_fixed_point_satisfies_the_papers_equation_written_in_torch(model):
+    """An oracle independent of the compiler: the paper's equation (or optimality conditions) at the output."""
+    layer = build(model, solve=TIGHT, backward=TIGHT)
+    got, want = PAPERS_EQUATIONS[model.key](layer, *model.inputs(torch.Generator().manual_seed(3), 4))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
 def test_a_few_training_steps_lower_the_loss(model):
     """Fit the outputs of a teacher (the same layer, other weights) on 16 samples with 8 Adam steps."""
