@@ -24,7 +24,10 @@ the same map (the workload's hand-written ``g``), weights, inputs, start (zeros)
    ``jac_reg(f(z*), z*, vecs=1)`` on its attached fixed point), and fixed-point correction over 3 states with
    γ = 0.8 (fpidsl ``layer.correction_outputs(z, n_states=3)`` + ``correction_loss``, torchdeq
    ``get_deq(n_states=3, ift=True)`` + ``fp_correction``): both sides give the intermediate states a one-step
-   phantom gradient and the last the implicit one. ``--only regularised`` runs this table alone.
+   phantom gradient and the last the implicit one. The correction's forward runs exactly ``CORRECTION_ITERS``
+   iterations on both sides (states at 4, 8 and 12): torchdeq samples its states at fixed iteration numbers of
+   ``f_max_iter`` and returns only those the solve reached, so with early stopping it would return the fixed
+   point alone and time no correction at all. ``--only regularised`` runs this table alone.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from workloads import make_workloads  # noqa: E402
 from fpidsl.runtime import fixed_point  # noqa: E402
 
 TARGET = 0.8
+CORRECTION_ITERS = 12
 MODES = {  # fpidsl backward settings, torchdeq get_deq options
     "implicit": ({}, {"ift": True}),
     "jfb": ({"mode": "jfb"}, {"ift": False, "grad": 1, "tau": 1.0}),
@@ -181,9 +185,9 @@ def regularised_rows(workloads, repeats: int) -> list[list[str]]:
             for p in params:
                 p.grad = None
 
-        def deq(n_states: int = 1):
-            solver = get_deq(core="indexing", f_solver="anderson", b_solver="anderson", f_max_iter=w.max_iter,
-                             b_max_iter=w.max_iter, f_tol=w.tol, b_tol=w.b_tol, f_stop_mode="abs",
+        def deq(n_states: int = 1, max_iter: int = w.max_iter, tol: float = w.tol):
+            solver = get_deq(core="indexing", f_solver="anderson", b_solver="anderson", f_max_iter=max_iter,
+                             b_max_iter=w.max_iter, f_tol=tol, b_tol=w.b_tol, f_stop_mode="abs",
                              b_stop_mode="abs", ift=True, n_states=n_states)
             solver.train()
             return solver
@@ -200,12 +204,16 @@ def regularised_rows(workloads, repeats: int) -> list[list[str]]:
             z = z_out[-1]
             (w.loss(w.output(z), w.target) + jac_reg(f(z), z, vecs=1)).backward()
 
+        fixed_budget, _ = w.settings("anderson", iterations=CORRECTION_ITERS)
+
         def correction_ours():
             zero()
+            layer.solve_settings = layer.solve_settings.merged(fixed_budget)
             outs = layer.correction_outputs(w.z, n_states=3)
+            layer.solve_settings = layer.solve_settings.merged(forward)
             correction_loss([w.loss(o, w.target) for o in outs], gamma=0.8).backward()
 
-        corr_deq = deq(n_states=3)
+        corr_deq = deq(n_states=3, max_iter=CORRECTION_ITERS, tol=1e-30)  # every iteration runs
 
         def correction_theirs():
             zero()

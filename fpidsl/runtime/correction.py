@@ -74,7 +74,10 @@ def fixed_point_states(
     finally:
         SNAPSHOTS.reset(token)
     stats = Stats() if stats is None else stats
-    last = fixed_point(f, solved, *args, solve=forward, backward=backward, stats=stats, **options)
+    # the fixed point attached to the backward: one evaluation from the solve's result (not a second solve: a
+    # min_iter would run again, and a sample that failed would go on iterating)
+    confirm = forward.merged({"max_iter": 1, "min_iter": 0, "on_fail": "ignore"})
+    last = fixed_point(f, solved, *args, solve=confirm, backward=backward, stats=stats, **options)
     stats.forward = first.forward  # the solve's record (the confirming solve from its result took an iteration)
     states = []
     for i in iterations:
