@@ -26,6 +26,22 @@ def _where_used(graph: LayerGraph, nid: str) -> str:
             "output": "an output"}.get(data["op"], "a value")
 
 
+def _sparse_misuse(graph: LayerGraph, nid: str, arg: str, span, dtype: str) -> TypeErr:
+    """A sparse input used where a dense value is expected, or spmm's matrix that is not a sparse input."""
+    if dtype == "sparse":
+        return TypeErr(f"the sparse input {graph.node(arg).get('name')} cannot be {_where_used(graph, nid)}", span,
+                       hint="a sparse input is read only as the matrix of spmm(A, x); spmm(A, x) is dense")
+    return TypeErr(f"spmm multiplies by a sparse input, but its A is {graph.label(arg)}", span,
+                   hint="declare the matrix `input A : sparse [N, N]`; for a dense matrix use A @ x")
+
+
+def _source(graph: LayerGraph, nid: str) -> str:
+    """The index input that a shape op of it (``tokens[:, 0]``) reads."""
+    while graph.node(nid)["op"] != "input":
+        nid = graph.args(nid)[0]
+    return graph.node(nid)["name"]
+
+
 def check_dtypes(graph: LayerGraph, sink: ErrorSink) -> None:
     failed: set[str] = set()  # rejected calls and what reads them: reported once
     for nid in graph.nodes():
@@ -43,9 +59,11 @@ def check_dtypes(graph: LayerGraph, sink: ErrorSink) -> None:
             if dtype in accepted:
                 continue
             name = graph.node(arg).get("name")
-            if dtype != "float":
+            if "sparse" in (dtype, *accepted):
+                sink.add(_sparse_misuse(graph, nid, arg, span, dtype))
+            elif dtype != "float":
                 what = f"the {dtype} input {name} is an index" if graph.node(arg)["op"] == "input" else \
-                    f"this value is an {dtype} index"
+                    f"this value (from the {dtype} input {_source(graph, arg)}) is an index"
                 sink.add(TypeErr(f"{what} and cannot be {_where_used(graph, nid)}", span,
                                  hint=f"an {dtype} input is read only as {INDEX_USES}"))
             else:
