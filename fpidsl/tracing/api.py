@@ -97,13 +97,19 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     example = [x, *args]
     try:
         first = record(module, example)
-        second = record(module, one_more_sample(example, [True, *flags]))
-    except UntraceableError:
-        raise
     except Exception as exc:
-        raise UntraceableError(f"the traced graph fails on the example with one more sample ({type(exc).__name__}: "
-                               f"{exc}); give batched= to say which arguments have the batch in dimension 0") from None
-    tensor_flags = [True] + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
+        raise UntraceableError(f"the traced graph fails on the example ({type(exc).__name__}: {exc})") from None
+    # The batch is the symbol B when an input has it (a layer binds B from its inputs); it stays a number when no
+    # input has it, or when a tensor with the batch is no argument (a closure's z)
+    second, symbolic_batch = first, any(b and isinstance(a, Tensor) for a, b in zip(args, flags))
+    if symbolic_batch:
+        try:
+            second = record(module, one_more_sample(example, [True, *flags]))
+        except Exception:
+            second, symbolic_batch = first, False
+    if not symbolic_batch:
+        flags = [False] * len(flags)
+    tensor_flags = [symbolic_batch] + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
     spec = Writer(module, first, second, x.shape[0], tensor_flags, _layer_name(layer_name)).write()
     base = _compiled_class(spec)

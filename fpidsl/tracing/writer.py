@@ -222,9 +222,9 @@ class Writer:
             raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point only)")
         position = len(self.inputs) + (self.state is not None)
         name = self.names.fresh(node.target)
-        if self.state is None:
+        if self.state is None:  # its batch is B unless it is fixed (batched_args[0]: see trace_map)
             self.state = name
-            self.input_decls.append(f"state {name} : {self.declared_shape(node, True)}")
+            self.input_decls.append(f"state {name} : {self.declared_shape(node, self.batched_args[0])}")
         else:
             batched = self.batched_args[position]
             self.inputs.append(name)
@@ -314,7 +314,7 @@ def _what(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"the module {node.target}"
     target = node.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    name = getattr(target, "__name__", None) or repr(target)
     module = getattr(target, "__module__", None)
     return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
 
@@ -322,7 +322,8 @@ def _what(node: fx.Node) -> str:
 def _where(node: fx.Node) -> str:
     """Where the user wrote a node: the last frame of its stack trace in the user's code, else its fx name."""
     trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    frames = [f for f in re.findall(r'File "([^"]+)", line (\d+)', trace)
+              if "/torch/" not in f[0] and "/fpidsl/tracing/" not in f[0]]
     if frames:
         path, line = frames[-1]
         return f"{path}:{line}"
