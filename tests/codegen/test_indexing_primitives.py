@@ -68,7 +68,7 @@ def _load(tmp_path, text: str, name: str):
     return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
 
 
-def _iterate(step, x, n: int = 200):
+def _iterate(step, x, n: int = 80):
     for _ in range(n):
         x = step(x)
     return x
@@ -78,11 +78,11 @@ def _iterate(step, x, n: int = 200):
 
 
 def _token_inputs(gen):
-    B, T, K = 3, 5, 2
+    B, T, K = 2, 4, 2
     a = torch.randn(B, T, 4, generator=gen, dtype=torch.float64)
     tokens = torch.randint(0, 10, (B, T), generator=gen)
     pick = torch.randint(0, T, (B, K), generator=gen)
-    rows = torch.tensor([4, 0, 4])
+    rows = torch.tensor([3, 0, 3])
     keep = torch.rand(B, T, 4, generator=gen) < 0.5
     return a, tokens, pick, rows, keep
 
@@ -103,12 +103,12 @@ def test_embedding_gather_and_index_select_match_torch(tmp_path):
 
 def test_token_layer_derivatives_match_unrolled_iteration_and_gradcheck(tmp_path):
     """First and second derivatives in the float input and every parameter (the embedding table included) equal
-    autograd through 200 plain iterations of the torch oracle; gradcheck and gradgradcheck in the float input."""
+    autograd through 80 plain iterations of the torch oracle; gradcheck and gradgradcheck in the float input."""
     layer = _load(tmp_path, TOKENS, "tokens")
     a, tokens, pick, rows, keep = _token_inputs(torch.Generator().manual_seed(2))
     a.requires_grad_()
     params = [a, *layer.parameters()]
-    weights = [torch.randn(s, dtype=torch.float64) for s in ((3, 5, 4), (3, 2, 1), (3, 3, 4))]
+    weights = [torch.randn(s, dtype=torch.float64) for s in ((2, 4, 4), (2, 2, 1), (2, 3, 4))]
 
     def loss(outputs):
         return sum((w * o).sum() for w, o in zip(weights, outputs))
@@ -169,7 +169,7 @@ def test_pools_padding_and_interpolation_match_torch(tmp_path):
 
 def test_pools_padding_and_interpolation_pass_gradgradcheck(tmp_path):
     layer = _load(tmp_path, IMAGES, "scales")
-    a = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+    a = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(layer, (a,))
     assert torch.autograd.gradgradcheck(layer, (a,))
 
@@ -205,7 +205,7 @@ def test_grid_sample_derivatives_in_x_and_grid_pass_gradgradcheck(tmp_path):
     """Through the backward fixed point and grid_sample_vjp (torch.autograd inside one primitive): first and second
     derivatives in the sampled input and in the grid."""
     layer = _load(tmp_path, SAMPLING, "warp")
-    a, grid = _warp_inputs(7, batch=1)
+    a, grid = _warp_inputs(7, batch=1, size=2)
     a.requires_grad_(), grid.requires_grad_()
     assert torch.autograd.gradcheck(layer, (a, grid))
     assert torch.autograd.gradgradcheck(layer, (a, grid))
