@@ -127,7 +127,8 @@ class Shape:
     span: Span
 
 
-INPUT_DTYPES = ("float", "int", "bool")  # `input NAME : [int | bool] SHAPE`; int and bool inputs are indices only
+INPUT_DTYPES = ("float", "int", "bool", "sparse")  # `input NAME : [int | bool | sparse] SHAPE`; int and bool
+#                                                    inputs are indices only, a sparse one only spmm's matrix
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ _TERMINAL_WORDS = {
     "NUMBER": "a number",
     "STRING": "a string",
     "SETTINGS_KIND": "`solve`, `backward` or `eval`",
-    "INPUT_DTYPE": "`int` or `bool`",
+    "INPUT_DTYPE": "`int`, `bool` or `sparse`",
     "LBRACE": "'{'",
     "RBRACE": "'}'",
     "LPAR": "'('",

@@ -940,7 +940,8 @@ _TABLE = [
            builtin=True, vjp=_V["einsum"], lipschitz="unbounded", doc="torch.einsum"),
         written="einsum(equation, a, b, ...)"),
     _p("spmm", ("A", "x"), _spmm, Attr("transpose", "bool", False), batch=_B.sparse_product(), builtin=True,
-       vjp=_V["spmm"], lipschitz="sparse_operator", doc="A x for a sparse input A (Aᵀ x with transpose=true)"),
+       vjp=_V["spmm"], lipschitz="sparse_operator", doc="A x for a sparse input A (Aᵀ x with transpose=true)",
+       index_args=((0, ("sparse",)),)),
     # reductions and shape ops
     _p("sum", _X, _reduce, Attr("dim", "dims", None), Attr("keepdim", "bool", False), batch=_B.reduction(),
        builtin=True, vjp=_V["sum"], lipschitz="sum_reduction"),

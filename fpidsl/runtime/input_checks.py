@@ -2,7 +2,8 @@
 
 Shapes are checked against the spec by :func:`fpidsl.runtime.layer.bind_dims`; here every input must hold
 values (not the ``meta`` device), be floating point, and have the dtype and device of the layer's parameters
-(of the first input, for a layer without parameters); an ``int`` / ``bool`` input (indices) must be int64 / bool. A mismatch raises
+(of the first input, for a layer without parameters); an ``int`` / ``bool`` input (indices) must be int64 / bool, a
+``sparse`` input a sparse COO or CSR tensor that does not require grad, and any other input dense. A mismatch raises
 :class:`~fpidsl.runtime.layer.LayerInputError` naming the input and saying how to convert, instead of a raw
 torch error from deep inside the emitted code ("mat1 and mat2 must have the same dtype").
 """
@@ -20,6 +21,24 @@ def _dtype(dtype: torch.dtype) -> str:
 
 
 INDEX_DTYPES = {"int": torch.int64, "bool": torch.bool}
+SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
+def _layout(t: torch.Tensor) -> str:
+    return str(t.layout).replace("torch.", "")
+
+
+def check_sparse_input(name: str, t: torch.Tensor, spec: str) -> None:
+    """A ``sparse`` input: a sparse COO or CSR tensor, given no gradient (spmm differentiates in its dense
+    operand only), so one that requires grad is refused rather than silently left without one."""
+    if t.layout not in SPARSE_LAYOUTS:
+        raise LayerInputError(
+            f"{spec}: input {name!r} is declared sparse but got a {_layout(t)} tensor: pass {name}.to_sparse() "
+            f"(COO) or {name}.to_sparse_csr()")
+    if t.requires_grad:
+        raise LayerInputError(
+            f"{spec}: input {name!r} is sparse and requires grad, but a sparse input gets no gradient (spmm "
+            f"differentiates in its dense operand x only): pass {name}.detach()")
 
 
 def check_index_inputs(inputs: Mapping[str, torch.Tensor], index_inputs: Mapping[str, str], spec: str) -> None:
@@ -27,6 +46,9 @@ def check_index_inputs(inputs: Mapping[str, torch.Tensor], index_inputs: Mapping
     where floats are declared, :func:`check_dtypes_and_devices`) is named with the conversion to write."""
     for name, kind in index_inputs.items():
         t = inputs[name]
+        if kind == "sparse":
+            check_sparse_input(name, t, spec)
+            continue
         want = INDEX_DTYPES[kind]
         if t.dtype != want:
             convert = f"{name}.long()" if kind == "int" else f"{name} != 0"
@@ -43,7 +65,7 @@ def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequenc
     checked by :func:`check_index_inputs` and only for their device here."""
     index_inputs = index_inputs or {}
     check_index_inputs(inputs, index_inputs, spec)
-    floats = {name: t for name, t in inputs.items() if name not in index_inputs}
+    floats = {name: t for name, t in inputs.items() if index_inputs.get(name, "sparse") == "sparse"}  # dense, sparse
     for p in params:
         if p.device.type == "meta":
             raise LayerInputError(
@@ -55,6 +77,10 @@ def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequenc
             raise LayerInputError(
                 f"{spec}: input {name!r} is on the meta device (a shape without values); a fixed point is "
                 "computed from values: pass a tensor on the layer's device")
+        if t.layout in SPARSE_LAYOUTS and name not in index_inputs:
+            raise LayerInputError(
+                f"{spec}: input {name!r} is declared dense but got a {_layout(t)} tensor: pass {name}.to_dense(), "
+                f"or declare it `input {name} : sparse [...]` and multiply by it with spmm({name}, x)")
         if not (t.is_floating_point() or t.is_complex()):
             raise LayerInputError(
                 f"{spec}: input {name!r} has dtype {_dtype(t.dtype)}; the layer computes in floating point: "
@@ -67,7 +93,7 @@ def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequenc
     else:
         return
     for name, t in inputs.items():
-        if name not in index_inputs and t.dtype != ref_dtype:
+        if name in floats and t.dtype != ref_dtype:
             raise LayerInputError(
                 f"{spec}: input {name!r} is {_dtype(t.dtype)} but {ref} {_dtype(ref_dtype)}: convert the input "
                 f"({name}.to(torch.{_dtype(ref_dtype)})) or the layer (layer.to(torch.{_dtype(t.dtype)}))")

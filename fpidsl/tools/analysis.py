@@ -198,7 +198,8 @@ def _hover_declared(analysis: Analysis, layer, decl) -> Hover:
     if isinstance(decl, ast.ConstDecl):
         return Hover(decl.name_span, f"const **{decl.name}** = `{_text(analysis.source, decl.value.span)}`")
     shape = _declared_shape(graph, decl)
-    text = f"{word} **{decl.name}**" + (f" : `{shape}`" if shape else "")
+    kind = f"{decl.dtype} " if isinstance(decl, ast.InputDecl) and decl.dtype != "float" else ""
+    text = f"{word} **{decl.name}**" + (f" : `{kind}{shape}`" if shape else "")
     return Hover(decl.name_span, text)
 
 
@@ -335,6 +336,9 @@ _DECLARED = re.compile(r"\b(input|state|param|const|let|energy)\s+([A-Za-z_][A-Z
 _FN = re.compile(r"\bfn\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(([^)]*)\)")
 _OPEN_SETTINGS = re.compile(r"\b(solve|backward|eval)\s*\{[^}]*\Z")
 _PARAM_TYPE = re.compile(r"\bparam\s+[A-Za-z_][A-Za-z0-9_]*\s*:\s*[A-Za-z_]*\Z")
+_INPUT_TYPE = re.compile(r"\binput\s+[A-Za-z_][A-Za-z0-9_]*\s*:\s*[A-Za-z_]*\Z")
+INPUT_TYPE_DETAILS = {"int": "int64 indices (gather, index_select, Embedding)", "bool": "a mask (where's condition)",
+                      "sparse": "a sparse COO or CSR matrix (spmm's A)"}
 DECLARATION_KEYWORDS = ("input", "state", "param", "const", "let", "energy", "update", "descend", "output",
                         "solve", "backward", "eval")
 
@@ -363,6 +367,8 @@ def completions(text: str, pos: Pos) -> list[Completion]:
                 + [Completion(w, "value", "mode") for w in MODES]
                 + [Completion(w, "value", "criterion") for w in CRITERIA]
                 + [Completion(w, "value", "on_fail") for w in ON_FAIL])
+    if _INPUT_TYPE.search(region.split("\n")[-1]):
+        return [Completion(k, "keyword", f"input NAME : {k} [...]: {d}") for k, d in INPUT_TYPE_DETAILS.items()]
     if _PARAM_TYPE.search(region.split("\n")[-1]):
         return ([Completion(k, "module", m.signature()) for k, m in MODULE_KINDS.items()]
                 + [Completion("tensor", "keyword", "tensor SHAPE [= init]")])

@@ -7,7 +7,9 @@ setting names and words from the settings pass, so the lexer cannot drift from t
 from __future__ import annotations
 
 from pygments.lexer import RegexLexer, bygroups, words
-from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, Text, Whitespace
+from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Text, Whitespace
+
+from ..frontend.ast import INPUT_DTYPES
 
 from ..frontend.parser import KEYWORDS, SOFT_KEYWORDS
 from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
@@ -16,6 +18,7 @@ from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor"}))
 BLOCK_WORDS = tuple(sorted(SOFT_KEYWORDS))  # keywords only before a '{' (names elsewhere)
 BUILTINS = tuple(sorted(name for name, prim in PRIMITIVES.items() if prim.builtin))
+INPUT_TYPES = tuple(d for d in INPUT_DTYPES if d != "float")  # `input A : sparse [N, N]`: before a shape
 CONSTANTS = tuple(sorted(set(TENSOR_INITS) | set(METHODS) | set(MODES) | set(CRITERIA) | set(ON_FAIL)))
 
 
@@ -38,6 +41,8 @@ class FpiLexer(RegexLexer):
             (words(DECLARATION_WORDS, suffix=r"\b"), Keyword.Declaration),
             (words(BLOCK_WORDS, suffix=r"\b(?=\s*\{)"), Keyword.Declaration),
             (words(("on", "step", "tensor"), suffix=r"\b"), Keyword),
+            (words(INPUT_TYPES, suffix=r"\b(?=\s*\[)"), Keyword.Type),
+            (r'"[^"\n]*"', String.Double),
             (words(tuple(sorted(MODULE_KINDS)), suffix=r"\b"), Name.Builtin.Pseudo),
             (words(BUILTINS, suffix=r"\b(?=\s*\()"), Name.Builtin),
             (words(CONSTANTS, suffix=r"\b"), Name.Constant),

@@ -12,7 +12,7 @@ import sys
 
 from ..ir.primitives import MODULE_KINDS
 from ..passes.settings import SETTING_KEYS
-from .lexer import BLOCK_WORDS, BUILTINS, CONSTANTS, DECLARATION_WORDS
+from .lexer import BLOCK_WORDS, BUILTINS, CONSTANTS, DECLARATION_WORDS, INPUT_TYPES
 
 _NAME = "[A-Za-z_][A-Za-z0-9_]*"
 
@@ -23,8 +23,8 @@ def _words(words) -> str:
 
 def grammar() -> dict:
     """The grammar as a JSON object."""
-    rules = ("comment", "declaration", "keyword", "module", "builtin", "constant", "setting", "number", "operator",
-             "punctuation")
+    rules = ("comment", "string", "declaration", "keyword", "input_type", "module", "builtin", "constant", "setting", "number",
+             "operator", "punctuation")
     return {
         "$schema": "https://raw.githubusercontent.com/martinring/tmlanguage/master/tmlanguage.json",
         "name": "fpi",
@@ -33,6 +33,7 @@ def grammar() -> dict:
         "patterns": [{"include": f"#{rule}"} for rule in rules],
         "repository": {
             "comment": {"name": "comment.line.number-sign.fpi", "match": "#.*$"},
+            "string": {"name": "string.quoted.double.fpi", "match": "\"[^\"\\n]*\""},
             "declaration": {"patterns": [
                 {"match": f"\\b(layer|fn)\\s+({_NAME})",
                  "captures": {"1": {"name": "storage.type.fpi"}, "2": {"name": "entity.name.type.fpi"}}},
@@ -44,6 +45,7 @@ def grammar() -> dict:
                 {"name": "storage.type.fpi", "match": f"\\b({_words(BLOCK_WORDS)})\\b(?=\\s*\\{{)"},
                 {"name": "keyword.other.fpi", "match": "\\b(on|step|tensor)\\b"},
             ]},
+            "input_type": {"name": "storage.type.input.fpi", "match": f"\\b({_words(INPUT_TYPES)})\\b(?=\\s*\\[)"},
             "module": {"name": "support.class.fpi", "match": f"\\b({_words(sorted(MODULE_KINDS))})\\b"},
             "builtin": {"name": "support.function.builtin.fpi", "match": f"\\b({_words(BUILTINS)})\\b(?=\\s*\\()"},
             "constant": {"name": "constant.language.fpi", "match": f"\\b({_words(CONSTANTS)})\\b"},

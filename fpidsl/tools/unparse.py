@@ -22,6 +22,8 @@ def _expr(node) -> tuple[str, int]:
         return node.text, ATOM
     if isinstance(node, ast.Name):
         return node.id, ATOM
+    if isinstance(node, ast.Str):
+        return f'"{node.value}"', ATOM
     if isinstance(node, ast.BinOp):
         if node.op == "**":
             return f"{expr(node.left, POSTFIX)} ** {expr(node.right, FACTOR)}", POWER

@@ -73,6 +73,7 @@ def test_the_grammar_names_the_compilers_words():
     assert _alternatives("builtin") == {n for n, p in PRIMITIVES.items() if p.builtin}
     assert _alternatives("module") == set(MODULE_KINDS)
     assert _alternatives("setting") == set(SETTING_KEYS)
+    assert _alternatives("input_type") == {"int", "bool", "sparse"}
 
 
 def _scan(text: str) -> list[tuple[str, str]]:
