@@ -57,13 +57,22 @@ class _Tracer(fx.Tracer):
             self._foreign_names[key] = name
         return self._foreign_names[key]
 
+    def _within_foreign(self, value: Any) -> str | None:
+        """The path of ``value`` inside a foreign module already adopted (its submodule, parameter or buffer)."""
+        for name, owner in self.foreign.items():
+            if isinstance(owner, nn.Module):
+                members = (owner.named_modules() if isinstance(value, nn.Module) else
+                           (*owner.named_parameters(), *owner.named_buffers()))
+                for path, member in members:
+                    if member is value:
+                        return f"{name}.{path}" if path else name
+        return None
+
     def path_of_module(self, mod: nn.Module) -> str:
-        if id(mod) in self._foreign_names:
-            return self._foreign_names[id(mod)]
         try:
             return super().path_of_module(mod)
         except NameError:
-            return self._adopt(mod, "_module")
+            return self._within_foreign(mod) or self._adopt(mod, "_module")
 
     def create_arg(self, a: Any):
         if isinstance(a, Tensor) and not isinstance(a, fx.Proxy):
@@ -71,9 +80,7 @@ class _Tracer(fx.Tracer):
             for name, t in owned:
                 if t is a:
                     return self.create_node("get_attr", name, (), {})
-            name = self.tensor_attrs.get(a)
-            if name is None:
-                name = self._adopt(a, "_tensor")
+            name = self.tensor_attrs.get(a) or self._within_foreign(a) or self._adopt(a, "_tensor")
             return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 

@@ -1,0 +1,167 @@
+"""fixed_point with the trace (fpidsl/tracing/auto.py): the same numbers as the autograd path, to second order."""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fpidsl
+from fpidsl.tracing import auto
+
+DT = torch.float64
+TIGHT = {"tol": 1e-12, "max_iter": 2000}
+
+
+class Cell(nn.Module):
+    def __init__(self, n=5):
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+        self.inj = nn.Linear(n, n, bias=False)
+        with torch.no_grad():
+            self.fc.weight.mul_(0.5)
+
+    def forward(self, x, z):
+        return 0.6 * torch.tanh(self.fc(x) + self.inj(z)) + 0.1 * z
+
+
+def _cell():
+    torch.manual_seed(0)
+    return Cell().to(DT)
+
+
+def _entry(f):
+    """The cache entries of f: whether the last solve used a traced map."""
+    return [e.traced is not None for e in auto._CACHE.get(f, {}).values()]
+
+
+def _solve(f, z, trace, **kw):
+    return fpidsl.fixed_point(f, torch.zeros_like(z), z, trace=trace, backward=TIGHT, **TIGHT, **kw)
+
+
+def test_the_traced_path_is_used_and_gives_the_autograd_paths_numbers():
+    f = _cell()
+    z = torch.randn(4, 5, dtype=DT, requires_grad=True)
+    on, off = _solve(f, z, True), _solve(f, z, False)
+    assert _entry(f) == [True]
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-11)
+    params = [z, *f.parameters()]
+    g_on = torch.autograd.grad(on.square().sum(), params)
+    g_off = torch.autograd.grad(off.square().sum(), params)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_gradcheck_and_gradgradcheck_in_the_input_and_a_weight(trace):
+    f = _cell()
+    z = torch.randn(2, 5, dtype=DT, requires_grad=True)
+    w = f.inj.weight
+
+    def run(z, w):
+        with torch.nn.utils.stateless._reparametrize_module(f, {"inj.weight": w}):
+            return _solve(f, z, trace)
+
+    assert torch.autograd.gradcheck(run, (z, w))
+    assert torch.autograd.gradgradcheck(run, (z, w))
+
+
+def test_second_derivatives_agree_between_the_paths():
+    f = _cell()
+    z = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    v = torch.randn(3, 5, dtype=DT)
+    hvps = []
+    for trace in (True, False):
+        x = _solve(f, z, trace)
+        (g,) = torch.autograd.grad((x.sin()).sum(), z, create_graph=True)
+        hvps.append(torch.autograd.grad((g * v).sum(), (z, f.fc.weight)))
+    for a, b in zip(*hvps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_traced_once_per_signature_and_weights_read_at_every_call():
+    f = _cell()
+    z = torch.randn(4, 5, dtype=DT)
+    first = _solve(f, z, True)
+    _solve(f, z, True)
+    assert len(auto._CACHE[f]) == 1
+    _solve(f, torch.randn(6, 5, dtype=DT), True)  # another batch size: another signature
+    assert len(auto._CACHE[f]) == 2
+    with torch.no_grad():
+        f.fc.bias.add_(0.3)  # an optimizer step
+    f.inj.weight = nn.Parameter(f.inj.weight.detach() * 2)  # a replaced parameter
+    changed = _solve(f, z, True)
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, _solve(f, z, False), rtol=0, atol=1e-11)
+
+
+def test_the_cache_does_not_keep_a_module_alive():
+    f = _cell()
+    _solve(f, torch.randn(2, 5, dtype=DT), True)
+    assert f in auto._CACHE
+    alive = weakref.ref(f)
+    del f
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_map_that_does_not_trace_falls_back_with_the_same_numbers():
+    def f(x, z):
+        return 0.5 * torch.cumsum(torch.tanh(x), dim=1) / 5 + z  # cumsum has no primitive
+
+    z = torch.randn(3, 5, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on = _solve(f, z, True)
+    assert _entry(f) == [False]
+    torch.testing.assert_close(on, _solve(f, z, False), rtol=0, atol=0)
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, z):
+        self.calls += 1
+        return 0.5 * x + z if self.calls == 1 else 0.25 * x + z
+
+
+def test_a_traced_map_that_differs_falls_back_and_says_so_once():
+    f = Counter()
+    z = torch.randn(3, 4, dtype=DT)
+    with pytest.warns(auto.TraceMismatchWarning, match="the traced map differs from the map"):
+        x = _solve(f, z, True)
+    torch.testing.assert_close(x, z / 0.75)  # f itself: x = 0.25 x + z
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _solve(f, z + 1, True)  # another signature? no: same shapes; the fallback is remembered, no warning
+
+
+def test_a_replaced_closure_tensor_is_seen():
+    shift = torch.randn(5, dtype=DT)
+    f = _cell()
+
+    def g(x, z):
+        return f(x, z) + shift
+
+    z = torch.randn(2, 5, dtype=DT)
+    _solve(g, z, True)
+    shift = torch.randn(5, dtype=DT)  # the cell now holds another tensor
+    torch.testing.assert_close(_solve(g, z, True), _solve(g, z, False), rtol=0, atol=1e-11)
+    assert _entry(g) == [True]
+
+
+def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
+    f = _cell()
+    z = torch.randn(2, 5, dtype=DT)
+    layer = fpidsl.FixedPoint(f, solve=TIGHT)
+    off = fpidsl.FixedPoint(f, solve=TIGHT, trace=False)
+    torch.testing.assert_close(layer(torch.zeros_like(z), z), off(torch.zeros_like(z), z), rtol=0, atol=1e-11)
+    assert _entry(f) == [True]
+    g = _cell()
+    _solve(g, z, False)
+    assert g not in auto._CACHE
