@@ -23,6 +23,16 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def device():
+    """The CUDA device for the tests marked ``gpu`` (``benchmarks/gpu_tables.sh`` runs them); skips without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (the gpu-marked tests run where one is: benchmarks/gpu_tables.sh)")
+    return torch.device("cuda")
+
+
 def _one_thread() -> None:
     """The suite's tensors are small: one intra-op thread is faster, and immune to a busy machine
     (with 2 threads on a loaded 2-core machine a tiny matmul was measured at 24 ms instead of 0.01 ms)."""
