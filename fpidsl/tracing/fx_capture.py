@@ -13,6 +13,7 @@ dimension, ``a * B + b`` (:class:`BatchDim`), and one that does not is a number.
 from __future__ import annotations
 
 import inspect
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -48,6 +49,11 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True  # where the user wrote each node, for messages
         self.foreign: dict[str, Any] = {}
         self._foreign_names: dict[int, str] = {}
+
+    def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
+        """The user's frames (fx keeps those below a ``forward`` only, which a plain function has not)."""
+        return traceback.StackSummary.from_list(
+            [f for f in summary if "/torch/" not in f.filename and "/fpidsl/" not in f.filename])
 
     def _adopt(self, value: Any, stem: str) -> str:
         key = id(value)
