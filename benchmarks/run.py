@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/run.py                      # the full run (about 7 minutes on one loaded core)
     .venv/bin/python benchmarks/run.py --quick --out /tmp/b.md   # tiny sizes, a few repeats (seconds)
+    .venv/bin/python benchmarks/run.py --device cuda        # the same tables on a GPU (docs/BENCHMARKS_GPU.md)
 
-Every comparison runs in this one process, float32, CPU, one intra-op thread, on the same g, the same weights, the
-same inputs, the same start (zeros) and the same tolerance and criterion (absolute: ``|g(x) - x|`` per sample). The
-contenders of a comparison alternate run by run (the order rotates every round) after one warm-up run each, and
-the tables report medians. A training step is: solve, loss, ``loss.backward()`` (all parameter gradients).
+Every comparison runs in this one process, float32, CPU (or ``--device cuda``), one intra-op thread, on the same g,
+the same weights, the same inputs, the same start (zeros) and the same tolerance and criterion (absolute:
+``|g(x) - x|`` per sample). The contenders of a comparison alternate run by run (the order rotates every round)
+after one warm-up run each, and the tables report medians. A training step is: solve, loss, ``loss.backward()``
+(all parameter gradients). On a GPU every timed run ends with ``torch.cuda.synchronize()``.
 
 1. fpidsl (the compiled spec) against torchdeq 0.1.0 with its exact implicit backward (``ift=True``), Picard
    (``fixed_point_iter``) and Anderson; both must reach the tolerances and their gradients must agree;
@@ -52,6 +54,13 @@ TARGET_HAND = 1.05
 TARGET_MEMORY = 0.10
 
 Step = Callable[[], None]
+DEVICE = torch.device("cpu")  # set by --device: where every workload and contender runs
+
+
+def _wait() -> None:
+    """Wait for the device to finish its queue (a GPU runs asynchronously: a step's time ends when its work does)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -66,8 +75,10 @@ def alternate(contenders: dict[str, Step], repeats: int) -> dict[str, float]:
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            _wait()
             start = time.perf_counter()
             contenders[name]()
+            _wait()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -76,9 +87,11 @@ def median_time(fn: Step, repeats: int, inner: int = 1) -> float:
     fn()
     samples = []
     for _ in range(repeats):
+        _wait()
         start = time.perf_counter()
         for _ in range(inner):
             fn()
+        _wait()
         samples.append((time.perf_counter() - start) / inner)
     return statistics.median(samples)
 
@@ -88,9 +101,9 @@ def median_time(fn: Step, repeats: int, inner: int = 1) -> float:
 
 def peak_bytes(run: Step) -> int:
     """Peak tensor bytes allocated by ``run`` above what was allocated when it started (benchmarks/memory.py)."""
-    from memory import peak_bytes_cpu
+    from memory import peak_bytes_cpu, peak_bytes_cuda
 
-    return peak_bytes_cpu(run)
+    return (peak_bytes_cuda if DEVICE.type == "cuda" else peak_bytes_cpu)(run)
 
 
 # ---------------------------------------------------------------------------------------------- contenders
@@ -280,7 +293,7 @@ def overhead_rows(repeats: int, iterations: int) -> list[tuple[str, str, float, 
     forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore"}
     rows = []
     for shape in OVERHEAD_SHAPES:
-        z = torch.randn(*shape)
+        z = torch.randn(*shape, device=DEVICE)
         for method in ("picard", "anderson"):
             def solve() -> None:
                 fixed_point(cheap, torch.zeros_like(z), z, method=method, **forced)
@@ -303,7 +316,7 @@ def overhead_rows(repeats: int, iterations: int) -> list[tuple[str, str, float, 
 def compile_rows(w: Workload, method: str, repeats: int) -> list[tuple]:
     """(variant, first call seconds, median seconds, forward iterations) for compile=False and compile=True."""
     eager_layer = w.layer
-    compiled_layer = type(eager_layer)(compile=True)
+    compiled_layer = type(eager_layer)(compile=True).to(DEVICE)
     compiled_layer.load_state_dict(eager_layer.state_dict())
     compiled = Workload(**{**w.__dict__, "layer": compiled_layer})
     outs = {"eager": Outcome(), "compile=True": Outcome()}
@@ -352,11 +365,13 @@ def steady_allocator() -> bool:
 
 
 def run(args: argparse.Namespace) -> str:
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     args.steady_allocator = steady_allocator()
     warnings.simplefilter("ignore")
     repeats = args.repeats or (3 if args.quick else 5)
-    workloads = make_workloads(args.quick)
+    workloads = [w.to(DEVICE) for w in make_workloads(args.quick)]
     say = (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_before = os.getloadavg()
 
@@ -456,7 +471,7 @@ def report(args, repeats, workloads, load_before, load_after, speed_rows, grad_r
         f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
         f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end",
         f"- torch {torch.__version__}, torchdeq {getattr(torchdeq, '__version__', '0.1.0')}, "
-        f"Python {platform.python_version()}, float32, CPU, `torch.set_num_threads(1)`",
+        f"Python {platform.python_version()}, float32, {device_name()}, `torch.set_num_threads(1)`",
         f"- {repeats} timed runs per contender after one warm-up run; a training step = forward solve, loss, "
         f"`loss.backward()`",
         "- allocator: " + ("glibc `mallopt` keeps freed memory in the process (mmap threshold 1 GiB, no trimming), "
@@ -514,8 +529,10 @@ def report(args, repeats, workloads, load_before, load_after, speed_rows, grad_r
         f"## 5. Peak memory of a training step, {few} and {many} forced iterations (target: within "
         f"{TARGET_MEMORY:.0%})",
         "",
-        "Tensor memory allocated during the step above what was allocated before it (torch.profiler allocator "
-        "totals, as in benchmarks/memory.py, less the total at the step's start); "
+        "Tensor memory allocated during the step above what was allocated before it ("
+        + ("the CUDA allocator's peak, as in benchmarks/memory.py" if DEVICE.type == "cuda" else
+           "torch.profiler allocator totals, as in benchmarks/memory.py, less the total at the step's start")
+        + "); "
         "Picard, forward and backward forced to exactly that many iterations.",
         "",
         table(["workload", f"fpidsl {few} MiB", f"fpidsl {many} MiB", "change", "target",
@@ -540,13 +557,26 @@ def report(args, repeats, workloads, load_before, load_after, speed_rows, grad_r
     return "\n".join(parts)
 
 
+def device_name() -> str:
+    """The device the tables ran on, in words (a GPU by its name)."""
+    if DEVICE.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda})"
+    return "CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few repeats (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the tables run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default docs/BENCHMARKS.md, with --device cuda docs/BENCHMARKS_GPU.md")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile=True measurement")
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.out is None:
+        args.out = HERE.parent / "docs" / ("BENCHMARKS.md" if args.device == "cpu" else "BENCHMARKS_GPU.md")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.iterations = (5, 40) if args.quick else (20, 400)
     if args.quick:

@@ -51,6 +51,12 @@ class Workload:
     def x0(self) -> torch.Tensor:
         return torch.zeros_like(self.target)
 
+    def to(self, device: torch.device | str) -> "Workload":
+        """The workload on ``device`` (its layer moved, the same weights and inputs)."""
+        self.layer.to(device)
+        self.z, self.target = self.z.to(device), self.target.to(device)
+        return self
+
     def output(self, x_hat: torch.Tensor) -> torch.Tensor:
         """What the loss sees: the layer's output computed from the fixed point (hand-written contenders)."""
         return torch.sigmoid(x_hat) if self.name == "bibtex-gd" else x_hat
