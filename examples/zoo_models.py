@@ -49,6 +49,13 @@ def normalized_graphs(gen: torch.Generator, batch: int, nodes: int, p: float = 0
     return scale[:, :, None] * adjacency * scale[:, None, :]
 
 
+def pixel_grid(batch: int, side: int) -> Tensor:
+    """Each pixel's (x, y) in grid_sample's [-1, 1] coordinates (align_corners=True), ``[batch, side, side, 2]``."""
+    line = torch.linspace(-1, 1, side, dtype=DTYPE)
+    y, x = torch.meshgrid(line, line, indexing="ij")
+    return torch.stack([x, y], dim=-1).expand(batch, side, side, 2).contiguous()
+
+
 MODELS = [
     ZooModel("mondeq", "mondeq.fpi", "MonDEQ", "Winston & Kolter 2020",
              lambda g, b: (normal(g, b, 4),), "x", "A"),
@@ -70,4 +77,9 @@ MODELS = [
              lambda g, b: (normalized_graphs(g, b, 6), normal(g, b, 6, 3)), "U", "V"),
     ZooModel("mdeq", "mdeq.fpi", "MDEQCell", "Bai, Koltun & Kolter 2020",
              lambda g, b: (normal(g, b, 4, 5, 5),), "x", "conv1.weight"),
+    ZooModel("mdeq_two_scale", "mdeq_two_scale.fpi", "MDEQTwoScale", "Bai, Koltun & Kolter 2020",
+             lambda g, b: (normal(g, b, 4, 4, 4),), "x", "down.weight"),
+    ZooModel("deq_flow", "deq_flow.fpi", "DEQFlow", "Bai, Geng, Savani & Kolter 2022",
+             lambda g, b: (normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), pixel_grid(b, 6)),
+             "f2", "convq.weight"),
 ]

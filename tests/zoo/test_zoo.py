@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import fpidsl
 from fpidsl.cli import main
@@ -111,7 +112,7 @@ def _implicit_euler(m, y0):
 def _icnn(m, x):
     """grad_y E(x, y) = 0 at the output, E written in torch and differentiated by autograd."""
     y = m(x).detach().requires_grad_()
-    energy = (torch.nn.functional.softplus(m.w1) * torch.nn.functional.softplus(m.W0(y) + m.U0(x))).sum() \
+    energy = (F.softplus(m.w1) * F.softplus(m.W0(y) + m.U0(x))).sum() \
         + m.u1(x).sum() + 0.5 * y.square().sum()
     (grad,) = torch.autograd.grad(energy, y)
     return grad, torch.zeros_like(grad)
@@ -138,8 +139,29 @@ def _mdeq(m, x):
     return z, m.gn3(torch.relu(z + m.gn2(x + m.conv2(m.gn1(torch.relu(m.conv1(z)))))))
 
 
+def _mdeq_two_scale(m, x):
+    z1, z2 = m(x)
+    f1 = torch.relu(z1 + m.gn1b(x + m.conv1b(m.gn1a(torch.relu(m.conv1a(z1))))))
+    f2 = torch.relu(z2 + m.gn2b(F.avg_pool2d(x, 2) + m.conv2b(m.gn2a(torch.relu(m.conv2a(z2))))))
+    up = F.interpolate(m.up(f2), scale_factor=2, mode="nearest")
+    return torch.cat([z1.flatten(), z2.flatten()]), torch.cat([m.fuse1(f1 + up).flatten(), m.fuse2(f2 + m.down(f1)).flatten()])
+
+
+def _deq_flow(m, f1, f2, ctx, coords):
+    """RAFT's GRU step with the lookup by F.grid_sample, at the fixed point; the output is head(h)."""
+    flow = m(f1, f2, ctx, coords)
+    (h,) = m._last_states
+    target = coords + 2 / 5 * flow.permute(0, 2, 3, 1)
+    corr = (f1 * F.grid_sample(f2, target, align_corners=True)).sum(1, keepdim=True)
+    x = torch.cat([torch.relu(m.enc(torch.cat([corr, flow], 1))), ctx], 1)
+    zg, r = torch.sigmoid(m.convz(torch.cat([h, x], 1))), torch.sigmoid(m.convr(torch.cat([h, x], 1)))
+    q = torch.tanh(m.convq(torch.cat([r * h, x], 1)))
+    return torch.cat([h.flatten(), flow.flatten()]), torch.cat([((1 - zg) * h + zg * q).flatten(), m.head(h).flatten()])
+
+
 PAPERS_EQUATIONS = {"mondeq": _mondeq, "hopfield": _hopfield, "ista": _ista, "lista": _lista, "sinkhorn": _sinkhorn,
-                    "implicit_euler": _implicit_euler, "icnn": _icnn, "qp": _qp, "ignn": _ignn, "mdeq": _mdeq}
+                    "implicit_euler": _implicit_euler, "icnn": _icnn, "qp": _qp, "ignn": _ignn, "mdeq": _mdeq,
+                    "mdeq_two_scale": _mdeq_two_scale, "deq_flow": _deq_flow}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
@@ -162,7 +184,7 @@ def test_a_few_training_steps_lower_the_loss(model):
     losses = []
     for _ in range(8):
         optimizer.zero_grad()
-        loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(as_tuple(student(*inputs)), targets))
+        loss = sum(F.mse_loss(o, t) for o, t in zip(as_tuple(student(*inputs)), targets))
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
