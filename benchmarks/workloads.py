@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fpidsl.loader import load
 
@@ -50,6 +51,19 @@ class Workload:
 
     def x0(self) -> torch.Tensor:
         return torch.zeros_like(self.target)
+
+    def module(self) -> nn.Module:
+        """The map as a hand-written ``nn.Module`` ``m(x, z)`` (what a torchdeq user has), holding copies of the
+        workload's weights."""
+        kind = {"conv": ConvModule, "bibtex-nn": BibtexNNModule, "bibtex-gd": BibtexGDModule}[
+            "conv" if self.name.startswith("conv") else self.name]
+        w1 = self.params[0]
+        module = kind(w1.shape[1] - 1, w1.shape[0]) if kind is ConvModule else kind(self.target.shape[1],
+                                                                                    self.z.shape[1], w1.shape[0])
+        with torch.no_grad():
+            for mine, theirs in zip(module.parameters(), self.params):
+                mine.copy_(theirs)
+        return module.to(w1.device)
 
     def to(self, device: torch.device | str) -> "Workload":
         """The workload on ``device`` (its layer moved, the same weights and inputs)."""
@@ -94,6 +108,37 @@ def bibtex_gd_map(y, x, w1, b1, w2, b2):
     back = ((-dr) @ w2) * (pre > 0).to(y.dtype)
     grad = dr + (back @ w1)[:, : y.shape[-1]] * (p * (1 - p))
     return y - grad
+
+
+class ConvModule(nn.Module):
+    """:func:`conv_map` as a module: ``conv2(relu(conv1(cat([x, z]))))``."""
+
+    def __init__(self, z_channels: int, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1 + z_channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x, z):
+        return self.conv2(F.relu(self.conv1(torch.cat([x, z], dim=1))))
+
+
+class BibtexNNModule(nn.Module):
+    """:func:`bibtex_nn_map` as a module."""
+
+    def __init__(self, labels: int, features: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(labels + features, hidden)
+        self.fc2 = nn.Linear(hidden, labels)
+
+    def forward(self, y, x):
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([y, x], dim=-1)))))
+
+
+class BibtexGDModule(BibtexNNModule):
+    """:func:`bibtex_gd_map` as a module (one gradient step on the energy, the gradient written out)."""
+
+    def forward(self, y, x):
+        return bibtex_gd_map(y, x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 # ---------------------------------------------------------------------------------------------- construction
