@@ -167,3 +167,15 @@ def test_fmt_and_unparse_round_trip_symbolic_sizes():
     again = parse_fpi(Source(PATH, formatted)).layers[0].decls[1].shape
     assert unparse_shape(shape) == "[B, T * D + 1, (T + 1) // 2, T / 2 - 1]"
     assert strip_spans(again) == strip_spans(shape)
+
+
+def test_the_runtime_reads_every_size_as_the_compiler_prints_it():
+    from fpidsl.runtime.sizes import size
+
+    third = dim_exact_div(dim_mul(2, dim_mul("H", "W")), 3, ShapeCtx())
+    dims = [7, "H", HALF_H, third, dim_sub(dim_add(third, HALF_H), 5), dim_sub(1, dim_mul("T", "T")),
+            dim_exact_div(dim_add(dim_mul("C", "H"), 6), 3, ShapeCtx())]
+    for sizes in ({"H": 6, "W": 9, "T": 2, "C": 3}, {"H": 5, "W": 4, "T": 1, "C": 7}):
+        for d in dims:
+            written = d if isinstance(d, int) else str(d)
+            assert size(written, sizes) == dim_value(d, sizes), (written, sizes)
