@@ -53,7 +53,7 @@ def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, tor
                         f"{spec}: input {name!r} is declared {_fmt(shape)}: dimension {axis} must be {want}, "
                         f"got shape {_fmt(tensor.shape)}"
                     )
-            elif not is_symbol(want):
+            elif not want.isidentifier():  # computed from symbols (``H/2``): checked below
                 computed.append((name, shape, axis, want, tensor.shape))
             elif want in dims and dims[want] != got:
                 raise LayerInputError(
@@ -82,20 +82,21 @@ def _bound(expr: str, dims: Mapping[str, int]) -> str:
 def check_assumptions(assumptions: Sequence[tuple], dims: Mapping[str, int], spec: str) -> None:
     """Check the divisibility assumptions the compiler's shape inference relied on (``H % 2 == 0``):
     ``(expr, divisor)`` or ``(expr, divisor, "spec.fpi:3:20")`` with the place of the size that needs it."""
-    for expr, divisor, *at in assumptions:
-        value = math.prod(dims[s] for s in expr.split("*"))
+    for item in assumptions:
+        expr, divisor = item[0], item[1]
+        value = dims[expr] if expr in dims else math.prod(dims[s] for s in expr.split("*"))
         if value % divisor:
             shown = f"{expr} = {value}" if is_symbol(expr) else f"{expr} = {value} ({_bound(expr, dims)})"
-            place = f" (required by the size at {at[0]})" if at else ""
+            place = f" (required by the size at {item[2]})" if len(item) > 2 else ""
             raise LayerInputError(f"{spec}: {shown} is not divisible by {divisor}{place}")
 
 
 def concrete(shape: Sequence[Dim], dims: Mapping[str, int]) -> tuple[int, ...]:
     """A declared shape with its symbols replaced by their bound sizes (``H/2`` evaluated)."""
-    out = tuple(size(d, dims) for d in shape)
+    out = tuple(d if isinstance(d, int) else dims[d] if d in dims else size(d, dims) for d in shape)
     for d, value in zip(shape, out):
         if not isinstance(value, int) or value < 0:
-            raise LayerInputError(f"the declared size {d} is {value} ({_bound(d, dims)}), not a size")
+            raise LayerInputError(f"the declared size {d} of a state is {value} ({_bound(d, dims)}), not a size")
     return out
 
 

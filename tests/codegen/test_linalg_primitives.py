@@ -1,0 +1,269 @@
+"""Issue 13's linear algebra in compiled layers: solve(A, b), einsum("equation", ...), a ** b with a tensor exponent,
+arange(n) and spmm(A, x) with a sparse input. Each form compiles, its fixed point matches a torch oracle (a closed
+form or plain iteration with dense torch operations), its first and second derivatives match autograd through the
+unrolled iteration, and gradcheck / gradgradcheck pass, all in float64. Mistakes are one positioned error; a sparse
+input's call-time mistakes are a LayerInputError naming the input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fpidsl
+from fpidsl.compiler import check_source
+from fpidsl.errors import ShapeErr, TypeErr
+from fpidsl.runtime.layer import LayerInputError
+from fpidsl.source import Source
+from fpidsl.tools.yaml_convert import convert
+
+from ..runtime.helpers import derivatives
+from .helpers import ONE_STATE_SPEC, TIGHT, assert_body_matches_unrolled_autograd, the_one_error
+
+F64 = torch.float64
+CSR_BETA = "ignore:Sparse CSR tensor support is in beta state:UserWarning"
+
+BODIES = {
+    "power": "(1.5 + sigmoid(a)) ** h",
+    "power-number-base": "2 ** h - 1",
+    "arange": "h + 0.1 * arange(4)",
+    "solve-vectors": "solve(3 * eye(4) + 0.2 * unsqueeze(a, -1) * unsqueeze(a, 1), h)",
+    "solve-matrices": "reshape(solve(2 * eye(2) + 0.2 * reshape(tanh(a), [B, 2, 2]), reshape(h, [B, 2, 2])), [B, 4])",
+    "einsum-contraction": 'einsum("bi,ij->bj", h, 0.3 * eye(4) + 0.1)',
+    "einsum-outer-summed": 'sum(einsum("bi,bj->bij", h, tanh(a)), dim=2)',
+    "einsum-lonely-letter": 'h * unsqueeze(einsum("bi->b", a), -1)',
+    "einsum-ellipsis": 'einsum("...i,ij->...j", h, 0.5 * eye(4))',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BODIES))
+def test_a_layer_with_the_form_matches_unrolled_autograd(name, tmp_path):
+    assert_body_matches_unrolled_autograd(BODIES[name], tmp_path)
+
+
+def _load(text: str, tmp_path, name: str = "t.fpi"):
+    spec = tmp_path / name
+    spec.write_text(text)
+    return fpidsl.load(spec)
+
+
+LINEAR_SOLVE = """
+layer S {
+  input a : [B, 3]
+  input M : [B, 3, 3]
+  state x : [B, 3]
+  update x = 0.5 * solve(M, x) + a
+}
+"""
+
+
+def test_solve_in_a_linear_layer_matches_the_closed_form(tmp_path):
+    """x = 0.5 M⁻¹ x + a has x̂ = (I - 0.5 M⁻¹)⁻¹ a; gradcheck and gradgradcheck in a and M (per-sample M)."""
+    layer = _load(LINEAR_SOLVE, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    M = (2 * torch.eye(3, dtype=F64) + 0.3 * torch.randn(2, 3, 3, dtype=F64)).requires_grad_()
+    closed = torch.linalg.solve(torch.eye(3, dtype=F64) - 0.5 * torch.linalg.inv(M), a.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(layer(a, M), closed, rtol=1e-10, atol=1e-12)
+    assert type(layer).SAMPLEWISE  # one M per sample: samples never mix
+    assert torch.autograd.gradcheck(layer, (a, M))
+    assert torch.autograd.gradgradcheck(layer, (a, M))
+
+
+EINSUM_LINEAR = """
+layer E {
+  input a : [B, 4]
+  state x : [B, 4]
+  param W : tensor [4, 4] = normal(0, 0.2)
+  update x = einsum("bi,ij->bj", x, W) + a
+}
+"""
+
+
+def test_einsum_in_a_linear_layer_matches_the_closed_form(tmp_path):
+    """x = x W + a has x̂ = a (I - W)⁻¹; derivatives of order 1 and 2 in a and W match the closed form's."""
+    torch.manual_seed(1)
+    layer = _load(EINSUM_LINEAR, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    assert type(layer).SAMPLEWISE
+    a = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    weight = torch.randn(3, 4, dtype=F64)
+
+    def closed():
+        return torch.linalg.solve((torch.eye(4, dtype=F64) - layer.W).T, a.T).T
+
+    torch.testing.assert_close(layer(a), closed(), rtol=1e-10, atol=1e-12)
+    params = [a, layer.W]
+    got = derivatives(lambda: (weight * layer(a)).sum() ** 2, params, order=2)
+    want = derivatives(lambda: (weight * closed()).sum() ** 2, params, order=2)
+    for g_order, w_order in zip(got, want):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_einsum_sums_over_a_batch_letter_and_is_solved_jointly(tmp_path):
+    """A letter that carries the batch and is summed over mixes the samples (MIXED): the layer is not samplewise,
+    and its fixed point equals plain iteration of the whole batch."""
+    text = EINSUM_LINEAR.replace('einsum("bi,ij->bj", x, W) + a', '0.1 * einsum("bi,bj->j", x, a) + a')
+    layer = _load(text, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    assert not type(layer).SAMPLEWISE
+    a = 0.5 * torch.randn(3, 4, dtype=F64)
+    x = torch.zeros_like(a)
+    for _ in range(200):
+        x = 0.1 * torch.einsum("bi,bj->j", x, a) + a
+    torch.testing.assert_close(layer(a), x, rtol=1e-10, atol=1e-12)
+
+
+IGNN = """
+layer IGNN {
+  input A : sparse [N, N]
+  input u : [N, 4]
+  state x : [N, 4]
+  param W : tensor [4, 4] = normal(0, 0.3)
+  update x = tanh(spmm(A, x @ W) + u)
+}
+"""
+
+
+def _graph(n: int = 8, seed: int = 0) -> torch.Tensor:
+    """A random sparse adjacency (about 30% of the entries) scaled so that its rows sum to at most 1/2 in
+    absolute value: the IGNN map is then a contraction for ||W|| < 2."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(n, n, generator=gen, dtype=F64)
+    dense = torch.where(torch.rand(n, n, generator=gen) < 0.3, dense, torch.zeros_like(dense))
+    return 0.5 * dense / (dense.abs().sum(1, keepdim=True) + 1e-3)
+
+
+def _dense_iteration(dense, u, W, steps: int = 200):
+    x = torch.zeros_like(u)
+    for _ in range(steps):
+        x = torch.tanh(dense @ (x @ W) + u)
+    return x
+
+
+@pytest.mark.filterwarnings(CSR_BETA)
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_ignn_on_one_sparse_graph_matches_dense_iteration(layout, tmp_path):
+    """The node axis N is the batch, and spmm mixes rows: the layer is solved jointly (not samplewise). Its fixed
+    point, and its first and second derivatives in u and W, match dense plain iteration; the gradient of a
+    single node's output reaches every node it depends on (no node is frozen as 'finished' early)."""
+    torch.manual_seed(2)
+    layer = _load(IGNN, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    assert not type(layer).SAMPLEWISE
+    dense = _graph()
+    A = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    u = torch.randn(8, 4, dtype=F64, requires_grad=True)
+    torch.testing.assert_close(layer(A, u), _dense_iteration(dense, u, layer.W), rtol=1e-10, atol=1e-12)
+    params = [u, layer.W]
+    got = derivatives(lambda: layer(A, u)[0, 0] + (layer(A, u) ** 2).sum(), params, order=2)
+    want = derivatives(lambda: _dense_iteration(dense, u, layer.W)[0, 0]
+                       + (_dense_iteration(dense, u, layer.W) ** 2).sum(), params, order=2)
+    for g_order, w_order in zip(got, want):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    small = u[:, :2].detach().requires_grad_()
+    two = _load(IGNN.replace("4", "2"), tmp_path, "two.fpi")(solve=TIGHT, backward=TIGHT).double()
+    assert torch.autograd.gradcheck(lambda v: two(A, v), (small,))
+    assert torch.autograd.gradgradcheck(lambda v: two(A, v), (small,))
+
+
+def test_spmm_transposed_matches_the_dense_transpose(tmp_path):
+    text = IGNN.replace("spmm(A, x @ W)", "spmm(A, x @ W, transpose=true)")
+    layer = _load(text, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    dense = _graph(seed=3)
+    u = torch.randn(8, 4, dtype=F64)
+    x = torch.zeros_like(u)
+    for _ in range(200):
+        x = torch.tanh(dense.T @ (x @ layer.W) + u)
+    torch.testing.assert_close(layer(dense.to_sparse(), u), x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (lambda d: d, "input 'A' is declared sparse but got a strided tensor: pass A.to_sparse() (COO) or A.to_sparse_csr()"),
+    (lambda d: d.to_sparse().requires_grad_(), "input 'A' is sparse and requires grad, but a sparse input gets no "
+                                              "gradient"),
+    (lambda d: d.to_sparse().float(), "input 'A' is float32 but the layer's parameters are float64"),
+])
+def test_a_wrong_tensor_for_a_sparse_input_names_it(bad, fragment, tmp_path):
+    layer = _load(IGNN, tmp_path)().double()
+    with pytest.raises(LayerInputError) as info:
+        layer(bad(_graph()), torch.zeros(8, 4, dtype=F64))
+    assert fragment in str(info.value)
+
+
+def test_a_sparse_tensor_for_a_dense_input_names_it(tmp_path):
+    layer = _load(IGNN, tmp_path)().double()
+    with pytest.raises(LayerInputError) as info:
+        layer(_graph().to_sparse(), torch.zeros(8, 4, dtype=F64).to_sparse())
+    assert "input 'u' is declared dense but got a sparse_coo tensor: pass u.to_dense()" in str(info.value)
+
+
+def test_a_layer_without_sparse_inputs_still_runs_under_torch_func(tmp_path):
+    """The sparse checks read only the declared sparse inputs: torch.func transforms of other layers are unchanged."""
+    layer = _load(EINSUM_LINEAR, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    a = torch.randn(2, 4, dtype=F64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(layer, p, (a,)))(params)["W"]
+    want = torch.autograd.functional.jacobian(
+        lambda W: torch.linalg.solve((torch.eye(4, dtype=F64) - W).T, a.T).T, params["W"])
+    torch.testing.assert_close(jac, want, rtol=1e-8, atol=1e-10)
+
+
+def test_sparse_and_einsum_specs_round_trip_through_yaml():
+    text = IGNN.replace("spmm(A, x @ W) + u", 'spmm(A, einsum("nd,de->ne", x, W)) + u')
+    yaml_text = convert(Source("t.fpi", text), "yaml")
+    assert 'A: "sparse [N, N]"' in yaml_text
+    back = check_source(Source("t.yaml", yaml_text)).graphs["IGNN"]
+    assert back.dtype(back.inputs["A"]) == "sparse"
+    assert convert(Source("t.yaml", yaml_text), "fpi").strip() == text.strip()
+
+
+BAD = [
+    # (body, error kind, the text the error points at, a fragment of its message)
+    ('einsum("bi,ij->bj", h)', TypeErr, '"bi,ij->bj"', 'the equation "bi,ij->bj" names 2 operands, but einsum was given 1'),
+    ('einsum("bi,ij->bj", h, h)', ShapeErr, "h)", "einsum's letter i is 4 in operand 0 but B in operand 1"),
+    ('einsum("bi,j->bq", h, a)', TypeErr, 'q"', "the output letter q is not a letter of any operand"),
+    ('unsqueeze(einsum("b i->b", h), -1) + h', None, None, None),  # spaces are allowed
+    ('einsum("b.i->b", h)', TypeErr, '.i', "a '.' in an einsum equation must be part of `...`"),
+    ('einsum("i...->i", h)', TypeErr, '...-', "`...` after a letter in one term of the einsum equation"),
+    ('einsum("bi->b->b", h)', TypeErr, "->b\"", "an einsum equation has at most one ->"),
+    ('einsum("bi,->b", h)', TypeErr, '"bi,->b"', 'names 2 operands, but einsum was given 1'),
+    ("einsum(h, a)", TypeErr, "h, a", "the first argument of einsum is its equation"),
+    ('einsum("bi->b", h, a=h)', TypeErr, "a=h", "einsum takes its equation and operands by position"),
+    ('einsum("bi,->bi", h, 2)', TypeErr, "2)", "the operands of einsum are tensors, but this one is a number"),
+    ("solve(h, h)", ShapeErr, "h, h", "solve needs a square matrix A of shape [.., n, n], found [B, 4]"),
+    ("solve(eye(3), h)", ShapeErr, "h)", "needs b of shape [.., 3, k], found [B, 4] (B vs 3)"),  # by ranks
+    ("solve(3 * eye(4) + 0 * unsqueeze(h, -1), h)", None, None, None),  # A [B, 4, 4], b [B, 4]: vectors
+    ("(-2) ** h", TypeErr, "-2", "the base of ** with a tensor exponent must be positive, found -2"),
+    ("arange(0) + h", ShapeErr, "0", "arange(n) needs a positive size, found 0"),
+    ("spmm(a, h)", TypeErr, "a, h", "spmm multiplies by a sparse input, but its A is the input a"),
+]
+
+
+@pytest.mark.parametrize("body, kind, at, fragment", BAD, ids=[b for b, *_ in BAD])
+def test_mistakes_are_one_positioned_error(body, kind, at, fragment):
+    text = ONE_STATE_SPEC.format(body=body)
+    if kind is None:
+        check_source(Source("ok.fpi", text))
+        return
+    error = the_one_error(text)
+    assert isinstance(error, kind), error
+    assert fragment in error.message, error.message
+    assert error.span.line == 7, error.span  # the update line
+    line = text.splitlines()[6]
+    assert error.span.col - 1 == line.index(at, line.index(body)), (error.span, at)
+
+
+SPARSE_MISUSE = [
+    ("tanh(A @ x + u)", "A @ x", "the sparse input A cannot be an argument of @"),
+    ("tanh(spmm(A, x) + sum(A, dim=1, keepdim=true))", "A, dim", "the sparse input A cannot be an argument of sum"),
+    ("tanh(spmm(u, x) + u)", "u, x", "spmm multiplies by a sparse input, but its A is the input u"),
+    ("tanh(spmm(A, A) + u)", "A) +", "the sparse input A cannot be an argument of spmm"),
+]
+
+
+@pytest.mark.parametrize("update, at, fragment", SPARSE_MISUSE, ids=[u for u, *_ in SPARSE_MISUSE])
+def test_a_sparse_input_is_read_only_by_spmm(update, at, fragment):
+    text = IGNN.replace("tanh(spmm(A, x @ W) + u)", update)
+    error = the_one_error(text)
+    assert isinstance(error, TypeErr) and fragment in error.message, error
+    line = text.splitlines()[error.span.line - 1]
+    assert error.span.line == 7 and error.span.col - 1 == line.index(at), (error.span, at)
