@@ -230,17 +230,32 @@ class LayerGraph:
     # ------------------------------------------------------------------ building and reading
     def add_node(self, op: str, *, span: Span, shape=None, name: str | None = None,
                  args: Sequence[str | tuple[str, Span]] = (), **attrs: Any) -> str:
-        """Add a node after its arguments (node ids or ``(node id, use-site span)``); returns its id."""
-        nid = f"n{self.g.number_of_nodes()}"
-        self.g.add_node(nid, op=op, shape=shape, span=span, name=name, **attrs)
+        """Add a node after its arguments (node ids or ``(node id, use-site span)``); returns its id.
+
+        Written into networkx's adjacency dicts directly, as ``MultiDiGraph.add_node``/``add_edge`` would (the
+        edge key is the argument's position): their checks and cache clearing were a fifth of compiling."""
+        g = self.g
+        nid = f"n{len(g._node)}"
+        if nid in g._node:
+            raise GraphLintError(f"{nid} exists already: nodes were removed from this graph")
+        g._node[nid] = {"op": op, "shape": shape, "span": span, "name": name, **attrs}
+        succ = g._succ
+        succ[nid] = {}
+        preds = g._pred[nid] = {}
         for pos, arg in enumerate(args):
             src, use = arg if isinstance(arg, tuple) else (arg, span)
-            self.g.add_edge(src, nid, key=pos, pos=pos, span=use)
+            keyed = preds.get(src)
+            if keyed is None:
+                users = succ[src]  # a KeyError: the argument is not a node of this graph
+                keyed = preds[src] = users[nid] = {}
+            keyed[pos] = {"pos": pos, "span": use}
+        if getattr(g, "__networkx_cache__", None):  # graphs networkx converted for a backend, now stale
+            g.__networkx_cache__.clear()
         return nid
 
     def node(self, nid: str) -> dict[str, Any]:
         """The attribute dict of a node (mutable: passes set ``shape``)."""
-        return self.g.nodes[nid]
+        return self.g._node[nid]
 
     def nodes(self) -> list[str]:
         """Node ids in insertion (= topological) order."""
@@ -258,8 +273,13 @@ class LayerGraph:
         return sorted(edges, key=lambda e: e[1]["pos"])
 
     def args(self, nid: str) -> list[str]:
-        """The arguments of a node, by position."""
-        return [u for u, _ in self._in_edges(nid)]
+        """The arguments of a node, by position (the edge keys)."""
+        keyed_by_arg = self.g._pred[nid]
+        if len(keyed_by_arg) == 1:  # one argument, or one value used several times
+            ((u, keyed),) = keyed_by_arg.items()
+            return [u] * len(keyed)
+        edges = sorted((k, u) for u, keyed in keyed_by_arg.items() for k in keyed)
+        return [u for _, u in edges]
 
     def arg_spans(self, nid: str) -> list[Span]:
         """Where each argument of a node is written."""
@@ -271,7 +291,7 @@ class LayerGraph:
         return sorted(out, key=lambda e: (int(e[0][1:]), e[1]))
 
     def shape(self, nid: str):
-        return self.g.nodes[nid]["shape"]
+        return self.g._node[nid]["shape"]
 
     def downstream(self, sources: Iterable[str]) -> set[str]:
         """The nodes whose value depends on one of ``sources`` (the sources included): one walk, linear."""
@@ -385,41 +405,43 @@ class LayerGraph:
     def lint(self, shapes: bool = True) -> None:
         """Check the graph's invariants; raise :class:`GraphLintError` on the first broken one.
 
-        ``shapes``: also require every node to have a shape (after shape inference)."""
+        ``shapes``: also require every node to have a shape (after shape inference). One pass over the nodes and
+        edges; a message is formatted only when its check fails (formatting each one made lint a third of
+        checking a large spec)."""
         order = {nid: i for i, nid in enumerate(self.g.nodes)}
+        nodes, preds = self.g._node, self.g._pred
         for nid, i in order.items():
-            _require(nid == f"n{i}", f"node id {nid} at position {i}")
-            d = self.g.nodes[nid]
+            if nid != f"n{i}":
+                _fail(f"node id {nid} at position {i}")
+            d = nodes[nid]
             op = d.get("op")
-            _require(op in OPS, f"{nid}: op {op!r} is not in the closed op set")
-            _require(isinstance(d.get("span"), Span), f"{nid}: no span")
-            if shapes:
-                _require(isinstance(d.get("shape"), tuple), f"{nid}: no shape")
-            edges = [(u, k, data) for u, keyed in self.g._pred[nid].items() for k, data in keyed.items()]
-            poss = sorted(data["pos"] for _, _, data in edges)
-            _require(poss == list(range(len(poss))), f"{nid}: argument positions {poss} are not 0..n-1")
-            for u, k, data in edges:
-                _require(k == data["pos"], f"{nid}: edge key {k} != pos {data['pos']}")
-                _require(order[u] < i, f"{nid}: argument {u} comes after it (not topological)")
-                _require(isinstance(data.get("span"), Span), f"{nid}: argument {u} has no span")
-            n = len(poss)
+            if op not in OPS:
+                _fail(f"{nid}: op {op!r} is not in the closed op set")
+            if not isinstance(d.get("span"), Span):
+                _fail(f"{nid}: no span")
+            if shapes and not isinstance(d.get("shape"), tuple):
+                _fail(f"{nid}: no shape")
+            n = 0
+            for u, keyed in preds[nid].items():
+                for k, data in keyed.items():
+                    n += 1
+                    if k != data["pos"]:
+                        _fail(f"{nid}: edge key {k} != pos {data['pos']}")
+                    if order[u] >= i:
+                        _fail(f"{nid}: argument {u} comes after it (not topological)")
+                    if not isinstance(data.get("span"), Span):
+                        _fail(f"{nid}: argument {u} has no span")
+            if n and sorted(k for keyed in preds[nid].values() for k in keyed) != list(range(n)):
+                poss = sorted(data["pos"] for keyed in preds[nid].values() for data in keyed.values())
+                _fail(f"{nid}: argument positions {poss} are not 0..n-1")
             if op == "call":
-                prim = PRIMITIVES.get(d.get("prim"))
-                _require(prim is not None, f"{nid}: unknown primitive {d.get('prim')!r}")
-                hi = prim.max_args
-                _require(prim.min_args <= n and (hi is None or n <= hi),
-                         f"{nid}: {prim.name} takes {prim.min_args}..{hi} arguments, has {n}")
-                attrs = d.get("attrs")
-                _require(isinstance(attrs, dict), f"{nid}: attrs is not a dict")
-                known = {a.name for a in prim.attrs}
-                _require(set(attrs) <= known, f"{nid}: unknown attrs {sorted(set(attrs) - known)}")
-                missing = [a.name for a in prim.attrs if a.required and a.name not in attrs]
-                _require(not missing, f"{nid}: missing attrs {missing}")
+                _lint_call(nid, d, n)
             else:
                 lo, hi = _ARITY[op]
-                _require(lo <= n and (hi is None or n <= hi), f"{nid}: {op} with {n} arguments")
-            if op == "init":
-                _require((d.get("fill") is None) == (n == 1), f"{nid}: init needs a fill or one argument")
+                if not (lo <= n and (hi is None or n <= hi)):
+                    _fail(f"{nid}: {op} with {n} arguments")
+            if op == "init" and (d.get("fill") is None) != (n == 1):
+                _fail(f"{nid}: init needs a fill or one argument")
         # acyclic: every edge was checked above to run forward in the node order
         sinks: dict[tuple[str, str], list[str]] = {}
         for nid, d in self.g.nodes(data=True):
@@ -457,6 +479,31 @@ def _reach(starts: Iterable[str], neighbours) -> set[str]:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise GraphLintError(message)
+
+
+def _fail(message: str) -> None:
+    raise GraphLintError(message)
+
+
+def _lint_call(nid: str, d: dict[str, Any], n: int) -> None:
+    """The invariants of a ``call`` node with ``n`` arguments: a known primitive, its arity and attributes."""
+    prim = PRIMITIVES.get(d.get("prim"))
+    if prim is None:
+        _fail(f"{nid}: unknown primitive {d.get('prim')!r}")
+    hi = prim.max_args
+    if not (prim.min_args <= n and (hi is None or n <= hi)):
+        _fail(f"{nid}: {prim.name} takes {prim.min_args}..{hi} arguments, has {n}")
+    attrs = d.get("attrs")
+    if not isinstance(attrs, dict):
+        _fail(f"{nid}: attrs is not a dict")
+    if not attrs and not prim.attrs:
+        return
+    known = {a.name for a in prim.attrs}
+    if not attrs.keys() <= known:
+        _fail(f"{nid}: unknown attrs {sorted(set(attrs) - known)}")
+    missing = [a.name for a in prim.attrs if a.required and a.name not in attrs]
+    if missing:
+        _fail(f"{nid}: missing attrs {missing}")
 
 
 class BackwardGraph(LayerGraph):
