@@ -179,3 +179,15 @@ def test_the_runtime_reads_every_size_as_the_compiler_prints_it():
         for d in dims:
             written = d if isinstance(d, int) else str(d)
             assert size(written, sizes) == dim_value(d, sizes), (written, sizes)
+
+
+def test_the_graph_interpreter_binds_symbolic_reshape_sizes():
+    import torch
+    import torch.nn.functional as F
+
+    from fpidsl.ir.interpret import evaluate
+
+    g = graph(TWO_SCALE)
+    x, s = torch.randn(2, 3, 4, 6, dtype=torch.float64), torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    got = evaluate(g, {"x": x, "s": s})[g.states["s"].update]
+    torch.testing.assert_close(got, 0.5 * s + F.avg_pool2d(x, 2), rtol=1e-12, atol=1e-12)
