@@ -65,6 +65,23 @@ def test_the_emitted_reshape_sizes_come_from_the_argument(two_scale):
     assert "STATES = {'u': ('B', 3, 'H', 'W'), 'v': ('B', 3, 'H/2', 'W/2')}" in source
 
 
+def test_reshape_targets_are_written_from_the_argument_s_sizes():
+    from fpidsl.codegen.sizes import reshape_target
+    from fpidsl.ir.shapes import ShapeCtx, dim_add, dim_exact_div, dim_mul
+
+    ctx = ShapeCtx()
+    half, t1 = dim_exact_div("H", 2, ctx), dim_add("T", 1)
+    assert reshape_target(("B", half, t1), ("B", "H", dim_mul("T", "B")), "v") == (
+        "(v.shape[0], 2 * v.shape[1], v.shape[0] * v.shape[2] - v.shape[0])")
+    assert reshape_target(("B", half, t1), (dim_exact_div(dim_mul(3, "H"), 4, ctx), "K"), "v") == (
+        "(3 * v.shape[1] // 2, -1)")  # K is not given by v's sizes: the one -1
+    chw = dim_exact_div(dim_mul("C", dim_mul("H", "W")), 4, ctx)
+    assert reshape_target(("B", "C", "H", "W"), ("B", 4, chw), "v") == (
+        "(v.shape[0], 4, v.shape[1] * v.shape[2] * v.shape[3] // 4)")
+    with pytest.raises(ValueError):
+        reshape_target(("B", dim_mul("N", "M")), ("B", "N", "M"), "v")
+
+
 def test_a_two_scale_layer_matches_its_torch_oracle_to_second_order(two_scale):
     torch.manual_seed(0)
     layer = two_scale(solve=TIGHT, backward=TIGHT).double()
