@@ -180,6 +180,35 @@ def test_an_odd_size_breaks_the_pooling_assumption_at_call_time(tmp_path):
         layer(torch.zeros(1, 2, 5, 4, dtype=torch.float64))
 
 
+TWO_SCALES = """
+layer TwoScale {
+  input a : [B, 2, H, W]
+  state fine : [B, 2, H, W]
+  state coarse : [B, 2, H/2, W/2]
+  param down : Conv2d(2, 2, 3, padding=1, init_scale=0.3)
+  update coarse = 0.4 * tanh(down(avg_pool2d(fine, 2)) + max_pool2d(fine, 2))
+  update fine = 0.4 * tanh(interpolate(coarse, scale_factor=2) + pad(fine, [1, 1, 1, 1])[:, :, 1:-1, 1:-1]) + a
+}
+"""
+
+
+def test_a_state_declared_at_half_the_size_is_reached_by_pooling(tmp_path):
+    """Declared shapes with symbolic arithmetic ([B, 2, H/2, W/2]) meet the pools' exact symbolic sizes."""
+    layer = _load(tmp_path, TWO_SCALES, "two_scale")
+    a = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def step(states):
+        fine, coarse = states
+        return (0.4 * torch.tanh(F.interpolate(coarse, scale_factor=2) + fine) + a,
+                0.4 * torch.tanh(layer.down(F.avg_pool2d(fine, 2)) + F.max_pool2d(fine, 2)))
+
+    want = _iterate(step, (torch.zeros_like(a), torch.zeros(2, 2, 2, 3, dtype=torch.float64)))
+    for got, w in zip(layer(a), want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12)
+    small = a[:1, :, :2, :2].clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(layer, (small,))
+
+
 # --------------------------------------------------------------------------- grid_sample
 
 
