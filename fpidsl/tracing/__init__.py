@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .api import TracedMap, trace, trace_map
+from .auto import TraceMismatchWarning, trace_status
 from .fx_capture import UntraceableError
 
-__all__ = ["TracedMap", "UntraceableError", "trace", "trace_map"]
+__all__ = ["TraceMismatchWarning", "TracedMap", "UntraceableError", "trace", "trace_map", "trace_status"]

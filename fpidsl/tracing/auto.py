@@ -52,6 +52,7 @@ class Plan:
 class _Entry:
     traced: TracedMap | None  # None: f does not trace with this signature
     located: tuple  # (getter, object) of each foreign object: it must still be there
+    reason: str = ""  # why not, where traced is None
 
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -122,16 +123,20 @@ def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
     if code is not None:
         count = _TRACES.get(code, 0)
         if count >= MAX_TRACES:
-            return _Entry(None, ())
+            return _Entry(None, (), f"this function's code was traced {MAX_TRACES} times already (a new closure at "
+                                    "every call?): pass the tensors it reads as arguments")
         _TRACES[code] = count + 1
     try:
         traced = trace_map(f, x0.detach(), [a.detach() if isinstance(a, Tensor) else a for a in args], batched)
     except UntraceableError as exc:
         if "differs from the map" in str(exc):
             _warn_once(f, str(exc))
-        return _Entry(None, ())
+        return _Entry(None, (), str(exc))
     located = _locations(f, traced.foreign)
-    return _Entry(traced if located is not None else None, located or ())
+    if located is None:
+        return _Entry(None, (), "the map reads a module or tensor that is neither its own, an argument, nor in its "
+                                "closure, defaults or globals (where a replaced value would be seen)")
+    return _Entry(traced, located)
 
 
 def _warn_once(f: Callable, message: str) -> None:
@@ -146,35 +151,58 @@ def _warn_once(f: Callable, message: str) -> None:
                   "slower. Pass trace=False to skip tracing this map.", TraceMismatchWarning, stacklevel=4)
 
 
-def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
-                per_sample: bool) -> Plan | None:
-    """The compiled form of ``f`` for ``fixed_point(f, x0, *args)``, or None (use ``f``); see the module's doc."""
+def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
+           per_sample: bool) -> tuple[_Entry | None, tuple]:
+    """The cache entry of this call (traced now if needed) with the map's tensors, or None and a reason."""
     if not isinstance(x0, Tensor) or not per_sample or not x0.is_floating_point() or x0.dim() == 0:
-        return None
+        return None, ("only one floating-point tensor state with a batch dimension (per_sample=True) is traced",)
     owner, rest = _owner(f)
     signature = _signature(x0, args, batched, per_sample, owner)
     if signature is None:
-        return None
+        return None, ("an argument that is neither a tensor nor hashable",)
     try:
         table = _CACHE.setdefault(owner, {})
-    except TypeError:  # not weakly referable (a builtin): not traced
-        return None
+    except TypeError:
+        return None, (f"{type(owner).__name__} cannot be referenced weakly (the trace cache is weak)",)
     key = (rest, signature)
-    entry = table.get(key)
-    if entry is None or not _fresh(entry):
-        entry = table[key] = _trace(f, x0, args, batched)
+    for _ in range(2):
+        entry = table.get(key)
+        if entry is None or not _fresh(entry):
+            entry = table[key] = _trace(f, x0, args, batched)
+        if entry.traced is None:
+            return entry, ()
+        try:
+            params = entry.traced.tensors(owner if isinstance(owner, nn.Module) else None)
+        except AttributeError:  # a submodule or parameter was removed
+            params = None
+        if params is not None and all(p.shape == shape for p, shape in zip(params, entry.traced.shapes)):
+            return entry, params
+        del table[key]  # the module changed: trace it again
+    return None, ("the map's module changes at every call",)
+
+
+def trace_status(f: Callable, x0: Any, *args: Any, batched: Sequence[bool] | None = None,
+                 per_sample: bool = True) -> tuple[TracedMap | None, str]:
+    """What ``fixed_point(f, x0, *args)`` does with the trace: the :class:`~fpidsl.tracing.api.TracedMap` it solves
+    with, or None, and a sentence saying why (traces ``f`` if the cache has no entry yet)."""
+    entry, more = _entry(f, x0, args, batched, per_sample)
+    if entry is None:
+        return None, f"not traced: {more[0]}"
+    if entry.traced is None:
+        return None, f"not traced: {entry.reason}"
+    layer = entry.traced.layer
+    return entry.traced, (f"traced: layer {layer.__name__}, {'samplewise' if layer.SAMPLEWISE else 'samples solved jointly'}"
+                          f", {'hoisted' if layer.HOIST_BATCHED is not None else 'nothing hoisted'}")
+
+
+def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
+                per_sample: bool) -> Plan | None:
+    """The compiled form of ``f`` for ``fixed_point(f, x0, *args)``, or None (use ``f``); see the module's doc."""
+    entry, params = _entry(f, x0, args, batched, per_sample)
+    if entry is None or entry.traced is None:
+        return None
     traced = entry.traced
-    if traced is None:
-        return None
     layer = traced.layer
-    try:
-        params = traced.tensors(owner if isinstance(owner, nn.Module) else None)
-    except AttributeError:  # the module changed shape (a submodule removed): trace again next time
-        del table[key]
-        return None
-    if any(p.shape != shape for p, shape in zip(params, traced.shapes)):
-        del table[key]
-        return traced_plan(f, x0, args, batched, per_sample)
     inputs = traced.arguments(args)
     if batched is not None:
         flags: tuple[bool, ...] | None = (*(batched[i] for i in traced.inputs), *([False] * len(params)))
@@ -184,4 +212,3 @@ def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[boo
         flags = None
     hoisted = None if layer.HOIST_BATCHED is None else Hoisted(layer.hoist, layer.iterate, tuple(layer.HOIST_BATCHED))
     return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags)
-
