@@ -105,3 +105,40 @@ def test_capture_cost_benchmark_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "capture='auto'" in proc.stdout and "discover" in proc.stdout
+
+
+def test_frontends_benchmark_runs_and_the_traced_module_gives_the_specs_gradients():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontends.py"), "--quick", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for workload in ("conv16-slow", "bibtex-nn"):
+        for method in ("picard", "anderson"):
+            assert f"| {workload} | {method} | yes |" in proc.stdout  # the module traces
+    number = r"(\d\.\de[+-]\d\d)"
+    checks = re.findall(rf"\| yes \| {number} \| {number} \| {number} \|", proc.stdout)
+    assert len(checks) == 4  # every contender reached its tolerances on every row
+    assert all(float(traced) < 1e-6 and float(plain) < 1e-5 and float(deq) < 1e-4 for traced, plain, deq in checks)
+
+
+def test_scale_benchmark_writes_its_table_and_plot(tmp_path):
+    import subprocess
+
+    png = tmp_path / "scale.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--repeats", "1",
+                           "--methods", "picard", "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("| picard |") == 4  # two batch sizes, two image sides
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_with_device_cuda_says_when_there_is_no_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: benchmarks/gpu_tables.sh runs the GPU tables")
+    with pytest.raises(SystemExit):
+        _load_run().main(["--quick", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
