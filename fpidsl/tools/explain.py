@@ -102,7 +102,8 @@ def explain_layer(checked, name: str) -> str:
     lowered = lower(graph)
     out = [f"layer {name}  ({graph.span})"]
     out.append("  inputs:" if graph.inputs else "  inputs: none")
-    out += [f"    {n} : {fmt_shape(graph.shape(nid))}" for n, nid in graph.inputs.items()]
+    out += [f"    {n} : {'' if graph.dtype(nid) == 'float' else graph.dtype(nid) + ' '}{fmt_shape(graph.shape(nid))}"
+            for n, nid in graph.inputs.items()]
     out.append("  states:")
     for state, info in graph.states.items():
         init = graph.node(info.init) if info.init else None
