@@ -57,13 +57,14 @@ class Names:
     def __init__(self) -> None:
         self.used: set[str] = {"B"}
 
-    def fresh(self, wanted: str) -> str:
-        base = re.sub(r"\W", "_", wanted).strip("_") or "v"
+    def fresh(self, wanted: str, suffix: str = "v") -> str:
+        """``wanted`` made legal; when taken, ``wanted_SUFFIX``, then ``wanted_SUFFIX2`` ..."""
+        base = re.sub(r"\W", "_", wanted).strip("_") or suffix
         if base[0].isdigit():
-            base = f"v{base}"
+            base = f"{suffix}{base}"
         name, i = base, 1
         while self._taken(name):
-            name, i = f"{base}_{i}", i + 1
+            name, i = f"{base}_{suffix}{'' if i == 1 else i}", i + 1
         self.used.add(name)
         return name
 
@@ -272,7 +273,7 @@ class Writer:
             if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
                 raise UntraceableError(f"{kind.__name__} called on other than one tensor")
             name = table.WEIGHTED_MODULES[kind](self, module)
-            return self._let(f"{name}({args[0].name})")
+            return self._let(f"{name}({args[0].name})", suffix="out")
         if kind in table.ACTIVATION_MODULES:
             canonical, options = table.ACTIVATION_MODULES[kind](module)
             return self._apply(canonical, args, options)
@@ -302,8 +303,8 @@ class Writer:
             return Ref(text)
         return self._let(text)
 
-    def _let(self, text: str) -> Ref:
-        name = self.names.fresh(self.node.name)
+    def _let(self, text: str, suffix: str = "v") -> Ref:
+        name = self.names.fresh(self.node.name, suffix)
         self.lets.append(f"let {name} = {text}")
         return Ref(name)
 

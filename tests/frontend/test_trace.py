@@ -85,7 +85,7 @@ def test_the_batch_is_the_symbol_B_and_shapes_from_x_shape_are_symbolic():
     text = trace_map(f, x, args).spec.text
     assert "state x : [B, 8]" in text and "input z : [B, 8]" in text
     assert "reshape(seq_2, [B, 2, 4])" in text  # view(x.shape[0], 2, 4)
-    assert "reshape(transpose_1, [B, 8])" in text  # reshape(-1, 8)
+    assert "reshape(transpose_v, [B, 8])" in text  # reshape(-1, 8)
     assert "0.3 * " in text  # the float argument is fixed to its example value
 
 
