@@ -133,6 +133,8 @@ def hover(analysis: Analysis, pos: Pos) -> Hover | None:
     layer = next((n for n in path if isinstance(n, ast.Layer)), None)
     shape = next((n for n in reversed(path) if isinstance(n, ast.Shape)), None)
     dim = next((d for d in shape.dims if contains(d.span, pos)), None) if shape is not None else None
+    while isinstance(dim, ast.BinOp):  # a size computed from symbols (`H / 2`): the name under the cursor
+        dim = next((d for d in (dim.left, dim.right) if contains(d.span, pos)), None)
     if isinstance(dim, ast.Name):
         return Hover(dim.span, f"symbolic dimension **{dim.id}**: one size in the whole layer, taken from the "
                                "inputs at each call")

@@ -81,6 +81,8 @@ def test_hover_on_dimensions_and_settings():
             "  solve { method = anderson(m=5), tolx = 1e-6 }\n}\n")
     result = analyze("t.fpi", text)
     assert hover(result, at(text, "B, 4]")).markdown.startswith("symbolic dimension **B**: one size")
+    halved = "layer L {\n  input a : [B, H]\n  state x : [B, H / 2]\n  update x = 0.5 * x\n}\n"
+    assert hover(analyze("t.fpi", halved), at(halved, "H / 2")).markdown.startswith("symbolic dimension **H**")
     method = hover(result, at(text, "method")).markdown
     assert method.startswith("`solve` setting **method**: one of `picard`, `anderson`")
     assert [e.kind for e in result.errors] == ["settings"]
