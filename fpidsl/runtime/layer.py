@@ -363,11 +363,13 @@ class CompiledLayer(nn.Module):
             x0 = given_start(init, tuple(x0), list(self.STATES), spec)
         x0 = self.warm.start(tuple(x0))
         stats = Stats()
+        # per_sample: a map that mixes samples is one problem, judged (forward and backward) over the whole batch;
+        # a sample judged alone and held fixed while its neighbours move would give a wrong fixed point and gradient
         x_hat = fixed_point(
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
             adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
             backward=self.backward_settings, hoisted=self._hoisted, capture="explicit",
-            solve=self.solve_settings if self.training else self.eval_settings,
+            solve=self.solve_settings if self.training else self.eval_settings, per_sample=self.SAMPLEWISE,
         )
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
@@ -411,7 +413,8 @@ class CompiledLayer(nn.Module):
             self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states, indexing=indexing, k=k,
             tau=tau, stats=stats, adjoint=self._adjoint_obj if type(self).adjoint is not None else None,
             history=self.history, batched=self._batched(), backward=self.backward_settings, hoisted=self._hoisted,
-            capture="explicit", solve=self.solve_settings if self.training else self.eval_settings)
+            capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
+            per_sample=self.SAMPLEWISE)
         self.stats = stats
         return [self.outputs(s if isinstance(s, tuple) else (s,), *values) for s in states]
 
