@@ -539,17 +539,27 @@ def extern_vjp(module: Any, parameters: Tensor, *args: Tensor, name: str, inputs
 # An ``index`` argument is an integer (int64) tensor: a layer's ``int`` input, never differentiated.
 
 
+def _in_range(what: str, size: int, run):
+    """``run()``, with torch's out-of-range index error (on CPU) restated: which call, and the valid range."""
+    try:
+        return run()
+    except (IndexError, RuntimeError) as exc:
+        if "out of" not in str(exc) and "bounds" not in str(exc):
+            raise
+        raise IndexError(f"{what}: an index is outside 0..{size - 1} (torch: {exc})") from None
+
+
 def gather(x: Tensor, index: Tensor, *, dim: int) -> Tensor:
-    return torch.gather(x, dim, index)
+    return _in_range(f"gather along dim {dim}", x.shape[dim], lambda: torch.gather(x, dim, index))
 
 
 def index_select(x: Tensor, index: Tensor, *, dim: int) -> Tensor:
-    return torch.index_select(x, dim, index)
+    return _in_range(f"index_select along dim {dim}", x.shape[dim], lambda: torch.index_select(x, dim, index))
 
 
 def embedding(index: Tensor, weight: Tensor) -> Tensor:
     """Row ``index[...]`` of ``weight`` for every index (``nn.Embedding``)."""
-    return F.embedding(index, weight)
+    return _in_range(f"an Embedding of {weight.shape[0]} rows", weight.shape[0], lambda: F.embedding(index, weight))
 
 
 def gather_backward(ct: Tensor, index: Tensor, like: Tensor | torch.Size, *, dim: int) -> Tensor:

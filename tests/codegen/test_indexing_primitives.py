@@ -304,6 +304,15 @@ def test_a_float_tensor_for_an_int_input_is_named_at_call_time(tmp_path):
         layer(a.long(), tokens, pick, rows, keep)
 
 
+def test_an_index_out_of_range_names_the_call_and_the_range(tmp_path):
+    layer = _load(tmp_path, TOKENS, "tokens")
+    a, tokens, pick, rows, keep = _token_inputs(torch.Generator().manual_seed(10))
+    with pytest.raises(IndexError, match=r"an Embedding of 10 rows: an index is outside 0\.\.9"):
+        layer(a, tokens + 10, pick, rows, keep)
+    with pytest.raises(IndexError, match=r"index_select along dim 1: an index is outside 0\.\.3"):
+        layer(a, tokens, pick, rows - 4, keep)
+
+
 # --------------------------------------------------------------------------- the other front-ends and tools
 
 
