@@ -218,3 +218,32 @@ def test_solve_einsum_and_spmm_move_or_mix_the_batch_axis():
     assert spmm([None, 1], [("N", "N"), ("N", "B")], ("N", "B"), {"transpose": False}) == 1
     assert spmm([None, 0], [("N", "N"), ("N", 4)], ("N", 4), {"transpose": True}) is MIXED
     assert spmm([MIXED, None], [("N", "N"), ("N", 4)], ("N", 4), {"transpose": False}) is MIXED
+
+
+def test_indexing_and_resampling_rules():
+    """gather keeps the samples where x and the index have them, off the gathered dim; index_select needs a
+    sample-free index; an Embedding follows its index; pools, resampling and grid_sample work on trailing dims."""
+    gather, select, emb = (PRIMITIVES[p].batch for p in ("gather", "index_select", "embedding"))
+    assert gather([0, 0], [("B", 5, 3), ("B", 2, 3)], ("B", 2, 3), {"dim": 1}) == 0
+    assert gather([0, None], [("B", 5), ("B", 2)], ("B", 2), {"dim": 0}) is MIXED  # gathers among the samples
+    assert gather([0, 1], [("B", 5), (5, "B")], (5, "B"), {"dim": 1}) is MIXED
+    assert PRIMITIVES["gather_backward"].batch([0, 0, 0], [("B", 2), ("B", 2), ("B", 5)], ("B", 5), {"dim": 1}) == 0
+    assert select([0, None], [("B", 5, 3), (4,)], ("B", 4, 3), {"dim": 1}) == 0
+    assert select([0, None], [("B", 5), (4,)], (4, 5), {"dim": 0}) is MIXED
+    assert select([None, 0], [(5, 3), ("B",)], ("B", 3), {"dim": 0}) is MIXED  # a batched index: judged mixing
+    assert emb([0, None], [("B", "T"), (10, 4)], ("B", "T", 4), {}) == 0
+    assert emb([1, None], [("T", "B"), (10, 4)], ("T", "B", 4), {}) == 1
+    assert PRIMITIVES["embedding_backward"].batch([0, 0, None], [("B", 3, 4), ("B", 3), (10, 4)], (10, 4), {}) \
+        is MIXED  # the table's gradient sums over the samples
+    pool = {"kernel": (2, 2), "stride": None, "padding": (0, 0)}
+    for prim in ("avg_pool2d", "max_pool2d"):
+        assert PRIMITIVES[prim].batch([0], [("B", 2, 4, 4)], ("B", 2, 2, 2), pool) == 0
+        assert PRIMITIVES[prim].batch([2], [(1, 2, "B", 4)], (1, 2, "B/2", 2), pool) is MIXED
+    assert PRIMITIVES["max_pool2d_backward"].batch([0, 0], [("B", 2, 2, 2), ("B", 2, 4, 4)], ("B", 2, 4, 4), pool) == 0
+    grid = PRIMITIVES["grid_sample"].batch
+    assert grid([0, 0], [("B", 2, 4, 4), ("B", 3, 3, 2)], ("B", 2, 3, 3), {}) == 0
+    assert grid([1, None], [(1, "B", 4, 4), (1, 3, 3, 2)], (1, "B", 3, 3), {}) is MIXED
+    assert PRIMITIVES["grid_sample_vjp"].batch([0, 0, 0], [("B", 2, 3, 3), ("B", 2, 4, 4), ("B", 3, 3, 2)],
+                                               ("B", 2, 4, 4), {"path": (0,)}) == 0
+    assert PRIMITIVES["pad"].batch([0], [("B", 4)], ("B", 6), {"pad": (1, 1)}) == 0
+    assert PRIMITIVES["pad"].batch([0], [("B", 4)], ("B+2", 4), {"pad": (0, 0, 1, 1)}) is MIXED
