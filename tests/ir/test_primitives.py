@@ -120,6 +120,8 @@ CASES = [
     ("interpolate", [("B", 3, "H", "W")], {"scale_factor": 2}, ("B", 3, "2*H", "2*W")),
     ("interpolate", [("B", 3, "H", "W")], {"size": (8, 6), "mode": "bilinear"}, ("B", 3, 8, 6)),
     ("grid_sample", [("B", 3, "H", "W"), ("B", "K", 1, 2)], {}, ("B", 3, "K", 1)),
+    # an extern module: handle [], flat parameters [P], then its inputs (fpidsl/ir/extern.py)
+    ("extern", [(), ("P",), ("B", 4), ("B", 2)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, ("B", 3)),
 ]
 
 
@@ -161,7 +163,7 @@ conv_transpose2d grad
 gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril
 group_norm layer_norm eye zeros ones full
 arange power solve einsum spmm
-gather index_select embedding pad avg_pool2d max_pool2d interpolate grid_sample""".split())
+gather index_select embedding pad avg_pool2d max_pool2d interpolate grid_sample extern""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -209,6 +211,9 @@ FAILURES = [
 
 # issue 13: each failure names the argument or attribute it is about (the error is positioned there)
 POSITIONED_FAILURES = [
+    ("extern", [(), ("P",), ("B", 4), ("B", 3)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, 3,
+     "argument 2 of f (declared extern ([B, 4], [B, 2]) -> [B, 3]) must have shape [B, 2], found [B, 3]"),
+    ("extern", [(), ("P",), ("B", 4)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, None, "f (declared extern ([B, 4], [B, 2]) -> [B, 3]) takes 2 arguments, but 1 was given"),
     ("gelu", [("B", 3)], {"approximate": "exact"}, "approximate", "approximate of gelu must be none or tanh, found exact"),
     ("where", [("B", 4), ("B", 3), ()], {}, 1, "[B, 4], [B, 3] and [], which do not broadcast: 4 vs 3 in dimension -1"),
     ("where", [("B", 4), ("B", 4), (3,)], {}, 2, "[B, 4], [B, 4] and [3], which do not broadcast: 4 vs 3 in dimension -1"),
@@ -368,3 +373,32 @@ def test_the_norm_bound_is_the_root_of_the_reduced_count():
             change = torch.linalg.vector_norm(_ops_call("norm", x, dim=1, p=p) - _ops_call("norm", y, dim=1, p=p))
             worst = max(worst, float(change / torch.linalg.vector_norm(x - y)))
         assert worst <= 6 ** 0.5
+
+
+@pytest.mark.parametrize("prim, attrs, bound", [
+    ("pad", {"pad": (1, 2, 0, 1), "value": 0.5}, 1.0), ("avg_pool2d", {"kernel": (2, 2)}, 1.0),
+    ("avg_pool2d", {"kernel": (3, 3), "stride": (1, 1), "padding": (1, 1)}, 1.0),
+    ("max_pool2d", {"kernel": (2, 2)}, 1.0), ("max_pool2d", {"kernel": (3, 3), "stride": (1, 1)}, 3.0),
+    ("interpolate", {"scale_factor": 2}, 2.0),
+])
+def test_the_resampling_bounds_hold(prim, attrs, bound):
+    """|f(x) - f(y)| <= L |x - y| for the bounds that pad, the pools and nearest interpolation declare (a constant
+    or the rule of passes/lipschitz.py: the root of the window overlap, the scale), on random pairs with ties."""
+    import torch
+
+    from fpidsl.passes.lipschitz import RULES
+
+    law = PRIMITIVES[prim].lipschitz
+    if isinstance(law, str):  # the rule reads the node's attributes
+        class _Graph:
+            def node(self, nid):
+                return {"attrs": PRIMITIVES[prim].with_defaults(attrs)}
+
+        law = RULES[law](_Graph(), {}, "n", [1.0], prim)[0]
+    assert law == bound
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(100):
+        x = torch.randint(-2, 3, (2, 2, 6, 6), generator=gen).double()
+        y = x + torch.randn(x.shape, generator=gen, dtype=torch.float64) * torch.rand((), generator=gen)
+        change = torch.linalg.vector_norm(_ops_call(prim, x, **attrs) - _ops_call(prim, y, **attrs))
+        assert change <= law * torch.linalg.vector_norm(x - y) * (1 + 1e-12)
