@@ -108,7 +108,8 @@ def _setstate(self: nn.Module, state: dict[str, Any]) -> None:
     # adds, when the state comes from an older one) comes from a fresh instance, without touching the RNG.
     generated = next(c for c in type(self).__mro__ if "_fpidsl_spec" in c.__dict__)
     with torch.random.fork_rng(devices=[]):
-        fresh = generated(compile=bool(state.get("compiled", False)))
+        externs = {name: state["_modules"][name] for name in generated.EXTERNS}  # the user's modules, as pickled
+        fresh = generated(compile=bool(state.get("compiled", False)), **externs)
     for key, value in fresh.__dict__.items():
         if key not in self.__dict__:
             self.__dict__[key] = value

@@ -449,6 +449,33 @@ def unexpanded() -> BatchRule:
     return rule
 
 
+def external() -> BatchRule:
+    """An extern module (fpidsl/ir/extern.py: handle, parameters, inputs): one declared ``samplewise`` keeps sample i
+    of its batched arguments (all on axis 0) in sample i of its result; any other with a batched argument mixes.
+    Sample-free arguments give a sample-free result, unless it is sized by a symbolic dimension."""
+    def rule(axes, shapes, out, attrs):
+        joined = _agree(axes)
+        if joined is None:
+            return None if all(isinstance(d, int) for d in out) else MIXED
+        if joined is MIXED:
+            return joined
+        return 0 if attrs["samplewise"] and joined == 0 else MIXED
+    return rule
+
+
+def external_vjp() -> BatchRule:
+    """A VJP of an extern (``extern_vjp``) with respect to a batched argument is batched like it; with respect to a
+    sample-free one (the parameters) it sums over the samples: mixing, unless nothing is batched."""
+    base = external()
+
+    def rule(axes, shapes, out, attrs):
+        joined = base(axes, shapes, out, attrs)
+        if joined is None or joined is MIXED:
+            return joined
+        return 0 if axes[attrs["chain"][-1]] == 0 else MIXED
+    return rule
+
+
 # --------------------------------------------------------------------------- the analysis
 
 def batch_symbol(graph) -> str | None:

@@ -1018,7 +1018,7 @@ _TABLE = [
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
        doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"], lipschitz="curvature"),
     # an outside nn.Module (fpidsl/ir/extern.py): handle, flat parameters, then its inputs
-    _p(_X_EXTERN.EXTERN, ("args",), _X_EXTERN.extern_shape, *_EXTERN_ATTRS, batch=_X_EXTERN.extern_batch(),
+    _p(_X_EXTERN.EXTERN, ("args",), _X_EXTERN.extern_shape, *_EXTERN_ATTRS, batch=_B.external(),
        variadic=True, vjp=_V["extern"], lipschitz=None,
        doc="a user's nn.Module (param f : extern ...) on its inputs; its VJP is taken by autograd"),
 ]
@@ -1092,7 +1092,7 @@ AUXILIARY: tuple[Primitive, ...] = (
          doc="a derivative of grid_sample by torch.autograd: cotangents then x and grid; path: the argument "
              "differentiated at each level"),
     _aux(_X_EXTERN.EXTERN_VJP, ("args",), _X_EXTERN.extern_vjp_shape, *_EXTERN_ATTRS, Attr("chain", "positions"),
-         variadic=True, batch=_X_EXTERN.extern_vjp_batch(), vjp=_V["extern_vjp"],
+         variadic=True, batch=_B.external_vjp(), vjp=_V["extern_vjp"],
          doc="nested VJPs of an extern along chain (torch.autograd.grad with create_graph=True)"),
     _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0", vjp=_V["relu_mask"]),
     _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope", vjp=_V["leaky_relu_mask"]),

@@ -282,7 +282,57 @@ def _first_order(case: Case):
 
 def test_every_primitive_has_a_rule_and_a_case():
     assert all(p.vjp is not None for p in PRIMITIVES.values())
-    assert {c.prim for c in CASES} == set(PRIMITIVES) - {"grad"}
+    # extern and extern_vjp take a module handle, not a tensor: test_extern_vjp_rule_matches_autograd
+    assert {c.prim for c in CASES} == set(PRIMITIVES) - {"grad", "extern", "extern_vjp"}
+
+
+class _TwoInputs(torch.nn.Module):
+    """A module of two inputs for the extern cases: tanh(W [x, z] + b) * z[:, :1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3).double()
+
+    def forward(self, x, z):
+        return torch.tanh(self.lin(torch.cat([x, z], -1))) * z[:, :1]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_extern_vjp_rule_matches_autograd(order):
+    """extern's VJP rule (extern_vjp nodes, and theirs at second order) run by the interpreter against autograd of
+    the module, in its flat parameters and both inputs."""
+    from fpidsl.runtime.extern import ExternHandle, extern_parameters
+
+    torch.manual_seed(0)
+    module = _TwoInputs()
+    handle = ExternHandle(module, "f", "t.fpi:1:1", {})
+    flat = extern_parameters(module).detach()
+    attrs = {"name": "f", "inputs": ((3, 4), (3, 2)), "output": (3, 3), "samplewise": False}
+    pg = PrimGraph([(), tuple(flat.shape), (3, 4), (3, 2)])
+    out = pg.call("extern", pg.leaves, attrs)
+    first = pg.vjp({out: "u"}, pg.leaves)
+    assert first[pg.leaves[0]] is None  # the handle has no cotangent
+    gen = torch.Generator().manual_seed(1)
+    xs = [flat.clone().requires_grad_(), rand((3, 4), gen).requires_grad_(), rand((3, 2), gen).requires_grad_()]
+    u = rand((3, 3), gen).requires_grad_()
+    env = {"a0": handle, **{f"a{i + 1}": x.detach() for i, x in enumerate(xs)}, "u": u.detach()}
+    auto_first = torch.autograd.grad(module_value := handle.apply(xs[0], xs[1:], attrs["inputs"], attrs["output"]),
+                                     xs, u, create_graph=True)
+    if order == 1:
+        got = pg.run(env, [out] + [first[leaf] for leaf in pg.leaves[1:]])
+        torch.testing.assert_close(got[out], module_value.detach(), rtol=0, atol=0)
+        for leaf, w in zip(pg.leaves[1:], auto_first):
+            assert_same_grad(got[first[leaf]], w, f"extern d/d{pg.graph.node(leaf)['name']}")
+        return
+    vs = [rand(tuple(x.shape), gen) for x in xs]
+    u_leaf = pg.graph.inputs["u"]
+    second = pg.vjp({first[leaf]: f"v{i}" for i, leaf in enumerate(pg.leaves[1:])}, pg.leaves[1:] + [u_leaf])
+    env.update({f"v{i}": v for i, v in enumerate(vs)})
+    got = pg.run(env, [g for g in second.values() if g is not None])
+    want = grads_or_none(list(auto_first), xs + [u], vs)
+    for leaf, w in zip(pg.leaves[1:] + [u_leaf], want):
+        g = second[leaf]
+        assert_same_grad(got[g] if g is not None else None, w, f"extern second order d/d{pg.graph.node(leaf)['name']}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
