@@ -511,7 +511,7 @@ class _Reader:
         """An input's shape, as a list or a string, the string optionally led by ``int`` or ``bool``."""
         if isinstance(node, yaml.SequenceNode):
             return "float", self._shape(node, what, key)
-        return self._parse(parse_input_type, self._string(node, what, '"[B, 10]" or "int [B, T]"', key))
+        return self._parse(parse_input_type, self._string(node, what, '"[B, 10]"', key))
 
     def _dim(self, node: yaml.Node, what: str) -> ast.Name | ast.Num | ast.BinOp:
         """One dimension of a shape written as a YAML list: a name, a non-negative integer, or arithmetic of

@@ -1023,9 +1023,14 @@ class _Builder:
             for item in expr.items:
                 if kind == "shape" and self.mentions_symbol(item, env):
                     items.append(self.target_size(item, env, f"the shape of {fname}"))
+                elif isinstance(item, ast.Name) and item.id in self.input_symbols and not self.is_number_name(item, env):
+                    return self.bad_attr(attr, item, fname, f"found the symbolic dimension {item.id}, whose size is "
+                                                            "known only when the layer is called")
                 else:
                     items.append(self.attr_value(Attr(attr.name, "int"), item, env, fname))
-            return _FAIL if _FAIL in items else tuple(items)
+                if items[-1] is _FAIL:
+                    return _FAIL  # one error for the list
+            return tuple(items)
         if kind in ("shape",):
             return self.bad_attr(attr, expr, fname, f"found {_what(expr)}")
         try:

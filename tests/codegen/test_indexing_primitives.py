@@ -287,6 +287,13 @@ def test_a_computed_index_is_one_error_at_the_arithmetic():
     assert "this value (from the int input t) is an index and cannot be an argument of *" in error.message
 
 
+def test_a_symbolic_interpolation_size_is_one_error_at_the_size():
+    error = the_one_error("layer L {\n  input a : [B, 2, H, W]\n  state x : [B, 2, H, W]\n"
+                          "  update x = interpolate(x, size=[H, W]) + a\n}\n")
+    assert isinstance(error, TypeErr) and (error.span.line, error.span.col) == (4, 35)
+    assert "but found the symbolic dimension H, whose size is known only when the layer is called" in error.message
+
+
 # --------------------------------------------------------------------------- call-time checks
 
 
