@@ -267,3 +267,15 @@ def test_a_sparse_input_is_read_only_by_spmm(update, at, fragment):
     assert isinstance(error, TypeErr) and fragment in error.message, error
     line = text.splitlines()[error.span.line - 1]
     assert error.span.line == 7 and error.span.col - 1 == line.index(at), (error.span, at)
+
+
+def test_the_editor_tools_know_sparse_inputs_and_equations():
+    """fmt keeps equations and input types; the language server completes input types and hovers `sparse`."""
+    from fpidsl.tools.analysis import analyze, completions, hover
+    from fpidsl.tools.fmt import format_source
+
+    text = IGNN.replace("spmm(A, x @ W) + u", 'spmm(A, einsum("nd,de->ne", x, W)) + u').lstrip()
+    assert format_source(Source("t.fpi", text)) == text
+    line = text.splitlines().index("  input A : sparse [N, N]") + 1
+    assert {c.label for c in completions("layer L {\n  input A : sp", (2, 15))} == {"int", "bool", "sparse"}
+    assert hover(analyze("t.fpi", text), (line, 9)).markdown == "input **A** : `sparse [N, N]`"
