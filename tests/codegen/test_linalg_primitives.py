@@ -279,3 +279,30 @@ def test_the_editor_tools_know_sparse_inputs_and_equations():
     line = text.splitlines().index("  input A : sparse [N, N]") + 1
     assert {c.label for c in completions("layer L {\n  input A : sp", (2, 15))} == {"int", "bool", "sparse"}
     assert hover(analyze("t.fpi", text), (line, 9)).markdown == "input **A** : `sparse [N, N]`"
+
+
+SHARED_GRAPH = """
+layer Shared {
+  input A : sparse [N, N]
+  input u : [B, N]
+  state x : [B, N]
+  update x = tanh(0.5 * transpose(spmm(A, transpose(x, 0, 1)), 0, 1) + u)
+}
+"""
+
+
+def test_a_batch_of_signals_on_one_sparse_graph_is_samplewise(tmp_path):
+    """With the samples as the columns of spmm's x, each sample is its own problem: the layer is samplewise (finished
+    samples are dropped), and matches dense iteration, gradients included."""
+    layer = _load(SHARED_GRAPH, tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    assert type(layer).SAMPLEWISE
+    dense = _graph(seed=4)
+    u = torch.randn(3, 8, dtype=F64) * torch.tensor([[1e-3], [0.1], [1.0]], dtype=F64)  # converge at different steps
+    u.requires_grad_()
+    x = torch.zeros_like(u)
+    for _ in range(200):
+        x = torch.tanh(0.5 * (dense @ x.T).T + u)
+    torch.testing.assert_close(layer(dense.to_sparse(), u), x, rtol=1e-10, atol=1e-12)
+    got, = torch.autograd.grad(layer(dense.to_sparse(), u).sum(), u)
+    want, = torch.autograd.grad(x.sum(), u)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
