@@ -132,6 +132,9 @@ def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
         if "differs from the map" in str(exc):
             _warn_once(f, str(exc))
         return _Entry(None, (), str(exc))
+    except Exception as exc:  # a bug of the tracer must not stop a map that autograd solves
+        return _Entry(None, (), f"the tracer failed ({type(exc).__name__}: {exc}); this is a bug in fpidsl, please "
+                                "report it with the map")
     located = _locations(f, traced.foreign)
     if located is None:
         return _Entry(None, (), "the map reads a module or tensor that is neither its own, an argument, nor in its "

@@ -48,16 +48,14 @@ def bind(name: str, args: tuple, kwargs: dict, names: tuple[str, ...], defaults:
         bound["*"] = tuple(args[len(names):])
     aliases = {alias: n.split("|")[0] for n in names for alias in n.split("|")}
     for key, value in kwargs.items():
-        if key not in aliases:
+        if key not in aliases and key not in defaults:  # a keyword-only argument has a default
             raise UntraceableError(f"{name} with the argument {key}=")
-        bound[aliases[key]] = value
+        bound[aliases.get(key, key)] = value
     for key in names:
         first = key.split("|")[0]
-        if first not in bound:
-            if first not in defaults:
-                raise UntraceableError(f"{name} without its argument {first}")
-            bound[first] = defaults[first]
-    return bound
+        if first not in bound and first not in defaults:
+            raise UntraceableError(f"{name} without its argument {first}")
+    return {**defaults, **bound}
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -303,6 +301,42 @@ def _triangle(w, a):
 @op("identity", args=("input|self", "*"))
 def _identity(w, a):
     return w.text(a["input"])
+
+
+def _made(w, a) -> None:
+    if a["requires_grad"]:
+        raise UntraceableError(f"{w.current} with requires_grad=True (a leaf made inside the map)")
+    w.constructed_in_state_dtype()
+
+
+def _constant_shape(w) -> tuple[int, ...]:
+    shape = w.node_shape()
+    if any(isinstance(d, BatchDim) for d in shape):
+        raise UntraceableError(f"{w.current} of a size that follows the batch (make it from a tensor: 0 * x)")
+    return shape
+
+
+_MADE = {"dtype": None, "device": None, "layout": None, "requires_grad": False, "pin_memory": False}
+
+
+@op("eye", args=("n", "m"), m=None, **_MADE)
+def _eye(w, a):
+    _made(w, a)
+    if a["m"] is not None and a["m"] != a["n"]:
+        raise UntraceableError("eye(n, m) of a rectangle")
+    return f"eye({w.attr(a['n'])})"
+
+
+@op("zeros", "ones", args=("*",), **_MADE)
+def _filled(w, a):
+    _made(w, a)
+    return f"{w.current}({w.attr(_constant_shape(w))})"
+
+
+@op("full", args=("size", "fill_value"), **_MADE)
+def _full(w, a):
+    _made(w, a)
+    return f"full({w.attr(_constant_shape(w))}, {w.number(a['fill_value'])})"
 
 
 @op("linear", args=("input", "weight", "bias"), bias=None)

@@ -155,6 +155,19 @@ class Writer:
         return "[" + ", ".join("B" if _is_batch(d) else "-1" if isinstance(d, BatchDim) else str(d)
                                for d in dims) + "]"
 
+    def node_shape(self) -> tuple:
+        """The current node's shape, with the sizes that follow the batch as :class:`BatchDim`."""
+        return self._shape(self.node)
+
+    def constructed_in_state_dtype(self) -> None:
+        """A constructor (``torch.eye``, ``torch.zeros`` ...) is made in the layer's dtype and device (its first
+        state's, in the compiled layer): refused when the map made it in another."""
+        state = next(n for n in self.module.graph.nodes if n.op == "placeholder")
+        made, like = self.first[self.node], self.first[state]
+        if made.dtype != like.dtype or made.device != like.device:
+            raise UntraceableError(f"{self.current} made in {made.dtype} on {made.device}, the state is {like.dtype} "
+                                   f"on {like.device} (pass dtype=x.dtype, device=x.device)")
+
     def same_dtype(self, value: Any) -> bool:
         node = next(n for n, v in self.env.items() if v == value)
         before, after = self.first[node].dtype, self.first[self.node].dtype

@@ -165,3 +165,77 @@ def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
     g = _cell()
     _solve(g, z, False)
     assert g not in auto._CACHE
+
+
+# ------------------------------------------------------------------ maps of the equilibrium literature, as PyTorch
+
+
+class MonDEQ(nn.Module):
+    """monDEQ's forward-backward step; W = (1 - m) I - AᵀA + B - Bᵀ is state-free (hoisted)."""
+
+    def __init__(self, n=6, m=1.0):
+        super().__init__()
+        self.A = nn.Parameter(0.3 * torch.randn(n, n))
+        self.B = nn.Parameter(0.3 * torch.randn(n, n))
+        self.U = nn.Linear(4, n)
+        self.m = m
+
+    def forward(self, x, z):
+        W = (1 - self.m) * torch.eye(x.shape[1], dtype=x.dtype) - self.A.T @ self.A + self.B - self.B.T
+        return torch.relu(x - 0.5 * (x - (x @ W.T + self.U(z))))
+
+
+class Hopfield(nn.Module):
+    """A modern Hopfield update: attention of the state over stored patterns."""
+
+    def __init__(self):
+        super().__init__()
+        self.Y = nn.Parameter(torch.randn(10, 6))
+
+    def forward(self, x, z, beta=1.0):
+        return torch.softmax(beta * x @ self.Y.T, dim=-1) @ self.Y * 0.5 + z
+
+
+def ista(x, y, D, t=0.1):
+    """ISTA: a gradient step on ½|xDᵀ - y|², then soft thresholding."""
+    v = x - 0.2 * (x @ D.T - y) @ D
+    return torch.sign(v) * torch.relu(v.abs() - t)
+
+
+class DampedSinkhorn(nn.Module):
+    """Log-domain Sinkhorn, damped and shrunk (the plain one is defined up to a constant, an eigenvalue 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.C = nn.Parameter(torch.rand(5, 5))
+
+    def forward(self, f, a):
+        g = -torch.logsumexp(f[:, :, None] - self.C / 0.5, dim=1)
+        return 0.4 * f + 0.5 * (-torch.logsumexp(g[:, None, :] - self.C / 0.5, dim=2) + a.log())
+
+
+def _literature():
+    torch.manual_seed(0)
+    return {
+        "mondeq": (MonDEQ().to(DT), (torch.randn(3, 4, dtype=DT),), 6),
+        "hopfield": (Hopfield().to(DT), (torch.randn(3, 6, dtype=DT),), 6),
+        "ista": (ista, (torch.randn(3, 8, dtype=DT), 0.3 * torch.randn(8, 6, dtype=DT)), 6),
+        "sinkhorn": (DampedSinkhorn().to(DT), (torch.rand(3, 5, dtype=DT) + 0.5,), 5),
+    }
+
+
+@pytest.mark.parametrize("case", ["mondeq", "hopfield", "ista", "sinkhorn"])
+def test_maps_of_the_literature_trace_and_agree(case):
+    f, args, n = _literature()[case]
+    args = tuple(a.requires_grad_() for a in args)
+    x0 = torch.zeros(3, n, dtype=DT)
+    traced, why = fpidsl.tracing.trace_status(f, x0, *args)
+    assert traced is not None, why
+    results = []
+    for trace in (True, False):
+        x = fpidsl.fixed_point(f, x0, *args, trace=trace, backward=TIGHT, **TIGHT)
+        results.append((x, torch.autograd.grad(x.sin().sum(), args)))
+    (x_on, g_on), (x_off, g_off) = results
+    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-10)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
