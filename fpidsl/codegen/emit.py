@@ -365,6 +365,8 @@ class LayerEmitter:
             if spec.output_padding is not None and spec.kind == "ConvTranspose2d":
                 opts.append(f"output_padding={literal(tuple(spec.output_padding))}")
             opts += [f"init_scale={literal(spec.init_scale)}", f"norm={literal(spec.norm)}"]
+            if spec.kind == "Embedding":  # nn.Embedding(num, dim): no bias, no norm
+                opts = [f"init_scale={literal(spec.init_scale)}"]
             where = f"  # {_where(spec.span)}" if spec.span is not None else ""
             lines.append(f"{INDENT}self.{name} = _layer.make_module({', '.join(args + opts)}){where}")
         for name, nid in g.params.items():
