@@ -16,12 +16,14 @@ Anderson (m = 6) forward and backward:
 - ``torchdeq``: torchdeq 0.1.0 ``get_deq(ift=True)`` on the same module.
 
 Targets (issue 18): traced within 1.05x of the spec, traced at most 0.6x of torchdeq. The contenders alternate run
-by run in this one process (medians of the repeats), so only the ratios are claims; the load average is printed.
+by run in this one process; times are medians of the repeats, ratios the medians of the ratios within a round
+(:func:`run.round_ratio`). Only the ratios are claims; the load average is printed.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402
-from run import Outcome, _grads, _record, _zero, alternate, fpidsl_step, ms, relative_error, table  # noqa: E402
+from run import (Outcome, _grads, _record, _zero, alternate_runs, fpidsl_step, ms, relative_error,  # noqa: E402
+                 round_ratio, table)
 from workloads import Workload, make_workloads  # noqa: E402
 
 from fpidsl.runtime import fixed_point  # noqa: E402
@@ -102,13 +105,14 @@ def rows(workloads: list[Workload], repeats: int) -> tuple[list[list[str]], list
                 "plain": module_step(w, module, method, outs["plain"], trace=False),
                 "torchdeq": torchdeq_module_step(w, module, method, outs["torchdeq"]),
             }
-            t = alternate(contenders, repeats)
-            ratio_spec, ratio_deq = t["traced"] / t["spec"], t["traced"] / t["torchdeq"]
+            runs = alternate_runs(contenders, repeats)
+            t = {name: statistics.median(times) for name, times in runs.items()}
+            ratio_spec, ratio_deq = round_ratio(runs, "traced", "spec"), round_ratio(runs, "traced", "torchdeq")
             speed.append([w.name, method, "yes" if traced else "**no** (autograd path)", ms(t["spec"]),
                           ms(t["traced"]), ms(t["plain"]), ms(t["torchdeq"]),
                           f"{ratio_spec:.2f}", "met" if ratio_spec <= TARGET_SPEC else "**not met**",
                           f"{ratio_deq:.2f}", "met" if ratio_deq <= TARGET_TORCHDEQ else "**not met**",
-                          f"{t['plain'] / t['torchdeq']:.2f}", f"{t['spec'] / t['torchdeq']:.2f}"])
+                          f"{round_ratio(runs, 'plain', 'torchdeq'):.2f}", f"{round_ratio(runs, 'spec', 'torchdeq'):.2f}"])
             s = outs["spec"]
             checks.append([w.name, method] + [f"{o.forward_iters} / {o.backward_iters}" for o in outs.values()]
                           + [run.ok(all(o.forward_ok and o.backward_ok for o in outs.values()))]

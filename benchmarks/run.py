@@ -68,6 +68,17 @@ def _wait() -> None:
 
 def alternate(contenders: dict[str, Step], repeats: int) -> dict[str, float]:
     """Median seconds of each contender; one warm-up run each, then ``repeats`` rounds, the order rotating."""
+    return {name: statistics.median(t) for name, t in alternate_runs(contenders, repeats).items()}
+
+
+def round_ratio(runs: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round: on a loaded machine the load moves
+    between rounds more than within one, so this ratio is steadier than the ratio of the medians."""
+    return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+
+
+def alternate_runs(contenders: dict[str, Step], repeats: int) -> dict[str, list[float]]:
+    """Seconds of every timed run of each contender, round by round (see :func:`alternate`)."""
     names = list(contenders)
     for name in names:
         contenders[name]()
@@ -80,7 +91,7 @@ def alternate(contenders: dict[str, Step], repeats: int) -> dict[str, float]:
             contenders[name]()
             _wait()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def median_time(fn: Step, repeats: int, inner: int = 1) -> float:

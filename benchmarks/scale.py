@@ -9,13 +9,15 @@ weights made contractive once at a small size and kept for every size). Both con
 ``--iterations`` forward and backward iterations (fpidsl: ``min_iter = max_iter``; torchdeq: ``tol = 0``), so
 every size does the same number of map evaluations and the ratio measures the per-iteration and per-step costs
 around them, not the solvers' convergence. Sweeps: the batch (1 to 256) at 32x32 images, the image side (16 to
-128) at batch 8. fpidsl and torchdeq alternate run by run in one process; the table gives medians and the ratio,
-the plot (``--plot``, default docs/img/scale.png) times and ratios. The claim is the ratio's trend, not the times.
+128) at batch 8. fpidsl and torchdeq alternate run by run in one process; the table gives the medians of the times
+and of the ratios within a round (:func:`run.round_ratio`), the plot (``--plot``, default docs/img/scale.png) both.
+The claim is the ratio's trend, not the times.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -27,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402
-from run import alternate, ms, table  # noqa: E402
+from run import alternate_runs, ms, round_ratio, table  # noqa: E402
 from workloads import Workload, _conv  # noqa: E402
 
 BATCHES, SIDES = (1, 4, 16, 64, 256), (16, 32, 64, 128)
@@ -73,8 +75,9 @@ def sweep(base: Workload, method: str, points: list[tuple[int, int]], iterations
     out = []
     for batch, side in points:
         print(f"{method} batch {batch} side {side}", file=sys.stderr, flush=True)
-        t = alternate(steps(sized(base, batch, side), method, iterations), repeats)
-        out.append((batch, side, t["fpidsl"], t["torchdeq"]))
+        runs = alternate_runs(steps(sized(base, batch, side), method, iterations), repeats)
+        out.append((batch, side, statistics.median(runs["fpidsl"]), statistics.median(runs["torchdeq"]),
+                    round_ratio(runs, "fpidsl", "torchdeq")))
     return out
 
 
@@ -92,7 +95,7 @@ def plot(results: dict[str, dict[str, list]], path: Path, title: str) -> None:
             xs = [r[key] for r in rows]
             top.loglog(xs, [r[2] * 1e3 for r in rows], "o-", label=f"fpidsl {method}")
             top.loglog(xs, [r[3] * 1e3 for r in rows], "s--", label=f"torchdeq {method}")
-            bottom.semilogx(xs, [r[2] / r[3] for r in rows], "o-", label=method)
+            bottom.semilogx(xs, [r[4] for r in rows], "o-", label=method)
         top.set_ylabel("ms per training step")
         bottom.set_ylabel("fpidsl / torchdeq")
         bottom.set_xlabel(axis_name)
@@ -135,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
               f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end, on {os.cpu_count()} cores")
     print(header + "\n")
-    body = [[m, str(b), f"{s}x{s}", ms(a), ms(d), f"{a / d:.2f}"]
-            for m, sw in results.items() for b, s, a, d in sw["batch"] + sw["side"]]
+    body = [[m, str(b), f"{s}x{s}", ms(a), ms(d), f"{ratio:.2f}"]
+            for m, sw in results.items() for b, s, a, d, ratio in sw["batch"] + sw["side"]]
     print(table(["method", "batch", "image", "fpidsl ms", "torchdeq ms", "fpidsl / torchdeq"], body))
     suffix = "" if run.DEVICE.type == "cpu" else f"_{run.DEVICE.type}"
     path = args.plot or HERE.parent / "docs" / "img" / f"scale{suffix}.png"
