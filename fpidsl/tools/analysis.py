@@ -185,7 +185,7 @@ def _declared_shape(graph, decl) -> str | None:
 
 
 _DECL_WORDS = {ast.InputDecl: "input", ast.StateDecl: "state", ast.ModuleParamDecl: "param",
-               ast.TensorParamDecl: "param", ast.ConstDecl: "const", ast.LetDecl: "let", ast.EnergyDecl: "energy",
+               ast.TensorParamDecl: "param", ast.ExternParamDecl: "param", ast.ConstDecl: "const", ast.LetDecl: "let", ast.EnergyDecl: "energy",
                ast.UpdateDecl: "state", ast.DescendDecl: "state", ast.FnDef: "fn"}
 
 
@@ -194,6 +194,11 @@ def _hover_declared(analysis: Analysis, layer, decl) -> Hover:
     word = _DECL_WORDS.get(type(decl), "name")
     if isinstance(decl, ast.ModuleParamDecl):
         return Hover(decl.name_span, _module_param_text(graph, decl.name) or f"param **{decl.name}**")
+    if isinstance(decl, ast.ExternParamDecl):
+        from .unparse import extern_type
+
+        return Hover(decl.name_span, f"param **{decl.name}** : `{extern_type(decl.extern)}`, an nn.Module given "
+                                     f"at construction: `Layer({decl.name}=module)`")
     if isinstance(decl, ast.FnDef):
         params = ", ".join(p.id for p in decl.params)
         return Hover(decl.name_span, f"fn **{decl.name}**({params}), inlined at each call")
@@ -302,7 +307,7 @@ def definition(analysis: Analysis, pos: Pos) -> Span | None:
     if layer is not None:
         for decl in layer.decls:
             if isinstance(decl, (ast.InputDecl, ast.StateDecl, ast.ModuleParamDecl, ast.TensorParamDecl,
-                                 ast.ConstDecl, ast.LetDecl, ast.EnergyDecl)) and decl.name == name:
+                                 ast.ExternParamDecl, ast.ConstDecl, ast.LetDecl, ast.EnergyDecl)) and decl.name == name:
                 return decl.name_span
     for fn_def in analysis.spec.fns:
         if fn_def.name == name:
@@ -373,7 +378,9 @@ def completions(text: str, pos: Pos) -> list[Completion]:
         return [Completion(k, "keyword", f"input NAME : {k} [...]: {d}") for k, d in INPUT_TYPE_DETAILS.items()]
     if _PARAM_TYPE.search(region.split("\n")[-1]):
         return ([Completion(k, "module", m.signature()) for k, m in MODULE_KINDS.items()]
-                + [Completion("tensor", "keyword", "tensor SHAPE [= init]")])
+                + [Completion("tensor", "keyword", "tensor SHAPE [= init]"),
+                   Completion("extern", "keyword", "extern [samplewise] SHAPE -> SHAPE: an nn.Module given at "
+                                                   "construction (several inputs: extern (SHAPE, ...) -> SHAPE)")])
     out: list[Completion] = []
     whole = _strip_comments(text)
     if heads and heads[-1].group(1) == "layer":

@@ -15,7 +15,7 @@ from ..frontend.parser import KEYWORDS, SOFT_KEYWORDS
 from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
 from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
-DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor"}))
+DECLARATION_WORDS = tuple(sorted(KEYWORDS - {"on", "step", "tensor", "extern"}))
 BLOCK_WORDS = tuple(sorted(SOFT_KEYWORDS))  # keywords only before a '{' (names elsewhere)
 BUILTINS = tuple(sorted(name for name, prim in PRIMITIVES.items() if prim.builtin))
 INPUT_TYPES = tuple(d for d in INPUT_DTYPES if d != "float")  # `input A : sparse [N, N]`: before a shape
@@ -40,7 +40,7 @@ class FpiLexer(RegexLexer):
              bygroups(Keyword.Declaration, Whitespace, Name.Variable)),
             (words(DECLARATION_WORDS, suffix=r"\b"), Keyword.Declaration),
             (words(BLOCK_WORDS, suffix=r"\b(?=\s*\{)"), Keyword.Declaration),
-            (words(("on", "step", "tensor"), suffix=r"\b"), Keyword),
+            (words(("on", "step", "tensor", "extern"), suffix=r"\b"), Keyword),
             (words(INPUT_TYPES, suffix=r"\b(?=\s*\[)"), Keyword.Type),
             (r'"[^"\n]*"', String.Double),
             (words(tuple(sorted(MODULE_KINDS)), suffix=r"\b"), Name.Builtin.Pseudo),

@@ -43,7 +43,7 @@ def grammar() -> dict:
             "keyword": {"patterns": [
                 {"name": "storage.type.fpi", "match": f"\\b({_words(DECLARATION_WORDS)})\\b"},
                 {"name": "storage.type.fpi", "match": f"\\b({_words(BLOCK_WORDS)})\\b(?=\\s*\\{{)"},
-                {"name": "keyword.other.fpi", "match": "\\b(on|step|tensor)\\b"},
+                {"name": "keyword.other.fpi", "match": "\\b(on|step|tensor|extern)\\b"},
             ]},
             "input_type": {"name": "storage.type.input.fpi", "match": f"\\b({_words(INPUT_TYPES)})\\b(?=\\s*\\[)"},
             "module": {"name": "support.class.fpi", "match": f"\\b({_words(sorted(MODULE_KINDS))})\\b"},

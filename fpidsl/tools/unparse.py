@@ -69,7 +69,15 @@ def param_type(decl) -> str:
     """What follows ``param NAME :``."""
     if isinstance(decl, ast.ModuleParamDecl):
         return call(decl.module)
+    if isinstance(decl, ast.ExternParamDecl):
+        return extern_type(decl.extern)
     return f"tensor {shape(decl.shape)}" + (f" = {expr(decl.init)}" if decl.init is not None else "")
+
+
+def extern_type(node: ast.ExternType) -> str:
+    """``extern [samplewise] SHAPE -> SHAPE``, several inputs in parentheses."""
+    ins = shape(node.inputs[0]) if len(node.inputs) == 1 else "(" + ", ".join(shape(s) for s in node.inputs) + ")"
+    return f"extern {'samplewise ' if node.samplewise else ''}{ins} -> {shape(node.output)}"
 
 
 def decl(node) -> str:
@@ -78,7 +86,7 @@ def decl(node) -> str:
         return f"input {node.name} : {input_type(node)}"
     if isinstance(node, ast.StateDecl):
         return f"state {node.name} : {shape(node.shape)}" + (f" = {expr(node.init)}" if node.init else "")
-    if isinstance(node, (ast.ModuleParamDecl, ast.TensorParamDecl)):
+    if isinstance(node, (ast.ModuleParamDecl, ast.TensorParamDecl, ast.ExternParamDecl)):
         return f"param {node.name} : {param_type(node)}"
     for kind, word in ((ast.ConstDecl, "const"), (ast.LetDecl, "let"), (ast.EnergyDecl, "energy"),
                        (ast.UpdateDecl, "update")):

@@ -29,7 +29,7 @@ from .fmt import format_source
 from .tokens import tokens
 
 SECTIONS = (
-    ("inputs", ast.InputDecl), ("states", ast.StateDecl), ("params", (ast.ModuleParamDecl, ast.TensorParamDecl)),
+    ("inputs", ast.InputDecl), ("states", ast.StateDecl), ("params", (ast.ModuleParamDecl, ast.TensorParamDecl, ast.ExternParamDecl)),
     ("consts", ast.ConstDecl), ("lets", ast.LetDecl), ("energies", ast.EnergyDecl), ("updates", ast.UpdateDecl),
     ("descend", ast.DescendDecl), ("output", ast.OutputDecl),
 )
@@ -191,7 +191,7 @@ def _decl_yaml(decl) -> tuple[str, str]:
         if decl.init is None:
             return decl.name, shape
         return decl.name, f"{{shape: {shape}, init: {_value(decl.init)}}}"
-    if isinstance(decl, (ast.ModuleParamDecl, ast.TensorParamDecl)):
+    if isinstance(decl, (ast.ModuleParamDecl, ast.TensorParamDecl, ast.ExternParamDecl)):
         return decl.name, json.dumps(unparse.param_type(decl))
     if isinstance(decl, ast.DescendDecl):
         return decl.name, f"{{on: {decl.energy.id}, step: {_value(decl.step)}}}"

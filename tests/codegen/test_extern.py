@@ -179,3 +179,56 @@ def test_a_declared_size_must_be_a_dimension_of_an_input():
     error = the_one_error(EXTERN_SPEC.replace("-> [B, 4]", "-> [B, D]"))
     assert (error.kind, error.span.line, error.span.col) == ("shape", 5, 44)
     assert "the dimension D of extern f is not a dimension of any input" in error.message
+
+
+# ------------------------------------------------------------------------------------------------ forms and tools
+
+YAML_SPEC = """fpi: 1
+layers:
+  WithExtern:
+    inputs: {a: "[B, 4]"}
+    states: {x: {shape: "[B, 4]", init: zeros}}
+    params: {f: "extern ([B, 4], [B, 4]) -> [B, 4]"}
+    updates: {x: "0.5 * f(x, a)"}
+"""
+
+
+def _without_positions(graph) -> list[str]:
+    return [line.split("#")[0].rstrip() for line in graph.format().splitlines()[1:]]
+
+
+def test_the_yaml_form_gives_the_same_graph():
+    from fpidsl.compiler import check_source
+    from fpidsl.source import Source
+
+    fpi = check_source(Source("e.fpi", EXTERN_SPEC)).graphs["WithExtern"]
+    yaml = check_source(Source("e.yaml", YAML_SPEC)).graphs["WithExtern"]
+    assert _without_positions(fpi) == _without_positions(yaml)
+    assert "call extern(n2, n3, n1, n0)" in "\n".join(_without_positions(fpi))
+
+
+def test_fmt_unparse_and_conversion_keep_the_declaration():
+    from fpidsl.frontend.parser import parse_fpi
+    from fpidsl.source import Source
+    from fpidsl.tools import unparse
+    from fpidsl.tools.fmt import format_source
+    from fpidsl.tools.yaml_convert import convert
+
+    text = "layer L {\n  input a : [B, 4]\n  state x : [B, 4]\n  param f:extern samplewise [B,4]->[B,4]\n" \
+           "  update x = f(x)\n}\n"
+    formatted = format_source(Source("l.fpi", text))
+    assert "  param f : extern samplewise [B, 4] -> [B, 4]\n" in formatted
+    decl = parse_fpi(Source("l.fpi", text)).layers[0].decls[2]
+    assert unparse.decl(decl) == "param f : extern samplewise [B, 4] -> [B, 4]"
+    assert 'f: "extern samplewise [B, 4] -> [B, 4]"' in convert(Source("l.fpi", text), "yaml")
+
+
+def test_the_language_server_knows_externs():
+    from fpidsl.tools.analysis import analyze, completions, hover
+
+    text = EXTERN_SPEC
+    line = text.splitlines().index("  param f : extern ([B, 4], [B, 4]) -> [B, 4]") + 1
+    shown = hover(analyze("e.fpi", text), (line, 9))
+    assert "param **f** : `extern ([B, 4], [B, 4]) -> [B, 4]`" in shown.markdown
+    typed = "layer L {\n  param f : "
+    assert "extern" in {c.label for c in completions(typed, (2, 13))}
