@@ -19,7 +19,8 @@ DTYPE = torch.float64
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A zoo layer: ``inputs(gen, batch)`` draws its inputs in declaration order; its derivatives are compared
+    """A zoo layer: ``inputs(gen, batch)`` draws its inputs in declaration order (on one graph, ``batch + 5``
+    nodes: the nodes are the batch); its derivatives are compared
     in the input ``wrt_input`` and the parameter ``param`` (a ``named_parameters`` name); ``unroll`` plain
     iterations from the layer's start reach its fixed point to float64 precision."""
 
@@ -37,6 +38,11 @@ class ZooModel:
         return ZOO / self.spec
 
 
+def requiring_grad(tensors) -> tuple[Tensor, ...]:
+    """The dense float tensors set to require grad; index (int) and sparse inputs, which take none, as they are."""
+    return tuple(t.requires_grad_() if t.layout == torch.strided and t.is_floating_point() else t for t in tensors)
+
+
 def normal(gen: torch.Generator, *shape: int, scale: float = 1.0) -> Tensor:
     return scale * torch.randn(*shape, generator=gen, dtype=DTYPE)
 
@@ -47,6 +53,11 @@ def normalized_graphs(gen: torch.Generator, batch: int, nodes: int, p: float = 0
     adjacency = ((edges + edges.transpose(1, 2)) > 0).to(DTYPE) + torch.eye(nodes, dtype=DTYPE)
     scale = adjacency.sum(-1).rsqrt()
     return scale[:, :, None] * adjacency * scale[:, None, :]
+
+
+def sparse_graph(gen: torch.Generator, nodes: int) -> Tensor:
+    """One random graph of ``nodes`` nodes, normalised as in :func:`normalized_graphs`, as a sparse COO tensor."""
+    return normalized_graphs(gen, 1, nodes, p=0.3)[0].to_sparse()
 
 
 def pixel_grid(batch: int, side: int) -> Tensor:
@@ -82,4 +93,6 @@ MODELS = [
     ZooModel("deq_flow", "deq_flow.fpi", "DEQFlow", "Bai, Geng, Savani & Kolter 2022",
              lambda g, b: (normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), pixel_grid(b, 6)),
              "f2", "convq.weight"),
+    ZooModel("ignn_sparse", "ignn_sparse.fpi", "IGNNSparse", "Gu et al. 2020",
+             lambda g, b: (sparse_graph(g, b + 5), normal(g, b + 5, 3)), "U", "V"),
 ]

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 import fpidsl
+from fpidsl.runtime.contraction import contraction_factor
 from common import parser, plot_curves, setup
-from zoo_models import MODELS, ZooModel
+from zoo_models import MODELS, ZooModel, requiring_grad
 
 
 def weighted_loss(outputs, gen: torch.Generator) -> torch.Tensor:
@@ -21,12 +22,29 @@ def weighted_loss(outputs, gen: torch.Generator) -> torch.Tensor:
     return sum((torch.randn(o.shape, generator=gen, dtype=o.dtype) * o).sum() for o in outputs)
 
 
+def contraction(layer, inputs) -> torch.Tensor:
+    """|dg/dx|_2 at the fixed point per sample; for a layer solved as one problem (its map mixes the samples, as
+    spmm mixes a graph's nodes) one value, of the whole state as one sample (``layer.contraction`` assumes a
+    samplewise map)."""
+    if type(layer).SAMPLEWISE:
+        return layer.contraction(*inputs)
+    layer(*inputs)
+    states = tuple(s[None] for s in layer._last_states)
+
+    def whole(x, *values):
+        xs = x if isinstance(x, tuple) else (x,)
+        out = type(layer).step(tuple(s[0] for s in xs) if len(xs) > 1 else xs[0][0], *values)
+        return tuple(o[None] for o in out) if isinstance(out, tuple) else out[None]
+
+    return contraction_factor(whole, states if len(states) > 1 else states[0], *inputs, *layer.parameter_tensors())
+
+
 def solve_once(model: ZooModel, batch: int, seed: int) -> dict:
     """One forward and one backward solve of ``model``; its iteration counts, residual histories and the
     contraction factor |dg/dx|_2 at the fixed point (power iteration), per sample."""
     torch.manual_seed(seed)
     layer = fpidsl.load(model.path, name=model.layer)(history=True).double()
-    inputs = tuple(t.requires_grad_() for t in model.inputs(torch.Generator().manual_seed(seed), batch))
+    inputs = requiring_grad(model.inputs(torch.Generator().manual_seed(seed), batch))
     out = layer(*inputs)
     weighted_loss(out if isinstance(out, tuple) else (out,), torch.Generator().manual_seed(seed)).backward()
     forward, backward = layer.stats.forward, layer.stats.backward
@@ -34,7 +52,7 @@ def solve_once(model: ZooModel, batch: int, seed: int) -> dict:
         "forward": forward.iterations, "backward": backward.iterations,
         "forward_history": forward.history, "backward_history": backward.history,
         "converged": bool(forward.converged.all() and backward.converged.all()),
-        "contraction": layer.contraction(*(t.detach() for t in inputs)),
+        "contraction": contraction(layer, tuple(t.detach() for t in inputs)),
         "tol": forward.settings.tol,
     }
 

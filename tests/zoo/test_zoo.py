@@ -54,7 +54,7 @@ def test_every_zoo_spec_checks_clean_is_formatted_and_every_layer_is_in_the_tabl
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
 def test_derivatives_match_unrolled_autograd(model):
     layer = build(model, solve=TIGHT, backward=TIGHT)
-    inputs = tuple(t.requires_grad_() for t in model.inputs(torch.Generator().manual_seed(1), 3))
+    inputs = ZOO_TABLE.requiring_grad(model.inputs(torch.Generator().manual_seed(1), 3))
     out = layer(*inputs)
     assert bool(layer.stats.forward.converged.all())
     torch.testing.assert_close(out, unrolled_outputs(layer, inputs, model.unroll), rtol=1e-10, atol=1e-12)
@@ -133,6 +133,14 @@ def _ignn(m, adjacency, features):
     return torch.cat([x.flatten(), out.flatten()]), torch.cat([fixed.flatten(), m.readout(x.mean(1)).flatten()])
 
 
+def _ignn_sparse(m, adjacency, features):
+    out = m(adjacency, features)
+    (x,) = m._last_states
+    w = 0.9 * m.V / m.V.abs().sum(1).max()
+    fixed = torch.relu(adjacency.to_dense() @ x @ w.T + m.Omega(features))
+    return torch.cat([x.flatten(), out.flatten()]), torch.cat([fixed.flatten(), m.readout(x).flatten()])
+
+
 def _mdeq(m, x):
     """The cell with torch's own modules (nn.Conv2d, nn.GroupNorm) at the fixed point."""
     z = m(x)
@@ -161,7 +169,8 @@ def _deq_flow(m, f1, f2, ctx, coords):
 
 PAPERS_EQUATIONS = {"mondeq": _mondeq, "hopfield": _hopfield, "ista": _ista, "lista": _lista, "sinkhorn": _sinkhorn,
                     "implicit_euler": _implicit_euler, "icnn": _icnn, "qp": _qp, "ignn": _ignn, "mdeq": _mdeq,
-                    "mdeq_two_scale": _mdeq_two_scale, "deq_flow": _deq_flow}
+                    "mdeq_two_scale": _mdeq_two_scale, "deq_flow": _deq_flow,
+                    "ignn_sparse": _ignn_sparse}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
