@@ -13,7 +13,9 @@ perturbed one (:func:`~fpidsl.tracing.api.check_agrees`); where it does not, ``f
 so once (:class:`TraceMismatchWarning`). A map that cannot be traced (an operation with no primitive, control
 flow on values) falls back silently: the result is the same, only slower. A tensor that ``f`` reads without
 owning it or taking it as an argument (a closure cell, a global) is looked up again at every call; if it was
-replaced, the map is traced again. A function traced :data:`MAX_TRACES` times (a new closure at every call)
+replaced, the map is traced again, and so it is when a plain Python value it reads changes (a module's
+``self.scale``, a closure's number: fx fixes those into the graph; :func:`_python_state`). A function whose code was
+traced :data:`MAX_TRACES` times (a new closure at every call), or a map traced for :data:`MAX_TRACES` signatures,
 is not traced any more.
 """
 from __future__ import annotations
@@ -78,8 +80,43 @@ def _signature(x0: Tensor, args: Sequence[Any], batched, per_sample: bool, owner
             except TypeError:
                 return None
             parts.append(("value", type(a), a))
-    training = owner.training if isinstance(owner, nn.Module) else None
-    return (tuple(parts), None if batched is None else tuple(batched), per_sample, training)
+    return (tuple(parts), None if batched is None else tuple(batched), per_sample, _python_state(owner))
+
+
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` if it is a number, a string, None or a short tuple or list of them (as a tuple), else ``...``."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (tuple, list)) and depth < 2 and len(value) <= 16:
+        items = tuple(_plain(v, depth + 1) for v in value)
+        return ... if ... in items else items
+    return ...
+
+
+def _python_state(owner: Any) -> tuple:
+    """The plain Python values the trace may have fixed: every (sub)module's public attributes (``self.scale``,
+    ``training``), a function's closure cells, defaults and the globals its code names. A change of any of them
+    makes another signature, so the map is traced again instead of running with the old value."""
+    out: list[Any] = []
+    if isinstance(owner, nn.Module):
+        for _, module in owner.named_modules():
+            out.append(tuple((k, v) for k, v in ((k, _plain(v)) for k, v in vars(module).items()
+                                                 if not k.startswith("_")) if v is not ...))
+        return tuple(out)
+    fn = owner if isinstance(owner, types.FunctionType) else None
+    if fn is None:
+        return ()
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_plain(cell.cell_contents))
+        except ValueError:  # an empty cell
+            cells.append(...)
+    names = tuple((n, _plain(fn.__globals__[n])) for n in fn.__code__.co_names if n in fn.__globals__)
+    return (tuple(cells), tuple(_plain(d) for d in fn.__defaults__ or ()), names)
 
 
 def _locations(f: Callable, foreign: dict[str, Any]) -> tuple | None:
@@ -168,6 +205,9 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
     except TypeError:
         return None, (f"{type(owner).__name__} cannot be referenced weakly (the trace cache is weak)",)
     key = (rest, signature)
+    if key not in table and len(table) >= MAX_TRACES:
+        return None, (f"this map was traced for {MAX_TRACES} signatures already (a Python value of it that changes at "
+                      "every call, a new batch size at every call?)",)
     for _ in range(2):
         entry = table.get(key)
         if entry is None or not _fresh(entry):

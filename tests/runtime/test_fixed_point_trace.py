@@ -239,3 +239,33 @@ def test_maps_of_the_literature_trace_and_agree(case):
     torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-10)
     for a, b in zip(g_on, g_off):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = 0.5
+
+    def forward(self, x, z):
+        return self.scale * torch.tanh(self.fc(x)) + z
+
+
+def test_a_changed_python_value_of_the_map_is_seen():
+    """fx fixes Python numbers into the graph (self.scale, a closure's k): a change makes another signature."""
+    torch.manual_seed(0)
+    f = Scaled().to(DT)
+    z = torch.randn(2, 4, dtype=DT)
+    first = _solve(f, z, True)
+    f.scale = 0.25
+    torch.testing.assert_close(_solve(f, z, True), _solve(f, z, False), rtol=0, atol=1e-11)
+    assert not torch.allclose(_solve(f, z, True), first)
+    k = 0.5
+
+    def g(x, z):
+        return k * torch.tanh(f.fc(x)) + z
+
+    before = _solve(g, z, True)
+    k = 0.1
+    torch.testing.assert_close(_solve(g, z, True), _solve(g, z, False), rtol=0, atol=1e-11)
+    assert not torch.allclose(_solve(g, z, True), before)
