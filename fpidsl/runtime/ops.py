@@ -662,24 +662,27 @@ def grid_sample(x: Tensor, grid: Tensor, *, mode: str = "bilinear", padding_mode
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
-def _nested_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], create_graph: bool) -> Tensor:
+def _nested_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], create_graph: bool, first=None) -> Tensor:
     """F_path(tensors): F_() = primal(*tensors); F_(p..., k)(u, *rest) = the VJP of F_(p...) at ``rest`` with
-    respect to ``rest[k]``, cotangent ``u``."""
+    respect to ``rest[k]``, cotangent ``u``. ``first(u, *rest, k)``, when given, is F_(k) itself (the primal's own
+    backward, differentiable again), which saves recording the primal."""
     if not path:
         return primal(*tensors)
     u, rest = tensors[0], tensors[1:]
-    value = _nested_vjp(primal, rest, path[:-1], True)
+    if len(path) == 1 and first is not None:
+        return first(u, *rest, path[0])
+    value = _nested_vjp(primal, rest, path[:-1], True, first)
     (grad,) = torch.autograd.grad(value, rest[path[-1]], u, create_graph=create_graph, allow_unused=True)
     return torch.zeros_like(rest[path[-1]]) if grad is None else grad
 
 
-def autograd_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...]) -> Tensor:
+def autograd_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], first=None) -> Tensor:
     """:func:`_nested_vjp` by torch.autograd, differentiable again where autograd records: every argument enters
     as its own view (or a fresh leaf), so a tensor passed at two positions is differentiated at the one asked for."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     with torch.enable_grad():
         own = [t.view_as(t) if recording and t.requires_grad else t.detach().requires_grad_() for t in tensors]
-        out = _nested_vjp(primal, own, tuple(path), recording)
+        out = _nested_vjp(primal, own, tuple(path), recording, first)
     return out if recording else out.detach()
 
 
@@ -690,4 +693,13 @@ def grid_sample_vjp(*tensors: Tensor, path: tuple[int, ...], mode: str = "biline
     def primal(x, grid):
         return grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
-    return autograd_vjp(primal, tensors, path)
+    def first(u, x, grid, k):  # torch's backward of grid_sample, what autograd of primal would call
+        wanted = [k == 0, k == 1]
+        return torch.ops.aten.grid_sampler_2d_backward(u, x, grid, _GRID_MODES[mode], _GRID_PADDINGS[padding_mode],
+                                                       align_corners, wanted)[k]
+
+    return autograd_vjp(primal, tensors, path, first)
+
+
+_GRID_MODES = {"bilinear": 0, "nearest": 1}  # aten's enums (GridSamplerInterpolation, GridSamplerPadding)
+_GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
