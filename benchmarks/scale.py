@@ -19,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def plot(results: dict[str, dict[str, list]], path: Path, title: str) -> None:
         bottom.set_xlabel(axis_name)
         bottom.axhline(1.0, color="gray", lw=0.5)
         bottom.set_ylim(bottom=0)
+        bottom.set_xticks(xs, [str(x) for x in xs])
+        bottom.minorticks_off()
         top.legend(fontsize=7)
         bottom.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
