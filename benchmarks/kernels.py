@@ -53,6 +53,11 @@ def main() -> int:
     pair("Anderson dF f: bmm(buffer, column) / bmm(row, buffer^T)",
          lambda: torch.bmm(buf, f.unsqueeze(-1)), lambda: torch.bmm(f.unsqueeze(1), buf.transpose(1, 2)),
          ("column", "row"))
+    u, x, grid = torch.randn(n, 16, 32, 32), torch.randn(n, 16, 32, 32), torch.rand(n, 32, 32, 2) * 2 - 1
+    with torch.no_grad():  # grid_sample's grid gradient (ops.grid_sample_vjp): aten's backward, as a primitive
+        pair("grid gradient of grid_sample [8, 16, 32, 32]",
+             lambda: torch.ops.aten.grid_sampler_2d_backward(u, x, grid, 0, 0, False, [False, True])[1],
+             lambda: ops.grid_sample_vjp(u, x, grid, path=(1,)), ("aten", "fpidsl"))
     return 0
 
 
