@@ -40,7 +40,7 @@ def unrolled_outputs(layer, inputs, steps: int = UNROLL):
     cls = type(layer)
     bound = layer.bind(tuple(inputs), {})
     values = tuple(bound[n] for n in cls.INPUTS) + tuple(layer.parameter_tensors())
-    states = tuple(layer.init_states(bind_dims(cls.INPUTS, bound, cls.SPEC), values[0], *values))
+    states = tuple(layer.init_states(bind_dims(cls.INPUTS, bound, cls.SPEC), layer._float_like(values), *values))
     for _ in range(steps):
         new = cls.step(states if len(states) > 1 else states[0], *values)
         states = new if isinstance(new, tuple) else (new,)
