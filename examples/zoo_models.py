@@ -20,17 +20,16 @@ DTYPE = torch.float64
 @dataclass(frozen=True)
 class ZooModel:
     """A zoo layer: ``inputs(gen, batch)`` draws its inputs in declaration order (on one graph, ``batch + 5``
-    nodes: the nodes are the batch); its derivatives are compared
-    in the input ``wrt_input`` and the parameter ``param`` (a ``named_parameters`` name); ``unroll`` plain
-    iterations from the layer's start reach its fixed point to float64 precision."""
+    nodes: the nodes are the batch); its derivatives are compared in ``wrt``, an input and a parameter (input
+    names, or ``named_parameters`` names: token ids have none, so their embedding stands for them); ``unroll``
+    plain iterations from the layer's start reach its fixed point to float64 precision."""
 
     key: str
     spec: str
     layer: str
     paper: str
     inputs: Callable[[torch.Generator, int], tuple[Tensor, ...]]
-    wrt_input: str
-    param: str
+    wrt: tuple[str, str]
     unroll: int = 300
 
     @property
@@ -69,30 +68,32 @@ def pixel_grid(batch: int, side: int) -> Tensor:
 
 MODELS = [
     ZooModel("mondeq", "mondeq.fpi", "MonDEQ", "Winston & Kolter 2020",
-             lambda g, b: (normal(g, b, 4),), "x", "A"),
+             lambda g, b: (normal(g, b, 4),), ("x", "A")),
     ZooModel("hopfield", "hopfield.fpi", "Hopfield", "Ramsauer et al. 2021",
-             lambda g, b: (normal(g, b, 5, 4), normal(g, b, 4)), "Y", "WK.weight"),
+             lambda g, b: (normal(g, b, 5, 4), normal(g, b, 4)), ("Y", "WK.weight")),
     ZooModel("ista", "lista.fpi", "ISTA", "Beck & Teboulle 2009",
-             lambda g, b: (normal(g, b, 8),), "y", "A", unroll=400),
+             lambda g, b: (normal(g, b, 8),), ("y", "A"), unroll=400),
     ZooModel("lista", "lista.fpi", "LISTA", "Gregor & LeCun 2010",
-             lambda g, b: (normal(g, b, 8),), "y", "S"),
+             lambda g, b: (normal(g, b, 8),), ("y", "S")),
     ZooModel("sinkhorn", "sinkhorn.fpi", "Sinkhorn", "Cuturi 2013",
-             lambda g, b: (normal(g, b, 5, 3), normal(g, b, 4, 3)), "u", "P.weight"),
+             lambda g, b: (normal(g, b, 5, 3), normal(g, b, 4, 3)), ("u", "P.weight")),
     ZooModel("implicit_euler", "implicit_euler.fpi", "ImplicitEuler", "Chen et al. 2018",
-             lambda g, b: (normal(g, b, 4),), "y0", "fc1.weight"),
+             lambda g, b: (normal(g, b, 4),), ("y0", "fc1.weight")),
     ZooModel("icnn", "icnn.fpi", "ICNN", "Amos, Xu & Kolter 2017",
-             lambda g, b: (normal(g, b, 4),), "x", "W0.weight"),
+             lambda g, b: (normal(g, b, 4),), ("x", "W0.weight")),
     ZooModel("qp", "qp.fpi", "BoxQP", "Amos & Kolter 2017",
-             lambda g, b: (normal(g, b, 4, scale=2.0),), "a", "L"),
+             lambda g, b: (normal(g, b, 4, scale=2.0),), ("a", "L")),
     ZooModel("ignn", "ignn.fpi", "IGNN", "Gu et al. 2020",
-             lambda g, b: (normalized_graphs(g, b, 6), normal(g, b, 6, 3)), "U", "V"),
+             lambda g, b: (normalized_graphs(g, b, 6), normal(g, b, 6, 3)), ("U", "V")),
     ZooModel("mdeq", "mdeq.fpi", "MDEQCell", "Bai, Koltun & Kolter 2020",
-             lambda g, b: (normal(g, b, 4, 5, 5),), "x", "conv1.weight"),
+             lambda g, b: (normal(g, b, 4, 5, 5),), ("x", "conv1.weight")),
     ZooModel("mdeq_two_scale", "mdeq_two_scale.fpi", "MDEQTwoScale", "Bai, Koltun & Kolter 2020",
-             lambda g, b: (normal(g, b, 4, 4, 4),), "x", "down.weight"),
+             lambda g, b: (normal(g, b, 4, 4, 4),), ("x", "down.weight")),
     ZooModel("deq_flow", "deq_flow.fpi", "DEQFlow", "Bai, Geng, Savani & Kolter 2022",
              lambda g, b: (normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), pixel_grid(b, 6)),
-             "f2", "convq.weight"),
+             ("f2", "convq.weight")),
     ZooModel("ignn_sparse", "ignn_sparse.fpi", "IGNNSparse", "Gu et al. 2020",
-             lambda g, b: (sparse_graph(g, b + 5), normal(g, b + 5, 3)), "U", "V"),
+             lambda g, b: (sparse_graph(g, b + 5), normal(g, b + 5, 3)), ("U", "V")),
+    ZooModel("deq_transformer", "deq_transformer.fpi", "DEQTransformer", "Bai, Kolter & Koltun 2019",
+             lambda g, b: (torch.randint(0, 11, (b, 6), generator=g),), ("emb.weight", "wq.weight")),
 ]

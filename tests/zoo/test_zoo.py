@@ -58,7 +58,8 @@ def test_derivatives_match_unrolled_autograd(model):
     out = layer(*inputs)
     assert bool(layer.stats.forward.converged.all())
     torch.testing.assert_close(out, unrolled_outputs(layer, inputs, model.unroll), rtol=1e-10, atol=1e-12)
-    wrt = [inputs[list(type(layer).INPUTS).index(model.wrt_input)], dict(layer.named_parameters())[model.param]]
+    named = {**dict(zip(type(layer).INPUTS, inputs)), **dict(layer.named_parameters())}
+    wrt = [named[name] for name in model.wrt]
     got = derivatives(lambda: smooth_loss(layer(*inputs)), wrt, order=2)
     want = derivatives(lambda: smooth_loss(unrolled_outputs(layer, inputs, model.unroll)), wrt, order=2)
     assert_orders_close(got, want, rtol=1e-7)
@@ -167,10 +168,22 @@ def _deq_flow(m, f1, f2, ctx, coords):
     return torch.cat([h.flatten(), flow.flatten()]), torch.cat([((1 - zg) * h + zg * q).flatten(), m.head(h).flatten()])
 
 
+def _deq_transformer(m, tokens):
+    """The cell with torch's causal scaled_dot_product_attention and nn.LayerNorm, at the fixed point."""
+    out = m(tokens)
+    (z,) = m._last_states
+    u = z + m.emb(tokens)
+    q, k, v = (w(u).reshape(*u.shape[:2], 2, 4).transpose(1, 2) for w in (m.wq, m.wk, m.wv))
+    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(u.shape)
+    h = m.ln1(u + m.wo(heads))
+    fixed = m.ln2(h + m.ff2(F.gelu(m.ff1(h))))
+    return torch.cat([z.flatten(), out.flatten()]), torch.cat([fixed.flatten(), m.logits(z).flatten()])
+
+
 PAPERS_EQUATIONS = {"mondeq": _mondeq, "hopfield": _hopfield, "ista": _ista, "lista": _lista, "sinkhorn": _sinkhorn,
                     "implicit_euler": _implicit_euler, "icnn": _icnn, "qp": _qp, "ignn": _ignn, "mdeq": _mdeq,
                     "mdeq_two_scale": _mdeq_two_scale, "deq_flow": _deq_flow,
-                    "ignn_sparse": _ignn_sparse}
+                    "ignn_sparse": _ignn_sparse, "deq_transformer": _deq_transformer}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
