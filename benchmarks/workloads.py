@@ -207,14 +207,24 @@ def _bibtex(kind: str, batch: int, seed: int) -> Workload:
                     tol=1e-5 if kind == "nn" else 1e-4, b_tol=1e-6 if kind == "nn" else 1e-5, max_iter=3000)
 
 
-def make_workloads(quick: bool) -> list[Workload]:
-    if quick:
-        return [_conv(16, "slow", batch=2, size=12, seed=0), _bibtex("nn", batch=4, seed=2)]
-    return [
-        _conv(16, "slow", batch=8, size=64, seed=0),
-        _conv(32, "slow", batch=8, size=64, seed=1),
-        _conv(16, "fast", batch=8, size=64, seed=0),
-        _conv(32, "fast", batch=8, size=64, seed=1),
-        _bibtex("nn", batch=32, seed=2),
-        _bibtex("gd", batch=32, seed=3),
-    ]
+FULL = {
+    "conv16-slow": lambda: _conv(16, "slow", batch=8, size=64, seed=0),
+    "conv32-slow": lambda: _conv(32, "slow", batch=8, size=64, seed=1),
+    "conv16-fast": lambda: _conv(16, "fast", batch=8, size=64, seed=0),
+    "conv32-fast": lambda: _conv(32, "fast", batch=8, size=64, seed=1),
+    "bibtex-nn": lambda: _bibtex("nn", batch=32, seed=2),
+    "bibtex-gd": lambda: _bibtex("gd", batch=32, seed=3),
+}
+QUICK = {
+    "conv16-slow": lambda: _conv(16, "slow", batch=2, size=12, seed=0),
+    "bibtex-nn": lambda: _bibtex("nn", batch=4, seed=2),
+}
+
+
+def make_workloads(quick: bool, names: list[str] | None = None) -> list[Workload]:
+    """The workloads (all, or those ``names``), full size or ``quick``'s tiny ones."""
+    builders = QUICK if quick else FULL
+    unknown = sorted(set(names or ()) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; known: {', '.join(builders)}")
+    return [build() for name, build in builders.items() if names is None or name in names]

@@ -1,0 +1,63 @@
+"""Table 3 of benchmarks/run.py (fpidsl's training step against its cost floor) for chosen workloads and methods.
+
+    .venv/bin/python benchmarks/floor.py conv16-fast bibtex-nn --methods anderson
+    .venv/bin/python benchmarks/floor.py conv16-fast --clock cpu     # this thread's CPU time, not wall time
+
+The floor and its parts are run.py's (:func:`run.floor_row`): forward steps x one evaluation of g + backward steps x
+one VJP + the once-a-step work, each timed alone, against the step timed back to back like them. ``--clock cpu``
+times with this thread's CPU time (``time.thread_time``; every contender runs on one intra-op thread), which on a
+machine shared with other jobs leaves out the time the process waited for a core; it does not leave out their
+effect on the caches. The ratio, not the milliseconds, is the claim.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402
+from workloads import FULL, make_workloads  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workloads", nargs="+", choices=sorted(FULL), help="workloads of benchmarks/workloads.py")
+    parser.add_argument("--methods", nargs="+", default=["picard", "anderson"], choices=["picard", "anderson"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    run.steady_allocator()
+    warnings.simplefilter("ignore")
+    if args.clock == "cpu":
+        run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter
+        run.time.perf_counter = time.thread_time
+    load_before = os.getloadavg()
+    rows = []
+    for w in make_workloads(False, args.workloads):
+        for method in args.methods:
+            out = run.Outcome()
+            step = run.fpidsl_step(w, method, out)
+            step()
+            rows.append(run.floor_row(w, method, step, out, args.repeats))
+    load_after = os.getloadavg()
+    command = "python benchmarks/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"`{command}`: {args.repeats} timed runs, {args.clock} clock, float32, CPU, one thread; load average "
+          f"(1, 5, 15 min) {'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
+          f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end, on {os.cpu_count()} cores\n")
+    print(run.table(["workload", "method", "forward (steps x ms)", "backward (steps x ms)", "once ms", "floor ms",
+                     "fpidsl ms (alone)", "ratio", f"target {run.TARGET_FLOOR}x", "hand g / VJP ms"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
