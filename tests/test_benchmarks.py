@@ -142,3 +142,12 @@ def test_run_with_device_cuda_says_when_there_is_no_gpu(capsys):
     with pytest.raises(SystemExit):
         _load_run().main(["--quick", "--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_floor_benchmark_prints_table_3_for_a_chosen_workload():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "floor.py"), "bibtex-nn", "--methods", "picard",
+                           "--repeats", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| bibtex-nn | picard | 5 x" in proc.stdout and "cpu clock" in proc.stdout
