@@ -1,7 +1,9 @@
-"""The model zoo (specs/zoo/, table in examples/zoo_models.py): each model checks clean, compiles and loads; its
-fixed point and the first and second derivatives of a nonlinear loss of it, in one input and one parameter, equal
-autograd through plain iteration of the same map (float64, relative error <= 1e-7); and a few Adam steps on a
-teacher-student toy task (fit the outputs of the same layer with other weights) lower the loss."""
+"""The model zoo (specs/zoo/, table in examples/zoo_models.py): each model checks clean, is formatted, compiles and
+loads; its fixed point satisfies the paper's equation written in plain torch; the first and second derivatives of a
+nonlinear loss of it, in one input and one parameter, equal autograd through plain iteration of the same map
+(float64, relative error <= 1e-7); and a few Adam steps on a teacher-student toy task (fit the outputs of the same
+layer with other weights) lower the loss. docs/ZOO.md shows every spec and the iteration table of
+examples/zoo_report.py."""
 from __future__ import annotations
 
 import importlib.util
