@@ -43,7 +43,8 @@ def _label(graph: LayerGraph, nid: str) -> str:
     else:
         head = f"{op} {data.get('name') or ''}".strip()
     shape = data.get("shape")
-    return head if shape is None or op == "output" else f"{head}\n{fmt_shape(shape)}"
+    dtype = "" if graph.dtype(nid) == "float" else f"{graph.dtype(nid)} "  # an index input
+    return head if shape is None or op == "output" else f"{head}\n{dtype}{fmt_shape(shape)}"
 
 
 def to_dot(graph: LayerGraph) -> str:
