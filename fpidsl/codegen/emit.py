@@ -391,6 +391,8 @@ class LayerEmitter:
                 return f"_layer.extern_handle(self, {literal(data['extern'].name)})"
             if data.get("role") == "parameters" and data.get("extern_of") is not None:
                 return f"_layer.extern_parameters(self.{data['extern_of']})"
+            if data.get("role") == "seeds":  # dropout's per-sample seeds, drawn once per call (fpidsl/ir/dropout.py)
+                return f"_layer.dropout_seeds(self, {literal(data['shape'][0])})"
             return f"self.{name}"
 
         refs = [ref(name) for name in self.param_names]

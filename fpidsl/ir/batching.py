@@ -449,6 +449,15 @@ def unexpanded() -> BatchRule:
     return rule
 
 
+def leading() -> BatchRule:
+    """Every batched argument has its samples on axis 0, and so has the result (``dropout``: x and its per-sample
+    seeds); anything else mixes."""
+    def rule(axes, shapes, out, attrs):
+        a = _agree(axes)
+        return a if a is None or a is MIXED or a == 0 else MIXED
+    return rule
+
+
 def external() -> BatchRule:
     """An extern module (fpidsl/ir/extern.py: handle, parameters, inputs): one declared ``samplewise`` keeps sample i
     of its batched arguments (all on axis 0) in sample i of its result; any other with a batched argument mixes.

@@ -729,6 +729,12 @@ INDEXING_RULES: dict[str, VjpRule] = {
 }
 
 
+def _dropout(b, n, ct):
+    """x * mask: the cotangent through the same mask (the seeds have none)."""
+    x, seeds = b.args(n)
+    return {0: b.call("dropout", ct, seeds, **b.attrs(n))}
+
+
 def _extern(b, n, ct):
     """An extern (or a VJP of one, chain w): the VJP with respect to each argument p but the module handle is the
     extern_vjp with chain w + (p,) and ct as its last cotangent (fpidsl/ir/extern.py)."""
@@ -759,7 +765,7 @@ RULES: dict[str, VjpRule] = {
     "linear": _linear, "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d,
     "group_norm": _group_norm, "layer_norm": _layer_norm, "group_mean": _group_mean,
     "eye": _zero, "zeros": _zero, "ones": _zero, "full": _zero, "arange": _zero,
-    "extern": _extern, "extern_vjp": _extern,
+    "extern": _extern, "extern_vjp": _extern, "dropout": _dropout,
     "power": _power, "solve": _solve, "einsum": _einsum, "spmm": _spmm,
     # auxiliary
     "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,

@@ -877,6 +877,7 @@ _RESAMPLE = (Attr("mode", "word", "nearest"), Attr("align_corners", "bool", Fals
 _GRID_SAMPLE = (Attr("mode", "word", "bilinear"), Attr("padding_mode", "word", "zeros"),
                 Attr("align_corners", "bool", False))
 from . import extern as _X_EXTERN  # noqa: E402 - the extern primitives' rules
+from . import dropout as _DROPOUT  # noqa: E402 - dropout's shape rule
 
 _EXTERN_ATTRS = (Attr("name", "word"), Attr("inputs", "shapes"), Attr("output", "shape"), Attr("samplewise", "bool"))
 
@@ -961,7 +962,8 @@ _TABLE = [
     _p("var", _X, _var, Attr("dim", "dims"), Attr("keepdim", "bool", False), Attr("correction", "int", 1),
        batch=_B.reduction(), builtin=True, vjp=_V["var"], lipschitz="unbounded", doc="the variance along dim (torch.var)"),
     _p("cat", ("tensors",), _cat, Attr("dim", "dim", 0), batch=_B.concatenation(), builtin=True, variadic=True, vjp=_V["cat"], lipschitz="root_sum_squares"),
-    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0, keeps_dtype=True),
+    _p("reshape", _X, _reshape, Attr("shape", "shape"), batch=_B.reshaping(), builtin=True, vjp=_V["reshape"], lipschitz=1.0,
+       keeps_dtype=True),
     _p("transpose", _X, _transpose, Attr("dim0", "dim"), Attr("dim1", "dim"), batch=_B.transposing(),
        builtin=True, vjp=_V["transpose"], lipschitz=1.0, keeps_dtype=True),
     _p("flatten", _X, _flatten, Attr("start", "dim", 1), Attr("end", "dim", -1), batch=_B.flattening(),
@@ -969,12 +971,14 @@ _TABLE = [
     _p("permute", _X, _permute, Attr("dims", "dims"), batch=_B.permuting(), builtin=True, vjp=_V["permute"],
        lipschitz=1.0, doc="x with its dims in the order dims", keeps_dtype=True),
     _p("unsqueeze", _X, _unsqueeze_shape, Attr("dim", "dims"), batch=_B.unsqueezing(), builtin=True,
-       vjp=_V["unsqueeze"], lipschitz=1.0, doc="size-1 dims inserted at dim (positions in the result)", keeps_dtype=True),
+       vjp=_V["unsqueeze"], lipschitz=1.0, doc="size-1 dims inserted at dim (positions in the result)",
+       keeps_dtype=True),
     _p("triu", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
        vjp=_V["triu"], lipschitz=1.0, doc="the upper triangle of the last two dims (from diagonal up)"),
     _p("tril", _X, _triangle, Attr("diagonal", "int", 0), batch=_B.per_row(row_rank=2), builtin=True,
        vjp=_V["tril"], lipschitz=1.0, doc="the lower triangle of the last two dims (up to diagonal)"),
-    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0, keeps_dtype=True),
+    _p("index", _X, _index, Attr("index", "index"), batch=_B.indexing(), doc="x[items]", vjp=_V["index"], lipschitz=1.0,
+       keeps_dtype=True),
     # indexing (an int input as the index) and resampling
     _p("gather", ("x", "index"), _gather, Attr("dim", "dim"), batch=_B.gathering(), builtin=True, vjp=_V["gather"],
        lipschitz="repeated_index", index_args=((1, ("int",)),), order=("x", "dim", "index"),
@@ -1017,6 +1021,12 @@ _TABLE = [
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,
        doc="gradient of the energy (summed over the batch) with respect to the state", vjp=_V["grad"], lipschitz="curvature"),
+    # variational dropout (fpidsl/ir/dropout.py): x and the solve's per-sample seeds, which the compiler supplies
+    dataclasses.replace(_p(
+        _DROPOUT.DROPOUT, ("x", "seeds"), _DROPOUT.dropout_shape, Attr("p", "number", 0.1), Attr("key", "int", 0),
+        batch=_B.leading(), vjp=_V["dropout"], lipschitz="dropout", builtin=True,
+        doc="x times a mask drawn once per forward solve, fixed over its iterations (identity in eval mode)"),
+        written="dropout(x, p=0.1)"),
     # an outside nn.Module (fpidsl/ir/extern.py): handle, flat parameters, then its inputs
     _p(_X_EXTERN.EXTERN, ("args",), _X_EXTERN.extern_shape, *_EXTERN_ATTRS, batch=_B.external(),
        variadic=True, vjp=_V["extern"], lipschitz=None,

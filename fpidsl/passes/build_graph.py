@@ -25,6 +25,7 @@ import networkx as nx
 
 from ..errors import ErrorSink, FpiError, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
 from ..frontend import ast
+from ..ir.dropout import DROPOUT, SEEDS
 from ..ir.extern import EXTERN, ExternSpec, declare_extern
 from ..ir.graph import Assumption, LayerGraph, ModuleSpec, StateInfo, TensorInit
 from ..ir.shapes import (
@@ -768,6 +769,8 @@ class _Builder:
             return self.inline_fn(self.fns.fns[fname], call, env)
         if fname == "grad":
             return self.grad(call, env)
+        if fname == DROPOUT:
+            return self.dropout(call, env)
         if fname == "einsum":
             return self.einsum(call, env)
         if fname in BUILTINS:
@@ -922,6 +925,28 @@ class _Builder:
             return None
         return self.call("grad", [(energy, bound["energy"]), (state, bound["state"])], {}, call.span, env)
 
+    def dropout(self, call: ast.Call, env: Env | None) -> str | None:
+        """``dropout(x, p=0.1)``: x and the layer's per-sample seeds (one param for every dropout call, made at the
+        first; each call its own ``key``: fpidsl/ir/dropout.py)."""
+        prim = BUILTINS[DROPOUT]
+        bound = self.bind(call, ["x", "p"], {"x"}, DROPOUT, prim.signature())
+        if bound is None:
+            return None
+        p = self.attr_value(prim.attr("p"), bound["p"], env, DROPOUT) if "p" in bound else 0.1
+        x = self.build_expr(bound["x"], env)
+        if x is None or p is _FAIL or not self.graph.states:
+            return None
+        if SEEDS not in self.graph.params:
+            lead = next(iter(self.graph.states.values())).shape
+            self.graph.params[SEEDS] = self.graph.add_node(
+                "param", span=call.span, shape=(lead[0],) if lead else (1,), name=SEEDS, module=None, role="seeds")
+        key = sum(1 for n in self.graph.nodes() if self.graph.node(n).get("prim") == DROPOUT)
+        node = self.call(DROPOUT, [(x, bound["x"]), (self.graph.params[SEEDS], call.func.span)], {"p": p, "key": key},
+                         call.span, env)
+        if "p" in bound:
+            self.graph.node(node)["attr_spans"] = {"p": self.use_span(bound["p"], env)}
+        return node
+
     def extern_param(self, decl: ast.ExternParamDecl) -> None:
         """``param f : extern SHAPES -> SHAPE``: its declared shapes (dimensions of inputs) and its two param nodes
         (fpidsl/ir/extern.py)."""
@@ -1024,8 +1049,12 @@ class _Builder:
                 if kind == "shape" and self.mentions_symbol(item, env):
                     items.append(self.target_size(item, env, f"the shape of {fname}"))
                 elif isinstance(item, ast.Name) and item.id in self.input_symbols and not self.is_number_name(item, env):
-                    return self.bad_attr(attr, item, fname, f"found the symbolic dimension {item.id}, whose size is "
-                                                            "known only when the layer is called")
+                    self.error(TypeErr, f"{attr.name} of {fname} must be {ATTR_KINDS[attr.kind]}, but found the "
+                                        f"symbolic dimension {item.id}, whose size is known only when the layer is "
+                                        "called", item.span,
+                               hint="interpolate(x, scale_factor=2) scales symbolic sizes (2*H)" if fname == "interpolate"
+                               else "a static argument is a number or a const")
+                    return _FAIL
                 else:
                     items.append(self.attr_value(Attr(attr.name, "int"), item, env, fname))
                 if items[-1] is _FAIL:

@@ -201,6 +201,7 @@ RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
     "quotient": _divide,
     "matrix_product": _matmul,
     "sum_reduction": _sum,
+    "dropout": lambda graph, weights, nid, ls, where: (ls[0] / (1 - graph.node(nid)["attrs"]["p"]), None),
     "window_overlap": _window_overlap,
     "repeated_index": lambda graph, weights, nid, ls, where: (
         INF, f"{where}: the bound is the root of how often the index repeats an entry, known only at call time"),

@@ -176,8 +176,23 @@ def extern_parameters(module: nn.Module) -> torch.Tensor:
 
 
 def _tensors(values) -> tuple[torch.Tensor, ...]:
-    """The parameter tensors that carry the layer's dtype and device (not an extern's handle, not an empty vector)."""
-    return tuple(v for v in values if isinstance(v, torch.Tensor) and v.numel())
+    """The parameter tensors that carry the layer's dtype and device (not an extern's handle, not an empty vector,
+    not dropout's integer seeds)."""
+    return tuple(v for v in values if isinstance(v, torch.Tensor) and v.numel() and v.is_floating_point())
+
+
+def dropout_seeds(layer: nn.Module, batch: Dim) -> torch.Tensor | None:
+    """The per-sample seeds of ``layer``'s dropout masks for the call in progress (fpidsl/ir/dropout.py): drawn from
+    torch's generator once per call (``batch``: the batch dimension, a symbol or a size), the same for every
+    iteration and derivative of that call's solve; None in eval mode (dropout is then the identity)."""
+    if not layer.training:
+        return None
+    n = layer.__dict__.get("_call_dims", {}).get(batch, 1) if isinstance(batch, str) else batch
+    seeds = layer.__dict__.get("_call_seeds")
+    if seeds is None or seeds.shape[0] != n:
+        seeds = torch.randint(0, 2**31 - 1, (n,), device=layer.__dict__.get("_call_device"))
+        layer._call_seeds = seeds
+    return seeds
 
 
 # --------------------------------------------------------------------------- compile=True
@@ -355,6 +370,7 @@ class CompiledLayer(nn.Module):
         from .input_checks import check_dtypes_and_devices
 
         self._call_dims = dims  # the sizes extern modules are checked against (extern_handle)
+        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)  # dropout_seeds
         check_dtypes_and_devices(inputs, _tensors(self.parameter_tensors()), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
         like = self._float_like(values)
@@ -406,6 +422,7 @@ class CompiledLayer(nn.Module):
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
         self._call_dims = dims
+        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
         x0 = self.init_states(dims, self._float_like(values), *values)
         stats = Stats()

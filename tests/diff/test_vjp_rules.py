@@ -187,6 +187,8 @@ CASES = [
     # issue 13: auxiliary
     _c("equal_mask", [2, 3], [3]), _c("equal_mask", [3, 4], [3, 4], tie=True),
     _c("safe_div", [2, 3], [3], domains=("any", "nonzero")), _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
+    # issue 13: dropout (x times its mask; the seeds, integers in practice, have no derivative)
+    _c("dropout", [3, 4], [3], p=0.3, key=1), _c("dropout", [2, 3, 2], [2], p=0.5, key=0),
     # issue 13: normalisation modules, constructors
     *NORM_CASES, *CONSTRUCTOR_CASES, *LINALG_CASES, *INDEXING_CASES,
 ]

@@ -247,3 +247,19 @@ def test_indexing_and_resampling_rules():
                                                ("B", 2, 4, 4), {"path": (0,)}) == 0
     assert PRIMITIVES["pad"].batch([0], [("B", 4)], ("B", 6), {"pad": (1, 1)}) == 0
     assert PRIMITIVES["pad"].batch([0], [("B", 4)], ("B+2", 4), {"pad": (0, 0, 1, 1)}) is MIXED
+
+
+def test_extern_and_dropout_rules():
+    """An extern keeps samples apart only when declared samplewise (its VJP in the parameters sums over them);
+    dropout's x and its per-sample seeds share axis 0."""
+    ext, vjp, drop = PRIMITIVES["extern"].batch, PRIMITIVES["extern_vjp"].batch, PRIMITIVES["dropout"].batch
+    shapes = [(), ("P",), ("B", 4)]
+    sw = {"samplewise": True}
+    assert ext([None, None, 0], shapes, ("B", 4), sw) == 0
+    assert ext([None, None, 0], shapes, ("B", 4), {"samplewise": False}) is MIXED
+    assert ext([None, None, None], [(), ("P",), (4,)], (4,), sw) is None
+    assert ext([None, None, None], [(), ("P",), (4,)], ("B", 4), sw) is MIXED  # sized by the batch, from nothing
+    assert vjp([None, None, 0, 0], shapes + [("B", 4)], ("B", 4), {**sw, "chain": (2,)}) == 0
+    assert vjp([None, None, 0, 0], shapes + [("B", 4)], ("P",), {**sw, "chain": (1,)}) is MIXED
+    assert drop([0, 0], [("B", 4), ("B",)], ("B", 4), {}) == 0
+    assert drop([1, 0], [(4, "B"), ("B",)], (4, "B"), {}) is MIXED

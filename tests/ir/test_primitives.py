@@ -121,6 +121,7 @@ CASES = [
     ("interpolate", [("B", 3, "H", "W")], {"size": (8, 6), "mode": "bilinear"}, ("B", 3, 8, 6)),
     ("grid_sample", [("B", 3, "H", "W"), ("B", "K", 1, 2)], {}, ("B", 3, "K", 1)),
     # an extern module: handle [], flat parameters [P], then its inputs (fpidsl/ir/extern.py)
+    ("dropout", [("B", 4, 3), ("B",)], {"p": 0.2, "key": 1}, ("B", 4, 3)),
     ("extern", [(), ("P",), ("B", 4), ("B", 2)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, ("B", 3)),
 ]
 
@@ -163,7 +164,7 @@ conv_transpose2d grad
 gelu silu erf sign reciprocal where max min norm prod var permute unsqueeze triu tril
 group_norm layer_norm eye zeros ones full
 arange power solve einsum spmm
-gather index_select embedding pad avg_pool2d max_pool2d interpolate grid_sample extern""".split())
+gather index_select embedding pad avg_pool2d max_pool2d interpolate grid_sample extern dropout""".split())
 
 
 def test_every_primitive_has_a_case():
@@ -211,6 +212,8 @@ FAILURES = [
 
 # issue 13: each failure names the argument or attribute it is about (the error is positioned there)
 POSITIONED_FAILURES = [
+    ("dropout", [("B", 4), ("B",)], {"p": 1.0, "key": 0}, "p", "p of dropout must be a number in [0, 1), found 1.0"),
+    ("dropout", [(4, "B"), ("B",)], {"p": 0.1, "key": 0}, 0, "its argument's dimension 0 must be the batch B"),
     ("extern", [(), ("P",), ("B", 4), ("B", 3)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, 3,
      "argument 2 of f (declared extern ([B, 4], [B, 2]) -> [B, 3]) must have shape [B, 2], found [B, 3]"),
     ("extern", [(), ("P",), ("B", 4)], {"name": "f", "inputs": (("B", 4), ("B", 2)), "output": ("B", 3), "samplewise": False}, None, "f (declared extern ([B, 4], [B, 2]) -> [B, 3]) takes 2 arguments, but 1 was given"),
