@@ -292,6 +292,7 @@ def test_a_symbolic_interpolation_size_is_one_error_at_the_size():
                           "  update x = interpolate(x, size=[H, W]) + a\n}\n")
     assert isinstance(error, TypeErr) and (error.span.line, error.span.col) == (4, 35)
     assert "but found the symbolic dimension H, whose size is known only when the layer is called" in error.message
+    assert "scale_factor=2" in error.hint
 
 
 # --------------------------------------------------------------------------- call-time checks
