@@ -56,3 +56,14 @@ def test_every_shipped_layer_lowers_to_graphs_that_lint_after_every_pass():
             for g in lowered.graphs():
                 g.lint()
             assert lowered.adjoint is not None and lowered.samplewise in (True, False), (spec.name, name)
+
+
+def test_index_arguments_name_real_positions_and_the_order_every_parameter():
+    from fpidsl.frontend.ast import INPUT_DTYPES
+
+    for prim in PRIMITIVES.values():
+        for pos, dtypes in prim.index_args:
+            assert 0 <= pos < len(prim.inputs) and set(dtypes) <= set(INPUT_DTYPES), prim.name
+        if prim.order:
+            assert sorted(prim.order) == sorted(list(prim.written_inputs) + [a.name for a in prim.attrs]), prim.name
+        assert not prim.keeps_dtype or len(prim.inputs) == 1, prim.name
