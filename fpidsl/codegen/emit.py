@@ -379,6 +379,10 @@ class LayerEmitter:
                          f"{literal(tuple(float(a) for a in init.args))})  # {_where(data['span'])}")
         return lines
 
+    def _batched_params(self) -> tuple[bool, ...]:
+        """Per param: whether its dimension 0 is the batch (dropout's per-sample seeds only)."""
+        return tuple(self.graph.node(self.graph.params[n]).get("role") == "seeds" for n in self.param_names)
+
     def _externs(self) -> str:
         """``{name: (where declared, the declaration)}`` of the layer's extern modules, for messages."""
         items = [f"{literal(n)}: ({_where(spec.span)!r}, {spec.format()!r})" for n, spec in externs(self.graph).items()]
@@ -421,6 +425,7 @@ class LayerEmitter:
                 f"SOLVE = {settings(g.solve)}",
                 f"BACKWARD = {settings(g.backward)}",
                 *([f"EXTERNS = {self._externs()}"] if externs(g) else []),
+                *([f"BATCHED_PARAMS = {literal(self._batched_params())}"] if any(self._batched_params()) else []),
                 *([f"EVAL = {settings(g.eval_solve)}"] if g.eval_solve else []),
                 "", *self._init(), "", *self._parameter_tensors(), "", *self._init_states(), "",
                 *self._step(), "", *self._hoisted_iteration(), "", *self._adjoint(), "", *self._outputs()]

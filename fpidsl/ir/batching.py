@@ -514,7 +514,8 @@ def batch_axes(graph, roots: Iterable[str] | None = None) -> dict[str, Axis]:
         if op in ("state", "input", "param", "const"):
             if batch is None:
                 axes[nid] = MIXED if op in ("state", "input") else None
-            elif op in ("state", "input") and shape and shape[0] == batch and batch not in shape[1:]:
+            elif (op in ("state", "input") or data.get("role") == "seeds") and shape and shape[0] == batch \
+                    and batch not in shape[1:]:  # seeds: dropout's, one per sample (fpidsl/ir/dropout.py)
                 axes[nid] = 0
             else:
                 axes[nid] = MIXED if batch in shape else None

@@ -8,7 +8,8 @@ dimension), drawn by the layer once per call (``fpidsl.runtime.layer.dropout_see
 ``torch.manual_seed`` fixes them) and passed to the fixed point like every argument: the forward iterations, the
 hoisted part, the backward map and the derivatives of every order all read the same seeds, hence the same mask.
 Each ``dropout`` call of a layer has its own ``key``, so two calls draw independent masks. In eval mode the seeds
-are None and ``dropout`` returns x.
+are None and ``dropout`` returns x. The seeds are the one param batched on axis 0 (``batching.batch_axes``; the
+layer's ``BATCHED_PARAMS``): a samplewise layer slices them with the samples still running.
 """
 from __future__ import annotations
 

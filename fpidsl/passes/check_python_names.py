@@ -32,7 +32,7 @@ to_empty train type xpu zero_grad training _parameters _buffers _modules
 # What fpidsl.runtime.layer.CompiledLayer and the generated class define (public names; every name starting with
 # ``_`` is refused anyway).
 COMPILED_LAYER_ATTRIBUTES = frozenset("""
-SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD EVAL EXTERNS INDEX_INPUTS SAMPLEWISE HOIST_BATCHED SELECTIVE_VJP_ARGS LAYERS adjoint step
+SPEC INPUTS STATES ASSUMPTIONS SOLVE BACKWARD EVAL EXTERNS BATCHED_PARAMS INDEX_INPUTS SAMPLEWISE HOIST_BATCHED SELECTIVE_VJP_ARGS LAYERS adjoint step
 hoist iterate outputs init_states parameter_tensors bind stats solve_settings backward_settings history compiled
 contraction eval_settings jacobian_penalty warm configure correction_outputs eval_solve warm_start
 """.split())  # the last two: constructor options (an extern module is a constructor keyword too)

@@ -60,7 +60,8 @@ class _HoistedStep:
         return _as_states(self.hoisted.step(xs[0] if self.single else tuple(xs), *self.values), self.single)
 
     def restrict(self, index: Tensor) -> None:
-        self.values = tuple(v.index_select(0, index) if b else v for v, b in zip(self.full, self.hoisted.batched))
+        self.values = tuple(v.index_select(0, index) if b and isinstance(v, Tensor) else v  # None: eval-mode seeds
+                            for v, b in zip(self.full, self.hoisted.batched))
 
 
 @dataclass(eq=False)

@@ -258,6 +258,7 @@ class CompiledLayer(nn.Module):
     BACKWARD: dict[str, Any] = {}
     EVAL: dict[str, Any] = {}  # the spec's eval block: settings over SOLVE in eval mode
     EXTERNS: dict[str, tuple[str, str]] = {}  # extern modules: name -> (where the spec declares it, the declaration)
+    BATCHED_PARAMS: tuple[bool, ...] = ()  # per param: dimension 0 is the batch (dropout's seeds); () for none
     adjoint: Any = None
 
     def __init__(self, *, solve: Mapping[str, Any] | None = None,
@@ -402,13 +403,16 @@ class CompiledLayer(nn.Module):
 
     def _batched(self) -> tuple[bool, ...] | None:
         """Which arguments have the batch as dimension 0: inputs whose first declared dimension is the
-        states' (so the solver can drop finished samples from the work); params never."""
+        states' (so the solver can drop finished samples from the work); params never, but dropout's per-sample
+        seeds (``BATCHED_PARAMS``) in training mode."""
         if not self.SAMPLEWISE:
             return None
         lead = {shape[0] for shape in self.STATES.values() if shape}
         batched = tuple(bool(shape) and shape[0] in lead and isinstance(shape[0], str)
                         for shape in self.INPUTS.values())
-        return batched + (False,) * len(self.parameter_tensors())
+        params = self.parameter_tensors()
+        flags = self.BATCHED_PARAMS or (False,) * len(params)
+        return batched + tuple(bool(f) and isinstance(p, torch.Tensor) for f, p in zip(flags, params))
 
     def correction_outputs(self, *args: torch.Tensor, n_states: int = 2, k: int = 1, tau: float = 1.0,
                            indexing: Sequence[int] | None = None, **kwargs: torch.Tensor) -> list:

@@ -1,6 +1,6 @@
 """Variational dropout, `dropout(x, p)`: one mask per forward solve, held fixed over every forward and backward
 iteration of it (against the same map written in torch with that mask: fixed point, first and second derivatives);
-the identity in eval mode; a new mask for each solve."""
+the identity in eval mode; a new mask for each solve; the seeds follow their samples when finished ones are dropped."""
 from __future__ import annotations
 
 import pytest
@@ -54,6 +54,19 @@ def test_the_fixed_point_is_that_of_the_map_with_the_solve_s_mask(tmp_path):
     x = seeded(layer, a)
     torch.testing.assert_close(x, by_hand(layer, a), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(x, layer.eval()(a))  # the masks change the map
+
+
+def test_the_seeds_are_sliced_with_the_samples_that_keep_running(tmp_path):
+    """A samplewise layer drops finished samples from the work; the seeds (and the masks) go with their samples."""
+    layer = load(tmp_path)
+    assert type(layer).SAMPLEWISE and type(layer).BATCHED_PARAMS[-1]
+    a = torch.cat([torch.zeros(1, 4), 3 * torch.randn(5, 4)]).double()  # sample 0 converges first
+    x = seeded(layer, a)
+    iterations = layer.stats.forward.iterations
+    assert iterations.min() < iterations.max()
+    torch.testing.assert_close(x, by_hand(layer, a), rtol=1e-10, atol=1e-12)
+    layer.eval()
+    torch.testing.assert_close(layer(a), layer(a))  # eval mode: no seeds to slice
 
 
 def test_derivatives_match_unrolled_autograd_with_the_same_mask(tmp_path):
