@@ -28,7 +28,12 @@ MODEL = textwrap.dedent("""
         return 0.5 * torch.sigmoid(x) + a
 
     def cumulative(x):
-        return torch.cumsum(x, dim=1)
+        return 0.1 * torch.cumsum(x, dim=1)
+
+    def branching(x):
+        if x.sum() > 0:
+            return 0.5 * x
+        return x
 """)
 
 
@@ -82,7 +87,15 @@ def test_wrong_usage_is_exit_status_2(model, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_an_untraceable_map_is_exit_status_1_with_the_operation_and_its_line(model, capsys):
-    assert main(["trace", f"{model}:cumulative", "--shape", "x=2,3"]) == 1
+def test_an_operation_with_no_primitive_is_an_extern_of_the_written_spec(model, tmp_path, capsys):
+    out = tmp_path / "cumulative.fpi"
+    assert main(["trace", f"{model}:cumulative", "--shape", "x=2,3", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "param cumsum_fn : extern [2, 3] -> [2, 3]" in text and "torch.cumsum(#0, dim=1)" in text
+    assert main(["check", str(out)]) == 0
+
+
+def test_an_untraceable_map_is_exit_status_1_with_what_and_where(model, capsys):
+    assert main(["trace", f"{model}:branching", "--shape", "x=2,3"]) == 1
     err = capsys.readouterr().err
-    assert "cannot trace" in err and "torch.cumsum has no primitive" in err and "model.py:20" in err
+    assert "cannot trace" in err and "torch.fx cannot trace the map" in err

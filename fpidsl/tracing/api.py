@@ -45,14 +45,42 @@ class TracedMap:
     shapes: tuple[torch.Size, ...]  # of each param tensor at the trace
     root: Any = None
 
-    def tensors(self, module: nn.Module | None = None) -> tuple[Tensor, ...]:
-        """The map's tensors as they are now, in the layer's parameter order, read from ``module`` (default: the
-        traced module)."""
+    def tensors(self, module: nn.Module | None = None) -> tuple[Any, ...]:
+        """The layer's parameter arguments as they are now, read from ``module`` (default: the traced module): each
+        tensor, and for an extern its handle and its parameters as one vector (:mod:`fpidsl.runtime.extern`)."""
+        from ..runtime.extern import ExternHandle, extern_parameters
+
+        module = self._module(module)
+        ops = {name: self.extern_module(name, module) for name in self.spec.externs}
+        out: list[Any] = []
+        for p in self.params:
+            if p.startswith("extern:"):
+                _, name, role = p.split(":")
+                out.append(ExternHandle(ops[name], name, self.layer.EXTERNS[name][0], {}) if role == "module"
+                           else extern_parameters(ops[name]))
+            else:
+                out.append(resolve(module, self.foreign, p))
+        return tuple(out)
+
+    def extern_module(self, name: str, module: nn.Module | None = None, copy: bool = False) -> nn.Module:
+        """The module to give the layer as its extern ``name``: the operation, on the module's own submodule for a
+        module call (a copy with ``copy=True``)."""
+        import copy as _copy
+
+        from .extern_op import TracedOp
+
+        call = self.spec.externs[name]
+        if call.kind != "module":
+            return TracedOp(call)
+        sub = resolve(self._module(module), self.foreign, call.target)
+        return TracedOp(call, _copy.deepcopy(sub) if copy else sub)
+
+    def _module(self, module: nn.Module | None) -> nn.Module | None:
         if module is None and self.root is not None:
             module = self.root()
             if module is None:
                 raise ValueError("the traced module no longer exists; pass the module to read the tensors from")
-        return tuple(resolve(module, self.foreign, p) for p in self.params)
+        return module
 
     def arguments(self, args: Sequence[Any]) -> tuple[Tensor, ...]:
         """The layer's inputs among a call's arguments."""
@@ -85,8 +113,9 @@ def default_batched(x: Tensor, args: Sequence[Any]) -> list[bool]:
 
 
 def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[bool] | None = None,
-              name: str | None = None, check: bool = True) -> TracedMap:
-    """Trace ``f(x, *args)`` into a compiled layer (see :func:`trace`); raises :class:`UntraceableError`."""
+              name: str | None = None, check: bool = True, externs: bool = True) -> TracedMap:
+    """Trace ``f(x, *args)`` into a compiled layer (see :func:`trace`); raises :class:`UntraceableError`.
+    ``externs=False``: an operation with no primitive is refused instead of becoming an extern."""
     if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point():
         raise UntraceableError("the state must be a floating-point tensor with a batch dimension")
     args = list(args)
@@ -99,6 +128,11 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
         first = record(module, example)
     except Exception as exc:
         raise UntraceableError(f"the traced graph fails on the example ({type(exc).__name__}: {exc})") from None
+    result = first[next(n for n in module.graph.nodes if n.op == "output")]
+    if not isinstance(result, Tensor) or result.shape != x.shape:
+        shown = list(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        raise UntraceableError(f"the map returns {'a tensor of shape ' if isinstance(result, Tensor) else ''}"
+                               f"{shown} for a state of shape {list(x.shape)}: it must return the new state")
     # The batch is the symbol B when an input has it (a layer binds B from its inputs); it stays a number when no
     # input has it, or when a tensor with the batch is no argument (a closure's z)
     second, symbolic_batch = first, any(b and isinstance(a, Tensor) for a, b in zip(args, flags))
@@ -111,14 +145,15 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
         flags = [False] * len(flags)
     tensor_flags = [symbolic_batch] + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
-    spec = Writer(module, first, second, x.shape[0], tensor_flags, _layer_name(layer_name)).write()
+    spec = Writer(module, first, second, x.shape[0], tensor_flags, _layer_name(layer_name), externs).write()
     base = _compiled_class(spec)
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
     traced_ref: list[TracedMap] = []
     traced = TracedMap(spec, _traced_class(base, traced_ref), tuple(i for i, a in enumerate(args) if isinstance(a, Tensor)),
                        tuple(spec.sources[q] for q in order), foreign,
-                       tuple(resolve(module, foreign, spec.sources[q]).shape for q in order),
+                       tuple(None if spec.sources[q].startswith("extern:") else resolve(module, foreign, spec.sources[q]).shape
+                             for q in order),
                        weakref.ref(f) if isinstance(f, nn.Module) else None)
     traced_ref.append(traced)
     if check:
@@ -138,10 +173,12 @@ def _traced_class(base: type, traced_ref: list) -> type:
         """A layer with the traced map's tensors: copies (default) or, with ``share=True``, the same tensors (a
         tensor that is not an ``nn.Parameter`` becomes a buffer). ``module``: where to read them (default: the
         traced module); ``options``: the layer's constructor options (``solve=``, ``backward=`` ...)."""
-        layer = cls(**options)
         traced = cls.TRACED
+        externs = {name: traced.extern_module(name, module, copy=not share) for name in traced.spec.externs}
+        layer = cls(**externs, **options)
         for qualified, tensor in zip(_parameter_order(traced.spec), traced.tensors(module)):
-            _put(layer, qualified, tensor, share)
+            if qualified.split(".")[0] not in externs:
+                _put(layer, qualified, tensor, share)
         return layer
 
     cls = type(base.__name__, (base,), {"__module__": base.__module__, "__doc__": base.__doc__,

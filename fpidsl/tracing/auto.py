@@ -218,7 +218,7 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
             params = entry.traced.tensors(owner if isinstance(owner, nn.Module) else None)
         except AttributeError:  # a submodule or parameter was removed
             params = None
-        if params is not None and all(p.shape == shape for p, shape in zip(params, entry.traced.shapes)):
+        if params is not None and all(shape is None or p.shape == shape for p, shape in zip(params, entry.traced.shapes)):
             return entry, params
         del table[key]  # the module changed: trace it again
     return None, ("the map's module changes at every call",)

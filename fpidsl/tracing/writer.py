@@ -25,6 +25,7 @@ from ..ir.primitives import MODULE_KINDS
 from ..passes.check_python_names import RESERVED as PYTHON_RESERVED
 from ..passes.resolve import reserved
 from . import table
+from .extern_op import OpCall, Slot
 from .fx_capture import BatchDim, UntraceableError, symbolic
 
 
@@ -39,9 +40,10 @@ class Ref:
 class WrittenSpec:
     """The ``.fpi`` text of a traced map and what the compiled layer needs besides it.
 
-    ``sources``: spec param (``fc1.weight``, ``w``) -> the dotted name of its tensor in the traced module;
-    ``inputs``: the names of the layer's inputs, one per tensor argument after the state; ``batched``: per input,
-    whether its dimension 0 is the batch."""
+    ``sources``: spec param (``fc1.weight``, ``w``) -> the dotted name of its tensor in the traced module
+    (``extern:NAME:module`` / ``extern:NAME:parameters`` for an extern's two params); ``inputs``: the names of the
+    layer's inputs, one per tensor argument after the state; ``batched``: per input, whether its dimension 0 is the
+    batch; ``externs``: each extern param's operation."""
 
     name: str
     text: str
@@ -49,6 +51,7 @@ class WrittenSpec:
     inputs: list[str]
     batched: list[bool]
     sources: dict[str, str] = field(default_factory=dict)
+    externs: dict[str, OpCall] = field(default_factory=dict)
 
 
 class Names:
@@ -81,7 +84,8 @@ class Writer:
     """Walks the graph once and collects the declarations (see the module's doc)."""
 
     def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
-                 layer_name: str):
+                 layer_name: str, externs: bool = True):
+        self.allow_externs = externs
         self.module, self.first, self.second, self.batch = module, first, second, batch
         self.batched_args = list(batched)
         self.names = Names()
@@ -94,6 +98,8 @@ class Writer:
         self.lets: list[str] = []
         self.sources: dict[str, str] = {}
         self.declared_modules: dict[str, str] = {}
+        self.externs: dict[str, OpCall] = {}
+        self.extern_notes: list[str] = []
         self.update: str | None = None
         self.node: fx.Node | None = None
         self.current = ""
@@ -207,9 +213,10 @@ class Writer:
             raise UntraceableError("the map has no tensor argument to iterate")
         head = [f"layer {self.layer} {{", *(f"  {d}" for d in self.input_decls), *(f"  {p}" for p in self.params),
                 *(f"  {let}" for let in self.lets), f"  update {self.state} = {self.update}", "}"]
-        text = "# Traced from a PyTorch map by fpidsl.trace; B is the batch.\n" + "\n".join(head) + "\n"
+        notes = "".join(f"# {note}\n" for note in self.extern_notes)
+        text = "# Traced from a PyTorch map by fpidsl.trace; B is the batch.\n" + notes + "\n".join(head) + "\n"
         return WrittenSpec(self.layer, text, self.state, self.inputs,
-                           [b for b, _ in zip(self.batched_args[1:], self.inputs)], self.sources)
+                           [b for b, _ in zip(self.batched_args[1:], self.inputs)], self.sources, self.externs)
 
     def _visit(self, node: fx.Node) -> Any:
         value = self.first.get(node)
@@ -282,15 +289,20 @@ class Writer:
             raise UntraceableError(f"{type(module).__name__} {node.target} is parametrized (spectral norm ...)")
         args = [self._arg(a) for a in node.args]
         kind = type(module)
-        if kind in table.WEIGHTED_MODULES:
-            if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
-                raise UntraceableError(f"{kind.__name__} called on other than one tensor")
-            name = table.WEIGHTED_MODULES[kind](self, module)
-            return self._let(f"{name}({args[0].name})", suffix="out")
-        if kind in table.ACTIVATION_MODULES:
-            canonical, options = table.ACTIVATION_MODULES[kind](module)
-            return self._apply(canonical, args, options)
-        raise UntraceableError(f"the module {node.target} ({kind.__name__}) has no primitive")
+        try:
+            if kind in table.WEIGHTED_MODULES:
+                if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
+                    raise UntraceableError(f"{kind.__name__} called on other than one tensor")
+                name = table.WEIGHTED_MODULES[kind](self, module)
+                return self._let(f"{name}({args[0].name})", suffix="out")
+            if kind in table.ACTIVATION_MODULES:
+                canonical, options = table.ACTIVATION_MODULES[kind](module)
+                return self._apply(canonical, args, options)
+            raise UntraceableError(f"the module {node.target} ({kind.__name__}) has no primitive")
+        except UntraceableError:
+            if not self.allow_externs:
+                raise
+            return self._extern(OpCall("module", node.target, (), {}), node)
 
     def _call(self, node: fx.Node) -> Ref:
         args = [self._arg(a) for a in node.args]
@@ -301,9 +313,62 @@ class Writer:
             canonical, args = args[1], args[:1]
         else:
             canonical = table.FUNCTIONS.get(node.target)
-        if canonical is None or canonical not in table.OPS:
-            raise UntraceableError(f"{_what(node)} has no primitive")
-        return self._apply(canonical, args, kwargs)
+        try:
+            if canonical is None or canonical not in table.OPS:
+                raise UntraceableError(f"{_what(node)} has no primitive")
+            return self._apply(canonical, args, kwargs)
+        except UntraceableError as exc:
+            in_place = node.kwargs.get("inplace") or (node.op == "call_method" and node.target.endswith("_")
+                                                      and not node.target.startswith("_"))
+            if not self.allow_externs or in_place or node.target is getattr:
+                raise UntraceableError(f"{exc}" if in_place or not self.allow_externs else
+                                       f"{_what(node)} has no primitive") from None
+            kind = "method" if node.op == "call_method" else "function"
+            return self._extern(OpCall(kind, node.target, (), {}), node)
+
+    def _extern(self, call: OpCall, node: fx.Node) -> Ref:
+        """An operation with no primitive as an extern param: declared with its arguments' and result's shapes,
+        called on its tensor arguments (the others are fixed into the :class:`OpCall`)."""
+        refs: list[Ref] = []
+
+        def template(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                value = self.env[a]
+                if isinstance(value, Ref):
+                    refs.append(value)
+                    return Slot(len(refs) - 1)
+                return template(value)
+            if isinstance(a, BatchDim):
+                raise UntraceableError(f"{_what(node)} has no primitive, and a size that follows the batch is one "
+                                       "of its arguments")
+            if isinstance(a, (list, tuple)):
+                return type(a)(template(v) for v in a)
+            if isinstance(a, dict):
+                return {k: template(v) for k, v in a.items()}
+            return a
+
+        args, kwargs = template(node.args), template(dict(node.kwargs))
+        if not refs:
+            raise UntraceableError(f"{_what(node)} makes a tensor from no tensor argument, and has no primitive")
+        inputs = [self._extern_shape(self.shape(r)) for r in refs]
+        output = self._extern_shape(self._shape(self.node))
+        stem = call.target if call.kind == "module" else f"{node.name}_fn"
+        name = self.names.fresh(stem, "fn")
+        declared = inputs[0] if len(inputs) == 1 else "(" + ", ".join(inputs) + ")"
+        self.params.append(f"param {name} : extern {declared} -> {output}")
+        call = OpCall(call.kind, call.target, args, kwargs)
+        self.externs[name] = call
+        self.extern_notes.append(f"{name} (extern): {call.describe()}, derivatives by autograd; give it as "
+                                 f"{self.layer}({name}=...) (Layer.from_module does)")
+        for role in ("module", "parameters"):
+            self.sources[f"{name}.{role}"] = f"extern:{name}:{role}"
+        return self._let(f"{name}({', '.join(r.name for r in refs)})", suffix="out")
+
+    def _extern_shape(self, shape: tuple) -> str:
+        if any(isinstance(d, BatchDim) and not d.is_batch for d in shape):
+            raise UntraceableError("an operation with no primitive on a tensor with a size that follows the batch "
+                                   "other than the batch itself")
+        return "[" + ", ".join("B" if _is_batch(d) else str(d) for d in shape) + "]"
 
     def _apply(self, canonical: str, args: list, kwargs: dict) -> Ref:
         handler, names, defaults = table.OPS[canonical]

@@ -165,7 +165,42 @@ class Counter(nn.Module):
 
 def test_an_operation_with_no_primitive_is_named_with_where_it_is_written():
     with pytest.raises(UntraceableError, match=r"torch\.cumsum has no primitive \(at .*test_trace\.py:\d+\)"):
-        trace_map(Unsupported(), torch.randn(2, 3, dtype=DT), ())
+        trace_map(Unsupported(), torch.randn(2, 3, dtype=DT), (), externs=False)
+
+
+class Outside(nn.Module):
+    """A function, a method and modules with no primitive: each an extern (autograd VJP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4).eval()  # eval mode: running statistics, samples apart
+        self.dilated = nn.Conv1d(1, 1, 3, padding=2, dilation=2)
+
+    def forward(self, x, z):
+        h = 0.2 * torch.cumsum(torch.tanh(self.fc(x)), dim=1) + 0.3 * self.bn(z) * x.sin()
+        return h + 0.1 * self.dilated(x[:, None, :])[:, 0] + 0.1 * x.cumprod(dim=-1).tanh()
+
+
+def test_operations_with_no_primitive_become_externs_with_exact_derivatives():
+    torch.manual_seed(0)
+    f = Outside().to(DT)
+    x, z = torch.randn(3, 4, dtype=DT), torch.randn(3, 4, dtype=DT)
+    traced = trace_map(f, x, (z,))
+    text = traced.spec.text
+    for line in ("param cumsum_fn : extern [B, 4] -> [B, 4]", "param bn : extern [B, 4] -> [B, 4]",
+                 "param dilated : extern [B, 1, 4] -> [B, 1, 4]", "param cumprod_fn : extern [B, 4] -> [B, 4]",
+                 "# cumsum_fn (extern): torch.cumsum(#0, dim=1), derivatives by autograd",
+                 "# cumprod_fn (extern): #0.cumprod(dim=-1)"):
+        assert line in text
+    check_source(Source("t.fpi", text))
+    layer = traced.layer.from_module(f, share=True, solve={"tol": 1e-12}, backward={"tol": 1e-12})
+    assert layer.bn.op is f.bn and traced.layer.from_module(f).bn.op is not f.bn
+    z.requires_grad_()
+    x_hat = layer(z)
+    torch.testing.assert_close(x_hat, f(x_hat, z), rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(layer, (z,))
+    assert torch.autograd.gradgradcheck(layer, (z,))
 
 
 def test_control_flow_on_values_does_not_trace():
@@ -179,11 +214,33 @@ def test_a_map_that_fx_records_wrongly_is_refused():
 
 
 @pytest.mark.parametrize("module, message", [
-    (nn.Conv2d(1, 1, 3, groups=1, dilation=2), "Conv2d with groups, dilation or padding_mode"),
+    (nn.Conv2d(1, 1, 3, padding=2, dilation=2), "Conv2d with groups, dilation or padding_mode"),
     (nn.Softplus(threshold=5), "softplus with a threshold other than 20"),
     (nn.Dropout(0.5), "dropout in training mode"),
 ])
-def test_forms_outside_the_table_are_refused(module, message):
+def test_forms_outside_the_table_are_refused_or_externs(module, message):
     x = torch.randn(2, 1, 5, 5, dtype=DT)
+    f = nn.Sequential(module).to(DT)
     with pytest.raises(UntraceableError, match=message):
-        trace_map(nn.Sequential(module).to(DT), x, ())
+        trace_map(f, x, (), externs=False)
+    if isinstance(module, nn.Dropout):  # an extern, but random: the check sees another map
+        with pytest.raises(UntraceableError, match="the traced map differs from the map"):
+            trace_map(f, x, ())
+    else:
+        assert "param fn0 : extern [2, 1, 5, 5] -> [2, 1, " in trace_map(f, x, ()).spec.text  # the module "0"
+
+
+def test_a_map_that_changes_the_shape_is_refused():
+    with pytest.raises(UntraceableError, match=r"the map returns a tensor of shape \[2, 3\] for a state of shape "
+                                               r"\[2, 4\]"):
+        trace_map(lambda x: x[:, :3], torch.randn(2, 4, dtype=DT), ())
+
+
+def test_in_place_operations_are_refused():
+    def f(x):
+        y = x * 0.5
+        y.add_(1.0)
+        return y
+
+    with pytest.raises(UntraceableError, match=r"\.add_\(\) has no primitive"):
+        trace_map(f, torch.randn(2, 3, dtype=DT), ())

@@ -110,7 +110,8 @@ def test_the_cache_does_not_keep_a_module_alive():
 
 def test_a_map_that_does_not_trace_falls_back_with_the_same_numbers():
     def f(x, z):
-        return 0.5 * torch.cumsum(torch.tanh(x), dim=1) / 5 + z  # cumsum has no primitive
+        scale = 0.5 if float(x.abs().sum()) < 1e9 else 0.25  # a value read as a Python number: fx cannot trace it
+        return scale * torch.tanh(x) + z
 
     z = torch.randn(3, 5, dtype=DT)
     with warnings.catch_warnings():
@@ -118,6 +119,28 @@ def test_a_map_that_does_not_trace_falls_back_with_the_same_numbers():
         on = _solve(f, z, True)
     assert _entry(f) == [False]
     torch.testing.assert_close(on, _solve(f, z, False), rtol=0, atol=0)
+
+
+def test_an_operation_with_no_primitive_is_an_extern_and_agrees():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5).to(DT).eval()
+
+    def f(x, z):
+        return 0.5 * torch.cumsum(torch.tanh(x), dim=1) / 5 + 0.3 * bn(z) + z
+
+    z = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    traced, why = fpidsl.tracing.trace_status(f, torch.zeros_like(z), z)
+    assert traced is not None and set(traced.spec.externs) == {"cumsum_fn", "module0"}, why  # bn: a closure's
+    results = []
+    for trace in (True, False):
+        x = _solve(f, z, trace)
+        results.append((x, torch.autograd.grad(x.sin().sum(), (z, bn.weight), create_graph=True)))
+    (x_on, g_on), (x_off, g_off) = results
+    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-11)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    second = [torch.autograd.grad(g[0].sum(), z)[0] for g in (g_on, g_off)]
+    torch.testing.assert_close(*second, rtol=0, atol=1e-9)
 
 
 class Counter(nn.Module):

@@ -1,0 +1,83 @@
+"""An operation of a traced map that has no primitive, as the module an ``extern`` param is given.
+
+The writer declares ``param NAME : extern [..] -> [..]`` for such an operation (a module call, a torch function,
+a tensor method) and the layer calls it on the operation's tensor arguments; :class:`TracedOp` is that module: it
+puts the tensors back among the operation's other (fixed) arguments and runs it. Its derivatives are autograd's,
+through the extern primitive (``extern_vjp``: ``torch.autograd.grad`` with ``create_graph=True``), to every order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where the ``index``-th tensor argument of the extern goes in the operation's arguments."""
+
+    index: int
+
+
+def _fill(template: Any, tensors: tuple) -> Any:
+    if isinstance(template, Slot):
+        return tensors[template.index]
+    if isinstance(template, (list, tuple)):
+        return type(template)(_fill(t, tensors) for t in template)
+    if isinstance(template, dict):
+        return {k: _fill(v, tensors) for k, v in template.items()}
+    return template
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, Slot):
+        return f"#{value.index}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_text(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """An fx call with its tensor arguments as :class:`Slot` s: ``kind`` is ``module`` (the module at ``target`` in
+    the traced map), ``function`` (``target`` is the function) or ``method`` (``target`` is its name)."""
+
+    kind: str
+    target: Any
+    args: tuple
+    kwargs: dict
+
+    def describe(self) -> str:
+        """``torch.cumsum(#0, dim=1)``: the operation with its fixed arguments (``#i``: the extern's tensor i)."""
+        if self.kind == "module":
+            return f"the module {self.target}"
+        args = [_text(a) for a in self.args] + [f"{k}={_text(v)}" for k, v in self.kwargs.items()]
+        if self.kind == "method":
+            return f"{args[0]}.{self.target}({', '.join(args[1:])})"
+        module = getattr(self.target, "__module__", None) or ""
+        name = getattr(self.target, "__name__", str(self.target))
+        return f"{module + '.' if module and module not in ('builtins', '_operator') else ''}{name}({', '.join(args)})"
+
+
+class TracedOp(nn.Module):
+    """The operation ``call`` applied to the extern's tensor arguments; ``module`` is the traced map's own module
+    for a module call (a submodule here, so its parameters are the extern's)."""
+
+    def __init__(self, call: OpCall, module: nn.Module | None = None):
+        super().__init__()
+        self.call = call
+        self.op = module
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        args, kwargs = _fill(self.call.args, tensors), _fill(self.call.kwargs, tensors)
+        if self.call.kind == "module":
+            return self.op(*args, **kwargs)
+        if self.call.kind == "method":
+            return getattr(args[0], self.call.target)(*args[1:], **kwargs)
+        fn: Callable = self.call.target
+        return fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.call.describe()
