@@ -306,3 +306,34 @@ def test_a_batch_of_signals_on_one_sparse_graph_is_samplewise(tmp_path):
     got, = torch.autograd.grad(layer(dense.to_sparse(), u).sum(), u)
     want, = torch.autograd.grad(x.sum(), u)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_the_sparse_graph_benchmark_runs_in_quick_mode(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse_graph.py"
+    spec = importlib.util.spec_from_file_location("sparse_graph_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| sparse (spmm) |" in out and "| spmm(A, x, transpose=True) |" in out
+
+
+def test_spmm_makes_the_csr_forms_once_per_matrix_and_again_after_an_in_place_change():
+    from fpidsl.runtime import ops
+
+    dense = _graph(seed=5)
+    A = dense.to_sparse()
+    x = torch.randn(8, 3, dtype=F64)
+    torch.testing.assert_close(ops.spmm(A, x), dense @ x)
+    first = ops._csr_forms(A)
+    assert ops._csr_forms(A)[1] is first[1]  # cached
+    torch.testing.assert_close(ops.spmm(A, x, transpose=True), dense.T @ x)
+    A.mul_(2)
+    torch.testing.assert_close(ops.spmm(A, x), 2 * dense @ x)
+    key = id(A)
+    del A, first
+    assert key not in ops._CSR_FORMS  # dropped with its matrix
