@@ -139,6 +139,45 @@ def test_the_embedding_table_gets_its_gradient_by_rows(tmp_path):
     assert torch.all(layer.emb.weight.grad[tokens.flatten()].abs().sum(-1) > 0)
 
 
+DESCENT = """
+layer Descent {
+  input a : [B, 4]
+  input t : int [B, 3]
+  state x : [B, 4]
+  param W : tensor [4, 4] = normal(0, 0.3)
+  energy E = 0.5 * sum(square(x - a), dim=-1) + 0.2 * sum(square(tanh(gather(x @ W, 1, t))), dim=-1)
+  descend x on E step 0.5
+}
+"""
+
+
+def test_an_energy_through_gather_descends_and_differentiates_twice(tmp_path):
+    """FPI_GD through gather: grad(E, x) holds gather_backward, the backward map gather again; against autograd
+    of the same descent iterated by hand, and gradgradcheck."""
+    layer = _load(tmp_path, DESCENT, "descent")
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 4, (3, 3), generator=gen)
+
+    def oracle():
+        def step(x):
+            energy = (0.5 * (x - a).square().sum(-1) + 0.2 * torch.tanh(torch.gather(x @ layer.W, 1, t)).square()
+                      .sum(-1)).sum()
+            (g,) = torch.autograd.grad(energy, x, create_graph=True)
+            return x - 0.5 * g
+        return _iterate(step, torch.zeros_like(a).requires_grad_())  # a leaf, so that the first step has a gradient
+
+    torch.testing.assert_close(layer(a, t), oracle(), rtol=1e-10, atol=1e-12)
+    params = [a, layer.W]
+    got = derivatives(lambda: layer(a, t).square().sum(), params, order=2)
+    want = derivatives(lambda: oracle().square().sum(), params, order=2)
+    for g_order, w_order in zip(got, want):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+    small = a[:2].detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a: layer(a, t[:2]), (small,))
+
+
 def test_index_inputs_are_per_sample_in_the_batch_analysis():
     lowered = check_source(Source("t.fpi", TOKENS)).lowered()["Tokens"]
     assert lowered.samplewise
