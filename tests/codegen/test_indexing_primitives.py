@@ -279,6 +279,25 @@ def test_grid_sample_derivatives_in_x_and_grid_pass_gradgradcheck(tmp_path):
     assert torch.autograd.gradgradcheck(layer, (a, grid))
 
 
+@pytest.mark.slow  # about 9 s: gradgradcheck through three levels of nested autograd
+def test_an_energy_through_grid_sample_differentiates_twice(tmp_path):
+    """FPI_GD through grid_sample: the step holds grid_sample_vjp, so the gradient takes it one level deeper and the
+    second derivative two (torch's own double backward of grid_sample under the nested autograd)."""
+    layer = _load(tmp_path, """
+layer Sampled {
+  input a : [B, 1, H, W]
+  input grid : [B, H, W, 2]
+  state x : [B, 1, H, W]
+  energy E = 0.5 * sum(square(x - a), dim=[1, 2, 3]) + 0.1 * sum(square(grid_sample(x, grid)), dim=[1, 2, 3])
+  descend x on E step 0.5
+}
+""", "sampled")
+    a, grid = _warp_inputs(12, batch=1, size=2)
+    a, grid = a[:, :1].requires_grad_(), grid.requires_grad_()
+    assert torch.autograd.gradcheck(layer, (a, grid))
+    assert torch.autograd.gradgradcheck(layer, (a, grid))
+
+
 def test_the_backward_map_calls_grid_sample_vjp(tmp_path):
     from fpidsl.compiler import compile_source
 
