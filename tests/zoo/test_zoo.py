@@ -55,6 +55,8 @@ def test_every_zoo_spec_checks_clean_is_formatted_and_every_layer_is_in_the_tabl
 
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
 def test_derivatives_match_unrolled_autograd(model):
+    """In training mode: with dropout, parameter_tensors() after a call hold that call's mask seeds, so the oracle
+    iterates the map with the same masks as the solve it is compared with."""
     layer = build(model, solve=TIGHT, backward=TIGHT)
     inputs = ZOO_TABLE.requiring_grad(model.inputs(torch.Generator().manual_seed(1), 3))
     out = layer(*inputs)
@@ -66,6 +68,22 @@ def test_derivatives_match_unrolled_autograd(model):
     want = derivatives(lambda: smooth_loss(unrolled_outputs(layer, inputs, model.unroll)), wrt, order=2)
     assert_orders_close(got, want, rtol=1e-7)
     assert all(bool(w.abs().max() > 0) for w in want[1]), "a second derivative is zero: the check would not see it"
+
+
+def test_the_mdeq_cells_dropout_holds_one_mask_per_solve():
+    """Variational dropout: the training-mode fixed point is one of the map with that call's mask (the seeds that
+    parameter_tensors() hold after the call), not of the map with another call's mask, nor the eval-mode one."""
+    model = next(m for m in MODELS if m.key == "mdeq")
+    layer = build(model, solve=TIGHT)
+    (x,) = model.inputs(torch.Generator().manual_seed(4), 3)
+    with torch.no_grad():
+        z = layer(x)
+        values = (x, *layer.parameter_tensors())
+        torch.testing.assert_close(type(layer).step(z, *values), z, rtol=1e-10, atol=1e-12)
+        layer(x)  # a new call: new seeds
+        moved = type(layer).step(z, x, *layer.parameter_tensors()) - z
+        assert moved.abs().max() > 1e-3
+        assert (layer.eval()(x) - z).abs().max() > 1e-3
 
 
 def _soft_threshold(v, t):
@@ -145,8 +163,8 @@ def _ignn_sparse(m, adjacency, features):
 
 
 def _mdeq(m, x):
-    """The cell with torch's own modules (nn.Conv2d, nn.GroupNorm) at the fixed point."""
-    z = m(x)
+    """The cell with torch's own modules (nn.Conv2d, nn.GroupNorm) at the fixed point, in eval mode (no dropout)."""
+    z = m.eval()(x)
     return z, m.gn3(torch.relu(z + m.gn2(x + m.conv2(m.gn1(torch.relu(m.conv1(z)))))))
 
 
@@ -203,7 +221,7 @@ def test_a_few_training_steps_lower_the_loss(model):
     student = build(model, seed=0, solve=raise_on_fail, backward=raise_on_fail)
     inputs = model.inputs(torch.Generator().manual_seed(2), 16)
     with torch.no_grad():
-        targets = as_tuple(build(model, seed=1)(*inputs))
+        targets = as_tuple(build(model, seed=1).eval()(*inputs))
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
