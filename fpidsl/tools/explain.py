@@ -123,7 +123,7 @@ def explain_layer(checked, name: str) -> str:
     if lowered.samplewise:
         out.append("  samples: independent (finished samples leave the solve)")
     else:
-        out.append("  samples: mixed (g reads across the batch; solved jointly, finished samples frozen)")
+        out.append("  samples: mixed (g reads across the batch; solved as one problem, judged over the whole batch)")
     step, backward = lowered.step, lowered.backward
     out.append(f"  map g: {len(step)} nodes, {_calls(step)} operations")
     per_iteration = _calls(backward, backward.downstream(lowered.adjoint.cotangents))

@@ -37,7 +37,7 @@ def test_closed_form_lipschitz_and_mixed_samples():
     checked = check_source(Source("t.fpi", text))
     mixed = explain_layer(checked, "L").splitlines()
     assert "  parameters: 16" in mixed and "    w : tensor [4, 4]  (16)" in mixed
-    assert "  samples: mixed (g reads across the batch; solved jointly, finished samples frozen)" in mixed
+    assert "  samples: mixed (g reads across the batch; solved as one problem, judged over the whole batch)" in mixed
     alone = explain_layer(checked, "K").splitlines()
     assert "    x: 0.5  (a contraction)" in alone  # tanh is 1-Lipschitz, times 0.5
     assert "    nothing: every operation of g depends on a state" in alone
