@@ -106,6 +106,8 @@ def emit_nodes(graph: LayerGraph, roots: list[str], bound: dict[str, str], ns: N
         attrs = dict(data["attrs"])
         if prim == "reshape":  # written from the argument's sizes (codegen/sizes.py)
             attrs["shape"] = _Code(reshape_target(graph.shape(graph.args(nid)[0]), data["shape"], args[0]))
+        if prim == "interpolate" and attrs["size"] is not None and not all(isinstance(d, int) for d in attrs["size"]):
+            attrs["size"] = _Code(reshape_target(graph.shape(graph.args(nid)[0]), attrs["size"], args[0]))
         kwargs = [f"{k}={v.text if isinstance(v, _Code) else literal(v)}" for k, v in sorted(attrs.items())]
         name = ns.create(data.get("name") or prim)
         call = f"_ops.{PRIMITIVES[prim].op}({', '.join(args + kwargs)})"
@@ -350,6 +352,11 @@ class LayerEmitter:
                           1)]
         lines += [f"{INDENT}self.{n} = _layer.extern_module(self, {literal(n)}, {n})" for n in outside]
         for name, spec in g.modules.items():
+            if spec.kind == "MultiheadAttention":  # torch's, batch first (passes/attention.py)
+                where = f"  # {_where(spec.span)}" if spec.span is not None else ""
+                lines.append(f"{INDENT}self.{name} = _layer.make_module('MultiheadAttention', {spec.in_size}, "
+                             f"{spec.groups}, bias={spec.bias}){where}")
+                continue
             if spec.is_normalization:  # torch's GroupNorm(groups, channels) / LayerNorm(dims)
                 sizes = [str(spec.groups), str(spec.in_size)] if spec.kind == "GroupNorm" else \
                     [literal(tuple(spec.normalized))]

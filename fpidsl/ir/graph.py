@@ -75,7 +75,8 @@ class ModuleSpec:
     @property
     def prim(self) -> str:
         return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d",
-                "GroupNorm": "group_norm", "LayerNorm": "layer_norm", "Embedding": "embedding"}[self.kind]
+                "GroupNorm": "group_norm", "LayerNorm": "layer_norm", "Embedding": "embedding",
+                "MultiheadAttention": "einsum"}[self.kind]
 
     @property
     def is_normalization(self) -> bool:
@@ -83,12 +84,15 @@ class ModuleSpec:
 
     @property
     def has_weight(self) -> bool:
-        return self.bias or not self.is_normalization
+        """Whether it has a param ``NAME.weight`` (attention's are ``in_proj_weight`` and ``out_proj.weight``)."""
+        return self.kind != "MultiheadAttention" and (self.bias or not self.is_normalization)
 
     def bias_shape(self) -> tuple[int, ...]:
         return self.weight_shape() if self.is_normalization else (self.out_size,)
 
     def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "MultiheadAttention":  # in_proj_weight: the q, k and v projections stacked
+            return (3 * self.in_size, self.in_size)
         if self.kind == "GroupNorm":
             return (self.in_size,)
         if self.kind == "LayerNorm":
@@ -121,6 +125,8 @@ class ModuleSpec:
         if self.kind == "LayerNorm":
             dims = self.normalized
             return f"LayerNorm({dims[0] if len(dims) == 1 else list(dims)})"
+        if self.kind == "MultiheadAttention":
+            return f"MultiheadAttention({self.in_size}, {self.groups})"
         args = [str(self.in_size), str(self.out_size)]
         if self.kernel is not None:
             kh, kw = self.kernel

@@ -49,6 +49,7 @@ from .shapes import (
     fmt_shape,
     normalize_dim,
     numel,
+    sizes_not_given,
 )
 
 
@@ -818,8 +819,15 @@ def _interpolate(shapes, attrs, ctx):
             raise ctx.fail(f"scale_factor of interpolate must be a positive integer, found {scale}",
                            attr="scale_factor", hint="a downsampling is avg_pool2d(x, 2)")
         return tuple(x[:2]) + (dim_mul(x[2], scale), dim_mul(x[3], scale))
-    if any(s < 1 for s in size):
-        raise ctx.fail(f"size of interpolate must be positive, found {format_attr(size)}", attr="size")
+    if len(size) != 2:
+        raise ctx.fail(f"size of interpolate is [h, w], found {format_attr(tuple(size))}", attr="size")
+    if any(isinstance(s, int) and s < 1 for s in size):
+        raise ctx.fail(f"size of interpolate must be positive, found {format_attr(tuple(size))}", attr="size")
+    missing = [size[i] for i in sizes_not_given(x, size)]
+    if missing:  # the emitted code writes each size from x's own (codegen/sizes.py)
+        raise ctx.fail(f"size of interpolate may use only the sizes of x {fmt_shape(x)}, found {fmt_dim(missing[0])}",
+                       attr="size", hint="interpolate(x, scale_factor=2) doubles H and W; a size [2*H, W] of x "
+                                         "[B, C, H, W] is written from x's own sizes")
     return tuple(x[:2]) + tuple(size)
 
 
@@ -993,7 +1001,7 @@ _TABLE = [
        doc="the mean of each kernel window (stride: the kernel unless given; zero padding counted)"),
     _p("max_pool2d", _X, _pool, *_POOL, batch=_B.spatial(), builtin=True, vjp=_V["max_pool2d"],
        lipschitz="window_overlap", doc="the largest value of each kernel window (padding: -inf)"),
-    _p("interpolate", _X, _interpolate, Attr("scale_factor", "int", None), Attr("size", "pair", None),
+    _p("interpolate", _X, _interpolate, Attr("scale_factor", "int", None), Attr("size", "shape", None),
        Attr("mode", "word", "nearest"), Attr("align_corners", "bool", False), batch=_B.spatial(), builtin=True,
        vjp=_V["interpolate"], lipschitz="resampling",
        doc="x resampled (nearest or bilinear) to scale_factor times H and W, or to size"),
@@ -1177,6 +1185,9 @@ MODULE_KINDS: dict[str, ModuleKind] = {
         Attr("dims", "sizes"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
     "Embedding": ModuleKind("Embedding", "embedding", (
         Attr("num", "int"), Attr("dim", "int"), Attr("init_scale", "number", None))),
+    # lowered to einsum, softmax and linear pieces (passes/build_graph.py, attention): no primitive of its own
+    "MultiheadAttention": ModuleKind("MultiheadAttention", "einsum", (
+        Attr("dim", "int"), Attr("heads", "int"), Attr("bias", "bool", True))),
 }
 
 NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine

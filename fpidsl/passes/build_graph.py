@@ -26,6 +26,7 @@ import networkx as nx
 from ..errors import ErrorSink, FpiError, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
 from ..frontend import ast
 from ..ir.dropout import DROPOUT, SEEDS
+from . import attention
 from ..ir.extern import EXTERN, ExternSpec, declare_extern
 from ..ir.graph import Assumption, LayerGraph, ModuleSpec, StateInfo, TensorInit
 from ..ir.shapes import (
@@ -296,7 +297,14 @@ class _Builder:
             if not self.module_value_ok(kind.name, attr.name, value, expr, values):
                 return
             values[attr.name] = value
-        if kind.name in NORMALIZATIONS:
+        if kind.name == attention.KIND:
+            dim, heads = values["dim"], values["heads"]
+            if dim < 1 or heads < 1 or dim % heads:
+                self.error(TypeErr, f"MultiheadAttention: dim {dim} cannot be split into {heads} heads",
+                           bound["heads"].span, hint="dim must be a positive multiple of heads")
+                return
+            spec = ModuleSpec(kind.name, dim, dim, bias=values["bias"], span=decl.span, groups=heads)
+        elif kind.name in NORMALIZATIONS:
             spec = self.normalization_spec(kind.name, values, bound, decl.span)
             if spec is None:
                 return
@@ -311,7 +319,9 @@ class _Builder:
         if self.too_many_elements(f"the weight of {decl.name}", spec.weight_shape(), call.span):
             return
         self.graph.modules[decl.name] = spec
-        for role, shape in (("weight", spec.weight_shape()), ("bias", spec.bias_shape())):
+        roles = attention.param_shapes(spec).items() if spec.kind == attention.KIND else (
+            ("weight", spec.weight_shape()), ("bias", spec.bias_shape()))
+        for role, shape in roles:
             if not spec.bias and (role == "bias" or spec.is_normalization):
                 continue
             qual = f"{decl.name}.{role}"
@@ -972,8 +982,37 @@ class _Builder:
         args = [(handle, call.func.span), (flat, call.func.span), *zip(nodes, call.args)]
         return self.call(EXTERN, args, spec.attrs(), call.span, env)
 
+    def attention(self, name: str, spec: ModuleSpec, call: ast.Call, env: Env | None) -> str | None:
+        """``attn(q, k, v)`` or ``attn(q, k, v, mask=m)`` of a MultiheadAttention (passes/attention.py)."""
+        usage = f"{name}(q, k, v) or {name}(q, k, v, mask=m)"
+        extra = [kw for kw in call.kwargs if kw.name != "mask"]
+        if len(call.args) != 3 or extra:
+            where = extra[0].name_span if extra else call.span
+            self.error(TypeErr, f"{name} is a {spec.describe()} module: it takes q, k, v and an optional mask",
+                       where, hint=f"call it as {usage}")
+            return None
+        nodes = [self.build_expr(e, env) for e in call.args]
+        mask = next((kw.value for kw in call.kwargs), None)
+        mask_node = self.build_expr(mask, env) if mask is not None else None
+        if None in nodes or (mask is not None and mask_node is None):
+            return None
+        params = {role: self.graph.params[f"{name}.{role}"] for role in attention.param_shapes(spec)}
+
+        def add(prim, args, attrs):
+            if prim == "const":
+                return self.graph.add_node("const", span=call.span, shape=(), value=attrs["value"])
+            spans = {nodes[0]: call.args[0], nodes[1]: call.args[1], nodes[2]: call.args[2], mask_node: mask}
+            return self.call(prim, [(a, self.use_span(spans[a], env) if a in spans else call.span) for a in args],
+                             attrs, call.span, env, module=name)
+
+        return attention.lower(add, spec, params, *nodes, mask_node, call.span)
+
     def module_call(self, name: str, call: ast.Call, env: Env | None) -> str | None:
         spec = self.graph.modules.get(name)
+        if spec is None:  # its declaration failed, and said so: one mistake, one error
+            return None
+        if spec.kind == attention.KIND:
+            return self.attention(name, spec, call, env)
         what = spec.describe() if spec else name
         if len(call.args) != 1 or call.kwargs:
             n = len(call.args) + len(call.kwargs)
@@ -1052,8 +1091,7 @@ class _Builder:
                     self.error(TypeErr, f"{attr.name} of {fname} must be {ATTR_KINDS[attr.kind]}, but found the "
                                         f"symbolic dimension {item.id}, whose size is known only when the layer is "
                                         "called", item.span,
-                               hint="interpolate(x, scale_factor=2) scales symbolic sizes (2*H)" if fname == "interpolate"
-                               else "a static argument is a number or a const")
+                               hint="a static argument is a number or a const")
                     return _FAIL
                 else:
                     items.append(self.attr_value(Attr(attr.name, "int"), item, env, fname))

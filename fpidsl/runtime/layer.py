@@ -126,6 +126,8 @@ def make_module(kind: str, *args: Any, bias: bool = True, init_scale: float | No
         return nn.GroupNorm(*args, eps=options["eps"], affine=options["affine"])
     if kind == "LayerNorm":
         return nn.LayerNorm(*args, eps=options["eps"], elementwise_affine=options["affine"])
+    if kind == "MultiheadAttention":  # (dim, heads): torch's, batch first, its parameter names kept
+        return nn.MultiheadAttention(*args, bias=bias, batch_first=True)
     if kind == "Embedding":  # Embedding(num, dim): torch's N(0, 1) rows, times init_scale
         module = nn.Embedding(*args)
         _scale(module, init_scale)
