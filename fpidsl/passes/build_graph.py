@@ -886,8 +886,10 @@ class _Builder:
             eq = linalg.parse(written.value)
         except linalg.EquationError as e:
             at = written.span
+            exact = at.line == at.end_line and at.end_col - at.col == len(written.value) + 2  # not a YAML escape
             col = at.col + 1 + e.offset
-            self.error(TypeErr, e.message, Span(at.path, at.line, col, at.line, col + e.length), hint=e.hint)
+            self.error(TypeErr, e.message, Span(at.path, at.line, col, at.line, col + e.length) if exact else at,
+                       hint=e.hint)
             return None
         operands = call.args[1:]
         if len(operands) != len(eq.operands):

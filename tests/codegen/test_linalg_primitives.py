@@ -337,3 +337,24 @@ def test_spmm_makes_the_csr_forms_once_per_matrix_and_again_after_an_in_place_ch
     key = id(A)
     del A, first
     assert key not in ops._CSR_FORMS  # dropped with its matrix
+
+
+@pytest.mark.parametrize("value, col, end_col", [
+    ('einsum("bi,bi->bk", x, a)', 26, 27),  # a plain YAML scalar is parsed in place: the letter itself
+    ('"einsum(\\"bi,bi->bk\\", x, a)"', 10, 39),  # escapes: the value's text is not the file's, so the whole value
+])
+def test_an_equation_error_in_yaml_points_into_the_file(value, col, end_col):
+    text = (f"fpi: 1\nlayers:\n  L:\n    inputs: {{a: \"[B, 3]\"}}\n    states: {{x: \"[B, 3]\"}}\n"
+            f"    updates:\n      x: {value}\n")
+    error = the_one_error_in(Source("e.yaml", text))
+    assert "the output letter k is not a letter of any operand" in error.message
+    assert (error.span.line, error.span.col, error.span.end_col) == (7, col, end_col)
+
+
+def the_one_error_in(source: Source):
+    from fpidsl.errors import FpiErrors
+
+    with pytest.raises(FpiErrors) as info:
+        check_source(source)
+    assert len(info.value.errors) == 1, info.value.errors
+    return info.value.errors[0]
