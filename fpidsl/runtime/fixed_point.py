@@ -411,8 +411,8 @@ def fixed_point(
         trace: ``True`` (default): when ``f`` traces with ``torch.fx`` into the primitive table, solve with the
             compiled map instead (the derived backward, hoisting and narrowing of a compiled spec; the same numbers,
             checked at the first call), traced once per ``f`` and signature (:mod:`fpidsl.tracing.auto`,
-            docs/TRACE.md); otherwise, or with ``trace=False``, ``f`` through autograd. Only for one tensor state,
-            ``capture="auto"`` and no ``adjoint`` or ``hoisted``.
+            docs/TRACE.md); otherwise, or with ``trace=False``, ``f`` through autograd. Only for tensor states
+            (one, or a tuple), ``per_sample=True``, ``capture="auto"`` and no ``adjoint`` or ``hoisted``.
         solve: the forward's settings as one value (a :class:`SolverSettings`, taken as validated, or a mapping);
             ``forward_settings`` apply over it.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,

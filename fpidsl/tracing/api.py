@@ -116,10 +116,13 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
               name: str | None = None, check: bool = True, externs: bool = True) -> TracedMap:
     """Trace ``f(x, *args)`` into a compiled layer (see :func:`trace`); raises :class:`UntraceableError`.
     ``externs=False``: an operation with no primitive is refused instead of becoming an extern."""
-    if not isinstance(x, Tensor) or x.dim() == 0 or not x.is_floating_point():
-        raise UntraceableError("the state must be a floating-point tensor with a batch dimension")
+    states = (x,) if isinstance(x, Tensor) else tuple(x) if isinstance(x, (tuple, list)) else ()
+    if not states or not all(isinstance(s, Tensor) and s.dim() > 0 and s.is_floating_point() for s in states):
+        raise UntraceableError("the state must be a floating-point tensor with a batch dimension, or a tuple of them")
+    if len({s.shape[0] for s in states}) != 1:
+        raise UntraceableError("the states have different batch sizes (dimension 0)")
     args = list(args)
-    flags = default_batched(x, args) if batched is None else list(batched)
+    flags = default_batched(states[0], args) if batched is None else list(batched)
     if len(flags) != len(args):
         raise UntraceableError(f"batched has {len(flags)} entries for {len(args)} arguments")
     module = capture(f, [x, *args])
@@ -128,11 +131,7 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
         first = record(module, example)
     except Exception as exc:
         raise UntraceableError(f"the traced graph fails on the example ({type(exc).__name__}: {exc})") from None
-    result = first[next(n for n in module.graph.nodes if n.op == "output")]
-    if not isinstance(result, Tensor) or result.shape != x.shape:
-        shown = list(result.shape) if isinstance(result, Tensor) else type(result).__name__
-        raise UntraceableError(f"the map returns {'a tensor of shape ' if isinstance(result, Tensor) else ''}"
-                               f"{shown} for a state of shape {list(x.shape)}: it must return the new state")
+    _check_result(first[next(n for n in module.graph.nodes if n.op == "output")], x)
     # The batch is the symbol B when an input has it (a layer binds B from its inputs); it stays a number when no
     # input has it, or when a tensor with the batch is no argument (a closure's z)
     second, symbolic_batch = first, any(b and isinstance(a, Tensor) for a, b in zip(args, flags))
@@ -143,9 +142,10 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
             second, symbolic_batch = first, False
     if not symbolic_batch:
         flags = [False] * len(flags)
-    tensor_flags = [symbolic_batch] + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
+    tensor_flags = [symbolic_batch] * len(states) + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
-    spec = Writer(module, first, second, x.shape[0], tensor_flags, _layer_name(layer_name), externs).write()
+    spec = Writer(module, first, second, states[0].shape[0], tensor_flags, _layer_name(layer_name), externs,
+                  len(states)).write()
     base = _compiled_class(spec)
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
@@ -159,6 +159,26 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     if check:
         check_agrees(traced, f, x, args)
     return traced
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return list(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [_shapes(v) for v in value]
+    return type(value).__name__
+
+
+def _check_result(result: Any, x: Any) -> None:
+    """The map returns the structure and shapes of its state (``UntraceableError`` otherwise)."""
+    if isinstance(x, Tensor):
+        ok = isinstance(result, Tensor) and result.shape == x.shape
+    else:
+        ok = (isinstance(result, (tuple, list)) and len(result) == len(x)
+              and all(isinstance(r, Tensor) and r.shape == s.shape for r, s in zip(result, x)))
+    if not ok:
+        raise UntraceableError(f"the map returns {_shapes(result)} for a state of shape {_shapes(x)}: it must "
+                               "return the new state")
 
 
 def _layer_name(wanted: str) -> str:
@@ -223,20 +243,22 @@ def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any],
     (fx records one path through the map: a branch on the tensors' values, or a side effect, is not in the graph)."""
     params = traced.tensors(root)
     inputs = traced.arguments(args)
+    single = isinstance(x, Tensor)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        perturbed = x + torch.randn_like(x) * (x.abs().mean() + 1)
-        for point in (x, perturbed):
-            want = f(point, *args)
-            got = traced.layer.step(point, *inputs, *params)
-            if not isinstance(want, Tensor) or want.shape != got.shape:
-                raise UntraceableError("the map's result is not one tensor of the traced shape")
-            tol = agreement_tolerance(want.dtype) * (1 + float(want.abs().max()))
-            if not torch.allclose(got, want, rtol=0, atol=tol):
-                err = float((got - want).abs().max())
-                raise UntraceableError(
-                    f"the traced map differs from the map by {err:.3g} (tolerance {tol:.3g}): the map does something "
-                    "torch.fx does not record (a branch on a tensor's values, a side effect, randomness)")
+        states = (x,) if single else tuple(x)
+        perturbed = tuple(s + torch.randn_like(s) * (s.abs().mean() + 1) for s in states)
+        for point in (states, perturbed):
+            want = f(point[0] if single else type(x)(point), *args)
+            got = traced.layer.step(point[0] if single else tuple(point), *inputs, *params)
+            _check_result(want, x)
+            for w, g in zip((want,) if single else want, (got,) if single else got):
+                tol = agreement_tolerance(w.dtype) * (1 + float(w.abs().max()))
+                if not torch.allclose(g, w, rtol=0, atol=tol):
+                    err = float((g - w).abs().max())
+                    raise UntraceableError(
+                        f"the traced map differs from the map by {err:.3g} (tolerance {tol:.3g}): the map does "
+                        "something torch.fx does not record (a branch on a tensor's values, a side effect, randomness)")
 
 
 def trace(f: Callable, example_x: Tensor, *example_args: Any, batched: Sequence[bool] | None = None,
@@ -244,11 +266,13 @@ def trace(f: Callable, example_x: Tensor, *example_args: Any, batched: Sequence[
     """The compiled layer class of the PyTorch map ``f(x, *args)``, traced with ``torch.fx`` at an example.
 
     Args:
-        f: an ``nn.Module`` or a function ``f(x, *args)`` returning the new state (a tensor shaped like ``x``). Its
+        f: an ``nn.Module`` or a function ``f(x, *args)`` returning the new state (a tensor shaped like ``x``; with
+            several states ``x`` is a tuple and ``f`` returns one). Its
             operations must be in the primitive table (docs/TRACE.md lists what maps onto it): standard modules
             (``nn.Linear``, ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.GroupNorm``, ``nn.LayerNorm``, activation
             modules), ``torch`` / ``torch.nn.functional`` functions, tensor methods and operators.
-        example_x: the state at the example; dimension 0 is the batch, the symbol ``B`` of the layer.
+        example_x: the state at the example (a tensor or a tuple of tensors); dimension 0 is the batch, the symbol
+            ``B`` of the layer (a number when no tensor argument has the batch).
         *example_args: the other arguments at the example. Tensors become the layer's inputs, in order; other
             values are fixed to what they are here.
         batched: one flag per argument: whether its dimension 0 is the batch (default: a tensor whose dimension

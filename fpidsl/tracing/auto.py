@@ -69,9 +69,9 @@ def _owner(f: Callable) -> tuple[Any, Any]:
     return f, None
 
 
-def _signature(x0: Tensor, args: Sequence[Any], batched, per_sample: bool, owner: Any) -> tuple | None:
-    parts: list[Any] = []
-    for a in (x0, *args):
+def _signature(x0: Any, args: Sequence[Any], batched, per_sample: bool, owner: Any) -> tuple | None:
+    parts: list[Any] = [type(x0)]
+    for a in (*((x0,) if isinstance(x0, Tensor) else x0), *args):
         if isinstance(a, Tensor):
             parts.append((tuple(a.shape), a.dtype, a.device, a.requires_grad))
         else:
@@ -164,7 +164,8 @@ def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
                                     "every call?): pass the tensors it reads as arguments")
         _TRACES[code] = count + 1
     try:
-        traced = trace_map(f, x0.detach(), [a.detach() if isinstance(a, Tensor) else a for a in args], batched)
+        start = x0.detach() if isinstance(x0, Tensor) else type(x0)(s.detach() for s in x0)
+        traced = trace_map(f, start, [a.detach() if isinstance(a, Tensor) else a for a in args], batched)
     except UntraceableError as exc:
         if "differs from the map" in str(exc):
             _warn_once(f, str(exc))
@@ -194,8 +195,10 @@ def _warn_once(f: Callable, message: str) -> None:
 def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
            per_sample: bool) -> tuple[_Entry | None, tuple]:
     """The cache entry of this call (traced now if needed) with the map's tensors, or None and a reason."""
-    if not isinstance(x0, Tensor) or not per_sample or not x0.is_floating_point() or x0.dim() == 0:
-        return None, ("only one floating-point tensor state with a batch dimension (per_sample=True) is traced",)
+    states = (x0,) if isinstance(x0, Tensor) else tuple(x0) if isinstance(x0, (tuple, list)) else ()
+    if not per_sample or not states or not all(isinstance(s, Tensor) and s.is_floating_point() and s.dim() > 0
+                                               for s in states):
+        return None, ("only floating-point tensor states with a batch dimension (per_sample=True) are traced",)
     owner, rest = _owner(f)
     signature = _signature(x0, args, batched, per_sample, owner)
     if signature is None:

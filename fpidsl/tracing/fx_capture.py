@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx._symbolic_trace import PH
 
 
 class UntraceableError(Exception):
@@ -118,6 +119,8 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
     if len(names) < len(example):
         raise UntraceableError(f"the map takes {len(names)} arguments, given {len(example)}")
     concrete = {name: value for name, value in zip(names, example) if not isinstance(value, Tensor)}
+    if isinstance(example[0], (tuple, list)):  # several states: one placeholder each (x, y = xs works)
+        concrete[names[0]] = type(example[0])(PH for _ in example[0])
     tracer = _Tracer()
     try:
         graph = tracer.trace(f, concrete_args=concrete or None)
@@ -164,8 +167,12 @@ def record(module: fx.GraphModule, example: Sequence[Any]) -> dict[fx.Node, Any]
 
 
 def one_more_sample(example: Sequence[Any], batched: Sequence[bool]) -> list[Any]:
-    """The example with its first sample appended to every batched argument (one flag per argument)."""
-    return [torch.cat([t, t[:1]]) if b else t for t, b in zip(example, batched)]
+    """The example with its first sample appended to every batched argument (one flag per argument; a tuple of
+    states: each)."""
+    def extended(t: Any) -> Any:
+        return type(t)(extended(s) for s in t) if isinstance(t, (tuple, list)) else torch.cat([t, t[:1]])
+
+    return [extended(t) if b else t for t, b in zip(example, batched)]
 
 
 def batch_dim(a: int, b: int, n: int) -> int | BatchDim:

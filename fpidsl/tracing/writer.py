@@ -47,7 +47,7 @@ class WrittenSpec:
 
     name: str
     text: str
-    state: str
+    states: list[str]
     inputs: list[str]
     batched: list[bool]
     sources: dict[str, str] = field(default_factory=dict)
@@ -84,8 +84,8 @@ class Writer:
     """Walks the graph once and collects the declarations (see the module's doc)."""
 
     def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
-                 layer_name: str, externs: bool = True):
-        self.allow_externs = externs
+                 layer_name: str, externs: bool = True, n_states: int = 1):
+        self.allow_externs, self.n_states = externs, n_states
         self.module, self.first, self.second, self.batch = module, first, second, batch
         self.batched_args = list(batched)
         self.names = Names()
@@ -93,14 +93,15 @@ class Writer:
         self.env: dict[fx.Node, Any] = {}
         self.inputs: list[str] = []
         self.input_decls: list[str] = []
-        self.state: str | None = None
+        self.states: list[str] = []
+        self.state_decls: list[str] = []
         self.params: list[str] = []
         self.lets: list[str] = []
         self.sources: dict[str, str] = {}
         self.declared_modules: dict[str, str] = {}
         self.externs: dict[str, OpCall] = {}
         self.extern_notes: list[str] = []
-        self.update: str | None = None
+        self.updates: list[str] = []
         self.node: fx.Node | None = None
         self.current = ""
 
@@ -209,14 +210,16 @@ class Writer:
                 self.env[node] = self._visit(node)
             except UntraceableError as exc:
                 raise UntraceableError(f"{exc} (at {_where(node)})") from None
-        if self.state is None:
+        if len(self.states) != self.n_states:
             raise UntraceableError("the map has no tensor argument to iterate")
-        head = [f"layer {self.layer} {{", *(f"  {d}" for d in self.input_decls), *(f"  {p}" for p in self.params),
-                *(f"  {let}" for let in self.lets), f"  update {self.state} = {self.update}", "}"]
+        head = [f"layer {self.layer} {{", *(f"  {d}" for d in (*self.input_decls, *self.state_decls, *self.params,
+                                                                   *self.lets)),
+                *(f"  update {s} = {u}" for s, u in zip(self.states, self.updates)), "}"]
         notes = "".join(f"# {note}\n" for note in self.extern_notes)
         text = "# Traced from a PyTorch map by fpidsl.trace; B is the batch.\n" + notes + "\n".join(head) + "\n"
-        return WrittenSpec(self.layer, text, self.state, self.inputs,
-                           [b for b, _ in zip(self.batched_args[1:], self.inputs)], self.sources, self.externs)
+        return WrittenSpec(self.layer, text, self.states, self.inputs,
+                           list(self.batched_args[self.n_states:self.n_states + len(self.inputs)]), self.sources,
+                           self.externs)
 
     def _visit(self, node: fx.Node) -> Any:
         value = self.first.get(node)
@@ -226,9 +229,12 @@ class Writer:
             return self._attribute(node, value)
         if node.op == "output":
             result = self._arg(node.args[0])
-            if not isinstance(result, Ref):
-                raise UntraceableError("the map must return one tensor (the new state)")
-            self.update = result.name
+            results = [result] if self.n_states == 1 and isinstance(result, Ref) else result
+            if not isinstance(results, (list, tuple)) or len(results) != self.n_states or \
+                    not all(isinstance(r, Ref) for r in results):
+                raise UntraceableError(f"the map must return the new state{'s' if self.n_states > 1 else ''} "
+                                       f"({self.n_states} tensor{'s' if self.n_states > 1 else ''})")
+            self.updates = [r.name for r in results]
             return None
         if not isinstance(value, Tensor):
             return self._python_value(node)
@@ -241,15 +247,15 @@ class Writer:
             return value
         if not value.is_floating_point():
             raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point only)")
-        position = len(self.inputs) + (self.state is not None)
+        position = len(self.inputs) + len(self.states)
         name = self.names.fresh(node.target)
-        if self.state is None:  # its batch is B unless it is fixed (batched_args[0]: see trace_map)
-            self.state = name
-            self.input_decls.append(f"state {name} : {self.declared_shape(node, self.batched_args[0])}")
+        batched = self.batched_args[position]  # a state's batch is B unless it is fixed (see trace_map)
+        if len(self.states) < self.n_states:
+            self.states.append(name)
+            self.state_decls.append(f"state {name} : {self.declared_shape(node, batched)}")
         else:
-            batched = self.batched_args[position]
             self.inputs.append(name)
-            self.input_decls.insert(len(self.inputs) - 1, f"input {name} : {self.declared_shape(node, batched)}")
+            self.input_decls.append(f"input {name} : {self.declared_shape(node, batched)}")
         return Ref(name)
 
     def _attribute(self, node: fx.Node, value: Any) -> Any:

@@ -292,3 +292,31 @@ def test_a_changed_python_value_of_the_map_is_seen():
     k = 0.1
     torch.testing.assert_close(_solve(g, z, True), _solve(g, z, False), rtol=0, atol=1e-11)
     assert not torch.allclose(_solve(g, z, True), before)
+
+
+class TwoStates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 4)
+
+    def forward(self, xs, z):
+        x, y = xs
+        return 0.5 * torch.tanh(self.fc(y)) + z, 0.5 * torch.tanh(self.g(x))
+
+
+def test_several_states_trace_and_agree_to_second_order():
+    torch.manual_seed(0)
+    f = TwoStates().to(DT)
+    z = torch.randn(2, 4, dtype=DT, requires_grad=True)
+    x0 = (torch.zeros(2, 4, dtype=DT), torch.zeros(2, 4, dtype=DT))
+    traced, why = fpidsl.tracing.trace_status(f, x0, z)
+    assert traced is not None and traced.spec.states == ["xs_1", "xs_2"], why
+
+    def run(z, trace):
+        x, y = fpidsl.fixed_point(f, x0, z, trace=trace, backward=TIGHT, **TIGHT)
+        return x + y.sin()
+
+    torch.testing.assert_close(run(z, True), run(z, False), rtol=0, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda z: run(z, True), (z,))
+    assert torch.autograd.gradgradcheck(lambda z: run(z, True), (z,))
