@@ -67,6 +67,13 @@ def test_solve_in_a_linear_layer_matches_the_closed_form(tmp_path):
     assert type(layer).SAMPLEWISE  # one M per sample: samples never mix
     assert torch.autograd.gradcheck(layer, (a, M))
     assert torch.autograd.gradgradcheck(layer, (a, M))
+    weight = torch.randn(2, 3, dtype=F64)  # and to third order, against the closed form (a solve of solves)
+    got = derivatives(lambda: ((weight * layer(a, M)).sum()) ** 2, [a, M], order=3)
+    want = derivatives(lambda: ((weight * torch.linalg.solve(torch.eye(3, dtype=F64) - 0.5 * torch.linalg.inv(M),
+                                                             a.unsqueeze(-1)).squeeze(-1)).sum()) ** 2, [a, M], order=3)
+    for g_order, w_order in zip(got, want):
+        for g, w in zip(g_order, w_order):
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
 
 
 EINSUM_LINEAR = """
