@@ -103,6 +103,6 @@ def _concrete_attrs(data: Mapping[str, Any], dims: Mapping[str, int]) -> dict[st
     out = dict(data["attrs"])
     for name, value in out.items():
         attr = prim.attr(name)
-        if attr is not None and attr.kind == "shape":
+        if attr is not None and attr.kind == "shape" and value is not None:  # None: interpolate without a size
             out[name] = tuple(int(dim_value(d, dims)) for d in value)
     return out

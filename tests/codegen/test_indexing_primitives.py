@@ -345,12 +345,40 @@ def test_a_computed_index_is_one_error_at_the_arithmetic():
     assert "this value (from the int input t) is an index and cannot be an argument of *" in error.message
 
 
-def test_a_symbolic_interpolation_size_is_one_error_at_the_size():
+def test_a_symbolic_kernel_is_one_error_at_the_size():
     error = the_one_error("layer L {\n  input a : [B, 2, H, W]\n  state x : [B, 2, H, W]\n"
-                          "  update x = interpolate(x, size=[H, W]) + a\n}\n")
-    assert isinstance(error, TypeErr) and (error.span.line, error.span.col) == (4, 35)
-    assert "but found the symbolic dimension H, whose size is known only when the layer is called" in error.message
-    assert "scale_factor=2" in error.hint
+                          "  update x = interpolate(avg_pool2d(x, [H, 1]), size=[H, W]) + a\n}\n")
+    assert isinstance(error, TypeErr) and (error.span.line, error.span.col) == (4, 41)
+    assert "kernel of avg_pool2d must be an integer or a pair [a, b] of integers, but found the symbolic dimension " \
+           "H, whose size is known only when the layer is called" in error.message
+
+
+def test_an_interpolation_size_is_written_from_the_input_s_own_sizes(tmp_path):
+    """size=[H, W] of a [B, 2, H/2, W/2] state: the emitted code computes it from that tensor's sizes; a size that
+    the tensor does not give (another input's K) is an error at the size."""
+    layer = _load(tmp_path, """
+layer Up {
+  input a : [B, 2, H, W]
+  state x : [B, 2, H, W]
+  state c : [B, 2, H/2, W/2]
+  update c = 0.5 * tanh(avg_pool2d(x, 2))
+  update x = 0.5 * tanh(interpolate(c, size=[H, W], mode=bilinear)) + a
+}
+""", "up")
+    a = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+
+    def step(states):
+        x, c = states
+        return (0.5 * torch.tanh(F.interpolate(c, size=(4, 6), mode="bilinear", align_corners=False)) + a,
+                0.5 * torch.tanh(F.avg_pool2d(x, 2)))
+
+    want = _iterate(step, (torch.zeros_like(a), torch.zeros(2, 2, 2, 3, dtype=torch.float64)))
+    for got, w in zip(layer(a), want):
+        torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12)
+    error = the_one_error("layer L {\n  input a : [B, 2, H, W]\n  input b : [B, 2, K, K]\n  state x : [B, 2, K, K]\n"
+                          "  update x = 0.5 * tanh(interpolate(a, size=[K, K])) + b\n}\n")
+    assert isinstance(error, ShapeErr) and (error.span.line, error.span.col) == (5, 45)
+    assert "size of interpolate may use only the sizes of x [B, 2, H, W], found K" in error.message
 
 
 # --------------------------------------------------------------------------- call-time checks
