@@ -1,0 +1,160 @@
+"""Parsing without a parse tree: lark's LALR parser calls the AST builder's rule methods as it reduces.
+
+lark's usual way, a tree with ``propagate_positions`` and a transformer run over it afterwards, spent more than
+half of parsing a 1 MB spec in its per-node position bookkeeping and the tree walk. lark can call a transformer
+while it parses (``Lark(transformer=...)``), but gives it no positions then, and a rule's position needs tokens
+the tree drops (``let``, parentheses, brackets). So :func:`install` replaces the parser's reduction callbacks
+(one per grammar rule) with ones that do what the tree path does, in the same order (LALR reduces bottom-up,
+left to right, as the transformer visits):
+
+* a rule spans its first to its last child, the dropped tokens included (``propagate_positions``'s rule); a
+  child inlined by a ``?rule`` between dropped tokens (``(a + b)``) keeps its own position for itself and
+  gives its parents the surrounding one, as lark's ``container_*`` positions do;
+* the children are filtered by lark's own child filter (dropped tokens out, ``None`` for an absent
+  ``[optional]``, ``_inlined`` rules spliced in), then the rule's method is called with ``(meta, children)``,
+  where ``meta`` has lark's ``line``, ``column``, ``end_line``, ``end_column`` and ``empty``;
+* the levels of expression nesting are counted (:attr:`Reduced.levels`), so that a caller can refuse a spec
+  nested too deeply without a tree to walk.
+
+The callbacks live in lark's private ``Lark._callbacks`` (the dict its LALR parser reads): :func:`install`
+returns False, and the caller keeps the tree path, where a lark release lays them out otherwise.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterable
+
+from lark import Lark, Token, Tree
+from lark.grammar import Rule
+from lark.parse_tree_builder import maybe_create_child_filter
+from lark.tree import Meta
+
+
+class Reduced:
+    """A reduced rule's value while parsing, with where it is in the text (for its parents: a ``?rule`` child
+    between dropped tokens carries their span) and the levels of expression nesting in it. Also the ``meta`` the
+    rule's method is given."""
+
+    __slots__ = ("value", "line", "column", "end_line", "end_column", "levels", "children")
+    empty = False
+
+
+class _EmptyReduced(Reduced):
+    """A rule that matched no text (an empty file's ``start``)."""
+
+    __slots__ = ()
+    empty = True
+
+
+class TreelessParser:
+    """A lark LALR parser whose reductions call the rule methods of a builder object (``method(builder, meta,
+    children)``; a rule without a method becomes a lark ``Tree``, as in a lark transformer). One parse at a time:
+    the builder of the parse in progress is held here."""
+
+    def __init__(self, lark: Lark, methods: Callable[[str], Callable | None], levels: Iterable[str]):
+        self.lark = lark
+        self.builder: Any = None
+        self._lock = threading.Lock()
+        self._methods, self._levels = methods, frozenset(levels)
+
+    def parse(self, text: str, start: str, builder: Any) -> Reduced | Token | None:
+        """The start rule's :class:`Reduced` (its ``value`` is the builder's result, ``levels`` its nesting)."""
+        with self._lock:
+            self.builder = builder
+            try:
+                return self.lark.parse(text, start=start)
+            finally:
+                self.builder = None
+
+    def callback(self, rule: Rule) -> Callable[[list], Any]:
+        """The reduction callback of one grammar rule."""
+        name = rule.alias or rule.options.template_source or rule.origin.name
+        expand1 = bool(rule.options.expand1) and not rule.alias
+        placeholders = rule.options.empty_indices if self.lark.options.maybe_placeholders else None
+        make_filter = maybe_create_child_filter(rule.expansion, rule.options.keep_all_tokens, False, placeholders)
+        if expand1 and make_filter is None and len(rule.expansion) == 1:
+            return _pass_through  # `?sum: term`: the child itself, position and all
+        keep = make_filter(_as_is) if make_filter is not None else _as_is
+        inlined = rule.origin.name.startswith("_")
+        method = None if inlined else self._methods(name)
+        level = 1 if name in self._levels else 0
+        parser = self
+
+        def reduce(raw: list) -> Any:
+            out = _place(raw)
+            levels = 0
+            for child in raw:
+                if type(child) is Reduced and child.levels > levels:
+                    levels = child.levels
+            out.levels = levels + level
+            children = keep(raw)
+            if inlined:  # spliced into its parent by the parent's child filter
+                out.children = children
+                return out
+            if expand1 and len(children) == 1:  # `"(" expr ")"`: the child, placed between the tokens
+                only = children[0]
+                if type(only) is not Reduced:  # a token, or a rule that matched no text
+                    return only
+                out.value = only.value
+                return out
+            values = [c.value if isinstance(c, Reduced) else c for c in children]
+            if method is None:
+                out.value = Tree(name, values, _lark_meta(out))
+            else:
+                out.value = method(parser.builder, out, values)
+            return out
+
+        return reduce
+
+
+def install(parser: TreelessParser) -> bool:
+    """Put ``parser``'s reduction callbacks in its lark parser; False where lark keeps them elsewhere."""
+    lark = parser.lark
+    callbacks = getattr(lark, "_callbacks", None)
+    frontend = getattr(getattr(getattr(lark, "parser", None), "parser", None), "parser", None)
+    if not isinstance(callbacks, dict) or getattr(frontend, "callbacks", None) is not callbacks:
+        return False
+    rules = [r for r in callbacks if isinstance(r, Rule)]
+    if len(rules) != len(lark.rules):
+        return False
+    for rule in rules:
+        callbacks[rule] = parser.callback(rule)
+    return True
+
+
+def _pass_through(raw: list) -> Any:
+    return raw[0]
+
+
+def _as_is(children: list) -> list:
+    """The filtered children, not copied: the filter of a left-recursive ``_inlined`` rule (``decl*``) appends to
+    its first child's list, and a copy per reduction made a long file quadratic."""
+    return children
+
+
+def _place(raw: list) -> Reduced:
+    """A new :class:`Reduced` spanning ``raw``, the rule's children as parsed: tokens and reduced rules; a rule
+    that matched no text does not count (lark's ``_pp_get_meta``)."""
+    if raw and type(raw[0]) in _TAKES_TEXT and type(raw[-1]) in _TAKES_TEXT:
+        first, last = raw[0], raw[-1]
+    else:
+        placed = [c for c in raw if type(c) is Reduced or isinstance(c, Token)]
+        if not placed:
+            return _EmptyReduced()
+        first, last = placed[0], placed[-1]
+    out = Reduced()
+    out.line, out.column = first.line, first.column
+    out.end_line, out.end_column = last.end_line, last.end_column
+    return out
+
+
+_TAKES_TEXT = frozenset({Reduced, Token})
+
+
+def _lark_meta(place: Reduced) -> Meta:
+    meta = Meta()
+    if not place.empty:
+        meta.empty = False
+        meta.line, meta.column, meta.end_line, meta.end_column = (place.line, place.column, place.end_line,
+                                                                  place.end_column)
+    return meta
