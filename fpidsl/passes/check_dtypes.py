@@ -65,7 +65,7 @@ def check_dtypes(graph: LayerGraph, sink: ErrorSink) -> None:
                 what = f"the {dtype} input {name} is an index" if graph.node(arg)["op"] == "input" else \
                     f"this value (from the {dtype} input {_source(graph, arg)}) is an index"
                 sink.add(TypeErr(f"{what} and cannot be {_where_used(graph, nid)}", span,
-                                 hint=f"an {dtype} input is read only as {INDEX_USES}"))
+                                 hint=f"{'an' if dtype == 'int' else 'a'} {dtype} input is read only as {INDEX_USES}"))
             else:
                 wanted = " or ".join(d for d in accepted if d != "float")
                 sink.add(TypeErr(f"{callee(graph, nid)} expects an {wanted} input as its {prim.inputs[pos]}, "
