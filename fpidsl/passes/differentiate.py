@@ -82,14 +82,17 @@ def expand_grads(graph: LayerGraph) -> LayerGraph:
     out = LayerGraph(graph.name, graph.span)
     b = GraphBuilder(out)
     mapping: dict[str, str] = {}
+    grads = [nid for nid in graph.nodes() if _is_grad(graph, nid)]
     for nid in graph.nodes():
-        if _is_grad(graph, nid):
+        if grads and _is_grad(graph, nid):
             energy, state = (mapping[a] for a in graph.args(nid))
             with b.deriving(nid, graph):
                 mapping[nid] = _energy_grad(b, energy, state)
         else:
             mapping[nid] = copy_node(b, graph, nid, mapping)
     copy_metadata(graph, out, mapping)
+    if not grads:  # every node of the copy is one of graph's: nothing to prune, and compacting would copy it again
+        return out
     kept = [mapping[nid] for nid in graph.nodes() if not _is_grad(graph, nid)]
     return compact(out, kept, LayerGraph)[0]
 
