@@ -283,7 +283,7 @@ def _layout_mutations():
     from hypothesis import strategies as st
 
     texts = {rel(p): p.read_text() for p in FPI_SPECS}
-    token = re.compile(r"#[^\n]*|\s+|[A-Za-z_][A-Za-z0-9_]*|\d[\d_.eE+-]*|\*\*|\.\.\.|\S")
+    token = re.compile(r'#[^\n]*|\s+|"[^"\n]*"|[A-Za-z_][A-Za-z0-9_]*|\d[\d_.eE+-]*|\*\*|//|[<>=!]=|\.\.\.|\S')
 
     @st.composite
     def build(draw):
