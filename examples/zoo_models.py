@@ -95,6 +95,6 @@ MODELS = [
     ZooModel("ignn_sparse", "ignn_sparse.fpi", "IGNNSparse", "Gu et al. 2020",
              lambda g, b: (sparse_graph(g, b + 5), normal(g, b + 5, 3)), ("U", "V")),
     ZooModel("deq_transformer", "deq_transformer.fpi", "DEQTransformer", "Bai, Kolter & Koltun 2019",
-             lambda g, b: (torch.randint(0, 11, (b, 6), generator=g),), ("emb.weight", "wq.weight"),
+             lambda g, b: (torch.randint(0, 11, (b, 6), generator=g),), ("emb.weight", "attn.in_proj_weight"),
              unroll=200),
 ]

@@ -189,13 +189,12 @@ def _deq_flow(m, f1, f2, ctx, coords):
 
 
 def _deq_transformer(m, tokens):
-    """The cell with torch's causal scaled_dot_product_attention and nn.LayerNorm, at the fixed point."""
+    """The cell with torch's nn.MultiheadAttention (a boolean causal mask) and nn.LayerNorm, at the fixed point."""
     out = m(tokens)
     (z,) = m._last_states
     u = z + m.emb(tokens)
-    q, k, v = (w(u).reshape(*u.shape[:2], 2, 4).transpose(1, 2) for w in (m.wq, m.wk, m.wv))
-    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(u.shape)
-    h = m.ln1(u + m.wo(heads))
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(diagonal=1)
+    h = m.ln1(u + m.attn(u, u, u, attn_mask=causal, need_weights=False)[0])
     fixed = m.ln2(h + m.ff2(F.gelu(m.ff1(h))))
     return torch.cat([z.flatten(), out.flatten()]), torch.cat([fixed.flatten(), m.logits(z).flatten()])
 
