@@ -138,6 +138,12 @@ class _Builder:
         scope, g = self.scope, self.graph
         for sym in scope.of_kind("input"):
             shape = self.declared_shape(sym.decl.shape, f"input {sym.name}")
+            if sym.decl.dtype == "sparse" and shape is not None and len(shape) != 2:
+                self.error(ShapeErr, f"the sparse input {sym.name} is a matrix [N, M], but its shape has "
+                                     f"{len(shape)} dimension{'s' if len(shape) != 1 else ''}", sym.decl.shape.span,
+                           hint="spmm(A, x) multiplies by a sparse matrix; a batch of graphs is one block-diagonal "
+                                "matrix")
+                shape = None  # reported: its uses are not checked again
             nid = g.add_node("input", span=sym.decl.span, shape=shape, name=sym.name,
                              **({} if sym.decl.dtype == "float" else {"dtype": sym.decl.dtype}))
             g.inputs[sym.name] = nid
@@ -311,6 +317,10 @@ class _Builder:
         elif kind.name == "Embedding":  # nn.Embedding(num, dim): a [num, dim] weight, read by an int input
             spec = ModuleSpec(kind.name, values["num"], values["dim"], bias=False, init_scale=values["init_scale"],
                               span=decl.span)
+        elif kind.name == "Conv1d":  # conv2d's (h, w) pairs with a height of 1 (module_call lowers it so)
+            spec = ModuleSpec(kind.name, values["in"], values["out"], (1, values["kernel"]), (1, values["stride"]),
+                              (0, values["padding"]), None, values["bias"], values["init_scale"], values["norm"],
+                              decl.span)
         else:
             spec = ModuleSpec(
                 kind.name, values["in"], values["out"], values.get("kernel"), values.get("stride"),
@@ -369,9 +379,9 @@ class _Builder:
         problem = None
         if key in ("in", "out", "num", "dim") and value < 1:
             problem = f"{key} must be a positive integer, found {value}"
-        elif key in ("kernel", "stride") and min(value) < 1:
+        elif key in ("kernel", "stride") and min(_sizes(value)) < 1:
             problem = f"{key} must be at least 1, found {format_attr(value)}"
-        elif key in ("padding", "output_padding") and min(value) < 0:
+        elif key in ("padding", "output_padding") and min(_sizes(value)) < 0:
             problem = f"{key} must be at least 0, found {format_attr(value)}"
         elif key == "output_padding" and any(o >= s for o, s in zip(value, values.get("stride", (1, 1)))):
             problem = f"output_padding must be smaller than the stride {format_attr(values['stride'])}, " \
@@ -984,6 +994,23 @@ class _Builder:
         args = [(handle, call.func.span), (flat, call.func.span), *zip(nodes, call.args)]
         return self.call(EXTERN, args, spec.attrs(), call.span, env)
 
+    def conv1d(self, name: str, spec: ModuleSpec, call: ast.Call, env: Env | None) -> str | None:
+        """``c(x)`` of a Conv1d, x ``[N, in, L]``: conv2d of ``x[:, :, None]`` with the weight as ``[out, in, 1, k]``,
+        then the size-1 height dropped; nn.Conv1d's weight and bias, conv2d's derivatives."""
+        x = self.build_expr(call.args[0], env)
+        if x is None or self.numbers_only(name, [x], call.args, call.span, env):
+            return None
+        at = call.func.span
+
+        def add(prim, args, attrs):
+            return self.call(prim, args, attrs, call.span, env, module=name)
+
+        x4 = add("unsqueeze", [(x, call.args[0])], {"dim": 2})
+        w4 = add("reshape", [(self.graph.params[f"{name}.weight"], at)], {"shape": spec.weight_shape()[:2] + spec.kernel})
+        args = [(x4, call.args[0]), (w4, at)] + ([(self.graph.params[f"{name}.bias"], at)] if spec.bias else [])
+        y = add("conv2d", args, spec.attrs())
+        return add("index", [(y, call.span)], {"index": (SliceSpec(), SliceSpec(), 0)})
+
     def attention(self, name: str, spec: ModuleSpec, call: ast.Call, env: Env | None) -> str | None:
         """``attn(q, k, v)`` or ``attn(q, k, v, mask=m)`` of a MultiheadAttention (passes/attention.py)."""
         usage = f"{name}(q, k, v) or {name}(q, k, v, mask=m)"
@@ -1015,6 +1042,8 @@ class _Builder:
             return None
         if spec.kind == attention.KIND:
             return self.attention(name, spec, call, env)
+        if spec.kind == "Conv1d" and len(call.args) == 1 and not call.kwargs:
+            return self.conv1d(name, spec, call, env)
         what = spec.describe() if spec else name
         if len(call.args) != 1 or call.kwargs:
             n = len(call.args) + len(call.kwargs)
@@ -1164,6 +1193,11 @@ class _Builder:
 
 
 _SIZE_OPS = frozenset(("+", "-", "*", "/", "//"))  # the arithmetic a size may be written with
+
+
+def _sizes(value) -> tuple:
+    """A module size argument as a tuple (an int, or a pair)."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _what(expr) -> str:

@@ -376,3 +376,11 @@ def the_one_error_in(source: Source):
         check_source(source)
     assert len(info.value.errors) == 1, info.value.errors
     return info.value.errors[0]
+
+
+def test_a_sparse_input_is_declared_as_a_matrix():
+    text = IGNN.replace("input A : sparse [N, N]", "input A : sparse [B, N, N]")
+    error = the_one_error(text)
+    assert isinstance(error, ShapeErr)
+    assert error.message == "the sparse input A is a matrix [N, M], but its shape has 3 dimensions"
+    assert (error.span.line, error.span.col) == (3, 20)
