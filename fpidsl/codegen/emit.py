@@ -8,6 +8,7 @@ identifiers from a :class:`~fpidsl.codegen.namespace.Namespace` and the only val
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -56,8 +57,10 @@ def literal(value: Any) -> str:
     raise TypeError(f"the code generator cannot write {value!r} as a literal")
 
 
+@functools.lru_cache(maxsize=64)
 def _file_name(path: str) -> str:
-    """A spec's file name, safe inside a comment or a docstring (no line breaks, quotes or backslashes)."""
+    """A spec's file name, safe inside a comment or a docstring (no line breaks, quotes or backslashes); one per
+    emitted statement, so remembered."""
     name = os.path.basename(path)
     return "".join(ch if ch.isprintable() and ch not in "\"'\\" else "?" for ch in name)
 

@@ -149,13 +149,18 @@ def copy_node(b: GraphBuilder, src: LayerGraph, nid: str, mapping: dict[str, str
     op, span, shape, name = data.pop("op"), data.pop("span"), data.pop("shape"), data.pop("name")
     if "attrs" in data:
         data["attrs"] = dict(data["attrs"])
-    args = [(mapping[a], s) for a, s in zip(src.args(nid), src.arg_spans(nid))]
+    args = [(mapping[a], s) for a, s in src.arg_edges(nid)]
+    key = None  # what remember(new) would file it under, computed once
     if op == "call":
-        same = b.existing(data["prim"], [a for a, _ in args], data["attrs"])
+        key = _call_key(data["prim"], [a for a, _ in args], data["attrs"])
+        same = b._memo.get(key)
         if same is not None:
             return same
+    elif op == "const":
+        key = ("const", type(data["value"]), data["value"])
     new = b.graph.add_node(op, span=span, shape=shape, name=name, args=args, **data)
-    b.remember(new)
+    if key is not None:
+        b._memo.setdefault(key, new)
     return new
 
 

@@ -290,8 +290,12 @@ class LayerGraph:
         if len(keyed_by_arg) == 1:  # one argument, or one value used several times
             ((u, keyed),) = keyed_by_arg.items()
             return [u] * len(keyed)
-        edges = sorted((k, u) for u, keyed in keyed_by_arg.items() for k in keyed)
+        edges = sorted([(k, u) for u, keyed in keyed_by_arg.items() for k in keyed])
         return [u for _, u in edges]
+
+    def arg_edges(self, nid: str) -> list[tuple[str, Span]]:
+        """The arguments of a node, by position, each with where it is written."""
+        return [(u, d["span"]) for u, d in self._in_edges(nid)]
 
     def arg_spans(self, nid: str) -> list[Span]:
         """Where each argument of a node is written."""
