@@ -90,26 +90,30 @@ class _Tracker:
     best_rel: Tensor
     best_step: Tensor
     checked_rel: Tensor
-    best_residual: Tensor  # by the solve's criterion
     best_value: Tensor  # g(x) at the iteration of best_residual, (rows, dim)
     best_at: Tensor  # that iteration
     shrank: Tensor  # the last step was smaller than every step before it (False at the first)
+    relative: bool  # the solve's criterion is the relative residual
+
+    @property
+    def best_residual(self) -> Tensor:
+        """The smallest residual by the solve's criterion (the smallest relative residual or step: ``fmin`` keeps
+        exactly the minimum that ignores NaN)."""
+        return self.best_rel if self.relative else self.best_step
 
     @staticmethod
-    def start(rows: int, like: Tensor) -> "_Tracker":
+    def start(rows: int, like: Tensor, relative: bool) -> "_Tracker":
         inf = torch.full((rows,), float("inf"), dtype=like.dtype, device=like.device)
-        return _Tracker(inf, inf.clone(), inf.clone(), inf.clone(), like.clone(),
+        return _Tracker(inf, inf.clone(), inf.clone(), like.clone(),
                         torch.zeros(rows, dtype=torch.long, device=like.device),
-                        torch.zeros(rows, dtype=torch.bool, device=like.device))
+                        torch.zeros(rows, dtype=torch.bool, device=like.device), relative)
 
     def select(self, keep: Tensor) -> "_Tracker":
-        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep], self.best_residual[keep],
-                        self.best_value[keep], self.best_at[keep], self.shrank[keep])
+        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep], self.best_value[keep],
+                        self.best_at[keep], self.shrank[keep], self.relative)
 
-    def remember(self, n: int, residual: Tensor, g: Tensor) -> None:
-        """Keep ``g`` for the samples whose residual is the lowest so far."""
-        better = residual < self.best_residual  # False where it is NaN; a finite residual means a finite g
-        torch.where(better, residual, self.best_residual, out=self.best_residual)
+    def remember(self, n: int, better: Tensor, g: Tensor) -> None:
+        """Keep ``g`` for the samples whose residual is the lowest so far (``better``, from the judgement)."""
         torch.where(better.unsqueeze(1), g, self.best_value, out=self.best_value)
         self.best_at.masked_fill_(better, n)
 
@@ -125,6 +129,7 @@ class _Verdict:
     floor: Tensor | None
     step: Tensor  # |g(x) - x|
     norm: Tensor  # |x|
+    better: Tensor  # the residual is the lowest so far (False where it is NaN; a finite residual means a finite g)
 
     @property
     def done(self) -> Tensor:
@@ -173,21 +178,25 @@ def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: 
     norm = torch.linalg.vector_norm(x, dim=1)
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
     rel = (step / norm).masked_fill_(step == c.zero, 0.0)
-    residual = rel if s.criterion == "relative" else step
+    residual = rel if track.relative else step
+    better = residual < track.best_residual  # before the minima below take this iteration in
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
-        torch.lt(step, track.best_step, out=track.shrank)
+        if track.relative:
+            torch.lt(step, track.best_step, out=track.shrank)
+        else:
+            track.shrank = better  # the same comparison
     torch.fmin(track.best_step, step, out=track.best_step)
     torch.fmin(track.best_rel, rel, out=track.best_rel)
     if n < s.min_iter:
-        return _Verdict(residual, None, diverged, None, step, norm)
+        return _Verdict(residual, None, diverged, None, step, norm, better)
     floor = None
     if n % FLOOR_PATIENCE == 0:
         no_new_low = track.best_rel >= track.checked_rel
         track.checked_rel.copy_(track.best_rel)
         floor = no_new_low & (rel <= c.floor)
-    return _Verdict(residual, residual < c.tol, diverged, floor, step, norm)
+    return _Verdict(residual, residual < c.tol, diverged, floor, step, norm, better)
 
 
 class _Record:
@@ -277,7 +286,7 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     index = torch.arange(batch, device=x0.device)
     x = x0
     state = solver.init(x)
-    track = _Tracker.start(batch, x)
+    track = _Tracker.start(batch, x, s.criterion == "relative")
     snapshots = SNAPSHOTS.get() if phase == "forward" else None
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
@@ -285,7 +294,7 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
             snapshots[n] = out.index_copy(0, index, g)
         r = g - x  # the residual, for the judgement and the solver's step
         verdict = _judge(n, x, r, track, s, thresholds)
-        track.remember(n, verdict.residual, g)
+        track.remember(n, verdict.better, g)
         record.log(index, verdict.residual)
         if n == s.max_iter // 2:
             record.halfway[index] = verdict.residual
