@@ -76,7 +76,7 @@ class ModuleSpec:
     def prim(self) -> str:
         return {"Linear": "linear", "Conv2d": "conv2d", "ConvTranspose2d": "conv_transpose2d",
                 "GroupNorm": "group_norm", "LayerNorm": "layer_norm", "Embedding": "embedding",
-                "MultiheadAttention": "einsum"}[self.kind]
+                "MultiheadAttention": "einsum", "Conv1d": "conv2d"}[self.kind]
 
     @property
     def is_normalization(self) -> bool:
@@ -93,6 +93,8 @@ class ModuleSpec:
     def weight_shape(self) -> tuple[int, ...]:
         if self.kind == "MultiheadAttention":  # in_proj_weight: the q, k and v projections stacked
             return (3 * self.in_size, self.in_size)
+        if self.kind == "Conv1d":  # kernel, stride and padding are kept as (1, k), (1, s), (0, p): conv2d's
+            return (self.out_size, self.in_size, self.kernel[1])
         if self.kind == "GroupNorm":
             return (self.in_size,)
         if self.kind == "LayerNorm":
@@ -130,7 +132,7 @@ class ModuleSpec:
         args = [str(self.in_size), str(self.out_size)]
         if self.kernel is not None:
             kh, kw = self.kernel
-            args.append(str(kh) if kh == kw else f"[{kh}, {kw}]")
+            args.append(str(kw) if kh == kw or self.kind == "Conv1d" else f"[{kh}, {kw}]")
         return f"{self.kind}({', '.join(args)})"
 
     def format(self) -> str:
@@ -145,7 +147,7 @@ class ModuleSpec:
         for key in ("stride", "padding", "output_padding"):
             value = getattr(self, key)
             if value is not None and value != defaults[key]:
-                parts.append(f"{key}={_pair(value)}")
+                parts.append(f"{key}={value[1] if self.kind == 'Conv1d' else _pair(value)}")
         if not self.bias and self.kind != "Embedding":
             parts.append("bias=false")
         if self.init_scale is not None:

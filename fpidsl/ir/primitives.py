@@ -1185,6 +1185,10 @@ MODULE_KINDS: dict[str, ModuleKind] = {
         Attr("dims", "sizes"), Attr("eps", "number", 1e-5), Attr("affine", "bool", True))),
     "Embedding": ModuleKind("Embedding", "embedding", (
         Attr("num", "int"), Attr("dim", "int"), Attr("init_scale", "number", None))),
+    # lowered to conv2d of a size-1 height (passes/build_graph.py, conv1d); kernel, stride, padding: one size each
+    "Conv1d": ModuleKind("Conv1d", "conv2d", (
+        Attr("in", "int"), Attr("out", "int"), Attr("kernel", "int"), Attr("stride", "int", 1),
+        Attr("padding", "int", 0)) + _COMMON),
     # lowered to einsum, softmax and linear pieces (passes/build_graph.py, attention): no primitive of its own
     "MultiheadAttention": ModuleKind("MultiheadAttention", "einsum", (
         Attr("dim", "int"), Attr("heads", "int"), Attr("bias", "bool", True))),
@@ -1192,7 +1196,7 @@ MODULE_KINDS: dict[str, ModuleKind] = {
 
 NORMALIZATIONS = ("GroupNorm", "LayerNorm")  # module kinds whose weight and bias exist only when affine
 
-NORMS = ("spectral",)
+NORMS = ("spectral", "weight")  # torch's spectral_norm and weight_norm parametrizations
 
 # Initialisers of raw ``tensor`` params and states: name -> number of numeric arguments.
 TENSOR_INITS = {"zeros": 0, "ones": 0, "normal": 2, "uniform": 2}

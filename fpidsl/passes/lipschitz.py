@@ -49,7 +49,12 @@ def _weight_norm(graph: LayerGraph, weights: dict, nid: str) -> float:
     """The operator norm of a linear, conv or transposed-conv call's weight (an upper bound for convs:
     the sum over kernel taps of each tap's spectral norm)."""
     prim = graph.node(nid)["prim"]
-    weight = weights[graph.args(nid)[1]]
+    source = graph.args(nid)[1]
+    data = graph.node(source)
+    if data["op"] == "call" and data["prim"] == "reshape":  # a Conv1d's weight, [out, in, k] as [out, in, 1, k]
+        weight = weights[graph.args(source)[0]].reshape(data["attrs"]["shape"])
+    else:
+        weight = weights[source]
     if prim == "linear":
         return spectral_norm(weight)
     taps = weight.flatten(2).permute(2, 0, 1)  # (kh*kw, out, in) or (kh*kw, in, out)

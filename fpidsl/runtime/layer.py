@@ -113,6 +113,8 @@ def _scale(module: nn.Module, init_scale: float | None) -> None:
 def _norm(module: nn.Module, norm: str | None) -> nn.Module:
     if norm == "spectral":
         return nn.utils.parametrizations.spectral_norm(module)
+    if norm == "weight":  # w = g v / |v| per output row (channel): torch's weight_norm parametrization
+        return nn.utils.parametrizations.weight_norm(module)
     return module
 
 
@@ -132,7 +134,10 @@ def make_module(kind: str, *args: Any, bias: bool = True, init_scale: float | No
         module = nn.Embedding(*args)
         _scale(module, init_scale)
         return module
-    cls = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "ConvTranspose2d": nn.ConvTranspose2d}[kind]
+    if kind == "Conv1d":  # the compiler keeps conv2d's (h, w) pairs with a height of 1
+        args = (*args[:2], args[2][1])
+        options = {k: v[1] for k, v in options.items()}
+    cls = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "ConvTranspose2d": nn.ConvTranspose2d, "Conv1d": nn.Conv1d}[kind]
     module = cls(*args, bias=bias, **options)
     _scale(module, init_scale)
     return _norm(module, norm)

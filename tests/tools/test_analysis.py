@@ -72,7 +72,7 @@ def test_completions_while_typing():
     assert {"a", "x", "sq", "relu", "zeros", "let"} <= names and "k" not in names  # k is A's
     modules = {c.label for c in completions(text, at(text, "Co", 2))}
     assert modules == {"Linear", "Conv2d", "ConvTranspose2d", "GroupNorm", "LayerNorm", "Embedding",
-                       "MultiheadAttention", "tensor", "extern"}
+                       "Conv1d", "MultiheadAttention", "tensor", "extern"}
     settings = {c.label for c in completions(text, at(text, "= an", 4))}
     assert {"method", "tol", "anderson", "picard"} <= settings and "sq" not in settings
 
