@@ -759,4 +759,21 @@ def dropout(x: Tensor, seeds: Tensor | None, *, p: float = 0.1, key: int = 0) ->
     """``x`` times its mask (:func:`dropout_mask`); ``x`` itself when ``seeds`` is None (eval mode) or p is 0."""
     if seeds is None or p == 0:
         return x
-    return x * dropout_mask(x, seeds, p=p, key=key)
+    return x * _solve_mask(x, seeds, p, key)
+
+
+def _solve_mask(x: Tensor, seeds: Tensor, p: float, key: int) -> Tensor:
+    """:func:`dropout_mask`, made once per seeds tensor (one per solve, a new one when the running samples are
+    sliced) and kept on it: the iterations of a solve reuse the mask instead of hashing again (the mask of a
+    [256, 512] value costs about four 512 x 512 products on one CPU thread)."""
+    if torch._C._functorch.is_batchedtensor(x):  # inside vmap: a mask of that level only, not kept
+        return dropout_mask(x, seeds, p=p, key=key)
+    try:
+        cache = seeds.__dict__.setdefault("_fpidsl_dropout_masks", {})
+    except AttributeError:  # a tensor subclass or wrapper without a __dict__: no cache
+        return dropout_mask(x, seeds, p=p, key=key)
+    index = (tuple(x.shape), x.dtype, x.device, p, key)
+    mask = cache.get(index)
+    if mask is None:
+        mask = cache[index] = dropout_mask(x, seeds, p=p, key=key)
+    return mask

@@ -53,6 +53,7 @@ def test_the_fixed_point_is_that_of_the_map_with_the_solve_s_mask(tmp_path):
     a = torch.randn(3, 4, dtype=torch.float64)
     x = seeded(layer, a)
     torch.testing.assert_close(x, by_hand(layer, a), rtol=1e-10, atol=1e-12)
+    assert len(layer._call_seeds._fpidsl_dropout_masks) == 2  # each mask made once for the solve, then reused
     assert not torch.allclose(x, layer.eval()(a))  # the masks change the map
 
 
