@@ -140,6 +140,8 @@ class Writer:
             return "..."
         if isinstance(item, slice):
             parts = [item.start, item.stop] + ([item.step] if item.step is not None else [])
+            if any(isinstance(p, BatchDim) for p in parts):
+                raise UntraceableError("a slice bounded by a size that follows the batch")
             return ":".join("" if p is None else self.number(p) for p in parts)
         if isinstance(item, int) and not isinstance(item, bool):
             return self.number(item)
@@ -283,6 +285,8 @@ class Writer:
     def _arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
             return self.env[a]
+        if isinstance(a, slice):  # x[:, : y.shape[-1]]: a size inside a slice
+            return slice(self._arg(a.start), self._arg(a.stop), self._arg(a.step))
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(v) for v in a) if not isinstance(a, torch.Size) else tuple(a)
         if isinstance(a, dict):
@@ -351,6 +355,8 @@ class Writer:
                 return type(a)(template(v) for v in a)
             if isinstance(a, dict):
                 return {k: template(v) for k, v in a.items()}
+            if isinstance(a, slice):
+                return slice(template(a.start), template(a.stop), template(a.step))
             return a
 
         args, kwargs = template(node.args), template(dict(node.kwargs))

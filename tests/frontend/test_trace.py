@@ -52,9 +52,12 @@ class Conv(nn.Module):
 
 
 def gradient_step(x, a, w):
-    """A function (not a module): an energy's gradient step written out, with softplus, exp, where, softmax."""
+    """A function (not a module): an energy's gradient step written out, with softplus, exp, where, softmax, and
+    sizes read from shapes (in arithmetic and in a slice)."""
     e = torch.where(x > 0, x, 0.5 * x)
-    return x - 0.3 * (x - a) - 0.1 * F.softplus(e * w) + 0.05 * torch.softmax(x, dim=-1) - 0.01 * torch.exp(-x ** 2)
+    n = a.shape[-1]
+    return (x - 0.3 * (x - a) * (2.0 / n) - 0.1 * F.softplus(e * w) + 0.05 * torch.softmax(x, dim=-1)
+            - 0.01 * torch.exp(-x ** 2) + 0.01 * torch.cat([a, a], dim=-1)[:, : a.shape[-1]])
 
 
 def _examples(n=3):
