@@ -1,13 +1,15 @@
 """IGNN on one graph: the layer with its adjacency as a sparse input (spmm) against the same layer with a dense one (@).
 
-    python benchmarks/sparse_graph.py [--nodes 4000] [--degree 5] [--features 16] [--repeat 5] [--threads N] [--quick]
+    python benchmarks/sparse_graph.py [--nodes 4000] [--degree 5] [--features 16] [--repeat 5] [--threads N]
+                                      [--products-only] [--quick]
 
 Both layers are X = tanh(A (X W) + U) on a random graph of ``--nodes`` nodes with ``--degree`` neighbours each
 (A row-normalised to 1/2, so the map contracts), float32 on the CPU. It prints, per form, the best of ``--repeat``
 runs (the least disturbed by other load) of one forward solve and of one forward + backward (the gradient of a sum
 in U and W), the iteration counts, the bytes of A, and the largest difference between the two forms' fixed
-points; then the best of 30 single products A x and Aᵀ x: torch.sparse.mm of the COO matrix against fpidsl's
-``spmm`` (CSR forms of A and Aᵀ made once per matrix).
+points; then the best of 30 single products A x and Aᵀ x: torch.sparse.mm of the COO and of the CSR matrix (whose
+transpose is a CSC one) against fpidsl's ``spmm`` (CSR forms of A and Aᵀ made once per matrix). ``--products-only``
+skips the layers.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    parser.add_argument("--products-only", action="store_true", help="only the table of single products")
     parser.add_argument("--quick", action="store_true", help="a small graph, one run (a smoke test)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -70,11 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         args.nodes, args.repeat = 200, 1
     gen = torch.Generator().manual_seed(0)
     sparse = graph(args.nodes, args.degree, gen)
-    inputs = {"sparse (spmm)": sparse, "dense (@)": sparse.to_dense()}
     U = torch.randn(args.nodes, args.features, generator=gen)
     folder = pathlib.Path(tempfile.mkdtemp())
+    x = torch.randn(args.nodes, args.features, generator=gen)
     print(f"IGNN on one graph: {args.nodes} nodes, {args.degree} neighbours each, {args.features} features, float32, "
           f"{torch.get_num_threads()} threads; best of {args.repeat}")
+    if not args.products_only:
+        _layers(args, sparse, U, folder)
+    _products(sparse, x)
+    return 0
+
+
+def _layers(args, sparse, U, folder) -> None:
+    inputs = {"sparse (spmm)": sparse, "dense (@)": sparse.to_dense()}
     print("| form | bytes of A | forward (s) | forward + backward (s) | iterations (fwd, bwd) |")
     print("|---|---|---|---|---|")
     results = {}
@@ -98,17 +109,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {size:,} | {forward:.3f} | {both_time:.3f} | {iters[0]}, {iters[1]} |")
     diff = (results["sparse (spmm)"] - results["dense (@)"]).abs().max().item()
     print(f"largest difference between the fixed points: {diff:.1e}")
+
+
+def _products(sparse, x) -> None:
+    import warnings
+
     from fpidsl.runtime.ops import spmm
 
-    x = torch.randn(args.nodes, args.features, generator=gen)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        csr = sparse.to_sparse_csr()
     products = {"torch.sparse.mm(A, x), A COO": lambda: torch.sparse.mm(sparse, x),
                 "torch.sparse.mm(A.t(), x), A COO": lambda: torch.sparse.mm(sparse.t(), x),
+                "torch.sparse.mm(A, x), A CSR": lambda: torch.sparse.mm(csr, x),
+                "torch.sparse.mm(A.t(), x), A CSR (a CSC matrix)": lambda: torch.sparse.mm(csr.t(), x),
                 "spmm(A, x)": lambda: spmm(sparse, x), "spmm(A, x, transpose=True)": lambda: spmm(sparse, x, transpose=True)}
     print("| product | best of 30 (ms) |")
     print("|---|---|")
     for name, fn in products.items():
         print(f"| {name} | {_best_seconds(fn, 30) * 1e3:.2f} |")
-    return 0
 
 
 if __name__ == "__main__":
