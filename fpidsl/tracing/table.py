@@ -485,7 +485,3 @@ ACTIVATION_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict[str, Any]]]
     nn.Dropout: lambda m: ("dropout", {"p": m.p, "training": m.training}),
 }
 ACTIVATION_MODULES[nn.ReLU6] = lambda m: ("relu6", {})
-
-
-def is_batch(dim: Any) -> bool:
-    return isinstance(dim, BatchDim) and dim.is_batch
