@@ -151,3 +151,24 @@ def test_floor_benchmark_prints_table_3_for_a_chosen_workload():
                            "--repeats", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| bibtex-nn | picard | 5 x" in proc.stdout and "cpu clock" in proc.stdout
+
+
+def test_solver_ops_counts_every_method():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "solver_ops.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(re.findall(r"\| (picard|anderson|broyden) \| ([\d.]+) \|", proc.stdout))
+    assert set(rows) == {"picard", "anderson", "broyden"}
+    assert float(rows["picard"]) < float(rows["anderson"])  # Anderson's step is work Picard does not do
+
+
+def test_dropout_mask_benchmark_runs():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dropout_mask.py"), "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "reused" in proc.stdout
