@@ -320,3 +320,21 @@ def test_several_states_trace_and_agree_to_second_order():
     torch.testing.assert_close(run(z, True), run(z, False), rtol=0, atol=1e-11)
     assert torch.autograd.gradcheck(lambda z: run(z, True), (z,))
     assert torch.autograd.gradgradcheck(lambda z: run(z, True), (z,))
+
+
+@pytest.mark.parametrize("settings", [
+    {"backward": {"mode": "jfb"}}, {"backward": {"mode": "phantom", "k": 3, "tau": 0.5}},
+    {"backward": {"mode": "unrolled", "k": 4}}, {"backward": {"method": "gmres"}},
+    {"method": "anderson"}, {"method": "broyden"},
+], ids=["jfb", "phantom", "unrolled", "gmres", "anderson", "broyden"])
+def test_gradient_modes_and_solvers_agree_between_the_paths(settings):
+    f = _cell()
+    z = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    results = []
+    for trace in (True, False):
+        x = fpidsl.fixed_point(f, torch.zeros_like(z), z, trace=trace, tol=1e-10, **settings)
+        results.append((x, torch.autograd.grad(x.sin().sum(), (z, f.fc.weight))))
+    (x_on, g_on), (x_off, g_off) = results
+    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-12)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
