@@ -14,7 +14,8 @@ and k, v ``[B, S, dim]``:
 
 ``mask`` is added to the scores, as torch's float ``attn_mask`` is: ``[T, S]`` (or anything that broadcasts to
 ``[B, heads, T, S]``), 0 where attention is allowed and a large negative number where it is not; a causal mask is
-``-1e9 * triu(ones([T, T]), diagonal=1)``.
+``-1e9 * triu(ones([T, T]), diagonal=1)``. A bool input ``m`` (``input m : bool [T, S]``) is torch's bool
+``attn_mask``: true where attention is not allowed (lowered to ``where(m, -1e9, 0)``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..ir import linalg
 from ..ir.graph import ModuleSpec
 
 KIND = "MultiheadAttention"
+MASKED = -1e9  # the score a bool mask gives where it is true (masked out), as torch's bool attn_mask does
 ROLES = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
 

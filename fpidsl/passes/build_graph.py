@@ -1025,6 +1025,10 @@ class _Builder:
         mask_node = self.build_expr(mask, env) if mask is not None else None
         if None in nodes or (mask is not None and mask_node is None):
             return None
+        if mask_node is not None and self.graph.dtype(mask_node) == "bool":  # torch's bool attn_mask: True masks out
+            consts = [self.graph.add_node("const", span=mask.span, shape=(), value=v) for v in (attention.MASKED, 0)]
+            mask_node = self.call("where", [(mask_node, mask), *((c, mask) for c in consts)], {}, call.span, env,
+                                  module=name)
         params = {role: self.graph.params[f"{name}.{role}"] for role in attention.param_shapes(spec)}
 
         def add(prim, args, attrs):

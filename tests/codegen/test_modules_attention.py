@@ -45,6 +45,20 @@ def test_one_step_is_torch_multihead_attention(tmp_path, call, options, torch_ma
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_a_bool_input_mask_is_torch_s_bool_attn_mask(tmp_path):
+    path = tmp_path / "attb.fpi"
+    path.write_text(SPEC.format(call="x, a, a, mask=m", options="").replace(
+        "input a : [B, 5, 8]", "input a : [B, 5, 8]\n  input m : bool [5, 5]"))
+    torch.manual_seed(0)
+    layer = fpidsl.load(path)().double()
+    x, a = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    m = torch.rand(5, 5) < 0.3
+    m.fill_diagonal_(False)  # every query sees at least itself
+    got = type(layer).step(x, a, m, *layer.parameter_tensors())
+    want = 0.5 * torch.tanh(layer.attn(x, a, a, attn_mask=m, need_weights=False)[0])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_state_dict_names_are_torch_s(tmp_path):
     layer = load(tmp_path)
     names = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
