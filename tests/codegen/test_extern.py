@@ -128,6 +128,22 @@ def test_samplewise_is_declared(tmp_path):
     assert not mixed.SAMPLEWISE and samplewise.SAMPLEWISE
 
 
+def test_a_samplewise_extern_follows_the_running_samples(tmp_path):
+    """Declared samplewise, the extern sees only the samples still running (its output checked against their
+    number) and gives the joint solve's fixed points and gradients."""
+    torch.manual_seed(0)
+    mlp = MLP().double()
+    sw = load(tmp_path, EXTERN_SPEC.replace("extern (", "extern samplewise ("), "sw.fpi")(
+        f=mlp, solve=TIGHT, backward=TIGHT).double()
+    joint = load(tmp_path, EXTERN_SPEC)(f=mlp, solve=TIGHT, backward=TIGHT).double()
+    a = torch.cat([torch.zeros(1, 4), 3 * torch.randn(4, 4)]).double().requires_grad_()
+    x = sw(a)
+    assert sw.stats.forward.iterations.min() < sw.stats.forward.iterations.max()
+    torch.testing.assert_close(x, joint(a), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(x.sum(), a)[0], torch.autograd.grad(joint(a).sum(), a)[0],
+                               rtol=1e-9, atol=1e-11)
+
+
 def test_a_function_as_an_extern(tmp_path):
     cls = load(tmp_path, EXTERN_SPEC)
     layer = cls(f=ExternFunction(lambda x, a: torch.tanh(x + a)), solve=TIGHT).double()
