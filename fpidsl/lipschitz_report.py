@@ -15,10 +15,11 @@ def initial_weights(checked, layer: str) -> dict:
     code = emit_module(checked, only=layer)
     module = module_from_source(code, f"<fpidsl lipschitz {layer}>", f"fpidsl_lipschitz_{layer}")
     torch.manual_seed(0)
-    instance = module.LAYERS[layer]()
+    cls = module.LAYERS[layer]
+    instance = cls(**{name: torch.nn.Identity() for name in cls.EXTERNS})  # externs have no Lipschitz rule
     graph = checked.graphs[layer]
     tensors = dict(zip(graph.params, instance.parameter_tensors()))
-    return {graph.params[name]: t.detach() for name, t in tensors.items()}
+    return {graph.params[name]: t.detach() for name, t in tensors.items() if isinstance(t, torch.Tensor)}
 
 
 def report_lipschitz(checked, stream) -> int:

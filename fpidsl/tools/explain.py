@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..ir.extern import externs
 from ..ir.graph import LayerGraph
 from ..ir.shapes import fmt_shape
 
@@ -51,6 +52,8 @@ def _params(graph: LayerGraph) -> tuple[list[str], int]:
     concrete (the checker refuses symbolic dimensions there)."""
     groups: dict[str, list[str]] = {}
     for name, nid in graph.params.items():
+        if graph.node(nid).get("role") in ("module", "parameters", "seeds"):
+            continue  # an extern's handle and parameters, dropout's seeds: not tensors of the spec (listed below)
         module = graph.node(nid).get("module")
         groups.setdefault(module if module in graph.modules else name, []).append(nid)
     lines, total = [], 0
@@ -62,6 +65,8 @@ def _params(graph: LayerGraph) -> tuple[list[str], int]:
             lines.append(f"    {key} = {graph.modules[key].format()}: {tensors}  ({size:,})")
         else:
             lines.append(f"    {key} : tensor {fmt_shape(graph.shape(nids[0]))}  ({size:,})")
+    for spec in externs(graph).values():
+        lines.append(f"    {spec.name} : {spec.format()}  (an nn.Module given at construction)")
     return lines, total
 
 

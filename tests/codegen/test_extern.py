@@ -248,3 +248,19 @@ def test_the_language_server_knows_externs():
     assert "param **f** : `extern ([B, 4], [B, 4]) -> [B, 4]`" in shown.markdown
     typed = "layer L {\n  param f : "
     assert "extern" in {c.label for c in completions(typed, (2, 13))}
+
+
+def test_explain_and_the_lipschitz_report_name_the_extern():
+    import io
+
+    from fpidsl.compiler import check_source
+    from fpidsl.lipschitz_report import report_lipschitz
+    from fpidsl.source import Source
+    from fpidsl.tools.explain import explain_layer
+
+    checked = check_source(Source("e.fpi", EXTERN_SPEC))
+    text = explain_layer(checked, "WithExtern")
+    assert "f : extern ([B, 4], [B, 4]) -> [B, 4]  (an nn.Module given at construction)" in text
+    out = io.StringIO()
+    assert report_lipschitz(checked, out) == 1
+    assert "extern at 6:20 has no Lipschitz rule" in out.getvalue()
