@@ -42,12 +42,13 @@ import torch
 _PROGRESS = {"disable": False}
 
 
-def parser(description: str, experiment: str) -> argparse.ArgumentParser:
-    """The common command-line options of an example (see the module docstring)."""
+def parser(description: str, experiment: str, out: Path | None = None) -> argparse.ArgumentParser:
+    """The common command-line options of an example (see the module docstring); ``out``: the default of
+    ``--out`` when it is not ``out/<experiment>``."""
+    out = Path("out") / experiment if out is None else out
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds): smaller data, fewer epochs")
-    p.add_argument("--out", type=Path, default=Path("out") / experiment,
-                   help=f"folder for the results JSON and the plot (default out/{experiment})")
+    p.add_argument("--out", type=Path, default=out, help=f"folder for the results JSON and the plot (default {out})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

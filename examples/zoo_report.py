@@ -89,9 +89,7 @@ def report(out: Path, batch: int = 4, seed: int = 0) -> list[str]:
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0], "zoo").parse_args()
-    if args.out == Path("out") / "zoo":
-        args.out = Path(__file__).resolve().parent.parent / "docs" / "img" / "zoo"
+    args = parser(__doc__.splitlines()[0], "zoo", out=Path("docs") / "img" / "zoo").parse_args()
     out = setup(args)
     batch = 2 if args.quick else 4
     print("\n".join(report(out, batch, args.seed)))
