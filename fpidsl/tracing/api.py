@@ -144,8 +144,9 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
         flags = [False] * len(flags)
     tensor_flags = [symbolic_batch] * len(states) + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
+    layer_name = "Traced" if layer_name == "<lambda>" else layer_name
     spec = Writer(module, first, second, states[0].shape[0], tensor_flags, _layer_name(layer_name), externs,
-                  len(states)).write()
+                  len(states), _labels(f, module.meta["foreign"])).write()
     base = _compiled_class(spec)
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
@@ -159,6 +160,24 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     if check:
         check_agrees(traced, f, x, args)
     return traced
+
+
+def _labels(f: Callable, foreign: dict[str, Any]) -> dict[str, str]:
+    """The names a function's code gives what it reads without owning it (closure variables, globals)."""
+    fn = getattr(f, "__func__", f)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    seen: dict[int, str] = {}
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            seen.setdefault(id(cell.cell_contents), name)
+        except ValueError:  # an empty cell
+            pass
+    for name in code.co_names:
+        if name in fn.__globals__:
+            seen.setdefault(id(fn.__globals__[name]), name)
+    return {key: seen[id(value)] for key, value in foreign.items() if id(value) in seen}
 
 
 def _shapes(value: Any) -> Any:

@@ -84,8 +84,9 @@ class Writer:
     """Walks the graph once and collects the declarations (see the module's doc)."""
 
     def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
-                 layer_name: str, externs: bool = True, n_states: int = 1):
+                 layer_name: str, externs: bool = True, n_states: int = 1, labels: dict[str, str] | None = None):
         self.allow_externs, self.n_states = externs, n_states
+        self.labels = labels or {}  # a foreign target's name in the user's code (a closure's variable)
         self.module, self.first, self.second, self.batch = module, first, second, batch
         self.batched_args = list(batched)
         self.names = Names()
@@ -195,7 +196,7 @@ class Writer:
         """Declare the current node's module as a param (once per module); its spec name."""
         target = self.node.target
         if target not in self.declared_modules:
-            name = self.names.fresh(target)
+            name = self.names.fresh(self._label(target))
             self.params.append(f"param {name} : {type_text}")
             module = self.module.get_submodule(target)
             for role in ("weight", "bias"):
@@ -265,7 +266,7 @@ class Writer:
             return value
         if not value.is_floating_point():
             raise UntraceableError(f"the tensor {node.target} is {value.dtype} (floating point only)")
-        name = self.names.fresh(node.target)
+        name = self.names.fresh(self._label(node.target))
         self.params.append(f"param {name} : tensor {self.declared_shape(node, False)}")
         self.sources[name] = node.target
         return Ref(name)
@@ -364,7 +365,7 @@ class Writer:
             raise UntraceableError(f"{_what(node)} makes a tensor from no tensor argument, and has no primitive")
         inputs = [self._extern_shape(self.shape(r)) for r in refs]
         output = self._extern_shape(self._shape(self.node))
-        stem = call.target if call.kind == "module" else f"{node.name}_fn"
+        stem = self._label(call.target) if call.kind == "module" else f"{node.name}_fn"
         name = self.names.fresh(stem, "fn")
         declared = inputs[0] if len(inputs) == 1 else "(" + ", ".join(inputs) + ")"
         self.params.append(f"param {name} : extern {declared} -> {output}")
@@ -392,6 +393,11 @@ class Writer:
         if re.fullmatch(r"[A-Za-z_]\w*", text):  # the same value (an identity, contiguous ...): no let
             return Ref(text)
         return self._let(text)
+
+    def _label(self, target: str) -> str:
+        """A target as the user names it: ``_module0.fc`` of a closure's ``model`` is ``model.fc``."""
+        first, dot, rest = target.partition(".")
+        return self.labels.get(first, first) + dot + rest
 
     def _let(self, text: str, suffix: str = "v") -> Ref:
         name = self.names.fresh(self.node.name, suffix)
