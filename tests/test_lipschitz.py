@@ -64,3 +64,31 @@ def test_gradient_layers_say_why_there_is_no_bound(capsys):
     out = capsys.readouterr().out
     assert "layer BoxProjectionNN: g is a contraction in x" in out
     assert "because: grad at 22:3: the gradient of an energy needs a curvature bound" in out
+
+
+MIXING = """layer Mix {
+  input a : [N, 3]
+  param A : tensor[3, 3]
+  state x : [N, 3]
+  update x = 0.3 * tanh(x @ A) + 0.2 * mean(x, dim=0, keepdim=true) + a
+}
+"""
+
+
+def test_the_estimate_of_a_layer_that_mixes_samples_is_the_whole_states_norm(tmp_path):
+    """A row-mixing map has one Jacobian over all rows: per-row estimates of it would be wrong numbers."""
+    path = tmp_path / "mix.fpi"
+    path.write_text(MIXING)
+    torch.manual_seed(0)
+    cls = fpidsl.load(str(path))
+    assert cls.SAMPLEWISE is False
+    layer = cls().double()
+    with torch.no_grad():
+        layer.A.copy_(torch.randn(3, 3, dtype=torch.float64))
+    a = torch.randn(4, 3, dtype=torch.float64)
+    factor = layer.contraction(a, iters=300)
+    x_hat = layer(a).detach()
+    values = (a, *[p.detach() for p in layer.parameter_tensors()])
+    jac = torch.autograd.functional.jacobian(lambda x: type(layer).step(x, *values), x_hat).reshape(12, 12)
+    assert factor.shape == (1,)
+    assert torch.allclose(factor, torch.linalg.matrix_norm(jac, 2).reshape(1), rtol=1e-8)

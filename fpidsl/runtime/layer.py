@@ -463,7 +463,8 @@ class CompiledLayer(nn.Module):
 
     def contraction(self, *args: torch.Tensor, iters: int = 30, **kwargs: torch.Tensor) -> torch.Tensor:
         """Solve for the fixed point of these inputs, then estimate the contraction factor ‖∂g/∂x‖₂ at it,
-        per sample (power iteration with JVPs and VJPs); the result is also ``self.stats.contraction``."""
+        per sample (power iteration with JVPs and VJPs), or of the whole state (one element) where g mixes
+        samples (``SAMPLEWISE`` is False); the result is also ``self.stats.contraction``."""
         from .contraction import contraction_factor
 
         with torch.no_grad():
@@ -472,7 +473,8 @@ class CompiledLayer(nn.Module):
         values = tuple(inputs[n] for n in self.INPUTS) + tuple(
             p.detach() if isinstance(p, torch.Tensor) else p for p in self.parameter_tensors())
         x_hat = self._last_states
-        factor = contraction_factor(self.step, x_hat if len(x_hat) > 1 else x_hat[0], *values, iters=iters)
+        factor = contraction_factor(self.step, x_hat if len(x_hat) > 1 else x_hat[0], *values, iters=iters,
+                                    per_sample=self.SAMPLEWISE)
         self.stats.contraction = factor
         return factor
 
