@@ -128,6 +128,11 @@ def _locations(f: Callable, foreign: dict[str, Any]) -> tuple | None:
     if not isinstance(fn, types.FunctionType):
         return None
     getters: list[Callable[[], Any]] = []
+    if isinstance(f, types.MethodType):  # a method reads its object's attributes (self.fc)
+        obj = f.__self__
+        names = ([*obj._modules, *obj._parameters, *obj._buffers] if isinstance(obj, nn.Module) else
+                 list(getattr(obj, "__dict__", {})))
+        getters += [lambda obj=obj, name=name: getattr(obj, name, None) for name in names]
     for cell in fn.__closure__ or ():
         getters.append(lambda cell=cell: cell.cell_contents)
     for name in fn.__code__.co_names:

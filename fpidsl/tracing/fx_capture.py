@@ -13,6 +13,8 @@ dimension, ``a * B + b`` (:class:`BatchDim`), and one that does not is a number.
 from __future__ import annotations
 
 import inspect
+import types
+import warnings
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -121,12 +123,21 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
     concrete = {name: value for name, value in zip(names, example) if not isinstance(value, Tensor)}
     if isinstance(example[0], (tuple, list)):  # several states: one placeholder each (x, y = xs works)
         concrete[names[0]] = type(example[0])(PH for _ in example[0])
+    root, bound = f, None
+    if isinstance(f, types.MethodType):  # fx traces functions: the method's function, its object fixed
+        root, bound = f.__func__, next(iter(inspect.signature(f.__func__).parameters))
+        concrete[bound] = f.__self__
     tracer = _Tracer()
     try:
-        graph = tracer.trace(f, concrete_args=concrete or None)
+        with warnings.catch_warnings():  # fx cannot guard a fixed object; the cache key holds it (tracing.auto)
+            warnings.filterwarnings("ignore", message="Was not able to add assertion")
+            graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many kinds: TraceError, TypeError (a Proxy in bool()), NameError ...
         raise UntraceableError(f"torch.fx cannot trace the map: {type(exc).__name__}: {exc}") from None
     _drop_specialization_checks(graph)
+    for node in list(graph.nodes):  # the object of a method is no argument of the traced map
+        if node.op == "placeholder" and bound is not None and node.target.startswith(bound) and not node.users:
+            graph.erase_node(node)
     targets = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     attributes = {t: resolve(tracer.root, tracer.foreign, t) for t in targets}
     name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "map")

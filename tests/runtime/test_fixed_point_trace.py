@@ -338,3 +338,22 @@ def test_gradient_modes_and_solvers_agree_between_the_paths(settings):
     torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-12)
     for a, b in zip(g_on, g_off):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+class WithAMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def cell(self, x, z):
+        return 0.5 * torch.tanh(self.fc(x)) + z
+
+
+def test_a_bound_method_of_a_module_traces_and_sees_a_replaced_submodule():
+    torch.manual_seed(0)
+    owner = WithAMethod().to(DT)
+    z = torch.randn(2, 4, dtype=DT)
+    traced, why = fpidsl.tracing.trace_status(owner.cell, torch.zeros_like(z), z)
+    assert traced is not None, why
+    owner.fc = nn.Linear(4, 4).to(DT)
+    torch.testing.assert_close(_solve(owner.cell, z, True), _solve(owner.cell, z, False), rtol=0, atol=1e-11)
