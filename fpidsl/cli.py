@@ -71,9 +71,13 @@ def _read(path: str, args: argparse.Namespace) -> Source:
 
 
 def _check(path: str, args: argparse.Namespace):
+    """The checked spec; its warnings (legal, likely not meant) are printed on stderr, compiler-style."""
     from .compiler import check_source
 
-    return check_source(_read(path, args))
+    checked = check_source(_read(path, args))
+    for warning in checked.warnings:
+        print(render(warning, checked.source), file=sys.stderr)
+    return checked
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -39,6 +39,12 @@ class CheckedSpec:
     spec: ast.SpecFile
     graphs: dict  # layer name -> fpidsl.ir.graph.LayerGraph, in source order
 
+    @property
+    def warnings(self) -> list:
+        """The :class:`~fpidsl.errors.FpiWarning` s of every layer, in source order."""
+        found = {(w.span, w.message): w for graph in self.graphs.values() for w in graph.warnings}
+        return sorted(found.values(), key=lambda w: (w.span.line, w.span.col))
+
     def lowered(self, lint: bool | None = None) -> dict:
         """Layer name -> its :class:`~fpidsl.passes.lower.LoweredLayer`, in source order (computed once; ``lint``:
         see :func:`~fpidsl.passes.lower.lower`)."""

@@ -84,6 +84,13 @@ class LimitErr(FpiError):
     kind = "limit"
 
 
+class FpiWarning(FpiError):
+    """Legal, but likely not what was meant (``max(v, 0)`` reduces over dimension 0); reported, never raised:
+    the spec checks, compiles and runs as written. ``render`` labels it ``warning``."""
+
+    kind = "warning"
+
+
 class FpiErrors(Exception):
     """Several errors found in one file, reported together (at most ``MAX_REPORTED_ERRORS``)."""
 
@@ -180,7 +187,8 @@ def render(error: FpiError, source: Source | None = None) -> str:
     """Format one error the way a compiler does: location, message, source line, carets, hint. Whatever
     comes from the spec (its path, names, its text) is shown through :func:`printable`."""
     span = error.span
-    out = [printable(f"{span.path}:{span.line}:{span.col}: error: {error.message}")]
+    label = "warning" if isinstance(error, FpiWarning) else "error"
+    out = [printable(f"{span.path}:{span.line}:{span.col}: {label}: {error.message}")]
     if source is not None and span.line >= 1:
         text = source.line(span.line)
         if text or span.line <= len(source.lines):

@@ -233,6 +233,7 @@ class LayerGraph:
         self.solve_spans: dict[str, Span] = {}
         self.backward_spans: dict[str, Span] = {}
         self.eval_spans: dict[str, Span] = {}
+        self.warnings: list = []  # FpiWarning s of the checking passes (legal, likely not meant)
         self.assumptions: list[Assumption] = []
 
     # ------------------------------------------------------------------ building and reading

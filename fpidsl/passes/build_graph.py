@@ -23,7 +23,7 @@ from typing import Any
 
 import networkx as nx
 
-from ..errors import ErrorSink, FpiError, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
+from ..errors import ErrorSink, FpiError, FpiWarning, LimitErr, NameErr, ShapeErr, StructureErr, TypeErr
 from ..frontend import ast
 from ..ir.dropout import DROPOUT, SEEDS
 from . import attention
@@ -857,12 +857,26 @@ class _Builder:
         nodes = [self.build_expr(e, env) for e in exprs]
         if None in nodes or _FAIL in attrs.values():
             return None
+        self.warn_positional_reduction(prim.name, call, env)
         if self.numbers_only(prim.name, nodes, exprs, call.span, env):
             return None
         node = self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
         if attrs:
             self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
         return node
+
+    def warn_positional_reduction(self, name: str, call: ast.Call, env: Env | None) -> None:
+        """``max(v, 0)`` / ``min(v, 1)``: a number as the second positional argument is the dimension reduced
+        over (torch's reading), which an elementwise ``maximum(v, 0)`` is easily mistaken for."""
+        if name not in ("max", "min") or len(call.args) < 2 or not isinstance(call.args[1], ast.Num):
+            return
+        dim = call.args[1].text
+        self.graph.warnings.append(FpiWarning(
+            f"{name}(..., {dim}) reduces over dimension {dim}"
+            + (" (of a [B, ...] value: over the samples, so that each depends on the others)" if dim == "0"
+               else ""), self.use_span(call.args[1], env),
+            hint=f"for the elementwise {name}imum with {dim}, write {name}imum(..., {dim}); "
+                 f"to mean the reduction (and silence this), write {name}(..., dim={dim})"))
 
     def constructor(self, prim: Primitive, call: ast.Call, env: Env | None) -> str | None:
         """``eye(n)``, ``zeros([..])`` ...: static arguments only; the node's one argument is the layer's first

@@ -28,6 +28,7 @@ class Analysis:
 
     source: Source
     errors: list[FpiError] = field(default_factory=list)
+    warnings: list[FpiError] = field(default_factory=list)  # FpiWarning s of a spec that checked
     spec: ast.SpecFile | None = None
     graphs: dict = field(default_factory=dict)
 
@@ -42,7 +43,9 @@ def analyze(path: str, text: str) -> Analysis:
     try:
         result.source = decode_source(path, text.encode("utf-8"))
         result.spec = parse_source(result.source)
-        result.graphs = check_source(result.source).graphs
+        checked = check_source(result.source)
+        result.graphs = checked.graphs
+        result.warnings = list(checked.warnings)
     except (FpiError, FpiErrors) as exc:
         result.errors = as_list(exc)
         if result.spec is not None:

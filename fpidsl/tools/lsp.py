@@ -17,7 +17,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
 from .. import __version__
-from ..errors import FpiError, FpiErrors
+from ..errors import FpiError, FpiErrors, FpiWarning
 from ..source import Source, Span
 from . import analysis
 
@@ -53,7 +53,8 @@ def _compiler_pos(source: Source, position: lsp.Position) -> analysis.Pos:
 def diagnostic(source: Source, error: FpiError) -> lsp.Diagnostic:
     message = error.message + (f"\nhint: {error.hint}" if error.hint else "")
     return lsp.Diagnostic(range=span_range(source, error.span), message=message,
-                          severity=lsp.DiagnosticSeverity.Error, source="fpidsl", code=error.kind)
+                          severity=lsp.DiagnosticSeverity.Warning if isinstance(error, FpiWarning)
+                          else lsp.DiagnosticSeverity.Error, source="fpidsl", code=error.kind)
 
 
 _FORMS = {".fpi": ".fpi", ".yaml": ".yaml", ".yml": ".yaml"}
@@ -80,7 +81,7 @@ class FpiServer(LanguageServer):
         path = document_path(uri, document.language_id)
         result = analysis.analyze(path, document.source)
         self.analyses[uri] = result
-        diagnostics = [diagnostic(result.source, e) for e in result.errors if e.span.path == path]
+        diagnostics = [diagnostic(result.source, e) for e in result.errors + result.warnings if e.span.path == path]
         self.text_document_publish_diagnostics(lsp.PublishDiagnosticsParams(uri=uri, diagnostics=diagnostics,
                                                                              version=document.version))
 
