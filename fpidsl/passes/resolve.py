@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 from ..errors import ErrorSink, NameErr, SettingsErr, StructureErr, TypeErr
 from ..frontend import ast, numbers
@@ -91,19 +91,10 @@ def static_number(expr, lookup: Callable[[ast.Name], Number], cache: dict | None
     (integers of 64 bits or more, infinity, ``log(0)``) and arithmetic errors are
     :class:`~fpidsl.errors.TypeErr` at the expression. ``cache`` (``id(expr)`` -> value or exception) makes
     repeated evaluation of the subexpressions of one tree linear; the caller keeps the tree alive."""
-    if cache is None:
-        return _static(expr, lookup, None)
-    key = id(expr)
-    hit = cache.get(key)
-    if hit is None:
-        try:
-            hit = (True, _static(expr, lookup, cache))
-        except (NotStatic, UnknownStatic, TypeErr) as exc:
-            hit = (False, exc.with_traceback(None))  # a kept traceback would keep every frame alive
-        cache[key] = hit
-    if hit[0]:
-        return hit[1]
-    raise _copy(hit[1])
+    ok, value = _evaluate(expr, lookup, cache)
+    if ok:
+        return value
+    raise _copy(value) if cache is not None else value
 
 
 def _copy(exc: Exception) -> Exception:
@@ -116,20 +107,46 @@ def _copy(exc: Exception) -> Exception:
     return copy
 
 
-def _static(expr, lookup, cache) -> Number:
+def _evaluate(expr, lookup, cache) -> tuple[bool, Any]:
+    """``(True, number)``, or ``(False, the exception to raise)``: a failure is handed up the expression as a
+    value, not raised through every level of it (a spec's every subexpression is tried as a number)."""
+    key = id(expr)
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    try:
+        hit = _static(expr, lookup, cache)
+    except (NotStatic, UnknownStatic, TypeErr) as exc:  # from lookup, an arithmetic check or an unfoldable call
+        hit = (False, exc.with_traceback(None))  # a kept traceback would keep every frame alive
+    if cache is not None:
+        cache[key] = hit
+    return hit
+
+
+def _static(expr, lookup, cache) -> tuple[bool, Any]:
     if isinstance(expr, ast.Num):
-        return expr.value
+        return True, expr.value
     if isinstance(expr, ast.Name):
-        return lookup(expr)
+        return True, lookup(expr)
     if isinstance(expr, ast.Neg):
-        return _checked(lambda: numbers.checked(-static_number(expr.operand, lookup, cache)), expr.span)
+        ok, value = _evaluate(expr.operand, lookup, cache)
+        return (True, _checked(lambda: numbers.checked(-value), expr.span)) if ok else (False, value)
     if isinstance(expr, ast.BinOp) and expr.op != "@":
-        a = static_number(expr.left, lookup, cache)
-        b = static_number(expr.right, lookup, cache)
-        return _checked(lambda: numbers.arithmetic(expr.op, a, b), expr.span)
+        ok, a = _evaluate(expr.left, lookup, cache)
+        if not ok:
+            return False, a
+        ok, b = _evaluate(expr.right, lookup, cache)
+        if not ok:
+            return False, b
+        return True, _checked(lambda: numbers.arithmetic(expr.op, a, b), expr.span)
     if isinstance(expr, ast.Call) and expr.func.id in numbers.FOLDS:
         return _fold(expr, lookup, cache)
-    raise NotStatic(expr, f"`{_short(expr)}` is {describe_expr(expr)}")
+    return False, _not_static(expr)
+
+
+def _not_static(expr) -> NotStatic:
+    return NotStatic(expr, f"`{_short(expr)}` is {describe_expr(expr)}")
 
 
 def _checked(compute: Callable[[], Number], span: Span) -> Number:
@@ -139,20 +156,25 @@ def _checked(compute: Callable[[], Number], span: Span) -> Number:
         raise TypeErr(exc.reason, span, hint=exc.hint) from None
 
 
-def _fold(call: ast.Call, lookup, cache) -> Number:
+def _fold(call: ast.Call, lookup, cache) -> tuple[bool, Any]:
     """A built-in on numbers only. Arguments that do not bind are left to the graph builder's messages."""
     names, defaults, _ = numbers.FOLDS[call.func.id]
     if len(call.args) > len(names):
-        raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
+        return False, _not_static(call)
     bound = dict(zip(names, call.args))
     for kw in call.kwargs:
         if kw.name not in names or kw.name in bound:
-            raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
+            return False, _not_static(call)
         bound[kw.name] = kw.value
     if any(n not in bound and n not in defaults for n in names):
-        raise NotStatic(call, f"`{_short(call)}` is {describe_expr(call)}")
-    values = {n: static_number(e, lookup, cache) for n, e in bound.items()}
-    return _checked(lambda: numbers.fold(call.func.id, values), call.span)
+        return False, _not_static(call)
+    values = {}
+    for n, e in bound.items():
+        ok, value = _evaluate(e, lookup, cache)
+        if not ok:
+            return False, value
+        values[n] = value
+    return True, _checked(lambda: numbers.fold(call.func.id, values), call.span)
 
 
 def _short(expr) -> str:
