@@ -384,3 +384,72 @@ def test_a_sparse_input_is_declared_as_a_matrix():
     assert isinstance(error, ShapeErr)
     assert error.message == "the sparse input A is a matrix [N, M], but its shape has 3 dimensions"
     assert (error.span.line, error.span.col) == (3, 20)
+
+
+ATTACK_HEAD = ("layer L {\n  input a : [B, 3]\n  input m : [B, 2, 3]\n  input c : [B, C]\n  state x : [B, 3] = zeros\n"
+               "  state z : [B, 2, 3] = zeros\n")
+ATTACK_RANKS = {"x": 2, "a": 2, "m": 3, "z": 3, "c": 2, "x[:, 0]": 1, "m[0]": 2, "reshape(m, [B, 6])": 2,
+                "z[:, None]": 4, "2 * x": 2}
+ATTACK_TERMS = ["", "b", "bi", "ib", "bij", "...i", "...ij", "i", "ij", "ji", "bii", "..", "b1", "B", "bJ"]
+
+
+def _attack_calls():
+    """einsum calls: half of them with terms drawn at random (mostly ill-formed), half with one letter per dim of
+    each operand from a small pool (so sizes may clash) and an output drawn from the letters written."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def call(draw):
+        operands = draw(st.lists(st.sampled_from(sorted(ATTACK_RANKS)), min_size=1, max_size=3))
+        if draw(st.booleans()):
+            terms = draw(st.lists(st.sampled_from(ATTACK_TERMS), min_size=1, max_size=3))
+            output = draw(st.one_of(st.none(), st.sampled_from(ATTACK_TERMS)))
+        else:
+            terms = []
+            for op in operands:
+                rank = ATTACK_RANKS[op]
+                lead = draw(st.integers(0, rank)) if draw(st.booleans()) else None
+                letters = draw(st.lists(st.sampled_from("bijk"), min_size=rank - (lead or 0),
+                                        max_size=rank - (lead or 0), unique=True))
+                terms.append(("..." if lead is not None else "") + "".join(letters))
+            written = sorted({ch for t in terms for ch in t if ch != "."})
+            kept = draw(st.lists(st.sampled_from(written), unique=True)) if written else []
+            ellipsis = "..." if any(t.startswith("...") for t in terms) else ""
+            output = draw(st.sampled_from([None, ellipsis + "".join(kept)]))
+        equation = ",".join(terms) + ("" if output is None else "->" + output)
+        return f'einsum("{equation}", {", ".join(operands)})'
+
+    return call()
+
+
+def test_einsum_calls_that_check_clean_compile_load_and_run():
+    """Random equations (well- and ill-formed) over operands of several shapes: each either fails at check with
+    fpidsl's errors, or compiles, loads and runs forward and backward."""
+    import warnings
+
+    from hypothesis import HealthCheck, given, settings
+
+    from fpidsl.errors import FpiError, FpiErrors
+    from fpidsl.loader import module_from_source
+    from fpidsl.compiler import compile_source
+
+    @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(_attack_calls())
+    def run(call):
+        text = (ATTACK_HEAD + f"  let h = {call}\n  update x = 0.5 * x + a + 0.1 * tanh(sum(h))\n"
+                "  update z = 0.5 * z + m * 0.1 * tanh(mean(h))\n}\n")
+        source = Source("e.fpi", text)
+        try:
+            check_source(source)
+        except (FpiError, FpiErrors):
+            return
+        module = module_from_source(compile_source(source), "<einsum call>", "fpidsl_einsum_call")
+        layer = module.LAYERS["L"](solve={"max_iter": 30}, backward={"max_iter": 30}).double()
+        inputs = [torch.randn(2, 3, dtype=F64, requires_grad=True), torch.randn(2, 2, 3, dtype=F64, requires_grad=True),
+                  torch.randn(2, 4, dtype=F64, requires_grad=True)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = layer(*inputs)
+            sum(o.sum() for o in out).backward()
+
+    run()
