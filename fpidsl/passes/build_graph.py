@@ -120,6 +120,7 @@ class _Builder:
         self.inline: list[tuple[str, Span]] = []
         self.init_of: str | None = None
         self.input_symbols: set[str] = set()
+        self.sizes_named_like_values: set[str] = set()
         self.inlined = 0
         self.static_cache: dict[int, tuple[dict, Env | None]] = {}
         self.depth = 0  # build_expr calls in progress
@@ -220,6 +221,15 @@ class _Builder:
                                      "not a positive integer", d.span)
                 return None
             return value
+        named = self.scope.symbols.get(d.id)
+        if named is not None:  # a size spelled like a declared value: two meanings of one name (said once)
+            if d.id in self.sizes_named_like_values:
+                return None
+            self.sizes_named_like_values.add(d.id)
+            self.error(ShapeErr, f"the dimension {d.id} of {what} has the name of {KIND_WORDS[named.kind]} "
+                                 f"(line {named.span.line}); a size is a number, a const or a symbolic dimension",
+                       d.span, hint=f"rename the {KIND_WORDS[named.kind].split()[-1]} or the dimension")
+            return None
         if not symbolic:
             self.error(ShapeErr, f"{what} has a fixed size, but its dimension {d.id} is symbolic", d.span,
                        hint="a tensor param's dimensions are integers (or consts)")

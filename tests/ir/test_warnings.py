@@ -1,4 +1,4 @@
-"""Compiler warnings: legal specs that are likely not what was meant, reported with a position, never raised."""
+"""Specs likely not meant: compiler warnings where legal (reported with a position, never raised), one error where a name means two things."""
 from __future__ import annotations
 
 import subprocess
@@ -65,3 +65,16 @@ def test_the_editor_shows_warnings_with_the_warning_severity():
     result = analyze("t.fpi", TRAP)
     assert result.errors == [] and len(result.warnings) == 1
     assert diagnostic(result.source, result.warnings[0]).severity == lsp.DiagnosticSeverity.Warning
+
+
+def test_a_size_named_like_a_declared_value_is_one_error_at_its_first_use():
+    from fpidsl.errors import ShapeErr
+
+    from .helpers import errors
+
+    text = "layer L {\n  input a : [B, 4]\n  param B : tensor[4, 4]\n  state x : [B, 4]\n  update x = 0.5 * tanh(x @ B) + a\n}\n"
+    (error,) = errors(text)
+    assert isinstance(error, ShapeErr)
+    assert error.message == ("the dimension B of input a has the name of a param (line 3); a size is a number, "
+                             "a const or a symbolic dimension")
+    assert (error.span.line, error.span.col) == locate(text, "B, 4]")
