@@ -62,6 +62,7 @@ LINALG_CASES = [
     _c("einsum", [2, 1, 3, 4], [5, 4, 6], equation="...ij,...jk->...ik"), _c("einsum", [3, 4], [4], [5], equation="ij,j,k->ik"),
     _c("einsum", [2, 3], [2, 3], equation="bi,bi->"), _c("einsum", [3, 4], equation="ij->ji"),
     _c("einsum", [2, 3], [5, 3], equation="...i,ji->...j"), _c("einsum", [3], [], equation="i,->i"),
+    _c("einsum", [2, 1, 4], [3, 5], equation="...ij,kl->...kj"), _c("einsum", [4], [2, 3, 4], equation="j,...ij->...i"),
     _c("spmm", [4, 4], [4, 3], domains=("sparse",)), _c("spmm", [4, 5], [4, 2], domains=("sparse",), transpose=True),
 ]
 # issue 13: indexing and resampling ("indexN": int64 indices in [0, N), which get no gradient; "grid": sampling
