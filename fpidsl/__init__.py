@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "fpidsl.loader",
-    "fixed_point": "fpidsl.runtime.fixed_point",
-    "FixedPoint": "fpidsl.runtime.fixed_point",
+    "fixed_point": "fpidsl.tracing",  # the runtime's, with the trace front-end registered
+    "FixedPoint": "fpidsl.tracing",
     "contraction_factor": "fpidsl.runtime.contraction",
     "plot_convergence": "fpidsl.plot",
     "ConvergenceError": "fpidsl.runtime.stats",

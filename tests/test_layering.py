@@ -19,7 +19,7 @@ LAYER = {
     "codegen": 5,
     "compiler": 6,
     "loader": 7,
-    "lipschitz_report": 8,
+    "lipschitz_report": 8, "tracing": 8,  # tracing: the PyTorch front-end, on the compiler and the loader
     "plot": 9, "cli": 9, "__main__": 9, "tools": 9,  # the user-facing commands, one layer
 }
 

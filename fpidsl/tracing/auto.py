@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
-from ..runtime.fixed_point import Hoisted
+from ..runtime.fixed_point import Hoisted, register_trace_planner
 from .api import TracedMap, trace_map
 from .fx_capture import UntraceableError
 
@@ -263,3 +263,6 @@ def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[boo
         flags = None
     hoisted = None if layer.HOIST_BATCHED is None else Hoisted(layer.hoist, layer.iterate, tuple(layer.HOIST_BATCHED))
     return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags)
+
+
+register_trace_planner(traced_plan)  # fixed_point(trace=True) asks it from now on (fpidsl.runtime.fixed_point)
