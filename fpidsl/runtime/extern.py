@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import LayerInputError
+from .sizes import is_symbol, size, terms
 
 
 class ExternError(LayerInputError):
@@ -38,6 +39,13 @@ class ExternFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+def _declared(dim: Any, sizes: Mapping[str, int]) -> Any:
+    """A declared size's value for the bound symbols (``H/2`` included), or None where a symbol is unbound."""
+    if isinstance(dim, str) and any(s not in sizes for _, factors in terms(dim) for s in factors):
+        return None
+    return size(dim, sizes)
 
 
 def _shape_text(shape: Sequence[Any]) -> str:
@@ -62,8 +70,9 @@ def check_module(layer: nn.Module, name: str, module: Any) -> nn.Module:
 def extern_parameters(module: nn.Module) -> Tensor:
     """The module's parameters flattened into one vector (differentiable: its gradient reaches each of them)."""
     params = [p.reshape(-1) for p in module.parameters()]
-    if not params:
-        return torch.zeros(0)
+    if not params:  # on the device of the module's buffers, where it has any
+        buffer = next(module.buffers(), None)
+        return torch.zeros(0) if buffer is None else torch.zeros(0, device=buffer.device)
     return torch.cat(params) if len(params) > 1 else params[0]
 
 
@@ -97,10 +106,11 @@ class ExternHandle:
                               f"but returned {type(y).__name__}")
         sizes = dict(self.dims)
         for x, shape in zip(xs, inputs):
-            sizes.update((d, s) for d, s in zip(shape, x.shape) if isinstance(d, str))
-        want = [sizes.get(d, None) if isinstance(d, str) else d for d in output]
+            sizes.update((d, s) for d, s in zip(shape, x.shape) if is_symbol(d))
+        want = [_declared(d, sizes) for d in output]
         if y.dim() != len(output) or any(w is not None and w != s for w, s in zip(want, y.shape)):
-            bound = ", ".join(f"{d} = {sizes[d]}" for d in dict.fromkeys(output) if isinstance(d, str) and d in sizes)
+            names = dict.fromkeys(s for d in output if isinstance(d, str) for _, factors in terms(d) for s in factors)
+            bound = ", ".join(f"{s} = {sizes[s]}" for s in names if s in sizes)
             raise ExternError(f"{self.where}: {self.name} is declared to return {_shape_text(output)}"
                               f"{f' ({bound})' if bound else ''}, but returned a tensor of shape "
                               f"{_shape_text(y.shape)}")

@@ -163,6 +163,26 @@ def test_a_wrong_output_shape_is_reported_at_the_declaration(tmp_path):
         layer(torch.randn(3, 4, dtype=torch.float64))
 
 
+POOLING_SPEC = """layer Pooled {
+  input a : [B, C, H, W]
+  param f : extern samplewise [B, C, H, W] -> [B, C, H/2, W/2]
+  state x : [B, C, H/2, W/2]
+  update x = 0.5 * tanh(x) + f(a)
+}
+"""
+
+
+def test_a_computed_output_size_is_checked_with_its_symbols(tmp_path):
+    cls = load(tmp_path, POOLING_SPEC, "pooled.fpi")
+    a = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x = cls(f=ExternFunction(lambda v: torch.nn.functional.avg_pool2d(v, 2)), solve=TIGHT).double()(a)
+    torch.testing.assert_close(x, 0.5 * torch.tanh(x) + torch.nn.functional.avg_pool2d(a, 2))
+    crop = cls(f=ExternFunction(lambda v: v[:, :, :3, :3])).double()
+    with pytest.raises(ExternError, match=r"pooled\.fpi:3:3: f is declared to return \[B, C, H/2, W/2\] \(B = 2, "
+                                          r"C = 3, H = 8, W = 8\), but returned a tensor of shape \[2, 3, 3, 3\]"):
+        crop(a)
+
+
 def test_constructor_mistakes(tmp_path):
     cls = load(tmp_path, EXTERN_SPEC)
     with pytest.raises(TypeError, match=r"WithExtern \(spec\.fpi:5:3\) needs the module f, declared "
