@@ -126,7 +126,8 @@ def _product(graph, weights, nid, ls, where):
         return INF, f"{where}: a product of two values that both depend on the state"
     fixed, moving = (args[0], ls[1]) if ls[0] == 0 else (args[1], ls[0])
     sup = _sup(graph, weights, fixed)
-    return (sup * moving, None) if sup < INF else (INF, f"{where}: a factor whose size is unknown statically")
+    return (sup * moving, None) if sup < INF else (INF, f"{where}: a factor whose magnitude is unknown statically "
+                                                         "(computed, not a param or a number)")
 
 
 def _divide(graph, weights, nid, ls, where):
@@ -136,7 +137,7 @@ def _divide(graph, weights, nid, ls, where):
     data = graph.node(args[1])
     if data["op"] == "const" and float(data["value"]) != 0:
         return ls[0] / abs(float(data["value"])), None
-    return INF, f"{where}: division by a value whose size is unknown statically"
+    return INF, f"{where}: division by a value whose magnitude is unknown statically (not a nonzero number)"
 
 
 def _matmul(graph, weights, nid, ls, where):
@@ -146,7 +147,7 @@ def _matmul(graph, weights, nid, ls, where):
     matrix = _fixed_matrix(graph, weights, args[1] if ls[0] else args[0])
     if matrix is not None:
         return spectral_norm(matrix) * max(ls), None
-    return INF, f"{where}: a matrix whose size is unknown statically"
+    return INF, f"{where}: a matrix whose norm is unknown statically (computed from params, not a param itself)"
 
 
 def _fixed_matrix(graph, weights, nid):
