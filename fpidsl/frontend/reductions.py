@@ -1,9 +1,9 @@
 """Parsing without a parse tree: lark's LALR parser calls the AST builder's rule methods as it reduces.
 
-lark's usual way, a tree with ``propagate_positions`` and a transformer run over it afterwards, spent more than
-half of parsing a 1 MB spec in its per-node position bookkeeping and the tree walk. lark can call a transformer
-while it parses (``Lark(transformer=...)``), but gives it no positions then, and a rule's position needs tokens
-the tree drops (``let``, parentheses, brackets). So :func:`install` replaces the parser's reduction callbacks
+lark's usual way, a tree with ``propagate_positions`` and a transformer run over it afterwards, spent much of
+parsing a large spec in its per-node position bookkeeping, the tree and the walk over it (and held the whole tree
+in memory). lark can call a transformer while it parses (``Lark(transformer=...)``), but gives it no positions
+then, and a rule's position needs tokens the tree drops (``let``, parentheses, brackets). So :func:`install` replaces the parser's reduction callbacks
 (one per grammar rule) with ones that do what the tree path does, in the same order (LALR reduces bottom-up,
 left to right, as the transformer visits):
 
