@@ -39,6 +39,10 @@ def check_sparse_input(name: str, t: torch.Tensor, spec: str) -> None:
         raise LayerInputError(
             f"{spec}: input {name!r} is sparse and requires grad, but a sparse input gets no gradient (spmm "
             f"differentiates in its dense operand x only): pass {name}.detach()")
+    if t.layout == torch.sparse_csr and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise LayerInputError(
+            f"{spec}: input {name!r} is a CSR matrix inside a torch.func transform, where torch cannot wrap CSR "
+            f"tensors (\"Sparse CSR tensors do not have strides\"): pass {name}.to_sparse_coo()")
 
 
 def check_index_inputs(inputs: Mapping[str, torch.Tensor], index_inputs: Mapping[str, str], spec: str) -> None:

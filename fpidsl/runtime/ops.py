@@ -367,36 +367,41 @@ def einsum(*operands: Tensor, equation: str) -> Tensor:
     return torch.einsum(equation, *operands)
 
 
-_CSR_FORMS: dict[int, tuple] = {}  # id of a sparse matrix -> (a weak reference to it, its version, A and Aᵀ as CSR)
+_SPARSE_FORMS: dict[int, tuple] = {}  # id of a sparse matrix -> (a weak reference to it, its version, its forms)
 
 
-def _csr_forms(A: Tensor) -> tuple[Tensor, Tensor]:
-    """A and Aᵀ as CSR matrices, made once per sparse tensor (and again after it changes in place). On the CPU,
-    torch.sparse.mm took 2.31 ms with a COO matrix, 0.38 ms with CSR and 13.2 ms with the transpose of a CSR one (a
-    CSC matrix), which every backward iteration needs (``benchmarks/sparse_graph.py --nodes 16000 --threads 1
-    --products-only``). A gets no gradient (the compiled layer refuses one that requires grad), so the forms are
-    made from ``A.detach()``."""
+def _sparse_forms(A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A and Aᵀ as CSR matrices, then as coalesced COO ones, made once per sparse tensor (and again after it changes
+    in place). On the CPU, torch.sparse.mm took 2.31 ms with a COO matrix, 0.38 ms with CSR and 13.2 ms with the
+    transpose of a CSR one (a CSC matrix), which every backward iteration needs (``benchmarks/sparse_graph.py
+    --nodes 16000 --threads 1 --products-only``). A gets no gradient (the compiled layer refuses one that requires
+    grad), so the forms are made from ``A.detach()``."""
     key = id(A)
     try:
         version = A._version
     except RuntimeError:  # an inference-mode tensor has no version counter
         version = None
-    hit = _CSR_FORMS.get(key)
+    hit = _SPARSE_FORMS.get(key)
     if hit is not None and hit[0]() is A and hit[1] == version and version is not None:
-        return hit[2], hit[3]
-    detached = A.detach()
-    coo = (detached if detached.layout == torch.sparse_coo else detached.to_sparse_coo()).coalesce()
-    with warnings.catch_warnings():  # torch calls its CSR support beta; the products are tested (test_linalg_primitives)
+        return hit[2]
+    # made outside any torch.func transform (a transform's wrapping of CSR tensors fails); A is data, not traced
+    with torch._C._DisableFuncTorch(), warnings.catch_warnings():  # torch calls its CSR support beta (tested here)
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        forms = (coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr())
-    _CSR_FORMS[key] = (weakref.ref(A, lambda _, key=key: _CSR_FORMS.pop(key, None)), version, *forms)
+        detached = A.detach()
+        coo = (detached if detached.layout == torch.sparse_coo else detached.to_sparse_coo()).coalesce()
+        coo_t = coo.t().coalesce()
+        forms = (coo.to_sparse_csr(), coo_t.to_sparse_csr(), coo, coo_t)
+    _SPARSE_FORMS[key] = (weakref.ref(A, lambda _, key=key: _SPARSE_FORMS.pop(key, None)), version, forms)
     return forms
 
 
 def spmm(A: Tensor, x: Tensor, *, transpose: bool = False) -> Tensor:
-    """``A @ x`` (``Aᵀ @ x`` with ``transpose``) for a sparse ``A`` (COO or CSR) and a dense matrix ``x``; the product
-    is taken with CSR forms of A and Aᵀ made once per matrix (:func:`_csr_forms`)."""
-    return torch.sparse.mm(_csr_forms(A)[1 if transpose else 0], x)
+    """``A @ x`` (``Aᵀ @ x`` with ``transpose``) for a sparse ``A`` (COO or CSR) and a dense matrix ``x``, with the
+    forms of :func:`_sparse_forms`: CSR, or COO inside a torch.func transform (torch.func.grad of a product with a
+    CSR matrix fails: "Sparse CSR tensors do not have strides"; grad, vjp, vmap and jacrev work with COO)."""
+    forms = _sparse_forms(A)
+    in_transform = torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return torch.sparse.mm(forms[(2 if in_transform else 0) + (1 if transpose else 0)], x)
 
 
 def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,

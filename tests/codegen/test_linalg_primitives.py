@@ -340,21 +340,50 @@ def test_the_sparse_graph_benchmark_runs_in_quick_mode(capsys):
     assert "| sparse (spmm) |" in out and "| spmm(A, x, transpose=True) |" in out
 
 
-def test_spmm_makes_the_csr_forms_once_per_matrix_and_again_after_an_in_place_change():
+def test_spmm_makes_the_sparse_forms_once_per_matrix_and_again_after_an_in_place_change():
     from fpidsl.runtime import ops
 
     dense = _graph(seed=5)
     A = dense.to_sparse()
     x = torch.randn(8, 3, dtype=F64)
     torch.testing.assert_close(ops.spmm(A, x), dense @ x)
-    first = ops._csr_forms(A)
-    assert ops._csr_forms(A)[1] is first[1]  # cached
+    first = ops._sparse_forms(A)
+    assert ops._sparse_forms(A)[1] is first[1]  # cached
     torch.testing.assert_close(ops.spmm(A, x, transpose=True), dense.T @ x)
     A.mul_(2)
     torch.testing.assert_close(ops.spmm(A, x), 2 * dense @ x)
     key = id(A)
     del A, first
-    assert key not in ops._CSR_FORMS  # dropped with its matrix
+    assert key not in ops._SPARSE_FORMS  # dropped with its matrix
+
+
+@pytest.mark.filterwarnings(CSR_BETA)
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching "
+                            "rule:UserWarning")  # torch's, for aten::_sparse_mm under jacrev's vmap (a loop)
+def test_a_sparse_layer_runs_under_torch_func(tmp_path):
+    """torch.func.grad and jacrev of the layer's output in its parameter, for a COO input: the same as autograd
+    (inside a transform spmm multiplies by COO forms; torch's CSR product fails there). A CSR input inside a
+    transform is a LayerInputError naming the conversion (torch cannot wrap CSR tensors)."""
+    layer = _load(IGNN.replace("4", "2"), tmp_path)(solve=TIGHT, backward=TIGHT).double()
+    dense = _graph(n=5, seed=6)
+    A = dense.to_sparse()
+    u = torch.randn(5, 2, dtype=F64)
+    csr = dense.to_sparse_csr()
+    with pytest.raises(LayerInputError) as info:
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (csr, u)).sum())(
+            {k: v.detach() for k, v in layer.named_parameters()})
+    assert "input 'A' is a CSR matrix inside a torch.func transform" in str(info.value)
+    assert "pass A.to_sparse_coo()" in str(info.value)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    grad = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (A, u)).sum())(params)["W"]
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(layer, p, (A, u)))(params)["W"]
+    want, = torch.autograd.grad(layer(A, u).sum(), layer.W)
+    torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(jac.sum(dim=(0, 1)), want, rtol=1e-9, atol=1e-12)
+    v = torch.randn(5, 2, dtype=F64)
+    _, tangent = torch.func.jvp(lambda w: layer(A, w), (u,), (v,))
+    _, by_autograd = torch.autograd.functional.jvp(lambda w: layer(A, w), (u,), (v,))
+    torch.testing.assert_close(tangent, by_autograd, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("value, col, end_col", [
