@@ -93,8 +93,8 @@ def _no_repeats(subs: list[str], offsets: list[int], where: str) -> None:
 def parse(text: str) -> Equation:
     """The checked form of an equation, or :class:`EquationError` at the offending character."""
     arrow = text.find("->")
-    if arrow >= 0 and text.find("->", arrow + 2) >= 0:
-        second = text.find("->", arrow + 2)
+    second = text.find("->", arrow + 2) if arrow >= 0 else -1
+    if second >= 0:
         raise EquationError("an einsum equation has at most one ->", second, 2, hint=SUBSCRIPTS_HINT)
     left_end = arrow if arrow >= 0 else len(text)
     for i, ch in enumerate(text):
