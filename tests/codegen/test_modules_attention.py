@@ -68,6 +68,7 @@ def test_state_dict_names_are_torch_s(tmp_path):
     assert list(load(tmp_path, options=", bias=false").state_dict()) == ["attn.in_proj_weight", "attn.out_proj.weight"]
 
 
+@pytest.mark.slow  # about 5 s
 def test_the_fixed_point_and_its_derivatives_match_unrolled_autograd(tmp_path):
     layer = load(tmp_path, f"x, a, a, mask={CAUSAL}")
     assert type(layer).SAMPLEWISE

@@ -103,6 +103,7 @@ def test_a_two_scale_layer_matches_its_torch_oracle_to_second_order(two_scale):
     assert all(g.abs().max() > 0 for g in got[1])
 
 
+@pytest.mark.slow  # about 3 s
 def test_gradcheck_and_gradgradcheck_in_float64(two_scale):
     torch.manual_seed(1)
     layer = two_scale(solve=TIGHT, backward=TIGHT).double()
