@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     def step(capture: str):
         def run():
             if capture == "auto":
-                x = fpidsl.fixed_point(small, x0, a, tol=1e-5, capture="auto")
+                x = fpidsl.fixed_point(small, x0, a, tol=1e-5, capture="auto", trace=False)  # the autograd path
             else:
                 x = fpidsl.fixed_point(lambda x, a, w, b: torch.tanh(torch.nn.functional.linear(x, w, b) + a),
-                                       x0, a, lin.weight, lin.bias, tol=1e-5, capture="explicit")
+                                       x0, a, lin.weight, lin.bias, tol=1e-5, capture="explicit", trace=False)
             x.square().sum().backward()
         return run
 
