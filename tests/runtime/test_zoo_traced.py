@@ -1,0 +1,368 @@
+"""The zoo's models (specs/zoo/) written as plain PyTorch maps and solved by ``fpidsl.fixed_point``: the traced
+path gives the autograd path's numbers, and ``trace_status`` says how each map traced.
+
+monDEQ, Hopfield, ISTA and Sinkhorn are in tests/runtime/test_fixed_point_trace.py; here are the others, each
+written the natural torch way (modules, ``F.*``, ``torch.sparse.mm``), not in the spec's words. A case records how
+it is expected to trace: fully (every operation a primitive), with externs (the named operations run as
+themselves, derivatives by autograd), or not at all (``fixed_point`` falls back to ``f``, silently).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fpidsl
+from fpidsl.tracing import trace_status
+
+DT = torch.float64
+TIGHT = {"tol": 1e-12, "max_iter": 3000}
+
+
+def soft_threshold(v, t):
+    return torch.sign(v) * torch.relu(v.abs() - t)
+
+
+def shrunk(module: nn.Module, scale: float) -> nn.Module:
+    """``module`` with its weights scaled by ``scale`` (a contraction at initialisation), in float64."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                p.mul_(scale)
+    return module.to(DT)
+
+
+class LISTA(nn.Module):
+    """LISTA (Gregor & LeCun 2010): a learned ISTA step, one threshold per code entry."""
+
+    def __init__(self, m=8, n=5):
+        super().__init__()
+        self.We = nn.Linear(m, n, bias=False)
+        self.S = nn.Parameter(0.1 * torch.randn(n, n))
+        self.theta = nn.Parameter(torch.full((n,), 0.05))
+
+    def forward(self, x, y):
+        return soft_threshold(self.We(y) + x @ self.S, self.theta)
+
+
+class ImplicitEuler(nn.Module):
+    """One implicit Euler step of dy/dt = f(y): y1 = y0 + h f(y1), f a two-layer MLP."""
+
+    def __init__(self, d=4, hidden=16, h=0.5):
+        super().__init__()
+        self.fc1, self.fc2, self.h = nn.Linear(d, hidden), nn.Linear(hidden, d), h
+
+    def forward(self, y1, y0):
+        return y0 + self.h * self.fc2(torch.tanh(self.fc1(y1)))
+
+
+class BoxQP(nn.Module):
+    """Projected gradient on ½xᵀQx + U(a)ᵀx over the box [-1, 1]ᴺ, Q = LLᵀ + εI (the gradient written out)."""
+
+    def __init__(self, d=4, n=5, eps=0.5, eta=0.4):
+        super().__init__()
+        self.L = nn.Parameter(0.3 * torch.randn(n, n))
+        self.U = nn.Linear(d, n)
+        self.eps, self.eta = eps, eta
+
+    def forward(self, x, a):
+        Q = self.L @ self.L.T + self.eps * torch.eye(self.L.shape[0], dtype=x.dtype)
+        return torch.clamp(x - self.eta * (x @ Q + self.U(a)), -1, 1)
+
+
+class IGNN(nn.Module):
+    """Implicit graph network (Gu et al. 2020) on a batch of dense graphs; W scaled to |W|∞ = κ < 1."""
+
+    def __init__(self, d=3, h=6, kappa=0.9):
+        super().__init__()
+        self.V = nn.Parameter(0.3 * torch.randn(h, h))
+        self.Omega = nn.Linear(d, h)
+        self.kappa = kappa
+
+    def forward(self, X, A, U):
+        W = self.kappa * self.V / self.V.abs().sum(dim=1).max()
+        return torch.relu(A @ X @ W.T + self.Omega(U))
+
+
+class SparseIGNN(IGNN):
+    """The IGNN on one graph whose adjacency is a sparse COO tensor: the nodes are the batch."""
+
+    def forward(self, X, A, U):
+        W = self.kappa * self.V / self.V.abs().sum(dim=1).max()
+        return torch.relu(torch.sparse.mm(A, X) @ W.T + self.Omega(U))
+
+
+class MDEQCell(nn.Module):
+    """MDEQ's residual cell (Bai, Koltun & Kolter 2020) with GroupNorm; its dropout in eval mode."""
+
+    def __init__(self, c=4, hidden=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, c, 3, padding=1)
+        self.gn1, self.gn2, self.gn3 = nn.GroupNorm(2, hidden), nn.GroupNorm(2, c), nn.GroupNorm(2, c)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, z, x):
+        return self.gn3(F.relu(z + self.gn2(x + self.conv2(self.drop(self.gn1(F.relu(self.conv1(z))))))))
+
+
+class Residual(nn.Module):
+    """One resolution's residual block of the two-scale MDEQ."""
+
+    def __init__(self, c, hidden):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, c, 3, padding=1)
+        self.gn_a, self.gn_b = nn.GroupNorm(2, hidden), nn.GroupNorm(2, c)
+
+    def forward(self, z, x):
+        return F.relu(z + self.gn_b(x + self.conv_b(self.gn_a(F.relu(self.conv_a(z))))))
+
+
+class MDEQTwoScale(nn.Module):
+    """Two resolutions iterated together, fused by a strided convolution down and nearest upsampling up."""
+
+    def __init__(self, c=4, hidden=8):
+        super().__init__()
+        self.block1, self.block2 = Residual(c, hidden), Residual(c, hidden)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.up = nn.Conv2d(c, c, 1)
+        self.fuse1, self.fuse2 = nn.GroupNorm(2, c), nn.GroupNorm(2, c)
+
+    def forward(self, zs, x):
+        z1, z2 = zs
+        f1 = self.block1(z1, x)
+        f2 = self.block2(z2, F.avg_pool2d(x, 2))
+        return (self.fuse1(f1 + F.interpolate(self.up(f2), scale_factor=2, mode="nearest")),
+                self.fuse2(f2 + self.down(f1)))
+
+
+class DEQFlow(nn.Module):
+    """DEQ-Flow's update (Bai et al. 2022): a ConvGRU on the correlation looked up at the current flow."""
+
+    def __init__(self, c=4, hidden=6, motion=4, side=6):
+        super().__init__()
+        self.enc = nn.Conv2d(3, motion, 3, padding=1)
+        self.convz, self.convr, self.convq = (nn.Conv2d(hidden + motion + c, hidden, 3, padding=1) for _ in range(3))
+        self.head = nn.Conv2d(hidden, 2, 3, padding=1)
+        self.px = 2 / (side - 1)
+
+    def forward(self, h, f1, f2, ctx, coords):
+        flow = self.head(h)
+        target = coords + self.px * flow.permute(0, 2, 3, 1)
+        corr = (f1 * F.grid_sample(f2, target, align_corners=True)).sum(dim=1, keepdim=True)
+        x = torch.cat([F.relu(self.enc(torch.cat([corr, flow], dim=1))), ctx], dim=1)
+        hx = torch.cat([h, x], dim=1)
+        zg, r = torch.sigmoid(self.convz(hx)), torch.sigmoid(self.convr(hx))
+        q = torch.tanh(self.convq(torch.cat([r * h, x], dim=1)))
+        return (1 - zg) * h + zg * q
+
+
+class DEQTransformer(nn.Module):
+    """A DEQ-Transformer cell (Bai, Kolter & Koltun 2019): causal self-attention and a GELU MLP, post-norm."""
+
+    def __init__(self, vocab=11, width=8, heads=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ff1, self.ff2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+
+    def forward(self, z, tokens):
+        return self.cell(z, self.emb(tokens))
+
+    def cell(self, z, embedded):
+        u = z + embedded
+        t = u.shape[1]
+        mask = torch.triu(torch.full((t, t), -1e9, dtype=u.dtype), diagonal=1)
+        h = self.ln1(u + self.attn(u, u, u, attn_mask=mask, need_weights=False)[0])
+        return self.ln2(h + self.ff2(F.gelu(self.ff1(h))))
+
+
+class EmbeddedTransformer(DEQTransformer):
+    """The DEQ-Transformer cell given the embedded tokens (``emb(tokens)``, float) instead of the token ids."""
+
+    def forward(self, z, embedded):
+        return self.cell(z, embedded)
+
+
+class TransformerSDPA(nn.Module):
+    """The DEQ-Transformer cell with its attention written out: a QKV projection, heads by reshaping, and
+    ``F.scaled_dot_product_attention`` (causal), given the embedded tokens."""
+
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.ff1, self.ff2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.heads = heads
+
+    def attention(self, u):
+        b, t, d = u.shape
+        qkv = self.qkv(u).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        return self.out(a.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, z, embedded):
+        u = z + embedded
+        h = self.ln1(u + self.attention(u))
+        return self.ln2(h + self.ff2(F.gelu(self.ff1(h))))
+
+
+class ICNN(nn.Module):
+    """Gradient descent on an input-convex network's energy (Amos, Xu & Kolter 2017), step 0.5.
+
+    E(y) = softplus(w1)·softplus(W0 y + U0 x) + u1(x) + ½μ|y|², so ∇E = (sigmoid(W0 y + U0 x) softplus(w1)) W0 + μy,
+    written out: ``torch.autograd.grad`` inside the map cannot be traced by torch.fx (see ICNNByAutograd)."""
+
+    def __init__(self, d=4, hidden=8, mu=1.0):
+        super().__init__()
+        self.W0, self.U0 = nn.Linear(d, hidden), nn.Linear(d, hidden, bias=False)
+        self.w1 = nn.Parameter(torch.randn(hidden))
+        self.u1 = nn.Linear(d, 1)
+        self.mu, self.step = mu, 0.5
+
+    def energy_gradient(self, y, x):
+        return (torch.sigmoid(self.W0(y) + self.U0(x)) * F.softplus(self.w1)) @ self.W0.weight + self.mu * y
+
+    def forward(self, y, x):
+        return y - self.step * self.energy_gradient(y, x)
+
+
+class ICNNByAutograd(ICNN):
+    """The same descent with ∇E taken by autograd: torch.fx cannot trace ``torch.autograd.grad``."""
+
+    def energy(self, y, x):
+        z1 = F.softplus(self.W0(y) + self.U0(x))
+        return (F.softplus(self.w1) * z1).sum(-1) + self.u1(x)[:, 0] + 0.5 * self.mu * y.square().sum(-1)
+
+    def forward(self, y, x):
+        with torch.enable_grad():
+            y = y if y.requires_grad else y.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.energy(y, x).sum(), y, create_graph=True)
+        return y - self.step * g
+
+
+def normalized_graphs(gen, batch, nodes, p=0.4):
+    """Random undirected graphs with self-loops, as D^-1/2 (A + I) D^-1/2 (spectral radius 1)."""
+    edges = (torch.rand(batch, nodes, nodes, generator=gen, dtype=DT) < p).to(DT)
+    adjacency = ((edges + edges.transpose(1, 2)) > 0).to(DT) + torch.eye(nodes, dtype=DT)
+    scale = adjacency.sum(-1).rsqrt()
+    return scale[:, :, None] * adjacency * scale[:, None, :]
+
+
+def pixel_grid(batch, side):
+    line = torch.linspace(-1, 1, side, dtype=DT)
+    y, x = torch.meshgrid(line, line, indexing="ij")
+    return torch.stack([x, y], dim=-1).expand(batch, side, side, 2).contiguous()
+
+
+@dataclass
+class Case:
+    """A zoo model as a PyTorch map: ``f``, its start, its arguments, the input and the weight differentiated
+    (``wrt``: an argument's position and a parameter's name), and how it traces: ``externs`` (the extern names
+    expected; empty: fully), or ``falls_back`` (the reason's words)."""
+
+    f: Callable
+    x0: object
+    args: tuple
+    wrt: tuple[int, str]
+    externs: set[str] = field(default_factory=set)
+    falls_back: str | None = None
+
+
+def _randn(gen, *shape, scale=1.0):
+    return scale * torch.randn(*shape, generator=gen, dtype=DT)
+
+
+def _cases() -> dict[str, Case]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    b = 2
+    z4 = lambda *s: torch.zeros(b, *s, dtype=DT)  # noqa: E731
+    graphs = normalized_graphs(g, b, 5)
+    sparse = normalized_graphs(g, 1, 7, p=0.3)[0].to_sparse()
+    return {
+        "lista": Case(LISTA().to(DT), z4(5), (_randn(g, b, 8),), (0, "S")),
+        "implicit_euler": Case(shrunk(ImplicitEuler(), 0.5), None, (_randn(g, b, 4),), (0, "fc1.weight")),
+        "box_qp": Case(BoxQP().to(DT), z4(5), (_randn(g, b, 4, scale=2.0),), (0, "L")),
+        "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, _randn(g, b, 5, 3)), (1, "V"),
+                     externs={"max_1_fn"}),
+        "ignn_sparse": Case(SparseIGNN().to(DT), torch.zeros(7, 6, dtype=DT), (sparse, _randn(g, 7, 3)),
+                            (1, "V"), externs={"max_1_fn", "sparse_mm_fn"}),
+        "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (_randn(g, b, 4, 4, 4),), (0, "conv1.weight")),
+        "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (_randn(g, b, 4, 4, 4),),
+                               (0, "down.weight"), externs={"avg_pool2d_fn", "interpolate_fn"}),
+        "deq_flow": Case(shrunk(DEQFlow(), 0.3), z4(6, 6, 6),
+                         tuple(_randn(g, b, 4, 6, 6) for _ in range(3)) + (pixel_grid(b, 6),), (1, "convq.weight"),
+                         externs={"grid_sample_fn"}),
+        "deq_transformer": Case(shrunk(DEQTransformer(), 0.5).eval(), z4(6, 8),
+                                (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight"),
+                                falls_back="the argument tokens is a torch.int64 tensor (floating point only)"),
+        "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (_randn(g, b, 6, 8),),
+                                         (0, "attn.in_proj_weight"),
+                                         falls_back="the module attn gives a Python value computed from a tensor's"),
+        "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (_randn(g, b, 6, 8),),
+                                     (0, "qkv.weight"), externs={"scaled_dot_product_attention_fn"}),
+        "icnn": Case(shrunk(ICNN(), 0.5), z4(4), (_randn(g, b, 4),), (0, "W0.weight")),
+        "icnn_autograd": Case(shrunk(ICNNByAutograd(), 0.5), z4(4), (_randn(g, b, 4),), (0, "W0.weight"),
+                              falls_back="torch.fx cannot trace the map"),
+    }
+
+
+def _start(case: Case):
+    return case.args[0].clone() if case.x0 is None else case.x0
+
+
+
+
+CASES = _cases()
+
+
+def _loss(x):
+    return sum(t.sin().sum() for t in x) if isinstance(x, tuple) else x.sin().sum()
+
+
+def _solve_and_differentiate(case: Case, trace: bool):
+    """The fixed point and the gradients of a scalar loss w.r.t. the case's input (when it has one) and weight."""
+    position, weight = case.wrt
+    args = tuple(a.detach().clone().requires_grad_(i == position) for i, a in enumerate(case.args))
+    w = dict(case.f.named_parameters())[weight]
+    x = fpidsl.fixed_point(case.f, _start(case), *args, trace=trace, backward=TIGHT, **TIGHT)
+    wrt = (w,) if position is None else (args[position], w)
+    return x, torch.autograd.grad(_loss(x), wrt)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_zoo_model_written_in_pytorch_traces_as_expected_and_agrees_with_autograd(name):
+    case = CASES[name]
+    traced, why = trace_status(case.f, _start(case), *case.args)
+    if case.falls_back is None:
+        assert traced is not None, why
+        assert set(traced.spec.externs) == case.externs, traced.spec.text
+    else:
+        assert traced is None and why.startswith(f"not traced: {case.falls_back}"), why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a mismatch nor a fallback says anything
+        x_on, g_on = _solve_and_differentiate(case, True)
+    x_off, g_off = _solve_and_differentiate(case, False)
+    with torch.no_grad():  # a fixed point indeed
+        for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (case.f(x_off, *case.args), x_off))):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for a, b in zip(x_on if isinstance(x_on, tuple) else (x_on,), x_off if isinstance(x_off, tuple) else (x_off,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    for a, b in zip(g_on, g_off):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+
+
+def test_the_icnn_gradient_written_out_is_autograds():
+    torch.manual_seed(1)
+    written, by_autograd = ICNN().to(DT), ICNNByAutograd().to(DT)
+    by_autograd.load_state_dict(written.state_dict())
+    y, x = torch.randn(3, 4, dtype=DT), torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(written(y, x), by_autograd(y, x), rtol=0, atol=1e-14)
