@@ -19,6 +19,7 @@ from torch import nn
 
 import fpidsl
 from fpidsl.tracing import trace_status
+from tests.runtime.test_fixed_point_trace import _entry
 
 DT = torch.float64
 TIGHT = {"tol": 1e-12, "max_iter": 3000}
@@ -349,6 +350,7 @@ def test_a_zoo_model_written_in_pytorch_traces_as_expected_and_agrees_with_autog
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither a mismatch nor a fallback says anything
         x_on, g_on = _solve_and_differentiate(case, True)
+    assert set(_entry(case.f)) == {case.falls_back is None}  # the solve used the compiled map, or f
     x_off, g_off = _solve_and_differentiate(case, False)
     with torch.no_grad():  # a fixed point indeed
         for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (case.f(x_off, *case.args), x_off))):
