@@ -19,10 +19,12 @@ from torch import nn
 
 import fpidsl
 from fpidsl.tracing import trace_status
-from tests.runtime.test_fixed_point_trace import _entry
+from ..zoo.test_zoo import ZOO_TABLE
+from .helpers import as_tuple, smooth_loss
+from .test_fixed_point_trace import _entry
 
 DT = torch.float64
-TIGHT = {"tol": 1e-12, "max_iter": 3000}
+TIGHT = {"tol": 1e-12, "max_iter": 3000, "on_fail": "raise"}
 
 
 def soft_threshold(v, t):
@@ -217,8 +219,8 @@ class TransformerSDPA(nn.Module):
 class ICNN(nn.Module):
     """Gradient descent on an input-convex network's energy (Amos, Xu & Kolter 2017), step 0.5.
 
-    E(y) = softplus(w1)·softplus(W0 y + U0 x) + u1(x) + ½μ|y|², so ∇E = (sigmoid(W0 y + U0 x) softplus(w1)) W0 + μy,
-    written out: ``torch.autograd.grad`` inside the map cannot be traced by torch.fx (see ICNNByAutograd)."""
+    E(y) = softplus(w1)·softplus(W0 y + U0 x) + u1(x) + ½μ|y|², so ∇E = (sigmoid(W0 y + U0 x) softplus(w1)) W0
+    + μy, written out: ``torch.autograd.grad`` inside the map cannot be traced by torch.fx (see ICNNByAutograd)."""
 
     def __init__(self, d=4, hidden=8, mu=1.0):
         super().__init__()
@@ -248,20 +250,6 @@ class ICNNByAutograd(ICNN):
         return y - self.step * g
 
 
-def normalized_graphs(gen, batch, nodes, p=0.4):
-    """Random undirected graphs with self-loops, as D^-1/2 (A + I) D^-1/2 (spectral radius 1)."""
-    edges = (torch.rand(batch, nodes, nodes, generator=gen, dtype=DT) < p).to(DT)
-    adjacency = ((edges + edges.transpose(1, 2)) > 0).to(DT) + torch.eye(nodes, dtype=DT)
-    scale = adjacency.sum(-1).rsqrt()
-    return scale[:, :, None] * adjacency * scale[:, None, :]
-
-
-def pixel_grid(batch, side):
-    line = torch.linspace(-1, 1, side, dtype=DT)
-    y, x = torch.meshgrid(line, line, indexing="ij")
-    return torch.stack([x, y], dim=-1).expand(batch, side, side, 2).contiguous()
-
-
 @dataclass
 class Case:
     """A zoo model as a PyTorch map: ``f``, its start, its arguments, the input and the weight differentiated
@@ -271,46 +259,41 @@ class Case:
     f: Callable
     x0: object
     args: tuple
-    wrt: tuple[int, str]
+    wrt: tuple[int | None, str]
     externs: set[str] = field(default_factory=set)
     falls_back: str | None = None
-
-
-def _randn(gen, *shape, scale=1.0):
-    return scale * torch.randn(*shape, generator=gen, dtype=DT)
 
 
 def _cases() -> dict[str, Case]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     b = 2
-    z4 = lambda *s: torch.zeros(b, *s, dtype=DT)  # noqa: E731
-    graphs = normalized_graphs(g, b, 5)
-    sparse = normalized_graphs(g, 1, 7, p=0.3)[0].to_sparse()
+    normal, z4 = ZOO_TABLE.normal, lambda *s: torch.zeros(b, *s, dtype=DT)  # noqa: E731
+    graphs, sparse = ZOO_TABLE.normalized_graphs(g, b, 5), ZOO_TABLE.sparse_graph(g, 7)
     return {
-        "lista": Case(LISTA().to(DT), z4(5), (_randn(g, b, 8),), (0, "S")),
-        "implicit_euler": Case(shrunk(ImplicitEuler(), 0.5), None, (_randn(g, b, 4),), (0, "fc1.weight")),
-        "box_qp": Case(BoxQP().to(DT), z4(5), (_randn(g, b, 4, scale=2.0),), (0, "L")),
-        "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, _randn(g, b, 5, 3)), (1, "V"),
+        "lista": Case(LISTA().to(DT), z4(5), (normal(g, b, 8),), (0, "S")),
+        "implicit_euler": Case(shrunk(ImplicitEuler(), 0.5), None, (normal(g, b, 4),), (0, "fc1.weight")),
+        "box_qp": Case(BoxQP().to(DT), z4(5), (normal(g, b, 4, scale=2.0),), (0, "L")),
+        "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, normal(g, b, 5, 3)), (1, "V"),
                      externs={"max_1_fn"}),
-        "ignn_sparse": Case(SparseIGNN().to(DT), torch.zeros(7, 6, dtype=DT), (sparse, _randn(g, 7, 3)),
+        "ignn_sparse": Case(SparseIGNN().to(DT), torch.zeros(7, 6, dtype=DT), (sparse, normal(g, 7, 3)),
                             (1, "V"), externs={"max_1_fn", "sparse_mm_fn"}),
-        "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (_randn(g, b, 4, 4, 4),), (0, "conv1.weight")),
-        "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (_randn(g, b, 4, 4, 4),),
+        "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (normal(g, b, 4, 4, 4),), (0, "conv1.weight")),
+        "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (normal(g, b, 4, 4, 4),),
                                (0, "down.weight"), externs={"avg_pool2d_fn", "interpolate_fn"}),
         "deq_flow": Case(shrunk(DEQFlow(), 0.3), z4(6, 6, 6),
-                         tuple(_randn(g, b, 4, 6, 6) for _ in range(3)) + (pixel_grid(b, 6),), (1, "convq.weight"),
-                         externs={"grid_sample_fn"}),
+                         (*(normal(g, b, 4, 6, 6) for _ in range(3)), ZOO_TABLE.pixel_grid(b, 6)),
+                         (1, "convq.weight"), externs={"grid_sample_fn"}),
         "deq_transformer": Case(shrunk(DEQTransformer(), 0.5).eval(), z4(6, 8),
                                 (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight"),
                                 falls_back="the argument tokens is a torch.int64 tensor (floating point only)"),
-        "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (_randn(g, b, 6, 8),),
+        "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (normal(g, b, 6, 8),),
                                          (0, "attn.in_proj_weight"),
                                          falls_back="the module attn gives a Python value computed from a tensor's"),
-        "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (_randn(g, b, 6, 8),),
+        "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (normal(g, b, 6, 8),),
                                      (0, "qkv.weight"), externs={"scaled_dot_product_attention_fn"}),
-        "icnn": Case(shrunk(ICNN(), 0.5), z4(4), (_randn(g, b, 4),), (0, "W0.weight")),
-        "icnn_autograd": Case(shrunk(ICNNByAutograd(), 0.5), z4(4), (_randn(g, b, 4),), (0, "W0.weight"),
+        "icnn": Case(shrunk(ICNN(), 0.5), z4(4), (normal(g, b, 4),), (0, "W0.weight")),
+        "icnn_autograd": Case(shrunk(ICNNByAutograd(), 0.5), z4(4), (normal(g, b, 4),), (0, "W0.weight"),
                               falls_back="torch.fx cannot trace the map"),
     }
 
@@ -319,13 +302,7 @@ def _start(case: Case):
     return case.args[0].clone() if case.x0 is None else case.x0
 
 
-
-
 CASES = _cases()
-
-
-def _loss(x):
-    return sum(t.sin().sum() for t in x) if isinstance(x, tuple) else x.sin().sum()
 
 
 def _solve_and_differentiate(case: Case, trace: bool):
@@ -335,7 +312,7 @@ def _solve_and_differentiate(case: Case, trace: bool):
     w = dict(case.f.named_parameters())[weight]
     x = fpidsl.fixed_point(case.f, _start(case), *args, trace=trace, backward=TIGHT, **TIGHT)
     wrt = (w,) if position is None else (args[position], w)
-    return x, torch.autograd.grad(_loss(x), wrt)
+    return x, torch.autograd.grad(smooth_loss(x), wrt)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -353,9 +330,9 @@ def test_a_zoo_model_written_in_pytorch_traces_as_expected_and_agrees_with_autog
     assert set(_entry(case.f)) == {case.falls_back is None}  # the solve used the compiled map, or f
     x_off, g_off = _solve_and_differentiate(case, False)
     with torch.no_grad():  # a fixed point indeed
-        for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (case.f(x_off, *case.args), x_off))):
+        for a, b in zip(as_tuple(case.f(x_off, *case.args)), as_tuple(x_off)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    for a, b in zip(x_on if isinstance(x_on, tuple) else (x_on,), x_off if isinstance(x_off, tuple) else (x_off,)):
+    for a, b in zip(as_tuple(x_on), as_tuple(x_off)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     for a, b in zip(g_on, g_off):
         assert a.abs().max() > 0
