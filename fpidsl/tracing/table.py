@@ -378,6 +378,60 @@ def _matrix_transposed(w, a):
 
 # --------------------------------------------------------------------------- functions and methods by name
 
+# --------------------------------------------------------------------------- pooling and resampling
+
+def _window(w, a, name: str) -> str:
+    """``avg_pool2d`` / ``max_pool2d`` with torch's defaults: the stride is the kernel unless given."""
+    if a["ceil_mode"]:
+        raise UntraceableError(f"{name} with ceil_mode=True")
+    kernel = _pair(a["kernel_size"])
+    stride = kernel if a["stride"] is None or (isinstance(a["stride"], (list, tuple)) and not a["stride"]) \
+        else _pair(a["stride"])
+    return (f"{name}({w.text(a['input'])}, kernel={w.attr(kernel)}, stride={w.attr(stride)}, "
+            f"padding={w.attr(_pair(a['padding']))})")
+
+
+@op("avg_pool2d", args=("input|self", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                        "divisor_override"), stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None)
+def _avg_pool2d(w, a):
+    if not a["count_include_pad"] or a["divisor_override"] is not None:  # the primitive counts the zero padding
+        raise UntraceableError("avg_pool2d with count_include_pad=False or a divisor_override")
+    return _window(w, a, "avg_pool2d")
+
+
+@op("max_pool2d", args=("input|self", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                        "return_indices"), stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
+def _max_pool2d(w, a):
+    if _pair(a["dilation"]) != (1, 1) or a["return_indices"]:
+        raise UntraceableError("max_pool2d with a dilation or return_indices")
+    return _window(w, a, "max_pool2d")
+
+
+@op("interpolate", args=("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                         "antialias"), size=None, scale_factor=None, mode="nearest", align_corners=None,
+    recompute_scale_factor=None, antialias=False)
+def _interpolate(w, a):
+    """By an integer scale factor, nearest or bilinear (a size, antialiasing or other modes: an extern)."""
+    factor = a["scale_factor"]
+    if a["size"] is not None or a["antialias"] or a["mode"] not in ("nearest", "bilinear") \
+            or isinstance(factor, (list, tuple)) or not isinstance(factor, (int, float)) \
+            or isinstance(factor, bool) or factor != int(factor) or factor < 1:
+        raise UntraceableError("interpolate other than by an integer scale_factor, nearest or bilinear")
+    corners = bool(a["align_corners"]) and a["mode"] == "bilinear"
+    return (f"interpolate({w.text(a['input'])}, scale_factor={int(factor)}, mode={a['mode']}, "
+            f"align_corners={w.attr(corners)})")
+
+
+@op("grid_sample", args=("input", "grid", "mode", "padding_mode", "align_corners"), mode="bilinear",
+    padding_mode="zeros", align_corners=None)
+def _grid_sample(w, a):
+    if a["mode"] not in ("bilinear", "nearest") or a["padding_mode"] not in ("zeros", "border", "reflection"):
+        raise UntraceableError(f"grid_sample with mode={a['mode']!r}, padding_mode={a['padding_mode']!r}")
+    return (f"grid_sample({w.text(a['input'])}, {w.text(a['grid'])}, mode={a['mode']}, "
+            f"padding_mode={a['padding_mode']}, align_corners={w.attr(bool(a['align_corners']))})")
+
+
 # torch and torch.nn.functional functions, operator.* and the method names that mean the same canonical op
 _ALIASES = {
     "truediv": "div", "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub",

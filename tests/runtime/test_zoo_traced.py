@@ -280,10 +280,10 @@ def _cases() -> dict[str, Case]:
                             (1, "V"), externs={"max_1_fn", "sparse_mm_fn"}),
         "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (normal(g, b, 4, 4, 4),), (0, "conv1.weight")),
         "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (normal(g, b, 4, 4, 4),),
-                               (0, "down.weight"), externs={"avg_pool2d_fn", "interpolate_fn"}),
+                               (0, "down.weight")),  # F.avg_pool2d, F.interpolate: primitives
         "deq_flow": Case(shrunk(DEQFlow(), 0.3), z4(6, 6, 6),
                          (*(normal(g, b, 4, 6, 6) for _ in range(3)), ZOO_TABLE.pixel_grid(b, 6)),
-                         (1, "convq.weight"), externs={"grid_sample_fn"}),
+                         (1, "convq.weight")),  # F.grid_sample: a primitive
         "deq_transformer": Case(shrunk(DEQTransformer(), 0.5).eval(), z4(6, 8),
                                 (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight"),
                                 falls_back="the argument tokens is a torch.int64 tensor (floating point only)"),
@@ -345,3 +345,35 @@ def test_the_icnn_gradient_written_out_is_autograds():
     by_autograd.load_state_dict(written.state_dict())
     y, x = torch.randn(3, 4, dtype=DT), torch.randn(3, 4, dtype=DT)
     torch.testing.assert_close(written(y, x), by_autograd(y, x), rtol=0, atol=1e-14)
+
+
+class Pools(nn.Module):
+    """torch's pooling and resampling functions with their options: each maps onto a primitive."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, z):
+        down = F.max_pool2d(self.conv(x), 2) + F.avg_pool2d(x, 3, stride=2, padding=1)
+        up = F.interpolate(down, scale_factor=2, mode="bilinear", align_corners=True)
+        return 0.3 * torch.tanh(up + F.interpolate(F.avg_pool2d(x, 2), scale_factor=2)) + z
+
+
+def test_functional_pools_and_resampling_trace_onto_the_primitives():
+    g = torch.Generator().manual_seed(5)
+    f = shrunk(Pools(), 0.5)
+    z = ZOO_TABLE.normal(g, 2, 2, 4, 4).requires_grad_()
+    traced, why = trace_status(f, torch.zeros_like(z), z)
+    assert traced is not None and traced.spec.externs == {}, why
+    for name in ("max_pool2d(", "avg_pool2d(", "interpolate("):
+        assert name in traced.spec.text
+    on = fpidsl.fixed_point(f, torch.zeros_like(z), z, backward=TIGHT, **TIGHT)
+    off = fpidsl.fixed_point(f, torch.zeros_like(z), z, trace=False, backward=TIGHT, **TIGHT)
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-10)
+    weight = f.conv.weight
+    grads_on = torch.autograd.grad(smooth_loss(on), (z, weight))
+    grads_off = torch.autograd.grad(smooth_loss(off), (z, weight))
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        assert a.abs().sum() > 0
