@@ -125,6 +125,20 @@ def _extreme(w, a):
     return f"{w.current}({w.text(a['input'])}, {w.text(a['other'])})"
 
 
+@op("max", "min", args=("input|self", "dim|other", "keepdim"), dim=None, keepdim=False)
+def _max_min(w, a):
+    """``torch.max(x)`` (over every element) and ``torch.max(x, other)`` (elementwise); with a dim, torch returns
+    values and indices, which no primitive gives: refused here (an extern, where the result can be one)."""
+    if a["dim"] is None:
+        if a["keepdim"]:
+            raise UntraceableError(f"{w.current} with keepdim and no dim")
+        every = tuple(range(len(w.shape(a["input"]))))
+        return f"{w.current}({w.text(a['input'])}, dim={w.attr(every)}, keepdim=false)"
+    if isinstance(a["dim"], (int, list, tuple)):
+        raise UntraceableError(f"{w.current} along a dim (values and indices)")
+    return f"{w.current}imum({w.text(a['input'])}, {w.text(a['dim'])})"
+
+
 @op("where", args=("condition", "input|self", "other"))
 def _where(w, a):
     return f"where({w.text(a['condition'])}, {w.text(a['input'])}, {w.text(a['other'])})"

@@ -274,10 +274,9 @@ def _cases() -> dict[str, Case]:
         "lista": Case(LISTA().to(DT), z4(5), (normal(g, b, 8),), (0, "S")),
         "implicit_euler": Case(shrunk(ImplicitEuler(), 0.5), None, (normal(g, b, 4),), (0, "fc1.weight")),
         "box_qp": Case(BoxQP().to(DT), z4(5), (normal(g, b, 4, scale=2.0),), (0, "L")),
-        "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, normal(g, b, 5, 3)), (1, "V"),
-                     externs={"max_1_fn"}),
+        "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, normal(g, b, 5, 3)), (1, "V")),  # .max(): a primitive
         "ignn_sparse": Case(SparseIGNN().to(DT), torch.zeros(7, 6, dtype=DT), (sparse, normal(g, 7, 3)),
-                            (1, "V"), externs={"max_1_fn", "sparse_mm_fn"}),
+                            (1, "V"), externs={"sparse_mm_fn"}),
         "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (normal(g, b, 4, 4, 4),), (0, "conv1.weight")),
         "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (normal(g, b, 4, 4, 4),),
                                (0, "down.weight")),  # F.avg_pool2d, F.interpolate: primitives
@@ -377,3 +376,24 @@ def test_functional_pools_and_resampling_trace_onto_the_primitives():
     for a, b in zip(grads_on, grads_off):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
         assert a.abs().sum() > 0
+
+
+def test_max_and_min_over_every_element_or_elementwise_trace_onto_primitives():
+    g = torch.Generator().manual_seed(6)
+
+    def f(x, z, W):  # a global scale from every element, an elementwise max and min
+        scale = 0.5 / (1 + W.abs().max())
+        return torch.min(torch.max(scale * torch.tanh(x @ W) + z, -z.abs()), z.abs() + 1) + 0.1 * x.min()
+
+    z = ZOO_TABLE.normal(g, 3, 4).requires_grad_()
+    W = ZOO_TABLE.normal(g, 4, 4).requires_grad_()
+    traced, why = trace_status(f, torch.zeros_like(z), z, W)
+    assert traced is not None and traced.spec.externs == {}, why
+    assert "maximum(" in traced.spec.text and "minimum(" in traced.spec.text and "max(" in traced.spec.text
+    on = fpidsl.fixed_point(f, torch.zeros_like(z), z, W, backward=TIGHT, **TIGHT)
+    off = fpidsl.fixed_point(f, torch.zeros_like(z), z, W, trace=False, backward=TIGHT, **TIGHT)
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-10)
+    grads_on = torch.autograd.grad(smooth_loss(on), (z, W))
+    grads_off = torch.autograd.grad(smooth_loss(off), (z, W))
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
