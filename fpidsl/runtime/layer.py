@@ -372,29 +372,12 @@ class CompiledLayer(nn.Module):
         from .warm_start import given_start
 
         init = kwargs.pop("init", None) if "init" not in self.INPUTS else None
-        inputs = self.bind(args, kwargs)
-        spec = f"{type(self).__name__} ({self.SPEC})"
-        dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
-        from .input_checks import check_dtypes_and_devices
-
-        self._call_dims = dims  # the sizes extern modules are checked against (extern_handle)
-        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)  # dropout_seeds
-        check_dtypes_and_devices(inputs, _tensors(self.parameter_tensors()), spec, self.INDEX_INPUTS)
-        values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
-        like = self._float_like(values)
-        x0 = self.init_states(dims, like, *values)
+        spec, values, x0, options = self._begin_call(args, kwargs)
         if init is not None:
             x0 = given_start(init, tuple(x0), list(self.STATES), spec)
         x0 = self.warm.start(tuple(x0))
         stats = Stats()
-        # per_sample: a map that mixes samples is one problem, judged (forward and backward) over the whole batch;
-        # a sample judged alone and held fixed while its neighbours move would give a wrong fixed point and gradient
-        x_hat = fixed_point(
-            self._step_fn, x0 if len(x0) > 1 else x0[0], *values,
-            adjoint=self._adjoint_obj if type(self).adjoint is not None else None, stats=stats, history=self.history, batched=self._batched(),
-            backward=self.backward_settings, hoisted=self._hoisted, capture="explicit",
-            solve=self.solve_settings if self.training else self.eval_settings, per_sample=self.SAMPLEWISE,
-        )
+        x_hat = fixed_point(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, stats=stats, **options)
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
         self._last_states = tuple(s.detach() for s in states)
@@ -402,13 +385,37 @@ class CompiledLayer(nn.Module):
         self._last_call = LastCall(tuple(states), values)
         return self.outputs(states, *values)
 
+    def _begin_call(self, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
+        """What a call solves with: the spec's name for messages, the step's arguments (inputs, then the parameter
+        tensors, computed once: a parametrized weight is recomputed on every access), the start, and the
+        :func:`fixed_point` options. Binds and checks the inputs, and sets what the step's helpers read for this
+        call (``_call_dims`` for externs, ``_call_seeds`` / ``_call_device`` for dropout)."""
+        from .input_checks import check_dtypes_and_devices
+
+        inputs = self.bind(args, kwargs)
+        spec = f"{type(self).__name__} ({self.SPEC})"
+        dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
+        self._call_dims = dims
+        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)
+        params = tuple(self.parameter_tensors())
+        check_dtypes_and_devices(inputs, _tensors(params), spec, self.INDEX_INPUTS)
+        values = tuple(inputs[n] for n in self.INPUTS) + params
+        x0 = self.init_states(dims, self._float_like(values), *values)
+        # per_sample: a map that mixes samples is one problem, judged (forward and backward) over the whole batch;
+        # a sample judged alone and held fixed while its neighbours move would give a wrong fixed point and gradient
+        options = dict(adjoint=self._adjoint_obj if type(self).adjoint is not None else None, history=self.history,
+                       batched=self._batched(params), backward=self.backward_settings, hoisted=self._hoisted,
+                       capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
+                       per_sample=self.SAMPLEWISE)
+        return spec, values, x0, options
+
     def _float_like(self, values: tuple) -> torch.Tensor:
         """The value whose dtype and device the states take: the first floating-point input or parameter (an
         ``int`` input holds indices)."""
         return next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()),
                     values[0] if values else torch.zeros(()))
 
-    def _batched(self) -> tuple[bool, ...] | None:
+    def _batched(self, params: tuple) -> tuple[bool, ...] | None:
         """Which arguments have the batch as dimension 0: inputs whose first declared dimension is the
         states' (so the solver can drop finished samples from the work); params never, but dropout's per-sample
         seeds (``BATCHED_PARAMS``) in training mode."""
@@ -417,7 +424,6 @@ class CompiledLayer(nn.Module):
         lead = {shape[0] for shape in self.STATES.values() if shape}
         batched = tuple(bool(shape) and shape[0] in lead and isinstance(shape[0], str)
                         for shape in self.INPUTS.values())
-        params = self.parameter_tensors()
         flags = self.BATCHED_PARAMS or (False,) * len(params)
         return batched + tuple(bool(f) and isinstance(p, torch.Tensor) for f, p in zip(flags, params))
 
@@ -429,20 +435,10 @@ class CompiledLayer(nn.Module):
         from .correction import fixed_point_states
         from .stats import Stats
 
-        inputs = self.bind(args, kwargs)
-        spec = f"{type(self).__name__} ({self.SPEC})"
-        dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
-        self._call_dims = dims
-        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)
-        values = tuple(inputs[n] for n in self.INPUTS) + tuple(self.parameter_tensors())
-        x0 = self.init_states(dims, self._float_like(values), *values)
+        _, values, x0, options = self._begin_call(args, kwargs)
         stats = Stats()
-        states = fixed_point_states(
-            self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states, indexing=indexing, k=k,
-            tau=tau, stats=stats, adjoint=self._adjoint_obj if type(self).adjoint is not None else None,
-            history=self.history, batched=self._batched(), backward=self.backward_settings, hoisted=self._hoisted,
-            capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
-            per_sample=self.SAMPLEWISE)
+        states = fixed_point_states(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states,
+                                    indexing=indexing, k=k, tau=tau, stats=stats, **options)
         self.stats = stats
         return [self.outputs(s if isinstance(s, tuple) else (s,), *values) for s in states]
 

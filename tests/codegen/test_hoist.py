@@ -60,7 +60,8 @@ def test_iterate_on_hoisted_values_is_the_step(path, name):
     # the values flagged batched are the ones that follow the samples: slicing them is hoisting the slice
     if m.SAMPLEWISE:
         keep = torch.tensor([2, 0])
-        sliced = tuple(a.index_select(0, keep) if b else a for a, b in zip(inputs, m._batched()))
+        flags = m._batched(tuple(m.parameter_tensors()))
+        sliced = tuple(a.index_select(0, keep) if b else a for a, b in zip(inputs, flags))
         again = type(m).hoist(*sliced, *m.parameter_tensors())
         for v, w, batched in zip(values, again, m.HOIST_BATCHED):
             torch.testing.assert_close(v.index_select(0, keep) if batched else v, w, rtol=1e-12, atol=1e-12)
