@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import LayerInputError
-from .sizes import is_symbol, size, terms
+from .sizes import is_symbol, size, symbols
 
 
 class ExternError(LayerInputError):
@@ -43,7 +43,7 @@ class ExternFunction(nn.Module):
 
 def _declared(dim: Any, sizes: Mapping[str, int]) -> Any:
     """A declared size's value for the bound symbols (``H/2`` included), or None where a symbol is unbound."""
-    if isinstance(dim, str) and any(s not in sizes for _, factors in terms(dim) for s in factors):
+    if any(s not in sizes for s in symbols(dim)):
         return None
     return size(dim, sizes)
 
@@ -109,7 +109,7 @@ class ExternHandle:
             sizes.update((d, s) for d, s in zip(shape, x.shape) if is_symbol(d))
         want = [_declared(d, sizes) for d in output]
         if y.dim() != len(output) or any(w is not None and w != s for w, s in zip(want, y.shape)):
-            names = dict.fromkeys(s for d in output if isinstance(d, str) for _, factors in terms(d) for s in factors)
+            names = dict.fromkeys(s for d in output for s in symbols(d))
             bound = ", ".join(f"{s} = {sizes[s]}" for s in names if s in sizes)
             raise ExternError(f"{self.where}: {self.name} is declared to return {_shape_text(output)}"
                               f"{f' ({bound})' if bound else ''}, but returned a tensor of shape "

@@ -69,7 +69,7 @@ def check_dtypes_and_devices(inputs: Mapping[str, torch.Tensor], params: Sequenc
     checked by :func:`check_index_inputs` and only for their device here."""
     index_inputs = index_inputs or {}
     check_index_inputs(inputs, index_inputs, spec)
-    floats = {name: t for name, t in inputs.items() if index_inputs.get(name, "sparse") == "sparse"}  # dense, sparse
+    floats = {name: t for name, t in inputs.items() if index_inputs.get(name) in (None, "sparse")}  # not indices
     for p in params:
         if p.device.type == "meta":
             raise LayerInputError(

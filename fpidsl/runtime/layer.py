@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SettingsError, SolverSettings
-from .sizes import is_symbol, size, terms
+from .sizes import is_symbol, size, symbols
 
 Dim = int | str
 
@@ -75,7 +75,7 @@ def bind_dims(declared: Mapping[str, tuple[Dim, ...]], tensors: Mapping[str, tor
 
 def _bound(expr: str, dims: Mapping[str, int]) -> str:
     """The sizes of an expression's symbols, for messages: ``H = 5, W = 4``."""
-    names = sorted({n for _, factors in terms(expr) for n in factors} if not is_symbol(expr) else {expr})
+    names = sorted(symbols(expr))
     return ", ".join(f"{n} = {dims[n]}" for n in names)
 
 

@@ -33,6 +33,15 @@ def terms(text: str) -> tuple[tuple[Fraction, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def symbols(dim: Dim) -> tuple[str, ...]:
+    """The symbols a declared size is written with, in order of first appearance (none for a number)."""
+    if isinstance(dim, int):
+        return ()
+    if is_symbol(dim):
+        return (dim,)
+    return tuple(dict.fromkeys(s for _, factors in terms(dim) for s in factors))
+
+
 def size(dim: Dim, sizes: Mapping[str, int]) -> int | Fraction:
     """The value of a declared size for the bound ``sizes`` of its symbols: an int, or a Fraction when a
     ``/`` in it does not divide (the layer's divisibility checks report that first)."""
