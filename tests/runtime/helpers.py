@@ -123,3 +123,20 @@ def solve(f, x0, *args, **settings):
     merged = {**TIGHT, **settings}
     backward = {**TIGHT_BACKWARD, **merged.pop("backward", {})}
     return fixed_point(f, x0, *args, backward=backward, **merged)
+
+
+def assert_trace_agrees(f, x0, args, wrt, *, atol_x: float, atol_g: float, loss=lambda x: x.sin().sum(),
+                        create_graph: bool = False, **settings):
+    """``fpidsl.fixed_point(f, x0, *args)`` with the trace on and with it off give the same fixed point (to
+    ``atol_x``) and the same gradients of ``loss`` in ``wrt`` (to ``atol_g``); returns both paths' gradients."""
+    import fpidsl  # fpidsl.fixed_point: the runtime's, with the trace front-end registered
+
+    results = []
+    for trace in (True, False):
+        x = fpidsl.fixed_point(f, x0, *args, trace=trace, **settings)
+        results.append((x, torch.autograd.grad(loss(x), wrt, create_graph=create_graph)))
+    (x_on, g_on), (x_off, g_off) = results
+    torch.testing.assert_close(x_on, x_off, rtol=0, atol=atol_x)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol_g)
+    return g_on, g_off

@@ -12,6 +12,8 @@ from torch import nn
 import fpidsl
 from fpidsl.tracing import auto
 
+from .helpers import assert_trace_agrees
+
 DT = torch.float64
 TIGHT = {"tol": 1e-12, "max_iter": 2000}
 
@@ -131,14 +133,8 @@ def test_an_operation_with_no_primitive_is_an_extern_and_agrees():
     z = torch.randn(3, 5, dtype=DT, requires_grad=True)
     traced, why = fpidsl.tracing.trace_status(f, torch.zeros_like(z), z)
     assert traced is not None and set(traced.spec.externs) == {"cumsum_fn", "bn"}, why  # bn: a closure's
-    results = []
-    for trace in (True, False):
-        x = _solve(f, z, trace)
-        results.append((x, torch.autograd.grad(x.sin().sum(), (z, bn.weight), create_graph=True)))
-    (x_on, g_on), (x_off, g_off) = results
-    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-11)
-    for a, b in zip(g_on, g_off):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    g_on, g_off = assert_trace_agrees(f, torch.zeros_like(z), (z,), (z, bn.weight), atol_x=1e-11, atol_g=1e-10,
+                                      create_graph=True, backward=TIGHT, **TIGHT)
     second = [torch.autograd.grad(g[0].sum(), z)[0] for g in (g_on, g_off)]
     torch.testing.assert_close(*second, rtol=0, atol=1e-9)
 
@@ -254,14 +250,7 @@ def test_maps_of_the_literature_trace_and_agree(case):
     x0 = torch.zeros(3, n, dtype=DT)
     traced, why = fpidsl.tracing.trace_status(f, x0, *args)
     assert traced is not None, why
-    results = []
-    for trace in (True, False):
-        x = fpidsl.fixed_point(f, x0, *args, trace=trace, backward=TIGHT, **TIGHT)
-        results.append((x, torch.autograd.grad(x.sin().sum(), args)))
-    (x_on, g_on), (x_off, g_off) = results
-    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-10)
-    for a, b in zip(g_on, g_off):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert_trace_agrees(f, x0, args, args, atol_x=1e-10, atol_g=1e-9, backward=TIGHT, **TIGHT)
 
 
 class Scaled(nn.Module):
@@ -330,14 +319,8 @@ def test_several_states_trace_and_agree_to_second_order():
 def test_gradient_modes_and_solvers_agree_between_the_paths(settings):
     f = _cell()
     z = torch.randn(3, 5, dtype=DT, requires_grad=True)
-    results = []
-    for trace in (True, False):
-        x = fpidsl.fixed_point(f, torch.zeros_like(z), z, trace=trace, tol=1e-10, **settings)
-        results.append((x, torch.autograd.grad(x.sin().sum(), (z, f.fc.weight))))
-    (x_on, g_on), (x_off, g_off) = results
-    torch.testing.assert_close(x_on, x_off, rtol=0, atol=1e-12)
-    for a, b in zip(g_on, g_off):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_trace_agrees(f, torch.zeros_like(z), (z,), (z, f.fc.weight), atol_x=1e-12, atol_g=1e-12, tol=1e-10,
+                        **settings)
 
 
 class WithAMethod(nn.Module):
