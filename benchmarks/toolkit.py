@@ -106,9 +106,19 @@ def solver_rows(problems, repeats: int) -> list[list[str]]:
     return rows
 
 
-def mode_rows(workloads, repeats: int) -> list[list[str]]:
+def torchdeq_anderson(w, **options):
+    """torchdeq's DEQ on workload ``w`` with Anderson forward and backward at the workload's budget and
+    tolerances (absolute), in training mode; ``options`` go over them (``ift``, ``grad``, ``n_states`` ...)."""
     from torchdeq import get_deq
 
+    settings = dict(core="indexing", f_solver="anderson", b_solver="anderson", f_max_iter=w.max_iter,
+                    b_max_iter=w.max_iter, f_tol=w.tol, b_tol=w.b_tol, f_stop_mode="abs", b_stop_mode="abs")
+    deq = get_deq(**{**settings, **options})
+    deq.train()
+    return deq
+
+
+def mode_rows(workloads, repeats: int) -> list[list[str]]:
     rows = []
     for w in workloads:
         forward, backward = w.settings("anderson")
@@ -131,10 +141,7 @@ def mode_rows(workloads, repeats: int) -> list[list[str]]:
             return run
 
         def theirs(options):
-            deq = get_deq(core="indexing", f_solver="anderson", b_solver="anderson", f_max_iter=w.max_iter,
-                          b_max_iter=w.max_iter, f_tol=w.tol, b_tol=w.b_tol, f_stop_mode="abs", b_stop_mode="abs",
-                          **options)
-            deq.train()
+            deq = torchdeq_anderson(w, **options)
 
             def run():
                 zero()
@@ -168,7 +175,6 @@ def mode_rows(workloads, repeats: int) -> list[list[str]]:
 
 
 def regularised_rows(workloads, repeats: int) -> list[list[str]]:
-    from torchdeq import get_deq
     from torchdeq.loss import fp_correction, jac_reg
 
     from fpidsl.runtime.correction import correction_loss
@@ -185,18 +191,11 @@ def regularised_rows(workloads, repeats: int) -> list[list[str]]:
             for p in params:
                 p.grad = None
 
-        def deq(n_states: int = 1, max_iter: int = w.max_iter, tol: float = w.tol):
-            solver = get_deq(core="indexing", f_solver="anderson", b_solver="anderson", f_max_iter=max_iter,
-                             b_max_iter=w.max_iter, f_tol=tol, b_tol=w.b_tol, f_stop_mode="abs",
-                             b_stop_mode="abs", ift=True, n_states=n_states)
-            solver.train()
-            return solver
-
         def jacobian_ours():
             zero()
             (w.loss(layer(w.z), w.target) + layer.jacobian_penalty(samples=1)).backward()
 
-        jac_deq = deq()
+        jac_deq = torchdeq_anderson(w, ift=True)
 
         def jacobian_theirs():
             zero()
@@ -213,7 +212,8 @@ def regularised_rows(workloads, repeats: int) -> list[list[str]]:
             layer.solve_settings = layer.solve_settings.merged(forward)
             correction_loss([w.loss(o, w.target) for o in outs], gamma=0.8).backward()
 
-        corr_deq = deq(n_states=3, max_iter=CORRECTION_ITERS, tol=1e-30)  # every iteration runs
+        corr_deq = torchdeq_anderson(w, ift=True, n_states=3, f_max_iter=CORRECTION_ITERS,
+                                     f_tol=1e-30)  # every iteration runs
 
         def correction_theirs():
             zero()
