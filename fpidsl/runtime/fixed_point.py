@@ -329,14 +329,14 @@ def _check_batched(batched: Sequence[bool] | None, args: tuple, layout: StateLay
 # The trace front-end (fpidsl.tracing, which sits above the compiler) registers its planner here when it is
 # imported (``fpidsl.fixed_point`` is re-exported through it): the runtime imports nothing of the compiler, and
 # emitted modules, which import only the runtime, never trace.
-_TRACE_PLANNERS: list[Callable] = []
+_trace_planner: Callable | None = None
 
 
 def register_trace_planner(planner: Callable) -> None:
     """``planner(f, x0, args, batched, per_sample)`` -> a compiled plan of ``f`` (``step``, ``arguments``,
     ``adjoint``, ``batched``, ``hoisted``) or None; :func:`fixed_point` with ``trace=True`` asks it first."""
-    if planner not in _TRACE_PLANNERS:
-        _TRACE_PLANNERS.append(planner)
+    global _trace_planner
+    _trace_planner = planner
 
 
 @torch.compiler.disable  # torch.compile of a model: the solve is one graph break, never traced (docs/PYTORCH.md)
@@ -351,9 +351,9 @@ def _run(
     x0s = (x0,) if single else tuple(x0)
     layout = StateLayout.of(x0s, per_sample)
     _check_batched(batched, args, layout, x0s)
-    if trace and _TRACE_PLANNERS and capture == "auto" and adjoint is None and hoisted is None \
+    if trace and _trace_planner is not None and capture == "auto" and adjoint is None and hoisted is None \
             and not is_transformed((*x0s, *args)) and not _dual((*x0s, *args)):
-        plan = _TRACE_PLANNERS[0](f, x0, args, batched, per_sample)  # the compiled form of f, when f traces
+        plan = _trace_planner(f, x0, args, batched, per_sample)  # the compiled form of f, when f traces
         if plan is not None:
             return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
                         per_sample, plan.hoisted, "explicit")
