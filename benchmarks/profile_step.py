@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py conv16-slow anderson       # torch.profiler, then cProfile
     .venv/bin/python benchmarks/profile_step.py bibtex-nn picard --steps 100
+    .venv/bin/python benchmarks/profile_step.py bibtex-nn picard --shapes     # aten ops grouped by input shapes
 
 Same set-up as benchmarks/run.py (one thread, the allocator kept steady, the workload's settings). Prints the
 median step time, the aten ops by self time (torch.profiler) and the Python functions by own time (cProfile).
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (default 20)")
     parser.add_argument("--rows", type=int, default=20, help="rows of each table (default 20)")
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes (seconds)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="group the aten ops by their input shapes (which product of the step is the slow one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steady_allocator()
@@ -55,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.profiler import profile
 
-    with profile() as prof:
+    with profile(record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(
+        sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=30, max_shapes_column_width=70))
 
     profiler = cProfile.Profile()
     profiler.enable()
