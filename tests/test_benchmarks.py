@@ -46,6 +46,17 @@ def test_profile_step_prints_both_profiles():
     assert "Self CPU" in proc.stdout and "tottime" in proc.stdout
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_profile_step_groups_by_input_shape():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "bibtex-nn", "picard",
+                           "--quick", "--steps", "2", "--rows", "5", "--shapes"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Input Shapes" in proc.stdout and "[[" in proc.stdout
+
+
 def test_kernel_measurements_run():
     import subprocess
 
