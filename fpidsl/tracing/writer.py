@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import keyword
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -80,6 +81,49 @@ def _is_batch(dim: Any) -> bool:
     return isinstance(dim, BatchDim) and dim.is_batch
 
 
+@dataclass(frozen=True)
+class SparseRef(Ref):
+    """A sparse tensor argument declared ``input NAME : sparse [N, M]`` (``transposed``: its transpose, ``A.t()``):
+    only ``spmm`` reads it."""
+
+    transposed: bool = False
+
+
+SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+# A @ x with A sparse: torch.sparse.mm(A, x), torch.mm(A, x), torch.matmul(A, x), A @ x, A.mm(x), A.matmul(x)
+_SPMM_FUNCTIONS = (torch.sparse.mm, torch.mm, torch.matmul, operator.matmul)
+_SPMM_METHODS = frozenset({"mm", "matmul", "__matmul__"})
+
+
+def _spmm_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(A, x)`` when ``node`` is a matrix product of two graph values written with two positional arguments."""
+    products = (node.op == "call_function" and any(node.target is f for f in _SPMM_FUNCTIONS)) or \
+        (node.op == "call_method" and node.target in _SPMM_METHODS)
+    if not products or node.kwargs or len(node.args) != 2 or \
+            not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    return node.args[0], node.args[1]
+
+
+def _transposes(node: fx.Node, sparse: fx.Node) -> bool:
+    """``node`` is the transpose of the 2-D ``sparse``: ``A.t()``, ``torch.t(A)``, ``A.T``, ``A.mT``,
+    ``A.transpose(0, 1)``, ``torch.transpose(A, 1, 0)`` (dims -2, -1 too)."""
+    if node.kwargs or not node.args or node.args[0] is not sparse:
+        return False
+    rest = node.args[1:]
+    if node.op == "call_function" and node.target is getattr:
+        return rest in (("T",), ("mT",))
+    named = (node.op == "call_method" and node.target in ("t", "transpose", "swapaxes")) or \
+        (node.op == "call_function" and any(node.target is f for f in (torch.t, torch.transpose, torch.swapaxes)))
+    if not named:
+        return False
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "t":
+        return rest == ()
+    return len(rest) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and -2 <= d <= 1 for d in rest) \
+        and {d % 2 for d in rest} == {0, 1}
+
+
 class Writer:
     """Walks the graph once and collects the declarations (see the module's doc)."""
 
@@ -105,6 +149,46 @@ class Writer:
         self.updates: list[str] = []
         self.node: fx.Node | None = None
         self.current = ""
+        self.sparse_transposes: set[fx.Node] = set()  # A.t() of a sparse argument, read only by spmm
+        self.sparse_args = self._sparse_arguments()
+
+    def _sparse_arguments(self) -> set[fx.Node]:
+        """The sparse tensor arguments written ``input A : sparse [N, M]``: 2-D COO or CSR, in the state's dtype,
+        not requiring grad, and every use a product ``A @ x`` with a dense 2-D ``x`` (``spmm``), a transpose
+        ``A.t()`` whose every use is such a product (``spmm(A, x, transpose=true)``) or a read of its shape. A sparse
+        argument used any other way stays a dense input, and its uses externs (as before spmm was mapped)."""
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        state = self.first.get(placeholders[0]) if placeholders else None
+        out = set()
+        for node in placeholders:
+            value = self.first.get(node)
+            if not (isinstance(value, Tensor) and value.layout in SPARSE_LAYOUTS and value.dim() == 2
+                    and not value.requires_grad and isinstance(state, Tensor) and value.dtype == state.dtype):
+                continue
+            transposes = {user for user in node.users if _transposes(user, node)
+                          and all(self._spmm_of(u, user) for u in user.users)}
+            if all(self._spmm_of(user, node) or self._reads_shape(user, node) or user in transposes
+                   for user in node.users):
+                out.add(node)
+                self.sparse_transposes |= transposes
+        return out
+
+    def _spmm_of(self, node: fx.Node, sparse: fx.Node) -> bool:
+        """``node`` is ``sparse @ x`` with ``x`` a dense 2-D value of matching size and the result dense."""
+        operands = _spmm_operands(node)
+        if operands is None or operands[0] is not sparse or operands[1] is sparse:
+            return False
+        x, out = self.first.get(operands[1]), self.first.get(node)
+        a = self.first[sparse]
+        return (isinstance(x, Tensor) and x.layout == torch.strided and x.dim() == 2 and x.dtype == a.dtype
+                and x.shape[0] == a.shape[1] and isinstance(out, Tensor) and out.layout == torch.strided
+                and tuple(out.shape) == (a.shape[0], x.shape[1]))
+
+    @staticmethod
+    def _reads_shape(node: fx.Node, sparse: fx.Node) -> bool:
+        return ((node.op == "call_method" and node.target in table.SHAPE_METHODS) or
+                (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+                 and node.args[1] in table.SHAPE_ATTRIBUTES)) and node.args[0] is sparse
 
     # ------------------------------------------------------------------ values as text
     def is_tensor(self, value: Any) -> bool:
@@ -252,6 +336,12 @@ class Writer:
             raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point only)")
         position = len(self.inputs) + len(self.states)
         name = self.names.fresh(node.target)
+        if node in self.sparse_args and len(self.states) == self.n_states:
+            self.batched_args[position] = False  # data the layer reads whole (spmm mixes rows), never sliced
+            dims = ", ".join("B" if _is_batch(d) else str(d) for d in self._shape(node))
+            self.inputs.append(name)
+            self.input_decls.append(f"input {name} : sparse [{dims}]")
+            return SparseRef(name)
         batched = self.batched_args[position]  # a state's batch is B unless it is fixed (see trace_map)
         if len(self.states) < self.n_states:
             self.states.append(name)
@@ -316,6 +406,12 @@ class Writer:
             return self._extern(OpCall("module", node.target, (), {}), node)
 
     def _call(self, node: fx.Node) -> Ref:
+        operands = _spmm_operands(node)
+        if operands is not None and isinstance(self.env.get(operands[0]), SparseRef):
+            a = self.env[operands[0]]
+            return self._let(f"spmm({a.name}, {self.env[operands[1]].name}{', transpose=true' * a.transposed})")
+        if node in self.sparse_transposes:
+            return SparseRef(self.env[node.args[0]].name, transposed=True)
         args = [self._arg(a) for a in node.args]
         kwargs = {k: self._arg(v) for k, v in node.kwargs.items()}
         if node.op == "call_method":

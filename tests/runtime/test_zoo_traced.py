@@ -276,7 +276,7 @@ def _cases() -> dict[str, Case]:
         "box_qp": Case(BoxQP().to(DT), z4(5), (normal(g, b, 4, scale=2.0),), (0, "L")),
         "ignn": Case(IGNN().to(DT), z4(5, 6), (graphs, normal(g, b, 5, 3)), (1, "V")),  # .max(): a primitive
         "ignn_sparse": Case(SparseIGNN().to(DT), torch.zeros(7, 6, dtype=DT), (sparse, normal(g, 7, 3)),
-                            (1, "V"), externs={"sparse_mm_fn"}),
+                            (1, "V")),  # torch.sparse.mm on a sparse argument: spmm, A an input sparse [7, 7]
         "mdeq": Case(shrunk(MDEQCell(), 0.3).eval(), z4(4, 4, 4), (normal(g, b, 4, 4, 4),), (0, "conv1.weight")),
         "mdeq_two_scale": Case(shrunk(MDEQTwoScale(), 0.3), (z4(4, 4, 4), z4(4, 2, 2)), (normal(g, b, 4, 4, 4),),
                                (0, "down.weight")),  # F.avg_pool2d, F.interpolate: primitives
