@@ -42,23 +42,27 @@ def _text(value: Any) -> str:
 @dataclass(frozen=True)
 class OpCall:
     """An fx call with its tensor arguments as :class:`Slot` s: ``kind`` is ``module`` (the module at ``target`` in
-    the traced map), ``function`` (``target`` is the function) or ``method`` (``target`` is its name)."""
+    the traced map), ``function`` (``target`` is the function) or ``method`` (``target`` is its name). ``item``:
+    for an operation that returns a tuple, the element the extern gives (``torch.split(#0, 2)[1]``), else None."""
 
     kind: str
     target: Any
     args: tuple
     kwargs: dict
+    item: int | None = None
 
     def describe(self) -> str:
         """``torch.cumsum(#0, dim=1)``: the operation with its fixed arguments (``#i``: the extern's tensor i)."""
+        item = "" if self.item is None else f"[{self.item}]"
         if self.kind == "module":
-            return f"the module {self.target}"
+            return f"the module {self.target}" + ("" if self.item is None else f" (element {self.item} of its result)")
         args = [_text(a) for a in self.args] + [f"{k}={_text(v)}" for k, v in self.kwargs.items()]
         if self.kind == "method":
-            return f"{args[0]}.{self.target}({', '.join(args[1:])})"
+            return f"{args[0]}.{self.target}({', '.join(args[1:])}){item}"
         module = getattr(self.target, "__module__", None) or ""
         name = getattr(self.target, "__name__", str(self.target))
-        return f"{module + '.' if module and module not in ('builtins', '_operator') else ''}{name}({', '.join(args)})"
+        prefix = module + '.' if module and module not in ('builtins', '_operator') else ''
+        return f"{prefix}{name}({', '.join(args)}){item}"
 
 
 class TracedOp(nn.Module):
@@ -71,6 +75,10 @@ class TracedOp(nn.Module):
         self.op = module
 
     def forward(self, *tensors: Tensor) -> Tensor:
+        result = self._run(*tensors)
+        return result if self.call.item is None else result[self.call.item]
+
+    def _run(self, *tensors: Tensor) -> Any:
         args, kwargs = _fill(self.call.args, tensors), _fill(self.call.kwargs, tensors)
         if self.call.kind == "module":
             return self.op(*args, **kwargs)

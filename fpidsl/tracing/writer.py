@@ -323,6 +323,10 @@ class Writer:
                                        f"({self.n_states} tensor{'s' if self.n_states > 1 else ''})")
             self.updates = [r.name for r in results]
             return None
+        if _is_tuple_of_tensors(value) and node.op in ("call_function", "call_method", "call_module"):
+            return self._tuple_call(node, value)
+        if _element_of(node) is not None and isinstance(self.env.get(node.args[0]), TupleValue):
+            return self._tuple_element(node)
         if not isinstance(value, Tensor):
             return self._python_value(node)
         if node.op == "call_module":
@@ -372,6 +376,98 @@ class Writer:
         elif node.op == "call_function" and node.target not in table.PYTHON_FUNCTIONS:
             raise UntraceableError(f"{_what(node)} gives a Python value")
         return symbolic(self.first[node], self.second[node], self.batch)
+
+    # ------------------------------------------------------------------ operations that return a tuple
+    def _tuple_call(self, node: fx.Node, value: Sequence) -> TupleValue:
+        """An operation returning a tuple (``torch.split``, ``nn.MultiheadAttention``): each element the map takes
+        (``t[0]``, ``a, b = t``) is written where it is taken; the tuple used in any other way is refused."""
+        for user in node.users:
+            if _element_of(user) is None or user.args[0] is not node:
+                raise UntraceableError(f"{_what(node)} returns a tuple of {len(value)}, and the map uses the tuple "
+                                       f"whole ({_what(user)}); only its elements taken with constant indices "
+                                       "(t[0], a, b = t) are traced")
+        return TupleValue(node, len(value))
+
+    def _tuple_element(self, node: fx.Node) -> Ref | None:
+        """Element ``i`` of a tuple operation: an index of its input (split, chunk, unbind), the attention module
+        (element 0 of ``nn.MultiheadAttention``), else an extern that gives the element."""
+        if not node.users:  # ``out, _ = attn(x, x, x)``: an element the map drops is not written
+            return None
+        whole: TupleValue = self.env[node.args[0]]
+        i = _element_of(node) % whole.size
+        call = whole.node
+        element = self.first[node]
+        if not isinstance(element, Tensor) or not element.is_floating_point():
+            what = f"a {element.dtype} tensor" if isinstance(element, Tensor) else "no tensor"
+            raise UntraceableError(f"element {i} of {_what(call)} is {what} (floating-point tensors only)")
+        try:
+            text = self._split_element(call, i) if _splits(call) else \
+                self._attention_element(call, i) if call.op == "call_module" else None
+            if text is None:
+                raise UntraceableError(f"{_what(call)} has no primitive")
+            return self._let(text, suffix="out")
+        except UntraceableError:
+            if not self.allow_externs:
+                raise
+            kind = {"call_module": "module", "call_method": "method"}.get(call.op, "function")
+            return self._extern(OpCall(kind, call.target, (), {}, item=i), call)
+
+    def _split_element(self, call: fx.Node, i: int) -> str:
+        """``v[:, a:b]`` (split, chunk) or ``v[:, i]`` (unbind) along a dimension of fixed size."""
+        name = call.target if call.op == "call_method" else call.target.__name__
+        source = call.args[0] if call.args else call.kwargs.get("input", call.kwargs.get("tensor"))
+        if not isinstance(source, fx.Node) or not isinstance(self.env.get(source), Ref):
+            raise UntraceableError(f"{_what(call)} of other than a tensor")
+        position = 1 if name == "unbind" else 2
+        dim = call.args[position] if len(call.args) > position else call.kwargs.get("dim", 0)
+        shape = self._shape(source)
+        if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+            raise UntraceableError(f"{_what(call)} with dim {dim!r}")
+        dim %= len(shape)
+        if isinstance(shape[dim], BatchDim):
+            raise UntraceableError(f"{_what(call)} along the batch")
+        sizes = [t.shape[dim] if name != "unbind" else 1 for t in self.first[call]]
+        if name != "unbind" and sizes != [t.shape[dim] for t in self.second[call]]:
+            raise UntraceableError(f"{_what(call)} into pieces that follow the batch")
+        start = sum(sizes[:i])
+        item = str(i) if name == "unbind" else f"{start}:{start + sizes[i]}"
+        return f"{self.env[source].name}[{', '.join([':'] * dim + [item])}]"
+
+    def _attention_element(self, call: fx.Node, i: int) -> str | None:
+        """``attn(q, k, v)``: element 0 of a batch-first ``nn.MultiheadAttention``, ``mask=`` its float attn_mask (its weights,
+        element 1, are no primitive: an extern when the map takes them)."""
+        m = self.module.get_submodule(call.target)
+        if type(m) is not nn.MultiheadAttention or i != 0:
+            return None
+        names = ("query", "key", "value")
+        args = [self._arg(a) for a in call.args] + [self._arg(call.kwargs[k]) for k in names[len(call.args):]
+                                                     if k in call.kwargs]
+        extra = {k: v for k, v in call.kwargs.items() if k not in names}
+        mask = extra.pop("attn_mask", None)  # a float mask is added to the scores, as the module's mask= is
+        plain = {"key_padding_mask": None, "is_causal": False}
+        if len(args) != 3 or not all(isinstance(a, Ref) and len(self.shape(a)) == 3 for a in args) or \
+                any(k not in (*plain, "need_weights", "average_attn_weights") for k in extra) or \
+                any(extra.get(k, v) != v for k, v in plain.items()) or \
+                (mask is not None and not (isinstance(mask, fx.Node) and isinstance(self.env.get(mask), Ref)
+                                           and self.first[mask].is_floating_point())):
+            raise UntraceableError(f"{_what(call)} called other than on three 3-D tensors, with no mask but a "
+                                   "float attn_mask")
+        biased = m.in_proj_bias is not None
+        if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or \
+                (m.training and m.dropout != 0) or biased != (m.out_proj.bias is not None):
+            raise UntraceableError(f"{_what(call)}: only batch-first attention with kdim = vdim = embed_dim, "
+                                   "no bias_k / bias_v / add_zero_attn / dropout is a primitive")
+        target = call.target
+        if target not in self.declared_modules:
+            name = self.names.fresh(self._label(target))
+            self.params.append(f"param {name} : MultiheadAttention({m.embed_dim}, {m.num_heads}"
+                               f"{'' if biased else ', bias=false'})")
+            for role in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+                if biased or "bias" not in role:
+                    self.sources[f"{name}.{role}"] = f"{target}.{role}"
+            self.declared_modules[target] = name
+        masked = "" if mask is None else f", mask={self.env[mask].name}"
+        return f"{self.declared_modules[target]}({', '.join(a.name for a in args)}{masked})"
 
     def _arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -465,7 +561,7 @@ class Writer:
         name = self.names.fresh(stem, "fn")
         declared = inputs[0] if len(inputs) == 1 else "(" + ", ".join(inputs) + ")"
         self.params.append(f"param {name} : extern {declared} -> {output}")
-        call = OpCall(call.kind, call.target, args, kwargs)
+        call = OpCall(call.kind, call.target, args, kwargs, call.item)
         self.externs[name] = call
         self.extern_notes.append(f"{name} (extern): {call.describe()}, derivatives by autograd; give it as "
                                  f"{self.layer}({name}=...) (Layer.from_module does)")
@@ -499,6 +595,37 @@ class Writer:
         name = self.names.fresh(self.node.name, suffix)
         self.lets.append(f"let {name} = {text}")
         return Ref(name)
+
+
+@dataclass(frozen=True)
+class TupleValue:
+    """The result of an operation that returns a tuple of tensors; only its elements are written."""
+
+    node: fx.Node
+    size: int
+
+
+_SPLITS = frozenset({"split", "chunk", "unbind"})
+
+
+def _is_tuple_of_tensors(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and not isinstance(value, torch.Size) and \
+        any(isinstance(v, Tensor) for v in value)
+
+
+def _element_of(node: fx.Node) -> int | None:
+    """``i`` when ``node`` is ``t[i]`` with a constant integer ``i``."""
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 and \
+            not node.kwargs and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+        return node.args[1]
+    return None
+
+
+def _splits(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SPLITS
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in _SPLITS and \
+        getattr(node.target, "__module__", "") in ("torch", "torch.functional")
 
 
 def _what(node: fx.Node) -> str:

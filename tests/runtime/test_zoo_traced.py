@@ -287,8 +287,7 @@ def _cases() -> dict[str, Case]:
                                 (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight"),
                                 falls_back="the argument tokens is a torch.int64 tensor (floating point only)"),
         "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (normal(g, b, 6, 8),),
-                                         (0, "attn.in_proj_weight"),
-                                         falls_back="the module attn gives a Python value computed from a tensor's"),
+                                         (0, "attn.in_proj_weight")),  # attn(u, u, u, mask=...)[0]: the module
         "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (normal(g, b, 6, 8),),
                                      (0, "qkv.weight"), externs={"scaled_dot_product_attention_fn"}),
         "icnn": Case(shrunk(ICNN(), 0.5), z4(4), (normal(g, b, 4),), (0, "W0.weight")),
