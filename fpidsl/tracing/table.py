@@ -392,6 +392,35 @@ def _matrix_transposed(w, a):
 
 # --------------------------------------------------------------------------- functions and methods by name
 
+# --------------------------------------------------------------------------- indexing (int / bool arguments)
+
+
+@op("gather", args=("input|self", "dim", "index", "sparse_grad"), sparse_grad=False)
+def _gather(w, a):
+    if a["sparse_grad"]:
+        raise UntraceableError("gather with sparse_grad=True")
+    return f"gather({w.text(a['input'])}, {w.attr(a['dim'])}, {w.text(a['index'])})"
+
+
+@op("index_select", args=("input|self", "dim", "index"))
+def _index_select(w, a):
+    return f"index_select({w.text(a['input'])}, {w.attr(a['dim'])}, {w.text(a['index'])})"
+
+
+@op("embedding", args=("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False)
+def _embedding(w, a):
+    """``F.embedding(ids, weight)``: the rows ``ids`` of the 2-D weight, ``index_select`` of the flattened ids
+    reshaped to ``[*ids.shape, dim]`` (an ``Embedding`` module is the language's ``Embedding``)."""
+    if a["padding_idx"] is not None or a["max_norm"] is not None or a["scale_grad_by_freq"] or a["sparse"]:
+        raise UntraceableError("embedding with padding_idx, max_norm, scale_grad_by_freq or sparse")
+    if len(w.shape(a["weight"])) != 2:
+        raise UntraceableError("embedding of other than a 2-D weight")
+    ids = w.text(a["input"])
+    flat = ids if len(w.shape(a["input"])) == 1 else f"flatten({ids}, start=0, end=-1)"
+    return f"reshape(index_select({w.text(a['weight'])}, 0, {flat}), {w.target_shape()})"
+
+
 # --------------------------------------------------------------------------- pooling and resampling
 
 def _window(w, a, name: str) -> str:
@@ -470,7 +499,12 @@ def _functions() -> dict[Any, str]:
 
 
 FUNCTIONS = _functions()
+FUNCTIONS.pop(torch.embedding, None)  # torch.embedding(weight, input): the other order from F.embedding's
 METHODS = {name: _ALIASES.get(name, name) for name in (*OPS, *_ALIASES)}
+
+# the ops that may read an int / bool argument (an index or a mask): the indexing ones and shape ops on it
+INDEX_OPS = frozenset({"gather", "index_select", "embedding", "where", "getitem", "reshape", "flatten", "unsqueeze",
+                       "permute", "transpose", "t", "T", "mT", "identity", "to", "type", "contiguous", "clone"})
 
 # the fx ops that compute Python values from shapes (never from a tensor's contents)
 SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
@@ -531,10 +565,16 @@ def _layer_norm_module(w, m: nn.LayerNorm) -> str:
     return w.module_decl(f"LayerNorm({w.attr(dims[0] if len(dims) == 1 else dims)}{extra})")
 
 
+def _embedding_module(w, m: nn.Embedding) -> str:
+    if m.padding_idx is not None or m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+        raise UntraceableError("Embedding with padding_idx, max_norm, scale_grad_by_freq or sparse")
+    return w.module_decl(f"Embedding({m.num_embeddings}, {m.embedding_dim})")
+
+
 # a module with weights: declared as a param; the handler returns the declaration's type text
 WEIGHTED_MODULES: dict[type, Callable] = {
     nn.Linear: _linear_module, nn.Conv2d: _conv_module, nn.ConvTranspose2d: _conv_module,
-    nn.GroupNorm: _group_norm_module, nn.LayerNorm: _layer_norm_module,
+    nn.GroupNorm: _group_norm_module, nn.LayerNorm: _layer_norm_module, nn.Embedding: _embedding_module,
 }
 
 # a module without weights: the canonical op and its arguments from the module's attributes

@@ -90,6 +90,8 @@ class SparseRef(Ref):
 
 
 SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+# the dtypes of the arguments declared ``input NAME : int [...]`` / ``bool [...]`` (indices and masks)
+INDEX_DTYPES = {torch.int64: "int", torch.bool: "bool"}
 # A @ x with A sparse: torch.sparse.mm(A, x), torch.mm(A, x), torch.matmul(A, x), A @ x, A.mm(x), A.matmul(x)
 _SPMM_FUNCTIONS = (torch.sparse.mm, torch.mm, torch.matmul, operator.matmul)
 _SPMM_METHODS = frozenset({"mm", "matmul", "__matmul__"})
@@ -150,6 +152,7 @@ class Writer:
         self.node: fx.Node | None = None
         self.current = ""
         self.sparse_transposes: set[fx.Node] = set()  # A.t() of a sparse argument, read only by spmm
+        self.index_nodes: set[fx.Node] = set()  # int64 / bool arguments and the int / bool values made from them
         self.sparse_args = self._sparse_arguments()
 
     def _sparse_arguments(self) -> set[fx.Node]:
@@ -265,7 +268,7 @@ class Writer:
     def same_dtype(self, value: Any) -> bool:
         node = next(n for n, v in self.env.items() if v == value)
         before, after = self.first[node].dtype, self.first[self.node].dtype
-        return before == after or (before == torch.bool and after.is_floating_point)
+        return before == after or (before == torch.bool and after.is_floating_point and node not in self.index_nodes)
 
     def no_dtype(self, bound: dict) -> None:
         if bound.get("dtype") is not None:
@@ -295,6 +298,10 @@ class Writer:
             self.node = node
             try:
                 self.env[node] = self._visit(node)
+                value = self.first.get(node)
+                if node.op != "placeholder" and isinstance(value, Tensor) and not value.is_floating_point() and \
+                        any(a in self.index_nodes for a in node.all_input_nodes):
+                    self.index_nodes.add(node)  # tokens[:, 0], mask.unsqueeze(-1): still an index
             except UntraceableError as exc:
                 raise UntraceableError(f"{exc} (at {_where(node)})") from None
         if len(self.states) != self.n_states:
@@ -336,9 +343,19 @@ class Writer:
     def _placeholder(self, node: fx.Node, value: Any) -> Any:
         if not isinstance(value, Tensor):
             return value
-        if not value.is_floating_point():
-            raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point only)")
         position = len(self.inputs) + len(self.states)
+        if not value.is_floating_point():
+            kind = INDEX_DTYPES.get(value.dtype)
+            if kind is None or len(self.states) < self.n_states or value.layout != torch.strided:
+                raise UntraceableError(f"the argument {node.target} is a {value.dtype} tensor (floating point, "
+                                       "int64 or bool only)")
+            # indices (token ids) or a mask: read only as an index (Embedding, gather, index_select, where's
+            # condition); the spec check refuses any other use, and an extern on one is refused (see _extern)
+            name = self.names.fresh(node.target)
+            self.inputs.append(name)
+            self.input_decls.append(f"input {name} : {kind} {self.declared_shape(node, self.batched_args[position])}")
+            self.index_nodes.add(node)
+            return Ref(name)
         name = self.names.fresh(node.target)
         if node in self.sparse_args and len(self.states) == self.n_states:
             self.batched_args[position] = False  # data the layer reads whole (spmm mixes rows), never sliced
@@ -516,6 +533,9 @@ class Writer:
             canonical, args = args[1], args[:1]
         else:
             canonical = table.FUNCTIONS.get(node.target)
+        if canonical not in table.INDEX_OPS and any(a in self.index_nodes for a in node.all_input_nodes):
+            raise UntraceableError(f"{_what(node)} reads an int or bool argument, which the layer reads only as an "
+                                   "index (Embedding, gather, index_select, where's condition, their shape ops)")
         try:
             if canonical is None or canonical not in table.OPS:
                 raise UntraceableError(f"{_what(node)} has no primitive")
@@ -536,6 +556,9 @@ class Writer:
 
         def template(a: Any) -> Any:
             if isinstance(a, fx.Node):
+                if a in self.index_nodes:
+                    raise UntraceableError(f"{_what(node)} has no primitive, and it reads an int or bool argument "
+                                           "(read only as an index: Embedding, gather, index_select, where)")
                 value = self.env[a]
                 if isinstance(value, Ref):
                     refs.append(value)

@@ -284,8 +284,8 @@ def _cases() -> dict[str, Case]:
                          (*(normal(g, b, 4, 6, 6) for _ in range(3)), ZOO_TABLE.pixel_grid(b, 6)),
                          (1, "convq.weight")),  # F.grid_sample: a primitive
         "deq_transformer": Case(shrunk(DEQTransformer(), 0.5).eval(), z4(6, 8),
-                                (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight"),
-                                falls_back="the argument tokens is a torch.int64 tensor (floating point only)"),
+                                (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight")),
+        # tokens: input tokens : int [B, 6], self.emb(tokens) the Embedding module (issue 18)
         "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (normal(g, b, 6, 8),),
                                          (0, "attn.in_proj_weight")),  # attn(u, u, u, mask=...)[0]: the module
         "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (normal(g, b, 6, 8),),
