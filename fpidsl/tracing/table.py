@@ -23,13 +23,19 @@ Handler = Callable[..., str]
 
 # canonical name -> (handler, argument names (``a|b``: accepted aliases), defaults)
 OPS: dict[str, tuple[Handler, tuple[str, ...], dict[str, Any]]] = {}
+SPACES = (torch, F, operator, torch.linalg, torch.special)  # where a canonical name's functions are looked up
+ONLY_IN: dict[str, tuple] = {}  # the names looked up in fewer modules (see :func:`op`)
 
 
-def op(*names: str, args: tuple[str, ...] = ("input|self",), **defaults: Any):
-    """Register a handler under canonical ``names`` with its argument names and defaults."""
+def op(*names: str, args: tuple[str, ...] = ("input|self",), spaces: tuple | None = None, **defaults: Any):
+    """Register a handler under canonical ``names`` with its argument names and defaults; ``spaces``: the modules
+    whose function of that name it handles (default :data:`SPACES`; another function of the name takes other
+    arguments, such as ``torch.embedding(weight, input)`` against ``F.embedding(input, weight)``)."""
     def register(fn: Handler) -> Handler:
         for name in names:
             OPS[name] = (fn, args, defaults)
+            if spaces is not None:
+                ONLY_IN[name] = spaces
         return fn
 
     return register
@@ -408,7 +414,7 @@ def _index_select(w, a):
 
 
 @op("embedding", args=("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
-    padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False)
+    spaces=(F,), padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False)
 def _embedding(w, a):
     """``F.embedding(ids, weight)``: the rows ``ids`` of the 2-D weight, ``index_select`` of the flattened ids
     reshaped to ``[*ids.shape, dim]`` (an ``Embedding`` module is the language's ``Embedding``)."""
@@ -488,7 +494,7 @@ def _functions() -> dict[Any, str]:
     names = set(OPS) | set(_ALIASES)
     for name in sorted(names):
         canonical = _ALIASES.get(name, name)
-        for space in (torch, F, operator, torch.linalg, torch.special):
+        for space in ONLY_IN.get(name, SPACES):
             fn = getattr(space, name, None)
             if callable(fn) and not isinstance(fn, type):
                 out.setdefault(fn, canonical)
@@ -499,7 +505,6 @@ def _functions() -> dict[Any, str]:
 
 
 FUNCTIONS = _functions()
-FUNCTIONS.pop(torch.embedding, None)  # torch.embedding(weight, input): the other order from F.embedding's
 METHODS = {name: _ALIASES.get(name, name) for name in (*OPS, *_ALIASES)}
 
 # the ops that may read an int / bool argument (an index or a mask): the indexing ones and shape ops on it

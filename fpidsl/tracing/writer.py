@@ -107,6 +107,20 @@ def _spmm_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return node.args[0], node.args[1]
 
 
+def _reads_shape(node: fx.Node) -> bool:
+    """``node`` reads only its first argument's shape: ``x.size()``, ``x.dim()``, ``x.shape``, ``x.dtype`` ..."""
+    return (node.op == "call_method" and node.target in table.SHAPE_METHODS) or \
+        (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+         and node.args[1] in table.SHAPE_ATTRIBUTES)
+
+
+def _dotted(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for the path ``"a.b"``, None where an attribute is missing."""
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _transposes(node: fx.Node, sparse: fx.Node) -> bool:
     """``node`` is the transpose of the 2-D ``sparse``: ``A.t()``, ``torch.t(A)``, ``A.T``, ``A.mT``,
     ``A.transpose(0, 1)``, ``torch.transpose(A, 1, 0)`` (dims -2, -1 too)."""
@@ -170,7 +184,7 @@ class Writer:
                 continue
             transposes = {user for user in node.users if _transposes(user, node)
                           and all(self._spmm_of(u, user) for u in user.users)}
-            if all(self._spmm_of(user, node) or self._reads_shape(user, node) or user in transposes
+            if all(self._spmm_of(user, node) or (_reads_shape(user) and user.args[0] is node) or user in transposes
                    for user in node.users):
                 out.add(node)
                 self.sparse_transposes |= transposes
@@ -187,11 +201,6 @@ class Writer:
                 and x.shape[0] == a.shape[1] and isinstance(out, Tensor) and out.layout == torch.strided
                 and tuple(out.shape) == (a.shape[0], x.shape[1]))
 
-    @staticmethod
-    def _reads_shape(node: fx.Node, sparse: fx.Node) -> bool:
-        return ((node.op == "call_method" and node.target in table.SHAPE_METHODS) or
-                (node.op == "call_function" and node.target is getattr and len(node.args) == 2
-                 and node.args[1] in table.SHAPE_ATTRIBUTES)) and node.args[0] is sparse
 
     # ------------------------------------------------------------------ values as text
     def is_tensor(self, value: Any) -> bool:
@@ -279,15 +288,16 @@ class Writer:
         dims = list(self.first[node].shape)
         return "[" + ", ".join("B" if batched and i == 0 else str(d) for i, d in enumerate(dims)) + "]"
 
-    def module_decl(self, type_text: str) -> str:
-        """Declare the current node's module as a param (once per module); its spec name."""
-        target = self.node.target
+    def module_decl(self, type_text: str, roles: Sequence[str] = ("weight", "bias"), target: str | None = None) -> str:
+        """Declare a module (the current node's unless ``target``) as a param, once per module; its spec name.
+        ``roles``: the module's tensors the param reads (dotted paths), those that are not None."""
+        target = self.node.target if target is None else target
         if target not in self.declared_modules:
             name = self.names.fresh(self._label(target))
             self.params.append(f"param {name} : {type_text}")
             module = self.module.get_submodule(target)
-            for role in ("weight", "bias"):
-                if getattr(module, role, None) is not None:
+            for role in roles:
+                if _dotted(module, role) is not None:
                     self.sources[f"{name}.{role}"] = f"{target}.{role}"
             self.declared_modules[target] = name
         return self.declared_modules[target]
@@ -386,9 +396,7 @@ class Writer:
         """A value computed from shapes only; anything else that is not a tensor is refused."""
         args = [self._arg(a) for a in node.args]
         if any(isinstance(a, Ref) for a in args):
-            shape_only = ((node.op == "call_method" and node.target in table.SHAPE_METHODS)
-                          or (node.target is getattr and args[1] in table.SHAPE_ATTRIBUTES))
-            if not shape_only:
+            if not _reads_shape(node):
                 raise UntraceableError(f"{_what(node)} gives a Python value computed from a tensor's contents")
         elif node.op == "call_function" and node.target not in table.PYTHON_FUNCTIONS:
             raise UntraceableError(f"{_what(node)} gives a Python value")
@@ -474,17 +482,11 @@ class Writer:
                 (m.training and m.dropout != 0) or biased != (m.out_proj.bias is not None):
             raise UntraceableError(f"{_what(call)}: only batch-first attention with kdim = vdim = embed_dim, "
                                    "no bias_k / bias_v / add_zero_attn / dropout is a primitive")
-        target = call.target
-        if target not in self.declared_modules:
-            name = self.names.fresh(self._label(target))
-            self.params.append(f"param {name} : MultiheadAttention({m.embed_dim}, {m.num_heads}"
-                               f"{'' if biased else ', bias=false'})")
-            for role in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
-                if biased or "bias" not in role:
-                    self.sources[f"{name}.{role}"] = f"{target}.{role}"
-            self.declared_modules[target] = name
+        name = self.module_decl(f"MultiheadAttention({m.embed_dim}, {m.num_heads}{'' if biased else ', bias=false'})",
+                                roles=("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"),
+                                target=call.target)
         masked = "" if mask is None else f", mask={self.env[mask].name}"
-        return f"{self.declared_modules[target]}({', '.join(a.name for a in args)}{masked})"
+        return f"{name}({', '.join(a.name for a in args)}{masked})"
 
     def _arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
