@@ -249,9 +249,17 @@ def _p_norm(w, x, p, dim, keepdim, dtype):
     return f"norm({', '.join(parts)})"
 
 
+def _softmax_dtype(w, a) -> None:
+    """Refuse a dtype, which ``torch.softmax(x, dim, dtype)`` and ``x.softmax(dim, dtype)`` pass third, where
+    ``F.softmax`` (whose argument list the table binds) has ``_stacklevel``."""
+    if isinstance(a["_stacklevel"], torch.dtype):
+        a["dtype"] = a["_stacklevel"]
+    w.no_dtype(a)
+
+
 @op("softmax", args=("input|self", "dim", "_stacklevel", "dtype"), _stacklevel=3, dtype=None)
 def _softmax(w, a):
-    w.no_dtype(a)
+    _softmax_dtype(w, a)
     if a["dim"] is None:
         raise UntraceableError("softmax without dim")
     return f"softmax({w.text(a['input'])}, dim={w.attr(a['dim'])})"
@@ -259,7 +267,7 @@ def _softmax(w, a):
 
 @op("log_softmax", args=("input|self", "dim", "_stacklevel", "dtype"), _stacklevel=3, dtype=None)
 def _log_softmax(w, a):
-    w.no_dtype(a)
+    _softmax_dtype(w, a)
     x = w.text(a["input"])
     return f"{x} - logsumexp({x}, dim={w.attr(a['dim'])}, keepdim=true)"
 

@@ -242,6 +242,20 @@ def test_forms_outside_the_table_are_refused_or_externs(module, message):
         assert "param fn0 : extern [2, 1, 5, 5] -> [2, 1, " in trace_map(f, x, ()).spec.text  # the module "0"
 
 
+@pytest.mark.parametrize("f, name", [
+    (lambda x: 0.5 * torch.softmax(x, 1, torch.float32), "softmax"),
+    (lambda x: 0.5 * x.softmax(1, torch.float32), "softmax"),
+    (lambda x: 0.5 * torch.log_softmax(x, 1, torch.float32), "log_softmax"),
+    (lambda x: 0.5 * x.log_softmax(1, torch.float32), "log_softmax"),
+    (lambda x: 0.5 * F.softmax(x, 1, dtype=torch.float32), "softmax"),
+])
+def test_a_softmax_dtype_given_by_position_is_refused_not_dropped(f, name):
+    """torch.softmax(x, dim, dtype) passes the dtype third, where F.softmax has _stacklevel: it is still a dtype
+    (once bound as _stacklevel and dropped, then a RuntimeError from the numeric check)."""
+    with pytest.raises(UntraceableError, match=rf"^{name} with a dtype \(at .*test_trace\.py:\d+\)"):
+        trace_map(f, torch.randn(2, 3, dtype=DT), (), externs=False)
+
+
 def test_a_map_that_changes_the_shape_is_refused():
     with pytest.raises(UntraceableError, match=r"the map returns \[2, 3\] for a state of shape "
                                                r"\[2, 4\]"):
