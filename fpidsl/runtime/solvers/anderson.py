@@ -9,8 +9,9 @@ problem ``min_gamma |f_n - dF gamma|^2 + reg |gamma|^2`` and steps to
 Implementation notes:
 
 - history buffers of shape ``(batch, m, dim)`` are allocated once and written in place, in a ring: ``dF`` and
-  ``dH = dX + beta dF`` (the only form in which ``dX`` is used); the previous iterate and residual are held by
-  reference, not copied (nothing writes them); the products with them are written as
+  ``dH = dX + beta dF`` (the only form in which ``dX`` is used), written as the difference of two plain steps
+  ``p = x + beta f`` (one pass over the state, not two; the plain step is computed anyway); the previous plain
+  step and residual are held by reference, not copied (nothing writes them); the products with them are written as
   ``(batch, 1, dim) @ (batch, dim, k)`` (``bmm`` of a row with the transposed buffer: 0.013 ms against 0.15 ms
   for ``buffer @ column`` on CPU at batch 8, dim 4096, m 6, ``benchmarks/kernels.py``) and the correction is
   fused into the step (``baddbmm``);
@@ -45,8 +46,8 @@ class AndersonState:
     eye: Tensor  # (m, m), the regularisation's identity
     tiny: Tensor  # 0-dimensional: the dtype's smallest normal number, keeps an all-zero system regular
     zero: Tensor  # 0-dimensional zero (the coefficients of a rejected mix)
-    x_prev: Tensor | None = None  # (batch, dim): the previous iterate (held, never written)
-    f_prev: Tensor | None = None  # (batch, dim): its residual (held, never written)
+    p_prev: Tensor | None = None  # (batch, dim): the previous plain step x + beta f (held, never written)
+    f_prev: Tensor | None = None  # (batch, dim): the previous residual (held, never written)
     filled: int = 0  # how many ring slots hold differences (the same for every running sample)
     slot: int = 0  # the slot the next difference goes to
 
@@ -77,9 +78,9 @@ class Anderson:
             f = g - x
         plain = x + self.beta * f if self.beta != 1.0 else g
         if state.f_prev is None:
-            state.x_prev, state.f_prev = x, f
+            state.p_prev, state.f_prev = plain, f
             return plain, state
-        s = self._push(x, f, state)
+        s = self._push(plain, f, state)
         k = state.filled
         history = state.dF[:, :k].transpose(1, 2)  # (batch, dim, k): v (batch, 1, dim) @ it is one fast GEMM
         column = torch.bmm(state.dF[:, s:s + 1], history)  # the new Gram row, (batch, 1, k)
@@ -97,21 +98,20 @@ class Anderson:
             eye=state.eye,
             tiny=state.tiny,
             zero=state.zero,
-            x_prev=None if state.x_prev is None else state.x_prev[keep],
+            p_prev=None if state.p_prev is None else state.p_prev[keep],
             f_prev=None if state.f_prev is None else state.f_prev[keep],
             filled=state.filled,
             slot=state.slot,
         )
 
-    def _push(self, x: Tensor, f: Tensor, state: AndersonState) -> int:
-        """Write the newest differences into the ring and hold ``x`` and ``f`` as the previous iterate; returns
-        the slot (its Gram row is refreshed by the caller)."""
+    def _push(self, plain: Tensor, f: Tensor, state: AndersonState) -> int:
+        """Write the newest differences into the ring (``dH = dX + beta dF``, the difference of the plain steps)
+        and hold ``plain`` and ``f`` as the previous ones; returns the slot (its Gram row is refreshed by the
+        caller)."""
         s = state.slot
         torch.sub(f, state.f_prev, out=state.dF[:, s])
-        dH = torch.sub(x, state.x_prev, out=state.dH[:, s])
-        if self.beta != 0.0:
-            dH.add_(state.dF[:, s], alpha=self.beta)
-        state.x_prev, state.f_prev = x, f
+        torch.sub(plain, state.p_prev, out=state.dH[:, s])
+        state.p_prev, state.f_prev = plain, f
         state.slot = (s + 1) % self.m
         state.filled = min(state.filled + 1, self.m)
         return s
