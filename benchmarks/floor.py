@@ -8,6 +8,10 @@ one VJP + the once-a-step work, each timed alone, against the step timed back to
 times with this thread's CPU time (``time.thread_time``; every contender runs on one intra-op thread), which on a
 machine shared with other jobs leaves out the time the process waited for a core; it does not leave out their
 effect on the caches. The ratio, not the milliseconds, is the claim.
+
+For the Anderson rows a second table adds to the floor the least history work of an Anderson iteration (one product
+with the history, one mix; :func:`anderson_history_row`), which the floor leaves out: what no Anderson can save, so
+that the rest of the gap is what an implementation could.
 """
 from __future__ import annotations
 
@@ -42,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter
         run.time.perf_counter = time.thread_time
     load_before = os.getloadavg()
-    rows = []
+    rows, history_rows = [], []
     for w in make_workloads(False, args.workloads):
         for method in args.methods:
             out = run.Outcome()
             step = run.fpidsl_step(w, method, out)
             step()
             rows.append(run.floor_row(w, method, step, out, args.repeats))
+            if method == "anderson":
+                history_rows.append(anderson_history_row(w, out, rows[-1], args.repeats))
     load_after = os.getloadavg()
     command = "python benchmarks/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`: {args.repeats} timed runs, {args.clock} clock, float32, CPU, one thread; load average "
@@ -56,7 +62,37 @@ def main(argv: list[str] | None = None) -> int:
           f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end, on {os.cpu_count()} cores\n")
     print(run.table(["workload", "method", "forward (steps x ms)", "backward (steps x ms)", "once ms", "floor ms",
                      "fpidsl ms (alone)", "ratio", f"target {run.TARGET_FLOOR}x", "hand g / VJP ms"], rows))
+    if history_rows:
+        print("\nAnderson's least history work (not in the floor above): per iteration after the first, one product "
+              f"of a state-sized row with the m = {ANDERSON_M} history and one mix of the history, timed alone at "
+              "the state's size\n")
+        print(run.table(["workload", "state", "iterations x ms", "floor + history ms", "fpidsl ms (alone)",
+                         "ratio"], history_rows))
     return 0
+
+
+ANDERSON_M = 6  # benchmarks/workloads.py: torchdeq's default memory, on both sides
+
+
+def anderson_history_row(w, out: run.Outcome, floor_row: list[str], repeats: int) -> list[str]:
+    """The least work any type-II Anderson iteration does with a full history beyond evaluating the map: read the
+    history once for the new Gram entries / ``dF f`` (one ``bmm`` of a row with it) and once for the mix (one
+    ``baddbmm``), timed alone on the workload's state size; added to the floor for the forward and backward
+    iterations that take an Anderson step (all but each solve's first)."""
+    batch, dim = w.target.shape[0], w.target[0].numel()
+    history = torch.randn(batch, ANDERSON_M, dim)
+    row, gamma = torch.randn(batch, 1, dim), torch.randn(batch, 1, ANDERSON_M)
+
+    def least() -> None:
+        torch.bmm(row, history.transpose(1, 2))
+        torch.baddbmm(row, gamma, history, alpha=-1)
+
+    t_least = run.median_time(least, repeats, 3 if batch * dim > 100_000 else 20)
+    steps = max(out.forward_iters - 1, 0) + max(out.backward_iters - 1, 0)
+    floor, alone = float(floor_row[5]), float(floor_row[6])
+    total = floor + steps * t_least * 1e3
+    return [w.name, f"{batch} x {dim}", f"{steps} x {run.ms(t_least)}", f"{total:.1f}", floor_row[6],
+            f"{alone / total:.2f}"]
 
 
 if __name__ == "__main__":

@@ -162,6 +162,23 @@ def test_floor_benchmark_prints_table_3_for_a_chosen_workload():
                            "--repeats", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| bibtex-nn | picard | 5 x" in proc.stdout and "cpu clock" in proc.stdout
+    assert "least history work" not in proc.stdout  # Picard has no history
+
+
+def test_floor_benchmark_adds_andersons_least_history_work_to_its_rows():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "floor.py"), "bibtex-nn", "--methods",
+                           "anderson", "--repeats", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    floor = re.search(r"\| bibtex-nn \| anderson \| (\d+) x [\d.]+ \| (\d+) x [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
+                      proc.stdout)
+    history = re.search(r"\| bibtex-nn \| 32 x 159 \| (\d+) x ([\d.]+) \| ([\d.]+) \|", proc.stdout)
+    assert floor and history, proc.stdout
+    steps = int(floor.group(1)) - 1 + int(floor.group(2)) - 1
+    assert int(history.group(1)) == steps
+    assert float(history.group(3)) >= float(floor.group(3))  # the floor plus the history work
 
 
 def test_solver_ops_counts_every_method():
