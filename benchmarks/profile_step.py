@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py conv16-slow anderson       # torch.profiler, then cProfile
     .venv/bin/python benchmarks/profile_step.py bibtex-nn picard --steps 100
     .venv/bin/python benchmarks/profile_step.py bibtex-nn picard --shapes     # aten ops grouped by input shapes
+    .venv/bin/python benchmarks/profile_step.py conv16-fast anderson --parts  # the step's time by part, no profiler
 
 Same set-up as benchmarks/run.py (one thread, the allocator kept steady, the workload's settings). Prints the
 median step time, the aten ops by self time (torch.profiler) and the Python functions by own time (cProfile).
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes (seconds)")
     parser.add_argument("--shapes", action="store_true",
                         help="group the aten ops by their input shapes (which product of the step is the slow one)")
+    parser.add_argument("--parts", action="store_true",
+                        help="only the step's thread CPU time by part (the map's evaluations, the solver's steps, the "
+                             "judgement, the rest of the loops, outside them), timed by wrapping them: no profiler")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steady_allocator()
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{w.name} {args.method}: median step {statistics.median(times) * 1e3:.2f} ms, "
           f"{out.forward_iters} forward / {out.backward_iters} backward iterations")
 
+    if args.parts:
+        print(parts_report(step, out, args.steps))
+        return 0
+
     from torch.profiler import profile
 
     with profile(record_shapes=args.shapes) as prof:
@@ -73,6 +81,64 @@ def main(argv: list[str] | None = None) -> int:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.rows)
     print(text.getvalue())
     return 0
+
+
+def parts_report(step, out: Outcome, steps: int) -> str:
+    """The step's thread CPU time split into the map's evaluations (forward g and backward VJP), the solver's
+    steps, the driver's judgement, the rest of the iteration loops and what runs outside them, per step and per
+    iteration: each part timed by wrapping it for the duration of the measurement."""
+    from fpidsl.runtime import driver
+    from fpidsl.runtime.solvers import anderson, broyden, picard
+
+    clock, spent = time.thread_time, {}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            start = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] = spent.get(key, 0.0) + clock() - start
+        return wrapper
+
+    class Timed:
+        def __init__(self, evaluate):
+            self.evaluate, self.call = evaluate, timed(evaluate, "evaluations")
+
+        def __call__(self, x):
+            return self.call(x)
+
+        def restrict(self, index):
+            self.evaluate.restrict(index)
+
+    saved = [(driver, "_judge"), (driver, "_loop")] + [(c, "step") for c in (anderson.Anderson, broyden.Broyden,
+                                                                            picard.Picard)]
+    originals = [getattr(owner, name) for owner, name in saved]
+    loop = driver._loop
+    driver._judge = timed(driver._judge, "judgement")
+    driver._loop = timed(lambda evaluate, *a: loop(Timed(evaluate), *a), "loops")
+    for cls in (anderson.Anderson, broyden.Broyden, picard.Picard):
+        cls.step = timed(cls.step, "solver steps")
+    try:
+        step()
+        spent.clear()
+        start = clock()
+        for _ in range(steps):
+            step()
+        total = (clock() - start) / steps * 1e3
+    finally:
+        for (owner, name), fn in zip(saved, originals):
+            setattr(owner, name, fn)
+    per = {k: v / steps * 1e3 for k, v in spent.items()}
+    iterations = out.forward_iters + out.backward_iters
+    rest = per["loops"] - per["evaluations"] - per.get("solver steps", 0.0) - per["judgement"]
+    rows = [("evaluations (g, VJP)", per["evaluations"]), ("solver steps", per.get("solver steps", 0.0)),
+            ("judgement", per["judgement"]), ("rest of the loops", rest), ("outside the loops", total - per["loops"]),
+            ("step", total)]
+    lines = [f"thread CPU time, mean of {steps} steps, {out.forward_iters} + {out.backward_iters} iterations",
+             "", "| part | ms a step | ms an iteration |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {ms / iterations:.3f} |" for name, ms in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ def test_profile_step_groups_by_input_shape():
     assert "Input Shapes" in proc.stdout and "[[" in proc.stdout
 
 
+def test_profile_step_splits_the_step_by_part():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "bibtex-nn", "anderson",
+                           "--quick", "--steps", "2", "--parts"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(re.findall(r"\| ([A-Za-z (),]+) \| (-?[\d.]+) \| [\d.-]+ \|", proc.stdout))
+    assert set(rows) == {"evaluations (g, VJP)", "solver steps", "judgement", "rest of the loops",
+                         "outside the loops", "step"}, proc.stdout
+    assert float(rows["solver steps"]) > 0 and float(rows["evaluations (g, VJP)"]) > 0  # the wrappers were called
+    assert float(rows["evaluations (g, VJP)"]) + float(rows["solver steps"]) < float(rows["step"])
+    assert "Self CPU" not in proc.stdout  # no profiler
+
+
 def test_kernel_measurements_run():
     import subprocess
 
