@@ -14,6 +14,7 @@ every call (:mod:`~fpidsl.tracing.auto`).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -146,7 +147,7 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
     layer_name = "Traced" if layer_name == "<lambda>" else layer_name
     spec = Writer(module, first, second, states[0].shape[0], tensor_flags, _layer_name(layer_name), externs,
-                  len(states), _labels(f, module.meta["foreign"])).write()
+                  len(states), _labels(f, module.meta["foreign"]), _definition(f)).write()
     base = _compiled_class(spec)
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
@@ -160,6 +161,16 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     if check:
         check_agrees(traced, f, x, args)
     return traced
+
+
+def _definition(f: Callable) -> str | None:
+    """``file:line`` of the map's definition (a module's ``forward``, a function's ``def``), None when Python
+    cannot tell (a builtin, a callable object without code)."""
+    fn = f.forward if isinstance(f, nn.Module) else f
+    code = getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
+    if code is None and callable(fn):  # an object with __call__
+        code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
+    return None if code is None else f"{code.co_filename}:{code.co_firstlineno}"
 
 
 def _labels(f: Callable, foreign: dict[str, Any]) -> dict[str, str]:

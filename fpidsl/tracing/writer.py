@@ -144,8 +144,10 @@ class Writer:
     """Walks the graph once and collects the declarations (see the module's doc)."""
 
     def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
-                 layer_name: str, externs: bool = True, n_states: int = 1, labels: dict[str, str] | None = None):
+                 layer_name: str, externs: bool = True, n_states: int = 1, labels: dict[str, str] | None = None,
+                 origin: str | None = None):
         self.allow_externs, self.n_states = externs, n_states
+        self.origin = origin  # where the map is defined ("file:line"): the position of a refused argument
         self.labels = labels or {}  # a foreign target's name in the user's code (a closure's variable)
         self.module, self.first, self.second, self.batch = module, first, second, batch
         self.batched_args = list(batched)
@@ -313,7 +315,8 @@ class Writer:
                         any(a in self.index_nodes for a in node.all_input_nodes):
                     self.index_nodes.add(node)  # tokens[:, 0], mask.unsqueeze(-1): still an index
             except UntraceableError as exc:
-                raise UntraceableError(f"{exc} (at {_where(node)})") from None
+                where = self.origin if node.op == "placeholder" and self.origin else _where(node)
+                raise UntraceableError(f"{exc} (at {where})") from None
         if len(self.states) != self.n_states:
             raise UntraceableError("the map has no tensor argument to iterate")
         head = [f"layer {self.layer} {{", *(f"  {d}" for d in (*self.input_decls, *self.state_decls, *self.params,

@@ -143,6 +143,24 @@ def test_an_int32_argument_and_a_state_stay_refused():
         trace_map(lambda x: x, torch.zeros(3, 4, dtype=torch.int64), ())
 
 
+class _TakesComplex(nn.Module):
+    def forward(self, x, w):  # a refused argument's position: this line, where the map is defined
+        return 0.5 * x
+
+
+def _takes_int32(x, t):
+    return 0.5 * x
+
+
+def test_a_refused_argument_is_placed_at_the_maps_definition_not_the_call():
+    x0 = torch.zeros(3, 4, dtype=DT)
+    for f, arg, line in ((_TakesComplex(), torch.zeros(3, 4, dtype=torch.complex64), _TakesComplex.forward),
+                         (_takes_int32, torch.zeros(3, 4, dtype=torch.int32), _takes_int32)):
+        where = rf"\(at .*test_trace_int_args\.py:{line.__code__.co_firstlineno}\)$"
+        with pytest.raises(UntraceableError, match=r"the argument [tw] is a torch\.\w+ tensor .*" + where):
+            trace_map(f, x0, (arg,))
+
+
 def test_an_embedding_with_padding_idx_is_an_extern_and_not_traced():
     torch.manual_seed(4)
     emb = nn.Embedding(10, 4, padding_idx=0).to(DT)
