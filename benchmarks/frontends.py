@@ -4,6 +4,7 @@ autograd path, and torchdeq on the same module; a training step on every workloa
     .venv/bin/python benchmarks/frontends.py                 # the run docs/BENCHMARKS.md "Front-ends" reports
     .venv/bin/python benchmarks/frontends.py --quick         # tiny sizes, a few repeats (seconds)
     .venv/bin/python benchmarks/frontends.py --device cuda   # on a GPU
+    .venv/bin/python benchmarks/frontends.py --workloads conv16-fast --methods picard   # one row
 
 Contenders, all on the same weights, inputs, start, tolerances and criterion as benchmarks/run.py, Picard and
 Anderson (m = 6) forward and backward:
@@ -37,7 +38,7 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402
 from run import (Outcome, _grads, _record, _zero, alternate_runs, fpidsl_step, ms, relative_error,  # noqa: E402
                  round_ratio, table)
-from workloads import Workload, make_workloads  # noqa: E402
+from workloads import FULL, Workload, make_workloads  # noqa: E402
 
 from fpidsl.runtime import fixed_point  # noqa: E402
 
@@ -91,12 +92,13 @@ def traces(w: Workload, module) -> bool:
     return traced_plan(module, w.x0(), (w.z,), None, True) is not None
 
 
-def rows(workloads: list[Workload], repeats: int) -> tuple[list[list[str]], list[list[str]]]:
+def rows(workloads: list[Workload], repeats: int, methods: tuple[str, ...] = ("picard", "anderson")
+         ) -> tuple[list[list[str]], list[list[str]]]:
     speed, checks = [], []
     for w in workloads:
         module = w.module()
         traced = traces(w, module)
-        for method in ("picard", "anderson"):
+        for method in methods:
             print(f"timing {w.name} {method}", file=sys.stderr, flush=True)
             outs = {name: Outcome() for name in ("spec", "traced", "plain", "torchdeq")}
             contenders = {
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few repeats (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(FULL), help="only these (default: every workload)")
+    parser.add_argument("--methods", nargs="+", default=["picard", "anderson"], choices=["picard", "anderson"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     run.steady_allocator()
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     repeats = args.repeats or (3 if args.quick else 5)
     load_before = os.getloadavg()
-    speed, checks = rows([w.to(run.DEVICE) for w in make_workloads(args.quick)], repeats)
+    speed, checks = rows([w.to(run.DEVICE) for w in make_workloads(args.quick, args.workloads)], repeats,
+                         tuple(args.methods))
     load_after = os.getloadavg()
     command = "python benchmarks/frontends.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"`{command.strip()}`: {repeats} timed runs per contender, {run.device_name()}, float32, one thread; "

@@ -149,6 +149,17 @@ def test_frontends_benchmark_runs_and_the_traced_module_gives_the_specs_gradient
     assert all(float(traced) < 1e-6 and float(plain) < 1e-5 and float(deq) < 1e-4 for traced, plain, deq in checks)
 
 
+def test_frontends_benchmark_runs_the_chosen_workloads_and_methods():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frontends.py"), "--quick", "--repeats", "1",
+                           "--workloads", "bibtex-nn", "--methods", "anderson"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| bibtex-nn | anderson | yes |" in proc.stdout
+    assert "| picard |" not in proc.stdout and "conv16-slow" not in proc.stdout
+
+
 def test_scale_benchmark_writes_its_table_and_plot(tmp_path):
     import subprocess
 
