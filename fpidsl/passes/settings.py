@@ -27,8 +27,8 @@ BACKWARD_ONLY_METHODS = ("gmres",)
 MODES = ("implicit", "jfb", "phantom", "unrolled")
 CRITERIA = ("relative", "absolute")
 ON_FAIL = ("warn", "raise", "ignore")
-SETTING_KEYS = ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "on_fail", "mode", "k",
-                "tau")
+SETTING_KEYS = ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "check_every", "on_fail",
+                "mode", "k", "tau")
 DEFAULT_MAX_ITER = 500
 MAX_MEMORY = 1000
 MAX_STEPS = 10000
@@ -42,6 +42,7 @@ _NUMBERS: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
     "tol": ("> 0", lambda v: v > 0, False),
     "max_iter": (">= 1", lambda v: v >= 1, True),
     "min_iter": (">= 0", lambda v: v >= 0, True),
+    "check_every": (">= 1", lambda v: v >= 1, True),
     "m": (f">= 1 and <= {MAX_MEMORY}", lambda v: 1 <= v <= MAX_MEMORY, True),
     "beta": ("in (0, 1]", lambda v: 0 < v <= 1, False),
     "lam": (">= 0", lambda v: v >= 0, False),
@@ -95,6 +96,9 @@ def check_settings(decl: ast.SettingsDecl | None, lookup, sink: ErrorSink,
         name: options for name, options in METHOD_OPTIONS.items() if name not in BACKWARD_ONLY_METHODS}
     _options_apply(values, spans, "method", base.get("method", "picard"), methods, sink)
     _options_apply(values, spans, "mode", "implicit", MODE_OPTIONS, sink)
+    if "check_every" in values and values.get("method", base.get("method")) in BACKWARD_ONLY_METHODS:
+        sink.add(SettingsErr("check_every applies to method = picard, anderson or broyden, but the method is gmres",
+                             spans["check_every"], hint="GMRES reads its residuals once a cycle: remove check_every"))
     max_iter = values.get("max_iter", base.get("max_iter", DEFAULT_MAX_ITER))
     min_iter = values.get("min_iter", base.get("min_iter", 0))
     if min_iter > max_iter:

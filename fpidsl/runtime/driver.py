@@ -21,7 +21,12 @@ residual (locuslab/deq's ``lowest_xest``); ``stats.best_iterate`` flags it, ``st
 A finished sample leaves the working set: the solver's state, the trackers and, when the evaluator can (see
 :class:`Evaluator`), the map's own work shrink to the running samples. Finished samples are never touched again,
 so a sample's result does not depend on the rest of the batch. The loop asks the host one question per
-iteration (how many samples finished).
+check (how many samples finished), every ``check_every`` iterations (and at ``max_iter``). Between two checks a
+sample found done is frozen, on the device: its record (iteration, outcome, residuals, best iterate, result) is
+taken at that iteration into per-row sticky tensors (:class:`_Sticky`), its ``x`` is held, and it is not judged
+again; it leaves the working set at the next check. Every sample gets the record and the result it gets with
+``check_every = 1`` (each solver works on each row alone, so a held row changes no other row's step); only
+the frozen rows' extra evaluations are spent.
 
 ``method = gmres`` (backward only: the adjoint map is affine) runs :func:`fpidsl.runtime.solvers.gmres.gmres`
 instead of this loop, with the same settings and the same record.
@@ -35,6 +40,7 @@ a constant one) gets a :class:`~fpidsl.runtime.stats.ConvergenceWarning` saying 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from contextvars import ContextVar
@@ -224,6 +230,18 @@ class _Record:
             row[index] = residual
             self.history.append(row)
 
+    def write(self, index: Tensor, mask: Tensor | None, held: "_Sticky", out: Tensor) -> None:
+        """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) from their sticky
+        records, and write their results into ``out``."""
+        pick = (lambda t: t) if mask is None else (lambda t: t[mask])
+        self.iterations[index] = pick(held.iterations)
+        self.converged[index], self.diverged[index] = pick(held.converged), pick(held.diverged)
+        self.floor[index], self.shrank[index] = pick(held.floor), pick(held.shrank)
+        self.step[index], self.norm[index] = pick(held.step), pick(held.norm)
+        self.best_iterate[index], self.best_at[index] = pick(held.best_iterate), pick(held.best_at)
+        self.residual[index], self.best_residual[index] = pick(held.residual), pick(held.best_residual)
+        out[index] = pick(held.value)
+
     def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None, out: Tensor, x: Tensor,
                g: Tensor, track: _Tracker) -> None:
         """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) and write their results
@@ -252,6 +270,57 @@ class _Record:
         return SolveStats(phase, settings, self.iterations, self.residual, self.converged, self.diverged,
                           self.floor, history, self.halfway, best_iterate=self.best_iterate, best_at=self.best_at,
                           best_residual=self.best_residual)
+
+
+@dataclass
+class _Sticky:
+    """Per running row, between two checks (``check_every > 1``): whether the sample is done (``frozen``) and the
+    record :meth:`_Record.finish` would write for it, taken at the iteration that found it done. Updated with
+    device-side selects only (no value reaches the host)."""
+
+    frozen: Tensor
+    iterations: Tensor
+    converged: Tensor
+    diverged: Tensor
+    floor: Tensor
+    shrank: Tensor
+    best_iterate: Tensor
+    best_at: Tensor
+    residual: Tensor
+    best_residual: Tensor
+    step: Tensor
+    norm: Tensor
+    value: Tensor  # the result, (rows, dim)
+
+    @staticmethod
+    def start(x: Tensor) -> "_Sticky":
+        rows = x.shape[0]
+        no = torch.zeros(rows, dtype=torch.bool, device=x.device)
+        count = torch.zeros(rows, dtype=torch.long, device=x.device)
+        nan = torch.full((rows,), float("nan"), dtype=x.dtype, device=x.device)
+        return _Sticky(no, count, no.clone(), no.clone(), no.clone(), no.clone(), no.clone(), count.clone(), nan,
+                       nan.clone(), nan.clone(), nan.clone(), x.clone())
+
+    def select(self, keep: Tensor) -> "_Sticky":
+        return _Sticky(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+
+    def hold(self, newly: Tensor, n: int, verdict: _Verdict, x: Tensor, g: Tensor, track: _Tracker) -> None:
+        """Take the record of the rows ``newly`` done at iteration ``n`` (as :meth:`_Record.finish` computes it)
+        and freeze them."""
+        converged, diverged, floor = verdict.outcome(None)
+        residual = verdict.residual
+        best = ~(converged | floor) & (track.best_residual < residual)
+        self.iterations.masked_fill_(newly, n)
+        for name, value in (("converged", converged), ("diverged", diverged), ("floor", floor),
+                            ("shrank", track.shrank), ("best_iterate", best), ("residual", residual),
+                            ("step", verdict.step), ("norm", verdict.norm),
+                            ("best_at", torch.where(best, track.best_at, n)),
+                            ("best_residual", torch.where(best, track.best_residual, residual))):
+            kept = getattr(self, name)
+            torch.where(newly, value, kept, out=kept)
+        value = torch.where(best.unsqueeze(1), track.best_value, _result(x, g))
+        torch.where(newly.unsqueeze(1), value, self.value, out=self.value)
+        self.frozen |= newly
 
 
 def solve(
@@ -288,6 +357,8 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     state = solver.init(x)
     track = _Tracker.start(batch, x, s.criterion == "relative")
     snapshots = SNAPSHOTS.get() if phase == "forward" else None
+    if s.check_every > 1:
+        return _checked_loop(evaluate, x, s, phase, out, record, solver, state, track, thresholds, snapshots)
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
         if snapshots is not None and n in snapshots:
@@ -312,6 +383,44 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
             state, track = solver.select(state, keep), track.select(keep)
             evaluate.restrict(index)
         x, state = solver.step(x, g, state, r)
+    return out, record.stats(phase, s), record
+
+
+def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str, out: Tensor, record: _Record,
+                  solver, state, track: _Tracker, thresholds: _Thresholds, snapshots):
+    """:func:`_loop` with the host reading ``done`` only every ``s.check_every`` iterations (and at ``max_iter``);
+    in between, the samples found done are frozen (:class:`_Sticky`) and leave the working set at the next check."""
+    index = torch.arange(x.shape[0], device=x.device)
+    held = _Sticky.start(x)
+    for n in range(1, s.max_iter + 1):
+        g = evaluate(x)
+        if snapshots is not None and n in snapshots:  # a sample frozen before this iteration: its result
+            snapshots[n] = out.index_copy(0, index, torch.where(held.frozen.unsqueeze(1), held.value, g))
+        r = g - x
+        verdict = _judge(n, x, r, track, s, thresholds)
+        track.remember(n, verdict.better, g)
+        running = verdict.residual.masked_fill(held.frozen, float("nan"))  # a frozen sample has left the log
+        record.log(index, running)
+        if n == s.max_iter // 2:
+            record.halfway[index] = running
+        if n == s.max_iter:
+            held.hold(~held.frozen, n, verdict, x, g, track)
+            record.write(index, None, held, out)
+            break
+        held.hold(verdict.done & ~held.frozen, n, verdict, x, g, track)
+        if n % s.check_every == 0:
+            finished = int(held.frozen.sum())  # the one host synchronisation of a check interval
+            if finished:
+                done = held.frozen
+                record.write(index[done], done, held, out)
+                if finished == index.shape[0]:
+                    break
+                keep = ~done
+                index, x, g, r = index[keep], x[keep], g[keep], r[keep]
+                state, track, held = solver.select(state, keep), track.select(keep), held.select(keep)
+                evaluate.restrict(index)
+        step, state = solver.step(x, g, state, r)
+        x = torch.where(held.frozen.unsqueeze(1), x, step)  # a frozen sample stays where it was found done
     return out, record.stats(phase, s), record
 
 

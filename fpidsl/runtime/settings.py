@@ -24,6 +24,8 @@ key                   meaning                                                   
                       (2-norms over one sample)
 ``max_iter``          at most this many evaluations of the map                            500
 ``min_iter``          at least this many (a sample is not declared done before)           0
+``check_every``       the host reads which samples are done every this many iterations    1
+                      (finished ones held fixed in between; records unchanged; not GMRES)
 ``on_fail``           ``"warn"``, ``"raise"`` or ``"ignore"``: what a sample that did      warn
                       not converge (or diverged) gets
 ``mode``              backward only: ``"implicit"`` (exact), ``"jfb"``, ``"phantom"``,   implicit
@@ -170,6 +172,7 @@ class SolverSettings:
     criterion: str = "relative"
     max_iter: int = 500
     min_iter: int = 0
+    check_every: int = 1
     on_fail: str = "warn"
     mode: str = "implicit"
     k: int | None = None
@@ -190,6 +193,7 @@ class SolverSettings:
             raise SettingsError(
                 f"min_iter must be <= max_iter, got min_iter={self.min_iter} and max_iter={self.max_iter}"
             )
+        _integer("check_every", self.check_every, 1)
         _choice("on_fail", self.on_fail, ON_FAIL)
         _choice("mode", self.mode, MODES)
         if self.k is not None:

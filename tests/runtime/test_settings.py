@@ -16,13 +16,13 @@ from fpidsl.runtime.settings import (
 
 
 def test_defaults_and_keys():
-    assert SETTING_KEYS == ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter", "on_fail",
-                            "mode", "k", "tau")
+    assert SETTING_KEYS == ("method", "m", "beta", "lam", "tol", "criterion", "max_iter", "min_iter",
+                            "check_every", "on_fail", "mode", "k", "tau")
     assert FORWARD_DEFAULTS == SolverSettings()
     assert (FORWARD_DEFAULTS.tol, BACKWARD_DEFAULTS.tol) == (1e-5, 1e-6)
     assert FORWARD_DEFAULTS.as_dict() == {
         "method": "picard", "m": None, "beta": 1.0, "lam": 1e-4, "tol": 1e-5, "criterion": "relative",
-        "max_iter": 500, "min_iter": 0, "on_fail": "warn", "mode": "implicit", "k": None, "tau": 1.0,
+        "max_iter": 500, "min_iter": 0, "check_every": 1, "on_fail": "warn", "mode": "implicit", "k": None, "tau": 1.0,
     }
     assert FORWARD_DEFAULTS.merged({"method": "anderson"}).memory == 5  # each method's default memory
     assert FORWARD_DEFAULTS.merged({"method": "broyden"}).memory == 50
@@ -39,7 +39,7 @@ def test_merged_overrides_and_keeps_the_rest():
 
 BAD = [
     ({"tolerance": 1e-3}, "unknown solver setting 'tolerance'; known: method, m, beta, lam, tol, criterion, "
-                          "max_iter, min_iter, on_fail, mode, k, tau"),
+                          "max_iter, min_iter, check_every, on_fail, mode, k, tau"),
     ({"criterion": "rel"}, "criterion must be 'relative' or 'absolute', got 'rel'"),
     ({"method": "newton"}, "method must be one of 'picard', 'anderson', 'broyden', 'gmres', got 'newton'"),
     ({"method": "gmres"}, "method 'gmres' solves the linear system of the backward; it is a backward setting "
