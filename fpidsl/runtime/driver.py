@@ -143,7 +143,7 @@ class _Verdict:
         return done if self.floor is None else done | self.floor
 
     def outcome(self, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(converged, diverged, floor) of the rows in ``mask`` (all rows if None), each sample in exactly one
+        """(converged, diverged, floor) of the rows ``mask`` (indices; all rows if None), each sample in exactly one
         of them or none: converged first, then diverged."""
         def pick(t: Tensor | None) -> Tensor:
             if t is None:
@@ -231,8 +231,8 @@ class _Record:
             self.history.append(row)
 
     def write(self, index: Tensor, mask: Tensor | None, held: "_Sticky", out: Tensor) -> None:
-        """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) from their sticky
-        records, and write their results into ``out``."""
+        """Record the samples ``index`` (rows ``mask`` of the running ones, as indices; all if None) from their
+        sticky records, and write their results into ``out``."""
         pick = (lambda t: t) if mask is None else (lambda t: t[mask])
         self.iterations[index] = pick(held.iterations)
         self.converged[index], self.diverged[index] = pick(held.converged), pick(held.diverged)
@@ -244,9 +244,9 @@ class _Record:
 
     def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None, out: Tensor, x: Tensor,
                g: Tensor, track: _Tracker) -> None:
-        """Record the samples ``index`` (rows ``mask`` of the running ones, all if None) and write their results
-        into ``out``: ``g(x)``, or the best iterate for a failed sample whose best residual is lower. The norms
-        are the verdict's (not computed again)."""
+        """Record the samples ``index`` (rows ``mask`` of the running ones, as indices; all if None) and write their
+        results into ``out``: ``g(x)``, or the best iterate for a failed sample whose best residual is lower. The
+        norms are the verdict's (not computed again)."""
         pick = (lambda t: t) if mask is None else (lambda t: t[mask])
         residual = pick(verdict.residual)
         self.iterations[index] = n
@@ -375,10 +375,10 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
         done = verdict.done
         finished = int(done.sum())  # the one host synchronisation of an iteration
         if finished:
-            record.finish(index[done], n, verdict, done, out, x, g, track)
+            rows, keep = _split(done, finished)
+            record.finish(index[rows], n, verdict, rows, out, x, g, track)
             if finished == index.shape[0]:
                 break
-            keep = ~done
             index, x, g, r = index[keep], x[keep], g[keep], r[keep]
             state, track = solver.select(state, keep), track.select(keep)
             evaluate.restrict(index)
@@ -411,17 +411,24 @@ def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str,
         if n % s.check_every == 0:
             finished = int(held.frozen.sum())  # the one host synchronisation of a check interval
             if finished:
-                done = held.frozen
-                record.write(index[done], done, held, out)
+                rows, keep = _split(held.frozen, finished)
+                record.write(index[rows], rows, held, out)
                 if finished == index.shape[0]:
                     break
-                keep = ~done
                 index, x, g, r = index[keep], x[keep], g[keep], r[keep]
                 state, track, held = solver.select(state, keep), track.select(keep), held.select(keep)
                 evaluate.restrict(index)
         step, state = solver.step(x, g, state, r)
         x = torch.where(held.frozen.unsqueeze(1), x, step)  # a frozen sample stays where it was found done
     return out, record.stats(phase, s), record
+
+
+def _split(done: Tensor, finished: int) -> tuple[Tensor, Tensor]:
+    """The rows that are ``done`` and the others, each in row order, as indices: one stable sort on the device
+    (the host knows ``finished``, how many are done), so that recording and dropping them reads nothing more."""
+    order = torch.argsort(done, stable=True)
+    kept = done.shape[0] - finished
+    return order[kept:], order[:kept]
 
 
 def _linear(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, history: bool):

@@ -6,7 +6,8 @@ A solver works on the flattened states of the samples still running, ``x`` of sh
 - ``init(x) -> state``: its state for the iteration that starts at ``x``;
 - ``step(x, g, state, f=None) -> (x_next, state)``: the next iterate, given ``g = g(x)`` (and the residual
   ``f = g - x``, which the driver has computed already; a solver computes it where it is not given);
-- ``select(state, keep) -> state``: the state of the samples in ``keep`` (a bool mask), once others finished.
+- ``select(state, keep) -> state``: the state of the samples ``keep`` (row indices, or a bool mask), once others
+  finished.
 
 The driver (:mod:`fpidsl.runtime.driver`) evaluates the map, measures residuals, decides convergence and drops
 finished samples; the solver only proposes the next iterate. All of it runs without autograd recording.
