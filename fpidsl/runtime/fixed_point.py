@@ -177,7 +177,7 @@ class _FixedPointFunction(torch.autograd.Function):
         problem, n = inputs[0], inputs[0].n_state
         args = inputs[1 + n :]
         ctx.problem = problem
-        ctx.constants = tuple(None if isinstance(a, Tensor) else a for a in args)
+        ctx.constants = tuple(_SAVED if isinstance(a, Tensor) else a for a in args)
         tensors = (*output, *(a for a in args if isinstance(a, Tensor)))
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
@@ -211,11 +211,14 @@ def _dual(inputs: Sequence[Any]) -> bool:
         isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
 
 
+_SAVED = object()  # in ctx.constants: the place of a saved tensor (a constant may itself be None: dropout's seeds)
+
+
 def _saved(ctx, n: int) -> tuple[States, tuple]:
     """The fixed point and the arguments that the forward saved (constants put back in their places)."""
     saved = ctx.saved_tensors
     x_hat, tensors = saved[:n], iter(saved[n:])
-    return tuple(x_hat), tuple(next(tensors) if c is None else c for c in ctx.constants)
+    return tuple(x_hat), tuple(next(tensors) if c is _SAVED else c for c in ctx.constants)
 
 
 def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs: Sequence[bool]) -> tuple:

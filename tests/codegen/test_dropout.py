@@ -98,6 +98,22 @@ def test_eval_mode_is_the_map_without_dropout(tmp_path):
     torch.testing.assert_close(layer(a), plain(a), rtol=1e-13, atol=1e-15)  # plain hoists fc: ulps apart
 
 
+def test_eval_mode_derivatives_are_those_of_the_map_without_dropout(tmp_path):
+    """In eval mode the seeds are None, a constant argument of the solve: the backward once took that None for a
+    saved tensor's place and failed (StopIteration)."""
+    layer = load(tmp_path).eval()
+    plain = load(tmp_path, SPEC.replace("dropout(cat([x, a], dim=-1), p=0.3)", "cat([x, a], dim=-1)")
+                 .replace("dropout(g(a), p=0.5)", "g(a)")).eval()
+    plain.load_state_dict(layer.state_dict())
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    got = derivatives(lambda: (w * layer(a)).sum(), [a, *layer.parameters()], order=2)
+    want = derivatives(lambda: (w * plain(a)).sum(), [a, *plain.parameters()], order=2)
+    for k, (g_order, w_order) in enumerate(zip(got, want), start=1):
+        for g, v in zip(g_order, w_order):
+            torch.testing.assert_close(g, v, rtol=1e-9, atol=1e-11, msg=lambda m: f"order {k}: {m}")
+
+
 def test_each_solve_draws_its_own_mask(tmp_path):
     layer = load(tmp_path)
     a = torch.randn(3, 4, dtype=torch.float64)

@@ -110,3 +110,27 @@ def test_hessian_vector_product_and_jvp_match_unrolled():
     _, jvp_ours = torch.autograd.functional.jvp(fp, z.detach(), v)
     _, jvp_ref = torch.autograd.functional.jvp(lambda z_: unrolled(f, x0, [*rest, z_], UNROLLED_STEPS), z.detach(), v)
     assert max_rel_err([jvp_ours], [jvp_ref]) <= 1e-8
+
+
+def test_a_constant_argument_that_is_none_keeps_the_tensors_in_their_places():
+    """Constants among the arguments (None, a number) sit between tensors: the backward once took a None constant
+    for a saved tensor's place and failed (StopIteration); the derivatives are those of the map without them."""
+    import fpidsl
+
+    gen = generator()
+    w, z = randn(3, 3, scale=0.3, gen=gen), randn(2, 3, gen=gen)
+
+    def f(x, w, nothing, z, k):
+        assert nothing is None and k == 0.5
+        return k * torch.tanh(x @ w) + z
+
+    def layer(w, z):
+        return fpidsl.fixed_point(f, torch.zeros(2, 3, dtype=DTYPE), w, None, z, 0.5, trace=False, tol=1e-12,
+                                  backward={"tol": 1e-12})
+
+    def by_hand(w, z):
+        return unrolled(lambda x, w, z: 0.5 * torch.tanh(x @ w) + z, torch.zeros(2, 3, dtype=DTYPE), (w, z), 200)
+
+    assert_orders_close(derivatives(lambda: smooth_loss(layer(w, z)), [w, z], order=2),
+                        derivatives(lambda: smooth_loss(by_hand(w, z)), [w, z], order=2))
+    assert gradcheck(layer, (w, z), eps=1e-6, atol=1e-6, rtol=1e-5)
