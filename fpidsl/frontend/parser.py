@@ -15,7 +15,7 @@ from lark import Lark, Token, Tree
 from ..errors import FpiError, LimitErr, SyntaxErr, TypeErr
 from ..limits import MAX_NESTING
 from ..source import Source, Span
-from . import ast, numbers
+from . import ast, fast_lexer, numbers
 from .reductions import Reduced, TreelessParser, install
 
 KEYWORDS = frozenset(
@@ -61,9 +61,13 @@ def _parser() -> Lark:
 @functools.lru_cache(maxsize=None)
 def _treeless() -> TreelessParser | None:
     """The parser that calls :class:`ToAst`'s methods as it reduces (:mod:`fpidsl.frontend.reductions`: faster,
-    and without the tree's memory); None where the installed lark lays out its parser otherwise."""
+    and without the tree's memory), with :mod:`fpidsl.frontend.fast_lexer`'s lexer where it installs; None where
+    the installed lark lays out its parser otherwise."""
     parser = TreelessParser(_lark(propagate_positions=False), ToAst.rule_method, _EXPRESSION_LEVELS)
-    return parser if install(parser) else None
+    if not install(parser):
+        return None
+    fast_lexer.install(parser.lark)
+    return parser
 
 
 def _lark(propagate_positions: bool) -> Lark:
@@ -589,7 +593,7 @@ def _parse(text: str, start: str, at: Placement):
     if treeless is not None:
         try:
             done = treeless.parse(text, start, ToAst(at))
-        except (lark.exceptions.UnexpectedInput, _Misplaced):
+        except (lark.exceptions.UnexpectedInput, _Misplaced, fast_lexer.Unsure):
             pass  # reported from the tree, as before: a syntax error, else too deep a nesting, else this one
         else:
             if not isinstance(done, Reduced):
