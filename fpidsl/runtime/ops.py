@@ -772,7 +772,9 @@ def _solve_mask(x: Tensor, seeds: Tensor, p: float, key: int) -> Tensor:
     """:func:`dropout_mask`, made once per seeds tensor (one per solve, a new one when the running samples are
     sliced) and kept on it: the iterations of a solve reuse the mask instead of hashing again (the mask of a
     [256, 512] value costs about four 512 x 512 products on one CPU thread)."""
-    if torch._C._functorch.is_batchedtensor(x):  # inside vmap: a mask of that level only, not kept
+    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(x):
+        # under torch.compile (compile=True: the graph computes the mask; dynamo cannot trace the cache) or inside
+        # vmap (a mask of that level only): not kept
         return dropout_mask(x, seeds, p=p, key=key)
     try:
         cache = seeds.__dict__.setdefault("_fpidsl_dropout_masks", {})

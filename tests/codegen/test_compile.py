@@ -37,3 +37,40 @@ def test_compiled_layer_matches_eager():
     (h_fast,) = torch.autograd.grad(g_fast.square().sum(), a2)
     (h_eager,) = torch.autograd.grad(g_eager.square().sum(), a2)
     assert torch.allclose(h_fast, h_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_layer_with_dropout_matches_eager_in_train_and_eval_mode(tmp_path):
+    """The solve's dropout masks under torch.compile: made by the graph, not cached on the seeds (dynamo cannot
+    trace the cache; the call once failed with an InternalTorchDynamoError)."""
+    path = tmp_path / "dropped.fpi"
+    path.write_text("""
+layer Dropped {
+  input a : [B, 4]
+  state x : [B, 4] = zeros
+  param fc : Linear(8, 4, init_scale=0.5)
+  update x = 0.5 * tanh(fc(dropout(cat([x, a], dim=-1), p=0.3)))
+}
+""")
+    cls = fpidsl.load(path)
+    tight = {"tol": 1e-12}
+    eager = cls(solve=tight, backward=tight).double()
+    fast = cls(solve=tight, backward=tight, compile=True).double()
+    fast.load_state_dict(eager.state_dict())
+    a = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    for train in (True, False):
+        results = []
+        for layer in (eager, fast):
+            layer.train(train)
+            layer.zero_grad()
+            torch.manual_seed(3)  # the same seeds, so the same masks
+            y = layer(a)
+            (w * y).sum().backward()
+            results.append((y.detach(), [p.grad for p in layer.parameters()]))
+        (y_eager, g_eager), (y_fast, g_fast) = results
+        torch.testing.assert_close(y_fast, y_eager, rtol=1e-10, atol=1e-12)
+        for p, q in zip(g_fast, g_eager):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    eager.train()
+    torch.manual_seed(3)
+    assert not torch.allclose(eager(a), eager.eval()(a))  # the train-mode masks changed the map
