@@ -53,11 +53,13 @@ def test_every_zoo_spec_checks_clean_is_formatted_and_every_layer_is_in_the_tabl
     assert layers == tabled, layers ^ tabled
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
-def test_derivatives_match_unrolled_autograd(model):
+def test_derivatives_match_unrolled_autograd(model, train):
     """In training mode: with dropout, parameter_tensors() after a call hold that call's mask seeds, so the oracle
-    iterates the map with the same masks as the solve it is compared with."""
-    layer = build(model, solve=TIGHT, backward=TIGHT)
+    iterates the map with the same masks as the solve it is compared with. In eval mode (no masks; a dropout
+    layer's backward once failed there) likewise."""
+    layer = build(model, solve=TIGHT, backward=TIGHT).train(train)
     inputs = ZOO_TABLE.requiring_grad(model.inputs(torch.Generator().manual_seed(1), 3))
     out = layer(*inputs)
     assert bool(layer.stats.forward.converged.all())
