@@ -83,6 +83,7 @@ class FastLexer(Lexer):
                 line_start = text.rindex("\n", 0, skipped) + 1
             pos = skipped
         new = str.__new__
+        stack = parser_state.state_stack  # lark's ParserState.position, without the property's call a token
         while pos < end:
             m = match(text, pos)
             if m is None:
@@ -90,7 +91,7 @@ class FastLexer(Lexer):
             kind = m.lastgroup
             stop = m.end(kind)
             value = text[pos:stop]
-            table, name, number, integer, string = contexts[parser_state.position]
+            table, name, number, integer, string = contexts[stack[-1]]
             type_ = table.get(value)
             if type_ is None:
                 if kind == "w":
@@ -100,7 +101,7 @@ class FastLexer(Lexer):
                 elif kind == "s":
                     type_ = string
             if not type_:
-                raise Unsure(f"{value!r} in parser state {parser_state.position}")
+                raise Unsure(f"{value!r} in parser state {stack[-1]}")
             column = pos - line_start + 1
             token = new(Token, value)
             token.type, token.value, token.start_pos, token.end_pos = type_, value, pos, stop
@@ -141,7 +142,7 @@ def _lark_type(basic: BasicLexer, text: str) -> str | None:
         token = basic.next_token(LexerState(TextSlice.cast_from(text)), None)
     except Exception:  # noqa: BLE001 - lark's lexer refused the text: no answer
         return None
-    return token.type if token.value == text and token.end_pos == len(text) else None
+    return "".join(token.type) if token.value == text and token.end_pos == len(text) else None  # a plain str
 
 
 def install(lark: Lark) -> bool:

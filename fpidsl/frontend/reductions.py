@@ -18,6 +18,11 @@ left to right, as the transformer visits):
 
 The callbacks live in lark's private ``Lark._callbacks`` (the dict its LALR parser reads): :func:`install`
 returns False, and the caller keeps the tree path, where a lark release lays them out otherwise.
+
+lark's LALR loop (``_Parser.parse_from_state``) drives the parse, over lark's parse table, with a
+:class:`_TableState` for its parser state: lark's ``ParserState`` whose ``feed_token`` reads a copy of the table
+in which each reduction already holds its callback, its length and its rule's name (lark's looked each up per
+reduction, hashing and comparing ``Rule`` objects in Python).
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ import threading
 from typing import Any, Callable, Iterable
 
 from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedToken
 from lark.grammar import Rule
 from lark.parse_tree_builder import maybe_create_child_filter
+from lark.parsers.lalr_analysis import Shift
+from lark.parsers.lalr_parser_state import ParseConf, ParserState
 from lark.tree import Meta
 
 
@@ -56,13 +64,20 @@ class TreelessParser:
         self.builder: Any = None
         self._lock = threading.Lock()
         self._methods, self._levels = methods, frozenset(levels)
+        self._table: dict | None = None  # the parse table with its reductions' callbacks, once installed
 
     def parse(self, text: str, start: str, builder: Any) -> Reduced | Token | None:
         """The start rule's :class:`Reduced` (its ``value`` is the builder's result, ``levels`` its nesting)."""
         with self._lock:
             self.builder = builder
             try:
-                return self.lark.parse(text, start=start)
+                if self._table is None:
+                    return self.lark.parse(text, start=start)
+                frontend = self.lark.parser
+                parser = frontend.parser.parser
+                conf = ParseConf(parser.parse_table, parser.callbacks, frontend._verify_start(start))
+                conf.states = self._table
+                return parser.parse_from_state(_TableState(conf, frontend._make_lexer_thread(text)))
             finally:
                 self.builder = None
 
@@ -119,7 +134,64 @@ def install(parser: TreelessParser) -> bool:
         return False
     for rule in rules:
         callbacks[rule] = parser.callback(rule)
+    parser._table = _callback_table(lark, callbacks)
     return True
+
+
+def _callback_table(lark: Lark, callbacks: dict) -> dict | None:
+    """lark's parse table with ``(True, state)`` for a shift and ``(False, (callback, length, rule name))`` for a
+    reduction; None (lark's own ``ParserState`` then) where lark's parser is laid out otherwise or calls token
+    callbacks."""
+    parser = getattr(getattr(lark.parser, "parser", None), "parser", None)
+    table = getattr(getattr(parser, "parse_table", None), "states", None)
+    if (not isinstance(table, dict) or getattr(parser, "callbacks", None) is not callbacks
+            or not hasattr(parser, "parse_from_state") or not hasattr(lark.parser, "_make_lexer_thread")
+            or any(not isinstance(k, Rule) for k in callbacks)):
+        return None
+    out = {}
+    for state, actions in table.items():  # names as plain strings: lark's are Tokens, compared in Python
+        out[state] = {_plain(sym): (True, arg) if action is Shift
+                      else (False, (callbacks[arg], len(arg.expansion), _plain(arg.origin.name)))
+                      for sym, (action, arg) in actions.items()}
+    return out
+
+
+def _plain(name: str) -> str:
+    return str.__str__(name) if type(name) is str else "".join(name)
+
+
+class _TableState(ParserState):
+    """lark's parser state over :func:`_callback_table`'s table: lark's ``feed_token`` without its per-reduction
+    lookups (and asserts)."""
+
+    __slots__ = ()
+
+    def feed_token(self, token: Token, is_end: bool = False) -> Any:
+        state_stack, value_stack = self.state_stack, self.value_stack
+        states, end_state = self.parse_conf.states, self.parse_conf.end_state
+        kind = token.type
+        while True:
+            try:
+                shift, arg = states[state_stack[-1]][kind]
+            except KeyError:
+                expected = {s for s in states[state_stack[-1]] if s.isupper()}
+                raise UnexpectedToken(token, expected, state=self, interactive_parser=None) from None
+            if shift:
+                state_stack.append(arg)
+                value_stack.append(token)
+                return None
+            callback, size, origin = arg
+            if size:
+                children = value_stack[-size:]
+                del state_stack[-size:]
+                del value_stack[-size:]
+            else:
+                children = []
+            value = callback(children)
+            state_stack.append(states[state_stack[-1]][origin][1])
+            value_stack.append(value)
+            if is_end and state_stack[-1] == end_state:
+                return value_stack[-1]
 
 
 def _pass_through(raw: list) -> Any:

@@ -58,6 +58,7 @@ def same(a, b) -> bool:
 
 def test_the_treeless_parser_is_installed_with_this_lark():
     assert _treeless() is not None
+    assert _treeless()._table is not None  # lark's loop over the table with the callbacks in it (_TableState)
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
