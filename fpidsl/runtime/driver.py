@@ -20,13 +20,15 @@ residual (locuslab/deq's ``lowest_xest``); ``stats.best_iterate`` flags it, ``st
 ``stats.best_at`` give that residual and iteration (``stats.residual`` stays the last one).
 A finished sample leaves the working set: the solver's state, the trackers and, when the evaluator can (see
 :class:`Evaluator`), the map's own work shrink to the running samples. Finished samples are never touched again,
-so a sample's result does not depend on the rest of the batch. The loop asks the host one question per
-check (how many samples finished), every ``check_every`` iterations (and at ``max_iter``). Between two checks a
-sample found done is frozen, on the device: its record (iteration, outcome, residuals, best iterate, result) is
-taken at that iteration into per-row sticky tensors (:class:`_Sticky`), its ``x`` is held, and it is not judged
-again; it leaves the working set at the next check. Every sample gets the record and the result it gets with
-``check_every = 1`` (each solver works on each row alone, so a held row changes no other row's step); only
-the frozen rows' extra evaluations are spent.
+so a sample's result does not depend on the rest of the batch. The loop asks the host one question per check
+(how many samples finished; the samples leaving are then split off on the device, no further read), every
+``check_every`` iterations (and at ``max_iter``). Between two checks a sample found done is frozen, on the
+device: its ``x`` is held, its best iterate is no longer updated, and its record (iteration, outcome, residuals,
+best iterate, result) is gathered at the next check, where it leaves the working set, from the tensors of the
+iteration that found it done (:class:`_Window`). Every sample gets the record and the result it gets with
+``check_every = 1`` (each solver works on each row alone, so a held row changes no other row's step); what it
+costs is four small operations an iteration and the frozen rows' evaluations until the check (up to
+``check_every - 1`` iterations more for the last samples of a batch).
 
 ``method = gmres`` (backward only: the adjoint map is affine) runs :func:`fpidsl.runtime.solvers.gmres.gmres`
 instead of this loop, with the same settings and the same record.
@@ -40,12 +42,11 @@ a constant one) gets a :class:`~fpidsl.runtime.stats.ConvergenceWarning` saying 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -189,12 +190,10 @@ def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: 
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
-        if track.relative:
-            torch.lt(step, track.best_step, out=track.shrank)
-        else:
-            track.shrank = better  # the same comparison
-    torch.fmin(track.best_step, step, out=track.best_step)
-    torch.fmin(track.best_rel, rel, out=track.best_rel)
+        # new tensors, not written in place: a check interval's window holds this iteration's (_Window)
+        track.shrank = torch.lt(step, track.best_step) if track.relative else better  # the same comparison
+    track.best_step = torch.fmin(track.best_step, step)
+    track.best_rel = torch.fmin(track.best_rel, rel)
     if n < s.min_iter:
         return _Verdict(residual, None, diverged, None, step, norm, better)
     floor = None
@@ -230,17 +229,14 @@ class _Record:
             row[index] = residual
             self.history.append(row)
 
-    def write(self, index: Tensor, mask: Tensor | None, held: "_Sticky", out: Tensor) -> None:
-        """Record the samples ``index`` (rows ``mask`` of the running ones, as indices; all if None) from their
-        sticky records, and write their results into ``out``."""
-        pick = (lambda t: t) if mask is None else (lambda t: t[mask])
-        self.iterations[index] = pick(held.iterations)
-        self.converged[index], self.diverged[index] = pick(held.converged), pick(held.diverged)
-        self.floor[index], self.shrank[index] = pick(held.floor), pick(held.shrank)
-        self.step[index], self.norm[index] = pick(held.step), pick(held.norm)
-        self.best_iterate[index], self.best_at[index] = pick(held.best_iterate), pick(held.best_at)
-        self.residual[index], self.best_residual[index] = pick(held.residual), pick(held.best_residual)
-        out[index] = pick(held.value)
+    def write(self, index: Tensor, held: _Outcome, out: Tensor) -> None:
+        """Record the samples ``index`` from ``held`` (one row each) and write their results into ``out``."""
+        self.iterations[index], self.converged[index] = held.iterations, held.converged
+        self.diverged[index], self.floor[index], self.shrank[index] = held.diverged, held.floor, held.shrank
+        self.step[index], self.norm[index] = held.step, held.norm
+        self.best_iterate[index], self.best_at[index] = held.best_iterate, held.best_at
+        self.residual[index], self.best_residual[index] = held.residual, held.best_residual
+        out[index] = held.value
 
     def finish(self, index: Tensor, n: int, verdict: _Verdict, mask: Tensor | None, out: Tensor, x: Tensor,
                g: Tensor, track: _Tracker) -> None:
@@ -272,13 +268,9 @@ class _Record:
                           best_residual=self.best_residual)
 
 
-@dataclass
-class _Sticky:
-    """Per running row, between two checks (``check_every > 1``): whether the sample is done (``frozen``) and the
-    record :meth:`_Record.finish` would write for it, taken at the iteration that found it done. Updated with
-    device-side selects only (no value reaches the host)."""
+class _Outcome(NamedTuple):
+    """What :class:`_Record` keeps of some samples, row by row (see :meth:`_Window.outcome`)."""
 
-    frozen: Tensor
     iterations: Tensor
     converged: Tensor
     diverged: Tensor
@@ -292,35 +284,46 @@ class _Sticky:
     norm: Tensor
     value: Tensor  # the result, (rows, dim)
 
-    @staticmethod
-    def start(x: Tensor) -> "_Sticky":
-        rows = x.shape[0]
-        no = torch.zeros(rows, dtype=torch.bool, device=x.device)
-        count = torch.zeros(rows, dtype=torch.long, device=x.device)
-        nan = torch.full((rows,), float("nan"), dtype=x.dtype, device=x.device)
-        return _Sticky(no, count, no.clone(), no.clone(), no.clone(), no.clone(), no.clone(), count.clone(), nan,
-                       nan.clone(), nan.clone(), nan.clone(), x.clone())
 
-    def select(self, keep: Tensor) -> "_Sticky":
-        return _Sticky(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+class _Window:
+    """The iterations since the last check (``check_every > 1``), per running row: whether it was found done
+    (``frozen``), its ``g(x)`` at that iteration, and, per iteration, references to the tensors its record is made
+    of. The judgement makes those fresh every iteration (nothing writes them later), so holding them costs no
+    device work; the tracker's best value and iteration are not updated for a frozen row (:func:`_checked_loop`),
+    and its ``x`` is held. The record is gathered at the check, for the rows that leave."""
 
-    def hold(self, newly: Tensor, n: int, verdict: _Verdict, x: Tensor, g: Tensor, track: _Tracker) -> None:
-        """Take the record of the rows ``newly`` done at iteration ``n`` (as :meth:`_Record.finish` computes it)
-        and freeze them."""
-        converged, diverged, floor = verdict.outcome(None)
-        residual = verdict.residual
-        best = ~(converged | floor) & (track.best_residual < residual)
-        self.iterations.masked_fill_(newly, n)
-        for name, value in (("converged", converged), ("diverged", diverged), ("floor", floor),
-                            ("shrank", track.shrank), ("best_iterate", best), ("residual", residual),
-                            ("step", verdict.step), ("norm", verdict.norm),
-                            ("best_at", torch.where(best, track.best_at, n)),
-                            ("best_residual", torch.where(best, track.best_residual, residual))):
-            kept = getattr(self, name)
-            torch.where(newly, value, kept, out=kept)
-        value = torch.where(best.unsqueeze(1), track.best_value, _result(x, g))
-        torch.where(newly.unsqueeze(1), value, self.value, out=self.value)
-        self.frozen |= newly
+    def __init__(self, x: Tensor, first: int):
+        self.first = first  # the iteration of entries[0]
+        self.frozen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.frozen_rows = self.frozen.unsqueeze(1)  # a view: follows frozen
+        self.g = torch.empty_like(x)
+        self.no = torch.zeros_like(self.frozen)  # a test not made (before min_iter; the floor's off iterations)
+        self.entries: list[tuple[Tensor, ...]] = []
+
+    def add(self, done: Tensor, verdict: _Verdict, g: Tensor, track: _Tracker) -> None:
+        """Iteration ``first + len(entries)``: freeze the rows ``done`` that were not."""
+        torch.where(self.frozen_rows, self.g, g, out=self.g)  # the running rows' g: a frozen row's stays
+        self.frozen |= done
+        no = self.no
+        self.entries.append((done, no if verdict.converged is None else verdict.converged, verdict.diverged,
+                             no if verdict.floor is None else verdict.floor, track.shrank, verdict.residual,
+                             track.best_residual, verdict.step, verdict.norm))
+
+    def outcome(self, rows: Tensor | None, x: Tensor, track: _Tracker) -> _Outcome:
+        """The record of the frozen rows ``rows`` (indices; all rows if None, where the unfrozen ones give garbage)
+        as :meth:`_Record.finish` writes it at the iteration each was found done."""
+        if rows is None:
+            rows = torch.arange(self.frozen.shape[0], device=x.device)
+        columns = [torch.stack(c) for c in zip(*self.entries)]  # each (iterations, running)
+        at = columns[0].to(torch.uint8).argmax(0)[rows]  # the first iteration found done
+        converged, diverged, floor, shrank, residual, best_residual, step, norm = (c[at, rows] for c in columns[1:])
+        diverged = diverged & ~converged
+        floor = floor & ~(converged | diverged)
+        best = ~(converged | floor) & (best_residual < residual)
+        n = at + self.first
+        value = torch.where(best.unsqueeze(1), track.best_value[rows], _result(x[rows], self.g[rows]))
+        return _Outcome(n, converged, diverged, floor, shrank, best, torch.where(best, track.best_at[rows], n),
+                        residual, torch.where(best, best_residual, residual), step, norm, value)
 
 
 def solve(
@@ -389,37 +392,42 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
 def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str, out: Tensor, record: _Record,
                   solver, state, track: _Tracker, thresholds: _Thresholds, snapshots):
     """:func:`_loop` with the host reading ``done`` only every ``s.check_every`` iterations (and at ``max_iter``);
-    in between, the samples found done are frozen (:class:`_Sticky`) and leave the working set at the next check."""
+    in between, the samples found done are frozen (:class:`_Window`) and leave the working set at the next check."""
     index = torch.arange(x.shape[0], device=x.device)
-    held = _Sticky.start(x)
+    window = _Window(x, 1)
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
         if snapshots is not None and n in snapshots:  # a sample frozen before this iteration: its result
-            snapshots[n] = out.index_copy(0, index, torch.where(held.frozen.unsqueeze(1), held.value, g))
+            held = window.outcome(None, x, track).value if window.entries else g
+            snapshots[n] = out.index_copy(0, index, torch.where(window.frozen_rows, held, g))
         r = g - x
         verdict = _judge(n, x, r, track, s, thresholds)
-        track.remember(n, verdict.better, g)
-        running = verdict.residual.masked_fill(held.frozen, float("nan"))  # a frozen sample has left the log
-        record.log(index, running)
-        if n == s.max_iter // 2:
-            record.halfway[index] = running
+        track.remember(n, verdict.better > window.frozen, g)  # better and not frozen: a frozen sample keeps its best
+        if record.history is not None or n == s.max_iter // 2:
+            residual = verdict.residual.masked_fill(window.frozen, float("nan"))  # a frozen sample has left
+            record.log(index, residual)
+            if n == s.max_iter // 2:
+                record.halfway[index] = residual
         if n == s.max_iter:
-            held.hold(~held.frozen, n, verdict, x, g, track)
-            record.write(index, None, held, out)
+            window.add(torch.ones_like(window.frozen), verdict, g, track)
+            record.write(index, window.outcome(None, x, track), out)
             break
-        held.hold(verdict.done & ~held.frozen, n, verdict, x, g, track)
+        window.add(verdict.done, verdict, g, track)
         if n % s.check_every == 0:
-            finished = int(held.frozen.sum())  # the one host synchronisation of a check interval
+            finished = int(window.frozen.sum())  # the one host synchronisation of a check interval
             if finished:
-                rows, keep = _split(held.frozen, finished)
-                record.write(index[rows], rows, held, out)
+                rows, keep = _split(window.frozen, finished)
+                record.write(index[rows], window.outcome(rows, x, track), out)
                 if finished == index.shape[0]:
                     break
                 index, x, g, r = index[keep], x[keep], g[keep], r[keep]
-                state, track, held = solver.select(state, keep), track.select(keep), held.select(keep)
+                state, track = solver.select(state, keep), track.select(keep)
                 evaluate.restrict(index)
+            window = _Window(x, n + 1)
         step, state = solver.step(x, g, state, r)
-        x = torch.where(held.frozen.unsqueeze(1), x, step)  # a frozen sample stays where it was found done
+        x = torch.where(window.frozen_rows, x, step)  # a frozen sample stays where it was found done
+    if record.history:  # the iterations after the last sample finished, before the check that saw it: not logged
+        del record.history[int(record.iterations.max()):]
     return out, record.stats(phase, s), record
 
 

@@ -95,6 +95,58 @@ def test_results_and_records_equal_those_of_a_check_every_iteration(method, k):
     assert stats.settings.check_every == k
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_record_is_taken_when_found_done_not_at_the_check(method):
+    """A map that gives another value at every call (a shift of 1e-9 per call, the same for every row: the running
+    rows see the same values whatever the interval): a frozen row evaluated again until the check would show it."""
+    f, z, start = _problem()
+    results = []
+    for k in (1, 7):
+        calls = []
+
+        def noisy(x, z):
+            calls.append(None)
+            return f(x, z) + 1e-9 * len(calls)
+
+        x, stats = fixed_point(noisy, start, z, method=method, check_every=k, history=True, return_stats=True,
+                               trace=False, tol=1e-8, max_iter=60, on_fail="ignore", **MEMORY[method])
+        results.append((x, stats.forward))
+    (reference, expected), (x, stats) = results
+    assert len(set(expected.iterations.tolist())) >= 6
+    torch.testing.assert_close(x, reference, rtol=0, atol=1e-12, equal_nan=True)
+    _assert_same_record(stats, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_frozen_sample_keeps_its_best_iterate_when_evaluated_again(method):
+    """The last row's residual is a random vector drawn at each call: 1e-2 long, 1e3 at the fifth call (it
+    diverges there; its best iterate is an earlier one), 1e-6 after. Evaluated again while frozen (k = 7: until
+    the check at 7), its residual is the lowest yet; its best iterate must stay the one of before."""
+    gen = generator(5)
+    W = 0.5 * torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=DTYPE))[0]
+    z = torch.randn(3, 4, generator=gen, dtype=DTYPE)
+    results = []
+    for k in (1, 7):
+        calls = []
+
+        def f(x, z):
+            calls.append(None)
+            length = 1e-2 if len(calls) < 5 else 1e3 if len(calls) == 5 else 1e-6
+            push = length * torch.nn.functional.normalize(torch.randn(4, generator=generator(len(calls)),
+                                                                      dtype=DTYPE), dim=0)
+            return torch.cat([torch.tanh(x[:2] @ W.T) + z[:2], x[2:] + push])
+
+        x, stats = fixed_point(f, torch.ones(3, 4, dtype=DTYPE), z, method=method, check_every=k, history=True,
+                               return_stats=True, trace=False, tol=1e-10, max_iter=60, on_fail="ignore",
+                               **MEMORY[method])
+        results.append((x, stats.forward))
+    (reference, expected), (x, stats) = results
+    assert expected.diverged[2] and expected.iterations[2] == 5 and expected.best_iterate[2]
+    assert int(expected.best_at[2]) < 5
+    torch.testing.assert_close(x, reference, rtol=0, atol=1e-12, equal_nan=True)
+    _assert_same_record(stats, expected)
+
+
 @pytest.mark.parametrize("k", INTERVALS[1:])
 @pytest.mark.parametrize("method", METHODS)
 def test_samples_at_the_precision_floor_keep_their_record(method, k):
