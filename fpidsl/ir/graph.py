@@ -418,7 +418,7 @@ class LayerGraph:
     def dtype(self, nid: str) -> str:
         """``int`` or ``bool`` for an input declared so (an index: no gradient, only where an index is
         expected), ``float`` for every other value."""
-        return self.g.nodes[nid].get("dtype") or "float"
+        return self.g._node[nid].get("dtype") or "float"
 
     # ------------------------------------------------------------------ invariants
     def lint(self, shapes: bool = True) -> None:
@@ -429,6 +429,7 @@ class LayerGraph:
         checking a large spec)."""
         order = {nid: i for i, nid in enumerate(self.g.nodes)}
         nodes, preds = self.g._node, self.g._pred
+        in_order: list[tuple[str, dict]] = []  # the update, init and output nodes, for the checks after
         for nid, i in order.items():
             if nid != f"n{i}":
                 _fail(f"node id {nid} at position {i}")
@@ -436,9 +437,9 @@ class LayerGraph:
             op = d.get("op")
             if op not in OPS:
                 _fail(f"{nid}: op {op!r} is not in the closed op set")
-            if not isinstance(d.get("span"), Span):
+            if type(d.get("span")) is not Span and not isinstance(d.get("span"), Span):
                 _fail(f"{nid}: no span")
-            if shapes and not isinstance(d.get("shape"), tuple):
+            if shapes and type(d.get("shape")) is not tuple and not isinstance(d.get("shape"), tuple):
                 _fail(f"{nid}: no shape")
             n = 0
             for u, keyed in preds[nid].items():
@@ -448,9 +449,10 @@ class LayerGraph:
                         _fail(f"{nid}: edge key {k} != pos {data['pos']}")
                     if order[u] >= i:
                         _fail(f"{nid}: argument {u} comes after it (not topological)")
-                    if not isinstance(data.get("span"), Span):
+                    if type(data.get("span")) is not Span and not isinstance(data.get("span"), Span):
                         _fail(f"{nid}: argument {u} has no span")
-            if n and sorted(k for keyed in preds[nid].values() for k in keyed) != list(range(n)):
+            if n > 1 and sorted(k for keyed in preds[nid].values() for k in keyed) != list(range(n)) or \
+                    n == 1 and not any(0 in keyed for keyed in preds[nid].values()):
                 poss = sorted(data["pos"] for keyed in preds[nid].values() for data in keyed.values())
                 _fail(f"{nid}: argument positions {poss} are not 0..n-1")
             if op == "call":
@@ -459,11 +461,13 @@ class LayerGraph:
                 lo, hi = _ARITY[op]
                 if not (lo <= n and (hi is None or n <= hi)):
                     _fail(f"{nid}: {op} with {n} arguments")
-            if op == "init" and (d.get("fill") is None) != (n == 1):
-                _fail(f"{nid}: init needs a fill or one argument")
+                if op == "init" and (d.get("fill") is None) != (n == 1):
+                    _fail(f"{nid}: init needs a fill or one argument")
+                if op in ("update", "init", "output"):
+                    in_order.append((nid, d))
         # acyclic: every edge was checked above to run forward in the node order
         sinks: dict[tuple[str, str], list[str]] = {}
-        for nid, d in self.g.nodes(data=True):
+        for nid, d in in_order:
             if d["op"] in ("update", "init"):
                 sinks.setdefault((d["op"], d["state"]), []).append(nid)
                 _require(d["state"] in self.states, f"{nid}: {d['op']} of {d['state']!r}, not a state")
@@ -476,7 +480,7 @@ class LayerGraph:
             _require(self.g.nodes[nid]["op"] == "input", f"input {name}: node {nid} is not an input")
         for name, nid in self.params.items():
             _require(self.g.nodes[nid]["op"] == "param", f"param {name}: node {nid} is not a param")
-        outputs = [nid for nid, d in self.g.nodes(data=True) if d["op"] == "output"]
+        outputs = [nid for nid, d in in_order if d["op"] == "output"]
         _require(outputs == ([self.output] if self.output else []), f"output nodes {outputs}")
         for name in self.modules:
             if self.modules[name].has_weight:
@@ -509,20 +513,32 @@ def _lint_call(nid: str, d: dict[str, Any], n: int) -> None:
     prim = PRIMITIVES.get(d.get("prim"))
     if prim is None:
         _fail(f"{nid}: unknown primitive {d.get('prim')!r}")
-    hi = prim.max_args
-    if not (prim.min_args <= n and (hi is None or n <= hi)):
-        _fail(f"{nid}: {prim.name} takes {prim.min_args}..{hi} arguments, has {n}")
+    _, lo, hi, known, required = _call_rules(prim)
+    if not (lo <= n and (hi is None or n <= hi)):
+        _fail(f"{nid}: {prim.name} takes {lo}..{hi} arguments, has {n}")
     attrs = d.get("attrs")
     if not isinstance(attrs, dict):
         _fail(f"{nid}: attrs is not a dict")
-    if not attrs and not prim.attrs:
+    if not attrs and not known:
         return
-    known = {a.name for a in prim.attrs}
     if not attrs.keys() <= known:
         _fail(f"{nid}: unknown attrs {sorted(set(attrs) - known)}")
-    missing = [a.name for a in prim.attrs if a.required and a.name not in attrs]
+    missing = [a for a in required if a not in attrs]
     if missing:
         _fail(f"{nid}: missing attrs {missing}")
+
+
+_CALL_RULES: dict[int, tuple] = {}
+
+
+def _call_rules(prim) -> tuple:
+    """(the primitive, its min_args, max_args, attribute names, required attribute names), kept by its id (with
+    the primitive, so that the id stays its own): computed once, not per call node."""
+    rules = _CALL_RULES.get(id(prim))
+    if rules is None or rules[0] is not prim:
+        rules = _CALL_RULES[id(prim)] = (prim, prim.min_args, prim.max_args, frozenset(a.name for a in prim.attrs),
+                                         tuple(a.name for a in prim.attrs if a.required))
+    return rules
 
 
 class BackwardGraph(LayerGraph):

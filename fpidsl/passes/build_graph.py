@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 
@@ -57,11 +57,28 @@ from .resolve import (
     NotStatic,
     Number,
     UnknownStatic,
+    _copy,
     did_you_mean,
     static_number,
+    static_outcome,
 )
 
 _FAIL: Any = object()
+
+
+class _Lazy:
+    """A message's text written when formatted, by ``write``."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Callable[[], str]):
+        self.write = write
+
+    def __format__(self, spec: str) -> str:
+        return format(self.write(), spec)
+
+    def __str__(self) -> str:
+        return self.write()
 MAX_INLINED = 10_000  # fn calls inlined into one layer; more is a mistake (or an attack)
 MAX_PARAM_ELEMENTS = 2**31 - 1  # numbers in one parameter tensor (8 GiB of float32)
 MAX_BUILD_DEPTH = 4 * MAX_CHAIN  # nested build_expr calls: a chain of MAX_CHAIN lets `l2 = 0.5 * l1` is 2 each
@@ -122,7 +139,7 @@ class _Builder:
         self.input_symbols: set[str] = set()
         self.sizes_named_like_values: set[str] = set()
         self.inlined = 0
-        self.static_cache: dict[int, tuple[dict, Env | None]] = {}
+        self.static_cache: dict[int, tuple[dict, Env | None, Callable]] = {}
         self.depth = 0  # build_expr calls in progress
         self.too_deep = False
 
@@ -581,17 +598,14 @@ class _Builder:
             self.depth -= 1
 
     def _build_expr(self, expr, env: Env | None) -> str | None:
-        try:
-            value = self.static(expr, env)
-        except NotStatic:
-            pass
-        except UnknownStatic:
-            return None
-        except FpiError as e:
-            self.sink.add(e)
-            return None
-        else:
+        ok, value = self.static_outcome(expr, env)  # without raising: most subexpressions are not numbers
+        if ok:
             return self.const(value, self.use_span(expr, env))
+        if isinstance(value, UnknownStatic):
+            return None
+        if isinstance(value, FpiError):
+            self.sink.add(_copy(value))
+            return None
         if isinstance(expr, ast.Name):
             return self.name(expr, env)
         if isinstance(expr, ast.BinOp):
@@ -632,11 +646,18 @@ class _Builder:
     def static(self, expr, env: Env | None) -> Number:
         """A compile-time number, or :class:`NotStatic`. Memoized per (expression, fn environment), so that
         trying every subexpression of a tree (as :meth:`build_expr` does) stays linear."""
+        ok, value = self.static_outcome(expr, env)
+        if ok:
+            return value
+        raise _copy(value)
+
+    def static_outcome(self, expr, env: Env | None) -> tuple[bool, Any]:
+        """:meth:`static` as ``(True, number)`` or ``(False, the cached exception)``."""
         key = id(env)
-        if key not in self.static_cache:
-            self.static_cache[key] = ({}, env)  # the environment is kept alive: its id stays its own
-        cache = self.static_cache[key][0]
-        return static_number(expr, lambda ref: self.static_name(ref, env), cache)
+        entry = self.static_cache.get(key)
+        if entry is None:  # the environment is kept alive: its id stays its own
+            entry = self.static_cache[key] = ({}, env, lambda ref: self.static_name(ref, env))
+        return static_outcome(expr, entry[2], entry[0])
 
     def static_name(self, ref: ast.Name, env: Env | None) -> Number:
         if env is not None:
@@ -816,8 +837,11 @@ class _Builder:
         return None
 
     def bind(self, call: ast.Call, params: list[str], required: set[str], what: str,
-             signature: str) -> dict[str, Any] | None:
-        """Match a call's arguments to parameter names, Python-style; None after reporting an error."""
+             signature: str | Callable[[], str]) -> dict[str, Any] | None:
+        """Match a call's arguments to parameter names, Python-style; None after reporting an error. The
+        ``signature`` for the messages may be given as a function that writes it (only an error needs it)."""
+        if callable(signature):
+            signature = _Lazy(signature)
         out: dict[str, Any] = {}
         if len(call.args) > len(params):
             extra = call.args[len(params)]
@@ -847,7 +871,7 @@ class _Builder:
         names = prim.parameter_names()
         required = set(prim.inputs[:prim.min_args if not prim.variadic else 1])
         required |= {a.name for a in prim.attrs if a.required}
-        bound = self.bind(call, names, required, prim.name, prim.signature())
+        bound = self.bind(call, names, required, prim.name, prim.signature)
         if bound is None:
             return None
         exprs = []

@@ -42,22 +42,38 @@ def _source(graph: LayerGraph, nid: str) -> str:
     return graph.node(nid)["name"]
 
 
+_FLOAT = ("float",)
+_ACCEPTED: dict[int, tuple[object, dict[int, tuple[str, ...]]]] = {}
+
+
+def _accepted(prim) -> dict[int, tuple[str, ...]]:
+    """A primitive's ``dtypes_at`` of each position that accepts more than floats (the rest accept floats);
+    kept by the primitive's id, with the primitive (so that its id stays its own)."""
+    hit = _ACCEPTED.get(id(prim))
+    if hit is None:
+        hit = _ACCEPTED[id(prim)] = (prim, {p: prim.dtypes_at(p) for p, _ in prim.index_args})
+    return hit[1]
+
+
 def check_dtypes(graph: LayerGraph, sink: ErrorSink) -> None:
     failed: set[str] = set()  # rejected calls and what reads them: reported once
+    nodes = graph.g._node  # the attribute dicts, as graph.node(nid) gives them
     for nid in graph.nodes():
-        data = graph.node(nid)
+        data = nodes[nid]
         args = graph.args(nid)
-        if any(a in failed for a in args):
+        if failed and any(a in failed for a in args):
             failed.add(nid)
             if data["op"] == "call":
                 data["rejected"] = True
             continue
         prim = PRIMITIVES[data["prim"]] if data["op"] == "call" else None
-        for pos, (arg, span) in enumerate(zip(args, graph.arg_spans(nid))):
-            dtype = graph.dtype(arg)
-            accepted = prim.dtypes_at(pos) if prim is not None else ("float",)
+        accepts = _accepted(prim) if prim is not None else None
+        for pos, arg in enumerate(args):
+            dtype = nodes[arg].get("dtype") or "float"  # graph.dtype(arg)
+            accepted = accepts.get(pos, _FLOAT) if accepts is not None else _FLOAT
             if dtype in accepted:
                 continue
+            span = graph.arg_spans(nid)[pos]
             name = graph.node(arg).get("name")
             if "sparse" in (dtype, *accepted):
                 sink.add(_sparse_misuse(graph, nid, arg, span, dtype))

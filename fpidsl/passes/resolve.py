@@ -97,6 +97,12 @@ def static_number(expr, lookup: Callable[[ast.Name], Number], cache: dict | None
     raise _copy(value) if cache is not None else value
 
 
+def static_outcome(expr, lookup: Callable[[ast.Name], Number], cache: dict) -> tuple[bool, Any]:
+    """:func:`static_number` without the raise: ``(True, number)``, or ``(False, the exception)`` (the cached
+    one: copy it before raising it)."""
+    return _evaluate(expr, lookup, cache)
+
+
 def _copy(exc: Exception) -> Exception:
     """A copy of a cached failure, to raise: raising the cached exception itself would tie the frames it passes
     through to the cache (through its traceback), and every failed evaluation kept its frames alive."""
