@@ -430,7 +430,7 @@ def fixed_point(
         solve: the forward's settings as one value (a :class:`SolverSettings`, taken as validated, or a mapping);
             ``forward_settings`` apply over it.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
-            ``criterion``, ``max_iter``, ``min_iter``, ``on_fail``) over
+            ``criterion``, ``max_iter``, ``min_iter``, ``check_every``, ``on_fail``) over
             :data:`~fpidsl.runtime.settings.FORWARD_DEFAULTS`; an unknown key raises ``SettingsError``. The
             backward's ``mode`` (``implicit``, ``jfb``, ``phantom`` with ``k`` and ``tau``, ``unrolled`` with ``k``;
             :mod:`fpidsl.runtime.gradient_modes`) and ``method="gmres"`` go in ``backward``.
