@@ -102,9 +102,10 @@ def test_a_traced_module_on_the_device(device):
     assert x.device == z.device and torch.allclose(traced_grad, z.grad, atol=1e-5)
 
 
-def _syncs(device, method: str, iterations: int) -> int:
+def _syncs(device, method: str, iterations: int, check_every: int = 1) -> int:
     W, b = (t.to(device) for t in _map(torch.float32))
-    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "tol": 1e-30}
+    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "tol": 1e-30,
+              "check_every": check_every}
     fixed_point(lambda x: torch.tanh(x @ W.T + b), torch.zeros(4, 8, device=device), method=method, trace=False,
                 **forced)  # warm-up: the first call loads kernels and libraries, which may synchronise
     torch.cuda.synchronize()
@@ -122,3 +123,23 @@ def _syncs(device, method: str, iterations: int) -> int:
 @pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
 def test_the_device_waits_for_the_host_once_an_iteration(device, method):
     assert _syncs(device, method, 16) - _syncs(device, method, 8) == 8
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_with_a_check_interval_the_device_waits_once_a_check(device, method):
+    assert _syncs(device, method, 32, check_every=4) - _syncs(device, method, 16, check_every=4) == 4
+
+
+@pytest.mark.parametrize("method, extra", METHODS, ids=[m for m, _ in METHODS])
+def test_a_check_interval_gives_the_results_and_records_of_a_check_every_iteration(device, method, extra):
+    W, b = (t.to(device) for t in _map(torch.float64))
+    scale = torch.tensor([[0.2], [0.9], [0.5], [1.6]], dtype=torch.float64, device=device)  # the last drifts
+    runs = [fixed_point(lambda x: scale * torch.tanh(x @ W.T + b) + (scale > 1) * x, torch.zeros_like(b),
+                        method=method, check_every=k, tol=1e-10, max_iter=80, on_fail="ignore", trace=False,
+                        return_stats=True, **extra) for k in (1, 4)]
+    (x1, s1), (x4, s4) = runs
+    assert len(set(s1.forward.iterations.tolist())) >= 3
+    torch.testing.assert_close(x4, x1, rtol=0, atol=1e-12, equal_nan=True)
+    for name in ("iterations", "converged", "diverged", "stopped_at_floor", "best_iterate", "best_at", "residual"):
+        torch.testing.assert_close(getattr(s4.forward, name), getattr(s1.forward, name), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
