@@ -236,6 +236,17 @@ def test_gradcheck_and_gradgradcheck_with_a_check_interval(method):
     assert torch.autograd.gradgradcheck(solve, (b,), atol=1e-6)
 
 
+def test_gmres_takes_no_check_interval_at_run_time():
+    """GMRES checks once a cycle: a check_every in its settings is ignored at run time (the spec checker refuses
+    it, below), like lam with broyden."""
+    f, b = _small()
+    grads = []
+    for backward in ({"method": "gmres", "tol": 1e-12}, {"method": "gmres", "tol": 1e-12, "check_every": 4}):
+        x = fixed_point(f, torch.zeros(4, 3, dtype=DTYPE), b, backward=backward, trace=False, tol=1e-12)
+        grads.append(torch.autograd.grad(x.sum(), b)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ host reads
 
 
