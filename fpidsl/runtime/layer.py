@@ -380,9 +380,14 @@ class CompiledLayer(nn.Module):
         x_hat = fixed_point(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, stats=stats, **options)
         self.stats = stats
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
-        self._last_states = tuple(s.detach() for s in states)
-        self.warm.remember(states)
-        self._last_call = LastCall(tuple(states), values)
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states):
+            # under torch.func (vmap, grad, jvp): the call's values exist only inside the transform; kept on the
+            # layer they would escape it (a later torch.save, warm start or jacobian_penalty would meet them)
+            self._last_states, self._last_call = None, LastCall()
+        else:
+            self._last_states = tuple(s.detach() for s in states)
+            self.warm.remember(states)
+            self._last_call = LastCall(tuple(states), values)
         return self.outputs(states, *values)
 
     def _begin_call(self, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
@@ -451,7 +456,8 @@ class CompiledLayer(nn.Module):
         last = self._last_call
         if last.states is None:
             raise RuntimeError(f"{type(self).__name__}.jacobian_penalty() needs a forward call first (it is "
-                               "measured at that call's fixed point)")
+                               "measured at that call's fixed point), outside torch.func transforms (a call under "
+                               "vmap or grad keeps nothing on the layer)")
         adjoint = type(self).adjoint if type(self).adjoint is not None else None
         step = type(self).step
         return jacobian_penalty(step, last.states if len(last.states) > 1 else last.states[0], *last.values,

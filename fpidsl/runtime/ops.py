@@ -485,8 +485,9 @@ def count(x: Tensor, *, dim: Dims = None) -> float:
 
 def _shape(like: Tensor | torch.Size) -> torch.Size:
     """A ``like`` argument is read for its shape only: the emitted backward passes the shape itself where the
-    tensor would be kept alive only for it (``shape_only`` in the primitive table)."""
-    return like if isinstance(like, torch.Size) else like.shape
+    tensor would be kept alive only for it (``shape_only`` in the primitive table). Under torch.func's grad the
+    saved shape comes back as a plain tuple."""
+    return like.shape if isinstance(like, Tensor) else torch.Size(like)
 
 
 def expand_as(x: Tensor, like: Tensor | torch.Size) -> Tensor:
@@ -713,6 +714,8 @@ def _nested_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], create
 def autograd_vjp(primal, tensors: Sequence[Tensor], path: tuple[int, ...], first=None) -> Tensor:
     """:func:`_nested_vjp` by torch.autograd, differentiable again where autograd records: every argument enters
     as its own view (or a fresh leaf), so a tensor passed at two positions is differentiated at the one asked for."""
+    if len(path) == 1 and first is not None:  # the primal's own backward: no graph to record (and none under
+        return first(tensors[0], *tensors[1:], path[0])  # torch.func, where requires_grad_ is refused)
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     with torch.enable_grad():
         own = [t.view_as(t) if recording and t.requires_grad else t.detach().requires_grad_() for t in tensors]
