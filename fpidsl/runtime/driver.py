@@ -190,8 +190,8 @@ def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: 
     diverged = ~(step < c.inf)  # a norm: not below inf exactly where it is inf or NaN
     if n > 1:
         diverged |= (step > c.growth * track.best_step) & (rel > c.min_relative_step)
-        # new tensors, not written in place: a check interval's window holds this iteration's (_Window)
         track.shrank = torch.lt(step, track.best_step) if track.relative else better  # the same comparison
+    # new tensors (shrank above too), not written in place: a check interval's window holds each iteration's
     track.best_step = torch.fmin(track.best_step, step)
     track.best_rel = torch.fmin(track.best_rel, rel)
     if n < s.min_iter:
@@ -434,7 +434,7 @@ def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str,
 def _split(done: Tensor, finished: int) -> tuple[Tensor, Tensor]:
     """The rows that are ``done`` and the others, each in row order, as indices: one stable sort on the device
     (the host knows ``finished``, how many are done), so that recording and dropping them reads nothing more."""
-    order = torch.argsort(done, stable=True)
+    order = torch.argsort(done.to(torch.uint8), stable=True)
     kept = done.shape[0] - finished
     return order[kept:], order[:kept]
 
