@@ -52,6 +52,8 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True  # where the user wrote each node, for messages
         self.foreign: dict[str, Any] = {}
         self._foreign_names: dict[int, str] = {}
+        # (target, tensors) as the map met them: a module's parameters and buffers at its call, a tensor it read
+        self.seen: list[tuple[str, dict[str, Tensor]]] = []
 
     def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
         """The user's frames (fx keeps those below a ``forward`` only, which a plain function has not)."""
@@ -83,15 +85,38 @@ class _Tracer(fx.Tracer):
         except NameError:
             return self._within_foreign(mod) or self._adopt(mod, "_module")
 
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self.is_leaf_module(m, ""):
+            self.seen.append((self.path_of_module(m), {**dict(m.named_parameters()), **dict(m.named_buffers())}))
+        return super().call_module(m, forward, args, kwargs)
+
     def create_arg(self, a: Any):
         if isinstance(a, Tensor) and not isinstance(a, fx.Proxy):
             owned = (self.root.named_parameters() if isinstance(a, nn.Parameter) else self.root.named_buffers())
             for name, t in owned:
                 if t is a:
+                    self.seen.append((name, {"": a}))
                     return self.create_node("get_attr", name, (), {})
             name = self.tensor_attrs.get(a) or self._within_foreign(a) or self._adopt(a, "_tensor")
+            self.seen.append((name, {"": a}))
             return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+def _swapped(tracer: _Tracer) -> str | None:
+    """The first target whose tensors, as the map met them while it ran, are not the ones found there once it has
+    returned: the map replaced them for the call (``torch.func.functional_call``, a stateless swap), and a trace
+    would read the module's own tensors instead."""
+    for target, met in tracer.seen:
+        try:
+            now = resolve(tracer.root, tracer.foreign, target)
+        except AttributeError:
+            return target
+        found = ({"": now} if isinstance(now, Tensor) else
+                 {**dict(now.named_parameters()), **dict(now.named_buffers())} if isinstance(now, nn.Module) else {})
+        if any(found.get(path) is not tensor for path, tensor in met.items()):
+            return target
+    return None
 
 
 def resolve(root: Any, foreign: dict[str, Any], target: str) -> Any:
@@ -134,6 +159,11 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
             graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many kinds: TraceError, TypeError (a Proxy in bool()), NameError ...
         raise UntraceableError(f"torch.fx cannot trace the map: {type(exc).__name__}: {exc}") from None
+    swapped = _swapped(tracer)
+    if swapped is not None:
+        raise UntraceableError(f"the map replaces the tensors of {_shown(swapped, tracer)} while it runs "
+                               "(torch.func.functional_call, a stateless swap): a trace would read the module's own "
+                               "tensors, not the ones the map passes")
     _drop_specialization_checks(graph)
     for node in list(graph.nodes):  # the object of a method is no argument of the traced map
         if node.op == "placeholder" and bound is not None and node.target.startswith(bound) and not node.users:
@@ -144,6 +174,14 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
     module = fx.GraphModule(attributes, graph, name)
     module.meta["foreign"] = dict(tracer.foreign)  # what f reads without owning it (the other targets are paths in f)
     return module
+
+
+def _shown(target: str, tracer: _Tracer) -> str:
+    """A target as the user knows it: a foreign object's generated name replaced by its type."""
+    first, *rest = target.split(".")
+    if first in tracer.foreign:
+        first = type(tracer.foreign[first]).__name__
+    return ".".join([first, *rest])
 
 
 def _drop_specialization_checks(graph: fx.Graph) -> None:

@@ -174,6 +174,39 @@ def test_a_replaced_closure_tensor_is_seen():
     assert _entry(g) == [True]
 
 
+def test_a_map_that_swaps_a_modules_tensors_in_is_not_traced():
+    """functional_call(m, params, ...) inside the map: fx records m's leaf modules, whose tensors are the passed
+    ones only while the call runs, so a trace would solve with m's own weights. With params equal to them the
+    numeric check passed, the trace was kept, and params got no gradient (and, once they changed, a stale map ran)."""
+    from torch.func import functional_call, grad
+
+    cell = _cell()
+    z = torch.randn(3, 5, dtype=DT)
+    params = {k: v.detach().clone().requires_grad_() for k, v in cell.named_parameters()}  # equal to the cell's
+
+    def loss(p, trace):
+        return _solve(lambda x, z: functional_call(cell, p, (x, z)), z, trace).sin().sum()
+
+    status = fpidsl.tracing.trace_status(lambda x, z: functional_call(cell, params, (x, z)), torch.zeros_like(z), z)
+    assert status[0] is None and "replaces the tensors of Cell.fc while it runs" in status[1]
+    for trace in (True, False):
+        got = torch.autograd.grad(loss(params, trace), list(params.values()))
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(1.1)  # the passed weights change; the cell's do not
+        moved = torch.autograd.grad(loss(params, trace), list(params.values()))
+        by_func = grad(lambda p: loss(p, trace))(params)
+        with torch.no_grad():
+            for p in params.values():
+                p.div_(1.1)
+        if trace:
+            first, second, third = got, moved, by_func
+        else:
+            for a, b in zip((*first, *second, *third.values()), (*got, *moved, *by_func.values())):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not all(torch.allclose(a, b) for a, b in zip(first, second))  # the changed weights were seen
+
+
 def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
     f = _cell()
     z = torch.randn(2, 5, dtype=DT)
