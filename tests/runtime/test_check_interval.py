@@ -158,6 +158,14 @@ def test_samples_at_the_precision_floor_keep_their_record(method, k):
     _assert_same_record(stats, expected)
 
 
+@pytest.mark.parametrize("k", (60, 1000))
+def test_an_interval_as_long_as_the_solve_reads_only_at_the_end(k):
+    reference, expected = _solve("anderson", 1)
+    x, stats = _solve("anderson", k)
+    torch.testing.assert_close(x, reference, rtol=0, atol=1e-12, equal_nan=True)
+    _assert_same_record(stats, expected)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_absolute_criterion_and_min_iter(method):
     reference, expected = _solve(method, 1, criterion="absolute", min_iter=5)
