@@ -2,8 +2,9 @@
 
 The oracle is the solve with ``check_every = 1`` (a read every iteration; samples leave the moment they are
 done): for every sample the result, the record (iterations, outcome, residuals, best iterate, halfway residual,
-history) and the gradients are the same with k = 3 and k = 7, on batches whose samples finish at different
-iterations, diverge, run out of iterations, stop at the precision floor, or converge at once.
+history) and the gradients are the same with k > 1, on batches whose samples finish at different iterations,
+diverge, run out of iterations, stop at the precision floor, or converge at once. The records are compared exactly,
+the results to 1e-12 (they are bitwise equal on the CPU: each row's arithmetic does not depend on the others).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ RECORD = ("iterations", "converged", "diverged", "stopped_at_floor", "best_itera
           "best_residual", "halfway", "history")
 
 # Per sample: the contraction of 0.x * tanh(W x) + z; 0.0 converges at the first evaluation (g(0) = 0). The row
-# EXPLODES iterates exp(x) + 1 (no fixed point: it overflows), the row DRIFTS R x / |x| with R a rotation by one
+# EXPLODES iterates exp(x) + 1 (no fixed point: Picard and Broyden overflow, Anderson bounces about the minimum
+# of its residual and runs out of iterations), the row DRIFTS R x / |x| with R a rotation by one
 # radian in three planes (no fixed point, a residual bounded away from zero: it runs out of max_iter with every
 # method), the row BREAKS x + 1, NaN beyond 3.5 (every method takes the plain steps of an exact shift: it diverges
 # at the fifth evaluation).
