@@ -305,6 +305,8 @@ class ToAst:
 
     def __init__(self, at: Placement):
         self.at = at
+        # a whole file's spans are its positions as they are: made without Placement.span's shift
+        self._at_span = functools.partial(Span, at.path) if (at.line, at.col) == (1, 1) else at.span
 
     @classmethod
     def rule_method(cls, rule: str):
@@ -335,10 +337,10 @@ class ToAst:
 
     # ------------------------------------------------------------------ positions
     def _span(self, meta) -> Span:
-        return self.at.span(meta.line, meta.column, meta.end_line, meta.end_column)
+        return self._at_span(meta.line, meta.column, meta.end_line, meta.end_column)
 
     def _tok(self, token: Token) -> Span:
-        return self.at.span(token.line, token.column, token.end_line, token.end_column)
+        return self._at_span(token.line, token.column, token.end_line, token.end_column)
 
     def _declared(self, token: Token) -> Span:
         """The span of a name being declared; a keyword is refused here, with its position."""
