@@ -509,6 +509,8 @@ class Writer:
         args = [self._arg(a) for a in node.args]
         kind = type(module)
         try:
+            if _hooked(module):  # old-style weight_norm computes the weight in a pre-hook: the module's own call
+                raise UntraceableError(f"the module {node.target} ({kind.__name__}) has forward hooks")
             if kind in table.WEIGHTED_MODULES:
                 if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
                     raise UntraceableError(f"{kind.__name__} called on other than one tensor")
@@ -665,6 +667,15 @@ def _what(node: fx.Node) -> str:
     name = getattr(target, "__name__", None) or repr(target)
     module = getattr(target, "__module__", None)
     return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones) that a primitive reading its weights would
+    skip: ``torch.nn.utils.weight_norm`` recomputes ``weight`` from ``weight_g`` and ``weight_v`` in one."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_forward_hooks)
 
 
 def _where(node: fx.Node) -> str:

@@ -207,6 +207,39 @@ def test_a_map_that_swaps_a_modules_tensors_in_is_not_traced():
     assert not all(torch.allclose(a, b) for a, b in zip(first, second))  # the changed weights were seen
 
 
+class _WeightNormed(nn.Module):
+    """torch.nn.utils.weight_norm (the old form): a pre-hook recomputes fc.weight from weight_g and weight_v at
+    every call, so fc.weight is no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations.weight_norm
+            self.fc = nn.utils.weight_norm(nn.Linear(5, 5))
+
+    def forward(self, x, z):
+        return 0.4 * torch.tanh(self.fc(x)) + z
+
+
+def test_a_module_with_hooks_is_an_extern_and_its_parameters_get_their_gradients():
+    """A hooked module was once mapped to its primitive, which read the weight the hook had left: the values
+    agreed, and weight_g / weight_v got no gradient. Now it is an extern (the module's own call, hooks run)."""
+    z = torch.randn(3, 5, dtype=DT)
+    grads = {}
+    for trace in (True, False):
+        torch.manual_seed(0)
+        m = _WeightNormed().to(DT)  # a module per path: the hook leaves its last weight on the module
+        if trace:
+            traced, status = fpidsl.tracing.trace_status(m, torch.zeros_like(z), z)
+            assert traced is not None and "param fc : extern [B, 5] -> [B, 5]" in traced.spec.text, status
+        _solve(m, z, trace).sin().sum().backward()
+        grads[trace] = {name: p.grad for name, p in m.named_parameters()}
+    assert set(grads[True]) == {"fc.bias", "fc.weight_g", "fc.weight_v"}
+    for name, g in grads[False].items():
+        assert grads[True][name] is not None, name
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-10, atol=1e-12)
+
+
 def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
     f = _cell()
     z = torch.randn(2, 5, dtype=DT)
