@@ -33,7 +33,8 @@ def slow(tmp_path):
 
 def test_eval_block_sets_the_budget_of_eval_mode_only(slow):
     layer = slow()
-    a = torch.rand(3, 4, dtype=DTYPE)
+    a = torch.rand(3, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(1))  # 79 iterations (unseeded: 24-159,
+    # below 50 for 6 of the seeds 0-19)
     trained = layer(a)
     assert layer.stats.forward.max_iterations > 50 and layer.stats.forward.all_ok
     layer.eval()
