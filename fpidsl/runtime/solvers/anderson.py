@@ -17,8 +17,8 @@ Implementation notes:
   fused into the step (``baddbmm``);
 - the Gram matrix ``dF dF^T`` is kept up to date one row and column at a time (``O(m dim)`` a step, not
   ``O(m^2 dim)``); the ``k x k`` systems of all samples are solved in one batched ``solve_ex`` call, and the
-  checks of its solution stay on the device: a step never waits for the host (the driver asks it one question an
-  iteration, :mod:`fpidsl.runtime.driver`);
+  checks of its solution stay on the device: a step never waits for the host (the driver asks it one question per
+  check interval, ``check_every`` iterations, :mod:`fpidsl.runtime.driver`);
 - ``reg = lam * mean(diag(Gram))`` keeps the regularisation independent of the scale of the problem;
 - a sample whose system is singular (``info != 0``), whose solution is not finite, or whose mix would predict a
   larger residual than the plain step (the sign of an ill-conditioned solve) takes the plain step
