@@ -139,7 +139,7 @@ class _Builder:
         self.input_symbols: set[str] = set()
         self.sizes_named_like_values: set[str] = set()
         self.inlined = 0
-        self.static_cache: dict[int, tuple[dict, Env | None, Callable]] = {}
+        self.static_cache: dict[int, tuple[dict, Env | None]] = {}
         self.depth = 0  # build_expr calls in progress
         self.too_deep = False
 
@@ -656,8 +656,9 @@ class _Builder:
         key = id(env)
         entry = self.static_cache.get(key)
         if entry is None:  # the environment is kept alive: its id stays its own
-            entry = self.static_cache[key] = ({}, env, lambda ref: self.static_name(ref, env))
-        return static_outcome(expr, entry[2], entry[0])
+            entry = self.static_cache[key] = ({}, env)
+        # the lookup made per call: kept in the cache, it would tie the builder and its cache in a cycle
+        return static_outcome(expr, lambda ref: self.static_name(ref, env), entry[0])
 
     def static_name(self, ref: ast.Name, env: Env | None) -> Number:
         if env is not None:
