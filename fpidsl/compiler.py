@@ -22,10 +22,11 @@ def paused_gc():
     ``python benchmarks/compile_time.py [--with-gc]``). Nested uses are free; what the compiler leaves behind is
     collected as usual afterwards.
 
-    The objects made meanwhile are handed to the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``, which
-    moves every tracked object there without a walk) before collection resumes: otherwise the first young
-    collection after it walked all of them (a 1 MB spec's 1.3 million, about half a second), to promote them to
-    where they end up anyway. A cycle left among them is collected by the next full collection."""
+    After a large compile (more than :data:`HAND_OVER` new objects) the objects made meanwhile are handed to the
+    oldest generation (``gc.freeze()`` then ``gc.unfreeze()``, which moves every tracked object there without a
+    walk) before collection resumes: otherwise the first young collection after it walked all of them (a 1 MB
+    spec's 1.3 million, about half a second), to promote them to where they end up anyway. A cycle left among
+    them is collected by the next full collection."""
     if not gc.isenabled():
         yield
         return
@@ -33,10 +34,14 @@ def paused_gc():
     try:
         yield
     finally:
-        if not gc.get_freeze_count():  # leave a caller's own frozen objects as they are
+        # a caller's own frozen objects are left as they are
+        if gc.get_count()[0] > HAND_OVER and not gc.get_freeze_count():
             gc.freeze()
             gc.unfreeze()
         gc.enable()
+
+
+HAND_OVER = 100_000  # new objects (gc.get_count()[0]) past which paused_gc hands them to the oldest generation
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import weakref
 
-from fpidsl.compiler import check_source, paused_gc
+import pytest
+
+from fpidsl.compiler import HAND_OVER, check_source, paused_gc
 from fpidsl.source import Source
 
 SPEC = "layer L {\n  input a : [B, 3]\n  state x : [B, 3] = zeros\n  update x = 0.5 * x + a\n}\n"
@@ -22,15 +24,19 @@ def test_the_collector_runs_again_after_a_check_with_nothing_frozen():
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
-def test_a_cycle_made_while_paused_is_collected_afterwards():
+@pytest.mark.parametrize("made", [0, 2 * HAND_OVER])  # a small compile, and one whose objects are handed over
+def test_a_cycle_made_while_paused_is_collected_afterwards(made):
     with paused_gc():
         assert not gc.isenabled()
+        kept = [[] for _ in range(made)]
         a, b = _Node(), _Node()
         a.other, b.other = b, a
         alive = weakref.ref(a)
         del a, b
     assert alive() is not None  # only a cycle: the collector must find it
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and len(kept) == made
+    if made:  # handed to the oldest generation, not left for a young collection to walk
+        assert any(o is kept[0] for o in gc.get_objects(generation=2))
     gc.collect()
     assert alive() is None
 
@@ -40,8 +46,8 @@ def test_a_callers_frozen_objects_and_disabled_collector_are_left_alone():
     try:
         frozen = gc.get_freeze_count()
         with paused_gc():
-            _Node()
-        assert gc.get_freeze_count() == frozen and gc.isenabled()
+            kept = [[] for _ in range(2 * HAND_OVER)]
+        assert gc.get_freeze_count() == frozen and gc.isenabled() and len(kept) == 2 * HAND_OVER
     finally:
         gc.unfreeze()
     gc.disable()
