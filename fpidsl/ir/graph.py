@@ -293,6 +293,8 @@ class LayerGraph:
         if len(keyed_by_arg) == 1:  # one argument, or one value used several times
             ((u, keyed),) = keyed_by_arg.items()
             return [u] * len(keyed)
+        if not keyed_by_arg:
+            return []
         edges = sorted([(k, u) for u, keyed in keyed_by_arg.items() for k in keyed])
         return [u for _, u in edges]
 

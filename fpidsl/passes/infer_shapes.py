@@ -24,13 +24,14 @@ def callee(graph: LayerGraph, nid: str) -> str:
 
 
 def infer_shapes(graph: LayerGraph, sink: ErrorSink) -> None:
+    nodes = graph.g._node  # the attribute dicts, as graph.node(nid) gives them
     for nid in graph.nodes():
-        data = graph.node(nid)
+        data = nodes[nid]
         if data["op"] != "call":
             continue  # declared (input, state, param), () for const and output, the state's for sinks
         args = graph.args(nid)
-        shapes = [graph.shape(a) for a in args]
-        if any(s is None for s in shapes) or data.get("rejected"):  # rejected: an earlier pass reported it
+        shapes = [nodes[a]["shape"] for a in args]
+        if None in shapes or data.get("rejected"):  # rejected: an earlier pass reported it
             data["shape"] = None
             continue
         ctx = ShapeCtx(callee=callee(graph, nid))
