@@ -22,7 +22,8 @@ returns False, and the caller keeps the tree path, where a lark release lays the
 lark's LALR loop (``_Parser.parse_from_state``) drives the parse, over lark's parse table, with a
 :class:`_TableState` for its parser state: lark's ``ParserState`` whose ``feed_token`` reads a copy of the table
 in which each reduction already holds its callback, its length and its rule's name (lark's looked each up per
-reduction, hashing and comparing ``Rule`` objects in Python).
+reduction, hashing and comparing ``Rule`` objects in Python), and where a unit rule that passes its child
+through (``?sum: term``, several above every atom) changes only the state on top of the stack.
 """
 from __future__ import annotations
 
@@ -148,10 +149,15 @@ def _callback_table(lark: Lark, callbacks: dict) -> dict | None:
             or not hasattr(parser, "parse_from_state") or not hasattr(lark.parser, "_make_lexer_thread")
             or any(not isinstance(k, Rule) for k in callbacks)):
         return None
+    def reduction(rule: Rule) -> tuple:
+        callback = callbacks[rule]
+        if callback is _pass_through and len(rule.expansion) == 1:
+            callback = None  # `?sum: term`: the child stays on the stack as it is, only the state changes
+        return callback, len(rule.expansion), _plain(rule.origin.name)
+
     out = {}
     for state, actions in table.items():  # names as plain strings: lark's are Tokens, compared in Python
-        out[state] = {_plain(sym): (True, arg) if action is Shift
-                      else (False, (callbacks[arg], len(arg.expansion), _plain(arg.origin.name)))
+        out[state] = {_plain(sym): (True, arg) if action is Shift else (False, reduction(arg))
                       for sym, (action, arg) in actions.items()}
     return out
 
@@ -181,15 +187,18 @@ class _TableState(ParserState):
                 value_stack.append(token)
                 return None
             callback, size, origin = arg
-            if size:
-                children = value_stack[-size:]
-                del state_stack[-size:]
-                del value_stack[-size:]
+            if callback is None:  # a unit rule passing its child through (lark: pop it, push it back)
+                state_stack[-1] = states[state_stack[-2]][origin][1]
             else:
-                children = []
-            value = callback(children)
-            state_stack.append(states[state_stack[-1]][origin][1])
-            value_stack.append(value)
+                if size:
+                    children = value_stack[-size:]
+                    del state_stack[-size:]
+                    del value_stack[-size:]
+                else:
+                    children = []
+                value = callback(children)
+                state_stack.append(states[state_stack[-1]][origin][1])
+                value_stack.append(value)
             if is_end and state_stack[-1] == end_state:
                 return value_stack[-1]
 
