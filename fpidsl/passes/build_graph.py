@@ -895,10 +895,21 @@ class _Builder:
         self.warn_positional_reduction(prim.name, call, env)
         if self.numbers_only(prim.name, nodes, exprs, call.span, env):
             return None
+        if prim.name == "where" and self.graph.dtype(nodes[0]) in ("bool", "int") and self.graph.states and \
+                all(self.graph.node(n)["op"] == "const" for n in nodes[1:]):
+            nodes[1] = self.number_in_state_dtype(nodes[1], exprs[1], env)
         node = self.call(prim.name, list(zip(nodes, exprs)), prim.with_defaults(attrs), call.span, env)
         if attrs:
             self.graph.node(node)["attr_spans"] = {k: self.use_span(bound[k], env) for k in attrs}
         return node
+
+    def number_in_state_dtype(self, const: str, expr: ast.Expr, env: Env | None) -> str:
+        """``where(mask, 1, 0)`` of a bool or int mask has no tensor to take its dtype from (torch would make it
+        in the default dtype, float32, and ``0.1 * where(m, 1, 0)`` in a float64 layer would be rounded to
+        float32): its first number becomes a 0-dimensional ``full`` in the first state's dtype and device."""
+        state = next(iter(self.graph.states.values())).node
+        value = self.graph.node(const)["value"]
+        return self.call("full", [(state, expr.span)], {"shape": (), "value": value}, expr.span, env)
 
     def warn_positional_reduction(self, name: str, call: ast.Call, env: Env | None) -> None:
         """``max(v, 0)`` / ``min(v, 1)``: a number as the second positional argument is the dimension reduced

@@ -178,6 +178,34 @@ def test_an_energy_through_gather_descends_and_differentiates_twice(tmp_path):
     assert torch.autograd.gradgradcheck(lambda a: layer(a, t[:2]), (small,))
 
 
+MASK_AS_NUMBERS = """
+layer Masked {
+  input a : [B, 4]
+  input keep : bool [B, 4]
+  state x : [B, 4]
+  update x = 0.5 * tanh(x) + a + 0.1 * where(keep, 1, 0) - where(keep, 0.3, 0.7) / 3
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_where_of_a_bool_mask_and_two_numbers_is_in_the_layers_dtype(tmp_path, dtype):
+    """torch makes where(mask, 1, 0) in the default dtype: in a float64 layer 0.1 * it was rounded to float32
+    (an error of 1e-9, silently). It is made in the first state's dtype."""
+    layer = _load(tmp_path, MASK_AS_NUMBERS, "Masked").to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, generator=gen, dtype=dtype)
+    keep = torch.rand(3, 4, generator=gen) > 0.5
+    x = layer(a, keep)
+    assert x.dtype == dtype
+    k = keep.to(dtype)
+    shift = a + 0.1 * k - (0.3 * k + 0.7 * (1 - k)) / 3
+    atol = 1e-11 if dtype == torch.float64 else 1e-5  # the solve's tolerance; float32's 0.1 is 1.5e-9 off
+    torch.testing.assert_close(x, 0.5 * torch.tanh(x) + shift, rtol=0, atol=atol)
+    torch.testing.assert_close(_iterate(lambda v: 0.5 * torch.tanh(v) + shift, torch.zeros_like(a), 200), x,
+                               rtol=0, atol=atol)
+
+
 def test_index_inputs_are_per_sample_in_the_batch_analysis():
     lowered = check_source(Source("t.fpi", TOKENS)).lowered()["Tokens"]
     assert lowered.samplewise
