@@ -540,6 +540,9 @@ class Writer:
             canonical, args = args[1], args[:1]
         else:
             canonical = table.FUNCTIONS.get(node.target)
+        casts = canonical in ("to", "type", "float", "double") or (node.op, node.target) == ("call_method", "type_as")
+        if casts and self._mask_as_numbers(node):
+            return self._let(f"where({args[0].name}, 1, 0)")  # keep.float(): 1 where True, 0 elsewhere
         if canonical not in table.INDEX_OPS and any(a in self.index_nodes for a in node.all_input_nodes):
             raise UntraceableError(f"{_what(node)} reads an int or bool argument, which the layer reads only as an "
                                    "index (Embedding, gather, index_select, where's condition, their shape ops)")
@@ -620,6 +623,16 @@ class Writer:
         """A target as the user names it: ``_module0.fc`` of a closure's ``model`` is ``model.fc``."""
         first, dot, rest = target.partition(".")
         return self.labels.get(first, first) + dot + rest
+
+    def _mask_as_numbers(self, node: fx.Node) -> bool:
+        """A cast of a bool argument (or a view of one) to the state's dtype and device: ``keep.float()``,
+        ``keep.to(x.dtype)``, ``keep.type_as(x)`` where the state is in that dtype."""
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or source not in self.index_nodes or not isinstance(self.env[source], Ref):
+            return False
+        state = next(n for n in self.module.graph.nodes if n.op == "placeholder")
+        made, was, like = self.first[node], self.first[source], self.first[state]
+        return was.dtype == torch.bool and made.dtype == like.dtype and made.device == like.device
 
     def _let(self, text: str, suffix: str = "v") -> Ref:
         name = self.names.fresh(self.node.name, suffix)

@@ -108,11 +108,19 @@ def _bool_as_float(x, keep):  # a mask used as 0/1 numbers
     return torch.tanh(0.4 * x + 0.1 * keep.to(x.dtype))
 
 
+def _bool_as_double(x, keep):  # the same, cast another way, through a view
+    return torch.tanh(0.4 * x * keep.unsqueeze(-1).double().squeeze(-1) + 0.1 * keep.type_as(x))
+
+
+def _bool_as_float32(x, keep):  # a float32 mask in a float64 map: a dtype change, refused
+    return torch.tanh(0.4 * x + 0.1 * keep.float())
+
+
 def _other_module(x, tokens):  # an int argument given to a module with no primitive
     return torch.tanh(0.4 * x + 0.01 * nn.functional.one_hot(tokens[:, 0], 4).to(x.dtype))
 
 
-@pytest.mark.parametrize("f, arg", [(_as_number, "tokens"), (_plus_one, "tokens"), (_bool_as_float, "keep"),
+@pytest.mark.parametrize("f, arg", [(_as_number, "tokens"), (_plus_one, "tokens"), (_bool_as_float32, "keep"),
                                     (_other_module, "tokens")])
 def test_an_int_or_bool_argument_used_otherwise_falls_back_with_the_same_numbers(f, arg):
     torch.manual_seed(3)
@@ -133,6 +141,25 @@ def test_an_int_or_bool_argument_used_otherwise_falls_back_with_the_same_numbers
     torch.testing.assert_close(x_on, x_off, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(x_on.sin().sum(), z)[0],
                                torch.autograd.grad(x_off.sin().sum(), z)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("f", [_bool_as_float, _bool_as_double])
+def test_a_bool_argument_cast_to_the_states_dtype_is_where_of_it(f):
+    """keep.to(x.dtype), keep.double(), keep.type_as(x): 0/1 numbers, written where(keep, 1, 0) (they once fell
+    back); values and gradients as the map's own."""
+    torch.manual_seed(3)
+    x0 = torch.zeros(3, 4, dtype=DT)
+    keep = torch.rand(3, 4) > 0.5
+    z = torch.randn(3, 4, dtype=DT, requires_grad=True)
+
+    def shifted(x, z, keep):
+        return f(x, keep) + 0.1 * z
+
+    traced, why = trace_status(shifted, x0, z, keep)
+    assert traced is not None, why
+    assert "input keep : bool [B, 4]" in traced.spec.text and "where(keep, 1, 0)" in traced.spec.text
+    assert not traced.spec.externs
+    assert_trace_agrees(shifted, x0, (z, keep), (z,), atol_x=1e-12, atol_g=1e-11, backward=TIGHT, **TIGHT)
 
 
 def test_an_int32_argument_and_a_state_stay_refused():
