@@ -422,7 +422,25 @@ def _conv_common(shapes, ctx, channels_in):
     return x
 
 
+def _conv_weights(shapes, attrs, ctx, out_at: int) -> None:
+    """A weight written as a tensor (``conv2d(x, W, b, ...)``; a module's are right by construction): 4-D, a bias
+    of its output channels (``w[out_at]``), a positive stride and a padding of at least 0."""
+    w = shapes[1]
+    if len(w) != 4:
+        raise ctx.fail(f"{ctx.callee} expects a 4-D weight, but its weight has shape {fmt_shape(w)}", arg=1,
+                       hint="conv2d's weight is [out, in, kh, kw]; conv_transpose2d's [in, out, kh, kw]")
+    if len(shapes) > 2 and shapes[2] is not None and tuple(shapes[2]) != (w[out_at],):
+        raise ctx.fail(f"{ctx.callee} expects a bias of shape [{fmt_dim(w[out_at])}] (its output channels), but "
+                       f"its bias has shape {fmt_shape(shapes[2])}", arg=2)
+    if any(s < 1 for s in attrs["stride"]):
+        raise ctx.fail(f"{ctx.callee} needs a stride of at least 1, found {list(attrs['stride'])}", attr="stride")
+    if any(p < 0 for p in attrs["padding"]):
+        raise ctx.fail(f"{ctx.callee} needs a padding of at least 0, found {list(attrs['padding'])}",
+                       attr="padding")
+
+
 def _conv2d(shapes, attrs, ctx):
+    _conv_weights(shapes, attrs, ctx, 0)
     w = shapes[1]
     x = _conv_common(shapes, ctx, w[1])
     out = [x[0], w[0]]
@@ -1013,7 +1031,8 @@ _TABLE = [
     _p("linear", ("x", "weight", "bias"), _linear, batch=_B.per_row(row_rank=1), optional=1,
        doc="x @ weight.T + bias", vjp=_V["linear"], lipschitz="weight_norm", distribute=(-1, 1)),
     _p("conv2d", ("x", "weight", "bias"), _conv2d, Attr("stride", "pair", (1, 1)),
-       Attr("padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3), optional=1, vjp=_V["conv2d"], lipschitz="weight_norm", distribute=(1, 1)),
+       Attr("padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3), optional=1, vjp=_V["conv2d"], lipschitz="weight_norm", distribute=(1, 1),
+       builtin=True),
     _p("conv_transpose2d", ("x", "weight", "bias"), _conv_transpose2d, Attr("stride", "pair", (1, 1)),
        Attr("padding", "pair", (0, 0)), Attr("output_padding", "pair", (0, 0)), batch=_B.per_row(row_rank=3),
        optional=1, vjp=_V["conv_transpose2d"], lipschitz="weight_norm", distribute=(1, 0)),

@@ -373,6 +373,21 @@ def _linear(w, a):
     return out if a["bias"] is None else f"{out} + {w.text(a['bias'])}"
 
 
+@op("conv2d", args=("input", "weight", "bias", "stride", "padding", "dilation", "groups"), bias=None, stride=1,
+    padding=0, dilation=1, groups=1, spaces=(F, torch))
+def _conv2d(w, a):
+    """``F.conv2d(x, W, b, stride, padding)`` with tensor weights: the language's ``conv2d(x, W, b, ...)``."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    if pair(a["dilation"]) != (1, 1) or a["groups"] != 1 or isinstance(a["padding"], str):
+        raise UntraceableError("conv2d with groups, dilation or a padding given as a word")
+    stride, padding = pair(a["stride"]), pair(a["padding"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*stride, *padding)):
+        raise UntraceableError("conv2d with a stride or padding that is not integers")
+    parts = [w.text(a["input"]), w.text(a["weight"])] + ([] if a["bias"] is None else [w.text(a["bias"])])
+    parts += [f"stride={w.attr(stride)}"] * (stride != (1, 1)) + [f"padding={w.attr(padding)}"] * (padding != (0, 0))
+    return f"conv2d({', '.join(parts)})"
+
+
 @op("dropout", args=("input|self", "p", "training", "inplace"), p=0.5, training=True, inplace=False)
 def _dropout(w, a):
     if a["training"] and a["p"] != 0:

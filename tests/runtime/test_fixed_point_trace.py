@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fpidsl
@@ -238,6 +239,39 @@ def test_a_module_with_hooks_is_an_extern_and_its_parameters_get_their_gradients
     for name, g in grads[False].items():
         assert grads[True][name] is not None, name
         torch.testing.assert_close(grads[True][name], g, rtol=1e-10, atol=1e-12)
+
+
+class _FunctionalConv(nn.Module):
+    """F.conv2d with weights of its own (an MDEQ written functionally), and a dilated one (no primitive)."""
+
+    def __init__(self, dilated: bool = False):
+        super().__init__()
+        self.W = nn.Parameter(0.15 * torch.randn(2, 2, 3, 3))
+        self.b = nn.Parameter(0.1 * torch.randn(2))
+        self.dilated = dilated
+
+    def forward(self, x, z):
+        h = F.conv2d(x, self.W, self.b, padding=1) if not self.dilated else F.conv2d(x, self.W, padding=2, dilation=2)
+        return 0.5 * torch.tanh(h + F.conv2d(z, self.W, stride=1, padding=(1, 1))) + z
+
+
+@pytest.mark.parametrize("dilated", [False, True], ids=["conv2d", "dilated"])
+def test_functional_conv2d_with_tensor_weights_is_the_conv2d_primitive(dilated):
+    torch.manual_seed(0)
+    m = _FunctionalConv(dilated).to(DT)
+    z = torch.randn(2, 2, 5, 5, dtype=DT, requires_grad=True)
+    traced, why = fpidsl.tracing.trace_status(m, torch.zeros_like(z), z)
+    assert traced is not None, why
+    text = traced.spec.text
+    assert "param W : tensor [2, 2, 3, 3]" in text and "conv2d(z, W, padding=[1, 1])" in text
+    assert ("conv2d(x, W, b, padding=[1, 1])" in text and not traced.spec.externs) if not dilated else \
+        traced.spec.externs  # a dilation has no primitive: an extern
+    wrt = (z, m.W, m.b) if not dilated else (z, m.W)
+    g_on, g_off = assert_trace_agrees(m, torch.zeros_like(z), (z,), wrt, atol_x=1e-11, atol_g=1e-10,
+                                      create_graph=True, backward=TIGHT, **TIGHT)
+    second = [torch.autograd.grad(sum(g.square().sum() for g in grads), wrt) for grads in (g_on, g_off)]
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
 def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
