@@ -72,8 +72,7 @@ class _Tracer(fx.Tracer):
         """The path of ``value`` inside a foreign module already adopted (its submodule, parameter or buffer)."""
         for name, owner in self.foreign.items():
             if isinstance(owner, nn.Module):
-                members = (owner.named_modules() if isinstance(value, nn.Module) else
-                           (*owner.named_parameters(), *owner.named_buffers()))
+                members = owner.named_modules() if isinstance(value, nn.Module) else _tensors_of(owner).items()
                 for path, member in members:
                     if member is value:
                         return f"{name}.{path}" if path else name
@@ -87,7 +86,7 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if self.is_leaf_module(m, ""):
-            self.seen.append((self.path_of_module(m), {**dict(m.named_parameters()), **dict(m.named_buffers())}))
+            self.seen.append((self.path_of_module(m), _tensors_of(m)))
         return super().call_module(m, forward, args, kwargs)
 
     def create_arg(self, a: Any):
@@ -103,6 +102,11 @@ class _Tracer(fx.Tracer):
         return super().create_arg(a)
 
 
+def _tensors_of(module: nn.Module) -> dict[str, Tensor]:
+    """A module's parameters and buffers by their dotted paths in it."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
 def _swapped(tracer: _Tracer) -> str | None:
     """The first target whose tensors, as the map met them while it ran, are not the ones found there once it has
     returned: the map replaced them for the call (``torch.func.functional_call``, a stateless swap), and a trace
@@ -112,8 +116,7 @@ def _swapped(tracer: _Tracer) -> str | None:
             now = resolve(tracer.root, tracer.foreign, target)
         except AttributeError:
             return target
-        found = ({"": now} if isinstance(now, Tensor) else
-                 {**dict(now.named_parameters()), **dict(now.named_buffers())} if isinstance(now, nn.Module) else {})
+        found = {"": now} if isinstance(now, Tensor) else _tensors_of(now) if isinstance(now, nn.Module) else {}
         if any(found.get(path) is not tensor for path, tensor in met.items()):
             return target
     return None

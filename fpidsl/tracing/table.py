@@ -377,10 +377,9 @@ def _linear(w, a):
     padding=0, dilation=1, groups=1, spaces=(F, torch))
 def _conv2d(w, a):
     """``F.conv2d(x, W, b, stride, padding)`` with tensor weights: the language's ``conv2d(x, W, b, ...)``."""
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    if pair(a["dilation"]) != (1, 1) or a["groups"] != 1 or isinstance(a["padding"], str):
+    if _pair(a["dilation"]) != (1, 1) or a["groups"] != 1 or isinstance(a["padding"], str):
         raise UntraceableError("conv2d with groups, dilation or a padding given as a word")
-    stride, padding = pair(a["stride"]), pair(a["padding"])
+    stride, padding = _pair(a["stride"]), _pair(a["padding"])
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*stride, *padding)):
         raise UntraceableError("conv2d with a stride or padding that is not integers")
     parts = [w.text(a["input"]), w.text(a["weight"])] + ([] if a["bias"] is None else [w.text(a["bias"])])

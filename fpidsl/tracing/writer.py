@@ -270,11 +270,14 @@ class Writer:
     def constructed_in_state_dtype(self) -> None:
         """A constructor (``torch.eye``, ``torch.zeros`` ...) is made in the layer's dtype and device (its first
         state's, in the compiled layer): refused when the map made it in another."""
-        state = next(n for n in self.module.graph.nodes if n.op == "placeholder")
-        made, like = self.first[self.node], self.first[state]
+        made, like = self.first[self.node], self._state_example()
         if made.dtype != like.dtype or made.device != like.device:
             raise UntraceableError(f"{self.current} made in {made.dtype} on {made.device}, the state is {like.dtype} "
                                    f"on {like.device} (pass dtype=x.dtype, device=x.device)")
+
+    def _state_example(self) -> Tensor:
+        """The first state's example value: the layer's dtype and device."""
+        return self.first[next(n for n in self.module.graph.nodes if n.op == "placeholder")]
 
     def same_dtype(self, value: Any) -> bool:
         node = next(n for n, v in self.env.items() if v == value)
@@ -630,8 +633,7 @@ class Writer:
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or source not in self.index_nodes or not isinstance(self.env[source], Ref):
             return False
-        state = next(n for n in self.module.graph.nodes if n.op == "placeholder")
-        made, was, like = self.first[node], self.first[source], self.first[state]
+        made, was, like = self.first[node], self.first[source], self._state_example()
         return was.dtype == torch.bool and made.dtype == like.dtype and made.device == like.device
 
     def _let(self, text: str, suffix: str = "v") -> Ref:
