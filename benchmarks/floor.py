@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             out = run.Outcome()
             step = run.fpidsl_step(w, method, out)
             step()
-            rows.append(run.floor_row(w, method, step, out, args.repeats))
+            times = run.floor_times(w, step, out, args.repeats)
+            rows.append(run.floor_row(w, method, step, out, args.repeats, times))
             if method == "anderson":
-                history_rows.append(anderson_history_row(w, out, rows[-1], args.repeats))
+                history_rows.append(anderson_history_row(w, out, times[-2], times[-1], args.repeats))
     load_after = os.getloadavg()
     command = "python benchmarks/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`: {args.repeats} timed runs, {args.clock} clock, float32, CPU, one thread; load average "
@@ -64,24 +65,22 @@ def main(argv: list[str] | None = None) -> int:
                      "fpidsl ms (alone)", "ratio", f"target {run.TARGET_FLOOR}x", "hand g / VJP ms"], rows))
     if history_rows:
         print("\nAnderson's least history work (not in the floor above): per iteration after the first, one product "
-              f"of a state-sized row with the m = {ANDERSON_M} history and one mix of the history, timed alone at "
-              "the state's size\n")
+              "of a state-sized row with the m-row history (the workloads' m) and one mix of the history, timed "
+              "alone at the state's size\n")
         print(run.table(["workload", "state", "iterations x ms", "floor + history ms", "fpidsl ms (alone)",
                          "ratio"], history_rows))
     return 0
 
 
-ANDERSON_M = 6  # benchmarks/workloads.py: torchdeq's default memory, on both sides
-
-
-def anderson_history_row(w, out: run.Outcome, floor_row: list[str], repeats: int) -> list[str]:
+def anderson_history_row(w, out: run.Outcome, floor: float, alone: float, repeats: int) -> list[str]:
     """The least work any type-II Anderson iteration does with a full history beyond evaluating the map: read the
     history once for the new Gram entries / ``dF f`` (one ``bmm`` of a row with it) and once for the mix (one
     ``baddbmm``), timed alone on the workload's state size; added to the floor for the forward and backward
     iterations that take an Anderson step (all but each solve's first)."""
     batch, dim = w.target.shape[0], w.target[0].numel()
-    history = torch.randn(batch, ANDERSON_M, dim)
-    row, gamma = torch.randn(batch, 1, dim), torch.randn(batch, 1, ANDERSON_M)
+    m = w.settings("anderson")[0]["m"]
+    history = torch.randn(batch, m, dim)
+    row, gamma = torch.randn(batch, 1, dim), torch.randn(batch, 1, m)
 
     def least() -> None:
         torch.bmm(row, history.transpose(1, 2))
@@ -89,9 +88,8 @@ def anderson_history_row(w, out: run.Outcome, floor_row: list[str], repeats: int
 
     t_least = run.median_time(least, repeats, 3 if batch * dim > 100_000 else 20)
     steps = max(out.forward_iters - 1, 0) + max(out.backward_iters - 1, 0)
-    floor, alone = float(floor_row[5]), float(floor_row[6])
-    total = floor + steps * t_least * 1e3
-    return [w.name, f"{batch} x {dim}", f"{steps} x {run.ms(t_least)}", f"{total:.1f}", floor_row[6],
+    total = floor + steps * t_least
+    return [w.name, f"{batch} x {dim}", f"{steps} x {run.ms(t_least)}", run.ms(total), run.ms(alone),
             f"{alone / total:.2f}"]
 
 

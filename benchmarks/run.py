@@ -287,13 +287,20 @@ def floor_parts(w: Workload, repeats: int) -> tuple[float, float, float, float, 
                  for fn in (evaluate_emitted, vjp_emitted, once, evaluate_hand, vjp_hand))
 
 
-def floor_row(w: Workload, method: str, step: Step, out: Outcome, repeats: int) -> list[str]:
-    """Table 3's row for fpidsl's ``step`` (already run once: ``out`` holds its iteration counts): the floor's
-    parts, the floor, the step timed back to back like them, the ratio and the target; the hand-written g / VJP
-    last."""
+def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> tuple[float, ...]:
+    """Seconds: the floor's parts (:func:`floor_parts`), the floor, and fpidsl's ``step`` (already run once: ``out``
+    holds its iteration counts) timed back to back like them."""
     t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand = floor_parts(w, repeats)
     floor = out.forward_iters * t_eval + out.backward_iters * t_vjp + t_once
     t_alone = median_time(step, repeats)  # measured like the floor's parts: back to back
+    return t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand, floor, t_alone
+
+
+def floor_row(w: Workload, method: str, step: Step, out: Outcome, repeats: int,
+              times: tuple[float, ...] | None = None) -> list[str]:
+    """Table 3's row: the floor's parts, the floor, the step, the ratio and the target; the hand-written g / VJP
+    last (``times``: :func:`floor_times`, measured now if None)."""
+    t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand, floor, t_alone = times or floor_times(w, step, out, repeats)
     return [w.name, method, f"{out.forward_iters} x {ms(t_eval)}", f"{out.backward_iters} x {ms(t_vjp)}",
             ms(t_once), ms(floor), ms(t_alone), f"{t_alone / floor:.2f}",
             "met" if t_alone / floor <= TARGET_FLOOR else "**not met**", f"{ms(t_eval_hand)} / {ms(t_vjp_hand)}"]
