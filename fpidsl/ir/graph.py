@@ -439,9 +439,9 @@ class LayerGraph:
             op = d.get("op")
             if op not in OPS:
                 _fail(f"{nid}: op {op!r} is not in the closed op set")
-            if type(d.get("span")) is not Span and not isinstance(d.get("span"), Span):
+            if not isinstance(d.get("span"), Span):
                 _fail(f"{nid}: no span")
-            if shapes and type(d.get("shape")) is not tuple and not isinstance(d.get("shape"), tuple):
+            if shapes and not isinstance(d.get("shape"), tuple):
                 _fail(f"{nid}: no shape")
             n = 0
             for u, keyed in preds[nid].items():
@@ -451,7 +451,7 @@ class LayerGraph:
                         _fail(f"{nid}: edge key {k} != pos {data['pos']}")
                     if order[u] >= i:
                         _fail(f"{nid}: argument {u} comes after it (not topological)")
-                    if type(data.get("span")) is not Span and not isinstance(data.get("span"), Span):
+                    if not isinstance(data.get("span"), Span):
                         _fail(f"{nid}: argument {u} has no span")
             if n > 1 and sorted(k for keyed in preds[nid].values() for k in keyed) != list(range(n)) or \
                     n == 1 and not any(0 in keyed for keyed in preds[nid].values()):
