@@ -147,6 +147,7 @@ def _callback_table(lark: Lark, callbacks: dict) -> dict | None:
     table = getattr(getattr(parser, "parse_table", None), "states", None)
     if (not isinstance(table, dict) or getattr(parser, "callbacks", None) is not callbacks
             or not hasattr(parser, "parse_from_state") or not hasattr(lark.parser, "_make_lexer_thread")
+            or not hasattr(lark.parser, "_verify_start")
             or any(not isinstance(k, Rule) for k in callbacks)):
         return None
     def reduction(rule: Rule) -> tuple:
