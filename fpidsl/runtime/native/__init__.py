@@ -1,0 +1,172 @@
+"""Native CPU kernels for the solvers' own arithmetic, built on first use with the system's C compiler.
+
+At the state sizes of a DEQ layer an Anderson step is dozens of small tensor operations whose dispatch costs more
+than their arithmetic; ``anderson_step.c`` does the step in one call. It is plain C (no PyTorch headers), so it
+builds in well under a second, and it is called through :mod:`ctypes` with the tensors' data pointers.
+
+- The library is built once per source, compiler and platform into ``$FPIDSL_CACHE_DIR`` (default
+  ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``), written to a temporary name and renamed, so processes that
+  build at the same time do not see each other's half-written files.
+- ``FPIDSL_NATIVE=0`` turns the kernels off; so does a missing or failing compiler (``$CC``, else Python's own,
+  else ``cc``). Then the solvers run their tensor code, which computes the same step; :func:`status` says which
+  is used and why.
+- The kernels take only what they can run: dense contiguous CPU tensors of float32 or float64 outside any
+  torch.func transform or torch.compile tracing (:func:`usable`); everything else runs the tensor code.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("anderson_step.c")
+FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_why_not: str | None = None
+_loaded = False
+
+
+def status() -> str:
+    """Whether the native kernels are in use, and if not, why (builds them if they were not built yet)."""
+    lib = library()
+    return "native kernels in use" if lib is not None else f"native kernels not in use: {_why_not}"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it is turned off or cannot be built (the reason: :func:`status`)."""
+    global _library, _why_not, _loaded
+    if _loaded:
+        return _library
+    with _lock:
+        if not _loaded:
+            try:
+                _library = _load()
+            except _Unavailable as e:
+                _library, _why_not = None, str(e)
+            _loaded = True
+    return _library
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: the next :func:`library` call looks again at the environment)."""
+    global _library, _why_not, _loaded
+    with _lock:
+        _library, _why_not, _loaded = None, None, False
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors: dense, contiguous, on the CPU, of one float32/float64 dtype,
+    with storage of their own (not under a torch.func transform, not fake or meta), outside torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES:
+        return False
+    for t in tensors:
+        if (t.dtype != dtype or t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous()
+                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
+
+
+def anderson_step(lib: ctypes.CDLL, k: int, s: int, lam: float, tiny: float, slack: float, plain: Tensor, f: Tensor,
+                  p_prev: Tensor, f_prev: Tensor, dH: Tensor, dF: Tensor, gram: Tensor, out: Tensor) -> None:
+    """One fused Anderson step (see ``anderson_step.c``): writes ring slot ``s`` of ``dH``/``dF``, the Gram row and
+    column ``s``, and the next iterate into ``out``. The caller has checked :func:`usable` on every tensor."""
+    batch, m, dim = dF.shape
+    fn = lib.fpidsl_anderson_step_f32 if plain.dtype == torch.float32 else lib.fpidsl_anderson_step_f64
+    code = fn(batch, dim, m, k, s, lam, tiny, slack, plain.data_ptr(), f.data_ptr(), p_prev.data_ptr(),
+              f_prev.data_ptr(), dH.data_ptr(), dF.data_ptr(), gram.data_ptr(), out.data_ptr())
+    if code < 0:
+        raise RuntimeError(f"fpidsl's native Anderson step refused its arguments (m={m}, k={k}, slot {s})")
+
+
+def max_m() -> int:
+    """The largest Anderson memory the kernel takes (its small systems live on the C stack)."""
+    lib = library()
+    return int(lib.fpidsl_native_max_m()) if lib is not None else 0
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("FPIDSL_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise _Unavailable("FPIDSL_NATIVE is off")
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), sys.platform.encode(),
+                                     sysconfig.get_platform().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"fpidsl_native-{key}{_suffix()}"
+    if not target.exists():
+        _build(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        raise _Unavailable(f"{target} did not load: {e}") from None
+    i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    for name in ("fpidsl_anderson_step_f32", "fpidsl_anderson_step_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64, i64, i64, i64, i64, dbl, dbl, dbl] + [ptr] * 8
+        fn.restype = i64
+    lib.fpidsl_native_max_m.argtypes = []
+    lib.fpidsl_native_max_m.restype = i64
+    return lib
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc"):
+        if candidate:
+            found = shutil.which(candidate)
+            if found:
+                return found
+    raise _Unavailable("no C compiler found ($CC, Python's compiler, cc)")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("FPIDSL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fpidsl")
+    path = Path(base)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = Path(tempfile.gettempdir()) / f"fpidsl-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _suffix() -> str:
+    return ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    fd, partial = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise _Unavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _Unavailable(f"{compiler} could not build {SOURCE.name}: {e}") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)

@@ -1,0 +1,208 @@
+"""The native Anderson step (fpidsl/runtime/native) against the solver's tensor code, and its fallbacks.
+
+The tensor code is the oracle: the same iteration, step by step, on the same inputs, with the kernel turned off on
+one copy of the state (``state.kernel = None``). Where the kernel cannot take the tensors, or cannot be built, the
+tensor code must run instead and give its own numbers bit for bit.
+"""
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+from fpidsl.runtime import fixed_point, native
+from fpidsl.runtime.solvers import anderson as anderson_module
+from fpidsl.runtime.solvers.anderson import Anderson
+
+HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "cc", "gcc"))
+needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the native kernels cannot be built here")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The native library looked up again (in a cache directory of the test's own) and forgotten afterwards."""
+    monkeypatch.setenv("FPIDSL_CACHE_DIR", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path
+    native.reset()
+
+
+def _problem(batch, dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(dim, dim, generator=gen, dtype=dtype) * (0.9 / dim ** 0.5)
+    z = torch.randn(batch, dim, generator=gen, dtype=dtype)
+    return lambda x: torch.tanh(x @ W) + z
+
+
+def _iterates(solver, g, x0, steps, use_kernel):
+    x, state = x0, solver.init(x0)
+    assert (state.kernel is not None) == native.usable(x0) or not use_kernel
+    if not use_kernel:
+        state.kernel = None
+    out = []
+    for _ in range(steps):
+        gx = g(x)
+        x, state = solver.step(x, gx, state, gx - x)
+        out.append(x)
+    return out, state
+
+
+@needs_kernel
+def test_the_kernels_build_and_are_used_on_the_cpu(fresh_native):
+    assert native.status() == "native kernels in use"
+    assert list((fresh_native / "cache").glob("fpidsl_native-*")), "the library is cached for the next process"
+    assert Anderson(m=5).init(torch.zeros(2, 3)).kernel is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("batch, dim, m, beta, lam", [(8, 4096, 6, 1.0, 1e-4), (32, 159, 5, 1.0, 1e-4),
+                                                      (3, 7, 3, 0.5, 1e-2), (2, 1, 4, 0.8, 1e-2),
+                                                      (4, 300, 12, 1.0, 1e-6)])
+def test_native_steps_match_the_tensor_code(dtype, tol, batch, dim, m, beta, lam):
+    """Iterate by iterate through the ring's first fill and wrap-around (3 m steps), and the state alike. (A
+    singular system, lam = 0 with more differences than dimensions, is solved by either code to rounding noise:
+    the two need not agree there, so every case is regularised.)"""
+    g = _problem(batch, dim, dtype)
+    solver = Anderson(m=m, beta=beta, lam=lam)
+    x0 = torch.zeros(batch, dim, dtype=dtype)
+    steps = min(3 * m, 12) if dim > 1 else 3 * m
+    fast, s_fast = _iterates(solver, g, x0, steps, True)
+    slow, s_slow = _iterates(solver, g, x0, steps, False)
+    for n, (a, b) in enumerate(zip(fast, slow)):
+        assert torch.isfinite(a).all()
+        err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        assert err <= tol * (n + 1), f"iterate {n + 1}: relative difference {err:.3g}"
+    assert (s_fast.slot, s_fast.filled) == (s_slow.slot, s_slow.filled)
+    scale = float(slow[-1].abs().max())  # the differences cancel: their error is the iterates' error
+    assert torch.allclose(s_fast.dF, s_slow.dF, rtol=0, atol=tol * steps * scale)
+    assert torch.allclose(s_fast.dH, s_slow.dH, rtol=0, atol=tol * steps * scale)
+    # the Gram matrix the kernel keeps is the Gram matrix of the differences it wrote
+    dF = s_fast.dF.double()
+    gram = dF @ dF.transpose(1, 2)
+    assert torch.allclose(s_fast.gram.double(), gram, rtol=0, atol=tol * float(gram.abs().max()))
+
+
+@needs_kernel
+def test_native_plain_step_on_a_singular_system_as_the_tensor_code():
+    """The tensor code's test_anderson_falls_back_to_the_plain_step_on_a_singular_system, through the kernel."""
+    solver = Anderson(m=3, beta=0.5, lam=0.0)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    state = solver.init(x)
+    assert state.kernel is not None
+    g = torch.ones(2, 3, dtype=torch.float64)
+    x1, state = solver.step(x, g, state)
+    x2, state = solver.step(x1, x1 + (g - x), state)  # dF = 0: Gram zero, lam = 0: the system is singular
+    assert torch.equal(x2, x1 + 0.5 * (g - x))
+
+
+@needs_kernel
+def test_native_bad_sample_takes_the_plain_step_and_leaves_the_others_alone():
+    g = _problem(3, 5, torch.float64)
+    solver = Anderson(m=3)
+    x = torch.zeros(3, 5, dtype=torch.float64)
+    ref, _ = _iterates(solver, g, x, 4, False)
+    state = solver.init(x)
+    for n in range(4):
+        gx = g(x)
+        if n == 3:
+            gx[1, 2] = float("nan")  # sample 1's residual is not finite: its mix is rejected
+        x_next, state = solver.step(x, gx, state, gx - x)
+        if n == 3:
+            assert torch.equal(x_next[1].isnan(), gx[1].isnan())  # the plain step, g itself (beta = 1)
+            assert torch.equal(x_next[1, :2], gx[1, :2])
+            for i in (0, 2):
+                assert torch.allclose(x_next[i], ref[3][i], rtol=1e-12, atol=1e-14)
+        x = x_next
+
+
+@needs_kernel
+def test_whole_solves_agree_with_the_tensor_code(monkeypatch):
+    """fixed_point with Anderson, kernel on and off: the same iteration counts, results and gradients."""
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(3)
+    W = (torch.randn(20, 20, generator=gen, dtype=dtype) * 0.25).requires_grad_()
+    z = torch.randn(6, 20, generator=gen, dtype=dtype, requires_grad=True)
+
+    def solve():
+        x, stats = fixed_point(lambda x, z, W: torch.tanh(x @ W) + z, torch.zeros(6, 20, dtype=dtype), z, W,
+                               method="anderson", m=5, tol=1e-11, return_stats=True)
+        grads = torch.autograd.grad(x.square().sum(), (z, W))
+        return x, stats, grads
+
+    x_fast, stats_fast, grads_fast = solve()
+    monkeypatch.setenv("FPIDSL_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.status() == "native kernels not in use: FPIDSL_NATIVE is off"
+        x_slow, stats_slow, grads_slow = solve()
+    finally:
+        monkeypatch.delenv("FPIDSL_NATIVE")
+        native.reset()
+    assert torch.equal(stats_fast.forward.iterations, stats_slow.forward.iterations)
+    assert torch.equal(stats_fast.backward.iterations, stats_slow.backward.iterations)
+    assert torch.allclose(x_fast, x_slow, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_fast, grads_slow):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _forbid_kernel(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the native kernel was called")
+    monkeypatch.setattr(native, "anderson_step", refuse)
+
+
+@pytest.mark.parametrize("case", ["non-contiguous", "bfloat16", "too-long memory"])
+def test_the_tensor_code_runs_where_the_kernel_cannot(monkeypatch, case):
+    _forbid_kernel(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    if case == "non-contiguous":
+        solver, x = Anderson(m=3), torch.zeros(4, 5)
+        g = torch.randn(5, 4, generator=gen).t()  # (4, 5), not contiguous
+        state = solver.init(x)
+        for _ in range(4):
+            x, state = solver.step(x, g, state)
+        assert torch.isfinite(x).all()
+    elif case == "bfloat16":
+        solver, x = Anderson(m=3), torch.zeros(4, 5, dtype=torch.bfloat16)
+        state = solver.init(x)
+        assert state.kernel is None
+    else:
+        state = Anderson(m=native.max_m() + 1 if native.max_m() else 65).init(torch.zeros(2, 3))
+        assert state.kernel is None
+
+
+def test_vmap_over_an_anderson_layer_matches_the_loop():
+    """fixed_point's vmap rule solves the stacked batch with plain tensors (the kernel may take them); whichever
+    code runs, the vmapped solve is the per-sample one."""
+    z = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def one(z):
+        return fixed_point(lambda x, z: 0.5 * torch.tanh(x) + z, torch.zeros_like(z), z, method="anderson", m=3,
+                           tol=1e-12)
+
+    batched = torch.func.vmap(one)(z)
+    looped = torch.stack([one(zi) for zi in z])
+    assert torch.allclose(batched, looped, rtol=1e-10, atol=1e-12)
+
+
+def test_a_failing_compiler_leaves_the_tensor_code_in_use(monkeypatch, fresh_native):
+    broken = fresh_native / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'no such compiler here' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(broken))
+    assert native.library() is None
+    assert native.status().startswith("native kernels not in use:")
+    assert "no such compiler here" in native.status()
+    state = Anderson(m=3).init(torch.zeros(2, 4, dtype=torch.float64))
+    assert state.kernel is None
+    x = fixed_point(lambda x: 0.5 * torch.cos(x), torch.zeros(2, 4, dtype=torch.float64), method="anderson", m=3,
+                    tol=1e-12)
+    assert torch.allclose(x, 0.5 * torch.cos(x), atol=1e-11)
+    assert not list((fresh_native / "cache").glob("*.part")), "no half-built file is left behind"
+
+
+def test_the_module_names_the_kernels_source():
+    assert native.SOURCE.is_file() and native.SOURCE.suffix == ".c"
+    assert anderson_module.native is native
