@@ -524,11 +524,10 @@ def _group_norm(b, n, ct):
     (x, *_) = b.args(n)
     attrs = b.attrs(n)
     rank = b.rank(x)
-    view = (attrs["channels"],) + (1,) * (rank - 2)
     others = _dims([0, *range(2, rank)])
     return _normalization_vjp(
         b, n, ct, lambda v: b.call("group_mean", v, groups=attrs["groups"]),
-        lambda w: w if rank == 2 else b.call("reshape", w, shape=view),
+        lambda w: w if rank == 2 else b.call("reshape", w, shape=tuple(b.shape(w)) + (1,) * (rank - 2)),
         lambda v: b.call("sum", v, dim=others, keepdim=False))
 
 

@@ -602,15 +602,28 @@ def _affine_parameters(shapes, ctx, expected: tuple) -> None:
                            f"{fmt_shape(expected)}, found {fmt_shape(s)}", arg=i)
 
 
+def _positive_eps(attrs, ctx) -> None:
+    """A normalisation's ``eps`` (added to the variance) is above 0 (a module's is checked where declared)."""
+    if not attrs["eps"] > 0:
+        raise ctx.fail(f"{ctx.callee} needs an eps above 0, found {format_attr(attrs['eps'])}", attr="eps",
+                       hint="eps is added to the variance before its square root; torch's default is 1e-5")
+
+
 def _group_norm(shapes, attrs, ctx):
     x = shapes[0]
     groups, channels = attrs["groups"], attrs["channels"]
     if len(x) < 2:
         raise ctx.fail(f"{ctx.callee} expects an input [N, C, ...] of at least 2 dimensions, but its argument "
                        f"has shape {fmt_shape(x)}", arg=0, at_call=True)
-    if x[1] != channels:
+    if channels is None:  # the function form, group_norm(x, groups, weight, bias): x's own channels
+        channels = x[1]
+        if not isinstance(channels, int):
+            raise ctx.fail(f"{ctx.callee} needs a known number of channels (dimension 1), but its argument has "
+                           f"shape {fmt_shape(x)}", arg=0, dim=1, at_call=True)
+    elif x[1] != channels:
         raise ctx.fail(f"{ctx.callee} expects {channels} channels (dimension 1), but its argument has shape "
                        f"{fmt_shape(x)}", arg=0, dim=1, at_call=True)
+    _positive_eps(attrs, ctx)
     if groups < 1 or channels % groups:
         raise ctx.fail(f"{ctx.callee}: {channels} channels cannot be split into {groups} groups",
                        attr="groups", hint="the number of channels must be a multiple of the number of groups")
@@ -621,10 +634,14 @@ def _group_norm(shapes, attrs, ctx):
 def _layer_norm(shapes, attrs, ctx):
     x = shapes[0]
     normalized = tuple(attrs["shape"])
+    if not normalized or any(not isinstance(d, int) or d < 1 for d in normalized):
+        raise ctx.fail(f"{ctx.callee} normalizes over trailing dimensions of known positive sizes, found "
+                       f"{fmt_shape(normalized)}", attr="shape", hint="the sizes are numbers or consts")
     if len(x) < len(normalized) or tuple(x[len(x) - len(normalized):]) != normalized:
         raise ctx.fail(f"{ctx.callee} normalizes over trailing dimensions {fmt_shape(normalized)}, but its "
                        f"argument has shape {fmt_shape(x)}", arg=0, at_call=True,
                        hint="LayerNorm(dims) normalizes the last dimensions of its input, which must equal dims")
+    _positive_eps(attrs, ctx)
     _affine_parameters(shapes, ctx, normalized)
     return tuple(x)
 
@@ -1038,12 +1055,14 @@ _TABLE = [
        optional=1, vjp=_V["conv_transpose2d"], lipschitz="weight_norm", distribute=(1, 0)),
     _p("embedding", ("index", "weight"), _embedding, batch=_B.embedding(), vjp=_V["embedding"], lipschitz=1.0,
        index_args=((0, ("int",)),), doc="Embedding: row index[...] of weight (the index an int input)"),
-    _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int"),
+    # written as a module call, or as torch's functions (channels: none, x's own): group_norm(x, groups, W, b)
+    _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int", None),
        Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
-       vjp=_V["group_norm"], doc="GroupNorm: x normalized over each group of channels (and space), then "
-                                 "weight * . + bias per channel"),
+       vjp=_V["group_norm"], builtin=True, order=("x", "groups", "weight", "bias", "eps"),
+       doc="GroupNorm: x normalized over each group of channels (and space), then weight * . + bias per channel"),
     _p("layer_norm", ("x", "weight", "bias"), _layer_norm, Attr("shape", "shape"), Attr("eps", "number", 1e-5),
        batch=_B.normalizing(lambda rank, attrs: len(attrs["shape"])), optional=2, vjp=_V["layer_norm"],
+       builtin=True, order=("x", "shape", "weight", "bias", "eps"),
        doc="LayerNorm: x normalized over its trailing dims shape, then weight * . + bias"),
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,

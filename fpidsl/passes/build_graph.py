@@ -884,6 +884,12 @@ class _Builder:
                 return None
             exprs = list(items.items)
         else:
+            gap = next((n for n in prim.inputs if n not in bound), None)  # an optional input left out ...
+            late = [n for n in prim.inputs[prim.inputs.index(gap):] if n in bound] if gap else []
+            if late:  # ... before one given by keyword (layer_norm(x, [4], bias=b)): the args are positional
+                self.error(TypeErr, f"{prim.name} takes {late[0]} only together with {gap}",
+                           self.use_span(bound[late[0]], env), hint=f"the signature is {prim.signature()}")
+                return None
             exprs = [bound[n] for n in prim.inputs if n in bound]
         attrs = {}
         for a in prim.attrs:

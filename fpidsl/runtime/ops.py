@@ -405,7 +405,7 @@ def spmm(A: Tensor, x: Tensor, *, transpose: bool = False) -> Tensor:
 
 
 def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, groups: int,
-               channels: int, eps: float = 1e-5) -> Tensor:
+               channels: int | None = None, eps: float = 1e-5) -> Tensor:
     return F.group_norm(x, groups, weight, bias, eps)
 
 
