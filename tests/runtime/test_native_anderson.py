@@ -203,6 +203,15 @@ def test_a_failing_compiler_leaves_the_tensor_code_in_use(monkeypatch, fresh_nat
     assert not list((fresh_native / "cache").glob("*.part")), "no half-built file is left behind"
 
 
+@needs_kernel
+def test_turned_off_runs_the_tensor_code_inside_the_block_only(monkeypatch):
+    with native.turned_off():
+        assert native.library() is None
+        assert native.status() == "native kernels not in use: turned off by fpidsl.runtime.native.turned_off()"
+        assert Anderson(m=3).init(torch.zeros(2, 4)).kernel is None
+    assert Anderson(m=3).init(torch.zeros(2, 4)).kernel is not None
+
+
 def test_the_module_names_the_kernels_source():
     assert native.SOURCE.is_file() and native.SOURCE.suffix == ".c"
     assert anderson_module.native is native

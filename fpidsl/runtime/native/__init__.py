@@ -15,6 +15,7 @@ builds in well under a second, and it is called through :mod:`ctypes` with the t
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -37,17 +38,33 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _why_not: str | None = None
 _loaded = False
+_off = 0  # depth of turned_off() blocks
 
 
 def status() -> str:
     """Whether the native kernels are in use, and if not, why (builds them if they were not built yet)."""
     lib = library()
-    return "native kernels in use" if lib is not None else f"native kernels not in use: {_why_not}"
+    if lib is not None:
+        return "native kernels in use"
+    return "native kernels not in use: " + ("turned off by fpidsl.runtime.native.turned_off()" if _off else _why_not)
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within the block, solves that start run the solvers' tensor code (to compare the two: benchmarks, tests)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it is turned off or cannot be built (the reason: :func:`status`)."""
     global _library, _why_not, _loaded
+    if _off:
+        return None
     if _loaded:
         return _library
     with _lock:

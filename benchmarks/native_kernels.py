@@ -1,0 +1,120 @@
+"""The native Anderson step (fpidsl/runtime/native) against the solver's tensor code, side by side in one process.
+
+    .venv/bin/python benchmarks/native_kernels.py                      # every workload, and the cheap map
+    .venv/bin/python benchmarks/native_kernels.py conv16-fast --repeats 15
+
+Two contenders alternate round by round on the same workload: fpidsl's training step with Anderson as it runs
+(the kernel), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
+median over rounds of the two times in the same round (:func:`run.round_ratio`), on this thread's CPU clock, one
+intra-op thread. The second table is table 6's solver cost per iteration (the cheap map ``0.5 x + z``, forced
+iteration count) both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402
+from workloads import FULL, make_workloads  # noqa: E402
+
+from fpidsl.runtime import fixed_point, native  # noqa: E402
+
+CHEAP_SHAPES = ((4, 8), (32, 159), (8, 1, 64, 64), (8, 1, 128, 128))
+
+
+def _turned_off(step):
+    def off() -> None:
+        with native.turned_off():
+            step()
+    return off
+
+
+def workload_rows(names: list[str], repeats: int) -> list[list[str]]:
+    rows = []
+    for w in make_workloads(False, names):
+        fast, slow = run.Outcome(), run.Outcome()
+        contenders = {"kernel": run.fpidsl_step(w, "anderson", fast),
+                      "tensor code": _turned_off(run.fpidsl_step(w, "anderson", slow))}
+        times = run.alternate_runs(contenders, repeats)
+        same = (fast.forward_iters, fast.backward_iters) == (slow.forward_iters, slow.backward_iters)
+        grad_diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                        for a, b in zip(fast.grads, slow.grads))
+        rows.append([w.name, f"{fast.forward_iters} / {fast.backward_iters}",
+                     f"{slow.forward_iters} / {slow.backward_iters}" + ("" if same else " (differ)"),
+                     run.ms(min(times["kernel"])), run.ms(min(times["tensor code"])),
+                     f"{run.round_ratio(times, 'kernel', 'tensor code'):.2f}", f"{grad_diff:.1e}"])
+    return rows
+
+
+def cheap_rows(repeats: int, iterations: int) -> list[list[str]]:
+    rows = []
+    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "method": "anderson", "m": 6}
+    for shape in CHEAP_SHAPES:
+        z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+        def solve(method: str = "anderson") -> None:
+            fixed_point(lambda x, z: 0.5 * x + z, torch.zeros_like(z), z, **{**forced, "method": method})
+
+        def picard() -> None:
+            solve("picard")
+
+        def bare() -> None:
+            with torch.no_grad():
+                x = torch.zeros_like(z)
+                for _ in range(iterations):
+                    x = 0.5 * x + z
+
+        times = run.alternate_runs({"kernel": solve, "tensor code": _turned_off(solve), "picard": picard,
+                                    "bare": bare}, repeats)
+        per = {name: min(t) / iterations * 1e6 for name, t in times.items()}
+        rows.append(["x".join(map(str, shape)), f"{per['kernel'] - per['bare']:.1f}",
+                     f"{per['tensor code'] - per['bare']:.1f}", f"{per['picard'] - per['bare']:.1f}",
+                     f"{per['bare']:.1f}",
+                     f"{run.round_ratio(times, 'kernel', 'tensor code'):.2f}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workloads", nargs="*", help=f"of {', '.join(sorted(FULL))} (default: every one)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iterations", type=int, default=100, help="forced iterations of the cheap map")
+    args = parser.parse_args(argv)
+    args.workloads = args.workloads or sorted(FULL)
+    unknown = sorted(set(args.workloads) - set(FULL))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}: choose from {sorted(FULL)}")
+    torch.set_num_threads(1)
+    run.steady_allocator()
+    warnings.simplefilter("ignore")
+    run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter: this thread's CPU time
+    run.time.perf_counter = time.thread_time
+    print(f"{native.status()}; load average {os.getloadavg()[0]:.2f} at the start")
+    command = "python benchmarks/native_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"`{command}`: {args.repeats} alternating rounds, this thread's CPU time, float32, one thread", "",
+             "| workload | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | ratio "
+             "(median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.repeats)]
+    lines += ["", f"Anderson's own cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
+              "iterations, less the bare loop's (fastest round), Picard's for comparison: what is left over Picard is "
+              "Anderson's own", "",
+              "| state | Anderson, kernel µs | Anderson, tensor code µs | Picard µs | bare loop µs | ratio of the "
+              "Anderson solves (median of rounds) |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cheap_rows(args.repeats, args.iterations)]
+    lines.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
