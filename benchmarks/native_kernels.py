@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/native_kernels.py                      # every workload, and the cheap map
     .venv/bin/python benchmarks/native_kernels.py conv16-fast --repeats 15
+    .venv/bin/python benchmarks/native_kernels.py --quick                # tiny sizes: that it runs
 
 Two contenders alternate round by round on the same workload: fpidsl's training step with Anderson as it runs
 (the kernel), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
@@ -39,9 +40,9 @@ def _turned_off(step):
     return off
 
 
-def workload_rows(names: list[str], repeats: int) -> list[list[str]]:
+def workload_rows(names: list[str], repeats: int, quick: bool) -> list[list[str]]:
     rows = []
-    for w in make_workloads(False, names):
+    for w in make_workloads(quick, names):
         fast, slow = run.Outcome(), run.Outcome()
         contenders = {"kernel": run.fpidsl_step(w, "anderson", fast),
                       "tensor code": _turned_off(run.fpidsl_step(w, "anderson", slow))}
@@ -56,10 +57,10 @@ def workload_rows(names: list[str], repeats: int) -> list[list[str]]:
     return rows
 
 
-def cheap_rows(repeats: int, iterations: int) -> list[list[str]]:
+def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...]) -> list[list[str]]:
     rows = []
     forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "method": "anderson", "m": 6}
-    for shape in CHEAP_SHAPES:
+    for shape in shapes:
         z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
         def solve(method: str = "anderson") -> None:
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workloads", nargs="*", help=f"of {', '.join(sorted(FULL))} (default: every one)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=100, help="forced iterations of the cheap map")
+    parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes, two rounds (seconds)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.iterations = 2, 10
     args.workloads = args.workloads or sorted(FULL)
     unknown = sorted(set(args.workloads) - set(FULL))
     if unknown:
@@ -104,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"`{command}`: {args.repeats} alternating rounds, this thread's CPU time, float32, one thread", "",
              "| workload | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | ratio "
              "(median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.repeats)]
+    lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.repeats, args.quick)]
     lines += ["", f"Anderson's own cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
               "iterations, less the bare loop's (fastest round), Picard's for comparison: what is left over Picard is "
               "Anderson's own", "",
               "| state | Anderson, kernel µs | Anderson, tensor code µs | Picard µs | bare loop µs | ratio of the "
               "Anderson solves (median of rounds) |", "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in cheap_rows(args.repeats, args.iterations)]
+    lines += ["| " + " | ".join(r) + " |" for r in cheap_rows(args.repeats, args.iterations, CHEAP_SHAPES[:1] if args.quick else CHEAP_SHAPES)]
     lines.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print("\n".join(lines))
     return 0

@@ -36,6 +36,17 @@ def test_quick_benchmark_writes_every_table(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_native_kernels_benchmark_compares_kernel_and_tensor_code():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_kernels.py"), "bibtex-nn", "conv16-slow",
+                           "--quick"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bibtex-nn", "| conv16-slow", "| 4x8"))]
+    assert len(rows) == 3, proc.stdout
+    assert "(differ)" not in proc.stdout  # the kernel and the tensor code take the same iterations
+
+
 def test_profile_step_prints_both_profiles():
     import subprocess
 
