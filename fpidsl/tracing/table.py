@@ -387,6 +387,43 @@ def _conv2d(w, a):
     return f"conv2d({', '.join(parts)})"
 
 
+def _normalized(w, a, name: str, size: str, bias_shape: list[int] | None = None) -> str:
+    """``name(x, size, W, b, eps=)``: the language's function forms of the normalisations; a bias without a weight
+    (which they have no form of) is added to the weightless form, reshaped to ``bias_shape`` when given."""
+    eps = a["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise UntraceableError(f"{name} with an eps that is not a number above 0")
+    weighted = a["weight"] is not None
+    parts = [w.text(a["input"]), size] + [w.text(a[k]) for k in ("weight", "bias") if weighted and a[k] is not None]
+    call = f"{name}({', '.join(parts + [f'eps={w.number(eps)}'] * (eps != 1e-5))})"
+    if weighted or a["bias"] is None:
+        return call
+    bias = w.text(a["bias"])
+    return f"{call} + {bias if bias_shape is None else f'reshape({bias}, {w.attr(bias_shape)})'}"
+
+
+_NORM_DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5}
+
+
+@op("group_norm", args=("input", "num_groups", "weight", "bias", "eps"), spaces=(F,), **_NORM_DEFAULTS)
+def _group_norm(w, a):
+    """``F.group_norm(x, groups, W, b, eps)``: the language's ``group_norm(x, groups, W, b, eps=)``."""
+    if isinstance(a["num_groups"], bool) or not isinstance(a["num_groups"], int):
+        raise UntraceableError("group_norm with a number of groups that is not an integer")
+    rank = len(w.shape(a["input"]))
+    return _normalized(w, a, "group_norm", str(a["num_groups"]), [-1] + [1] * (rank - 2) if rank > 2 else None)
+
+
+@op("layer_norm", args=("input", "normalized_shape", "weight", "bias", "eps"), spaces=(F,), **_NORM_DEFAULTS)
+def _layer_norm(w, a):
+    """``F.layer_norm(x, shape, W, b, eps)``: the language's ``layer_norm(x, [..], W, b, eps=)``."""
+    shape = a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(type(d) is int for d in shape):
+        raise UntraceableError("layer_norm over sizes that are not integers")
+    return _normalized(w, a, "layer_norm", w.attr(shape))
+
+
 @op("dropout", args=("input|self", "p", "training", "inplace"), p=0.5, training=True, inplace=False)
 def _dropout(w, a):
     if a["training"] and a["p"] != 0:

@@ -274,6 +274,56 @@ def test_functional_conv2d_with_tensor_weights_is_the_conv2d_primitive(dilated):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
+class _FunctionalNorms(nn.Module):
+    """F.group_norm and F.layer_norm with weights of their own; ``bias_only``: biases and no weights, which the
+    language writes as the weightless norm plus the bias; ``added``: that written so in torch (torch 2.13's
+    F.group_norm with a bias and no weight fails in backward: "tensor does not have a device")."""
+
+    def __init__(self, mode: str = "affine"):
+        super().__init__()
+        self.gw = nn.Parameter(1 + 0.3 * torch.randn(4))
+        self.gb = nn.Parameter(0.1 * torch.randn(4))
+        self.lw = nn.Parameter(1 + 0.3 * torch.randn(3, 3))
+        self.lb = nn.Parameter(0.1 * torch.randn(3, 3))
+        self.mode = mode
+
+    def forward(self, z, a):
+        gw, lw = (self.gw, self.lw) if self.mode == "affine" else (None, None)
+        gb, lb = (None, None) if self.mode == "added" else (self.gb, self.lb)
+        g = F.group_norm(0.3 * z + a, 2, gw, gb)
+        ln = F.layer_norm(a - 0.3 * z, [3, 3], lw, lb, eps=1e-3)
+        if self.mode == "added":
+            g, ln = g + self.gb.reshape(4, 1, 1), ln + self.lb
+        return 0.3 * torch.tanh(g + ln + 0.1 * F.group_norm(a + 0.2 * z, 4, eps=1e-2)) + 0.3 * a
+
+
+@pytest.mark.parametrize("mode", ["affine", "bias_only"])
+def test_functional_norms_with_tensor_weights_are_the_norm_primitives(mode):
+    torch.manual_seed(0)
+    m = _FunctionalNorms(mode).to(DT)
+    a = torch.randn(2, 4, 3, 3, dtype=DT, requires_grad=True)
+    traced, why = fpidsl.tracing.trace_status(m, torch.zeros_like(a), a)
+    assert traced is not None, why
+    text = traced.spec.text
+    assert not traced.spec.externs and "param gb : tensor [4]" in text and ", 4, eps=0.01)" in text
+    if mode == "affine":
+        assert ", 2, gw, gb)" in text and ", [3, 3], lw, lb, eps=0.001)" in text
+    else:
+        assert ", 2) + reshape(gb, [-1, 1, 1])" in text and ", [3, 3], eps=0.001) + lb" in text
+    wrt = (a, m.gb, m.lb) + ((m.gw, m.lw) if mode == "affine" else ())
+    reference = m
+    if mode == "bias_only":  # torch's own fails there: the reference adds the biases in torch
+        reference = _FunctionalNorms("added").to(DT)
+        reference.gb, reference.lb = m.gb, m.lb
+    runs = [fpidsl.fixed_point(f, torch.zeros_like(a), a, trace=trace, backward=TIGHT, **TIGHT)
+            for f, trace in ((m, True), (reference, False))]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-11)
+    first = [torch.autograd.grad(x.sin().sum(), wrt, create_graph=True) for x in runs]
+    second = [torch.autograd.grad(sum(g.square().sum() for g in grads), wrt) for grads in first]
+    for (g_on, g_off), atol in [*((pair, 1e-10) for pair in zip(*first)), *((pair, 1e-9) for pair in zip(*second))]:
+        torch.testing.assert_close(g_on, g_off, rtol=0, atol=atol)
+
+
 def test_fixed_point_module_traces_too_and_trace_false_turns_it_off():
     f = _cell()
     z = torch.randn(2, 5, dtype=DT)
