@@ -41,6 +41,7 @@ NORM_CASES = [
     _c("group_norm", [2, 4, 3, 2], [4], [4], groups=2, channels=4, eps=1e-5),
     _c("group_norm", [3, 6], [6], [6], groups=3, channels=6, eps=1e-3),
     _c("group_norm", [2, 4, 3], groups=4, channels=4, eps=1e-5), _c("group_norm", [2, 4, 5], groups=1, channels=4),
+    _c("group_norm", [2, 4, 3, 2], [4], groups=2),  # the function form: channels none (x's own), a weight only
     _c("layer_norm", [3, 5], [5], [5], shape=(5,), eps=1e-5), _c("layer_norm", [2, 3, 4], [3, 4], [3, 4], shape=(3, 4)),
     _c("layer_norm", [2, 3, 4], shape=(4,), eps=1e-4), _c("layer_norm", [3, 4], shape=(3, 4)),
     _c("group_mean", [2, 4, 3], groups=2), _c("group_mean", [3, 6], groups=6),
