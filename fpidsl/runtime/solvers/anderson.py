@@ -49,14 +49,18 @@ class AndersonState:
     dH: Tensor  # (batch, m, dim): dX + beta dF
     dF: Tensor  # (batch, m, dim)
     gram: Tensor  # (batch, m, m)
-    eye: Tensor  # (m, m), the regularisation's identity
-    tiny: Tensor  # 0-dimensional: the dtype's smallest normal number, keeps an all-zero system regular
-    zero: Tensor  # 0-dimensional zero (the coefficients of a rejected mix)
     p_prev: Tensor | None = None  # (batch, dim): the previous plain step x + beta f (held, never written)
     f_prev: Tensor | None = None  # (batch, dim): the previous residual (held, never written)
     filled: int = 0  # how many ring slots hold differences (the same for every running sample)
     slot: int = 0  # the slot the next difference goes to
     kernel: object = None  # the native library where its kernel takes this solve's buffers (fpidsl.runtime.native)
+    held_native: bool = False  # whether the kernel can take p_prev and f_prev (checked when they were new)
+    # the tensor code's constants, made at its first step: the regularisation's identity (m, m); the dtype's
+    # smallest normal number, which keeps an all-zero system regular, and zero (the coefficients of a rejected
+    # mix), both 0-dimensional
+    eye: Tensor | None = None
+    tiny: Tensor | None = None
+    zero: Tensor | None = None
 
 
 class Anderson:
@@ -69,14 +73,9 @@ class Anderson:
 
     def init(self, x: Tensor) -> AndersonState:
         batch, dim = x.shape
-        state = AndersonState(
-            dH=x.new_zeros(batch, self.m, dim),
-            dF=x.new_zeros(batch, self.m, dim),
-            gram=x.new_zeros(batch, self.m, self.m),
-            eye=torch.eye(self.m, dtype=x.dtype, device=x.device),
-            tiny=torch.tensor(torch.finfo(x.dtype).tiny, dtype=x.dtype, device=x.device),
-            zero=x.new_zeros(()),
-        )
+        # only the filled slots (and their Gram block) are ever read, each written before it is read
+        state = AndersonState(dH=x.new_empty(batch, self.m, dim), dF=x.new_empty(batch, self.m, dim),
+                              gram=x.new_zeros(batch, self.m, self.m))
         if x.device.type == "cpu" and native.usable(x, state.dH, state.dF, state.gram):
             kernel = native.library()
             state.kernel = kernel if kernel is not None and self.m <= native.max_m() else None
@@ -88,11 +87,17 @@ class Anderson:
         if f is None:
             f = g - x
         plain = x + self.beta * f if self.beta != 1.0 else g
+        fits = state.kernel is not None and native.usable(plain, f)
         if state.f_prev is None:
-            state.p_prev, state.f_prev = plain, f
+            state.p_prev, state.f_prev, state.held_native = plain, f, fits
             return plain, state
-        if state.kernel is not None and native.usable(plain, f, state.p_prev, state.f_prev):
+        if fits and state.held_native:
             return self._native_step(plain, f, state), state
+        state.held_native = fits
+        if state.eye is None:
+            state.eye = torch.eye(self.m, dtype=x.dtype, device=x.device)
+            state.tiny = torch.tensor(torch.finfo(x.dtype).tiny, dtype=x.dtype, device=x.device)
+            state.zero = x.new_zeros(())
         s = self._push(plain, f, state)
         k = state.filled
         history = state.dF[:, :k].transpose(1, 2)  # (batch, dim, k): v (batch, 1, dim) @ it is one fast GEMM
@@ -116,6 +121,7 @@ class Anderson:
             filled=state.filled,
             slot=state.slot,
             kernel=state.kernel,
+            held_native=state.held_native,
         )
 
     def _native_step(self, plain: Tensor, f: Tensor, state: AndersonState) -> Tensor:
