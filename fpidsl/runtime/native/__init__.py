@@ -1,8 +1,9 @@
 """Native CPU kernels for the solvers' own arithmetic, built on first use with the system's C compiler.
 
-At the state sizes of a DEQ layer an Anderson step is dozens of small tensor operations whose dispatch costs more
-than their arithmetic; ``anderson_step.c`` does the step in one call. It is plain C (no PyTorch headers), so it
-builds in well under a second, and it is called through :mod:`ctypes` with the tensors' data pointers.
+At the state sizes of a DEQ layer an Anderson or Broyden step is dozens of small tensor operations whose dispatch
+costs more than their arithmetic; ``anderson_step.c`` and ``broyden_step.c`` do a step in one call each. They are
+plain C (no PyTorch headers), so they build in about a second, and are called through :mod:`ctypes` with the
+tensors' data pointers.
 
 - The library is built once per source, compiler and platform into ``$FPIDSL_CACHE_DIR`` (default
   ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``), written to a temporary name and renamed, so processes that
@@ -30,7 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("anderson_step.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "anderson_step.c", HERE / "broyden_step.c")
+HEADERS = (HERE / "native.h",)
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -111,8 +114,22 @@ def anderson_step(lib: ctypes.CDLL, k: int, s: int, lam: float, tiny: float, sla
         raise RuntimeError(f"fpidsl's native Anderson step refused its arguments (m={m}, k={k}, slot {s})")
 
 
+def broyden_step(lib: ctypes.CDLL, k: int, update: bool, x: Tensor, g: Tensor, f: Tensor, x_prev: Tensor | None,
+                 f_prev: Tensor | None, U: Tensor, V: Tensor, out: Tensor) -> None:
+    """One fused Broyden step (see ``broyden_step.c``): with ``update``, writes slot ``k`` of ``U``/``V`` from the
+    step ``x - x_prev``; writes the next iterate into ``out``. The caller has checked :func:`usable`."""
+    batch, m, dim = U.shape
+    fn = lib.fpidsl_broyden_step_f32 if x.dtype == torch.float32 else lib.fpidsl_broyden_step_f64
+    held = (x_prev.data_ptr(), f_prev.data_ptr()) if update else (None, None)
+    code = fn(batch, dim, m, k, int(update), x.data_ptr(), g.data_ptr(), f.data_ptr(), *held, U.data_ptr(),
+              V.data_ptr(), out.data_ptr())
+    if code < 0:
+        raise RuntimeError(f"fpidsl's native Broyden step refused its arguments (m={m}, k={k})")
+
+
 def max_m() -> int:
-    """The largest Anderson memory the kernel takes (its small systems live on the C stack)."""
+    """The largest Anderson memory the Anderson kernel takes (its small systems live on the C stack); the Broyden
+    kernel takes any."""
     lib = library()
     return int(lib.fpidsl_native_max_m()) if lib is not None else 0
 
@@ -125,8 +142,8 @@ def _load() -> ctypes.CDLL:
     if os.environ.get("FPIDSL_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise _Unavailable("FPIDSL_NATIVE is off")
     compiler = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), sys.platform.encode(),
+    texts = [p.read_bytes() for p in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*texts, " ".join([compiler, *FLAGS]).encode(), sys.platform.encode(),
                                      sysconfig.get_platform().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"fpidsl_native-{key}{_suffix()}"
     if not target.exists():
@@ -139,6 +156,10 @@ def _load() -> ctypes.CDLL:
     for name in ("fpidsl_anderson_step_f32", "fpidsl_anderson_step_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [i64, i64, i64, i64, i64, dbl, dbl, dbl] + [ptr] * 8
+        fn.restype = i64
+    for name in ("fpidsl_broyden_step_f32", "fpidsl_broyden_step_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 5 + [ptr] * 8
         fn.restype = i64
     lib.fpidsl_native_max_m.argtypes = []
     lib.fpidsl_native_max_m.restype = i64
@@ -177,13 +198,13 @@ def _build(compiler: str, target: Path) -> None:
     fd, partial = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([compiler, *FLAGS, "-I", str(HERE), "-o", partial, *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise _Unavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            raise _Unavailable(f"{compiler} failed to build the kernels: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)
     except (OSError, subprocess.SubprocessError) as e:
-        raise _Unavailable(f"{compiler} could not build {SOURCE.name}: {e}") from None
+        raise _Unavailable(f"{compiler} could not build the kernels: {e}") from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)

@@ -14,19 +14,9 @@
  * product does), the small system in double. Every pointer is to a contiguous array of its shape: plain, f, p_prev, f_prev and
  * out (B, D); dH and dF (B, m, D); gram (B, m, m). Returns the number of samples that took the plain step.
  */
-#include <math.h>
-#include <stdint.h>
+#include "native.h"
 
 #define FPIDSL_MAX_M 64
-
-/* AVX2 and FMA where the CPU has them, chosen when the library loads (GCC's function multiversioning); the
- * baseline instruction set elsewhere. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FPIDSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FPIDSL_CLONES
-#endif
-#define FPIDSL_BLOCK 1024
 
 FPIDSL_CLONES static int solve_small(int64_t k, double *A, double *x) {
     /* A (k x k, row-major) x = x in place; 0 on success, 1 on a zero pivot. */
@@ -72,7 +62,7 @@ FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t m, int64_t k, int64_t s
         T gs[FPIDSL_MAX_M], r[FPIDSL_MAX_M];                                                                   \
         for (int64_t j = 0; j < k; ++j) { gs[j] = 0; r[j] = 0; }                                               \
         for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {      /* a block of each row stays in L1 */         \
-            int64_t n = D - d0 < FPIDSL_BLOCK ? D - d0 : FPIDSL_BLOCK;                                         \
+            int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                              \
             const T *fbk = fb + d0;                                                                            \
             T *dFsk = dFs + d0;                                                                                \
             T *dHsk = dHs + d0;                                                                                \
@@ -128,7 +118,7 @@ FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t m, int64_t k, int64_t s
             continue;                                                                                          \
         }                                                                                                      \
         for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                              \
-            int64_t n = D - d0 < FPIDSL_BLOCK ? D - d0 : FPIDSL_BLOCK;                                                           \
+            int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                                \
             T acc[FPIDSL_BLOCK];                                                                                   \
             for (int64_t d = 0; d < n; ++d) acc[d] = pl[d0 + d];                                               \
             for (int64_t j = 0; j < k; ++j) {                                                                  \

@@ -21,7 +21,10 @@ Implementation notes:
   row-times-buffer GEMMs;
 - a sample whose update is not finite (``v . dF = 0``: the secant step gave no information) keeps its ``H`` (its
   slot is written with zeros), and a sample whose proposed step is not finite takes the Picard step ``g(x)``;
-  no sample's failure touches another sample.
+  no sample's failure touches another sample;
+- on the CPU a step is one call of a native kernel (:mod:`fpidsl.runtime.native`, the same arithmetic in two
+  passes over the buffers) where it is built and takes the tensors; the tensor code below is the step everywhere
+  else (GPU, torch.func transforms, torch.compile, other dtypes, ``FPIDSL_NATIVE=0``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .. import native
 
 
 @dataclass
@@ -41,6 +46,8 @@ class BroydenState:
     f_prev: Tensor | None = None  # (batch, dim): its residual (held likewise)
     filled: int = 0  # slots holding an update (the same for every running sample)
     slot: int = 0  # the slot the next update goes to (== filled; kept for symmetry with Anderson's ring)
+    kernel: object = None  # the native library where its kernel takes this solve's buffers (fpidsl.runtime.native)
+    held_native: bool = False  # whether the kernel can take x_prev and f_prev (checked when they were new)
 
 
 def _rows_times(y: Tensor, buffer: Tensor) -> Tensor:
@@ -56,7 +63,10 @@ class Broyden:
 
     def init(self, x: Tensor) -> BroydenState:
         batch, dim = x.shape
-        return BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim))
+        state = BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim))
+        if x.device.type == "cpu" and native.usable(x, state.U, state.V):
+            state.kernel = native.library()
+        return state
 
     @staticmethod
     def _apply(state: BroydenState, y: Tensor, transpose: bool) -> Tensor:
@@ -73,12 +83,29 @@ class Broyden:
         """The next iterate; ``f = g - x`` when the caller has it already. No value leaves the device."""
         if f is None:
             f = g - x
-        if state.x_prev is not None:
+        fits = state.kernel is not None and native.usable(x, g, f)
+        update = state.x_prev is not None
+        if fits and (state.held_native or not update):
+            return self._native_step(x, g, f, state, update), state
+        state.held_native = fits
+        if update:
             self._update(x - state.x_prev, f - state.f_prev, state)
         state.x_prev, state.f_prev = x, f
         proposal = x - self._apply(state, f, transpose=False)
         finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
         return torch.where(finite, proposal, g), state
+
+    def _native_step(self, x: Tensor, g: Tensor, f: Tensor, state: BroydenState, update: bool) -> Tensor:
+        """:meth:`step` in one call of the native kernel (the update like :meth:`_update`, then the proposal)."""
+        if update and state.filled == self.m:  # memory full: restart from H = -I, as _update does
+            state.filled = state.slot = 0
+        out = torch.empty_like(x)
+        native.broyden_step(state.kernel, state.filled, update, x, g, f, state.x_prev, state.f_prev, state.U,
+                            state.V, out)
+        if update:
+            state.slot = state.filled = state.filled + 1
+        state.x_prev, state.f_prev, state.held_native = x, f, True
+        return out
 
     def _update(self, dx: Tensor, df: Tensor, state: BroydenState) -> None:
         if state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update would
@@ -95,4 +122,4 @@ class Broyden:
     def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
         held = (None, None) if state.x_prev is None else (state.x_prev[keep], state.f_prev[keep])
         return BroydenState(U=state.U[keep], V=state.V[keep], x_prev=held[0], f_prev=held[1], filled=state.filled,
-                            slot=state.slot)
+                            slot=state.slot, kernel=state.kernel, held_native=state.held_native)

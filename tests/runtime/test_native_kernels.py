@@ -1,4 +1,4 @@
-"""The native Anderson step (fpidsl/runtime/native) against the solver's tensor code, and its fallbacks.
+"""The native Anderson and Broyden steps (fpidsl/runtime/native) against the solvers' tensor code, and the fallbacks.
 
 The tensor code is the oracle: the same iteration, step by step, on the same inputs, with the kernel turned off on
 one copy of the state (``state.kernel = None``). Where the kernel cannot take the tensors, or cannot be built, the
@@ -14,6 +14,7 @@ import torch
 from fpidsl.runtime import fixed_point, native
 from fpidsl.runtime.solvers import anderson as anderson_module
 from fpidsl.runtime.solvers.anderson import Anderson
+from fpidsl.runtime.solvers.broyden import Broyden
 
 HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "cc", "gcc"))
 needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the native kernels cannot be built here")
@@ -240,5 +241,85 @@ def test_turned_off_runs_the_tensor_code_inside_the_block_only(monkeypatch):
 
 
 def test_the_module_names_the_kernels_source():
-    assert native.SOURCE.is_file() and native.SOURCE.suffix == ".c"
+    assert all(p.is_file() for p in native.SOURCES + native.HEADERS)
     assert anderson_module.native is native
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("batch, dim, m", [(8, 4096, 50), (32, 159, 20), (3, 7, 4), (4, 30, 5)])
+def test_native_broyden_steps_match_the_tensor_code(dtype, tol, batch, dim, m):
+    """Iterate by iterate, through restarts of a full memory where 15 steps fill it (m = 4, 5)."""
+    g = _problem(batch, dim, dtype)
+    solver = Broyden(m=m)
+    x0 = torch.zeros(batch, dim, dtype=dtype)
+    fast, s_fast = _iterates(solver, g, x0, 15, True)
+    slow, s_slow = _iterates(solver, g, x0, 15, False)
+    for n, (a, b) in enumerate(zip(fast, slow)):
+        err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        assert err <= tol * (n + 1), f"iterate {n + 1}: relative difference {err:.3g}"
+    assert (s_fast.slot, s_fast.filled) == (s_slow.slot, s_slow.filled)
+    if dtype != torch.float64:  # near convergence u = w / (v . df) divides rounding noise by a small number
+        return
+    k = s_fast.filled
+    for fast_buffer, slow_buffer in ((s_fast.U, s_slow.U), (s_fast.V, s_slow.V)):
+        scale = float(slow_buffer[:, :k].abs().max())
+        assert torch.allclose(fast_buffer[:, :k], slow_buffer[:, :k], rtol=0, atol=1e3 * tol * scale)
+
+
+@needs_kernel
+def test_native_broyden_keeps_h_where_the_update_is_not_finite_and_falls_back_to_g():
+    """A zero step (x = x_prev, so v = 0 and v . df = 0) gives a non-finite update: zeros in the slot, H kept;
+    a non-finite proposal gives g itself, per sample, like the tensor code."""
+    dtype = torch.float64
+    for use_kernel in (True, False):
+        solver = Broyden(m=4)
+        x = torch.zeros(2, 3, dtype=dtype)
+        state = solver.init(x)
+        if not use_kernel:
+            state.kernel = None
+        g = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]], dtype=dtype)
+        x1, state = solver.step(x, g, state)
+        assert torch.equal(x1, g)
+        x2, state = solver.step(x, g, state)  # the same point again: dx = 0
+        assert state.filled == 1 and torch.equal(state.U[:, 0], torch.zeros(2, 3, dtype=dtype))
+        assert torch.equal(x2, g)  # H = -I still: the Picard step
+        bad = g.clone()
+        bad[0, 1] = float("inf")
+        x3, state = solver.step(x2, bad, state)
+        assert torch.equal(x3[0], bad[0])  # not finite: g itself
+        assert torch.isfinite(x3[1]).all()
+
+
+@needs_kernel
+def test_native_broyden_whole_solve_matches_the_tensor_code():
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(5)
+    W = (torch.randn(30, 30, generator=gen, dtype=dtype) * 0.3).requires_grad_()
+    z = torch.randn(5, 30, generator=gen, dtype=dtype, requires_grad=True)
+
+    def solve():
+        x, stats = fixed_point(lambda x, z, W: torch.tanh(x @ W) + z, torch.zeros(5, 30, dtype=dtype), z, W,
+                               method="broyden", m=8, tol=1e-11, return_stats=True)
+        return x, stats, torch.autograd.grad(x.square().sum(), (z, W))
+
+    x_fast, stats_fast, grads_fast = solve()
+    with native.turned_off():
+        x_slow, stats_slow, grads_slow = solve()
+    assert torch.equal(stats_fast.forward.iterations, stats_slow.forward.iterations)
+    assert torch.equal(stats_fast.backward.iterations, stats_slow.backward.iterations)
+    assert torch.allclose(x_fast, x_slow, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_fast, grads_slow):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_tensor_code_runs_where_the_broyden_kernel_cannot(monkeypatch):
+    monkeypatch.setattr(native, "broyden_step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("called")))
+    solver = Broyden(m=3)
+    assert solver.init(torch.zeros(2, 3, dtype=torch.bfloat16)).kernel is None
+    x = torch.zeros(4, 5)
+    state = solver.init(x)
+    g = torch.randn(5, 4, generator=torch.Generator().manual_seed(2)).t()  # not contiguous
+    for _ in range(4):
+        x, state = solver.step(x, g, state)
+    assert torch.isfinite(x).all()
