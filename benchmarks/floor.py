@@ -35,7 +35,7 @@ from workloads import FULL, make_workloads  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workloads", nargs="+", choices=sorted(FULL), help="workloads of benchmarks/workloads.py")
-    parser.add_argument("--methods", nargs="+", default=["picard", "anderson"], choices=["picard", "anderson"])
+    parser.add_argument("--methods", nargs="+", default=["picard", "anderson"], choices=["picard", "anderson", "broyden"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)

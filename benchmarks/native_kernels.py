@@ -1,14 +1,14 @@
-"""The native Anderson step (fpidsl/runtime/native) against the solver's tensor code, side by side in one process.
+"""The native Anderson and Broyden steps (fpidsl/runtime/native) against the solvers' tensor code, in one process.
 
     .venv/bin/python benchmarks/native_kernels.py                      # every workload, and the cheap map
     .venv/bin/python benchmarks/native_kernels.py conv16-fast --repeats 15
     .venv/bin/python benchmarks/native_kernels.py --quick                # tiny sizes: that it runs
 
-Two contenders alternate round by round on the same workload: fpidsl's training step with Anderson as it runs
-(the kernel), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
+Two contenders alternate round by round on the same workload and method: fpidsl's training step as it runs (the
+kernel), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
 median over rounds of the two times in the same round (:func:`run.round_ratio`), on this thread's CPU clock, one
 intra-op thread. The second table is table 6's solver cost per iteration (the cheap map ``0.5 x + z``, forced
-iteration count) both ways.
+iteration count) both ways, Picard beside them.
 """
 from __future__ import annotations
 
@@ -40,17 +40,17 @@ def _turned_off(step):
     return off
 
 
-def workload_rows(names: list[str], repeats: int, quick: bool) -> list[list[str]]:
+def workload_rows(names: list[str], methods: list[str], repeats: int, quick: bool) -> list[list[str]]:
     rows = []
-    for w in make_workloads(quick, names):
+    for w, method in ((w, method) for w in make_workloads(quick, names) for method in methods):
         fast, slow = run.Outcome(), run.Outcome()
-        contenders = {"kernel": run.fpidsl_step(w, "anderson", fast),
-                      "tensor code": _turned_off(run.fpidsl_step(w, "anderson", slow))}
+        contenders = {"kernel": run.fpidsl_step(w, method, fast),
+                      "tensor code": _turned_off(run.fpidsl_step(w, method, slow))}
         times = run.alternate_runs(contenders, repeats)
         same = (fast.forward_iters, fast.backward_iters) == (slow.forward_iters, slow.backward_iters)
         grad_diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
                         for a, b in zip(fast.grads, slow.grads))
-        rows.append([w.name, f"{fast.forward_iters} / {fast.backward_iters}",
+        rows.append([w.name, method, f"{fast.forward_iters} / {fast.backward_iters}",
                      f"{slow.forward_iters} / {slow.backward_iters}" + ("" if same else " (differ)"),
                      run.ms(min(times["kernel"])), run.ms(min(times["tensor code"])),
                      f"{run.round_ratio(times, 'kernel', 'tensor code'):.2f}", f"{grad_diff:.1e}"])
@@ -59,15 +59,14 @@ def workload_rows(names: list[str], repeats: int, quick: bool) -> list[list[str]
 
 def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...]) -> list[list[str]]:
     rows = []
-    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "method": "anderson", "m": 6}
+    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "m": 6}
     for shape in shapes:
         z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
-        def solve(method: str = "anderson") -> None:
-            fixed_point(lambda x, z: 0.5 * x + z, torch.zeros_like(z), z, **{**forced, "method": method})
-
-        def picard() -> None:
-            solve("picard")
+        def solver(method: str):
+            def solve() -> None:
+                fixed_point(lambda x, z: 0.5 * x + z, torch.zeros_like(z), z, method=method, **forced)
+            return solve
 
         def bare() -> None:
             with torch.no_grad():
@@ -75,19 +74,22 @@ def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...
                 for _ in range(iterations):
                     x = 0.5 * x + z
 
-        times = run.alternate_runs({"kernel": solve, "tensor code": _turned_off(solve), "picard": picard,
-                                    "bare": bare}, repeats)
-        per = {name: min(t) / iterations * 1e6 for name, t in times.items()}
-        rows.append(["x".join(map(str, shape)), f"{per['kernel'] - per['bare']:.1f}",
-                     f"{per['tensor code'] - per['bare']:.1f}", f"{per['picard'] - per['bare']:.1f}",
-                     f"{per['bare']:.1f}",
-                     f"{run.round_ratio(times, 'kernel', 'tensor code'):.2f}"])
+        contenders = {"bare": bare, "picard": solver("picard")}
+        for method in ("anderson", "broyden"):
+            contenders[method] = solver(method)
+            contenders[method + " tensor code"] = _turned_off(solver(method))
+        times = run.alternate_runs(contenders, repeats)
+        per = {name: min(t) / iterations * 1e6 - (0 if name == "bare" else min(times["bare"]) / iterations * 1e6)
+               for name, t in times.items()}
+        rows.append(["x".join(map(str, shape))] + [f"{per[name]:.1f}" for name in (
+            "anderson", "anderson tensor code", "broyden", "broyden tensor code", "picard", "bare")])
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workloads", nargs="*", help=f"of {', '.join(sorted(FULL))} (default: every one)")
+    parser.add_argument("--methods", nargs="+", default=["anderson", "broyden"], choices=["anderson", "broyden"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=100, help="forced iterations of the cheap map")
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes, two rounds (seconds)")
@@ -106,14 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{native.status()}; load average {os.getloadavg()[0]:.2f} at the start")
     command = "python benchmarks/native_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"`{command}`: {args.repeats} alternating rounds, this thread's CPU time, float32, one thread", "",
-             "| workload | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | ratio "
-             "(median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.repeats, args.quick)]
-    lines += ["", f"Anderson's own cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
-              "iterations, less the bare loop's (fastest round), Picard's for comparison: what is left over Picard is "
-              "Anderson's own", "",
-              "| state | Anderson, kernel µs | Anderson, tensor code µs | Picard µs | bare loop µs | ratio of the "
-              "Anderson solves (median of rounds) |", "|---|---|---|---|---|---|"]
+             "| workload | method | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | "
+             "ratio (median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.methods, args.repeats, args.quick)]
+    lines += ["", f"The solvers' cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
+              "iterations, less the bare loop's (fastest round); what is left over Picard is the solver's own", "",
+              "| state | Anderson, kernel µs | Anderson, tensor code µs | Broyden, kernel µs | Broyden, tensor code "
+              "µs | Picard µs | bare loop µs |", "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in cheap_rows(args.repeats, args.iterations, CHEAP_SHAPES[:1] if args.quick else CHEAP_SHAPES)]
     lines.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print("\n".join(lines))
