@@ -1,5 +1,5 @@
 /* One Anderson step per sample on the CPU, fused: fpidsl.runtime.solvers.anderson's arithmetic in one pass per
- * history row instead of about 46 small tensor operations (each of which costs more in dispatch than its work at
+ * history row instead of about 45 small tensor operations (each of which costs more in dispatch than its work at
  * the state sizes of a DEQ layer).
  *
  * For each sample b (row of the (B, D) state), with the ring slot s and k filled slots (after this write):

@@ -1,5 +1,5 @@
 /* One limited-memory Broyden step per sample on the CPU, fused: fpidsl.runtime.solvers.broyden's arithmetic in
- * two passes over the update buffers instead of about 58 small tensor operations.
+ * two passes over the update buffers instead of about 54 small tensor operations.
  *
  * For each sample b (row of the (B, D) state) with H = -I + sum_{i<k} U_i V_i^T:
  *   when update is set: dx = x - x_prev, df = f - f_prev,
