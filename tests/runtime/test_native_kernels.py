@@ -323,3 +323,35 @@ def test_the_tensor_code_runs_where_the_broyden_kernel_cannot(monkeypatch):
     for _ in range(4):
         x, state = solver.step(x, g, state)
     assert torch.isfinite(x).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_forward_and_second_order_derivatives_through_the_kernels_match_the_closed_form(method):
+    """x = A x + B z: x = (I - A)^-1 B z, so the JVP along v is (I - A)^-1 B v and the gradient of
+    |x|^2 / 2 is B^T (I - A)^-T x; the derivatives come from solves that run the kernel (the tangent and adjoint
+    solves take the backward settings)."""
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(11)
+    n = 12
+    A = 0.8 * torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))[0]
+    B = torch.randn(n, n, generator=gen, dtype=dtype)
+    z = torch.randn(3, n, generator=gen, dtype=dtype)
+    v = torch.randn(3, n, generator=gen, dtype=dtype)
+    solve_matrix = torch.linalg.inv(torch.eye(n, dtype=dtype) - A)
+
+    def layer(z):
+        settings = {"method": method, "m": 6, "tol": 1e-13, "max_iter": 500}
+        return fixed_point(lambda x, z: x @ A.T + z @ B.T, torch.zeros_like(z), z, backward=settings, **settings)
+
+    assert Anderson(m=6).init(z).kernel is not None
+    _, tangent = torch.func.jvp(layer, (z,), (v,))
+    assert torch.allclose(tangent, v @ B.T @ solve_matrix.T, rtol=1e-9, atol=1e-10)
+    zr = z.clone().requires_grad_()
+    x = layer(zr)
+    (grad,) = torch.autograd.grad(0.5 * x.square().sum(), zr, create_graph=True)
+    want = (z @ B.T @ solve_matrix.T) @ solve_matrix @ B
+    assert torch.allclose(grad, want, rtol=1e-9, atol=1e-10)
+    (second,) = torch.autograd.grad(grad, zr, v)  # the Hessian of |x|^2 / 2 is M^T M, M = (I - A)^-1 B
+    M = solve_matrix @ B
+    assert torch.allclose(second, v @ (M.T @ M).T, rtol=1e-8, atol=1e-9)
