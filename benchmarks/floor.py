@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/floor.py conv16-fast --clock cpu     # this thread's CPU time, not wall time
 
 The floor and its parts are run.py's (:func:`run.floor_row`): forward steps x one evaluation of g + backward steps x
-one VJP + the once-a-step work, each timed alone, against the step timed back to back like them. ``--clock cpu``
+one VJP + the once-a-step work, each timed alone, against the step; each round times the step and then every part,
+and the ratio is the median over rounds of the step over that round's floor (:func:`run.floor_times`). ``--clock cpu``
 times with this thread's CPU time (``time.thread_time``; every contender runs on one intra-op thread), which on a
 machine shared with other jobs leaves out the time the process waited for a core; it does not leave out their
 effect on the caches. The ratio, not the milliseconds, is the claim.
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             times = run.floor_times(w, step, out, args.repeats)
             rows.append(run.floor_row(w, method, step, out, args.repeats, times))
             if method == "anderson":
-                history_rows.append(anderson_history_row(w, out, times[-2], times[-1], args.repeats))
+                history_rows.append(anderson_history_row(w, out, times.floor, times.alone, args.repeats))
     load_after = os.getloadavg()
     command = "python benchmarks/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`: {args.repeats} timed runs, {args.clock} clock, float32, CPU, one thread; load average "

@@ -30,7 +30,7 @@ from workloads import FULL, make_workloads  # noqa: E402
 
 from fpidsl.runtime import fixed_point, native  # noqa: E402
 
-CHEAP_SHAPES = ((4, 8), (32, 159), (8, 1, 64, 64), (8, 1, 128, 128))
+CHEAP_SHAPES = ((4, 8), (32, 159), (8, 1, 64, 64), (8, 1, 128, 128), (64, 1, 64, 64), (8, 16, 64, 64))
 
 
 def _turned_off(step):
@@ -93,21 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=100, help="forced iterations of the cheap map")
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes, two rounds (seconds)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's intra-op threads (default 1); above 1 the kernel is called at every state size "
+                             "(native.ONE_THREAD_VALUES lifted), to see where the threaded tensor code overtakes it")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.iterations = 2, 10
     args.workloads = args.workloads or sorted(FULL)
+    if args.threads > 1:
+        native.ONE_THREAD_VALUES = float("inf")
     unknown = sorted(set(args.workloads) - set(FULL))
     if unknown:
         parser.error(f"unknown workloads {unknown}: choose from {sorted(FULL)}")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     run.steady_allocator()
     warnings.simplefilter("ignore")
-    run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter: this thread's CPU time
-    run.time.perf_counter = time.thread_time
+    run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter
+    run.time.perf_counter = time.thread_time if args.threads == 1 else time.perf_counter
     print(f"{native.status()}; load average {os.getloadavg()[0]:.2f} at the start")
     command = "python benchmarks/native_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"`{command}`: {args.repeats} alternating rounds, this thread's CPU time, float32, one thread", "",
+    clock = "this thread's CPU time, one thread" if args.threads == 1 else (
+        f"wall time, {args.threads} threads, the kernel at "
+        "every size")
+    lines = [f"`{command}`: {args.repeats} alternating rounds, {clock}, float32", "",
              "| workload | method | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | "
              "ratio (median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.methods, args.repeats, args.quick)]

@@ -34,7 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -96,15 +96,17 @@ def alternate_runs(contenders: dict[str, Step], repeats: int) -> dict[str, list[
 
 def median_time(fn: Step, repeats: int, inner: int = 1) -> float:
     fn()
-    samples = []
-    for _ in range(repeats):
-        _wait()
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _wait()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+    return statistics.median(_timed(fn, inner) for _ in range(repeats))
+
+
+def _timed(fn: Step, inner: int) -> float:
+    """Seconds of one call of ``fn`` (the mean of ``inner`` back to back)."""
+    _wait()
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _wait()
+    return (time.perf_counter() - start) / inner
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -244,11 +246,12 @@ def _near_fixed_point(w: Workload, params) -> torch.Tensor:
     return x
 
 
-def floor_parts(w: Workload, repeats: int) -> tuple[float, float, float, float, float]:
-    """Median seconds of one evaluation of g and of one VJP ``(dg/dx)^T c``, near the fixed point, as fpidsl runs
-    them (the forward iteration on hoisted values, the emitted ``vjp_state``); of the work done once per training
-    step whatever the number of iterations (``hoist``, ``adjoint.prepare``, ``adjoint.vjp_args``); and of g and
-    its VJP as written by hand (g without autograd; the VJP by autograd over a graph recorded once)."""
+def floor_part_fns(w: Workload) -> tuple[tuple[Step, ...], int]:
+    """The floor's parts as calls, and how many of each make one timed run: one evaluation of g and one VJP
+    ``(dg/dx)^T c``, near the fixed point, as fpidsl runs them (the forward iteration on hoisted values, the emitted
+    ``vjp_state``); the work done once per training step whatever the number of iterations (``hoist``,
+    ``adjoint.prepare``, ``adjoint.vjp_args``); and g and its VJP as written by hand (g without autograd; the VJP by
+    autograd over a graph recorded once)."""
     params = tuple(p.detach() for p in w.params)
     x = _near_fixed_point(w, params)
     inner = 20 if x.numel() < 100_000 else 3
@@ -283,27 +286,51 @@ def floor_parts(w: Workload, repeats: int) -> tuple[float, float, float, float, 
     def vjp_hand() -> None:
         torch.autograd.grad(y, xs, c, retain_graph=True)
 
-    return tuple(median_time(fn, repeats, inner)
-                 for fn in (evaluate_emitted, vjp_emitted, once, evaluate_hand, vjp_hand))
+    return (evaluate_emitted, vjp_emitted, once, evaluate_hand, vjp_hand), inner
 
 
-def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> tuple[float, ...]:
-    """Seconds: the floor's parts (:func:`floor_parts`), the floor, and fpidsl's ``step`` (already run once: ``out``
-    holds its iteration counts) timed back to back like them."""
-    t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand = floor_parts(w, repeats)
-    floor = out.forward_iters * t_eval + out.backward_iters * t_vjp + t_once
-    t_alone = median_time(step, repeats)  # measured like the floor's parts: back to back
-    return t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand, floor, t_alone
+class FloorTimes(NamedTuple):
+    """Seconds (medians over rounds) of the floor's parts, the floor and fpidsl's step, and the ratio of the step
+    to the floor (the median over rounds of the step over that round's floor)."""
+
+    g: float
+    vjp: float
+    once: float
+    hand_g: float
+    hand_vjp: float
+    floor: float
+    alone: float
+    ratio: float
+
+
+def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> FloorTimes:
+    """:class:`FloorTimes` for fpidsl's ``step`` (already run once: ``out`` holds its iteration counts). Each round
+    times the step once and then each part (``inner`` calls back to back), so that a change of the machine's speed
+    between rounds (seen here: 30% within a minute) moves the step and its floor together."""
+    fns, inner = floor_part_fns(w)
+    for fn in (step, *fns):
+        fn()
+    steps: list[float] = []
+    parts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        steps.append(_timed(step, 1))
+        for samples, fn in zip(parts, fns):
+            samples.append(_timed(fn, inner))
+    floors = [out.forward_iters * g + out.backward_iters * v + o for g, v, o in zip(*parts[:3])]
+    medians = [statistics.median(p) for p in parts]
+    floor = out.forward_iters * medians[0] + out.backward_iters * medians[1] + medians[2]
+    return FloorTimes(*medians, floor, statistics.median(steps),
+                      statistics.median(s / f for s, f in zip(steps, floors)))
 
 
 def floor_row(w: Workload, method: str, step: Step, out: Outcome, repeats: int,
-              times: tuple[float, ...] | None = None) -> list[str]:
+              times: FloorTimes | None = None) -> list[str]:
     """Table 3's row: the floor's parts, the floor, the step, the ratio and the target; the hand-written g / VJP
     last (``times``: :func:`floor_times`, measured now if None)."""
-    t_eval, t_vjp, t_once, t_eval_hand, t_vjp_hand, floor, t_alone = times or floor_times(w, step, out, repeats)
-    return [w.name, method, f"{out.forward_iters} x {ms(t_eval)}", f"{out.backward_iters} x {ms(t_vjp)}",
-            ms(t_once), ms(floor), ms(t_alone), f"{t_alone / floor:.2f}",
-            "met" if t_alone / floor <= TARGET_FLOOR else "**not met**", f"{ms(t_eval_hand)} / {ms(t_vjp_hand)}"]
+    t = times or floor_times(w, step, out, repeats)
+    return [w.name, method, f"{out.forward_iters} x {ms(t.g)}", f"{out.backward_iters} x {ms(t.vjp)}",
+            ms(t.once), ms(t.floor), ms(t.alone), f"{t.ratio:.2f}",
+            "met" if t.ratio <= TARGET_FLOOR else "**not met**", f"{ms(t.hand_g)} / {ms(t.hand_vjp)}"]
 
 
 # ---------------------------------------------------------------------------------------------- per-iteration overhead

@@ -355,3 +355,23 @@ def test_forward_and_second_order_derivatives_through_the_kernels_match_the_clos
     (second,) = torch.autograd.grad(grad, zr, v)  # the Hessian of |x|^2 / 2 is M^T M, M = (I - A)^-1 B
     M = solve_matrix @ B
     assert torch.allclose(second, v @ (M.T @ M).T, rtol=1e-8, atol=1e-9)
+
+
+@needs_kernel
+def test_with_more_threads_a_large_state_runs_the_threaded_tensor_code(monkeypatch):
+    _forbid_kernel(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        large = torch.zeros(2, native.ONE_THREAD_VALUES // 2 + 1)
+        x, state = large, Anderson(m=3).init(large)
+        for _ in range(3):
+            x, state = Anderson(m=3).step(x, 0.5 * x + 1, state)
+        assert not native.worth(large) and native.worth(torch.zeros(2, 8))
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        assert native.worth(large)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,6 +13,9 @@ tensors' data pointers.
   is used and why.
 - The kernels take only what they can run: dense contiguous CPU tensors of float32 or float64 outside any
   torch.func transform or torch.compile tracing (:func:`usable`); everything else runs the tensor code.
+- The kernels run on one thread. Where torch may use more (``torch.get_num_threads() > 1``) and a state has more
+  than :data:`ONE_THREAD_VALUES` values, the tensor code runs instead: its operations use torch's threads (see
+  :func:`worth`).
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ _library: ctypes.CDLL | None = None
 _why_not: str | None = None
 _loaded = False
 _off = 0  # depth of turned_off() blocks
+# the largest state (batch x dim values) a kernel takes when torch may use more than one thread: with two threads
+# the one-threaded Anderson kernel was slower than the tensor code from 8 x 65536 and 64 x 4096 values on
+# (benchmarks/native_kernels.py --threads 2); more threads move that point down
+ONE_THREAD_VALUES = 1 << 16
 
 
 def status() -> str:
@@ -102,15 +109,20 @@ def usable(*tensors: Tensor) -> bool:
     return True
 
 
+def worth(x: Tensor) -> bool:
+    """Whether a kernel is worth calling on the state ``x`` rather than the tensor code (one thread, or a state of
+    at most :data:`ONE_THREAD_VALUES` values)."""
+    return x.numel() <= ONE_THREAD_VALUES or torch.get_num_threads() == 1
+
+
 def anderson_step(lib: ctypes.CDLL, k: int, s: int, lam: float, tiny: float, slack: float, plain: Tensor, f: Tensor,
                   p_prev: Tensor, f_prev: Tensor, dH: Tensor, dF: Tensor, gram: Tensor, out: Tensor) -> None:
     """One fused Anderson step (see ``anderson_step.c``): writes ring slot ``s`` of ``dH``/``dF``, the Gram row and
     column ``s``, and the next iterate into ``out``. The caller has checked :func:`usable` on every tensor."""
     batch, m, dim = dF.shape
     fn = lib.fpidsl_anderson_step_f32 if plain.dtype == torch.float32 else lib.fpidsl_anderson_step_f64
-    code = fn(batch, dim, m, k, s, lam, tiny, slack, plain.data_ptr(), f.data_ptr(), p_prev.data_ptr(),
-              f_prev.data_ptr(), dH.data_ptr(), dF.data_ptr(), gram.data_ptr(), out.data_ptr())
-    if code < 0:
+    pointers = [t.data_ptr() for t in (plain, f, p_prev, f_prev, dH, dF, gram, out)]
+    if fn(0, batch, dim, m, k, s, lam, tiny, slack, *pointers) < 0:
         raise RuntimeError(f"fpidsl's native Anderson step refused its arguments (m={m}, k={k}, slot {s})")
 
 
@@ -121,9 +133,8 @@ def broyden_step(lib: ctypes.CDLL, k: int, update: bool, x: Tensor, g: Tensor, f
     batch, m, dim = U.shape
     fn = lib.fpidsl_broyden_step_f32 if x.dtype == torch.float32 else lib.fpidsl_broyden_step_f64
     held = (x_prev.data_ptr(), f_prev.data_ptr()) if update else (None, None)
-    code = fn(batch, dim, m, k, int(update), x.data_ptr(), g.data_ptr(), f.data_ptr(), *held, U.data_ptr(),
-              V.data_ptr(), out.data_ptr())
-    if code < 0:
+    pointers = (x.data_ptr(), g.data_ptr(), f.data_ptr(), *held, U.data_ptr(), V.data_ptr(), out.data_ptr())
+    if fn(0, batch, dim, m, k, int(update), *pointers) < 0:
         raise RuntimeError(f"fpidsl's native Broyden step refused its arguments (m={m}, k={k})")
 
 
@@ -155,11 +166,11 @@ def _load() -> ctypes.CDLL:
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     for name in ("fpidsl_anderson_step_f32", "fpidsl_anderson_step_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64, i64, i64, i64, i64, dbl, dbl, dbl] + [ptr] * 8
+        fn.argtypes = [i64] * 6 + [dbl] * 3 + [ptr] * 8
         fn.restype = i64
     for name in ("fpidsl_broyden_step_f32", "fpidsl_broyden_step_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 5 + [ptr] * 8
+        fn.argtypes = [i64] * 6 + [ptr] * 8
         fn.restype = i64
     lib.fpidsl_native_max_m.argtypes = []
     lib.fpidsl_native_max_m.restype = i64

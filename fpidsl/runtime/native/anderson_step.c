@@ -50,11 +50,12 @@ FPIDSL_CLONES static int solve_small(int64_t k, double *A, double *x) {
 }
 
 #define FPIDSL_ANDERSON_STEP(NAME, T)                                                                          \
-FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t m, int64_t k, int64_t s, double lam, double tiny, double slack,        \
-             const T *plain, const T *f, const T *p_prev, const T *f_prev, T *dH, T *dF, T *gram, T *out) {     \
+FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t k, int64_t s, double lam,      \
+                           double tiny, double slack, const T *plain, const T *f, const T *p_prev, const T *f_prev, \
+                           T *dH, T *dF, T *gram, T *out) {                                                    \
     int64_t rejected = 0;                                                                                      \
     if (k < 1 || k > m || m > FPIDSL_MAX_M || s < 0 || s >= k) return -1;                                       \
-    for (int64_t b = 0; b < B; ++b) {                                                                          \
+    for (int64_t b = b0; b < b1; ++b) {                                                                        \
         const T *pl = plain + b * D, *fb = f + b * D, *pp = p_prev + b * D, *fp = f_prev + b * D;              \
         T *dHb = dH + b * m * D, *dFb = dF + b * m * D, *Gb = gram + b * m * m, *ob = out + b * D;             \
         T *dFs = dFb + s * D, *dHs = dHb + s * D;                                                              \

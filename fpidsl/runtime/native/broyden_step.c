@@ -7,22 +7,22 @@
  *       written into slot k of U and V, or zeros there where u or v is not finite (H is kept); H gains the slot;
  *   out = x - H f = x + f - sum_i (V_i . f) U_i (the new slot included), or g where that is not finite.
  * Every pointer is to a contiguous array of its shape: x, g, f, x_prev, f_prev and out (B, D); U and V (B, m, D);
- * with update, k < m (the caller restarts a full memory first). Returns the number of samples whose update was not
- * finite, or -1 for arguments it cannot take.
+ * with update, k < m (the caller restarts a full memory first); the call does the samples b0 <= b < b1. Returns the
+ * number of those samples whose update was not finite, or -1 for arguments it cannot take.
  */
 #include <stdlib.h>
 
 #include "native.h"
 
 #define FPIDSL_BROYDEN_STEP(NAME, T)                                                                           \
-FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t m, int64_t k, int64_t update, const T *x, const T *g,  \
-                           const T *f, const T *x_prev, const T *f_prev, T *U, T *V, T *out) {                 \
+FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t k, int64_t update, const T *x,  \
+                           const T *g, const T *f, const T *x_prev, const T *f_prev, T *U, T *V, T *out) {     \
     if (k < 0 || k > m || (update && k >= m)) return -1;                                                       \
     double *coef = (double *)malloc(sizeof(double) * 3 * (size_t)(k > 0 ? k : 1));                            \
     if (coef == NULL) return -1;                                                                               \
     double *a = coef, *bd = coef + k, *c = coef + 2 * k; /* U_i . dx, V_i . df, V_i . f */                     \
     int64_t skipped = 0;                                                                                       \
-    for (int64_t b = 0; b < B; ++b) {                                                                          \
+    for (int64_t b = b0; b < b1; ++b) {                                                                        \
         const T *xb = x + b * D, *gb = g + b * D, *fb = f + b * D;                                             \
         T *Ub = U + b * m * D, *Vb = V + b * m * D, *ob = out + b * D;                                         \
         T *Us = Ub + k * D, *Vs = Vb + k * D;  /* the new slot: dx and df first, then u and v */              \

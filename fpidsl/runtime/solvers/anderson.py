@@ -87,7 +87,7 @@ class Anderson:
         if f is None:
             f = g - x
         plain = x + self.beta * f if self.beta != 1.0 else g
-        fits = state.kernel is not None and native.usable(plain, f)
+        fits = state.kernel is not None and native.worth(plain) and native.usable(plain, f)
         if state.f_prev is None:
             state.p_prev, state.f_prev, state.held_native = plain, f, fits
             return plain, state

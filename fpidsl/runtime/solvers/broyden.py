@@ -83,7 +83,7 @@ class Broyden:
         """The next iterate; ``f = g - x`` when the caller has it already. No value leaves the device."""
         if f is None:
             f = g - x
-        fits = state.kernel is not None and native.usable(x, g, f)
+        fits = state.kernel is not None and native.worth(x) and native.usable(x, g, f)
         update = state.x_prev is not None
         if fits and (state.held_native or not update):
             return self._native_step(x, g, f, state, update), state
