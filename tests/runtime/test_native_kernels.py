@@ -146,28 +146,35 @@ def test_native_bad_sample_takes_the_plain_step_and_leaves_the_others_alone():
 
 
 @needs_kernel
-def test_whole_solves_agree_with_the_tensor_code(monkeypatch):
-    """fixed_point with Anderson, kernel on and off: the same iteration counts, results and gradients."""
+@pytest.mark.parametrize("method, m, size, switch", [("anderson", 5, 20, "environment"),
+                                                     ("broyden", 8, 30, "turned_off")])
+def test_whole_solves_agree_with_the_tensor_code(monkeypatch, method, m, size, switch):
+    """fixed_point, kernel on and off (FPIDSL_NATIVE=0, or native.turned_off()): the same iteration counts, results
+    and gradients."""
     dtype = torch.float64
     gen = torch.Generator().manual_seed(3)
-    W = (torch.randn(20, 20, generator=gen, dtype=dtype) * 0.25).requires_grad_()
-    z = torch.randn(6, 20, generator=gen, dtype=dtype, requires_grad=True)
+    W = (torch.randn(size, size, generator=gen, dtype=dtype) * 0.25).requires_grad_()
+    z = torch.randn(6, size, generator=gen, dtype=dtype, requires_grad=True)
 
     def solve():
-        x, stats = fixed_point(lambda x, z, W: torch.tanh(x @ W) + z, torch.zeros(6, 20, dtype=dtype), z, W,
-                               method="anderson", m=5, tol=1e-11, return_stats=True)
-        grads = torch.autograd.grad(x.square().sum(), (z, W))
-        return x, stats, grads
+        x, stats = fixed_point(lambda x, z, W: torch.tanh(x @ W) + z, torch.zeros(6, size, dtype=dtype), z, W,
+                               method=method, m=m, tol=1e-11, backward={"method": method, "m": m, "tol": 1e-11},
+                               return_stats=True)
+        return x, stats, torch.autograd.grad(x.square().sum(), (z, W))
 
     x_fast, stats_fast, grads_fast = solve()
-    monkeypatch.setenv("FPIDSL_NATIVE", "0")
-    native.reset()
-    try:
-        assert native.status() == "native kernels not in use: FPIDSL_NATIVE is off"
-        x_slow, stats_slow, grads_slow = solve()
-    finally:
-        monkeypatch.delenv("FPIDSL_NATIVE")
+    if switch == "turned_off":
+        with native.turned_off():
+            x_slow, stats_slow, grads_slow = solve()
+    else:
+        monkeypatch.setenv("FPIDSL_NATIVE", "0")
         native.reset()
+        try:
+            assert native.status() == "native kernels not in use: FPIDSL_NATIVE is off"
+            x_slow, stats_slow, grads_slow = solve()
+        finally:
+            monkeypatch.delenv("FPIDSL_NATIVE")
+            native.reset()
     assert torch.equal(stats_fast.forward.iterations, stats_slow.forward.iterations)
     assert torch.equal(stats_fast.backward.iterations, stats_slow.backward.iterations)
     assert torch.allclose(x_fast, x_slow, rtol=1e-10, atol=1e-12)
@@ -289,28 +296,6 @@ def test_native_broyden_keeps_h_where_the_update_is_not_finite_and_falls_back_to
         x3, state = solver.step(x2, bad, state)
         assert torch.equal(x3[0], bad[0])  # not finite: g itself
         assert torch.isfinite(x3[1]).all()
-
-
-@needs_kernel
-def test_native_broyden_whole_solve_matches_the_tensor_code():
-    dtype = torch.float64
-    gen = torch.Generator().manual_seed(5)
-    W = (torch.randn(30, 30, generator=gen, dtype=dtype) * 0.3).requires_grad_()
-    z = torch.randn(5, 30, generator=gen, dtype=dtype, requires_grad=True)
-
-    def solve():
-        x, stats = fixed_point(lambda x, z, W: torch.tanh(x @ W) + z, torch.zeros(5, 30, dtype=dtype), z, W,
-                               method="broyden", m=8, tol=1e-11, return_stats=True)
-        return x, stats, torch.autograd.grad(x.square().sum(), (z, W))
-
-    x_fast, stats_fast, grads_fast = solve()
-    with native.turned_off():
-        x_slow, stats_slow, grads_slow = solve()
-    assert torch.equal(stats_fast.forward.iterations, stats_slow.forward.iterations)
-    assert torch.equal(stats_fast.backward.iterations, stats_slow.backward.iterations)
-    assert torch.allclose(x_fast, x_slow, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads_fast, grads_slow):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_the_tensor_code_runs_where_the_broyden_kernel_cannot(monkeypatch):
