@@ -38,7 +38,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "anderson_step.c", HERE / "broyden_step.c")
 HEADERS = (HERE / "native.h",)
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
-_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None

@@ -11,8 +11,10 @@
  *   |f|^2 + gamma . (G gamma - 2 rhs) <= slack |f|^2; otherwise gamma = 0 (the plain step),
  *   out = plain - sum_j gamma_j dH[b, j].
  * The state-sized sums are accumulated in the state's type with the vector unit's partial sums (as a BLAS
- * product does), the small system in double. Every pointer is to a contiguous array of its shape: plain, f, p_prev, f_prev and
- * out (B, D); dH and dF (B, m, D); gram (B, m, m). Returns the number of samples that took the plain step.
+ * product does), the small system in double. Every pointer is to a contiguous array of its shape: plain, f,
+ * p_prev, f_prev and out (B, D); dH and dF (B, m, D); gram (B, m, m). The call does the samples b0 <= b < b1 (each
+ * sample alone: a caller may split a batch). Returns the number of those samples that took the plain step, or -1
+ * for arguments it cannot take.
  */
 #include "native.h"
 
