@@ -92,3 +92,34 @@ def test_the_estimate_of_a_layer_that_mixes_samples_is_the_whole_states_norm(tmp
     jac = torch.autograd.functional.jacobian(lambda x: type(layer).step(x, *values), x_hat).reshape(12, 12)
     assert factor.shape == (1,)
     assert torch.allclose(factor, torch.linalg.matrix_norm(jac, 2).reshape(1), rtol=1e-8)
+
+
+NORMS = {
+    "layer_norm": ("layer N {\n  input z : [B, 6]\n  state x : [B, 6]\n  param W : tensor [6] = normal(0, 0.5)\n"
+                   "  param b : tensor [6] = normal(0, 1)\n  update x = layer_norm(x, [6], W, b, eps=0.01) + z\n}\n"),
+    "group_norm": ("layer N {\n  input z : [B, 4, 3]\n  state x : [B, 4, 3]\n  param W : tensor [4] = normal(0, 0.5)\n"
+                   "  update x = group_norm(x, 2, W, eps=0.01) + z\n}\n"),
+}
+
+
+def test_normalization_bound_is_max_weight_over_root_eps_and_holds(tmp_path):
+    """max |W| / sqrt(eps), and the exact Jacobian norm at random points (some near zero variance, where it is
+    largest) stays below it."""
+    for name, text in NORMS.items():
+        checked = check_source(Source("n.fpi", text))
+        weights = initial_weights(checked, "N")
+        (bound,) = bound_layer(checked.graphs["N"], weights)
+        path = tmp_path / f"{name}.fpi"
+        path.write_text(text)
+        layer = fpidsl.load(str(path))().double()
+        with torch.no_grad():
+            for mine, theirs in zip(layer.parameters(), weights.values(), strict=True):
+                mine.copy_(theirs)  # the params in the order of the spec, both
+        assert abs(bound.value - float(layer.W.detach().abs().max()) / 0.1) < 1e-6 * bound.value, name
+        shape = (1, 6) if name == "layer_norm" else (1, 4, 3)
+        gen = torch.Generator().manual_seed(0)
+        for scale in (1.0, 0.1, 0.01):
+            x = scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+            step = lambda x: layer.step(x, torch.zeros(shape, dtype=torch.float64), *layer.parameter_tensors())
+            jac = torch.autograd.functional.jacobian(step, x).reshape(x.numel(), x.numel())
+            assert torch.linalg.matrix_norm(jac, 2) <= bound.value * (1 + 1e-9), (name, scale)

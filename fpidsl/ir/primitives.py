@@ -137,6 +137,7 @@ class Primitive:
     keeps_dtype: bool = False  # a shape op (reshape, index ...): its result has the dtype of argument 0
     order: tuple[str, ...] = ()  # the parameter names in the order specs write them, where that is not the
     #                              inputs then the attributes (``gather(x, dim, index)``, as torch)
+    module_attrs: tuple[str, ...] = ()  # attributes only the module form sets (a spec's call cannot write them)
 
     def parameter_names(self) -> list[str]:
         """The names a call binds positionally, in written order."""
@@ -898,12 +899,14 @@ _AB = ("a", "b")
 
 
 def _p(name, inputs, rule, *attrs, vjp, batch, lipschitz=None, narrow=None, distribute=None, op=None,
-       builtin=False, optional=0, variadic=False, doc="", index_args=(), order=(), keeps_dtype=False):
+       builtin=False, optional=0, variadic=False, doc="", index_args=(), order=(), keeps_dtype=False,
+       module_attrs=()):
     if keeps_dtype:  # a shape op: an index input stays an index through it (passes/check_dtypes.py)
         index_args = ((0, ("float", "int", "bool")),)
     return Primitive(name, inputs, rule, tuple(attrs), optional, variadic, builtin, doc, vjp=vjp, batch=batch,
                      op=op or name, lipschitz=lipschitz, narrow=narrow, distribute=distribute,
-                     index_args=tuple(index_args), order=tuple(order), keeps_dtype=keeps_dtype)
+                     index_args=tuple(index_args), order=tuple(order), keeps_dtype=keeps_dtype,
+                     module_attrs=tuple(module_attrs))
 
 
 # The comparison operators and their primitives.
@@ -1058,11 +1061,12 @@ _TABLE = [
     # written as a module call, or as torch's functions (channels: none, x's own): group_norm(x, groups, W, b)
     _p("group_norm", ("x", "weight", "bias"), _group_norm, Attr("groups", "int"), Attr("channels", "int", None),
        Attr("eps", "number", 1e-5), batch=_B.normalizing(lambda rank, attrs: rank - 1), optional=2,
-       vjp=_V["group_norm"], builtin=True, order=("x", "groups", "weight", "bias", "eps"),
+       vjp=_V["group_norm"], builtin=True, order=("x", "groups", "weight", "bias", "eps"), module_attrs=("channels",),
+       lipschitz="normalization",
        doc="GroupNorm: x normalized over each group of channels (and space), then weight * . + bias per channel"),
     _p("layer_norm", ("x", "weight", "bias"), _layer_norm, Attr("shape", "shape"), Attr("eps", "number", 1e-5),
        batch=_B.normalizing(lambda rank, attrs: len(attrs["shape"])), optional=2, vjp=_V["layer_norm"],
-       builtin=True, order=("x", "shape", "weight", "bias", "eps"),
+       builtin=True, order=("x", "shape", "weight", "bias", "eps"), lipschitz="normalization",
        doc="LayerNorm: x normalized over its trailing dims shape, then weight * . + bias"),
     # differentiation, expanded by a later pass
     _p("grad", ("energy", "state"), _grad, batch=_B.unexpanded(), builtin=True,

@@ -196,6 +196,19 @@ def _resampling(graph, weights, nid, ls, where):
     return INF, f"{where}: {attrs['mode']} resampling to a size has no static Lipschitz rule"
 
 
+def _normalization(graph, weights, nid, ls, where):
+    """group_norm / layer_norm: ``u / sqrt(|u|^2 / n + eps)`` of the centred group ``u`` has a Jacobian of norm at
+    most ``1 / s <= 1 / sqrt(eps)`` (``1 / s`` across ``u``, ``eps / s^3`` along it, ``s = sqrt(|u|^2 / n + eps)``;
+    centring has norm 1), the weight scales it by at most ``max |W|``, the bias adds nothing."""
+    if any(ls[1:]):
+        return INF, f"{where}: its weight or bias depends on the state"
+    args = graph.args(nid)
+    scale = _sup(graph, weights, args[1]) if len(args) > 1 else 1.0
+    if scale == INF:
+        return INF, f"{where}: a weight whose magnitude is unknown statically (computed, not a param)"
+    return scale / math.sqrt(graph.node(nid)["attrs"]["eps"]) * ls[0], None
+
+
 # The rules that primitives name in their ``lipschitz`` entry (fpidsl/ir/primitives.py).
 RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
     "sum_of_args": lambda graph, weights, nid, ls, where: (ls[0] + ls[1], None),
@@ -213,6 +226,7 @@ RULES: dict[str, Callable[..., tuple[float, str | None]]] = {
         INF, f"{where}: the bound is the root of how often the index repeats an entry, known only at call time"),
     "resampling": _resampling,
     "unbounded": lambda graph, weights, nid, ls, where: (INF, f"{where} is not globally Lipschitz"),
+    "normalization": _normalization,
     "sparse_operator": lambda graph, weights, nid, ls, where: (
         INF, f"{where} multiplies by a sparse input, whose norm is known only at call time"),
     "curvature": lambda graph, weights, nid, ls, where: (

@@ -64,6 +64,9 @@ def test_index_arguments_name_real_positions_and_the_order_every_parameter():
     for prim in PRIMITIVES.values():
         for pos, dtypes in prim.index_args:
             assert 0 <= pos < len(prim.inputs) and set(dtypes) <= set(INPUT_DTYPES), prim.name
-        if prim.order:
-            assert sorted(prim.order) == sorted(list(prim.written_inputs) + [a.name for a in prim.attrs]), prim.name
+        assert set(prim.module_attrs) <= {a.name for a in prim.attrs}, prim.name
+        if prim.order:  # every parameter a spec writes; the module form's own attributes are not written
+            assert not set(prim.order) & set(prim.module_attrs), prim.name
+            assert sorted(prim.order) == sorted(list(prim.written_inputs) + [a.name for a in prim.attrs
+                                                                              if a.name not in prim.module_attrs]), prim.name
         assert not prim.keeps_dtype or len(prim.inputs) == 1, prim.name
