@@ -360,3 +360,21 @@ def test_with_more_threads_a_large_state_runs_the_threaded_tensor_code(monkeypat
         assert native.worth(large)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_a_cache_directory_others_may_write_is_not_used(monkeypatch, fresh_native):
+    shared = fresh_native / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("FPIDSL_CACHE_DIR", str(shared))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(fresh_native / "tmp"))
+    assert native.library() is not None  # built in the private fallback, not in the shared directory
+    assert not list(shared.iterdir())
+    assert list((fresh_native / "tmp").glob("fpidsl-*/fpidsl_native-*"))
+    native.reset()
+    (fresh_native / "tmp").chmod(0o777)
+    private = next((fresh_native / "tmp").glob("fpidsl-*"))
+    private.chmod(0o777)
+    assert native.library() is None
+    assert "writable by others" in native.status()

@@ -6,7 +6,8 @@ plain C (no PyTorch headers), so they build in about a second, and are called th
 tensors' data pointers.
 
 - The library is built once per source, compiler and platform into ``$FPIDSL_CACHE_DIR`` (default
-  ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``), written to a temporary name and renamed, so processes that
+  ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``; else ``fpidsl-<uid>`` in the temporary directory; only a
+  directory of this user's that others cannot write), written to a temporary name and renamed, so processes that
   build at the same time do not see each other's half-written files.
 - ``FPIDSL_NATIVE=0`` turns the kernels off; so does a missing or failing compiler (``$CC``, else Python's own,
   else ``cc``). Then the solvers run their tensor code, which computes the same step; :func:`status` says which
@@ -187,18 +188,37 @@ def _compiler() -> str:
 
 
 def _cache_dir() -> Path:
+    """Where the library is built: ``$FPIDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``,
+    else ``fpidsl-<uid>`` in the temporary directory; only a directory of this user's that no one else may write
+    (a library loaded from a directory others can write into would run their code)."""
     base = os.environ.get("FPIDSL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fpidsl")
-    path = Path(base)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    refused = []
+    for path in (Path(base), Path(tempfile.gettempdir()) / f"fpidsl-{uid}"):
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            refused.append(f"{path}: {e.strerror}")
+            continue
+        why = _unsafe(path)
+        if why is None:
             return path
-    except OSError:
-        pass
-    path = Path(tempfile.gettempdir()) / f"fpidsl-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        refused.append(f"{path}: {why}")
+    raise _Unavailable("no cache directory to build the kernels in (" + "; ".join(refused) + ")")
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why the library may not be built or loaded in ``path`` (None where it may)."""
+    if not os.access(path, os.W_OK):
+        return "not writable"
+    if hasattr(os, "getuid"):
+        info = path.stat()
+        if info.st_uid != os.getuid():
+            return "owned by another user"
+        if info.st_mode & 0o022:
+            return "writable by others"
+    return None
 
 
 def _suffix() -> str:
