@@ -515,7 +515,7 @@ def _lint_call(nid: str, d: dict[str, Any], n: int) -> None:
     prim = PRIMITIVES.get(d.get("prim"))
     if prim is None:
         _fail(f"{nid}: unknown primitive {d.get('prim')!r}")
-    _, lo, hi, known, required = _call_rules(prim)
+    lo, hi, known, required = prim.call_rules
     if not (lo <= n and (hi is None or n <= hi)):
         _fail(f"{nid}: {prim.name} takes {lo}..{hi} arguments, has {n}")
     attrs = d.get("attrs")
@@ -528,19 +528,6 @@ def _lint_call(nid: str, d: dict[str, Any], n: int) -> None:
     missing = [a for a in required if a not in attrs]
     if missing:
         _fail(f"{nid}: missing attrs {missing}")
-
-
-_CALL_RULES: dict[int, tuple] = {}
-
-
-def _call_rules(prim) -> tuple:
-    """(the primitive, its min_args, max_args, attribute names, required attribute names), kept by its id (with
-    the primitive, so that the id stays its own): computed once, not per call node."""
-    rules = _CALL_RULES.get(id(prim))
-    if rules is None or rules[0] is not prim:
-        rules = _CALL_RULES[id(prim)] = (prim, prim.min_args, prim.max_args, frozenset(a.name for a in prim.attrs),
-                                         tuple(a.name for a in prim.attrs if a.required))
-    return rules
 
 
 class BackwardGraph(LayerGraph):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -142,6 +143,13 @@ class Primitive:
     def parameter_names(self) -> list[str]:
         """The names a call binds positionally, in written order."""
         return list(self.order) or list(self.written_inputs) + [a.name for a in self.attrs]
+
+    @functools.cached_property
+    def call_rules(self) -> tuple[int, int | None, frozenset[str], tuple[str, ...]]:
+        """(min_args, max_args, the attribute names, the required ones): what a call node's lint checks, computed
+        once per primitive, not per node."""
+        return (self.min_args, self.max_args, frozenset(a.name for a in self.attrs),
+                tuple(a.name for a in self.attrs if a.required))
 
     def dtypes_at(self, pos: int) -> tuple[str, ...]:
         """The dtypes argument ``pos`` accepts: ``("float",)`` unless ``index_args`` says otherwise."""
