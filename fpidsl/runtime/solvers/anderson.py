@@ -76,9 +76,8 @@ class Anderson:
         # only the filled slots (and their Gram block) are ever read, each written before it is read
         state = AndersonState(dH=x.new_empty(batch, self.m, dim), dF=x.new_empty(batch, self.m, dim),
                               gram=x.new_zeros(batch, self.m, self.m))
-        if x.device.type == "cpu" and native.usable(x, state.dH, state.dF, state.gram):
-            kernel = native.library()
-            state.kernel = kernel if kernel is not None and self.m <= native.max_m() else None
+        kernel = native.kernel_for(x, state.dH, state.dF, state.gram)  # None where the kernels cannot take these
+        state.kernel = kernel if kernel is not None and self.m <= native.max_m() else None
         return state
 
     def step(self, x: Tensor, g: Tensor, state: AndersonState, f: Tensor | None = None
@@ -87,7 +86,7 @@ class Anderson:
         if f is None:
             f = g - x
         plain = x + self.beta * f if self.beta != 1.0 else g
-        fits = state.kernel is not None and native.worth(plain) and native.usable(plain, f)
+        fits = native.takes(state.kernel, plain, f)
         if state.f_prev is None:
             state.p_prev, state.f_prev, state.held_native = plain, f, fits
             return plain, state

@@ -64,8 +64,7 @@ class Broyden:
     def init(self, x: Tensor) -> BroydenState:
         batch, dim = x.shape
         state = BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim))
-        if x.device.type == "cpu" and native.usable(x, state.U, state.V):
-            state.kernel = native.library()
+        state.kernel = native.kernel_for(x, state.U, state.V)
         return state
 
     @staticmethod
@@ -83,8 +82,10 @@ class Broyden:
         """The next iterate; ``f = g - x`` when the caller has it already. No value leaves the device."""
         if f is None:
             f = g - x
-        fits = state.kernel is not None and native.worth(x) and native.usable(x, g, f)
+        fits = native.takes(state.kernel, x, g, f)
         update = state.x_prev is not None
+        if update and state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update
+            state.filled = state.slot = 0  # would leave the later ones built on it inconsistent, and diverges)
         if fits and (state.held_native or not update):
             return self._native_step(x, g, f, state, update), state
         state.held_native = fits
@@ -97,8 +98,6 @@ class Broyden:
 
     def _native_step(self, x: Tensor, g: Tensor, f: Tensor, state: BroydenState, update: bool) -> Tensor:
         """:meth:`step` in one call of the native kernel (the update like :meth:`_update`, then the proposal)."""
-        if update and state.filled == self.m:  # memory full: restart from H = -I, as _update does
-            state.filled = state.slot = 0
         out = torch.empty_like(x)
         native.broyden_step(state.kernel, state.filled, update, x, g, f, state.x_prev, state.f_prev, state.U,
                             state.V, out)
@@ -108,8 +107,8 @@ class Broyden:
         return out
 
     def _update(self, dx: Tensor, df: Tensor, state: BroydenState) -> None:
-        if state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update would
-            state.filled = state.slot = 0  # leave the later ones built on it inconsistent, and diverges)
+        """Add the rank-one update of the step ``dx`` (residual change ``df``) in slot ``filled`` (``< m``: the
+        caller restarts a full memory)."""
         v = self._apply(state, dx, transpose=True)
         u = (dx - self._apply(state, df, transpose=False)) / torch.linalg.vecdot(v, df).unsqueeze(1)
         usable = (torch.isfinite(u).all(dim=1) & torch.isfinite(v).all(dim=1)).unsqueeze(1)
