@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402
 from workloads import FULL, make_workloads  # noqa: E402
 
-from fpidsl.runtime import fixed_point, native  # noqa: E402
+from fpidsl.runtime import native  # noqa: E402
 
 CHEAP_SHAPES = ((4, 8), (32, 159), (8, 1, 64, 64), (8, 1, 128, 128), (64, 1, 64, 64), (8, 16, 64, 64))
 
@@ -59,25 +59,12 @@ def workload_rows(names: list[str], methods: list[str], repeats: int, quick: boo
 
 def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...]) -> list[list[str]]:
     rows = []
-    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "m": 6}
     for shape in shapes:
         z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-        def solver(method: str):
-            def solve() -> None:
-                fixed_point(lambda x, z: 0.5 * x + z, torch.zeros_like(z), z, method=method, **forced)
-            return solve
-
-        def bare() -> None:
-            with torch.no_grad():
-                x = torch.zeros_like(z)
-                for _ in range(iterations):
-                    x = 0.5 * x + z
-
-        contenders = {"bare": bare, "picard": solver("picard")}
+        contenders = {"bare": run.bare_loop(z, iterations), "picard": run.forced_solve(z, iterations)}
         for method in ("anderson", "broyden"):
-            contenders[method] = solver(method)
-            contenders[method + " tensor code"] = _turned_off(solver(method))
+            contenders[method] = run.forced_solve(z, iterations, method=method, m=6)
+            contenders[method + " tensor code"] = _turned_off(contenders[method])
         times = run.alternate_runs(contenders, repeats)
         per = {name: min(t) / iterations * 1e6 - (0 if name == "bare" else min(times["bare"]) / iterations * 1e6)
                for name, t in times.items()}

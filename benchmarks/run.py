@@ -316,11 +316,15 @@ def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> FloorTim
         steps.append(_timed(step, 1))
         for samples, fn in zip(parts, fns):
             samples.append(_timed(fn, inner))
-    floors = [out.forward_iters * g + out.backward_iters * v + o for g, v, o in zip(*parts[:3])]
+    floors = [_floor(out, *round_parts) for round_parts in zip(*parts[:3])]
     medians = [statistics.median(p) for p in parts]
-    floor = out.forward_iters * medians[0] + out.backward_iters * medians[1] + medians[2]
-    return FloorTimes(*medians, floor, statistics.median(steps),
+    return FloorTimes(*medians, _floor(out, *medians[:3]), statistics.median(steps),
                       statistics.median(s / f for s, f in zip(steps, floors)))
+
+
+def _floor(out: Outcome, g: float, vjp: float, once: float) -> float:
+    """The floor of a step with ``out``'s iteration counts: forward steps x g + backward steps x VJP + once."""
+    return out.forward_iters * g + out.backward_iters * vjp + once
 
 
 def floor_row(w: Workload, method: str, step: Step, out: Outcome, repeats: int,
@@ -339,30 +343,40 @@ def floor_row(w: Workload, method: str, step: Step, out: Outcome, repeats: int,
 OVERHEAD_SHAPES = ((4, 8), (8, 1, 64, 64))  # tiny; the conv workloads' state
 
 
+def cheap(x, z):
+    """The cheap map of the per-iteration tables: one evaluation costs next to nothing beside the solver's work."""
+    return 0.5 * x + z
+
+
+def forced_solve(z: torch.Tensor, iterations: int, **settings) -> Step:
+    """A ``fixed_point`` solve of :func:`cheap` forced to exactly ``iterations`` iterations."""
+    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", **settings}
+
+    def solve() -> None:
+        fixed_point(cheap, torch.zeros_like(z), z, **forced)
+    return solve
+
+
+def bare_loop(z: torch.Tensor, iterations: int) -> Step:
+    """The same iterations of :func:`cheap` as a bare loop (no solver, no judgement)."""
+    def bare() -> None:
+        with torch.no_grad():
+            x = torch.zeros_like(z)
+            for _ in range(iterations):
+                x = cheap(x, z)
+    return bare
+
+
 def overhead_rows(repeats: int, iterations: int) -> list[tuple[str, str, float, float]]:
     """Seconds per iteration of a forced-length solve of the cheap map ``0.5 x + z``, against the bare loop of the
     same map, for a tiny state and for the conv workloads' state (where the solver's own tensor work shows)."""
     torch.manual_seed(0)
-
-    def cheap(x, z):
-        return 0.5 * x + z
-
-    forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore"}
     rows = []
     for shape in OVERHEAD_SHAPES:
         z = torch.randn(*shape, device=DEVICE)
         for method in ("picard", "anderson"):
-            def solve() -> None:
-                fixed_point(cheap, torch.zeros_like(z), z, method=method, **forced)
-
-            def bare() -> None:
-                with torch.no_grad():
-                    x = torch.zeros_like(z)
-                    for _ in range(iterations):
-                        x = cheap(x, z)
-
-            t_solve = median_time(solve, repeats) / iterations
-            t_bare = median_time(bare, repeats) / iterations
+            t_solve = median_time(forced_solve(z, iterations, method=method), repeats) / iterations
+            t_bare = median_time(bare_loop(z, iterations), repeats) / iterations
             rows.append(("x".join(map(str, shape)), method, t_solve, t_bare))
     return rows
 
