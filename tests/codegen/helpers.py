@@ -14,6 +14,17 @@ from ..runtime.helpers import derivatives
 TIGHT = {"tol": 1e-13, "max_iter": 2000, "on_fail": "raise"}
 UNROLL = 200
 
+
+def tight_layer(tmp_path, name: str, text: str):
+    """The first layer of spec ``text`` (written to ``tmp_path / name``), in float64, solved to ``TIGHT`` both ways,
+    its weights drawn from seed 0."""
+    import fpidsl
+
+    path = tmp_path / name
+    path.write_text(text)
+    torch.manual_seed(0)
+    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+
 # A one-state layer around an expression `body` of h = fc(cat([x, a])) (and a, x): the map is 0.5 * tanh(body).
 ONE_STATE_SPEC = """
 layer L {{

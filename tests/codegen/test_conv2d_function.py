@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fpidsl
 from fpidsl.errors import ShapeErr
 
-from .helpers import TIGHT, the_one_error
+from .helpers import the_one_error, tight_layer
 
 SPEC = """
 layer FConv {
@@ -32,10 +31,7 @@ def _map(x, a, W, b, D):
 
 @pytest.fixture
 def layer(tmp_path):
-    path = tmp_path / "fconv.fpi"
-    path.write_text(SPEC)
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, "fconv.fpi", SPEC)
 
 
 def test_the_fixed_point_is_that_of_the_map_written_with_f_conv2d(layer):

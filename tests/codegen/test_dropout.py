@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fpidsl
 from fpidsl.runtime import ops
 
 from ..runtime.helpers import derivatives
-from .helpers import TIGHT, the_one_error
+from .helpers import the_one_error, tight_layer
 
 SPEC = """
 layer Dropped {
@@ -25,10 +24,7 @@ P = 0.3
 
 
 def load(tmp_path, text: str = SPEC):
-    path = tmp_path / "dropout.fpi"
-    path.write_text(text)
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, "dropout.fpi", text)
 
 
 def seeded(layer, a, seed: int = 5):

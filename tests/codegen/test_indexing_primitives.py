@@ -21,7 +21,7 @@ from fpidsl.tools.fmt import format_source
 from fpidsl.tools.yaml_convert import to_yaml
 
 from ..runtime.helpers import derivatives
-from .helpers import TIGHT, the_one_error
+from .helpers import the_one_error, tight_layer
 
 TOKENS = """
 layer Tokens {
@@ -62,10 +62,7 @@ layer Warp {
 
 
 def _load(tmp_path, text: str, name: str):
-    path = tmp_path / f"{name}.fpi"
-    path.write_text(text)
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, f"{name}.fpi", text)
 
 
 def _iterate(step, x, n: int = 80):

@@ -9,7 +9,7 @@ from torch import nn
 
 import fpidsl
 
-from .helpers import TIGHT, assert_matches_unrolled_autograd, the_one_error
+from .helpers import assert_matches_unrolled_autograd, the_one_error, tight_layer
 
 SPEC = """
 layer Att {{
@@ -23,10 +23,7 @@ CAUSAL = "-1e9 * triu(ones([5, 5]), diagonal=1)"
 
 
 def load(tmp_path, call: str = "x, a, a", options: str = ""):
-    path = tmp_path / "att.fpi"
-    path.write_text(SPEC.format(call=call, options=options))
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, "att.fpi", SPEC.format(call=call, options=options))
 
 
 @pytest.mark.parametrize("call, options, torch_mask", [

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 import fpidsl
 
-from .helpers import TIGHT, assert_matches_unrolled_autograd, the_one_error
+from .helpers import assert_matches_unrolled_autograd, the_one_error, tight_layer
 
 SPEC = """
 layer C1 {{
@@ -24,10 +24,7 @@ layer C1 {{
 
 
 def load(tmp_path, norm: str = "", stride: int = 1, padding: int = 1, body: str = "d(tanh(c(cat([x, a], dim=1))))"):
-    path = tmp_path / "c1.fpi"
-    path.write_text(SPEC.format(norm=norm, stride=stride, padding=padding, body=body))
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, "c1.fpi", SPEC.format(norm=norm, stride=stride, padding=padding, body=body))
 
 
 def test_conv1d_is_torch_s(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fpidsl
 from fpidsl.errors import ShapeErr, TypeErr
 
-from .helpers import TIGHT, the_one_error
+from .helpers import TIGHT, the_one_error, tight_layer
 
 SPEC = """
 layer FNorm {
@@ -40,10 +40,7 @@ def _map(x, a, gw, gb, lw, lb, lv):
 
 @pytest.fixture
 def layer(tmp_path):
-    path = tmp_path / "fnorm.fpi"
-    path.write_text(SPEC)
-    torch.manual_seed(0)
-    return fpidsl.load(path)(solve=TIGHT, backward=TIGHT).double()
+    return tight_layer(tmp_path, "fnorm.fpi", SPEC)
 
 
 def test_the_fixed_point_is_that_of_the_map_written_with_the_torch_functions(layer):
