@@ -51,6 +51,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from . import native
 from .precision import floor_eps
 from .settings import SolverSettings
 from .solvers import make_solver
@@ -167,6 +168,7 @@ class _Thresholds:
     min_relative_step: Tensor
     floor: Tensor
     tol: Tensor
+    values: tuple[float, float, float, float]  # tol, growth, min_relative_step, floor as numbers (the native judge)
 
     @staticmethod
     def of(s: SolverSettings, like: Tensor) -> "_Thresholds":
@@ -174,8 +176,9 @@ class _Thresholds:
             return torch.tensor(value, dtype=like.dtype, device=like.device)
 
         eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
+        values = (s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps)
         return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
-                           const(FLOOR_FACTOR * eps), const(s.tol))
+                           const(FLOOR_FACTOR * eps), const(s.tol), values)
 
 
 def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
@@ -202,6 +205,57 @@ def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: 
         track.checked_rel.copy_(track.best_rel)
         floor = no_new_low & (rel <= c.floor)
     return _Verdict(residual, residual < c.tol, diverged, floor, step, norm, better)
+
+
+class _NativeJudge:
+    """:func:`_judge` with ``r = g(x) - x`` before it, :meth:`_Tracker.remember` after it and the count of the
+    samples done, in one call of the native kernel (``judge_step.c`` of :mod:`fpidsl.runtime.native`) instead of
+    about twenty small tensor operations; the same verdict, with the norms' sums of squares in double. The
+    tracker's best value and iteration, its floor check and, in :func:`_loop`, the verdict's per-sample tensors and
+    the rest of the tracker are written in place (:func:`_loop` uses each verdict within its iteration);
+    :func:`_checked_loop`, whose window keeps every iteration's, gets new ones each iteration (``keeps``). Where an
+    iteration's tensors are not what the kernel takes (a strided ``g``; a large state with more than one torch
+    thread: :func:`~fpidsl.runtime.native.worth`), :meth:`__call__` returns None and that iteration runs the
+    tensor code."""
+
+    def __init__(self, lib, s: SolverSettings, c: _Thresholds, relative: bool, keeps: bool):
+        self.lib, self.s, self.constants, self.relative, self.keeps = lib, s, c.values, relative, keeps
+        self.rows: tuple[Tensor, ...] = ()
+
+    @staticmethod
+    def of(x0: Tensor, s: SolverSettings, c: _Thresholds, relative: bool, keeps: bool = False
+           ) -> "_NativeJudge | None":
+        """The native judge of a solve from ``x0``, or None where the kernels are not in use for it."""
+        lib = native.kernel_for(x0)
+        return _NativeJudge(lib, s, c, relative, keeps) if lib is not None else None
+
+    def __call__(self, n: int, x: Tensor, g: Tensor, track: _Tracker, frozen: Tensor | None = None
+                 ) -> tuple[Tensor, _Verdict, Tensor, int] | None:
+        """``(r, verdict, done, how many are done)`` of iteration ``n`` (the best value kept for the rows not
+        ``frozen``), or None where the kernel cannot take it."""
+        best = track.best_value  # the solve's first state passed native.kernel_for: CPU, float32/64, no transform
+        if not (g.dtype == x.dtype and g.is_cpu and x.is_contiguous() and g.is_contiguous() and best.is_contiguous()
+                and native.worth(x)):
+            return None
+        batch = x.shape[0]
+        if self.keeps or not self.rows or self.rows[0].shape[0] != batch:
+            real = torch.empty(3, batch, dtype=x.dtype)
+            flags = torch.empty(5, batch, dtype=torch.bool)
+            self.rows = (*real.unbind(), *flags.unbind())
+        if self.keeps:  # the window holds the last iteration's
+            track.best_rel, track.best_step, track.shrank = track.best_rel.clone(), track.best_step.clone(), \
+                track.shrank.clone()
+        test = n >= self.s.min_iter
+        floor = test and n % FLOOR_PATIENCE == 0
+        flags = ((native.JUDGE_RELATIVE if self.relative else 0) | (native.JUDGE_LATER if n > 1 else 0)
+                 | (native.JUDGE_TEST if test else 0) | (native.JUDGE_FLOOR if floor else 0))
+        r = torch.empty_like(x)
+        tracker = (track.best_rel, track.best_step, track.checked_rel, best, track.best_at, track.shrank)
+        finished = native.judge_step(self.lib, flags, n, self.constants, x, g, r, self.rows, tracker, frozen)
+        step, norm, rel, better, diverged, converged, floor_rows, done = self.rows
+        verdict = _Verdict(rel if self.relative else step, converged if test else None, diverged,
+                           floor_rows if floor else None, step, norm, better)
+        return r, verdict, done, finished
 
 
 class _Record:
@@ -362,21 +416,27 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
     snapshots = SNAPSHOTS.get() if phase == "forward" else None
     if s.check_every > 1:
         return _checked_loop(evaluate, x, s, phase, out, record, solver, state, track, thresholds, snapshots)
+    judge = _NativeJudge.of(x0, s, thresholds, track.relative)
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
         if snapshots is not None and n in snapshots:
             snapshots[n] = out.index_copy(0, index, g)
-        r = g - x  # the residual, for the judgement and the solver's step
-        verdict = _judge(n, x, r, track, s, thresholds)
-        track.remember(n, verdict.better, g)
+        judged = judge(n, x, g, track) if judge is not None else None
+        if judged is None:
+            r = g - x  # the residual, for the judgement and the solver's step
+            verdict = _judge(n, x, r, track, s, thresholds)
+            track.remember(n, verdict.better, g)
+        else:
+            r, verdict, done, finished = judged
         record.log(index, verdict.residual)
         if n == s.max_iter // 2:
             record.halfway[index] = verdict.residual
         if n == s.max_iter:
             record.finish(index, n, verdict, None, out, x, g, track)
             break
-        done = verdict.done
-        finished = int(done.sum())  # the one host synchronisation of an iteration
+        if judged is None:
+            done = verdict.done
+            finished = int(done.sum())  # the one host synchronisation of an iteration
         if finished:
             rows, keep = _split(done, finished)
             record.finish(index[rows], n, verdict, rows, out, x, g, track)
@@ -395,14 +455,19 @@ def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str,
     in between, the samples found done are frozen (:class:`_Window`) and leave the working set at the next check."""
     index = torch.arange(x.shape[0], device=x.device)
     window = _Window(x, 1)
+    judge = _NativeJudge.of(x, s, thresholds, track.relative, keeps=True)
     for n in range(1, s.max_iter + 1):
         g = evaluate(x)
         if snapshots is not None and n in snapshots:  # a sample frozen before this iteration: its result
             held = window.outcome(None, x, track).value if window.entries else g
             snapshots[n] = out.index_copy(0, index, torch.where(window.frozen_rows, held, g))
-        r = g - x
-        verdict = _judge(n, x, r, track, s, thresholds)
-        track.remember(n, verdict.better > window.frozen, g)  # better and not frozen: a frozen sample keeps its best
+        judged = judge(n, x, g, track, window.frozen) if judge is not None else None
+        if judged is None:
+            r = g - x
+            verdict = _judge(n, x, r, track, s, thresholds)
+            track.remember(n, verdict.better > window.frozen, g)  # better, not frozen: a frozen sample keeps its best
+        else:
+            r, verdict = judged[:2]
         if record.history is not None or n == s.max_iter // 2:
             residual = verdict.residual.masked_fill(window.frozen, float("nan"))  # a frozen sample has left
             record.log(index, residual)

@@ -14,7 +14,7 @@ import torch
 import fpidsl
 from fpidsl.errors import FpiError, FpiErrors, SettingsErr, as_list
 from fpidsl.frontend.yaml_loader import parse_yaml
-from fpidsl.runtime import fixed_point
+from fpidsl.runtime import fixed_point, native
 from fpidsl.runtime.correction import fixed_point_states
 from fpidsl.runtime.settings import FORWARD_DEFAULTS, SettingsError
 from fpidsl.source import Source
@@ -264,7 +264,7 @@ def _reads(method: str, iterations: int, k: int, train: bool) -> int:
     f, b = _small()
     forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "tol": 1e-30, "check_every": k,
               **MEMORY[method]}
-    with HostReads() as reads:
+    with native.turned_off(), HostReads() as reads:  # the tensor code, as a GPU runs it (test_host_syncs.py)
         x = fixed_point(f, torch.zeros(4, 3, dtype=DTYPE), b, method=method, backward={**forced, "method": method},
                         trace=False, **forced)
         if train:
@@ -289,7 +289,7 @@ def test_samples_leaving_cost_no_read_beyond_the_check(k):
     """Samples finish at nine different iterations, the last at max_iter (60): the host reads once at each check
     before it (iterations k, 2k, ... below 60), whether samples leave there or not, and at no other time."""
     f, z, start = _problem()
-    with HostReads() as reads:
+    with native.turned_off(), HostReads() as reads:  # the tensor code, as a GPU runs it
         _, stats = fixed_point(f, start, z, check_every=k, tol=1e-10, max_iter=60, on_fail="ignore", trace=False,
                                return_stats=True)
     assert len(set(stats.forward.iterations.tolist())) == len(SCALES)

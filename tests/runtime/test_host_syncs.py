@@ -4,15 +4,19 @@ On a GPU every value read by the host (``.item()``, ``int(t)``, ``bool(t)``, boo
 waits for the device to finish its queue. These tests count such reads on the CPU with a dispatch mode (the
 same aten operations run on either device) and compare a solve of N forced iterations with one of 2N: the
 difference is what an iteration costs, whatever the set-up and the final bookkeeping read. The GPU counterpart
-(``torch.cuda.set_sync_debug_mode``) is in tests/runtime/test_gpu.py.
+(``torch.cuda.set_sync_debug_mode``) is in tests/runtime/test_gpu.py. The counts are of the tensor code, the code a
+GPU runs (``native.turned_off()``); on the CPU the native judge returns the count of finished samples from C, and
+reads nothing (the last test).
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fpidsl.runtime import fixed_point
+from fpidsl.runtime import fixed_point, native
 
 from .helpers import DTYPE, generator
 
@@ -46,11 +50,11 @@ def _problem():
     return (lambda x, b: torch.tanh(x @ W.T + b)), b
 
 
-def _reads(method: str, iterations: int, train: bool) -> int:
+def _reads(method: str, iterations: int, train: bool, tensor_code: bool = True) -> int:
     f, b = _problem()
     forced = {"min_iter": iterations, "max_iter": iterations, "on_fail": "ignore", "tol": 1e-30}
     extra = {"m": 4} if method in ("anderson", "broyden") else {}
-    with HostReads() as reads:
+    with native.turned_off() if tensor_code else contextlib.nullcontext(), HostReads() as reads:
         x = fixed_point(f, torch.zeros(3, 6, dtype=DTYPE), b, method=method, backward={**forced, "method": method},
                         trace=False, **forced, **extra)
         if train:
@@ -79,3 +83,10 @@ def test_a_forward_iteration_reads_the_host_once(method):
 @pytest.mark.parametrize("method", ["picard", "anderson"])
 def test_a_training_step_reads_the_host_once_an_iteration_forward_and_backward(method):
     assert _reads(method, 16, train=True) - _reads(method, 8, train=True) == 2 * 8
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_with_the_native_judge_an_iteration_reads_nothing_on_the_cpu(method):
+    if native.library() is None:
+        pytest.skip(native.status())
+    assert _reads(method, 16, train=True, tensor_code=False) - _reads(method, 8, train=True, tensor_code=False) == 0

@@ -1,7 +1,8 @@
 """Native CPU kernels for the solvers' own arithmetic, built on first use with the system's C compiler.
 
 At the state sizes of a DEQ layer an Anderson or Broyden step is dozens of small tensor operations whose dispatch
-costs more than their arithmetic; ``anderson_step.c`` and ``broyden_step.c`` do a step in one call each. They are
+costs more than their arithmetic; ``anderson_step.c`` and ``broyden_step.c`` do a step in one call each, and
+``judge_step.c`` the iteration loop's judgement of every sample (``fpidsl.runtime.driver``). They are
 plain C (no PyTorch headers), so they build in about 1.4 s (once: the library is cached), and are called through
 :mod:`ctypes` with the tensors' data pointers.
 
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "anderson_step.c", HERE / "broyden_step.c")
+SOURCES = (HERE / "anderson_step.c", HERE / "broyden_step.c", HERE / "judge_step.c")
 HEADERS = (HERE / "native.h",)
 FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = (torch.float32, torch.float64)
@@ -95,25 +96,28 @@ def reset() -> None:
         _library, _why_not, _loaded = None, None, False
 
 
-def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can take these tensors: dense, contiguous, on the CPU, of one float32/float64 dtype,
-    with storage of their own (not under a torch.func transform, not fake or meta), outside torch.compile."""
+def usable(*tensors: Tensor, contiguous: bool = True) -> bool:
+    """Whether the kernels can take these tensors: dense, contiguous (unless not asked), on the CPU, of one
+    float32/float64 dtype, with storage of their own (not under a torch.func transform, not fake or meta), outside
+    torch.compile."""
     if torch.compiler.is_compiling():
         return False
     dtype = tensors[0].dtype
     if dtype not in _DTYPES:
         return False
     for t in tensors:
-        if (t.dtype != dtype or t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous()
-                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+        if (t.dtype != dtype or t.device.type != "cpu" or t.layout != torch.strided
+                or (contiguous and not t.is_contiguous()) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return False
     return True
 
 
 def kernel_for(*tensors: Tensor) -> ctypes.CDLL | None:
     """The library for a solve whose first state and buffers are ``tensors``, where the kernels can take them
-    (:func:`usable`); None where the solve runs the tensor code throughout."""
-    return library() if usable(*tensors) else None
+    (:func:`usable`, contiguous or not: each step checks its own tensors, and a start such as the expanded
+    gradient of a sum is strided while the iterates after it are not); None where the solve runs the tensor code
+    throughout."""
+    return library() if usable(*tensors, contiguous=False) else None
 
 
 def takes(kernel: ctypes.CDLL | None, state: Tensor, *others: Tensor) -> bool:
@@ -151,6 +155,29 @@ def broyden_step(lib: ctypes.CDLL, k: int, update: bool, x: Tensor, g: Tensor, f
         raise RuntimeError(f"fpidsl's native Broyden step refused its arguments (m={m}, k={k})")
 
 
+# judge_step's flags (judge_step.c)
+JUDGE_RELATIVE, JUDGE_LATER, JUDGE_TEST, JUDGE_FLOOR = 1, 2, 4, 8
+
+
+def judge_step(lib: ctypes.CDLL, flags: int, n: int, constants: tuple[float, float, float, float], x: Tensor,
+               g: Tensor, r: Tensor, rows: tuple[Tensor, ...], tracker: tuple[Tensor, ...],
+               frozen: Tensor | None = None) -> int:
+    """The driver's judgement of iteration ``n`` (see ``judge_step.c``): writes ``r = g - x``, the per-sample
+    ``rows`` (step, norm, rel, better, diverged, converged, floor, done) and updates the ``tracker`` in place (best_rel,
+    best_step, checked_rel, best_value, best_at, shrank; the best value not for the ``frozen`` rows);
+    ``constants``: tol, growth, min_relative_step, floor. Returns how many samples are done. The caller has checked
+    :func:`usable` on x, g and r."""
+    batch, dim = x.shape
+    fn = lib.fpidsl_judge_step_f32 if x.dtype == torch.float32 else lib.fpidsl_judge_step_f64
+    step, norm, rel, better, diverged, converged, floor, done = rows
+    best_rel, best_step, checked_rel, best_value, best_at, shrank = tracker
+    return fn(batch, dim, flags, n, *constants, x.data_ptr(), g.data_ptr(), r.data_ptr(), step.data_ptr(),
+              norm.data_ptr(), rel.data_ptr(), best_rel.data_ptr(), best_step.data_ptr(), checked_rel.data_ptr(),
+              best_value.data_ptr(), best_at.data_ptr(), shrank.data_ptr(),
+              None if frozen is None else frozen.data_ptr(), better.data_ptr(), diverged.data_ptr(),
+              converged.data_ptr(), floor.data_ptr(), done.data_ptr())
+
+
 def max_m() -> int:
     """The largest Anderson memory the Anderson kernel takes (its small systems live on the C stack); the Broyden
     kernel takes any."""
@@ -184,6 +211,10 @@ def _load() -> ctypes.CDLL:
     for name in ("fpidsl_broyden_step_f32", "fpidsl_broyden_step_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 6 + [ptr] * 8
+        fn.restype = i64
+    for name in ("fpidsl_judge_step_f32", "fpidsl_judge_step_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 4 + [dbl] * 4 + [ptr] * 18
         fn.restype = i64
     lib.fpidsl_native_max_m.argtypes = []
     lib.fpidsl_native_max_m.restype = i64
