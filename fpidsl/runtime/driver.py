@@ -111,8 +111,9 @@ class _Tracker:
 
     @staticmethod
     def start(rows: int, like: Tensor, relative: bool) -> "_Tracker":
-        inf = torch.full((rows,), float("inf"), dtype=like.dtype, device=like.device)
-        return _Tracker(inf, inf.clone(), inf.clone(), like.clone(),
+        best_rel, best_step, checked_rel = torch.full((3, rows), float("inf"), dtype=like.dtype,
+                                                      device=like.device).unbind()  # rows of one tensor
+        return _Tracker(best_rel, best_step, checked_rel, like.clone(),
                         torch.zeros(rows, dtype=torch.long, device=like.device),
                         torch.zeros(rows, dtype=torch.bool, device=like.device), relative)
 
@@ -172,13 +173,11 @@ class _Thresholds:
 
     @staticmethod
     def of(s: SolverSettings, like: Tensor) -> "_Thresholds":
-        def const(value: float) -> Tensor:
-            return torch.tensor(value, dtype=like.dtype, device=like.device)
-
         eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
         values = (s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps)
-        return _Thresholds(const(0.0), const(math.inf), const(DIVERGENCE_GROWTH), const(DIVERGENCE_MIN_RELATIVE_STEP),
-                           const(FLOOR_FACTOR * eps), const(s.tol), values)
+        constants = torch.tensor([0.0, math.inf, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps,
+                                  s.tol], dtype=like.dtype, device=like.device)  # one tensor made, six views of it
+        return _Thresholds(*constants.unbind(), values)
 
 
 def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
@@ -255,26 +254,40 @@ class _NativeJudge:
         step, norm, rel, better, diverged, converged, floor_rows, done = self.rows
         verdict = _Verdict(rel if self.relative else step, converged if test else None, diverged,
                            floor_rows if floor else None, step, norm, better)
+        self.flags = flags
         return r, verdict, done, finished
+
+    def finish(self, n: int, done: Tensor | None, index: Tensor, x: Tensor, g: Tensor, track: _Tracker,
+               record: "_Record", out: Tensor) -> Tensor | None:
+        """:meth:`_Record.finish` and :func:`_split` of the verdict this judge just gave, in one call of the
+        kernel: records the rows ``done`` (all where None) and returns the others (indices, in order), or None
+        where the kernel cannot write ``out`` (a strided start's copy) and the caller must."""
+        if not out.is_contiguous():
+            return None
+        step, norm, rel, _, diverged, converged, floor, _ = self.rows
+        keep = torch.empty(x.shape[0], dtype=torch.long)
+        verdict = (rel if self.relative else step, step, norm, converged, diverged, floor)
+        tracker = (track.shrank, track.best_residual, track.best_at, track.best_value)
+        fields = (record.iterations, record.converged, record.diverged, record.floor, record.step, record.norm,
+                  record.shrank, record.best_iterate, record.best_at, record.residual, record.best_residual)
+        kept = native.finish_step(self.lib, self.flags, n, done, index, x, g, verdict, tracker, fields, out, keep)
+        return keep[:kept]
 
 
 class _Record:
     """The per-sample outcome over the whole batch, written as samples finish."""
 
     def __init__(self, batch: int, like: Tensor, keep_history: bool):
-        dev = like.device
-        self.iterations = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.residual = torch.full((batch,), float("nan"), dtype=like.dtype, device=dev)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=dev)
-        self.diverged = torch.zeros_like(self.converged)
-        self.floor = torch.zeros_like(self.converged)
-        self.halfway = torch.full_like(self.residual, float("nan"))  # the residual at iteration max_iter // 2
-        self.best_iterate = torch.zeros_like(self.converged)  # the result is an earlier, lower-residual iterate
-        self.best_at = torch.zeros_like(self.iterations)
-        self.best_residual = torch.full_like(self.residual, float("nan"))  # the result's residual
-        self.step = torch.full_like(self.residual, float("nan"))  # the last absolute step |g(x) - x|
-        self.norm = torch.full_like(self.residual, float("nan"))  # the last |x|
-        self.shrank = torch.ones_like(self.converged)  # the last step was smaller than all before it
+        dev = like.device  # the fields of a kind are the rows of one tensor (three made instead of thirteen)
+        self.iterations, self.best_at = torch.zeros(2, batch, dtype=torch.long, device=dev).unbind()
+        self.converged, self.diverged, self.floor, self.best_iterate, self.shrank = torch.zeros(
+            5, batch, dtype=torch.bool, device=dev).unbind()
+        self.shrank.fill_(True)  # the last step was smaller than all before it
+        # residual; halfway: the residual at iteration max_iter // 2; best_residual: the result's residual; step:
+        # the last absolute step |g(x) - x|; norm: the last |x|
+        self.residual, self.halfway, self.best_residual, self.step, self.norm = torch.full(
+            (5, batch), float("nan"), dtype=like.dtype, device=dev).unbind()
+        # best_iterate: the result is an earlier, lower-residual iterate (best_at: the iteration it comes from)
         self.history: list[Tensor] | None = [] if keep_history else None
 
     def log(self, index: Tensor, residual: Tensor) -> None:
@@ -432,14 +445,17 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
         if n == s.max_iter // 2:
             record.halfway[index] = verdict.residual
         if n == s.max_iter:
-            record.finish(index, n, verdict, None, out, x, g, track)
+            if judged is None or judge.finish(n, None, index, x, g, track, record, out) is None:
+                record.finish(index, n, verdict, None, out, x, g, track)
             break
         if judged is None:
             done = verdict.done
             finished = int(done.sum())  # the one host synchronisation of an iteration
         if finished:
-            rows, keep = _split(done, finished)
-            record.finish(index[rows], n, verdict, rows, out, x, g, track)
+            keep = judge.finish(n, done, index, x, g, track, record, out) if judged is not None else None
+            if keep is None:
+                rows, keep = _split(done, finished)
+                record.finish(index[rows], n, verdict, rows, out, x, g, track)
             if finished == index.shape[0]:
                 break
             index, x, g, r = index[keep], x[keep], g[keep], r[keep]

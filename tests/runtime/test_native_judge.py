@@ -186,3 +186,24 @@ def test_with_more_threads_a_large_state_is_judged_by_the_threaded_tensor_code(m
     x0 = torch.zeros(2, native.ONE_THREAD_VALUES, dtype=torch.float64)
     x = fixed_point(lambda x: 0.5 * x + 1.0, x0, tol=1e-8)
     torch.testing.assert_close(x, torch.full_like(x0, 2.0))
+
+
+@pytest.mark.parametrize("start", ["transposed", "expanded"])
+def test_a_strided_start_gets_the_tensor_codes_record_and_results(monkeypatch, start):
+    """The result buffer is a copy of the start: strided where the start is transposed (the tensor code writes the
+    results there), contiguous where it is expanded (the kernel does); the iterates after the start are the
+    kernel's either way."""
+    f = _failing_map(torch.float64)
+    x0 = torch.zeros(16, 5, dtype=torch.float64).t() if start == "transposed" else \
+        torch.zeros(1, 16, dtype=torch.float64).expand(5, 16)
+    settings = dict(method="anderson", m=4, tol=1e-9, max_iter=40, on_fail="ignore")
+    calls = []
+    real = native.finish_step
+    monkeypatch.setattr(native, "finish_step", lambda *a: calls.append(1) or real(*a))
+    got, stats = fixed_point(f, x0, return_stats=True, **settings)
+    assert bool(calls) == (start == "expanded")
+    monkeypatch.setattr(driver._NativeJudge, "of", staticmethod(lambda *a, **k: None))
+    want, ref = fixed_point(f, x0, return_stats=True, **settings)
+    for name in ("iterations", "converged", "diverged", "best_iterate", "best_at"):
+        assert torch.equal(getattr(stats.forward, name), getattr(ref.forward, name)), name
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

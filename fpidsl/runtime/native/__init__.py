@@ -178,6 +178,22 @@ def judge_step(lib: ctypes.CDLL, flags: int, n: int, constants: tuple[float, flo
               converged.data_ptr(), floor.data_ptr(), done.data_ptr())
 
 
+def finish_step(lib: ctypes.CDLL, flags: int, n: int, done: Tensor | None, index: Tensor, x: Tensor, g: Tensor,
+                verdict: tuple[Tensor, ...], tracker: tuple[Tensor, ...], record: tuple[Tensor, ...], out: Tensor,
+                keep: Tensor) -> int:
+    """The samples ``done`` (all where None) of iteration ``n`` leave the loop (see ``judge_step.c``): their record
+    (iterations, converged, diverged, floor, step, norm, shrank, best_iterate, best_at, residual, best_residual) and
+    results (``out``) are written at their batch ``index``; the other rows are written to ``keep``, whose count is
+    returned. ``verdict``: residual, step, norm, converged, diverged, floor; ``tracker``: shrank, best_residual,
+    best_at, best_value. The caller has checked that every tensor is contiguous, and of the state's dtype where
+    it holds values."""
+    batch, dim = x.shape
+    fn = lib.fpidsl_finish_step_f32 if x.dtype == torch.float32 else lib.fpidsl_finish_step_f64
+    return fn(batch, dim, flags, n, None if done is None else done.data_ptr(), index.data_ptr(), x.data_ptr(),
+              g.data_ptr(), *(t.data_ptr() for t in verdict), *(t.data_ptr() for t in tracker),
+              *(t.data_ptr() for t in record), out.data_ptr(), keep.data_ptr())
+
+
 def max_m() -> int:
     """The largest Anderson memory the Anderson kernel takes (its small systems live on the C stack); the Broyden
     kernel takes any."""
@@ -215,6 +231,10 @@ def _load() -> ctypes.CDLL:
     for name in ("fpidsl_judge_step_f32", "fpidsl_judge_step_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 4 + [dbl] * 4 + [ptr] * 18
+        fn.restype = i64
+    for name in ("fpidsl_finish_step_f32", "fpidsl_finish_step_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 4 + [ptr] * 27
         fn.restype = i64
     lib.fpidsl_native_max_m.argtypes = []
     lib.fpidsl_native_max_m.restype = i64

@@ -87,3 +87,61 @@ FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t flags, int64_t n, doubl
 
 FPIDSL_JUDGE(fpidsl_judge_step_f32, float)
 FPIDSL_JUDGE(fpidsl_judge_step_f64, double)
+
+/* The samples that the judgement found done leave the loop: fpidsl.runtime.driver's _Record.finish and _split in one
+ * pass. For each running row b that is done (every row where done is NULL: the last iteration), with i = index[b],
+ * its batch index, and the tests the iteration made (FPIDSL_JUDGE_TEST, FPIDSL_JUDGE_FLOOR):
+ *   converged = converged[b] (0 where not tested), diverged = diverged[b] and not converged,
+ *   floor = floor[b] and neither (0 where not tested),
+ *   best = not (converged or floor) and best_residual[b] < residual[b]  (a failed sample's best iterate),
+ *   the record at i: iterations n, the three outcomes, step, norm, shrank, best_iterate = best,
+ *   best_at = best ? best_at[b] : n, residual, best_residual = best ? best_residual[b] : residual,
+ *   out[i] = best_value[b] where best, else g[b] where it is all finite, else x[b].
+ * The rows not done are written to keep, in order; returns their number. Pointers as in the judgement; the
+ * record's arrays are (batch) and out (batch, D), rows of the whole batch. */
+#define FPIDSL_FINISH(NAME, T)                                                                                  \
+FPIDSL_CLONES int64_t NAME(int64_t B, int64_t D, int64_t flags, int64_t n, const uint8_t *done,                 \
+                           const int64_t *index, const T *x, const T *g, const T *residual, const T *step,      \
+                           const T *norm, const uint8_t *converged, const uint8_t *diverged,                    \
+                           const uint8_t *floor, const uint8_t *shrank, const T *best_residual,                 \
+                           const int64_t *best_at, const T *best_value, int64_t *r_iterations,                  \
+                           uint8_t *r_converged, uint8_t *r_diverged, uint8_t *r_floor, T *r_step, T *r_norm,   \
+                           uint8_t *r_shrank, uint8_t *r_best_iterate, int64_t *r_best_at, T *r_residual,       \
+                           T *r_best_residual, T *out, int64_t *keep) {                                         \
+    const int test = (flags & FPIDSL_JUDGE_TEST) != 0, floor_test = (flags & FPIDSL_JUDGE_FLOOR) != 0;         \
+    int64_t kept = 0;                                                                                           \
+    for (int64_t b = 0; b < B; ++b) {                                                                           \
+        if (done && !done[b]) {                                                                                 \
+            keep[kept++] = b;                                                                                   \
+            continue;                                                                                           \
+        }                                                                                                       \
+        const int64_t i = index[b];                                                                             \
+        const int cv = test && converged[b];                                                                    \
+        const int dv = diverged[b] && !cv;                                                                      \
+        const int fl = floor_test && floor[b] && !(cv || dv);                                                   \
+        const int best = !(cv || fl) && best_residual[b] < residual[b];                                         \
+        r_iterations[i] = n;                                                                                    \
+        r_converged[i] = (uint8_t)cv;                                                                           \
+        r_diverged[i] = (uint8_t)dv;                                                                            \
+        r_floor[i] = (uint8_t)fl;                                                                               \
+        r_step[i] = step[b];                                                                                    \
+        r_norm[i] = norm[b];                                                                                    \
+        r_shrank[i] = shrank[b];                                                                                \
+        r_best_iterate[i] = (uint8_t)best;                                                                      \
+        r_best_at[i] = best ? best_at[b] : n;                                                                   \
+        r_residual[i] = residual[b];                                                                            \
+        r_best_residual[i] = best ? best_residual[b] : residual[b];                                             \
+        const T *from = best_value + b * D;                                                                     \
+        if (!best) {                                                                                            \
+            const T *gb = g + b * D;                                                                            \
+            int finite = 1;                                                                                     \
+            for (int64_t j = 0; j < D; ++j) finite &= isfinite(gb[j]) != 0;                                     \
+            from = finite ? gb : x + b * D;                                                                     \
+        }                                                                                                       \
+        memcpy(out + i * D, from, (size_t)D * sizeof(T));                                                       \
+    }                                                                                                           \
+    return kept;                                                                                                \
+}
+
+FPIDSL_FINISH(fpidsl_finish_step_f32, float)
+FPIDSL_FINISH(fpidsl_finish_step_f64, double)
