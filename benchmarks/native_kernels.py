@@ -1,14 +1,15 @@
-"""The native Anderson and Broyden steps (fpidsl/runtime/native) against the solvers' tensor code, in one process.
+"""The native kernels (fpidsl/runtime/native: the loop's judgement, Anderson's and Broyden's step) against the tensor
+code, in one process.
 
     .venv/bin/python benchmarks/native_kernels.py                      # every workload, and the cheap map
     .venv/bin/python benchmarks/native_kernels.py conv16-fast --repeats 15
     .venv/bin/python benchmarks/native_kernels.py --quick                # tiny sizes: that it runs
 
 Two contenders alternate round by round on the same workload and method: fpidsl's training step as it runs (the
-kernel), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
+kernels), and the same step inside ``fpidsl.runtime.native.turned_off()`` (the tensor code). Iteration counts and parameter gradients of the two are compared. The ratio is the
 median over rounds of the two times in the same round (:func:`run.round_ratio`), on this thread's CPU clock, one
-intra-op thread. The second table is table 6's solver cost per iteration (the cheap map ``0.5 x + z``, forced
-iteration count) both ways, Picard beside them.
+intra-op thread. The second table is table 6's cost per iteration (the cheap map ``0.5 x + z``, forced iteration
+count) both ways for each method: the driver's (Picard) and, beyond it, the solver's.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...
     for shape in shapes:
         z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         contenders = {"bare": run.bare_loop(z, iterations), "picard": run.forced_solve(z, iterations)}
+        contenders["picard tensor code"] = _turned_off(contenders["picard"])
         for method in ("anderson", "broyden"):
             contenders[method] = run.forced_solve(z, iterations, method=method, m=6)
             contenders[method + " tensor code"] = _turned_off(contenders[method])
@@ -69,14 +71,16 @@ def cheap_rows(repeats: int, iterations: int, shapes: tuple[tuple[int, ...], ...
         per = {name: min(t) / iterations * 1e6 - (0 if name == "bare" else min(times["bare"]) / iterations * 1e6)
                for name, t in times.items()}
         rows.append(["x".join(map(str, shape))] + [f"{per[name]:.1f}" for name in (
-            "anderson", "anderson tensor code", "broyden", "broyden tensor code", "picard", "bare")])
+            "picard", "picard tensor code", "anderson", "anderson tensor code", "broyden", "broyden tensor code",
+            "bare")])
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workloads", nargs="*", help=f"of {', '.join(sorted(FULL))} (default: every one)")
-    parser.add_argument("--methods", nargs="+", default=["anderson", "broyden"], choices=["anderson", "broyden"])
+    parser.add_argument("--methods", nargs="+", default=["picard", "anderson", "broyden"],
+                        choices=["picard", "anderson", "broyden"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=100, help="forced iterations of the cheap map")
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes, two rounds (seconds)")
@@ -103,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         f"wall time, {args.threads} threads, the kernel at "
         "every size")
     lines = [f"`{command}`: {args.repeats} alternating rounds, {clock}, float32", "",
-             "| workload | method | iterations fwd / bwd (kernel) | (tensor code) | kernel ms | tensor code ms | "
+             "| workload | method | iterations fwd / bwd (kernels) | (tensor code) | kernels ms | tensor code ms | "
              "ratio (median of rounds) | grad rel. diff |", "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in workload_rows(args.workloads, args.methods, args.repeats, args.quick)]
-    lines += ["", f"The solvers' cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
-              "iterations, less the bare loop's (fastest round); what is left over Picard is the solver's own", "",
-              "| state | Anderson, kernel µs | Anderson, tensor code µs | Broyden, kernel µs | Broyden, tensor code "
-              "µs | Picard µs | bare loop µs |", "|---|---|---|---|---|---|---|"]
+    lines += ["", f"The cost per iteration (m = 6), the cheap map `0.5 x + z`, {args.iterations} forced "
+              "iterations, less the bare loop's (fastest round): Picard's is the driver's, what is left over it the "
+              "solver's own", "",
+              "| state | Picard, kernels µs | Picard, tensor code µs | Anderson, kernels µs | Anderson, tensor code µs "
+              "| Broyden, kernels µs | Broyden, tensor code µs | bare loop µs |", "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in cheap_rows(args.repeats, args.iterations, CHEAP_SHAPES[:1] if args.quick else CHEAP_SHAPES)]
     lines.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print("\n".join(lines))

@@ -43,7 +43,7 @@ def test_native_kernels_benchmark_compares_kernel_and_tensor_code():
                            "--quick"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bibtex-nn", "| conv16-slow", "| 4x8"))]
-    assert len(rows) == 5, proc.stdout  # two workloads x (anderson, broyden), one cheap-map state
+    assert len(rows) == 7, proc.stdout  # two workloads x (picard, anderson, broyden), one cheap-map state
     assert "(differ)" not in proc.stdout  # the kernel and the tensor code take the same iterations
 
 
