@@ -30,6 +30,14 @@ iteration that found it done (:class:`_Window`). Every sample gets the record an
 costs is four small operations an iteration and the frozen rows' evaluations until the check (up to
 ``check_every - 1`` iterations more for the last samples of a batch).
 
+On the CPU, where the native kernels are in use (:mod:`fpidsl.runtime.native`), one C call per iteration makes
+``r = g(x) - x``, the judgement, the best-value tracking and the count of finished samples (:class:`_NativeJudge`,
+``judge_step.c``; the norms' sums of squares in double), and one more records and splits off the samples that
+leave (in :func:`_loop`): about 5 aten operations an iteration instead of about 25
+(``benchmarks/solver_ops.py``). The tensor code (:func:`_judge`, :meth:`_Record.finish`) computes the same record
+and runs everywhere else (a GPU, a torch.func transform, torch.compile, a strided ``g``, a large state where torch
+may use more than one thread); ``tests/runtime/test_native_judge.py`` holds the two to the same records.
+
 ``method = gmres`` (backward only: the adjoint map is affine) runs :func:`fpidsl.runtime.solvers.gmres.gmres`
 instead of this loop, with the same settings and the same record.
 
