@@ -220,22 +220,12 @@ def _load() -> ctypes.CDLL:
     except OSError as e:
         raise _Unavailable(f"{target} did not load: {e}") from None
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    for name in ("fpidsl_anderson_step_f32", "fpidsl_anderson_step_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [i64] * 6 + [dbl] * 3 + [ptr] * 8
-        fn.restype = i64
-    for name in ("fpidsl_broyden_step_f32", "fpidsl_broyden_step_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [i64] * 6 + [ptr] * 8
-        fn.restype = i64
-    for name in ("fpidsl_judge_step_f32", "fpidsl_judge_step_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [i64] * 4 + [dbl] * 4 + [ptr] * 18
-        fn.restype = i64
-    for name in ("fpidsl_finish_step_f32", "fpidsl_finish_step_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [i64] * 4 + [ptr] * 27
-        fn.restype = i64
+    signatures = {"anderson_step": [i64] * 6 + [dbl] * 3 + [ptr] * 8, "broyden_step": [i64] * 6 + [ptr] * 8,
+                  "judge_step": [i64] * 4 + [dbl] * 4 + [ptr] * 18, "finish_step": [i64] * 4 + [ptr] * 27}
+    for kernel, argtypes in signatures.items():
+        for dtype in ("f32", "f64"):
+            fn = getattr(lib, f"fpidsl_{kernel}_{dtype}")
+            fn.argtypes, fn.restype = argtypes, i64
     lib.fpidsl_native_max_m.argtypes = []
     lib.fpidsl_native_max_m.restype = i64
     return lib
