@@ -139,14 +139,16 @@ def _failing_map(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
 @pytest.mark.parametrize("criterion, min_iter", [("absolute", 0), ("relative", 0), ("relative", 7)])
-def test_whole_solves_keep_their_records_with_the_native_judge(monkeypatch, dtype, method, criterion, min_iter):
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_whole_solves_keep_their_records_with_the_native_judge(monkeypatch, dtype, method, criterion, min_iter,
+                                                                check_every):
     """Every field of the record and the results, with the native judge and with the tensor code's (the solvers'
     kernels in use for both: the iterates are the same), failing samples included (their best iterate; the history
-    of residuals; the halfway residual)."""
+    of residuals; the halfway residual), checked every iteration and every fourth (frozen rows keep their best)."""
     f = _failing_map(dtype)
     x0 = torch.zeros(5, 16, dtype=dtype)
     settings = dict(method=method, tol=1e-5 if dtype == torch.float32 else 1e-9, criterion=criterion,
-                    min_iter=min_iter, max_iter=60, on_fail="ignore", history=True)
+                    min_iter=min_iter, max_iter=60, on_fail="ignore", history=True, check_every=check_every)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got, stats = fixed_point(f, x0, return_stats=True, **settings)
