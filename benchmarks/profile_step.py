@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def parts_report(step, out: Outcome, steps: int) -> str:
     """The step's thread CPU time split into the map's evaluations (forward g and backward VJP), the solver's
-    steps, the driver's judgement, the rest of the iteration loops and what runs outside them, per step and per
+    steps, the driver's judgement (the tensor code's or the native one's, with its recording of finished samples),
+    the rest of the iteration loops and what runs outside them, per step and per
     iteration: each part timed by wrapping it for the duration of the measurement."""
     from fpidsl.runtime import driver
     from fpidsl.runtime.solvers import anderson, broyden, picard
@@ -111,11 +112,13 @@ def parts_report(step, out: Outcome, steps: int) -> str:
         def restrict(self, index):
             self.evaluate.restrict(index)
 
-    saved = [(driver, "_judge"), (driver, "_loop")] + [(c, "step") for c in (anderson.Anderson, broyden.Broyden,
-                                                                            picard.Picard)]
+    saved = [(driver, "_judge"), (driver, "_loop"), (driver._NativeJudge, "__call__"), (driver._NativeJudge, "finish")
+             ] + [(c, "step") for c in (anderson.Anderson, broyden.Broyden, picard.Picard)]
     originals = [getattr(owner, name) for owner, name in saved]
     loop = driver._loop
-    driver._judge = timed(driver._judge, "judgement")
+    driver._judge = timed(driver._judge, "judgement")  # the tensor code's; the native judge's (and its finish) below
+    driver._NativeJudge.__call__ = timed(driver._NativeJudge.__call__, "judgement")
+    driver._NativeJudge.finish = timed(driver._NativeJudge.finish, "judgement")
     driver._loop = timed(lambda evaluate, *a: loop(Timed(evaluate), *a), "loops")
     for cls in (anderson.Anderson, broyden.Broyden, picard.Picard):
         cls.step = timed(cls.step, "solver steps")
@@ -131,10 +134,10 @@ def parts_report(step, out: Outcome, steps: int) -> str:
             setattr(owner, name, fn)
     per = {k: v / steps * 1e3 for k, v in spent.items()}
     iterations = out.forward_iters + out.backward_iters
-    rest = per["loops"] - per["evaluations"] - per.get("solver steps", 0.0) - per["judgement"]
+    rest = per["loops"] - per["evaluations"] - per.get("solver steps", 0.0) - per.get("judgement", 0.0)
     rows = [("evaluations (g, VJP)", per["evaluations"]), ("solver steps", per.get("solver steps", 0.0)),
-            ("judgement", per["judgement"]), ("rest of the loops", rest), ("outside the loops", total - per["loops"]),
-            ("step", total)]
+            ("judgement", per.get("judgement", 0.0)), ("rest of the loops", rest),
+            ("outside the loops", total - per["loops"]), ("step", total)]
     lines = [f"thread CPU time, mean of {steps} steps, {out.forward_iters} + {out.backward_iters} iterations",
              "", "| part | ms a step | ms an iteration |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.1f} | {ms / iterations:.3f} |" for name, ms in rows]
