@@ -145,13 +145,16 @@ def _zero(params) -> None:
 
 
 def fpidsl_step(w: Workload, method: str, out: Outcome, iterations: int | None = None) -> Step:
+    """fpidsl's training step on the workload's compiled layer with ``method``'s settings, set on the layer at each
+    call (steps of one workload with different methods may alternate)."""
     layer = w.layer
     forward, backward = w.settings(method, iterations)
-    layer.solve_settings = layer.solve_settings.merged(forward)
-    layer.backward_settings = layer.backward_settings.merged(backward)
+    solve_settings = layer.solve_settings.merged(forward)
+    backward_settings = layer.backward_settings.merged(backward)
     params = w.params
 
     def step() -> None:
+        layer.solve_settings, layer.backward_settings = solve_settings, backward_settings
         _zero(params)
         w.loss(layer(w.z), w.target).backward()
         stats = layer.stats
