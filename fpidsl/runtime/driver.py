@@ -227,7 +227,8 @@ class _NativeJudge:
 
     def __init__(self, lib, s: SolverSettings, c: _Thresholds, relative: bool, keeps: bool):
         self.lib, self.s, self.constants, self.relative, self.keeps = lib, s, c.values, relative, keeps
-        self.rows: tuple[Tensor, ...] = ()
+        self.rows: tuple[Tensor, ...] = ()  # the verdict's per-sample buffers (real: 3 rows, flags: 5)
+        self.flags = 0  # the tests the last call made (judge_step.c's flags), for finish
 
     @staticmethod
     def of(x0: Tensor, s: SolverSettings, c: _Thresholds, relative: bool, keeps: bool = False
@@ -287,15 +288,17 @@ class _Record:
 
     def __init__(self, batch: int, like: Tensor, keep_history: bool):
         dev = like.device  # the fields of a kind are the rows of one tensor (three made instead of thirteen)
+        # best_at: the iteration the result comes from
         self.iterations, self.best_at = torch.zeros(2, batch, dtype=torch.long, device=dev).unbind()
+        # best_iterate: the result is an earlier, lower-residual iterate; shrank: the last step was smaller than
+        # all before it
         self.converged, self.diverged, self.floor, self.best_iterate, self.shrank = torch.zeros(
             5, batch, dtype=torch.bool, device=dev).unbind()
-        self.shrank.fill_(True)  # the last step was smaller than all before it
-        # residual; halfway: the residual at iteration max_iter // 2; best_residual: the result's residual; step:
-        # the last absolute step |g(x) - x|; norm: the last |x|
+        self.shrank.fill_(True)
+        # halfway: the residual at iteration max_iter // 2; best_residual: the result's residual; step: the last
+        # absolute step |g(x) - x|; norm: the last |x|
         self.residual, self.halfway, self.best_residual, self.step, self.norm = torch.full(
             (5, batch), float("nan"), dtype=like.dtype, device=dev).unbind()
-        # best_iterate: the result is an earlier, lower-residual iterate (best_at: the iteration it comes from)
         self.history: list[Tensor] | None = [] if keep_history else None
 
     def log(self, index: Tensor, residual: Tensor) -> None:
