@@ -54,6 +54,7 @@ import math
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 import torch
@@ -166,26 +167,33 @@ class _Verdict:
         return converged, diverged, floor & ~(converged | diverged)
 
 
-@dataclass(frozen=True)
 class _Thresholds:
-    """The judgement's constants as 0-dimensional tensors of the state's dtype and device, made once per solve (a
-    comparison with a Python float converts it to a tensor at every call)."""
+    """The judgement's constants: as numbers (``values``: tol, growth, min_relative_step, floor; the native judge's)
+    and as 0-dimensional tensors of the state's dtype and device for :func:`_judge` (a comparison with a Python
+    float converts it to a tensor at every call), those made on first use, once per solve: a solve the native
+    judge makes throughout never makes them."""
 
-    zero: Tensor
-    inf: Tensor
-    growth: Tensor
-    min_relative_step: Tensor
-    floor: Tensor
-    tol: Tensor
-    values: tuple[float, float, float, float]  # tol, growth, min_relative_step, floor as numbers (the native judge)
+    def __init__(self, values: tuple[float, float, float, float], dtype: torch.dtype, device: torch.device):
+        self.values, self._dtype, self._device = values, dtype, device
 
     @staticmethod
     def of(s: SolverSettings, like: Tensor) -> "_Thresholds":
         eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
-        values = (s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps)
-        constants = torch.tensor([0.0, math.inf, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps,
-                                  s.tol], dtype=like.dtype, device=like.device)  # one tensor made, six views of it
-        return _Thresholds(*constants.unbind(), values)
+        return _Thresholds((s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps), like.dtype,
+                           like.device)
+
+    @cached_property
+    def _tensors(self) -> tuple[Tensor, ...]:
+        tol, growth, min_relative_step, floor = self.values
+        return torch.tensor([0.0, math.inf, growth, min_relative_step, floor, tol], dtype=self._dtype,
+                            device=self._device).unbind()  # one tensor made, six views of it
+
+    zero = property(lambda self: self._tensors[0])
+    inf = property(lambda self: self._tensors[1])
+    growth = property(lambda self: self._tensors[2])
+    min_relative_step = property(lambda self: self._tensors[3])
+    floor = property(lambda self: self._tensors[4])
+    tol = property(lambda self: self._tensors[5])
 
 
 def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
