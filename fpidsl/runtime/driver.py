@@ -249,9 +249,8 @@ class _NativeJudge:
                  ) -> tuple[Tensor, _Verdict, Tensor, int] | None:
         """``(r, verdict, done, how many are done)`` of iteration ``n`` (the best value kept for the rows not
         ``frozen``), or None where the kernel cannot take it."""
-        best = track.best_value  # the solve's first state passed native.kernel_for: CPU, float32/64, no transform
-        if not (g.dtype == x.dtype and g.is_cpu and x.is_contiguous() and g.is_contiguous() and best.is_contiguous()
-                and native.worth(x)):
+        best = track.best_value
+        if not native.takes(self.lib, x, g, best):  # the check each solver step makes
             return None
         batch = x.shape[0]
         if self.keeps or not self.rows or self.rows[0].shape[0] != batch:

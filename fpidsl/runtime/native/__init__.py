@@ -106,7 +106,7 @@ def usable(*tensors: Tensor, contiguous: bool = True) -> bool:
     if dtype not in _DTYPES:
         return False
     for t in tensors:
-        if (t.dtype != dtype or t.device.type != "cpu" or t.layout != torch.strided
+        if (t.dtype != dtype or not t.is_cpu or t.layout != torch.strided
                 or (contiguous and not t.is_contiguous()) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return False
     return True
@@ -166,7 +166,7 @@ def judge_step(lib: ctypes.CDLL, flags: int, n: int, constants: tuple[float, flo
     ``rows`` (step, norm, rel, better, diverged, converged, floor, done) and updates the ``tracker`` in place (best_rel,
     best_step, checked_rel, best_value, best_at, shrank; the best value not for the ``frozen`` rows);
     ``constants``: tol, growth, min_relative_step, floor. Returns how many samples are done. The caller has checked
-    :func:`usable` on x, g and r."""
+    :func:`takes` on x, g and the best value (``r`` and the rows are its own, made like x)."""
     batch, dim = x.shape
     fn = lib.fpidsl_judge_step_f32 if x.dtype == torch.float32 else lib.fpidsl_judge_step_f64
     step, norm, rel, better, diverged, converged, floor, done = rows
