@@ -225,13 +225,13 @@ def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: 
 class _NativeJudge:
     """:func:`_judge` with ``r = g(x) - x`` before it, :meth:`_Tracker.remember` after it and the count of the
     samples done, in one call of the native kernel (``judge_step.c`` of :mod:`fpidsl.runtime.native`) instead of
-    about twenty small tensor operations; the same verdict, with the norms' sums of squares in double. The
-    tracker's best value and iteration, its floor check and, in :func:`_loop`, the verdict's per-sample tensors and
-    the rest of the tracker are written in place (:func:`_loop` uses each verdict within its iteration);
-    :func:`_checked_loop`, whose window keeps every iteration's, gets new ones each iteration (``keeps``). Where an
-    iteration's tensors are not what the kernel takes (a strided ``g``; a large state with more than one torch
-    thread: :func:`~fpidsl.runtime.native.worth`), :meth:`__call__` returns None and that iteration runs the
-    tensor code."""
+    23 aten operations, and :meth:`finish` in one more instead of 52; the same verdict, with the norms' sums of
+    squares in double. The tracker's best value and iteration, its floor check and, in :func:`_loop`, the
+    verdict's per-sample tensors and the rest of the tracker are written in place (:func:`_loop` uses each verdict
+    within its iteration); :func:`_checked_loop`, whose window keeps every iteration's, gets new ones each iteration
+    (``keeps``). Where an iteration's tensors are not what the kernel takes (:func:`~fpidsl.runtime.native.takes`:
+    a strided ``g``, a torch.func wrapper, a large state with more than one torch thread), :meth:`__call__` returns
+    None and that iteration runs the tensor code."""
 
     def __init__(self, lib, s: SolverSettings, c: _Thresholds, relative: bool, keeps: bool):
         self.lib, self.s, self.constants, self.relative, self.keeps = lib, s, c.values, relative, keeps

@@ -3,8 +3,8 @@
 At the state sizes of a DEQ layer an Anderson or Broyden step is dozens of small tensor operations whose dispatch
 costs more than their arithmetic; ``anderson_step.c`` and ``broyden_step.c`` do a step in one call each, and
 ``judge_step.c`` the iteration loop's judgement of every sample (``fpidsl.runtime.driver``). They are
-plain C (no PyTorch headers), so they build in about 1.4 s (once: the library is cached), and are called through
-:mod:`ctypes` with the tensors' data pointers.
+plain C (no PyTorch headers), so they build in about 2 s (1.90-1.99 s with an empty cache; once: the library is
+cached), and are called through :mod:`ctypes` with the tensors' data pointers.
 
 - The library is built once per source, compiler and platform into ``$FPIDSL_CACHE_DIR`` (default
   ``$XDG_CACHE_HOME/fpidsl`` or ``~/.cache/fpidsl``; else ``fpidsl-<uid>`` in the temporary directory; only a
