@@ -154,7 +154,8 @@ def fpidsl_step(w: Workload, method: str, out: Outcome, iterations: int | None =
     params = w.params
 
     def step() -> None:
-        layer.solve_settings, layer.backward_settings = solve_settings, backward_settings
+        if layer.solve_settings is not solve_settings or layer.backward_settings is not backward_settings:
+            layer.solve_settings, layer.backward_settings = solve_settings, backward_settings  # another method's
         _zero(params)
         w.loss(layer(w.z), w.target).backward()
         stats = layer.stats

@@ -378,16 +378,15 @@ class CompiledLayer(nn.Module):
         x0 = self.warm.start(tuple(x0))
         stats = Stats()
         x_hat = fixed_point(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, stats=stats, **options)
-        self.stats = stats
+        self._keep(stats=stats)
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
         if any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states):
             # under torch.func (vmap, grad, jvp): the call's values exist only inside the transform; kept on the
             # layer they would escape it (a later torch.save, warm start or jacobian_penalty would meet them)
-            self._last_states, self._last_call = None, LastCall()
+            self._keep(_last_states=None, _last_call=LastCall())
         else:
-            self._last_states = tuple(s.detach() for s in states)
             self.warm.remember(states)
-            self._last_call = LastCall(tuple(states), values)
+            self._keep(_last_states=tuple(s.detach() for s in states), _last_call=LastCall(tuple(states), values))
         return self.outputs(states, *values)
 
     def _begin_call(self, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
@@ -400,8 +399,7 @@ class CompiledLayer(nn.Module):
         inputs = self.bind(args, kwargs)
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
-        self._call_dims = dims
-        self._call_seeds, self._call_device = None, next((t.device for t in inputs.values()), None)
+        self._keep(_call_dims=dims, _call_seeds=None, _call_device=next((t.device for t in inputs.values()), None))
         params = tuple(self.parameter_tensors())
         check_dtypes_and_devices(inputs, _tensors(params), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + params
@@ -413,6 +411,12 @@ class CompiledLayer(nn.Module):
                        capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
                        per_sample=self.SAMPLEWISE)
         return spec, values, x0, options
+
+    def _keep(self, **values: object) -> None:
+        """Set a call's bookkeeping attributes (none a parameter, buffer or module) without
+        ``nn.Module.__setattr__``'s checks for those, which cost more than the rest of a small layer's call
+        around the solve (the attributes end in the instance's ``__dict__`` either way)."""
+        self.__dict__.update(values)
 
     def _float_like(self, values: tuple) -> torch.Tensor:
         """The value whose dtype and device the states take: the first floating-point input or parameter (an

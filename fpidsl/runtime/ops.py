@@ -289,6 +289,8 @@ def _index_item(item: Any) -> Any:
 
 
 def _as_index(index: Sequence[Any]) -> tuple:
+    if all(isinstance(item, slice) for item in index):  # the emitted code's slices of a weight (each call)
+        return tuple(index)
     return tuple(_index_item(item) for item in index)
 
 

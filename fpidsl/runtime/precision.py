@@ -89,7 +89,12 @@ def solve_in_safe_dtype(solve: Callable[..., tuple[Tensor, Any]], evaluate: Any,
     work = solver_dtype(start.dtype)
     device = start.device.type
     autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-    evaluate = _Casting(evaluate, start.dtype, work, autocast)
-    with _floor(compute_eps(start, args)), torch.autocast(device, enabled=False):
-        flat, stats = solve(evaluate, start.to(work), settings, **options)
+    if work != start.dtype or autocast is not None:  # otherwise both casts would return their input
+        evaluate = _Casting(evaluate, start.dtype, work, autocast)
+    with _floor(compute_eps(start, args)):
+        if autocast is None:  # nothing to turn off
+            flat, stats = solve(evaluate, start.to(work), settings, **options)
+        else:
+            with torch.autocast(device, enabled=False):
+                flat, stats = solve(evaluate, start.to(work), settings, **options)
     return flat.to(start.dtype), stats

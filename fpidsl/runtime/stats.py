@@ -198,6 +198,8 @@ def _listed(indices: list[int]) -> str:
 
 def failure_message(stats: SolveStats) -> str | None:
     """The message for a solve with failed samples (``None`` when every sample is fine)."""
+    if bool(stats.converged.all()):  # the usual case, in one operation
+        return None
     failed_mask = ~stats.ok
     if not bool(failed_mask.any()):
         return None
