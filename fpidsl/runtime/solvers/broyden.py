@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import native
+from .history import keep_rows
 
 
 @dataclass
@@ -63,7 +64,8 @@ class Broyden:
 
     def init(self, x: Tensor) -> BroydenState:
         batch, dim = x.shape
-        state = BroydenState(U=x.new_zeros(batch, self.m, dim), V=x.new_zeros(batch, self.m, dim))
+        # only the filled slots are ever read, each written before it is read
+        state = BroydenState(U=x.new_empty(batch, self.m, dim), V=x.new_empty(batch, self.m, dim))
         state.kernel = native.kernel_for(x, state.U, state.V)
         return state
 
@@ -119,6 +121,8 @@ class Broyden:
         state.filled = s + 1
 
     def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
-        held = (None, None) if state.x_prev is None else (state.x_prev[keep], state.f_prev[keep])
-        return BroydenState(U=state.U[keep], V=state.V[keep], x_prev=held[0], f_prev=held[1], filled=state.filled,
+        held = (None, None) if state.x_prev is None else (state.x_prev.index_select(0, keep),
+                                                          state.f_prev.index_select(0, keep))
+        return BroydenState(U=keep_rows(state.U, keep, state.filled), V=keep_rows(state.V, keep, state.filled),
+                            x_prev=held[0], f_prev=held[1], filled=state.filled,
                             slot=state.slot, kernel=state.kernel, held_native=state.held_native)
