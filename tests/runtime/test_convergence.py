@@ -1,10 +1,11 @@
 """Per-sample convergence, min_iter, the precision floor, divergence and non-convergence under each on_fail."""
+import contextlib
 import math
 
 import pytest
 import torch
 
-from fpidsl.runtime import ConvergenceError, ConvergenceWarning, Stats, fixed_point
+from fpidsl.runtime import ConvergenceError, ConvergenceWarning, Stats, fixed_point, native
 
 from .helpers import DTYPE, generator, max_rel_err
 
@@ -28,13 +29,23 @@ SOLVE_MODES = {
     "anderson": {"method": "anderson", "m": 3},
     "picard-compacting": {"batched": (False, True, True)},
     "anderson-compacting": {"method": "anderson", "m": 3, "batched": (False, True, True)},
+    # memories that are not full when the first samples leave: the selected rows keep only the filled slots
+    "anderson-long-memory": {"method": "anderson", "m": 40},
+    "broyden": {"method": "broyden"},
+    "broyden-compacting": {"method": "broyden", "batched": (False, True, True)},
 }
 
 
+@pytest.mark.parametrize("code", ["native", "tensor"])
 @pytest.mark.parametrize("mode", SOLVE_MODES)
-def test_each_sample_gets_the_result_it_gets_alone(mode):
+def test_each_sample_gets_the_result_it_gets_alone(mode, code):
     W, z, a = mixed_batch()
     settings = {"tol": 1e-10, **SOLVE_MODES[mode]}
+    with contextlib.nullcontext() if code == "native" else native.turned_off():
+        _each_sample_alone(W, z, a, settings)
+
+
+def _each_sample_alone(W, z, a, settings):
     x, stats = fixed_point(scaled_tanh, torch.zeros_like(z), W, z, a, return_stats=True, **settings)
     iterations = stats.forward.iterations
     assert stats.forward.converged.all()
