@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 
 from workloads import Workload, make_workloads  # noqa: E402
 
-from fpidsl.runtime import fixed_point  # noqa: E402
+from fpidsl.runtime import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, fixed_point  # noqa: E402
 
 NOTES_MARKER = "<!-- notes -->"
 MiB = 2**20
@@ -146,11 +146,13 @@ def _zero(params) -> None:
 
 def fpidsl_step(w: Workload, method: str, out: Outcome, iterations: int | None = None) -> Step:
     """fpidsl's training step on the workload's compiled layer with ``method``'s settings, set on the layer at each
-    call (steps of one workload with different methods may alternate)."""
+    call (steps of one workload with different methods may alternate). The settings are the spec's with the
+    method's on top, never the layer's current ones: those are the last step's, whose method's options (an
+    Anderson ``m = 6``) would otherwise carry over to the next method (a Broyden memory of 6, not its 50)."""
     layer = w.layer
     forward, backward = w.settings(method, iterations)
-    solve_settings = layer.solve_settings.merged(forward)
-    backward_settings = layer.backward_settings.merged(backward)
+    solve_settings = FORWARD_DEFAULTS.merged(type(layer).SOLVE).merged(forward)
+    backward_settings = BACKWARD_DEFAULTS.merged(type(layer).BACKWARD).merged(backward)
     params = w.params
 
     def step() -> None:

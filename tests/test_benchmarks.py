@@ -237,3 +237,23 @@ def test_dropout_mask_benchmark_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "reused" in proc.stdout
+
+
+def test_a_step_takes_the_specs_settings_with_its_methods_not_the_last_steps():
+    """A Broyden step made after an Anderson step on the same layer keeps Broyden's default memory (50): the
+    settings are the spec's with the method's on top, never the layer's current ones (an Anderson m = 6 had
+    carried over, silently: every Broyden row measured after an Anderson row ran with m = 6)."""
+    run = _load_run()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from workloads import make_workloads
+
+    w = make_workloads(True, ["bibtex-nn"])[0]
+    anderson = run.fpidsl_step(w, "anderson", run.Outcome())
+    anderson()
+    assert w.layer.solve_settings.memory == 6
+    broyden = run.fpidsl_step(w, "broyden", run.Outcome())
+    broyden()
+    assert w.layer.solve_settings.method == "broyden" and w.layer.solve_settings.memory == 50
+    assert w.layer.backward_settings.method == "broyden" and w.layer.backward_settings.memory == 50
+    anderson()  # alternating steps set their own settings again
+    assert w.layer.solve_settings.memory == 6 and w.layer.backward_settings.memory == 6
