@@ -17,7 +17,8 @@ Found (:func:`discover`), recursively through whatever of these ``f`` is made of
 - any other callable object: its tensor attributes and its ``__call__``;
 - a list or a dict found in any of these (up to ``MAX_CONTAINER`` entries): its entries.
 
-Only tensors that require grad are collected, and only those of floating or complex dtype. What cannot be
+Only tensors that vary are collected (:func:`varies`: they require grad, carry a forward-mode tangent or are
+wrapped by a ``torch.func`` transform), and only those of floating or complex dtype. What cannot be
 found this way (a tensor inside a tuple, an attribute of an object reached only at run time) is caught by
 :func:`check_complete` after the solve: it evaluates ``f`` once at the fixed point with every known tensor
 replaced by a fresh leaf and walks the recorded graph; any other leaf that requires grad raises
@@ -54,6 +55,25 @@ def wants_grad(value: Any) -> bool:
     """A tensor that autograd differentiates with respect to."""
     return (isinstance(value, Tensor) and value.requires_grad
             and (value.is_floating_point() or value.is_complex()))
+
+
+def varies(value: Any) -> bool:
+    """A tensor that a derivative or a batch of the fixed point depends on: one autograd differentiates with
+    respect to (:func:`wants_grad`), one that carries a forward-mode tangent (``torch.autograd.forward_ad``), or
+    one that a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``) wraps. Read by the map but not an argument,
+    the last two would give a tangent without its contribution (silently zero) or a vmap that fails."""
+    if not isinstance(value, Tensor):
+        return False
+    if wants_grad(value) or torch._C._functorch.is_functorch_wrapped_tensor(value):
+        return True
+    return _has_tangent(value)
+
+
+def _has_tangent(value: Tensor) -> bool:
+    from torch.autograd import forward_ad
+
+    return (forward_ad._current_level >= 0 and (value.is_floating_point() or value.is_complex())
+            and forward_ad.unpack_dual(value).tangent is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +212,7 @@ class _Walker:
 
     def tensor_or_visit(self, value: Any, location: _Swap, depth: int) -> None:
         if isinstance(value, Tensor):
-            if wants_grad(value):
+            if varies(value):
                 self.captured.add(value, location)
         elif isinstance(value, (list, dict)) and len(value) <= MAX_CONTAINER and id(value) not in self.seen:
             self.container(value, location.where, depth)
@@ -230,10 +250,10 @@ class _Walker:
 
     def module(self, module: nn.Module, depth: int) -> None:
         for name, p in module.named_parameters(remove_duplicate=False):
-            if wants_grad(p):
+            if varies(p):
                 self.captured.add(p, _ModuleSlot(module, name))
         for name, b in module.named_buffers(remove_duplicate=False):
-            if wants_grad(b):
+            if varies(b):
                 self.captured.add(b, _ModuleSlot(module, name))
         for sub_name, sub in module.named_modules(remove_duplicate=True):
             self.seen.add(id(sub))
@@ -246,7 +266,7 @@ class _Walker:
     def attributes(self, obj: Any, owner: str, depth: int) -> None:
         for name, value in list(vars(obj).items()):
             if isinstance(value, Tensor):
-                if wants_grad(value):
+                if varies(value):
                     self.captured.add(value, _attr(obj, name, f"attribute {name!r} of {owner}"))
             elif isinstance(value, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
                 self.visit(value, depth + 1)
@@ -342,6 +362,41 @@ def _foreign_leaf(outputs: Sequence[Tensor], known: set[int], births: _Births) -
     return None
 
 
+_HIDDEN_ADVICE = ("(not an argument, nor a parameter, buffer or tensor attribute of a module, closure variable, "
+                  "functools.partial argument, default or global that the map is made of)")
+
+
+def _check_no_tangent(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
+    """Under forward-mode AD: ``fn`` at the primal values of its arguments must give no tangent; one would come
+    from a dual tensor ``fn`` reads that is not an argument, whose part of the tangent would be silently lost."""
+    from torch.autograd import forward_ad
+
+    def primal(a: Any) -> Any:
+        return forward_ad.unpack_dual(a).primal if isinstance(a, Tensor) else a
+
+    with torch.no_grad():
+        y = fn(tuple(primal(x) for x in x_hat), *(primal(a) for a in args))
+    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+           for t in ((y,) if isinstance(y, Tensor) else y)):
+        raise HiddenTensorError(
+            "the fixed-point map reads a tensor that carries a forward-mode tangent (torch.autograd.forward_ad) and "
+            f"that fpidsl cannot reach {_HIDDEN_ADVICE}; the tangent of the fixed point would leave its part out, "
+            "silently. Pass it as an argument: fixed_point(f, x0, ..., t) with f(x, ..., t)")
+
+
+def _check_no_grad_tracking(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
+    """Under ``torch.func`` (where a map cannot make leaves of its own: ``requires_grad_`` is not allowed there):
+    ``fn`` of its arguments detached must not require grad; it would from a tensor that ``torch.func.grad``
+    tracks and ``fn`` reads without it being an argument, whose part of the gradient would be silently lost."""
+    detached = lambda a: a.detach() if isinstance(a, Tensor) else a  # noqa: E731
+    y = fn(tuple(detached(x) for x in x_hat), *(detached(a) for a in args))
+    if any(isinstance(t, Tensor) and t.requires_grad for t in ((y,) if isinstance(y, Tensor) else y)):
+        raise HiddenTensorError(
+            f"the fixed-point map reads a tensor that requires grad (or that torch.func.grad tracks) and that fpidsl "
+            f"cannot reach {_HIDDEN_ADVICE}; its gradient would be silently wrong. Pass it as an argument: "
+            "fixed_point(f, x0, ..., t) with f(x, ..., t)")
+
+
 def _describe(t: Tensor) -> str:
     kind = "an nn.Parameter" if isinstance(t, nn.Parameter) else "a tensor"
     return f"{kind} of shape {list(t.shape)} and dtype {str(t.dtype).replace('torch.', '')}"
@@ -350,9 +405,16 @@ def _describe(t: Tensor) -> str:
 def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
     """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
     reads a tensor that requires grad other than its arguments; nothing to do where grad mode is off."""
+    from torch.autograd import forward_ad
+
     from .transforms import is_transformed
 
-    if not torch.is_grad_enabled() or is_transformed((*x_hat, *args)):  # torch.func: only its inputs vary
+    if forward_ad._current_level >= 0:  # forward-mode AD: torch.autograd.forward_ad, torch.func.jvp
+        _check_no_tangent(fn, x_hat, args)
+    if not torch.is_grad_enabled():
+        return
+    if is_transformed((*x_hat, *args)):  # torch.func: a tensor that requires grad here is one its grad tracks
+        _check_no_grad_tracking(fn, x_hat, args)
         return
     with torch.enable_grad():
         leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else
@@ -365,6 +427,5 @@ def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequen
     if hidden is not None:
         raise HiddenTensorError(
             f"the fixed-point map reads {_describe(hidden)} that requires grad and that fpidsl cannot reach "
-            "(not an argument, nor a parameter, buffer or tensor attribute of a module, closure variable, "
-            "functools.partial argument, default or global that the map is made of); its gradient would be "
-            "silently wrong. Pass it as an argument: fixed_point(f, x0, ..., t) with f(x, ..., t)")
+            f"{_HIDDEN_ADVICE}; its gradient would be silently wrong. Pass it as an argument: "
+            "fixed_point(f, x0, ..., t) with f(x, ..., t)")

@@ -313,7 +313,15 @@ def _user_problem(
         if hoisted is not None:
             return _HoistedStep(hoisted, user, single)
 
-        def step(xs: States) -> States:
+        values = tuple(args[n_user:])
+        if any(v is not t for v, t in zip(values, captured.tensors)):  # a slice of vmap's rule: put it in place
+            def substituted_step(xs: States) -> States:
+                with captured.substituted(values):
+                    return _as_states(f(xs[0] if single else tuple(xs), *user), single)
+
+            return substituted_step
+
+        def step(xs: States) -> States:  # the captured tensors are where f reads them
             return _as_states(f(xs[0] if single else tuple(xs), *user), single)
 
         return step
