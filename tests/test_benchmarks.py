@@ -257,3 +257,15 @@ def test_a_step_takes_the_specs_settings_with_its_methods_not_the_last_steps():
     assert w.layer.backward_settings.method == "broyden" and w.layer.backward_settings.memory == 50
     anderson()  # alternating steps set their own settings again
     assert w.layer.solve_settings.memory == 6 and w.layer.backward_settings.memory == 6
+
+
+def test_fixed_cost_benchmark_counts_and_times_every_method(capsys):
+    spec = importlib.util.spec_from_file_location("fpidsl_benchmarks_fixed_cost", ROOT / "benchmarks" / "fixed_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--steps", "3", "--repeats", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert [r[0].strip() for r in rows] == ["picard", "anderson", "broyden"]
+    for r in rows:
+        assert int(r[2]) > 100 and float(r[3]) > float(r[4]) > 0  # calls a step; the step costs more than its floor
