@@ -128,3 +128,72 @@ def test_a_hidden_tensor_under_vmap_is_an_error_not_a_result():
     z, _ = inputs()
     with pytest.raises(RuntimeError):
         torch.func.vmap(hidden_solve)(torch.stack([z, -z]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The usual DEQ module: forward calls fixed_point on a closure over its own cell; the parameters come in through
+# torch.func.functional_call (wrapped or dual), the oracle is the same module unrolled (200 steps of a map of
+# contraction below 0.4: converged to rounding).
+
+
+class Cell(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(5, 5).to(DTYPE)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.3)
+
+    def forward(self, x, z):
+        return torch.tanh(self.lin(x) + z)
+
+
+class DEQ(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.cell = Cell(seed)
+
+    def forward(self, z):
+        return fixed_point(lambda x: self.cell(x, z), torch.zeros_like(z), backward=TIGHT_BACKWARD, **TIGHT)
+
+
+class Unrolled(DEQ):
+    def forward(self, z):
+        x = torch.zeros_like(z)
+        for _ in range(200):
+            x = self.cell(x, z)
+        return x
+
+
+def deq_and_oracle():
+    deq, oracle = DEQ(), Unrolled()
+    oracle.load_state_dict(deq.state_dict())
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+    gen = generator(9)
+    tangents = {k: torch.randn(v.shape, generator=gen, dtype=DTYPE) for k, v in params.items()}
+    return deq, oracle, params, tangents, inputs()[0]
+
+
+def test_jvp_with_respect_to_a_modules_parameters_through_functional_call_matches_unrolled():
+    from torch.func import functional_call
+
+    deq, oracle, params, tangents, z = deq_and_oracle()
+    got = torch.func.jvp(lambda p: functional_call(deq, p, (z,)), (params,), (tangents,))[1]
+    want = torch.func.jvp(lambda p: functional_call(oracle, p, (z,)), (params,), (tangents,))[1]
+    assert rel_err(got, want) < 1e-12  # was a zero tangent (relative error 1.0)
+    with forward_ad.dual_level():
+        dual = {k: forward_ad.make_dual(v, tangents[k]) for k, v in params.items()}
+        got = forward_ad.unpack_dual(functional_call(deq, dual, (z,))).tangent  # was None
+        want = forward_ad.unpack_dual(functional_call(oracle, dual, (z,))).tangent
+    assert got is not None and rel_err(got, want) < 1e-12
+
+
+def test_vmap_over_stacked_module_states_matches_each_model_alone():
+    from torch.func import functional_call, stack_module_state
+
+    models = [DEQ(seed) for seed in range(3)]
+    params, buffers = stack_module_state(models)
+    base = DEQ(0).to("meta")
+    z = inputs()[0]
+    got = torch.func.vmap(lambda p, b: functional_call(base, (p, b), (z,)))(params, buffers)  # was an error
+    assert rel_err(got, torch.stack([m(z) for m in models])) < 1e-12
