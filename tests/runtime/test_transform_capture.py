@@ -197,3 +197,19 @@ def test_vmap_over_stacked_module_states_matches_each_model_alone():
     z = inputs()[0]
     got = torch.func.vmap(lambda p, b: functional_call(base, (p, b), (z,)))(params, buffers)  # was an error
     assert rel_err(got, torch.stack([m(z) for m in models])) < 1e-12
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_plain_start_with_a_closure_over_a_dual_tensor_gets_its_tangent(trace):
+    """The start is no dual (the trace front-end is asked first, trace=True): the tangent still comes through."""
+    z, v = inputs()
+
+    def solve(z):
+        return fixed_point(lambda x: torch.tanh(x @ W.T + z), torch.zeros(4, 5, dtype=DTYPE), trace=trace,
+                           backward=TIGHT_BACKWARD, **TIGHT)
+
+    want = finite_difference(solve, z, v)
+    assert rel_err(torch.func.jvp(solve, (z,), (v,))[1], want) < 1e-7
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(solve(forward_ad.make_dual(z, v))).tangent
+    assert tangent is not None and rel_err(tangent, want) < 1e-7
