@@ -64,7 +64,7 @@ class StateLayout:
         if len(states) == 1 and self.per_sample and len(self.shapes) == 1:  # the common case, in three tests
             s = states[0]
             if s.dtype == self.dtype and s.shape[1:] == self.shapes[0] and s.dim() > 0:
-                return s.reshape(s.shape[0], self.sizes[0])
+                return s if s.dim() == 2 else s.reshape(s.shape[0], self.sizes[0])  # (batch, dim) already
         if len(states) != len(self.shapes):
             raise ValueError(f"the map returned {len(states)} states, expected {len(self.shapes)}")
         states = tuple(autocast_output(s, self.dtype) for s in states)  # fpidsl.runtime.precision
@@ -86,6 +86,8 @@ class StateLayout:
         """The states, as views of ``flat`` (``(batch, dim)``)."""
         rows = flat.shape[0]
         if len(self.shapes) == 1:
+            if self.per_sample and len(self.shapes[0]) == 1:  # a state of one dimension a sample: flat itself
+                return (flat,)
             return (flat.reshape((rows, *self.shapes[0]) if self.per_sample else self.shapes[0]),)
         parts = torch.split(flat, self.sizes, dim=1)
         return tuple(p.reshape(self._shape(rows, shape)) for p, shape in zip(parts, self.shapes))
