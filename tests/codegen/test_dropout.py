@@ -137,3 +137,19 @@ def test_mistakes_are_positioned(body, col, fragment):
         "0.5 * tanh(fc(dropout(cat([x, a], dim=-1), p=0.3)) + dropout(g(a), p=0.5))", body))
     assert (error.kind, error.span.line, error.span.col) == ("shape", 7, col)
     assert fragment in error.message
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_vmap_randomness_decides_whether_slices_share_a_mask(tmp_path, randomness):
+    """torch.func.vmap's ``randomness``: "same" gives every slice the same masks (identical inputs, identical
+    outputs, each that of the layer called alone with those seeds), "different" draws each slice its own."""
+    layer = load(tmp_path).train()
+    a = torch.randn(1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).expand(3, 1, 4)
+    torch.manual_seed(7)
+    out = torch.func.vmap(layer, randomness=randomness)(a.clone())
+    spread = float((out - out[:1]).abs().max().detach())
+    if randomness == "same":
+        assert spread == 0.0
+        torch.testing.assert_close(out[0], by_hand(layer, a[0]), rtol=1e-10, atol=1e-12)  # the last call's masks
+    else:
+        assert spread > 1e-3
