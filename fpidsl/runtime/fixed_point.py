@@ -205,6 +205,8 @@ class _FixedPointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple:
+        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
+            raise RuntimeError(BATCHED_GRADS)
         problem: _Problem = ctx.problem
         n = problem.n_state
         x_hat, args = _saved(ctx, n)
@@ -213,6 +215,12 @@ class _FixedPointFunction(torch.autograd.Function):
         x0_grads = tuple(torch.zeros_like(x) if need else None for x, need in zip(x_hat, ctx.needs_input_grad[1:]))
         return (None, *x0_grads, *arg_grads)
 
+
+BATCHED_GRADS = (
+    "fixed_point's backward cannot take batched gradients (torch.autograd.grad(..., is_grads_batched=True), "
+    "torch.autograd.functional.jacobian or hessian with vectorize=True): PyTorch's legacy vmap behind them has no "
+    "rule for the backward's fixed-point solve. Use torch.func.jacrev or torch.func.vmap over torch.func.vjp, "
+    "which solve one backward fixed point per row, or vectorize=False")
 
 # the apply that Function.apply ends in outside torch.func transforms (torch.autograd.function.Function.apply)
 _BASE_APPLY = super(torch.autograd.Function, _FixedPointFunction).apply

@@ -213,3 +213,18 @@ def test_a_plain_start_with_a_closure_over_a_dual_tensor_gets_its_tangent(trace)
     with forward_ad.dual_level():
         tangent = forward_ad.unpack_dual(solve(forward_ad.make_dual(z, v))).tangent
     assert tangent is not None and rel_err(tangent, want) < 1e-7
+
+
+def test_batched_gradients_raise_a_clear_error_and_the_alternatives_work():
+    """torch's legacy vmap (is_grads_batched, vectorize=True) cannot run the backward's solve: a clear error that
+    names what works instead; torch.func.jacrev and vectorize=False give the Jacobian."""
+    z, _ = inputs()
+    with pytest.raises(RuntimeError, match="cannot take batched gradients.*torch.func.jacrev"):
+        torch.autograd.functional.jacobian(explicit_solve, z, vectorize=True)
+    want = torch.autograd.functional.jacobian(explicit_solve, z)
+    assert rel_err(torch.func.jacrev(explicit_solve)(z), want) < 1e-12
+    zz = z.clone().requires_grad_()
+    x = explicit_solve(zz)
+    rows = torch.eye(x.numel(), dtype=x.dtype).reshape(-1, *x.shape)
+    with pytest.raises(RuntimeError, match="cannot take batched gradients"):
+        torch.autograd.grad(x, zz, rows, is_grads_batched=True)
