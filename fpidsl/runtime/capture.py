@@ -404,7 +404,8 @@ def _describe(t: Tensor) -> str:
 
 def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
     """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
-    reads a tensor that requires grad other than its arguments; nothing to do where grad mode is off."""
+    reads a tensor other than its arguments that requires grad (grad mode on), that carries a forward-mode tangent
+    (forward AD active) or that ``torch.func.grad`` tracks; nothing to check where neither is on."""
     from torch.autograd import forward_ad
 
     from .transforms import is_transformed
