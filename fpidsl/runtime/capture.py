@@ -17,8 +17,9 @@ Found (:func:`discover`), recursively through whatever of these ``f`` is made of
 - any other callable object: its tensor attributes and its ``__call__``;
 - a list or a dict found in any of these (up to ``MAX_CONTAINER`` entries): its entries.
 
-Only tensors that vary are collected (:func:`varies`: they require grad, carry a forward-mode tangent or are
-wrapped by a ``torch.func`` transform), and only those of floating or complex dtype. What cannot be
+Only tensors that vary are collected (:func:`varies`): of floating or complex dtype, those that require grad or
+carry a forward-mode tangent; of any dtype, those a ``torch.func`` transform wraps (a vmapped index tensor in a
+closure must be sliced like the rest). What cannot be
 found this way (a tensor inside a tuple, an attribute of an object reached only at run time) is caught by
 :func:`check_complete` after the solve: it evaluates ``f`` once at the fixed point with every known tensor
 replaced by a fresh leaf and walks the recorded graph; any other leaf that requires grad raises
@@ -366,31 +367,28 @@ _HIDDEN_ADVICE = ("(not an argument, nor a parameter, buffer or tensor attribute
                   "functools.partial argument, default or global that the map is made of)")
 
 
-def _check_no_tangent(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
-    """Under forward-mode AD: ``fn`` at the primal values of its arguments must give no tangent; one would come
-    from a dual tensor ``fn`` reads that is not an argument, whose part of the tangent would be silently lost."""
+def _as_outputs(y: Any) -> tuple:
+    return (y,) if isinstance(y, Tensor) else tuple(y)
+
+
+def _raise_if_tangent(outputs: Sequence[Any]) -> None:
+    """Under forward-mode AD: ``fn``'s outputs, from its arguments detached (``detach`` drops a tangent, also
+    ``torch.func.jvp``'s), carry a tangent only from a dual tensor ``fn`` reads that is not an argument, whose part
+    of the fixed point's tangent would be silently lost."""
     from torch.autograd import forward_ad
 
-    def primal(a: Any) -> Any:
-        return forward_ad.unpack_dual(a).primal if isinstance(a, Tensor) else a
-
-    with torch.no_grad():
-        y = fn(tuple(primal(x) for x in x_hat), *(primal(a) for a in args))
-    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
-           for t in ((y,) if isinstance(y, Tensor) else y)):
+    if any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in outputs):
         raise HiddenTensorError(
-            "the fixed-point map reads a tensor that carries a forward-mode tangent (torch.autograd.forward_ad) and "
-            f"that fpidsl cannot reach {_HIDDEN_ADVICE}; the tangent of the fixed point would leave its part out, "
-            "silently. Pass it as an argument: fixed_point(f, x0, ..., t) with f(x, ..., t)")
+            "the fixed-point map reads a tensor that carries a forward-mode tangent (torch.autograd.forward_ad, "
+            f"torch.func.jvp) and that fpidsl cannot reach {_HIDDEN_ADVICE}; the tangent of the fixed point would "
+            "leave its part out, silently. Pass it as an argument: fixed_point(f, x0, ..., t) with f(x, ..., t)")
 
 
-def _check_no_grad_tracking(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
+def _raise_if_grad_tracked(outputs: Sequence[Any]) -> None:
     """Under ``torch.func`` (where a map cannot make leaves of its own: ``requires_grad_`` is not allowed there):
-    ``fn`` of its arguments detached must not require grad; it would from a tensor that ``torch.func.grad``
-    tracks and ``fn`` reads without it being an argument, whose part of the gradient would be silently lost."""
-    detached = lambda a: a.detach() if isinstance(a, Tensor) else a  # noqa: E731
-    y = fn(tuple(detached(x) for x in x_hat), *(detached(a) for a in args))
-    if any(isinstance(t, Tensor) and t.requires_grad for t in ((y,) if isinstance(y, Tensor) else y)):
+    ``fn``'s outputs, from its arguments detached, require grad only from a tensor that ``torch.func.grad`` tracks
+    and ``fn`` reads without it being an argument, whose part of the gradient would be silently lost."""
+    if any(isinstance(t, Tensor) and t.requires_grad for t in outputs):
         raise HiddenTensorError(
             f"the fixed-point map reads a tensor that requires grad (or that torch.func.grad tracks) and that fpidsl "
             f"cannot reach {_HIDDEN_ADVICE}; its gradient would be silently wrong. Pass it as an argument: "
@@ -405,25 +403,30 @@ def _describe(t: Tensor) -> str:
 def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
     """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
     reads a tensor other than its arguments that requires grad (grad mode on), that carries a forward-mode tangent
-    (forward AD active) or that ``torch.func.grad`` tracks; nothing to check where neither is on."""
+    (forward AD active) or that ``torch.func.grad`` tracks; nothing to check where neither is on. One evaluation
+    of ``fn`` at the fixed point in every case."""
     from torch.autograd import forward_ad
 
     from .transforms import is_transformed
 
-    if forward_ad._current_level >= 0:  # forward-mode AD: torch.autograd.forward_ad, torch.func.jvp
-        _check_no_tangent(fn, x_hat, args)
-    if not torch.is_grad_enabled():
+    forward = forward_ad._current_level >= 0  # forward-mode AD: torch.autograd.forward_ad, torch.func.jvp
+    grad = torch.is_grad_enabled()
+    if not (forward or grad):
         return
-    if is_transformed((*x_hat, *args)):  # torch.func: a tensor that requires grad here is one its grad tracks
-        _check_no_grad_tracking(fn, x_hat, args)
+    detached = lambda a: a.detach() if isinstance(a, Tensor) else a  # noqa: E731 - no tangent, no graph
+    if not grad or is_transformed((*x_hat, *args)):  # torch.func: a tensor that requires grad is one grad tracks
+        outputs = _as_outputs(fn(tuple(detached(x) for x in x_hat), *(detached(a) for a in args)))
+        if forward:
+            _raise_if_tangent(outputs)
+        if grad:
+            _raise_if_grad_tracked(outputs)
         return
     with torch.enable_grad():
-        leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else
-                       (a.detach() if isinstance(a, Tensor) else a) for a in args)
-        xs = tuple(x.detach() for x in x_hat)
+        leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else detached(a) for a in args)
         with _Births() as births:
-            y = fn(xs, *leaves)
-    outputs = (y,) if isinstance(y, Tensor) else tuple(y)
+            outputs = _as_outputs(fn(tuple(detached(x) for x in x_hat), *leaves))
+    if forward:
+        _raise_if_tangent(outputs)
     hidden = _foreign_leaf(outputs, {id(a) for a in leaves if isinstance(a, Tensor)}, births)
     if hidden is not None:
         raise HiddenTensorError(

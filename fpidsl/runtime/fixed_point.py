@@ -168,8 +168,8 @@ def _apply(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
 def _plain_apply(problem: "_Problem", *inputs: Any) -> States:
     """``_FixedPointFunction.apply`` for inputs no torch.func transform wraps: the base class's apply, which
     ``Function.apply`` calls there after binding ``forward``'s default arguments (it has none) with
-    ``inspect.signature``, at every call (76 µs of a 2.2 ms training step of benchmarks/specs/small.fpi's layer,
-    under cProfile); under an active transform,
+    ``inspect.signature``, at every call (76 µs of a 2.2 ms training step under cProfile, on the map and sizes of
+    benchmarks/specs/small.fpi); under an active transform,
     ``Function.apply`` itself (it dispatches to the transform)."""
     if torch._C._are_functorch_transforms_active():
         return _FixedPointFunction.apply(problem, *inputs)

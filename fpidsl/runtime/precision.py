@@ -17,7 +17,7 @@ float32 layer under ``torch.autocast``) is solved as follows:
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -91,10 +91,7 @@ def solve_in_safe_dtype(solve: Callable[..., tuple[Tensor, Any]], evaluate: Any,
     autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
     if work != start.dtype or autocast is not None:  # otherwise both casts would return their input
         evaluate = _Casting(evaluate, start.dtype, work, autocast)
-    with _floor(compute_eps(start, args)):
-        if autocast is None:  # nothing to turn off
-            flat, stats = solve(evaluate, start.to(work), settings, **options)
-        else:
-            with torch.autocast(device, enabled=False):
-                flat, stats = solve(evaluate, start.to(work), settings, **options)
+    off = torch.autocast(device, enabled=False) if autocast is not None else nullcontext()
+    with _floor(compute_eps(start, args)), off:  # the solver without the caller's autocast, where it has one
+        flat, stats = solve(evaluate, start.to(work), settings, **options)
     return flat.to(start.dtype), stats

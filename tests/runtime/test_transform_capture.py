@@ -228,3 +228,15 @@ def test_batched_gradients_raise_a_clear_error_and_the_alternatives_work():
     rows = torch.eye(x.numel(), dtype=x.dtype).reshape(-1, *x.shape)
     with pytest.raises(RuntimeError, match="cannot take batched gradients"):
         torch.autograd.grad(x, zz, rows, is_grads_batched=True)
+
+
+def test_vmap_over_a_closure_over_an_index_tensor_matches_a_loop():
+    """A vmapped tensor of any dtype is collected: an index tensor read from the closure is sliced like the rest."""
+    z, _ = inputs()
+    picks = torch.tensor([[0, 1], [2, 3], [4, 0]])
+
+    def solve(i):
+        return fixed_point(lambda x: torch.tanh(x @ W.T + z + 0.1 * x[..., i].sum(-1, keepdim=True)),
+                           torch.zeros_like(z), **TIGHT)
+
+    assert rel_err(torch.func.vmap(solve)(picks), torch.stack([solve(i) for i in picks])) < 1e-12
