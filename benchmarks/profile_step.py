@@ -32,7 +32,7 @@ from workloads import make_workloads  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workload", help="a workload name of benchmarks/workloads.py, e.g. conv16-slow")
-    parser.add_argument("method", choices=["picard", "anderson"])
+    parser.add_argument("method", choices=["picard", "anderson", "broyden"])
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (default 20)")
     parser.add_argument("--rows", type=int, default=20, help="rows of each table (default 20)")
     parser.add_argument("--quick", action="store_true", help="the quick workloads' tiny sizes (seconds)")
