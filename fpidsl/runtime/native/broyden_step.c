@@ -1,14 +1,23 @@
 /* One limited-memory Broyden step per sample on the CPU, fused: fpidsl.runtime.solvers.broyden's arithmetic in
- * two passes over the update buffers instead of about 54 small tensor operations.
+ * two passes over the history (the steps S once, the updates U once) instead of about 30 small tensor operations.
  *
- * For each sample b (row of the (B, D) state) with H = -I + sum_{i<k} U_i V_i^T:
+ * For each sample b (row of the (B, D) state) with H = -I + sum_{i<k} u_i v_i^T, in compact form: the v_i are not
+ * stored but v_i = sum_{j<=i} R_ij s_j over the stored steps s_j (R lower triangular, R_ii = -1), so
+ * v_i . y = sum_j R_ij (s_j . y).
  *   when update is set: dx = x - x_prev, df = f - f_prev,
- *       v = H^T dx = -dx + sum_i (U_i . dx) V_i,   u = (dx - H df) / (v . df) = (dx + df - sum_i (V_i . df) U_i) / (v . df),
- *       written into slot k of U and V, or zeros there where u or v is not finite (H is kept); H gains the slot;
- *   out = x - H f = x + f - sum_i (V_i . f) U_i (the new slot included), or g where that is not finite.
- * Every pointer is to a contiguous array of its shape: x, g, f, x_prev, f_prev and out (B, D); U and V (B, m, D);
- * with update, k < m (the caller restarts a full memory first); the call does the samples b0 <= b < b1. Returns the
- * number of those samples whose update was not finite, or -1 for arguments it cannot take.
+ *       pass 1 (S):  s_j . df, s_j . f, dx . df, dx . f;  then v_i . df and v_i . f (k x k work);
+ *       pass 2 (U):  w = dx + df - sum_i (v_i . df) u_i,  p = x + f - sum_i (v_i . f) u_i,  a_i = u_i . dx;
+ *       v = H^T dx = -dx + sum_i a_i v_i has the row R_kj = sum_i a_i R_ij (j < k), R_kk = -1, so v . df and
+ *       v . f are k-term sums; u = w / (v . df) goes into slot k of U, dx into slot k of S and the row (zeros above
+ *       the diagonal) into row k of R, or zeros in all three where u or the row is not finite (H is kept);
+ *       H gains the slot, and out = p - (v . f) u;
+ *   without update: out = x + f - sum_i (v_i . f) u_i;
+ *   out = g where the proposal is not finite.
+ * Every pointer is to a contiguous array of its shape: x, g, f, x_prev, f_prev and out (B, D); U and S (B, m, D);
+ * R (B, m, m), its rows below k written whole; with update, k < m (the caller restarts a full memory first); the
+ * call does the samples b0 <= b < b1. The state-sized sums are accumulated per block in the state's type, across
+ * blocks and in the k x k work in double. Returns the number of those samples whose update was not finite, or -1
+ * for arguments it cannot take.
  */
 #include <stdlib.h>
 
@@ -16,96 +25,148 @@
 
 #define FPIDSL_BROYDEN_STEP(NAME, T)                                                                           \
 FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t k, int64_t update, const T *x,  \
-                           const T *g, const T *f, const T *x_prev, const T *f_prev, T *U, T *V, T *out) {     \
+                           const T *g, const T *f, const T *x_prev, const T *f_prev, T *U, T *S, T *R, T *out) {  \
     if (k < 0 || k > m || (update && k >= m)) return -1;                                                       \
-    double *coef = (double *)malloc(sizeof(double) * 3 * (size_t)(k > 0 ? k : 1));                            \
+    double *coef = (double *)malloc(sizeof(double) * 6 * (size_t)(k > 0 ? k : 1));                            \
     if (coef == NULL) return -1;                                                                               \
-    double *a = coef, *bd = coef + k, *c = coef + 2 * k; /* U_i . dx, V_i . df, V_i . f */                     \
+    /* s_j . df, s_j . f, v_i . df, v_i . f, u_i . dx, and v's row of R */                                      \
+    double *sdf = coef, *sf = coef + k, *bd = coef + 2 * k, *c = coef + 3 * k, *a = coef + 4 * k, *r = coef + 5 * k; \
     int64_t skipped = 0;                                                                                       \
     for (int64_t b = b0; b < b1; ++b) {                                                                        \
         const T *xb = x + b * D, *gb = g + b * D, *fb = f + b * D;                                             \
-        T *Ub = U + b * m * D, *Vb = V + b * m * D, *ob = out + b * D;                                         \
-        T *Us = Ub + k * D, *Vs = Vb + k * D;  /* the new slot: dx and df first, then u and v */              \
-        for (int64_t i = 0; i < 3 * k; ++i) coef[i] = 0.0;                                                     \
-        if (update) {                                                                                          \
-            const T *xp = x_prev + b * D, *fp = f_prev + b * D;                                                \
-            for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                 \
-                int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                  \
-                T *dx = Us + d0, *df = Vs + d0;                                                                \
-                for (int64_t d = 0; d < n; ++d) {                                                              \
-                    dx[d] = xb[d0 + d] - xp[d0 + d];                                                           \
-                    df[d] = fb[d0 + d] - fp[d0 + d];                                                           \
-                }                                                                                              \
-                for (int64_t i = 0; i < k; ++i) {                                                              \
-                    const T *Ui = Ub + i * D + d0, *Vi = Vb + i * D + d0, *fk = fb + d0;                       \
-                    T sa = 0, sb = 0, sc = 0;                                                                  \
-                    _Pragma("omp simd reduction(+:sa,sb,sc)")                                                  \
-                    for (int64_t d = 0; d < n; ++d) {                                                          \
-                        sa += Ui[d] * dx[d];                                                                   \
-                        sb += Vi[d] * df[d];                                                                   \
-                        sc += Vi[d] * fk[d];                                                                   \
-                    }                                                                                          \
-                    a[i] += sa; bd[i] += sb; c[i] += sc;                                                       \
-                }                                                                                              \
-            }                                                                                                  \
-        } else {                                                                                               \
-            for (int64_t i = 0; i < k; ++i) {                                                                  \
-                const T *Vi = Vb + i * D;                                                                      \
-                T sc = 0;                                                                                      \
-                _Pragma("omp simd reduction(+:sc)")                                                            \
-                for (int64_t d = 0; d < D; ++d) sc += Vi[d] * fb[d];                                           \
-                c[i] = sc;                                                                                     \
-            }                                                                                                  \
-        }                                                                                                      \
-        /* v, w = dx + df - sum (V_i . df) U_i (u = w / (v . df)) and the proposal without the new slot */   \
-        T vdf = 0, vf = 0;                                                                                     \
-        int finite = 1;                                                                                        \
+        T *Ub = U + b * m * D, *Sb = S + b * m * D, *Rb = R + b * m * m, *ob = out + b * D;                    \
+        T *Us = Ub + k * D, *Ss = Sb + k * D;  /* the new slot: df (scratch) then u, and dx */                 \
+        for (int64_t i = 0; i < 6 * k; ++i) coef[i] = 0.0;                                                     \
+        double dxdf = 0.0, dxf = 0.0;                                                                          \
+        /* pass 1: the steps */                                                                                \
         for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                     \
             int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                      \
-            T vb[FPIDSL_BLOCK], wb[FPIDSL_BLOCK], pb[FPIDSL_BLOCK];                                            \
-            const T *fk = fb + d0, *xk = xb + d0;                                                              \
+            const T *fk = fb + d0;                                                                             \
             if (update) {                                                                                      \
-                const T *dx = Us + d0, *df = Vs + d0;                                                          \
-                for (int64_t d = 0; d < n; ++d) { vb[d] = -dx[d]; wb[d] = dx[d] + df[d]; pb[d] = xk[d] + fk[d]; } \
-            } else {                                                                                           \
-                for (int64_t d = 0; d < n; ++d) pb[d] = xk[d] + fk[d];                                         \
+                const T *xp = x_prev + b * D + d0, *fp = f_prev + b * D + d0, *xk = xb + d0;                  \
+                T *dx = Ss + d0, *df = Us + d0;                                                                \
+                T s1 = 0, s2 = 0;                                                                              \
+                _Pragma("omp simd reduction(+:s1,s2)")                                                         \
+                for (int64_t d = 0; d < n; ++d) {                                                              \
+                    dx[d] = xk[d] - xp[d];                                                                     \
+                    df[d] = fk[d] - fp[d];                                                                     \
+                    s1 += dx[d] * df[d];                                                                       \
+                    s2 += dx[d] * fk[d];                                                                       \
+                }                                                                                              \
+                dxdf += s1; dxf += s2;                                                                         \
             }                                                                                                  \
-            for (int64_t i = 0; i < k; ++i) {                                                                  \
-                const T *Ui = Ub + i * D + d0, *Vi = Vb + i * D + d0;                                          \
-                T ai = (T)a[i], bi = (T)bd[i], ci = (T)c[i];                                                   \
-                if (update) {                                                                                  \
-                    _Pragma("omp simd")                                                                        \
+        }                                                                                                      \
+        int64_t j = 0;                                                                                         \
+        if (update)                                                                                            \
+            for (; j + 1 < k; j += 2) { /* two whole rows at a time: two streams from memory */               \
+                const T *Sj = Sb + j * D, *Sl = Sj + D, *df = Us;                                              \
+                for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                             \
+                    int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                              \
+                    T s3 = 0, s4 = 0, s5 = 0, s6 = 0;                                                          \
+                    _Pragma("omp simd reduction(+:s3,s4,s5,s6)")                                               \
+                    for (int64_t d = d0; d < d0 + n; ++d) {                                                    \
+                        s3 += Sj[d] * df[d]; s4 += Sj[d] * fb[d];                                              \
+                        s5 += Sl[d] * df[d]; s6 += Sl[d] * fb[d];                                              \
+                    }                                                                                          \
+                    sdf[j] += s3; sf[j] += s4; sdf[j + 1] += s5; sf[j + 1] += s6;                              \
+                }                                                                                              \
+            }                                                                                                  \
+        for (; j < k; ++j) { /* whole rows: one stream of D values each */                                     \
+            const T *Sj = Sb + j * D;                                                                          \
+            if (update) {                                                                                      \
+                const T *df = Us;                                                                              \
+                for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                             \
+                    int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                              \
+                    T s3 = 0, s4 = 0;                                                                          \
+                    _Pragma("omp simd reduction(+:s3,s4)")                                                     \
+                    for (int64_t d = d0; d < d0 + n; ++d) { s3 += Sj[d] * df[d]; s4 += Sj[d] * fb[d]; }        \
+                    sdf[j] += s3; sf[j] += s4;                                                                 \
+                }                                                                                              \
+            } else {                                                                                           \
+                for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                             \
+                    int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                              \
+                    T s4 = 0;                                                                                  \
+                    _Pragma("omp simd reduction(+:s4)")                                                        \
+                    for (int64_t d = d0; d < d0 + n; ++d) s4 += Sj[d] * fb[d];                                 \
+                    sf[j] += s4;                                                                               \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t i = 0; i < k; ++i) {                                                                      \
+            const T *Ri = Rb + i * m;                                                                          \
+            double s5 = 0.0, s6 = 0.0;                                                                         \
+            for (int64_t j = 0; j <= i; ++j) { s5 += (double)Ri[j] * sdf[j]; s6 += (double)Ri[j] * sf[j]; }   \
+            bd[i] = s5; c[i] = s6;                                                                             \
+        }                                                                                                      \
+        /* pass 2: the updates */                                                                              \
+        for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                     \
+            int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                      \
+            T wb[FPIDSL_BLOCK], pb[FPIDSL_BLOCK];                                                              \
+            const T *fk = fb + d0, *xk = xb + d0, *dx = Ss + d0;                                               \
+            for (int64_t d = 0; d < n; ++d) pb[d] = xk[d] + fk[d];                                             \
+            if (update) {                                                                                      \
+                const T *df = Us + d0;                                                                         \
+                for (int64_t d = 0; d < n; ++d) wb[d] = dx[d] + df[d];                                         \
+            }                                                                                                  \
+            int64_t i = 0;                                                                                     \
+            if (update)                                                                                        \
+                for (; i + 1 < k; i += 2) { /* two rows at a time: two streams from memory */                  \
+                    const T *Ui = Ub + i * D + d0, *Uj = Ui + D;                                               \
+                    T bi = (T)bd[i], ci = (T)c[i], bj = (T)bd[i + 1], cj = (T)c[i + 1];                        \
+                    T sa = 0, sb = 0;                                                                          \
+                    _Pragma("omp simd reduction(+:sa,sb)")                                                     \
                     for (int64_t d = 0; d < n; ++d) {                                                          \
-                        vb[d] += ai * Vi[d];                                                                   \
+                        wb[d] -= bi * Ui[d] + bj * Uj[d];                                                      \
+                        pb[d] -= ci * Ui[d] + cj * Uj[d];                                                      \
+                        sa += Ui[d] * dx[d];                                                                   \
+                        sb += Uj[d] * dx[d];                                                                   \
+                    }                                                                                          \
+                    a[i] += sa; a[i + 1] += sb;                                                                \
+                }                                                                                              \
+            for (; i < k; ++i) {                                                                               \
+                const T *Ui = Ub + i * D + d0;                                                                 \
+                T bi = (T)bd[i], ci = (T)c[i];                                                                 \
+                if (update) {                                                                                  \
+                    T sa = 0;                                                                                  \
+                    _Pragma("omp simd reduction(+:sa)")                                                        \
+                    for (int64_t d = 0; d < n; ++d) {                                                          \
                         wb[d] -= bi * Ui[d];                                                                   \
                         pb[d] -= ci * Ui[d];                                                                   \
+                        sa += Ui[d] * dx[d];                                                                   \
                     }                                                                                          \
+                    a[i] += sa;                                                                                \
                 } else {                                                                                       \
                     _Pragma("omp simd")                                                                        \
                     for (int64_t d = 0; d < n; ++d) pb[d] -= ci * Ui[d];                                       \
                 }                                                                                              \
             }                                                                                                  \
-            if (update) {                                                                                      \
-                const T *df = Vs + d0;                                                                         \
-                T svdf = 0, svf = 0;                                                                           \
-                _Pragma("omp simd reduction(+:svdf,svf)")                                                      \
-                for (int64_t d = 0; d < n; ++d) { svdf += vb[d] * df[d]; svf += vb[d] * fk[d]; }              \
-                vdf += svdf; vf += svf;                                                                        \
-                for (int64_t d = 0; d < n; ++d) { Us[d0 + d] = wb[d]; Vs[d0 + d] = vb[d]; }                    \
-            }                                                                                                  \
+            if (update)                                                                                        \
+                for (int64_t d = 0; d < n; ++d) Us[d0 + d] = wb[d];                                            \
             for (int64_t d = 0; d < n; ++d) ob[d0 + d] = pb[d];                                                \
         }                                                                                                      \
         if (update) {                                                                                          \
-            for (int64_t d = 0; d < D && finite; ++d) {                                                        \
-                T u = Us[d] / vdf;                                                                             \
-                finite = isfinite(u) && isfinite(Vs[d]);                                                       \
+            int finite = 1;                                                                                    \
+            double vdf = -dxdf, vf = -dxf;                                                                     \
+            for (int64_t j = 0; j < k; ++j) {                                                                  \
+                double rj = 0.0;                                                                               \
+                for (int64_t i = j; i < k; ++i) rj += a[i] * (double)Rb[i * m + j];                            \
+                r[j] = (double)(T)rj;                                                                          \
+                finite = finite && isfinite((T)rj);                                                            \
+                vdf += r[j] * sdf[j]; vf += r[j] * sf[j];                                                      \
             }                                                                                                  \
+            T vdf_t = (T)vdf, vf_t = (T)vf;                                                                    \
+            for (int64_t d = 0; d < D && finite; ++d) finite = isfinite(Us[d] / vdf_t);                        \
+            T *Rk = Rb + k * m;                                                                                \
             if (finite) {                                                                                      \
                 _Pragma("omp simd")                                                                            \
-                for (int64_t d = 0; d < D; ++d) { Us[d] = Us[d] / vdf; ob[d] -= vf * Us[d]; }                  \
+                for (int64_t d = 0; d < D; ++d) { Us[d] = Us[d] / vdf_t; ob[d] -= vf_t * Us[d]; }              \
+                for (int64_t j = 0; j < k; ++j) Rk[j] = (T)r[j];                                               \
+                Rk[k] = (T)-1;                                                                                 \
+                for (int64_t j = k + 1; j < m; ++j) Rk[j] = 0;                                                 \
             } else {                                                                                           \
                 ++skipped;                                                                                     \
-                for (int64_t d = 0; d < D; ++d) { Us[d] = 0; Vs[d] = 0; }                                      \
+                for (int64_t d = 0; d < D; ++d) { Us[d] = 0; Ss[d] = 0; }                                      \
+                for (int64_t j = 0; j < m; ++j) Rk[j] = 0;                                                     \
             }                                                                                                  \
         }                                                                                                      \
         int proposal_finite = 1;                                                                               \

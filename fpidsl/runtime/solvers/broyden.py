@@ -39,10 +39,14 @@ from .history import keep_rows
 
 @dataclass
 class BroydenState:
-    """Per-sample rank-one updates (ring buffers) and the previous iterate and residual."""
+    """Per-sample rank-one updates in compact form (ring buffers) and the previous iterate and residual.
 
-    U: Tensor  # (batch, m, dim)
-    V: Tensor  # (batch, m, dim)
+    ``v_i`` is not stored: it is ``sum_{j<=i} R_ij s_j`` over the stored steps ``s_j`` (``R`` lower triangular,
+    ``R_ii = -1``), so a step reads the history twice (``S`` once, ``U`` once) instead of four times."""
+
+    U: Tensor  # (batch, m, dim): u_i
+    S: Tensor  # (batch, m, dim): the steps s_i = dx
+    R: Tensor  # (batch, m, m): v_i = sum_j R_ij s_j; each row written whole (zeros above the diagonal)
     x_prev: Tensor | None = None  # (batch, dim): the previous iterate (held by reference: nothing writes it)
     f_prev: Tensor | None = None  # (batch, dim): its residual (held likewise)
     filled: int = 0  # slots holding an update (the same for every running sample)
@@ -51,9 +55,9 @@ class BroydenState:
     held_native: bool = False  # whether the kernel can take x_prev and f_prev (checked when they were new)
 
 
-def _rows_times(y: Tensor, buffer: Tensor) -> Tensor:
-    """``buffer @ y`` per sample as a row: ``(batch, 1, k)`` with entry ``i`` the product ``buffer_i . y``."""
-    return torch.bmm(y.unsqueeze(1), buffer.transpose(1, 2))
+def _rows_times(rows: Tensor, buffer: Tensor) -> Tensor:
+    """``rows @ buffer^T`` per sample: ``(batch, r, k)`` with entry ``(r, i)`` the product ``row_r . buffer_i``."""
+    return torch.bmm(rows, buffer.transpose(1, 2))
 
 
 class Broyden:
@@ -64,20 +68,11 @@ class Broyden:
 
     def init(self, x: Tensor) -> BroydenState:
         batch, dim = x.shape
-        # only the filled slots are ever read, each written before it is read
-        state = BroydenState(U=x.new_empty(batch, self.m, dim), V=x.new_empty(batch, self.m, dim))
-        state.kernel = native.kernel_for(x, state.U, state.V)
+        # only the filled slots (and rows of R) are ever read, each written whole before it is read
+        state = BroydenState(U=x.new_empty(batch, self.m, dim), S=x.new_empty(batch, self.m, dim),
+                             R=x.new_empty(batch, self.m, self.m))
+        state.kernel = native.kernel_for(x, state.U, state.S, state.R)
         return state
-
-    @staticmethod
-    def _apply(state: BroydenState, y: Tensor, transpose: bool) -> Tensor:
-        """``H y`` (or ``H^T y``) with ``H = -I + U^T V`` over the filled slots."""
-        k = state.filled
-        if k == 0:
-            return -y
-        first, second = (state.U, state.V) if transpose else (state.V, state.U)
-        coefficients = _rows_times(y, first[:, :k])  # (batch, 1, k)
-        return torch.baddbmm(-y.unsqueeze(1), coefficients, second[:, :k]).squeeze(1)
 
     def step(self, x: Tensor, g: Tensor, state: BroydenState, f: Tensor | None = None
              ) -> tuple[Tensor, BroydenState]:
@@ -91,10 +86,8 @@ class Broyden:
         if fits and (state.held_native or not update):
             return self._native_step(x, g, f, state, update), state
         state.held_native = fits
-        if update:
-            self._update(x - state.x_prev, f - state.f_prev, state)
+        proposal = self._update(x, f, state) if update else self._propose(x, f, state)
         state.x_prev, state.f_prev = x, f
-        proposal = x - self._apply(state, f, transpose=False)
         finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
         return torch.where(finite, proposal, g), state
 
@@ -102,27 +95,59 @@ class Broyden:
         """:meth:`step` in one call of the native kernel (the update like :meth:`_update`, then the proposal)."""
         out = torch.empty_like(x)
         native.broyden_step(state.kernel, state.filled, update, x, g, f, state.x_prev, state.f_prev, state.U,
-                            state.V, out)
+                            state.S, state.R, out)
         if update:
             state.slot = state.filled = state.filled + 1
         state.x_prev, state.f_prev, state.held_native = x, f, True
         return out
 
-    def _update(self, dx: Tensor, df: Tensor, state: BroydenState) -> None:
-        """Add the rank-one update of the step ``dx`` (residual change ``df``) in slot ``filled`` (``< m``: the
-        caller restarts a full memory)."""
-        v = self._apply(state, dx, transpose=True)
-        u = (dx - self._apply(state, df, transpose=False)) / torch.linalg.vecdot(v, df).unsqueeze(1)
-        usable = (torch.isfinite(u).all(dim=1) & torch.isfinite(v).all(dim=1)).unsqueeze(1)
-        s, zero = state.slot, u.new_zeros(())
-        torch.where(usable, u, zero, out=state.U[:, s])
-        torch.where(usable, v, zero, out=state.V[:, s])
-        state.slot = s + 1
-        state.filled = s + 1
+    @staticmethod
+    def _propose(x: Tensor, f: Tensor, state: BroydenState) -> Tensor:
+        """``x - H f = x + f - sum_i (v_i . f) u_i`` over the filled slots, without an update."""
+        k = state.filled
+        if k == 0:
+            return x + f
+        c = _rows_times(_rows_times(f.unsqueeze(1), state.S[:, :k]), state.R[:, :k, :k])  # v_i . f
+        return torch.baddbmm((x + f).unsqueeze(1), c, state.U[:, :k], alpha=-1).squeeze(1)
+
+    @staticmethod
+    def _update(x: Tensor, f: Tensor, state: BroydenState) -> Tensor:
+        """Add the rank-one update of the step ``dx = x - x_prev`` (residual change ``df``) in slot ``filled``
+        (``< m``: the caller restarts a full memory), and return the proposal ``x - H f`` with it:
+
+            v = H^T dx = -dx + sum_i (u_i . dx) v_i,    u = (dx + df - sum_i (v_i . df) u_i) / (v . df),
+
+        where ``v_i . y = sum_j R_ij (s_j . y)``, and ``v``'s row of ``R`` is ``R_kj = sum_i (u_i . dx) R_ij``
+        (``j < k``), ``R_kk = -1``."""
+        k, m = state.filled, state.R.shape[-1]
+        dx, df = x - state.x_prev, f - state.f_prev
+        both = torch.stack((df, f), dim=1)  # (batch, 2, dim)
+        dx_dot = _rows_times(dx.unsqueeze(1), both).squeeze(1)  # (batch, 2): dx . df, dx . f
+        diagonal = torch.cat((dx.new_full((dx.shape[0], 1), -1.0), dx.new_zeros(dx.shape[0], m - k - 1)), dim=1)
+        if k:
+            U, Rk = state.U[:, :k], state.R[:, :k, :k]
+            sy = _rows_times(both, state.S[:, :k])  # (batch, 2, k): s_j . df, s_j . f
+            coefficients = _rows_times(sy, Rk)  # (batch, 2, k): v_i . df, v_i . f
+            r = torch.bmm(_rows_times(dx.unsqueeze(1), U), Rk)  # (batch, 1, k): sum_i (u_i . dx) R_ij
+            row = torch.cat((r.squeeze(1), diagonal), dim=1)
+            v_dot = torch.bmm(r, sy.transpose(1, 2)).squeeze(1) - dx_dot
+            wp = torch.baddbmm(torch.stack((dx + df, x + f), dim=1), coefficients, U, alpha=-1)
+        else:
+            row, v_dot = diagonal, -dx_dot
+            wp = torch.stack((dx + df, x + f), dim=1)
+        u = wp[:, 0] / v_dot[:, :1]
+        usable = (torch.isfinite(u).all(dim=1) & torch.isfinite(row).all(dim=1)).unsqueeze(1)
+        zero = u.new_zeros(())
+        torch.where(usable, u, zero, out=state.U[:, k])
+        torch.where(usable, dx, zero, out=state.S[:, k])
+        torch.where(usable, row, zero, out=state.R[:, k])
+        state.slot = state.filled = k + 1
+        return wp[:, 1] - torch.where(usable, v_dot[:, 1:], zero) * state.U[:, k]
 
     def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
         held = (None, None) if state.x_prev is None else (state.x_prev.index_select(0, keep),
                                                           state.f_prev.index_select(0, keep))
-        return BroydenState(U=keep_rows(state.U, keep, state.filled), V=keep_rows(state.V, keep, state.filled),
-                            x_prev=held[0], f_prev=held[1], filled=state.filled,
+        k = state.filled
+        return BroydenState(U=keep_rows(state.U, keep, k), S=keep_rows(state.S, keep, k),
+                            R=keep_rows(state.R, keep, k), x_prev=held[0], f_prev=held[1], filled=k,
                             slot=state.slot, kernel=state.kernel, held_native=state.held_native)
