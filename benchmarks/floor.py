@@ -12,7 +12,8 @@ effect on the caches. The ratio, not the milliseconds, is the claim.
 
 For the Anderson rows a second table adds to the floor the least history work of an Anderson iteration (one product
 with the history, one mix; :func:`anderson_history_row`), which the floor leaves out: what no Anderson can save, so
-that the rest of the gap is what an implementation could.
+that the rest of the gap is what an implementation could. For the Broyden rows a third table does the same with
+Broyden's least history work (each of its two histories read once an iteration; :func:`broyden_history_row`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         run.time = type(sys)("cpu_clock")  # run.py's timers read run.time.perf_counter
         run.time.perf_counter = time.thread_time
     load_before = os.getloadavg()
-    rows, history_rows = [], []
+    rows, history_rows, broyden_rows = [], [], []
     for w in make_workloads(False, args.workloads):
         for method in args.methods:
             out = run.Outcome()
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run.floor_row(w, method, step, out, args.repeats, times))
             if method == "anderson":
                 history_rows.append(anderson_history_row(w, out, times.floor, times.alone, args.repeats))
+            if method == "broyden":
+                broyden_rows.append(broyden_history_row(w, out, times.floor, times.alone, args.repeats))
     load_after = os.getloadavg()
     command = "python benchmarks/floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`: {args.repeats} timed runs, {args.clock} clock, float32, CPU, one thread; load average "
@@ -70,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
               "alone at the state's size\n")
         print(run.table(["workload", "state", "iterations x ms", "floor + history ms", "fpidsl ms (alone)",
                          "ratio"], history_rows))
+    if broyden_rows:
+        print("\nBroyden's least history work (not in the floor above): per iteration holding k updates, one product "
+              "of two state-sized rows with the k steps and one of two rows of coefficients with the k updates "
+              "(each history read once), timed alone at the state's size for every k the solves went through\n")
+        print(run.table(["workload", "state", "history ms (forward + backward)", "floor + history ms",
+                         "fpidsl ms (alone)", "ratio"], broyden_rows))
     return 0
 
 
@@ -92,6 +101,31 @@ def anderson_history_row(w, out: run.Outcome, floor: float, alone: float, repeat
     total = floor + steps * t_least
     return [w.name, f"{batch} x {dim}", f"{steps} x {run.ms(t_least)}", run.ms(total), run.ms(alone),
             f"{alone / total:.2f}"]
+
+
+def broyden_history_row(w, out: run.Outcome, floor: float, alone: float, repeats: int) -> list[str]:
+    """The least work a limited-memory Broyden iteration holding ``k`` updates does beyond evaluating the map:
+    read its ``k`` steps (or ``v`` vectors) once for their products with ``df`` and ``f`` (one ``bmm`` of two rows)
+    and its ``k`` updates once for the new update and the proposal (one ``baddbmm`` of two rows), timed alone on
+    the workload's state size. Iteration ``n`` of a solve (from 1) holds ``(n - 2) mod m`` updates (the first
+    two read none; a full memory restarts); summed over the forward and backward iterations."""
+    batch, dim = w.target.shape[0], w.target[0].numel()
+    m = 50  # the runtime's default, which the workloads keep
+    S, U = torch.randn(batch, m, dim), torch.randn(batch, m, dim)
+    rows, coefficients = torch.randn(batch, 2, dim), torch.randn(batch, 2, m)
+
+    def least(k: int):
+        def run_k() -> None:
+            torch.bmm(rows, S[:, :k].transpose(1, 2))
+            torch.baddbmm(rows, coefficients[:, :, :k], U[:, :k], alpha=-1)
+        return run_k
+
+    held = [(n - 2) % m for iters in (out.forward_iters, out.backward_iters) for n in range(3, iters + 1)]
+    inner = 3 if batch * dim > 100_000 else 20
+    cost = {k: run.median_time(least(k), repeats, inner) for k in sorted(set(held)) if k}
+    history = sum(cost.get(k, 0.0) for k in held)
+    total = floor + history
+    return [w.name, f"{batch} x {dim}", run.ms(history), run.ms(total), run.ms(alone), f"{alone / total:.2f}"]
 
 
 if __name__ == "__main__":

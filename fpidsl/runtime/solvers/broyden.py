@@ -13,8 +13,12 @@ point in at most ``2 dim`` steps (Gay's theorem).
 
 Implementation notes:
 
-- ``u`` and ``v`` live in buffers of shape ``(batch, m, dim)`` allocated once; when ``m`` updates are held, the
-  approximation restarts from ``-I`` (limited memory). Overwriting only the oldest update instead (torchdeq's
+- the updates are held in compact form: ``u`` and the steps ``s = dx`` in buffers of shape ``(batch, m, dim)``
+  allocated once, and ``v_i = sum_{j<=i} R_ij s_j`` through a lower-triangular ``R`` of shape ``(batch, m, m)``
+  (``v = H^T dx = -dx + sum_i (u_i . dx) v_i`` gives its rows), so every product with a ``v_i`` is a product with
+  the steps and a small one with ``R``, and a step reads each of the two histories once (storing ``v`` instead
+  needs four reads: ``v`` is built from the ``v_i``). When ``m`` updates are held, the approximation restarts from
+  ``-I`` (limited memory). Overwriting only the oldest update instead (torchdeq's
   ``LBFGS_thres``) leaves the later updates, each built on it, inconsistent: on the hard linear map (dimension
   128, ``benchmarks/toolkit.py --only memory``) torchdeq 0.1.0 returns NaN with ``LBFGS_thres`` 30 or 100, while
   restarts converge (m=100: 682 iterations; m=300: 183). Products with the buffers are batched
@@ -23,7 +27,7 @@ Implementation notes:
   slot is written with zeros), and a sample whose proposed step is not finite takes the Picard step ``g(x)``;
   no sample's failure touches another sample;
 - on the CPU a step is one call of a native kernel (:mod:`fpidsl.runtime.native`, the same arithmetic in two
-  passes over the buffers) where it is built and takes the tensors; the tensor code below is the step everywhere
+  passes, one over each history) where it is built and takes the tensors; the tensor code below is the step everywhere
   else (GPU, torch.func transforms, torch.compile, other dtypes, ``FPIDSL_NATIVE=0``).
 """
 from __future__ import annotations
