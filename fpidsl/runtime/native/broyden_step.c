@@ -1,5 +1,7 @@
 /* One limited-memory Broyden step per sample on the CPU, fused: fpidsl.runtime.solvers.broyden's arithmetic in
- * two passes over the history (the steps S once, the updates U once) instead of about 30 small tensor operations.
+ * two passes over the history (the steps S once, the updates U once, each four rows at a time: four streams from
+ * memory, where the history is when the map's work between two calls has pushed it out of the caches) instead of
+ * about 30 small tensor operations.
  *
  * For each sample b (row of the (B, D) state) with H = -I + sum_{i<k} u_i v_i^T, in compact form: the v_i are not
  * stored but v_i = sum_{j<=i} R_ij s_j over the stored steps s_j (R lower triangular, R_ii = -1), so
@@ -38,12 +40,12 @@ FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t
         T *Us = Ub + k * D, *Ss = Sb + k * D;  /* the new slot: df (scratch) then u, and dx */                 \
         for (int64_t i = 0; i < 6 * k; ++i) coef[i] = 0.0;                                                     \
         double dxdf = 0.0, dxf = 0.0;                                                                          \
-        /* pass 1: the steps */                                                                                \
-        for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                     \
-            int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                      \
-            const T *fk = fb + d0;                                                                             \
-            if (update) {                                                                                      \
-                const T *xp = x_prev + b * D + d0, *fp = f_prev + b * D + d0, *xk = xb + d0;                  \
+        /* pass 1: dx and df into the new slots, then the products with the steps, whole rows (the longest     \
+         * streams from memory), four at a time */                                                            \
+        if (update)                                                                                            \
+            for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                 \
+                int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                  \
+                const T *xp = x_prev + b * D + d0, *fp = f_prev + b * D + d0, *xk = xb + d0, *fk = fb + d0;   \
                 T *dx = Ss + d0, *df = Us + d0;                                                                \
                 T s1 = 0, s2 = 0;                                                                              \
                 _Pragma("omp simd reduction(+:s1,s2)")                                                         \
@@ -55,23 +57,23 @@ FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t
                 }                                                                                              \
                 dxdf += s1; dxf += s2;                                                                         \
             }                                                                                                  \
-        }                                                                                                      \
         int64_t j = 0;                                                                                         \
         if (update)                                                                                            \
-            for (; j + 1 < k; j += 2) { /* two whole rows at a time: two streams from memory */               \
-                const T *Sj = Sb + j * D, *Sl = Sj + D, *df = Us;                                              \
+            for (; j + 3 < k; j += 4) {                                                                        \
+                const T *S0 = Sb + j * D, *S1 = S0 + D, *S2 = S1 + D, *S3 = S2 + D, *df = Us;                  \
                 for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                             \
                     int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                              \
-                    T s3 = 0, s4 = 0, s5 = 0, s6 = 0;                                                          \
-                    _Pragma("omp simd reduction(+:s3,s4,s5,s6)")                                               \
+                    T e0 = 0, e1 = 0, e2 = 0, e3 = 0, h0 = 0, h1 = 0, h2 = 0, h3 = 0;                          \
+                    _Pragma("omp simd reduction(+:e0,e1,e2,e3,h0,h1,h2,h3)")                                   \
                     for (int64_t d = d0; d < d0 + n; ++d) {                                                    \
-                        s3 += Sj[d] * df[d]; s4 += Sj[d] * fb[d];                                              \
-                        s5 += Sl[d] * df[d]; s6 += Sl[d] * fb[d];                                              \
+                        e0 += S0[d] * df[d]; e1 += S1[d] * df[d]; e2 += S2[d] * df[d]; e3 += S3[d] * df[d];    \
+                        h0 += S0[d] * fb[d]; h1 += S1[d] * fb[d]; h2 += S2[d] * fb[d]; h3 += S3[d] * fb[d];    \
                     }                                                                                          \
-                    sdf[j] += s3; sf[j] += s4; sdf[j + 1] += s5; sf[j + 1] += s6;                              \
+                    sdf[j] += e0; sdf[j + 1] += e1; sdf[j + 2] += e2; sdf[j + 3] += e3;                        \
+                    sf[j] += h0; sf[j + 1] += h1; sf[j + 2] += h2; sf[j + 3] += h3;                            \
                 }                                                                                              \
             }                                                                                                  \
-        for (; j < k; ++j) { /* whole rows: one stream of D values each */                                     \
+        for (; j < k; ++j) {                                                                                   \
             const T *Sj = Sb + j * D;                                                                          \
             if (update) {                                                                                      \
                 const T *df = Us;                                                                              \
@@ -98,7 +100,7 @@ FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t
             for (int64_t j = 0; j <= i; ++j) { s5 += (double)Ri[j] * sdf[j]; s6 += (double)Ri[j] * sf[j]; }   \
             bd[i] = s5; c[i] = s6;                                                                             \
         }                                                                                                      \
-        /* pass 2: the updates */                                                                              \
+        /* pass 2: the updates, block by block (w, p, dx and df stay in L1), four rows at a time */          \
         for (int64_t d0 = 0; d0 < D; d0 += FPIDSL_BLOCK) {                                                     \
             int64_t n = FPIDSL_MIN(D - d0, FPIDSL_BLOCK);                                                      \
             T wb[FPIDSL_BLOCK], pb[FPIDSL_BLOCK];                                                              \
@@ -110,18 +112,18 @@ FPIDSL_CLONES int64_t NAME(int64_t b0, int64_t b1, int64_t D, int64_t m, int64_t
             }                                                                                                  \
             int64_t i = 0;                                                                                     \
             if (update)                                                                                        \
-                for (; i + 1 < k; i += 2) { /* two rows at a time: two streams from memory */                  \
-                    const T *Ui = Ub + i * D + d0, *Uj = Ui + D;                                               \
-                    T bi = (T)bd[i], ci = (T)c[i], bj = (T)bd[i + 1], cj = (T)c[i + 1];                        \
-                    T sa = 0, sb = 0;                                                                          \
-                    _Pragma("omp simd reduction(+:sa,sb)")                                                     \
+                for (; i + 3 < k; i += 4) {                                                                    \
+                    const T *U0 = Ub + i * D + d0, *U1 = U0 + D, *U2 = U1 + D, *U3 = U2 + D;                   \
+                    T bw0 = (T)bd[i], bw1 = (T)bd[i + 1], bw2 = (T)bd[i + 2], bw3 = (T)bd[i + 3];              \
+                    T cp0 = (T)c[i], cp1 = (T)c[i + 1], cp2 = (T)c[i + 2], cp3 = (T)c[i + 3];                  \
+                    T ua0 = 0, ua1 = 0, ua2 = 0, ua3 = 0;                                                      \
+                    _Pragma("omp simd reduction(+:ua0,ua1,ua2,ua3)")                                           \
                     for (int64_t d = 0; d < n; ++d) {                                                          \
-                        wb[d] -= bi * Ui[d] + bj * Uj[d];                                                      \
-                        pb[d] -= ci * Ui[d] + cj * Uj[d];                                                      \
-                        sa += Ui[d] * dx[d];                                                                   \
-                        sb += Uj[d] * dx[d];                                                                   \
+                        wb[d] -= bw0 * U0[d] + bw1 * U1[d] + bw2 * U2[d] + bw3 * U3[d];                        \
+                        pb[d] -= cp0 * U0[d] + cp1 * U1[d] + cp2 * U2[d] + cp3 * U3[d];                        \
+                        ua0 += U0[d] * dx[d]; ua1 += U1[d] * dx[d]; ua2 += U2[d] * dx[d]; ua3 += U3[d] * dx[d]; \
                     }                                                                                          \
-                    a[i] += sa; a[i + 1] += sb;                                                                \
+                    a[i] += ua0; a[i + 1] += ua1; a[i + 2] += ua2; a[i + 3] += ua3;                            \
                 }                                                                                              \
             for (; i < k; ++i) {                                                                               \
                 const T *Ui = Ub + i * D + d0;                                                                 \
