@@ -218,6 +218,20 @@ def test_floor_benchmark_adds_andersons_least_history_work_to_its_rows():
     assert float(history.group(3)) >= float(floor.group(3))  # the floor plus the history work
 
 
+def test_floor_benchmark_adds_broydens_least_history_work_to_its_rows():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "floor.py"), "bibtex-nn", "--methods",
+                           "broyden", "--repeats", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    floor = re.search(r"\| bibtex-nn \| broyden \| \d+ x [\d.]+ \| \d+ x [\d.]+ \| [\d.]+ \| ([\d.]+) \|", proc.stdout)
+    history = re.search(r"\| bibtex-nn \| 32 x 159 \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \|", proc.stdout)
+    assert floor and history and "Broyden's least history work" in proc.stdout, proc.stdout
+    assert float(history.group(1)) > 0  # the solves held updates after their second iteration
+    assert float(history.group(2)) >= float(floor.group(1))  # the floor plus the history work
+
+
 def test_solver_ops_counts_every_method():
     import re
     import subprocess

@@ -57,6 +57,7 @@ class BroydenState:
     slot: int = 0  # the slot the next update goes to (== filled; kept for symmetry with Anderson's ring)
     kernel: object = None  # the native library where its kernel takes this solve's buffers (fpidsl.runtime.native)
     held_native: bool = False  # whether the kernel can take x_prev and f_prev (checked when they were new)
+    minus_identity: Tensor | None = None  # (m, m): -I, whose row k ends a new row of R (the tensor code's; made once)
 
 
 def _rows_times(rows: Tensor, buffer: Tensor) -> Tensor:
@@ -90,6 +91,8 @@ class Broyden:
         if fits and (state.held_native or not update):
             return self._native_step(x, g, f, state, update), state
         state.held_native = fits
+        if state.minus_identity is None:
+            state.minus_identity = -torch.eye(self.m, dtype=x.dtype, device=x.device)
         proposal = self._update(x, f, state) if update else self._propose(x, f, state)
         state.x_prev, state.f_prev = x, f
         finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
@@ -127,7 +130,7 @@ class Broyden:
         dx, df = x - state.x_prev, f - state.f_prev
         both = torch.stack((df, f), dim=1)  # (batch, 2, dim)
         dx_dot = _rows_times(dx.unsqueeze(1), both).squeeze(1)  # (batch, 2): dx . df, dx . f
-        diagonal = torch.cat((dx.new_full((dx.shape[0], 1), -1.0), dx.new_zeros(dx.shape[0], m - k - 1)), dim=1)
+        diagonal = state.minus_identity[k, k:].expand(dx.shape[0], m - k)  # R_kk = -1, zeros after it
         if k:
             U, Rk = state.U[:, :k], state.R[:, :k, :k]
             sy = _rows_times(both, state.S[:, :k])  # (batch, 2, k): s_j . df, s_j . f
@@ -154,4 +157,5 @@ class Broyden:
         k = state.filled
         return BroydenState(U=keep_rows(state.U, keep, k), S=keep_rows(state.S, keep, k),
                             R=keep_rows(state.R, keep, k), x_prev=held[0], f_prev=held[1], filled=k,
-                            slot=state.slot, kernel=state.kernel, held_native=state.held_native)
+                            slot=state.slot, kernel=state.kernel, held_native=state.held_native,
+                            minus_identity=state.minus_identity)
