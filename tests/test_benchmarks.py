@@ -232,6 +232,20 @@ def test_floor_benchmark_adds_broydens_least_history_work_to_its_rows():
     assert float(history.group(2)) >= float(floor.group(1))  # the floor plus the history work
 
 
+def test_broyden_kernel_benchmark_times_the_kernel_against_the_least_history_work():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "broyden_kernel.py"), "--dim", "300", "--m", "8",
+                           "--held", "2", "5", "--repeats", "2", "--evict-mb", "1"], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode == 1 and "native kernels not in use" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"\| (\d+) \| (hot|cold) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", proc.stdout)
+    assert rows == [("2", "hot"), ("2", "cold"), ("5", "hot"), ("5", "cold")], proc.stdout
+
+
 def test_solver_ops_counts_every_method():
     import re
     import subprocess
