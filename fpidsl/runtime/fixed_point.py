@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
@@ -132,10 +133,27 @@ class _Compacting:
         self.step = self.problem.iteration_map(sliced)
 
 
+class _Primal:
+    """An evaluator whose outputs are their primal values: under forward-mode AD, a map that reads a dual tensor
+    it was not given returns duals, which the solvers' tensor code cannot write into its buffers (an ``out=``
+    operation has no forward-mode rule). The solve runs on values; :func:`check_complete` then names the tensor."""
+
+    def __init__(self, evaluate):
+        self.evaluate = evaluate
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return forward_ad.unpack_dual(self.evaluate(x)).primal
+
+    def restrict(self, index: Tensor) -> None:
+        self.evaluate.restrict(index)
+
+
 def _evaluator(problem: _Problem, args: Sequence[Any]):
     if problem.batched is not None and problem.layout.per_sample and any(problem.batched):
-        return _Compacting(problem, args, problem.batched)
-    return _WholeBatch(problem.iteration_map(args), problem.layout)
+        evaluate = _Compacting(problem, args, problem.batched)
+    else:
+        evaluate = _WholeBatch(problem.iteration_map(args), problem.layout)
+    return _Primal(evaluate) if forward_ad._current_level >= 0 else evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ instead of a silently zero tangent or gradient.
 
 Before, such a tensor was not collected (only tensors requiring grad were): forward mode returned a zero tangent
 (``torch.func.jvp``) or none (``forward_ad``), silently, and vmap failed."""
+import contextlib
 import functools
 
 import pytest
 import torch
 from torch.autograd import forward_ad
 
-from fpidsl.runtime import fixed_point
+from fpidsl.runtime import fixed_point, native
 from fpidsl.runtime.capture import HiddenTensorError, discover, varies
 
 from .helpers import DTYPE, TIGHT, TIGHT_BACKWARD, generator, rel_err
@@ -97,15 +98,22 @@ def test_a_partial_argument_carrying_a_tangent_is_collected():
     assert rel_err(tangent, finite_difference(solve, z, v)) < 1e-7
 
 
-def hidden_solve(z):
+def hidden_solve(z, **settings):
     box = (z,)  # a tuple: not searched, so the tensor cannot be made an argument
-    return fixed_point(lambda x: torch.tanh(x @ W.T + box[0]), torch.zeros_like(z), **TIGHT)
+    return fixed_point(lambda x: torch.tanh(x @ W.T + box[0]), torch.zeros_like(z), **{**TIGHT, **settings})
 
 
-def test_a_hidden_dual_tensor_raises_under_forward_ad():
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_hidden_dual_tensor_raises_under_forward_ad(method, kernels):
+    """With the native kernels and with the tensor code (a GPU's path), whose ``out=`` writes have no forward-mode
+    rule: the solve runs on primal values, and the check names the tensor."""
     z, v = inputs()
-    with forward_ad.dual_level(), pytest.raises(HiddenTensorError, match="carries a forward-mode tangent"):
-        hidden_solve(forward_ad.make_dual(z, v))
+    with contextlib.ExitStack() as stack:
+        if not kernels:
+            stack.enter_context(native.turned_off())
+        with forward_ad.dual_level(), pytest.raises(HiddenTensorError, match="carries a forward-mode tangent"):
+            hidden_solve(forward_ad.make_dual(z, v), method=method)
 
 
 @pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
