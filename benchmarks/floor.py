@@ -5,7 +5,8 @@
 
 The floor and its parts are run.py's (:func:`run.floor_row`): forward steps x one evaluation of g + backward steps x
 one VJP + the once-a-step work, each timed alone, against the step; each round times the step and then every part,
-and the ratio is the median over rounds of the step over that round's floor (:func:`run.floor_times`). ``--clock cpu``
+and the ratio is the median over rounds of the step over that round's floor (:func:`run.floor_times`); the last
+column gives the lowest and the highest round's ratio, the spread the machine put on it. ``--clock cpu``
 times with this thread's CPU time (``time.thread_time``; every contender runs on one intra-op thread), which on a
 machine shared with other jobs leaves out the time the process waited for a core; it does not leave out their
 effect on the caches. The ratio, not the milliseconds, is the claim.
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             step = run.fpidsl_step(w, method, out)
             step()
             times = run.floor_times(w, step, out, args.repeats)
-            rows.append(run.floor_row(w, method, step, out, args.repeats, times))
+            rows.append([*run.floor_row(w, method, step, out, args.repeats, times),
+                         "{:.2f}-{:.2f}".format(*times.ratio_range)])
             if method == "anderson":
                 history_rows.append(anderson_history_row(w, out, times.floor, times.alone, args.repeats))
             if method == "broyden":
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(1, 5, 15 min) {'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
           f"{'/'.join(f'{x:.2f}' for x in load_after)} at the end, on {os.cpu_count()} cores\n")
     print(run.table(["workload", "method", "forward (steps x ms)", "backward (steps x ms)", "once ms", "floor ms",
-                     "fpidsl ms (alone)", "ratio", f"target {run.TARGET_FLOOR}x", "hand g / VJP ms"], rows))
+                     "fpidsl ms (alone)", "ratio", f"target {run.TARGET_FLOOR}x", "hand g / VJP ms",
+                     "ratio, lowest-highest round"], rows))
     if history_rows:
         print("\nAnderson's least history work (not in the floor above): per iteration after the first, one product "
               "of a state-sized row with the m-row history (the workloads' m) and one mix of the history, timed "

@@ -307,6 +307,7 @@ class FloorTimes(NamedTuple):
     floor: float
     alone: float
     ratio: float
+    ratio_range: tuple[float, float] = (float("nan"), float("nan"))  # the lowest and highest round's ratio
 
 
 def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> FloorTimes:
@@ -324,8 +325,9 @@ def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> FloorTim
             samples.append(_timed(fn, inner))
     floors = [_floor(out, *round_parts) for round_parts in zip(*parts[:3])]
     medians = [statistics.median(p) for p in parts]
-    return FloorTimes(*medians, _floor(out, *medians[:3]), statistics.median(steps),
-                      statistics.median(s / f for s, f in zip(steps, floors)))
+    ratios = [s / f for s, f in zip(steps, floors)]
+    return FloorTimes(*medians, _floor(out, *medians[:3]), statistics.median(steps), statistics.median(ratios),
+                      (min(ratios), max(ratios)))
 
 
 def _floor(out: Outcome, g: float, vjp: float, once: float) -> float:
