@@ -153,7 +153,9 @@ def _evaluator(problem: _Problem, args: Sequence[Any]):
         evaluate = _Compacting(problem, args, problem.batched)
     else:
         evaluate = _WholeBatch(problem.iteration_map(args), problem.layout)
-    return _Primal(evaluate) if forward_ad._current_level >= 0 else evaluate
+    # the forward solve only: check_complete follows it and names a hidden dual tensor; elsewhere (the adjoint solve
+    # of forward-over-reverse) a tangent is real and must not be dropped
+    return _Primal(evaluate) if problem.phase == "forward" and forward_ad._current_level >= 0 else evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------------
