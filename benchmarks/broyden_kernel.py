@@ -5,10 +5,10 @@
 
 At the conv16 state (batch 8, 4096 values, memory m = 50) and a few numbers ``k`` of held updates, one call of
 ``fpidsl.runtime.native.broyden_step`` (an update and a proposal) is timed against the least history work of any
-limited-memory Broyden iteration: each of its two ``k``-row histories read once, as one ``bmm`` of two rows with the
-steps and one ``baddbmm`` of two rows of coefficients with the updates (floor.py's Broyden row). "Cold" writes a
-buffer larger than the last-level cache before each call, as the map's work between two calls of a training step
-does; "hot" calls back to back. Medians of ``--repeats`` calls, alternating the two contenders, this thread's CPU
+limited-memory Broyden iteration (``floor.broyden_least_work``: each of its two ``k``-row histories read once, as
+one ``bmm`` of two rows with the steps and one ``baddbmm`` of two rows of coefficients with the updates).
+"Cold" writes a buffer larger than the last-level cache before each call, as the map's work between two calls of
+a training step does; "hot" calls back to back. Medians of ``--repeats`` calls, alternating the two contenders, this thread's CPU
 time, one thread.
 """
 from __future__ import annotations
@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from floor import broyden_least_work  # noqa: E402
 
 from fpidsl.runtime import native  # noqa: E402
 
@@ -51,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     evict = torch.empty(args.evict_mb * (1 << 20) // 4)
 
     def kernel(k: int) -> None:
-        native.broyden_step(lib, k, True, x, g, f, x_prev, f_prev, U, S, R, out)
+        native.broyden_step(lib, k, x, g, f, x_prev, f_prev, U, S, R, out)
 
     def least(k: int) -> None:
-        torch.bmm(rows, S[:, :k].transpose(1, 2))
-        torch.baddbmm(rows, coefficients[:, :, :k], U[:, :k], alpha=-1)
+        broyden_least_work(rows, coefficients, S, U, k)
 
     command = " ".join(["python benchmarks/broyden_kernel.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"`{command}`: batch {B}, {D} values, m = {m}, float32, medians of {args.repeats} calls, thread CPU "

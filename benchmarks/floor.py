@@ -19,6 +19,7 @@ Broyden's least history work (each of its two histories read once an iteration; 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402
 from workloads import FULL, make_workloads  # noqa: E402
+
+from fpidsl.runtime.solvers import Broyden  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,30 +109,30 @@ def anderson_history_row(w, out: run.Outcome, floor: float, alone: float, repeat
             f"{alone / total:.2f}"]
 
 
+def broyden_least_work(rows: torch.Tensor, coefficients: torch.Tensor, S: torch.Tensor, U: torch.Tensor,
+                       k: int) -> None:
+    """The least history work of a limited-memory Broyden iteration holding ``k`` updates: its ``k`` steps (or
+    ``v`` vectors) read once for their products with two rows (``df`` and ``f``: one ``bmm``) and its ``k`` updates
+    read once for the new update and the proposal (two rows of coefficients: one ``baddbmm``)."""
+    torch.bmm(rows, S[:, :k].transpose(1, 2))
+    torch.baddbmm(rows, coefficients[:, :, :k], U[:, :k], alpha=-1)
+
+
 def broyden_history_row(w, out: run.Outcome, floor: float, alone: float, repeats: int) -> list[str]:
-    """The least work a limited-memory Broyden iteration holding ``k`` updates does beyond evaluating the map:
-    read its ``k`` steps (or ``v`` vectors) once for their products with ``df`` and ``f`` (one ``bmm`` of two rows)
-    and its ``k`` updates once for the new update and the proposal (one ``baddbmm`` of two rows), timed alone on
-    the workload's state size. Iteration ``n`` of a solve (from 1) holds ``(n - 2) mod m`` updates (the first
-    two read none; a full memory restarts); summed over the forward and backward iterations."""
+    """:func:`broyden_least_work` timed alone on the workload's state size for every ``k`` its solves held:
+    iteration ``n`` of a solve (from 1) holds ``(n - 2) mod m`` updates (the first two read none; a full memory
+    restarts); summed over the forward and backward iterations."""
     batch, dim = w.target.shape[0], w.target[0].numel()
-    m = 50  # the runtime's default, which the workloads keep
+    m = w.settings("broyden")[0].get("m", Broyden().m)
     S, U = torch.randn(batch, m, dim), torch.randn(batch, m, dim)
     rows, coefficients = torch.randn(batch, 2, dim), torch.randn(batch, 2, m)
-
-    def least(k: int):
-        def run_k() -> None:
-            torch.bmm(rows, S[:, :k].transpose(1, 2))
-            torch.baddbmm(rows, coefficients[:, :, :k], U[:, :k], alpha=-1)
-        return run_k
-
     held = [(n - 2) % m for iters in (out.forward_iters, out.backward_iters) for n in range(3, iters + 1)]
     inner = 3 if batch * dim > 100_000 else 20
-    cost = {k: run.median_time(least(k), repeats, inner) for k in sorted(set(held)) if k}
+    cost = {k: run.median_time(functools.partial(broyden_least_work, rows, coefficients, S, U, k), repeats, inner)
+            for k in sorted(set(held)) if k}
     history = sum(cost.get(k, 0.0) for k in held)
     total = floor + history
     return [w.name, f"{batch} x {dim}", run.ms(history), run.ms(total), run.ms(alone), f"{alone / total:.2f}"]
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -307,7 +307,7 @@ class FloorTimes(NamedTuple):
     floor: float
     alone: float
     ratio: float
-    ratio_range: tuple[float, float] = (float("nan"), float("nan"))  # the lowest and highest round's ratio
+    ratio_range: tuple[float, float]  # the lowest and highest round's ratio
 
 
 def floor_times(w: Workload, step: Step, out: Outcome, repeats: int) -> FloorTimes:

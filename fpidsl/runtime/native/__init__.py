@@ -143,17 +143,15 @@ def anderson_step(lib: ctypes.CDLL, k: int, s: int, lam: float, tiny: float, sla
         raise RuntimeError(f"fpidsl's native Anderson step refused its arguments (m={m}, k={k}, slot {s})")
 
 
-def broyden_step(lib: ctypes.CDLL, k: int, update: bool, x: Tensor, g: Tensor, f: Tensor, x_prev: Tensor | None,
-                 f_prev: Tensor | None, U: Tensor, S: Tensor, R: Tensor, out: Tensor) -> None:
-    """One fused Broyden step (see ``broyden_step.c``): with ``update``, writes slot ``k`` of ``U``/``S`` and row
-    ``k`` of ``R`` from the step ``x - x_prev``; writes the next iterate into ``out``. The caller has checked
+def broyden_step(lib: ctypes.CDLL, k: int, x: Tensor, g: Tensor, f: Tensor, x_prev: Tensor, f_prev: Tensor,
+                 U: Tensor, S: Tensor, R: Tensor, out: Tensor) -> None:
+    """One fused Broyden step with an update (see ``broyden_step.c``): writes slot ``k`` of ``U``/``S`` and row
+    ``k`` of ``R`` from the step ``x - x_prev``, and the next iterate into ``out``. The caller has checked
     :func:`usable`."""
     batch, m, dim = U.shape
     fn = lib.fpidsl_broyden_step_f32 if x.dtype == torch.float32 else lib.fpidsl_broyden_step_f64
-    held = (x_prev.data_ptr(), f_prev.data_ptr()) if update else (None, None)
-    pointers = (x.data_ptr(), g.data_ptr(), f.data_ptr(), *held, U.data_ptr(), S.data_ptr(), R.data_ptr(),
-                out.data_ptr())
-    if fn(0, batch, dim, m, k, int(update), *pointers) < 0:
+    pointers = (t.data_ptr() for t in (x, g, f, x_prev, f_prev, U, S, R, out))
+    if fn(0, batch, dim, m, k, *pointers) < 0:
         raise RuntimeError(f"fpidsl's native Broyden step refused its arguments (m={m}, k={k})")
 
 
@@ -222,7 +220,7 @@ def _load() -> ctypes.CDLL:
     except OSError as e:
         raise _Unavailable(f"{target} did not load: {e}") from None
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    signatures = {"anderson_step": [i64] * 6 + [dbl] * 3 + [ptr] * 8, "broyden_step": [i64] * 6 + [ptr] * 9,
+    signatures = {"anderson_step": [i64] * 6 + [dbl] * 3 + [ptr] * 8, "broyden_step": [i64] * 5 + [ptr] * 9,
                   "judge_step": [i64] * 4 + [dbl] * 4 + [ptr] * 18, "finish_step": [i64] * 4 + [ptr] * 27}
     for kernel, argtypes in signatures.items():
         for dtype in ("f32", "f64"):

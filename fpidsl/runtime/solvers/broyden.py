@@ -32,7 +32,7 @@ Implementation notes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ class BroydenState:
     slot: int = 0  # the slot the next update goes to (== filled; kept for symmetry with Anderson's ring)
     kernel: object = None  # the native library where its kernel takes this solve's buffers (fpidsl.runtime.native)
     held_native: bool = False  # whether the kernel can take x_prev and f_prev (checked when they were new)
-    minus_identity: Tensor | None = None  # (m, m): -I, whose row k ends a new row of R (the tensor code's; made once)
+    minus_identity: Tensor | None = None  # (m, m): -I, whose row k ends a new row of R in the tensor code
 
 
 def _rows_times(rows: Tensor, buffer: Tensor) -> Tensor:
@@ -75,7 +75,8 @@ class Broyden:
         batch, dim = x.shape
         # only the filled slots (and rows of R) are ever read, each written whole before it is read
         state = BroydenState(U=x.new_empty(batch, self.m, dim), S=x.new_empty(batch, self.m, dim),
-                             R=x.new_empty(batch, self.m, self.m))
+                             R=x.new_empty(batch, self.m, self.m),
+                             minus_identity=-torch.eye(self.m, dtype=x.dtype, device=x.device))
         state.kernel = native.kernel_for(x, state.U, state.S, state.R)
         return state
 
@@ -85,37 +86,26 @@ class Broyden:
         if f is None:
             f = g - x
         fits = native.takes(state.kernel, x, g, f)
-        update = state.x_prev is not None
-        if update and state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update
-            state.filled = state.slot = 0  # would leave the later ones built on it inconsistent, and diverges)
-        if fits and (state.held_native or not update):
-            return self._native_step(x, g, f, state, update), state
-        state.held_native = fits
-        if state.minus_identity is None:
-            state.minus_identity = -torch.eye(self.m, dtype=x.dtype, device=x.device)
-        proposal = self._update(x, f, state) if update else self._propose(x, f, state)
-        state.x_prev, state.f_prev = x, f
+        if state.x_prev is None:  # the first step: H = -I, no update, the Picard step x + f
+            proposal = x + f
+        else:
+            if state.filled == self.m:  # memory full: restart from H = -I (dropping only the oldest update would
+                state.filled = state.slot = 0  # leave the later ones built on it inconsistent, and diverges)
+            if fits and state.held_native:
+                return self._native_step(x, g, f, state), state
+            proposal = self._update(x, f, state)
+        state.x_prev, state.f_prev, state.held_native = x, f, fits
         finite = torch.isfinite(proposal).all(dim=1, keepdim=True)
         return torch.where(finite, proposal, g), state
 
-    def _native_step(self, x: Tensor, g: Tensor, f: Tensor, state: BroydenState, update: bool) -> Tensor:
-        """:meth:`step` in one call of the native kernel (the update like :meth:`_update`, then the proposal)."""
+    def _native_step(self, x: Tensor, g: Tensor, f: Tensor, state: BroydenState) -> Tensor:
+        """:meth:`step` with an update in one call of the native kernel (the arithmetic of :meth:`_update`)."""
         out = torch.empty_like(x)
-        native.broyden_step(state.kernel, state.filled, update, x, g, f, state.x_prev, state.f_prev, state.U,
-                            state.S, state.R, out)
-        if update:
-            state.slot = state.filled = state.filled + 1
-        state.x_prev, state.f_prev, state.held_native = x, f, True
+        native.broyden_step(state.kernel, state.filled, x, g, f, state.x_prev, state.f_prev, state.U, state.S,
+                            state.R, out)
+        state.slot = state.filled = state.filled + 1
+        state.x_prev, state.f_prev = x, f
         return out
-
-    @staticmethod
-    def _propose(x: Tensor, f: Tensor, state: BroydenState) -> Tensor:
-        """``x - H f = x + f - sum_i (v_i . f) u_i`` over the filled slots, without an update."""
-        k = state.filled
-        if k == 0:
-            return x + f
-        c = _rows_times(_rows_times(f.unsqueeze(1), state.S[:, :k]), state.R[:, :k, :k])  # v_i . f
-        return torch.baddbmm((x + f).unsqueeze(1), c, state.U[:, :k], alpha=-1).squeeze(1)
 
     @staticmethod
     def _update(x: Tensor, f: Tensor, state: BroydenState) -> Tensor:
@@ -152,10 +142,8 @@ class Broyden:
         return wp[:, 1] - torch.where(usable, v_dot[:, 1:], zero) * state.U[:, k]
 
     def select(self, state: BroydenState, keep: Tensor) -> BroydenState:
-        held = (None, None) if state.x_prev is None else (state.x_prev.index_select(0, keep),
-                                                          state.f_prev.index_select(0, keep))
-        k = state.filled
-        return BroydenState(U=keep_rows(state.U, keep, k), S=keep_rows(state.S, keep, k),
-                            R=keep_rows(state.R, keep, k), x_prev=held[0], f_prev=held[1], filled=k,
-                            slot=state.slot, kernel=state.kernel, held_native=state.held_native,
-                            minus_identity=state.minus_identity)
+        k, held = state.filled, state.x_prev is not None
+        return replace(state, U=keep_rows(state.U, keep, k), S=keep_rows(state.S, keep, k),
+                       R=keep_rows(state.R, keep, k),
+                       x_prev=state.x_prev.index_select(0, keep) if held else None,
+                       f_prev=state.f_prev.index_select(0, keep) if held else None)
