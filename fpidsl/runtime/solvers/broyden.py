@@ -21,7 +21,7 @@ Implementation notes:
   ``-I`` (limited memory). Overwriting only the oldest update instead (torchdeq's
   ``LBFGS_thres``) leaves the later updates, each built on it, inconsistent: on the hard linear map (dimension
   128, ``benchmarks/toolkit.py --only memory``) torchdeq 0.1.0 returns NaN with ``LBFGS_thres`` 30 or 100, while
-  restarts converge (m=100: 682 iterations; m=300: 183). Products with the buffers are batched
+  restarts converge (m=100: 777 iterations; m=300: 183). Products with the buffers are batched
   row-times-buffer GEMMs;
 - a sample whose update is not finite (``v . dF = 0``: the secant step gave no information) keeps its ``H`` (its
   slot is written with zeros), and a sample whose proposed step is not finite takes the Picard step ``g(x)``;
