@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .transforms import func_vjp_args, func_vjp_state, is_transformed
 
@@ -60,7 +61,17 @@ def _independent(t: Tensor, create_graph: bool) -> Tensor:
     """
     if create_graph and t.requires_grad:
         return t.view_as(t)
-    return t.detach().requires_grad_()
+    return detached(t).requires_grad_()
+
+
+def detached(t: Tensor) -> Tensor:
+    """``t.detach()`` that keeps a forward-mode tangent (``detach`` drops it): forward mode over the backward
+    (``autograd.grad`` inside ``forward_ad.dual_level``) differentiates the vector-Jacobian products through it."""
+    if forward_ad._current_level >= 0:
+        primal, tangent = forward_ad.unpack_dual(t)
+        if tangent is not None:
+            return forward_ad.make_dual(primal.detach(), tangent)
+    return t.detach()
 
 
 def _pair_outputs(y: States, c: States) -> tuple[list[Tensor], list[Tensor]]:
@@ -136,7 +147,7 @@ class AutogradAdjoint:
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             args_i = tuple(_independent(a, create) if _wants_grad(a) else a for a in args)
-            y = self.call(xs if create else tuple(x.detach() for x in xs), args_i)
+            y = self.call(xs if create else tuple(detached(x) for x in xs), args_i)
             wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
             grads = _grads(y, [args_i[i] for i in wanted], c, create, retain=False)
         out: list[Tensor | None] = [None] * len(args)

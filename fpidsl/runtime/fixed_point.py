@@ -28,7 +28,7 @@ from .warm_start import WarmStart, eval_settings
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
 from .stats import Stats, enforce
-from .transforms import is_transformed, tangent_of_fixed_point, vmap_by_slices
+from .transforms import is_transformed, one_level_down, tangent_of_fixed_point, vmap_by_slices
 from .precision import solve_in_safe_dtype
 
 SettingsLike = SolverSettings | Mapping[str, Any] | None
@@ -218,7 +218,7 @@ class _FixedPointFunction(torch.autograd.Function):
     def jvp(ctx, _problem_tangent: None, *tangents: Any) -> States:  # forward mode: fpidsl.runtime.transforms
         n = ctx.problem.n_state
         x_hat, args = _saved(ctx, n)
-        return tangent_of_fixed_point(ctx.problem, x_hat, args, tangents[n:])
+        return one_level_down(lambda *v: tangent_of_fixed_point(ctx.problem, *v), x_hat, args, tangents[n:])
 
     @staticmethod
     def vmap(info, in_dims: tuple, problem: _Problem, *inputs: Any):  # torch.func.vmap: one solve per slice
@@ -275,7 +275,9 @@ def _backprop(problem: _Problem, x_hat: States, args: tuple, gbar: States, needs
     saved = tuple(adjoint.prepare(x_hat, args))
     adjoint_stats = problem.stats.record_adjoint(Stats())
     start = tuple(g.detach() for g in gbar)
-    if torch.is_grad_enabled() or is_transformed((*x_hat, *args, *gbar)):  # recording a higher derivative
+    # recording a higher derivative: create_graph, a torch.func transform, or forward-mode AD over the backward (a
+    # dual fixed point, argument or cotangent: the adjoint's own tangent fixed point carries it)
+    if torch.is_grad_enabled() or is_transformed((*x_hat, *args, *gbar)) or _dual((*x_hat, *args, *gbar)):
         c = _apply(_adjoint_problem(problem, saved, adjoint_stats), start, (*saved, *gbar))
         grads = vjp_args(adjoint, saved, c, needs)
     else:

@@ -110,6 +110,33 @@ def tangent_of_fixed_point(problem: Any, x_hat: States, args: tuple, arg_tangent
     return tuple(_apply(tangent, start, (*x_hat, *args, *b)))
 
 
+def one_level_down(rule: Callable[..., States], *inputs: Any) -> States:
+    """``rule(*inputs)`` for an ``autograd.Function``'s ``jvp`` staticmethod under ``torch.func.jvp``, computed one
+    functorch level down so that an enclosing transform differentiates it.
+
+    PyTorch runs a Function's jvp rule at the rule's own level with forward gradients off, so an outer
+    ``torch.func.jvp`` silently drops the tangent's own derivative (forward over forward gave zero second
+    derivatives: pytorch/pytorch#197867, still so in 2.13). The rule is run here the way functorch runs the
+    Function's ``forward``: on inputs unwrapped at the current level, under ``interpreter.lower()`` with forward and
+    backward gradients on, its outputs wrapped again. Outside ``torch.func.jvp`` (``torch.autograd.forward_ad``)
+    it is ``rule(*inputs)``."""
+    from torch._C._functorch import TransformType, _unwrap_for_grad, _wrap_for_grad
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+    from torch.utils._pytree import tree_map_only
+
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return rule(*inputs)
+    interpreter = retrieve_current_functorch_interpreter()
+    if interpreter.key() != TransformType.Jvp:
+        return rule(*inputs)
+    level = interpreter.level()
+    lowered = tree_map_only(Tensor, lambda t: _unwrap_for_grad(t, level), inputs)
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), interpreter.lower():
+        out = rule(*lowered)
+    return tuple(_wrap_for_grad(t, level) for t in out)
+
+
 def vmap_by_slices(apply: Callable[..., States], info: Any, in_dims: Sequence[Any], problem: Any,
                    inputs: Sequence[Any]) -> tuple[States, tuple[int, ...]]:
     """The vmap rule of the operator: ``apply(problem, *slice)`` for each slice of the vmapped dimension."""

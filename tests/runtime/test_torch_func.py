@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torch.autograd import forward_ad
+from torch.utils._pytree import tree_leaves
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import fpidsl
@@ -21,8 +22,7 @@ RTOL = 1e-10
 
 
 def close(got, want, rtol=RTOL):
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
+    got, want = tree_leaves(got), tree_leaves(want)  # nested: hessian over two arguments, dicts of parameters
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert a.shape == b.shape
@@ -63,6 +63,17 @@ TRANSFORMS = {
     "hessian": lambda F, a, W: hessian(lambda W: torch.sin(F(a, W)).sum())(W),
     "jacrev_jacrev": lambda F, a, W: jacrev(jacrev(lambda W: torch.sin(F(a, W)).sum()))(W),
     "jacrev_of_jvp": lambda F, a, W: jacrev(lambda W: jvp(lambda W: F(a, W), (W,), (torch.ones_like(W),))[1])(W),
+    # forward over forward: PyTorch drops a jvp rule's own tangent (pytorch/pytorch#197867); see one_level_down
+    "jvp_of_jvp": lambda F, a, W: jvp(lambda a: jvp(lambda a: F(a, W), (a,), (torch.cos(a),))[1], (a,),
+                                      (torch.sin(a),)),
+    "jvp_of_jvp_of_jvp": lambda F, a, W: jvp(
+        lambda a: jvp(lambda a: jvp(lambda a: F(a, W), (a,), (torch.cos(a),))[1], (a,), (torch.sin(a),))[1],
+        (a,), (torch.ones_like(a),)),
+    "jacfwd_jacfwd": lambda F, a, W: jacfwd(jacfwd(lambda W: torch.sin(F(a, W)).sum()))(W),
+    "hessian_wrt_both": lambda F, a, W: hessian(lambda a, W: torch.sin(F(a, W)).sum(), argnums=(0, 1))(a, W),
+    "jvp_of_grad": lambda F, a, W: jvp(grad(lambda W: torch.sin(F(a, W)).sum()), (W,), (torch.cos(W),)),
+    "jvp_of_jacrev_of_jvp": lambda F, a, W: jvp(
+        jacrev(lambda W: jvp(lambda W: F(a, W), (W,), (torch.ones_like(W),))[1]), (W,), (torch.sin(W),)),
 }
 
 
@@ -96,6 +107,30 @@ def test_reverse_over_forward_ad_matches_unrolled():
         return torch.sin(forward_ad_tangent(F, a, W, torch.cos(a), torch.ones_like(W))).sum()
 
     close(torch.autograd.grad(loss(fp), W)[0], torch.autograd.grad(loss(unrolled), W)[0])
+
+
+def gradient_tangent(F, a, W, V):
+    """Forward over reverse by hand: ``autograd.grad`` of a loss inside ``forward_ad.dual_level``, ``W`` a dual
+    along ``V``; the gradient's tangent is the Hessian-vector product."""
+    with forward_ad.dual_level():
+        W_dual = forward_ad.make_dual(W.clone().requires_grad_(), V)
+        (g_W,) = torch.autograd.grad(torch.sin(F(a, W_dual)).sum(), W_dual)
+        primal, tangent = forward_ad.unpack_dual(g_W)
+    assert tangent is not None, "the gradient lost its tangent"
+    return primal, tangent
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_forward_ad_over_the_backward_gives_the_hessian_vector_product(method):
+    a, W = data(4)
+    V = torch.cos(W)
+
+    def fp_method(a, W):
+        return fixed_point(g, torch.zeros_like(a), a, W, method=method, **SETTINGS)
+
+    close(gradient_tangent(fp_method, a, W, V), gradient_tangent(unrolled, a, W, V))
+    hvp = jvp(grad(lambda W: torch.sin(unrolled(a, W)).sum()), (W,), (V,))[1]
+    close(gradient_tangent(fp_method, a, W, V)[1], hvp)
 
 
 class Cell(nn.Module):
@@ -178,6 +213,8 @@ def test_compiled_layer_under_torch_func(layer):
         lambda F: vmap(F, in_dims=(None, 0))(params, a.unsqueeze(1).expand(3, 2, 4)),
         lambda F: jvp(lambda a: F(params, a), (a,), (torch.cos(a),)),
         lambda F: hessian(lambda w: torch.sin(F({**params, "fc2.bias": w}, a)).sum())(params["fc2.bias"]),
+        lambda F: jacfwd(jacfwd(lambda w: torch.sin(F({**params, "fc2.bias": w}, a)).sum()))(params["fc2.bias"]),
+        lambda F: jvp(lambda a: jvp(lambda a: F(params, a), (a,), (torch.cos(a),))[1], (a,), (torch.sin(a),)),
     ):
         got, want = transform(F), transform(U)
         if isinstance(got, dict):
@@ -186,6 +223,23 @@ def test_compiled_layer_under_torch_func(layer):
             got = (*got[0].values(), got[1])
             want = (*want[0].values(), want[1])
         close(got, want)
+
+
+def test_compiled_layer_forward_ad_over_the_backward(layer):
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    a, _ = data(8)
+    V = torch.sin(params["fc1.weight"])
+
+    def tangent_of_gradient(F):
+        with forward_ad.dual_level():
+            w = forward_ad.make_dual(params["fc1.weight"].clone().requires_grad_(), V)
+            (g_w,) = torch.autograd.grad(torch.sin(F({**params, "fc1.weight": w}, a)).sum(), w)
+            return forward_ad.unpack_dual(g_w)
+
+    got = tangent_of_gradient(lambda p, a: functional_call(layer, p, (a,)))
+    want = tangent_of_gradient(lambda p, a: layer_unrolled(layer, p, a))
+    assert got.tangent is not None
+    close(tuple(got), tuple(want))
 
 
 def test_compiled_layer_forward_ad(layer):
