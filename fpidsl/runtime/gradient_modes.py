@@ -20,7 +20,8 @@ With ``x* = f(x*, theta)`` the fixed point and ``gbar = dL/dx*``:
   ``on_fail`` is not applied (a pretraining iterate is not expected to have converged). Unlike the other modes,
   the output depends on the start, and its gradient reaches it.
 
-A higher derivative through ``jfb`` or ``phantom`` differentiates the surrogate's formula (with ``x*`` the
+A higher derivative through ``jfb`` or ``phantom`` (reverse over reverse, or forward AD over the backward)
+differentiates the surrogate's formula (with ``x*`` the
 differentiable output of the solve); only ``implicit`` and ``unrolled`` are exact derivatives of their output.
 The surrogates are reverse-mode only: forward-mode derivatives (``torch.func.jvp``) of a fixed point are the
 implicit ones whatever the mode.
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .adjoint import AutogradAdjoint, _Bound, linearized, vjp_args
+from .adjoint import AutogradAdjoint, _Bound, detached, linearized, vjp_args
 from .layout import States
 from .settings import JacobianFreeGradient, PhantomGradient, UnrolledGradient
 from .stats import SolveStats
@@ -96,9 +97,9 @@ def _by_autograd(problem, x_hat: States, args: tuple, gbar: States, needs: Seque
               if need and isinstance(a, Tensor) and a.is_floating_point()]
     with torch.enable_grad():
         leaves = list(args)
-        for i in wanted:
-            leaves[i] = args[i].detach().requires_grad_()
-        z = tuple(x.detach() for x in x_hat)
+        for i in wanted:  # detached keeps a forward-mode tangent: forward AD over this backward differentiates it
+            leaves[i] = detached(args[i]).requires_grad_()
+        z = tuple(detached(x) for x in x_hat)
         for _ in range(k):
             z = _damped(z, problem.fn(z, *leaves), tau)
         pairs = [(zi, gi) for zi, gi in zip(z, gbar) if zi.requires_grad]

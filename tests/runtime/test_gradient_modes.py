@@ -146,3 +146,38 @@ def test_modes_from_a_spec_use_the_compiled_backward(tmp_path):
     (g1,) = torch.autograd.grad((x * a).sum(), list(jfb.parameters())[0])
     (ref1,) = torch.autograd.grad((torch.tanh(x.detach() @ weight.T) * 0.5 * a).sum(), weight)
     assert torch.allclose(g1, ref1, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", [{"mode": "jfb"}, {"mode": "phantom", "k": 5, "tau": 0.5}])
+def test_forward_ad_over_a_surrogate_backward_differentiates_its_formula(mode):
+    """The surrogate gradient G(W) = d/dW' [w . z_k(x*, W')] at W' = W, x*(W) the fixed point, differentiated
+    along V by forward AD over the backward: the total derivative of G, x*'s implicit tangent included."""
+    from torch.autograd import forward_ad
+    from torch.func import grad, jvp
+
+    W, c, w = _problem(3)
+    W, c = W.detach(), c.detach()
+    V = torch.cos(W)
+    k, tau = (1, 1.0) if mode["mode"] == "jfb" else (mode["k"], mode["tau"])
+
+    def surrogate(W):
+        x_star = c
+        for _ in range(200):  # contraction about 0.6: 0.6^200 is far below rounding
+            x_star = f(x_star, W, c)
+
+        def loss(W_held):
+            z = x_star
+            for _ in range(k):
+                z = (1 - tau) * z + tau * f(z, W_held, c)
+            return (w * z).sum()
+
+        return grad(loss)(W)
+
+    want = jvp(surrogate, (W,), (V,))
+    with forward_ad.dual_level():
+        W_dual = forward_ad.make_dual(W.clone().requires_grad_(), V)
+        x = fixed_point(f, torch.zeros_like(c), W_dual, c, tol=1e-13, backward={**mode, "tol": 1e-13})
+        (g_W,) = torch.autograd.grad((w * x).sum(), W_dual)
+        got = forward_ad.unpack_dual(g_W)
+    assert got.tangent is not None
+    assert rel_err(got.primal, want[0]) < 1e-11 and rel_err(got.tangent, want[1]) < 1e-10
