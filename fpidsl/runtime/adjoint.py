@@ -67,7 +67,7 @@ def _independent(t: Tensor, create_graph: bool) -> Tensor:
 def detached(t: Tensor) -> Tensor:
     """``t.detach()`` that keeps a forward-mode tangent (``detach`` drops it): forward mode over the backward
     (``autograd.grad`` inside ``forward_ad.dual_level``) differentiates the vector-Jacobian products through it."""
-    if forward_ad._current_level >= 0:
+    if forward_ad._current_level >= 0 and t.layout == torch.strided:
         primal, tangent = forward_ad.unpack_dual(t)
         if tangent is not None:
             return forward_ad.make_dual(primal.detach(), tangent)

@@ -251,8 +251,9 @@ def _dual(inputs: Sequence[Any]) -> bool:
     """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on any input."""
     from torch.autograd import forward_ad
 
-    return forward_ad._current_level >= 0 and any(
-        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+    return forward_ad._current_level >= 0 and any(  # a sparse tensor has no storage for unpack_dual to read
+        isinstance(t, Tensor) and t.layout == torch.strided and forward_ad.unpack_dual(t).tangent is not None
+        for t in inputs)
 
 
 _SAVED = object()  # in ctx.constants: the place of a saved tensor (a constant may itself be None: dropout's seeds)
