@@ -81,7 +81,9 @@ def fixed_point_states(
     stats.forward = first.forward  # the solve's record (the confirming solve from its result took an iteration)
     states = []
     for i in iterations:
-        z = _steps(f, layout.unflatten(snapshots[i]), tuple(args), k, tau, single)
+        # a half or bfloat16 solve runs in float32 (.precision): its iterates come back in the states' dtypes
+        snapshot = tuple(s.to(x.dtype) for s, x in zip(layout.unflatten(snapshots[i]), starts))
+        z = _steps(f, snapshot, tuple(args), k, tau, single)
         states.append(z[0] if single else z)
     states.append(last)
     return (states, stats) if return_stats else states

@@ -545,8 +545,8 @@ class FixedPoint(nn.Module):
     def forward(self, x0: Tensor | Sequence[Tensor], *args: Any) -> Any:
         self.stats = Stats()
         settings = self.solve_settings if self.training else self.eval_settings
-        x_hat = _run(self.f, self.warm.start(x0), args, settings, self.backward_settings, self.adjoint, self.stats,
-                     self.history, self.batched, self.per_sample, trace=self.trace)
+        x_hat = _run(self.f, self.warm.start(x0, self.backward_settings), args, settings, self.backward_settings,
+                     self.adjoint, self.stats, self.history, self.batched, self.per_sample, trace=self.trace)
         self.warm.remember(x_hat)
         return x_hat
 

@@ -3,8 +3,8 @@
 The Hutchinson estimate: for ``v ~ N(0, I)``, ``E |v^T J|^2 = trace(J J^T) = |J|_F^2``, so the mean of ``|v^T J|^2``
 over ``samples`` draws is an unbiased estimate whose variance falls like ``1 / samples``. ``J`` is per sample (the
 map treats samples independently), and so is the estimate: ``reduction="none"`` returns one per sample, ``"mean"``
-(the default) their mean and ``"sum"`` their sum. (torchdeq's ``jac_reg`` divides the sum by the batch size
-times the state size; multiply accordingly to match it.)
+(the default) their mean and ``"sum"`` their sum (on an empty batch: nothing, 0, and torch's nan for the mean).
+(torchdeq's ``jac_reg`` divides the sum by the batch size times the state size; multiply accordingly to match it.)
 
 The result is differentiable: ``v^T J`` is computed with the adjoint's ``vjp_state`` (the compiled backward map,
 or autograd) recording a graph, at the fixed point as the solve returned it, so a loss ``L + gamma * penalty``
@@ -13,6 +13,7 @@ them, by the implicit backward).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,7 +25,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _rows(t: Tensor, per_sample: bool) -> Tensor:
-    return t.reshape(t.shape[0], -1) if per_sample else t.reshape(1, -1)
+    """``t`` as (rows, values); explicit sizes, since ``-1`` cannot be inferred for an empty batch."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if per_sample else t.reshape(1, t.numel())
 
 
 def jacobian_penalty(

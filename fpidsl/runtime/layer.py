@@ -373,9 +373,10 @@ class CompiledLayer(nn.Module):
 
         init = kwargs.pop("init", None) if "init" not in self.INPUTS else None
         spec, values, x0, options = self._begin_call(args, kwargs)
-        if init is not None:
+        if init is not None:  # a call-time start wins over the warm start
             x0 = given_start(init, tuple(x0), list(self.STATES), spec)
-        x0 = self.warm.start(tuple(x0))
+        else:
+            x0 = self.warm.start(tuple(x0), self.backward_settings)
         stats = Stats()
         x_hat = fixed_point(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, stats=stats, **options)
         self._keep(stats=stats)

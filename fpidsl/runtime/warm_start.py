@@ -9,6 +9,9 @@
   trade accuracy for time (a smaller ``max_iter``, a looser ``tol``).
 
 Only where the iteration starts changes: the fixed point, and so the gradient, are the same (to the tolerance).
+Two exceptions keep that promise: a call-time ``init`` wins over the remembered point (the caller asked for that
+start), and the ``unrolled`` gradient mode never warm-starts (its output is ``k`` steps from the start, so a
+remembered point would make a call's output depend on the calls before it).
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ class WarmStart:
         self.enabled = bool(enabled)
         self.points: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
 
-    def start(self, x0: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
-        """``x0``, or the remembered fixed point of the same shapes (in ``x0``'s structure)."""
-        if not self.enabled:
+    def start(self, x0: Tensor | Sequence[Tensor], backward: SolverSettings) -> Tensor | tuple[Tensor, ...]:
+        """``x0``, or the remembered fixed point of the same shapes (in ``x0``'s structure); always ``x0`` when the
+        ``backward`` settings' mode is ``unrolled`` (see the module's doc)."""
+        if not self.enabled or backward.mode == "unrolled":
             return x0
         states = (x0,) if isinstance(x0, Tensor) else tuple(x0)
         found = self.points.get(_key(states))

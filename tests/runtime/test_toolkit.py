@@ -315,3 +315,63 @@ def test_layer_correction_outputs(layer_class):
 
     correction_loss([o.pow(2).mean() for o in outputs]).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_correction_outputs_in_half_precision(layer_class, dtype):
+    """The solve runs in float32 there; the intermediate states come back in the layer's dtype, near float32's."""
+    torch.manual_seed(2)
+    settings = {"max_iter": 30, "tol": 1e-4, "on_fail": "ignore"}
+    full = layer_class(solve=settings)
+    half = layer_class(solve=settings).to(dtype)
+    half.load_state_dict(full.state_dict())
+    a = torch.randn(3, N)
+    want = full.correction_outputs(a, n_states=3)
+    got = half.correction_outputs(a.to(dtype), n_states=3)
+    assert [o.dtype for o in got] == [dtype] * 3
+    for g, w in zip(got, want):
+        assert float((g.float() - w).detach().abs().max()) < 0.05
+
+
+def test_a_call_time_init_wins_over_the_warm_start(layer_class):
+    torch.manual_seed(4)
+    cold = layer_class().double()
+    warm = layer_class(warm_start=True).double()
+    warm.load_state_dict(cold.state_dict())
+    a, b = torch.randn(4, N, dtype=DTYPE), torch.randn(4, N, dtype=DTYPE)
+    with torch.no_grad():
+        x_b = cold(b)
+        warm(a)  # remembers a's fixed point, of the same shapes
+        warm(b, init=x_b)
+    assert warm.stats.forward.max_iterations <= 2  # started at b's fixed point, not at a's
+
+
+@pytest.mark.parametrize("make", ["layer", "module"])
+def test_the_unrolled_mode_never_warm_starts(layer_class, make):
+    """Its output is k steps from the start: a remembered point would make a call depend on the calls before."""
+    torch.manual_seed(5)
+    mode = {"mode": "unrolled", "k": 3}
+    if make == "layer":
+        cold, warm = layer_class(backward=mode).double(), layer_class(backward=mode, warm_start=True).double()
+        warm.load_state_dict(cold.state_dict())
+        call = lambda layer, a: layer(a)  # noqa: E731
+    else:
+        W = (0.5 * torch.randn(N, N, dtype=DTYPE)).requires_grad_()
+        cold, warm = (FixedPoint(lambda x, a: torch.tanh(x @ W.T + a), backward=mode, warm_start=w) for w in (0, 1))
+        call = lambda layer, a: layer(torch.zeros_like(a), a)  # noqa: E731
+    a = torch.randn(4, N, dtype=DTYPE)
+    with torch.inference_mode():
+        call(warm, torch.randn(4, N, dtype=DTYPE))  # an inference tensor would be unusable as a training start
+    out = call(warm, a)
+    assert torch.equal(out, call(cold, a))
+    out.sum().backward()
+
+
+def test_jacobian_penalty_of_an_empty_batch():
+    W = (0.1 * torch.randn(N, N, dtype=DTYPE)).requires_grad_()
+    f = lambda x, a: torch.tanh(x @ W.T + a)  # noqa: E731
+    a = torch.zeros(0, N, dtype=DTYPE)
+    x = fixed_point(f, torch.zeros_like(a), a)
+    assert jacobian_penalty(f, x, a, reduction="none").shape == (0,)
+    assert float(jacobian_penalty(f, x, a, reduction="sum").detach()) == 0.0
+    assert math.isnan(float(jacobian_penalty(f, x, a, reduction="mean").detach()))  # torch's mean of nothing
