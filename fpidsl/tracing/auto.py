@@ -13,8 +13,9 @@ perturbed one (:func:`~fpidsl.tracing.api.check_agrees`); where it does not, ``f
 so once (:class:`TraceMismatchWarning`). A map that cannot be traced (an operation with no primitive, control
 flow on values) falls back silently: the result is the same, only slower. A tensor that ``f`` reads without
 owning it or taking it as an argument (a closure cell, a global) is looked up again at every call; if it was
-replaced, the map is traced again, and so it is when a plain Python value it reads changes (a module's
-``self.scale``, a closure's number: fx fixes those into the graph; :func:`_python_state`). A function whose code was
+replaced, the map is traced again, and so it is when a Python value it may read changes (a module's
+``self.scale``, a config object's field, a class attribute, a global of a function it calls, a submodule's type:
+fx fixes those into the graph; :mod:`fpidsl.tracing.python_state`). A function whose code was
 traced :data:`MAX_TRACES` times (a new closure at every call), or a map traced for :data:`MAX_TRACES` signatures,
 is not traced any more.
 """
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..runtime.fixed_point import Hoisted, register_trace_planner
 from .api import TracedMap, trace_map
 from .fx_capture import UntraceableError
+from .python_state import MAX_ITEMS, StateTooLarge, python_state
 
 MAX_TRACES = 8
 
@@ -69,7 +71,7 @@ def _owner(f: Callable) -> tuple[Any, Any]:
     return f, None
 
 
-def _signature(x0: Any, args: Sequence[Any], batched, per_sample: bool, owner: Any) -> tuple | None:
+def _signature(x0: Any, args: Sequence[Any], batched, per_sample: bool, state: tuple) -> tuple | None:
     parts: list[Any] = [type(x0)]
     for a in (*((x0,) if isinstance(x0, Tensor) else x0), *args):
         if isinstance(a, Tensor):
@@ -80,43 +82,7 @@ def _signature(x0: Any, args: Sequence[Any], batched, per_sample: bool, owner: A
             except TypeError:
                 return None
             parts.append(("value", type(a), a))
-    return (tuple(parts), None if batched is None else tuple(batched), per_sample, _python_state(owner))
-
-
-_SCALARS = (bool, int, float, complex, str, type(None))
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` if it is a number, a string, None or a short tuple or list of them (as a tuple), else ``...``."""
-    if isinstance(value, _SCALARS):
-        return value
-    if isinstance(value, (tuple, list)) and depth < 2 and len(value) <= 16:
-        items = tuple(_plain(v, depth + 1) for v in value)
-        return ... if ... in items else items
-    return ...
-
-
-def _python_state(owner: Any) -> tuple:
-    """The plain Python values the trace may have fixed: every (sub)module's public attributes (``self.scale``,
-    ``training``), a function's closure cells, defaults and the globals its code names. A change of any of them
-    makes another signature, so the map is traced again instead of running with the old value."""
-    out: list[Any] = []
-    if isinstance(owner, nn.Module):
-        for _, module in owner.named_modules():
-            out.append(tuple((k, v) for k, v in ((k, _plain(v)) for k, v in vars(module).items()
-                                                 if not k.startswith("_")) if v is not ...))
-        return tuple(out)
-    fn = owner if isinstance(owner, types.FunctionType) else None
-    if fn is None:
-        return ()
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(_plain(cell.cell_contents))
-        except ValueError:  # an empty cell
-            cells.append(...)
-    names = tuple((n, _plain(fn.__globals__[n])) for n in fn.__code__.co_names if n in fn.__globals__)
-    return (tuple(cells), tuple(_plain(d) for d in fn.__defaults__ or ()), names)
+    return (tuple(parts), None if batched is None else tuple(batched), per_sample, state)
 
 
 def _locations(f: Callable, foreign: dict[str, Any]) -> tuple | None:
@@ -205,7 +171,11 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
                                                for s in states):
         return None, ("only floating-point tensor states with a batch dimension (per_sample=True) are traced",)
     owner, rest = _owner(f)
-    signature = _signature(x0, args, batched, per_sample, owner)
+    try:
+        state = python_state(f)
+    except StateTooLarge as exc:
+        return None, (f"{exc}; the trace cache watches at most {MAX_ITEMS} (pass big objects as arguments)",)
+    signature = _signature(x0, args, batched, per_sample, state)
     if signature is None:
         return None, ("an argument that is neither a tensor nor hashable",)
     try:
@@ -226,7 +196,8 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
             params = entry.traced.tensors(owner if isinstance(owner, nn.Module) else None)
         except AttributeError:  # a submodule or parameter was removed
             params = None
-        if params is not None and all(shape is None or p.shape == shape for p, shape in zip(params, entry.traced.shapes)):
+        if params is not None and all(shape is None or (isinstance(p, Tensor) and p.shape == shape)
+                                      for p, shape in zip(params, entry.traced.shapes)):
             return entry, params
         del table[key]  # the module changed: trace it again
     return None, ("the map's module changes at every call",)

@@ -12,12 +12,13 @@ dimension, ``a * B + b`` (:class:`BatchDim`), and one that does not is a number.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 import warnings
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -54,6 +55,7 @@ class _Tracer(fx.Tracer):
         self._foreign_names: dict[int, str] = {}
         # (target, tensors) as the map met them: a module's parameters and buffers at its call, a tensor it read
         self.seen: list[tuple[str, dict[str, Tensor]]] = []
+        self.grad_off: list[fx.Node] = []  # operations the map ran with gradients off (torch.no_grad ...)
 
     def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
         """The user's frames (fx keeps those below a ``forward`` only, which a plain function has not)."""
@@ -87,7 +89,16 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if self.is_leaf_module(m, ""):
             self.seen.append((self.path_of_module(m), _tensors_of(m)))
+        elif hooked(m):
+            raise UntraceableError(f"the module {type(m).__name__} has forward hooks, which a trace would skip")
         return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                    type_expr: Any = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind in ("call_function", "call_method", "call_module") and not torch.is_grad_enabled():
+            self.grad_off.append(node)  # the trace runs under enable_grad: the map turned gradients off here
+        return node
 
     def create_arg(self, a: Any):
         if isinstance(a, Tensor) and not isinstance(a, fx.Proxy):
@@ -100,6 +111,35 @@ class _Tracer(fx.Tracer):
             self.seen.append((name, {"": a}))
             return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones), which a trace of its ``forward`` or a
+    primitive reading its weights would skip (``torch.nn.utils.weight_norm`` recomputes ``weight`` in one)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_forward_hooks)
+
+
+@contextlib.contextmanager
+def _custom_functions_refused() -> Iterator[None]:
+    """``torch.autograd.Function.apply`` on a traced value raises :class:`UntraceableError` while this is active:
+    fx would record the operations of the Function's ``forward`` and differentiate those, not its ``backward``.
+    Calls on other values (a Function applied to constants) run as usual."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+            raise UntraceableError(f"the map applies the autograd.Function {cls.__name__}, whose backward a trace "
+                                   "of its forward would not follow")
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 def _tensors_of(module: nn.Module) -> dict[str, Tensor]:
@@ -155,13 +195,22 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
     if isinstance(f, types.MethodType):  # fx traces functions: the method's function, its object fixed
         root, bound = f.__func__, next(iter(inspect.signature(f.__func__).parameters))
         concrete[bound] = f.__self__
+    if isinstance(f, nn.Module) and hooked(f):
+        raise UntraceableError(f"the module {type(f).__name__} has forward hooks, which a trace would skip")
     tracer = _Tracer()
     try:
-        with warnings.catch_warnings():  # fx cannot guard a fixed object; the cache key holds it (tracing.auto)
-            warnings.filterwarnings("ignore", message="Was not able to add assertion")
+        with warnings.catch_warnings(), torch.enable_grad(), _custom_functions_refused():
+            warnings.filterwarnings("ignore", message="Was not able to add assertion")  # the cache key holds it
             graph = tracer.trace(root, concrete_args=concrete or None)
+    except UntraceableError:
+        raise
     except Exception as exc:  # fx raises many kinds: TraceError, TypeError (a Proxy in bool()), NameError ...
         raise UntraceableError(f"torch.fx cannot trace the map: {type(exc).__name__}: {exc}") from None
+    if tracer.grad_off:
+        node = tracer.grad_off[0]
+        raise UntraceableError(f"the map computes {node.target if isinstance(node.target, str) else node.name} with "
+                               "gradients off (torch.no_grad, set_grad_enabled, inference_mode), which a trace would "
+                               "differentiate; use .detach() for a value that takes no gradient")
     swapped = _swapped(tracer)
     if swapped is not None:
         raise UntraceableError(f"the map replaces the tensors of {_shown(swapped, tracer)} while it runs "

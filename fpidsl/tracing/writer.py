@@ -27,7 +27,7 @@ from ..passes.check_python_names import RESERVED as PYTHON_RESERVED
 from ..passes.resolve import reserved
 from . import table
 from .extern_op import OpCall, Slot
-from .fx_capture import BatchDim, UntraceableError, symbolic
+from .fx_capture import BatchDim, UntraceableError, hooked, symbolic
 
 
 @dataclass(frozen=True)
@@ -512,7 +512,7 @@ class Writer:
         args = [self._arg(a) for a in node.args]
         kind = type(module)
         try:
-            if _hooked(module):  # old-style weight_norm computes the weight in a pre-hook: the module's own call
+            if hooked(module):  # old-style weight_norm computes the weight in a pre-hook: the module's own call
                 raise UntraceableError(f"the module {node.target} ({kind.__name__}) has forward hooks")
             if kind in table.WEIGHTED_MODULES:
                 if len(args) != 1 or node.kwargs or not isinstance(args[0], Ref):
@@ -521,12 +521,34 @@ class Writer:
                 return self._let(f"{name}({args[0].name})", suffix="out")
             if kind in table.ACTIVATION_MODULES:
                 canonical, options = table.ACTIVATION_MODULES[kind](module)
+                if getattr(module, "inplace", False):  # nn.ReLU(inplace=True): later reads of its input see it
+                    return self._in_place(node, self._apply(canonical, args, options))
                 return self._apply(canonical, args, options)
             raise UntraceableError(f"the module {node.target} ({kind.__name__}) has no primitive")
         except UntraceableError:
-            if not self.allow_externs:
+            if not self.allow_externs or getattr(module, "inplace", False):  # an extern would not write its input
                 raise
             return self._extern(OpCall("module", node.target, (), {}), node)
+
+    def _in_place(self, node: fx.Node, result: Ref) -> Ref:
+        """``result`` of an operation that overwrites its input: the input's later readers read ``result``. Only
+        where nothing else holds the input's memory (a view, an argument, a parameter would change with it)."""
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or source.op not in ("call_function", "call_method", "call_module"):
+            raise UntraceableError(f"{_what(node)} overwrites an argument or a parameter of the map in place")
+        def memory(value: Any) -> int | None:
+            return value.untyped_storage().data_ptr() if isinstance(value, Tensor) and \
+                value.layout == torch.strided else None
+
+        held = memory(self.first[source])
+        for other in self.module.graph.nodes:
+            if other is node:
+                break
+            if other is not source and memory(self.first.get(other)) == held:
+                raise UntraceableError(f"{_what(node)} works in place on a tensor that shares its memory with "
+                                       f"another value of the map ({other.name}: a view of it, or it of that)")
+        self.env[source] = result
+        return result
 
     def _call(self, node: fx.Node) -> Ref:
         operands = _spmm_operands(node)
@@ -682,15 +704,6 @@ def _what(node: fx.Node) -> str:
     name = getattr(target, "__name__", None) or repr(target)
     module = getattr(target, "__module__", None)
     return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones) that a primitive reading its weights would
-    skip: ``torch.nn.utils.weight_norm`` recomputes ``weight`` from ``weight_g`` and ``weight_v`` in one."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_forward_hooks)
 
 
 def _where(node: fx.Node) -> str:
