@@ -34,7 +34,7 @@ MAX_MEMORY = 1000
 MAX_STEPS = 10000
 # the options each method and each mode takes, in positional order
 METHOD_OPTIONS = {"picard": ("beta",), "anderson": ("m", "beta", "lam"), "broyden": ("m",), "gmres": ("m",)}
-MODE_OPTIONS = {"implicit": (), "jfb": (), "phantom": ("k", "tau"), "unrolled": ("k",)}
+MODE_OPTIONS = {"implicit": (), "jfb": (), "phantom": ("k", "tau"), "unrolled": ("k",)}  # the runtime's, restated
 _CHOICES = {"method": (METHODS, METHOD_OPTIONS), "mode": (MODES, MODE_OPTIONS)}
 _WORDS = {"criterion": CRITERIA, "on_fail": ON_FAIL}
 _NUMBERS: dict[str, tuple[str, Callable[[Any], bool], bool]] = {

@@ -48,6 +48,9 @@ from typing import Any, Mapping, Union
 METHODS = ("picard", "anderson", "broyden", "gmres")
 BACKWARD_ONLY_METHODS = ("gmres",)
 MODES = ("implicit", "jfb", "phantom", "unrolled")
+# the options each method and mode takes (a spec's block refuses the others, and so does merged)
+METHOD_OPTIONS = {"picard": ("beta",), "anderson": ("m", "beta", "lam"), "broyden": ("m",), "gmres": ("m",)}
+MODE_OPTIONS = {"implicit": (), "jfb": (), "phantom": ("k", "tau"), "unrolled": ("k",)}
 CRITERIA = ("relative", "absolute")
 ON_FAIL = ("warn", "raise", "ignore")
 # Bounds that keep a setting from asking for absurd memory or time: the solvers allocate (batch, m, dim) buffers
@@ -217,7 +220,20 @@ class SolverSettings:
         for key in overrides:
             if key not in SETTING_KEYS:
                 raise SettingsError(f"unknown solver setting {key!r}; known: {', '.join(SETTING_KEYS)}")
-        return dataclasses.replace(self, **dict(overrides))
+        merged = dataclasses.replace(self, **dict(overrides))
+        merged._options_apply(overrides)
+        return merged
+
+    def _options_apply(self, given: Mapping[str, Any]) -> None:
+        """Refuse an option given with these settings that their method or mode does not take (``m`` with picard,
+        ``k`` without phantom or unrolled), as a spec's block does: it would be kept and never read."""
+        for key, options, chosen in (("method", METHOD_OPTIONS, self.method), ("mode", MODE_OPTIONS, self.mode)):
+            for option in given:
+                takers = [name for name, opts in options.items() if option in opts]
+                if takers and option not in options[chosen]:
+                    names = takers[0] if len(takers) == 1 else ", ".join(takers[:-1]) + " or " + takers[-1]
+                    raise SettingsError(f"{option} applies to {key} = {names}, but the {key} is {chosen}; give "
+                                        f"{key}={takers[0]!r} with it, or leave {option} out")
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as a plain ``{key: value}`` mapping, in :data:`SETTING_KEYS` order."""

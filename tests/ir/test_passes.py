@@ -154,12 +154,18 @@ def test_settings_keys_and_rules_match_the_runtime():
     assert (language.METHODS, language.CRITERIA, language.ON_FAIL) == \
         (runtime.METHODS, runtime.CRITERIA, runtime.ON_FAIL)
     assert language.DEFAULT_MAX_ITER == runtime.FORWARD_DEFAULTS.max_iter
+    assert (language.METHOD_OPTIONS, language.MODE_OPTIONS) == (runtime.METHOD_OPTIONS, runtime.MODE_OPTIONS)
+    takes = {"m": (runtime.FORWARD_DEFAULTS, {"method": "anderson"}),  # a method or mode that takes the option
+             "lam": (runtime.FORWARD_DEFAULTS, {"method": "anderson"}),
+             "k": (runtime.BACKWARD_DEFAULTS, {"mode": "phantom"}),
+             "tau": (runtime.BACKWARD_DEFAULTS, {"mode": "phantom"})}
     for key, (rule, ok, integer) in language._NUMBERS.items():
+        base, context = takes.get(key, (runtime.FORWARD_DEFAULTS, {}))
         for value in (-1, 0, 0.5, 1, 2, 1e-9):
             if integer and not isinstance(value, int):
                 continue
             try:
-                runtime.FORWARD_DEFAULTS.merged({key: value, **({"min_iter": 0} if key == "max_iter" else {})})
+                base.merged({**context, key: value, **({"min_iter": 0} if key == "max_iter" else {})})
                 accepted = True
             except runtime.SettingsError:
                 accepted = False

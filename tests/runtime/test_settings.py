@@ -115,3 +115,18 @@ def test_typed_values_carry_the_keys_users_write():
     assert BACKWARD_DEFAULTS.merged({"mode": "phantom", "k": 3, "tau": 0.5}).gradient == PhantomGradient(3, 0.5)
     assert BACKWARD_DEFAULTS.merged({"mode": "unrolled", "k": 7}).gradient == UnrolledGradient(7)
     assert BACKWARD_DEFAULTS.merged({"mode": "jfb"}).role == "backward"  # the role survives merging
+
+
+@pytest.mark.parametrize("base, overrides, message", [
+    (FORWARD_DEFAULTS, {"m": 3}, "m applies to method = anderson, broyden or gmres, but the method is picard"),
+    (FORWARD_DEFAULTS, {"method": "broyden", "beta": 0.5},
+     "beta applies to method = picard or anderson, but the method is broyden"),
+    (BACKWARD_DEFAULTS, {"k": 4}, "k applies to mode = phantom or unrolled, but the mode is implicit"),
+    (BACKWARD_DEFAULTS, {"mode": "unrolled", "tau": 0.3}, "tau applies to mode = phantom, but the mode is unrolled"),
+])
+def test_an_option_the_method_or_mode_does_not_take_is_refused_as_in_a_spec(base, overrides, message):
+    """The spec's block refuses these (fpidsl.passes.settings); the Python form kept and ignored them."""
+    with pytest.raises(SettingsError, match=message):
+        base.merged(overrides)
+    assert base.merged({"method": "anderson", "m": 3}).memory == 3  # where the method takes it
+    assert FORWARD_DEFAULTS.merged({"method": "anderson", "m": 3}).merged({"tol": 1e-3}).m == 3  # kept, not given
