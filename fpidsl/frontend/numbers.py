@@ -38,6 +38,9 @@ def literal(text: str) -> Number:
         value = float(clean)
         if not math.isfinite(value):
             raise OutOfRange(f"the number {_short(text)} is too large: as a float it is infinity", FLOAT_HINT)
+        if value == 0 and any(ch in "123456789" for ch in clean.split("e")[0].split("E")[0]):
+            raise OutOfRange(f"the number {_short(text)} is too small: as a float it is 0",
+                             "write 0 if 0 is meant (the smallest float is about 5e-324)")
         return value
     digits = clean.lstrip("0")
     if len(digits) > len(str(INT_MAX)) or int(digits or "0") > INT_MAX:
@@ -68,17 +71,20 @@ def checked(value: Number, what: str = "this constant expression") -> Number:
 
 def power(a: Number, b: Number) -> Number:
     """``a ** b``, refused before it is computed when an integer result would not fit in 64 bits."""
+    shown = f"({a}) ** {b}" if a < 0 else f"{a} ** {b}"  # -2 ** 0.5 reads as -(2 ** 0.5)
+    if b < 0:
+        shown = f"{shown[:-len(str(b))]}({b})"
     if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 and (abs(a).bit_length() - 1) * b > 63:
-        raise OutOfRange(f"{a} ** {b} does not fit in 64 bits", INT_HINT)
+        raise OutOfRange(f"{shown} does not fit in 64 bits", INT_HINT)
     try:
         value = a ** b
     except OverflowError:
-        raise OutOfRange(f"{a} ** {b} overflows", FLOAT_HINT) from None
+        raise OutOfRange(f"{shown} overflows", FLOAT_HINT) from None
     except ZeroDivisionError:
-        raise OutOfRange(f"{a} ** {b} divides by zero") from None
+        raise OutOfRange(f"{shown} divides by zero") from None
     if isinstance(value, complex):
-        raise OutOfRange(f"{a} ** {b} is not a real number")
-    return checked(value, f"{a} ** {b}")
+        raise OutOfRange(f"{shown} is not a real number")
+    return checked(value, shown)
 
 
 _COMPARISONS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,

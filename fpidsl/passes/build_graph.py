@@ -1115,6 +1115,10 @@ class _Builder:
         if spec.kind == "Conv1d" and len(call.args) == 1 and not call.kwargs:
             return self.conv1d(name, spec, call, env)
         what = spec.describe() if spec else name
+        if call.kwargs:
+            self.error(TypeErr, f"{name} is a {what} module: it takes its one argument by position, not by keyword",
+                       call.span, hint=f"call it on one tensor: {name}(x)")
+            return None
         if len(call.args) != 1 or call.kwargs:
             n = len(call.args) + len(call.kwargs)
             self.error(TypeErr, f"{name} is a {what} module: it takes one argument, but {n} were given",

@@ -54,6 +54,8 @@ def layer(body: str) -> str:
     ("  const k = exp(1000)\n  update x = 0.5 * x + k * a\n", 4, 13, "overflows"),
     ("  update x = 0.5 * x + softplus(0, beta=0) * a\n", 4, 24, "not a finite number"),
     ("  state y : [B, 3] = 1e999\n  update y = y\n  update x = 0.5 * x + a\n", 4, 22, "infinity"),
+    ("  update x = 0.5 * x + 1e-400 * a\n", 4, 24, "the number 1e-400 is too small: as a float it is 0"),
+    ("  const c = (-2) ** 0.5\n  update x = 0.5 * x + c * a\n", 4, 13, "(-2) ** 0.5 is not a real number"),
 ])
 def test_numbers_out_of_range_are_refused_where_written(body, line, col, words):
     error = first_error(layer(body))
@@ -63,6 +65,7 @@ def test_numbers_out_of_range_are_refused_where_written(body, line, col, words):
 
 def test_the_largest_integer_and_float_are_accepted():
     assert errors(layer("  const k = 9223372036854775807\n  const f = 1.7e308\n  update x = 0.5 * x + a\n")) == []
+    assert errors(layer("  const z = 0.0e-400\n  const t = 5e-324\n  update x = 0.5 * x + (z + t) * a\n")) == []
 
 
 @pytest.mark.parametrize("text", ["[B, \u09ea]", "[B, \uff13]", "[B, 3\u0663]"])

@@ -60,6 +60,8 @@ CASES = [
     ("call-a-non-module", L("update x = a(x)"), TypeErr, "a(x)", "a is an input, not a function"),
     ("module-two-args", L("param fc : Linear(10, 10)\n  update x = fc(x, a)"), TypeErr, "fc(x",
      "it takes one argument, but 2 were given"),
+    ("module-keyword-arg", L("param fc : Linear(10, 10)\n  update x = fc(x=x)"), TypeErr, "fc(x=",
+     "fc is a Linear(10, 10) module: it takes its one argument by position, not by keyword"),
     ("fn-arity", "fn f(u) = u\n" + L("update x = f(a, x)"), TypeErr, "x)\n", "fn f takes 1 argument, but 2 were given"),
     ("grad-of-non-energy", L("let h = sum(x, dim=-1)\n  update x = x - grad(h, x)"), TypeErr, "h, x",
      "grad needs an energy, but the let h is not one"),
