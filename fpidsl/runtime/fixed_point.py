@@ -89,6 +89,15 @@ class _Problem:
 # Evaluating the flattened map on the running samples
 
 
+def _same_rows(out: Tensor, x: Tensor) -> Tensor:
+    """``out``, the map's value at ``x`` (both ``(batch, dim)``), checked to have ``x``'s samples (the layout checks
+    the rest of the shape)."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"the map returned {out.shape[0]} samples (dimension 0) for a state of {x.shape[0]}; "
+                         "f(x, *args) must return x's structure")
+    return out
+
+
 class _WholeBatch:
     """Evaluates the map on the whole batch; a finished sample keeps its last iterate and its output is dropped."""
 
@@ -99,7 +108,7 @@ class _WholeBatch:
         self.last: Tensor | None = None
 
     def _eval(self, x: Tensor) -> Tensor:
-        return self.layout.flatten(self.step(self.layout.unflatten(x)))
+        return _same_rows(self.layout.flatten(self.step(self.layout.unflatten(x))), x)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.index is None:
@@ -123,7 +132,7 @@ class _Compacting:
 
     def __call__(self, x: Tensor) -> Tensor:
         layout = self.problem.layout
-        return layout.flatten(self.step(layout.unflatten(x)))
+        return _same_rows(layout.flatten(self.step(layout.unflatten(x))), x)
 
     def restrict(self, index: Tensor) -> None:
         if isinstance(self.step, _HoistedStep):

@@ -146,6 +146,9 @@ def test_unbatched_state_is_one_sample():
 def test_bad_maps_and_arguments_are_explained():
     with pytest.raises(ValueError, match=r"the map returned state 0 with shape \(2, 3\)"):
         fixed_point(lambda x: x[:, :3], torch.zeros(2, 4))
+    for trace in (True, False):  # fewer samples: the map's own next step failed inside it (a torch traceback)
+        with pytest.raises(ValueError, match=r"the map returned 2 samples \(dimension 0\) for a state of 3"):
+            fixed_point(lambda x, a: torch.tanh(x + a)[:2], torch.zeros(3), torch.ones(3), trace=trace)
     with pytest.raises(TypeError, match="must return a tuple of tensors like x0"):
         fixed_point(lambda xy: xy[0], (torch.zeros(2, 4), torch.zeros(2, 4)))
     with pytest.raises(ValueError, match="argument 0 is marked batched"):
