@@ -150,6 +150,11 @@ def _where(w, a):
     return f"where({w.text(a['condition'])}, {w.text(a['input'])}, {w.text(a['other'])})"
 
 
+@op("masked_fill", args=("input|self", "mask", "value"))
+def _masked_fill(w, a):  # x.masked_fill(mask, v): v where the mask holds, x elsewhere
+    return f"where({w.text(a['mask'])}, {w.text(a['value'])}, {w.text(a['input'])})"
+
+
 # --------------------------------------------------------------------------- arithmetic and comparisons
 
 _OPERATORS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "lt": "<", "le": "<=", "gt": ">",
@@ -567,7 +572,7 @@ FUNCTIONS = _functions()
 METHODS = {name: _ALIASES.get(name, name) for name in (*OPS, *_ALIASES)}
 
 # the ops that may read an int / bool argument (an index or a mask): the indexing ones and shape ops on it
-INDEX_OPS = frozenset({"gather", "index_select", "embedding", "where", "getitem", "reshape", "flatten", "unsqueeze",
+INDEX_OPS = frozenset({"gather", "index_select", "embedding", "where", "masked_fill", "getitem", "reshape", "flatten", "unsqueeze",
                        "permute", "transpose", "t", "T", "mT", "identity", "to", "type", "contiguous", "clone"})
 
 # the fx ops that compute Python values from shapes (never from a tensor's contents)

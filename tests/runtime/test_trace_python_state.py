@@ -251,3 +251,22 @@ def test_a_module_with_forward_hooks_is_not_traced():
         torch.testing.assert_close(_solve(cell), _solve(cell, trace=False), rtol=1e-10, atol=1e-12)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("mask", ["computed", "bool argument"])
+def test_masked_fill_is_where(mask):
+    """x.masked_fill(mask, v) traces as where(mask, v, x); a computed mask made the tracer fail ("a bug")."""
+    x0, z = _inputs()
+    m = z > 0.3
+    if mask == "computed":
+        def f(x, z, m):
+            return 0.5 * torch.tanh(x @ W_GLOBAL).masked_fill(z > 0, 0.3) + z
+    else:
+        def f(x, z, m):
+            return 0.5 * torch.tanh(x @ W_GLOBAL).masked_fill(m, -0.2) + z
+    traced, why = trace_status(f, x0, z, m)
+    assert traced is not None, why
+    z = z.requires_grad_()
+    got, want = (fpidsl.fixed_point(f, x0, z, m, trace=t, **TIGHT) for t in (True, False))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), z)[0], torch.autograd.grad(want.sum(), z)[0])
