@@ -98,9 +98,15 @@ class ExternHandle:
                               f"({flat.numel()} numbers passed, {start} now)")
         return out
 
-    def apply(self, flat: Tensor, xs: Sequence[Tensor], inputs: Sequence[tuple], output: tuple) -> Tensor:
-        """The module on ``xs`` with its parameters taken from ``flat``, checked against the declared output."""
-        y = torch.func.functional_call(self.module, self._views(flat), tuple(xs))
+    def apply(self, flat: Tensor, xs: Sequence[Tensor], inputs: Sequence[tuple], output: tuple,
+              replay: bool = False) -> Tensor:
+        """The module on ``xs`` with its parameters taken from ``flat``, checked against the declared output.
+        ``replay``: an evaluation made for a derivative (the VJPs), on clones of the module's buffers, so that only
+        the map's own evaluations update them (``BatchNorm``'s running statistics in training mode)."""
+        tensors = self._views(flat)
+        if replay:
+            tensors.update((key, b.clone()) for key, b in self.module.named_buffers())
+        y = torch.func.functional_call(self.module, tensors, tuple(xs))
         if not isinstance(y, Tensor):
             raise ExternError(f"{self.where}: {self.name} must return one tensor of shape {_shape_text(output)}, "
                               f"but returned {type(y).__name__}")
@@ -132,7 +138,7 @@ def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple
         leaves[pos - 1].requires_grad_(True)
     n = 1 + len(inputs)
     with torch.enable_grad():
-        value = handle.apply(leaves[0], leaves[1:n], inputs, output)
+        value = handle.apply(leaves[0], leaves[1:n], inputs, output, replay=True)
         for j, pos in enumerate(chain):
             target = leaves[pos - 1]
             grad = None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
+from .buffers import kept_buffers, modules_of
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
@@ -436,7 +437,8 @@ def _run(
                             captured, hoisted)
     x_hat = _apply(problem, x0s, (*args, *params))
     if capture == "auto":
-        check_complete(problem.fn, x_hat, (*args, *params))
+        with kept_buffers(modules_of(f)):  # one more evaluation of f, not the solver's: its buffers stay
+            check_complete(problem.fn, x_hat, (*args, *params))
     return x_hat[0] if single else tuple(x_hat)
 
 

@@ -9,8 +9,12 @@ The traced layer's weights. The compiled class declares the map's tensors as its
 submodule is a ``Linear`` param, any other tensor a ``tensor`` param), so ``Layer()`` starts from fresh weights
 like any compiled spec; ``Layer.from_module(module)`` copies the traced module's tensors into the layer, and
 ``Layer.from_module(module, share=True)`` makes the layer's params *the same tensors* (training either trains
-both). ``fpidsl.fixed_point`` uses neither: it calls the compiled map with the module's own tensors, read at
-every call (:mod:`~fpidsl.tracing.auto`).
+both); a tensor that the module holds under two names (tied weights) is one tensor of the layer either way.
+``fpidsl.fixed_point`` uses neither: it calls the compiled map with the module's own tensors, read at every call
+(:mod:`~fpidsl.tracing.auto`).
+
+The trace evaluates the map (the records, the check): its modules' buffers are put back afterwards, so a module in
+training mode (``BatchNorm``'s running statistics) is updated only by the evaluations that ``fixed_point`` makes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 import weakref
 
+from ..runtime.buffers import kept_buffers
 from .fx_capture import UntraceableError, capture, one_more_sample, record, resolve
 from .writer import WrittenSpec, Writer
 
@@ -63,9 +68,10 @@ class TracedMap:
                 out.append(resolve(module, self.foreign, p))
         return tuple(out)
 
-    def extern_module(self, name: str, module: nn.Module | None = None, copy: bool = False) -> nn.Module:
+    def extern_module(self, name: str, module: nn.Module | None = None, copy: bool = False,
+                      memo: dict | None = None) -> nn.Module:
         """The module to give the layer as its extern ``name``: the operation, on the module's own submodule for a
-        module call (a copy with ``copy=True``)."""
+        module call (a copy with ``copy=True``; ``memo``: ``copy.deepcopy``'s, shared by copies that keep ties)."""
         import copy as _copy
 
         from .extern_op import TracedOp
@@ -74,7 +80,7 @@ class TracedMap:
         if call.kind != "module":
             return TracedOp(call)
         sub = resolve(self._module(module), self.foreign, call.target)
-        return TracedOp(call, _copy.deepcopy(sub) if copy else sub)
+        return TracedOp(call, _copy.deepcopy(sub, memo) if copy else sub)
 
     def _module(self, module: nn.Module | None) -> nn.Module | None:
         if module is None and self.root is not None:
@@ -127,6 +133,19 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     if len(flags) != len(args):
         raise UntraceableError(f"batched has {len(flags)} entries for {len(args)} arguments")
     module = capture(f, [x, *args])
+    with kept_buffers(_modules(f, module.meta["foreign"])):
+        return _traced(f, module, states, x, args, flags, name, check, externs)
+
+
+def _modules(f: Callable, foreign: dict[str, Any]) -> list[nn.Module]:
+    """The modules whose buffers an evaluation of ``f`` may change: ``f``'s own, a method's object, the foreign ones."""
+    owners = [f, getattr(f, "__self__", None), *foreign.values()]
+    return [m for m in owners if isinstance(m, nn.Module)]
+
+
+def _traced(f: Callable, module: Any, states: tuple, x: Any, args: list, flags: list, name: str | None,
+            check: bool, externs: bool) -> TracedMap:
+    """:func:`trace_map` once ``f`` is captured as ``module``: record, write, compile and check."""
     example = [x, *args]
     try:
         first = record(module, example)
@@ -152,10 +171,11 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
     traced_ref: list[TracedMap] = []
-    traced = TracedMap(spec, _traced_class(base, traced_ref), tuple(i for i, a in enumerate(args) if isinstance(a, Tensor)),
+    traced = TracedMap(spec, _traced_class(base, traced_ref),
+                       tuple(i for i, a in enumerate(args) if isinstance(a, Tensor)),
                        tuple(spec.sources[q] for q in order), foreign,
-                       tuple(None if spec.sources[q].startswith("extern:") else resolve(module, foreign, spec.sources[q]).shape
-                             for q in order),
+                       tuple(None if spec.sources[q].startswith("extern:")
+                             else resolve(module, foreign, spec.sources[q]).shape for q in order),
                        weakref.ref(f) if isinstance(f, nn.Module) else None)
     traced_ref.append(traced)
     if check:
@@ -224,11 +244,13 @@ def _traced_class(base: type, traced_ref: list) -> type:
         tensor that is not an ``nn.Parameter`` becomes a buffer). ``module``: where to read them (default: the
         traced module); ``options``: the layer's constructor options (``solve=``, ``backward=`` ...)."""
         traced = cls.TRACED
-        externs = {name: traced.extern_module(name, module, copy=not share) for name in traced.spec.externs}
+        copies: dict = {}  # copy mode: deepcopy's memo, by id of the module's tensor: a tie stays one tensor
+        externs = {name: traced.extern_module(name, module, copy=not share, memo=copies)
+                   for name in traced.spec.externs}
         layer = cls(**externs, **options)
         for qualified, tensor in zip(_parameter_order(traced.spec), traced.tensors(module)):
             if qualified.split(".")[0] not in externs:
-                _put(layer, qualified, tensor, share)
+                _put(layer, qualified, tensor, share, copies)
         return layer
 
     cls = type(base.__name__, (base,), {"__module__": base.__module__, "__doc__": base.__doc__,
@@ -248,18 +270,22 @@ class _TracedAttribute:
         return self.ref[0]
 
 
-def _put(layer: nn.Module, qualified: str, tensor: Tensor, share: bool) -> None:
+def _put(layer: nn.Module, qualified: str, tensor: Tensor, share: bool, copies: dict) -> None:
+    """The layer's param ``qualified`` set to the module's ``tensor``: the tensor itself with ``share`` (a buffer
+    where it is no ``nn.Parameter``), else its copy in ``copies`` (made on its first name, so tied names share it)."""
     owner_path, _, leaf = qualified.rpartition(".")
     owner = layer.get_submodule(owner_path) if owner_path else layer
     if share and isinstance(tensor, nn.Parameter):
         setattr(owner, leaf, tensor)
         return
-    value = tensor if share else tensor.detach().clone()
-    if isinstance(tensor, nn.Parameter) or not share:
-        setattr(owner, leaf, nn.Parameter(value, requires_grad=tensor.requires_grad))
+    if not share:
+        if id(tensor) not in copies:
+            copies[id(tensor)] = nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad)
+            copies.setdefault(id(copies), []).append(tensor)  # deepcopy's keep-alive list: the id stays this tensor's
+        setattr(owner, leaf, copies[id(tensor)])
         return
     del owner._parameters[leaf]
-    owner.register_buffer(leaf, value)
+    owner.register_buffer(leaf, tensor)
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
@@ -270,11 +296,13 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any], root: nn.Module | None = None) -> None:
     """The compiled map gives ``f``'s numbers at ``x`` and at a perturbed ``x``, else :class:`UntraceableError`
-    (fx records one path through the map: a branch on the tensors' values, or a side effect, is not in the graph)."""
+    (fx records one path through the map: a branch on the tensors' values, or a side effect, is not in the graph).
+    The modules' buffers are as before afterwards."""
     params = traced.tensors(root)
     inputs = traced.arguments(args)
     single = isinstance(x, Tensor)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    modules = [m for m in (f, traced._module(root), *traced.foreign.values()) if isinstance(m, nn.Module)]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), kept_buffers(modules):
         torch.manual_seed(0)
         states = (x,) if single else tuple(x)
         perturbed = tuple(s + torch.randn_like(s) * (s.abs().mean() + 1) for s in states)

@@ -4,12 +4,15 @@ The writer declares ``param NAME : extern [..] -> [..]`` for such an operation (
 a tensor method) and the layer calls it on the operation's tensor arguments; :class:`TracedOp` is that module: it
 puts the tensors back among the operation's other (fixed) arguments and runs it. Its derivatives are autograd's,
 through the extern primitive (``extern_vjp``: ``torch.autograd.grad`` with ``create_graph=True``), to every order.
+Those VJPs run the operation again, on clones of its module's buffers (``ExternHandle.apply(replay=True)``), so
+that a module in training mode (``BatchNorm``'s running statistics) is updated by the map's evaluations only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 

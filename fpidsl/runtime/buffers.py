@@ -1,0 +1,33 @@
+"""Evaluations that must not count as the map's: a module's buffers (``BatchNorm``'s running statistics in
+training mode) are put back after them, so only the solver's evaluations of the map update them, on every path
+(the trace's records and check, the capture check after a solve)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def modules_of(f: Callable) -> list[nn.Module]:
+    """The modules whose buffers an evaluation of ``f`` changes for certain: ``f`` itself, a bound method's object."""
+    return [m for m in (f, getattr(f, "__self__", None)) if isinstance(m, nn.Module)]
+
+
+@contextmanager
+def kept_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Every buffer of the modules (and their submodules) is as it was on entry again on leaving: the same tensor,
+    its values put back where they changed (only there: a copy bumps its version, and an autograd graph that saved it
+    would fail); for evaluations that must not count as the map's (the trace's records and checks, the capture
+    check)."""
+    saved = [(m._buffers, key, b, b._version, b.clone()) for root in modules for m in root.modules()
+             for key, b in m._buffers.items() if b is not None and not b.is_inference()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for table, key, buffer, version, value in saved:
+                table[key] = buffer
+                if buffer._version != version or not torch.equal(buffer, value):  # batch_norm keeps the version
+                    buffer.copy_(value)
