@@ -28,6 +28,7 @@ MAX_DEPTH = 8
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), type(Ellipsis))
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+_HOOK_TABLES = frozenset(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))  # counted
 _CALLABLES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodWrapperType,
               types.WrapperDescriptorType, types.MethodDescriptorType, types.ClassMethodDescriptorType)
 
@@ -130,10 +131,8 @@ class _Walk:
         return tuple(out)
 
     def _module(self, module: nn.Module, depth: int) -> tuple:
-        fields = tuple(
-            (k, len(v) if k.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(v, dict)
-             else self.visit(v, depth))
-            for k, v in vars(module).items() if k not in _MODULE_INTERNALS)
+        fields = tuple((k, len(v) if k in _HOOK_TABLES else self.visit(v, depth))
+                       for k, v in vars(module).items() if k not in _MODULE_INTERNALS)
         tensors = tuple((k, v is None) for k, v in (*module._parameters.items(), *module._buffers.items()))
         children = tuple((k, self.visit(v, depth)) for k, v in module._modules.items())
         return ("nn.Module", self.visit(type(module), depth), fields, tensors, children)
