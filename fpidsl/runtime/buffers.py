@@ -21,8 +21,9 @@ def kept_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
     its values put back where they changed (only there: a copy bumps its version, and an autograd graph that saved it
     would fail); for evaluations that must not count as the map's (the trace's records and checks, the capture
     check)."""
-    saved = [(m._buffers, key, b, b._version, b.clone()) for root in modules for m in root.modules()
-             for key, b in m._buffers.items() if b is not None and not b.is_inference()]
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # a transform's buffer (vmap over an ensemble's
+    saved = [(m._buffers, key, b, b._version, b.clone()) for root in modules for m in root.modules()  # stacked ones)
+             for key, b in m._buffers.items() if b is not None and not b.is_inference() and not wrapped(b)]
     try:
         yield
     finally:

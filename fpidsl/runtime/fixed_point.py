@@ -436,7 +436,7 @@ def _run(
     problem = _user_problem(f, single, len(args), layout, forward, backward, adjoint, stats, history, batched,
                             captured, hoisted)
     x_hat = _apply(problem, x0s, (*args, *params))
-    if capture == "auto":
+    if capture == "auto" and (torch.is_grad_enabled() or forward_ad._current_level >= 0):  # else nothing to check
         with kept_buffers(modules_of(f)):  # one more evaluation of f, not the solver's: its buffers stay
             check_complete(problem.fn, x_hat, (*args, *params))
     return x_hat[0] if single else tuple(x_hat)

@@ -87,6 +87,8 @@ class _Tracer(fx.Tracer):
             return self._within_foreign(mod) or self._adopt(mod, "_module")
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if backward_hooked(m):
+            raise UntraceableError(f"the module {type(m).__name__} has backward hooks, which a trace would skip")
         if self.is_leaf_module(m, ""):
             self.seen.append((self.path_of_module(m), _tensors_of(m)))
         elif hooked(m):
@@ -120,6 +122,15 @@ def hooked(module: nn.Module) -> bool:
 
     return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
                 or torch_module._global_forward_hooks)
+
+
+def backward_hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has backward hooks (its own or global ones): they fire in autograd's backward of the
+    module's call, which a compiled layer does not make."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._backward_hooks or module._backward_pre_hooks or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks)
 
 
 @contextlib.contextmanager
@@ -195,8 +206,8 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
     if isinstance(f, types.MethodType):  # fx traces functions: the method's function, its object fixed
         root, bound = f.__func__, next(iter(inspect.signature(f.__func__).parameters))
         concrete[bound] = f.__self__
-    if isinstance(f, nn.Module) and hooked(f):
-        raise UntraceableError(f"the module {type(f).__name__} has forward hooks, which a trace would skip")
+    if isinstance(f, nn.Module) and (hooked(f) or backward_hooked(f)):
+        raise UntraceableError(f"the module {type(f).__name__} has hooks, which a trace would skip")
     tracer = _Tracer()
     try:
         with warnings.catch_warnings(), torch.enable_grad(), _custom_functions_refused():

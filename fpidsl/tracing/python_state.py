@@ -9,7 +9,7 @@ again instead of running with an old value (:mod:`fpidsl.tracing.auto`).
 
 What is walked: the map (a function, a bound method and its object, a module, a callable object); for a module,
 its attributes (private ones too), its submodules and their types, which parameters and buffers are None, how
-many hooks it has; for an object, its ``__dict__``; for a user's class (not one of torch's), its plain class
+many hooks it has (and torch's global module hooks); for an object, its ``__dict__``; for a user's class (not one of torch's), its plain class
 attributes and the functions it defines; for a function, its defaults, its closure cells and the globals its code
 (nested functions and comprehensions included) names. Containers are walked item by item. Tensors are not: the
 trace reads them again at every call. What cannot be looked into (an object without ``__dict__`` that cannot be
@@ -38,8 +38,17 @@ class StateTooLarge(Exception):
 
 
 def python_state(f: Any) -> tuple:
-    """A hashable value that changes when a Python value that ``f`` may read changes (see the module's doc)."""
-    return _Walk().visit(f, 0)
+    """A hashable value that changes when a Python value that ``f`` may read changes (see the module's doc), torch's
+    global module hooks included (``register_module_forward_hook``: they run in every module's call)."""
+    return (_global_hooks(), _Walk().visit(f, 0))
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module as torch_module
+
+    tables = (torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
+              torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks)
+    return tuple(tuple(id(hook) for hook in table.values()) for table in tables)
 
 
 def _user_class(cls: type) -> bool:
