@@ -9,8 +9,8 @@ again instead of running with an old value (:mod:`fpidsl.tracing.auto`).
 
 What is walked: the map (a function, a bound method and its object, a module, a callable object); for a module,
 its attributes (private ones too), its submodules and their types, which parameters and buffers are None, how
-many hooks it has (and torch's global module hooks); for an object, its ``__dict__``; for a user's class (not one of torch's), its plain class
-attributes and the functions it defines; for a function, its defaults, its closure cells and the globals its code
+many hooks it has (and torch's global module hooks); for an object, its ``__dict__``; for a user's class (not
+one of torch's), its plain class attributes and the functions it defines; for a function, its defaults, its closure cells and the globals its code
 (nested functions and comprehensions included) names. Containers are walked item by item. Tensors are not: the
 trace reads them again at every call. What cannot be looked into (an object without ``__dict__`` that cannot be
 hashed, a Python module) counts by identity. A walk that meets more than :data:`MAX_ITEMS` values raises
