@@ -90,6 +90,16 @@ class _Problem:
 # Evaluating the flattened map on the running samples
 
 
+def _evaluated(step: Callable[[States], States], layout: StateLayout, x: Tensor) -> Tensor:
+    """The map at ``x`` (``(batch, dim)``), flattened; checked to leave ``x`` alone and to keep its samples."""
+    version = x._version
+    out = layout.flatten(step(layout.unflatten(x)))
+    if x._version != version:
+        raise ValueError("the map changed its state argument in place (x.mul_(...), x += ...): the solver's iterate "
+                         "is not the map's to change; compute a new tensor (x = x * ...)")
+    return _same_rows(out, x)
+
+
 def _same_rows(out: Tensor, x: Tensor) -> Tensor:
     """``out``, the map's value at ``x`` (both ``(batch, dim)``), checked to have ``x``'s samples (the layout checks
     the rest of the shape)."""
@@ -109,7 +119,7 @@ class _WholeBatch:
         self.last: Tensor | None = None
 
     def _eval(self, x: Tensor) -> Tensor:
-        return _same_rows(self.layout.flatten(self.step(self.layout.unflatten(x))), x)
+        return _evaluated(self.step, self.layout, x)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.index is None:
@@ -132,8 +142,7 @@ class _Compacting:
         self.step = problem.iteration_map(self.args)
 
     def __call__(self, x: Tensor) -> Tensor:
-        layout = self.problem.layout
-        return _same_rows(layout.flatten(self.step(layout.unflatten(x))), x)
+        return _evaluated(self.step, self.problem.layout, x)
 
     def restrict(self, index: Tensor) -> None:
         if isinstance(self.step, _HoistedStep):

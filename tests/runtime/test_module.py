@@ -146,6 +146,13 @@ def test_unbatched_state_is_one_sample():
 def test_bad_maps_and_arguments_are_explained():
     with pytest.raises(ValueError, match=r"the map returned state 0 with shape \(2, 3\)"):
         fixed_point(lambda x: x[:, :3], torch.zeros(2, 4))
+    def in_place(x, a):
+        x.mul_(0.5)  # the solver's iterate: it failed to converge and the warning blamed the Jacobian
+        return torch.tanh(x + a)
+
+    for method in ("picard", "anderson", "broyden"):
+        with pytest.raises(ValueError, match="the map changed its state argument in place"):
+            fixed_point(in_place, torch.zeros(3, 4), torch.ones(3, 4), method=method)
     for trace in (True, False):  # fewer samples: the map's own next step failed inside it (a torch traceback)
         with pytest.raises(ValueError, match=r"the map returned 2 samples \(dimension 0\) for a state of 3"):
             fixed_point(lambda x, a: torch.tanh(x + a)[:2], torch.zeros(3), torch.ones(3), trace=trace)
