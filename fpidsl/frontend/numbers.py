@@ -38,7 +38,7 @@ def literal(text: str) -> Number:
         value = float(clean)
         if not math.isfinite(value):
             raise OutOfRange(f"the number {_short(text)} is too large: as a float it is infinity", FLOAT_HINT)
-        if value == 0 and any(ch in "123456789" for ch in clean.split("e")[0].split("E")[0]):
+        if value == 0 and any(ch in "123456789" for ch in clean.lower().partition("e")[0]):
             raise OutOfRange(f"the number {_short(text)} is too small: as a float it is 0",
                              "write 0 if 0 is meant (the smallest float is about 5e-324)")
         return value
@@ -69,11 +69,14 @@ def checked(value: Number, what: str = "this constant expression") -> Number:
     return value
 
 
+def _operand(v: Number) -> str:
+    """``v`` as an operand of ``**`` in a message: a negative one in parentheses (``-2 ** 0.5`` is ``-(2 ** 0.5)``)."""
+    return f"({v})" if v < 0 else f"{v}"
+
+
 def power(a: Number, b: Number) -> Number:
     """``a ** b``, refused before it is computed when an integer result would not fit in 64 bits."""
-    shown = f"({a}) ** {b}" if a < 0 else f"{a} ** {b}"  # -2 ** 0.5 reads as -(2 ** 0.5)
-    if b < 0:
-        shown = f"{shown[:-len(str(b))]}({b})"
+    shown = f"{_operand(a)} ** {_operand(b)}"
     if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 and (abs(a).bit_length() - 1) * b > 63:
         raise OutOfRange(f"{shown} does not fit in 64 bits", INT_HINT)
     try:

@@ -1119,9 +1119,8 @@ class _Builder:
             self.error(TypeErr, f"{name} is a {what} module: it takes its one argument by position, not by keyword",
                        call.span, hint=f"call it on one tensor: {name}(x)")
             return None
-        if len(call.args) != 1 or call.kwargs:
-            n = len(call.args) + len(call.kwargs)
-            self.error(TypeErr, f"{name} is a {what} module: it takes one argument, but {n} were given",
+        if len(call.args) != 1:
+            self.error(TypeErr, f"{name} is a {what} module: it takes one argument, but {len(call.args)} were given",
                        call.span, hint=f"call it on one tensor: {name}(x)")
             return None
         x = self.build_expr(call.args[0], env)

@@ -64,14 +64,21 @@ def _independent(t: Tensor, create_graph: bool) -> Tensor:
     return detached(t).requires_grad_()
 
 
+def forward_tangent(t: Any) -> Tensor | None:
+    """The forward-mode tangent ``t`` carries (``torch.autograd.forward_ad``, ``torch.func.jvp``), else None (a
+    sparse tensor has no storage for ``unpack_dual`` to read: none)."""
+    if forward_ad._current_level < 0 or not isinstance(t, Tensor) or t.layout != torch.strided:
+        return None
+    return forward_ad.unpack_dual(t).tangent
+
+
 def detached(t: Tensor) -> Tensor:
     """``t.detach()`` that keeps a forward-mode tangent (``detach`` drops it): forward mode over the backward
     (``autograd.grad`` inside ``forward_ad.dual_level``) differentiates the vector-Jacobian products through it."""
-    if forward_ad._current_level >= 0 and t.layout == torch.strided:
-        primal, tangent = forward_ad.unpack_dual(t)
-        if tangent is not None:
-            return forward_ad.make_dual(primal.detach(), tangent)
-    return t.detach()
+    tangent = forward_tangent(t)
+    if tangent is None:
+        return t.detach()
+    return forward_ad.make_dual(forward_ad.unpack_dual(t).primal.detach(), tangent)
 
 
 def _pair_outputs(y: States, c: States) -> tuple[list[Tensor], list[Tensor]]:

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 
-def modules_of(f: Callable) -> list[nn.Module]:
-    """The modules whose buffers an evaluation of ``f`` changes for certain: ``f`` itself, a bound method's object."""
-    return [m for m in (f, getattr(f, "__self__", None)) if isinstance(m, nn.Module)]
+def modules_of(f: Callable, *more: object) -> list[nn.Module]:
+    """The modules whose buffers an evaluation of ``f`` changes: ``f`` itself, a bound method's object, and those of
+    ``more`` that are modules (what a trace found ``f`` reading)."""
+    return [m for m in (f, getattr(f, "__self__", None), *more) if isinstance(m, nn.Module)]
 
 
 @contextmanager

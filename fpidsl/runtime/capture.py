@@ -400,19 +400,30 @@ def _describe(t: Tensor) -> str:
     return f"{kind} of shape {list(t.shape)} and dtype {str(t.dtype).replace('torch.', '')}"
 
 
-def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any]) -> None:
+def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any],
+                   keep: Sequence[nn.Module] = ()) -> None:
     """Raise :class:`HiddenTensorError` if ``fn(x_hat, *args)`` (the pure map: every known tensor an argument)
     reads a tensor other than its arguments that requires grad (grad mode on), that carries a forward-mode tangent
     (forward AD active) or that ``torch.func.grad`` tracks; nothing to check where neither is on. One evaluation
-    of ``fn`` at the fixed point in every case."""
+    of ``fn`` at the fixed point in every case, which leaves the buffers of the modules ``keep`` as they were (it is
+    not one of the solver's: :mod:`fpidsl.runtime.buffers`)."""
     from torch.autograd import forward_ad
 
-    from .transforms import is_transformed
+    from .buffers import kept_buffers
 
     forward = forward_ad._current_level >= 0  # forward-mode AD: torch.autograd.forward_ad, torch.func.jvp
     grad = torch.is_grad_enabled()
     if not (forward or grad):
         return
+    with kept_buffers(keep):
+        _check_evaluation(fn, x_hat, args, forward, grad)
+
+
+def _check_evaluation(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any], forward: bool,
+                      grad: bool) -> None:
+    """:func:`check_complete`'s evaluation and verdict, with forward mode or grad mode on."""
+    from .transforms import is_transformed
+
     detached = lambda a: a.detach() if isinstance(a, Tensor) else a  # noqa: E731 - no tangent, no graph
     if not grad or is_transformed((*x_hat, *args)):  # torch.func: a tensor that requires grad is one grad tracks
         outputs = _as_outputs(fn(tuple(detached(x) for x in x_hat), *(detached(a) for a in args)))

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, linearized, vjp_args
-from .buffers import kept_buffers, modules_of
+from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, forward_tangent, linearized, vjp_args
+from .buffers import modules_of
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
@@ -268,11 +268,7 @@ _BASE_APPLY = super(torch.autograd.Function, _FixedPointFunction).apply
 
 def _dual(inputs: Sequence[Any]) -> bool:
     """Whether forward-mode AD (``torch.autograd.forward_ad``) carries a tangent on any input."""
-    from torch.autograd import forward_ad
-
-    return forward_ad._current_level >= 0 and any(  # a sparse tensor has no storage for unpack_dual to read
-        isinstance(t, Tensor) and t.layout == torch.strided and forward_ad.unpack_dual(t).tangent is not None
-        for t in inputs)
+    return forward_ad._current_level >= 0 and any(forward_tangent(t) is not None for t in inputs)  # level: cheap
 
 
 _SAVED = object()  # in ctx.constants: the place of a saved tensor (a constant may itself be None: dropout's seeds)
@@ -445,9 +441,8 @@ def _run(
     problem = _user_problem(f, single, len(args), layout, forward, backward, adjoint, stats, history, batched,
                             captured, hoisted)
     x_hat = _apply(problem, x0s, (*args, *params))
-    if capture == "auto" and (torch.is_grad_enabled() or forward_ad._current_level >= 0):  # else nothing to check
-        with kept_buffers(modules_of(f)):  # one more evaluation of f, not the solver's: its buffers stay
-            check_complete(problem.fn, x_hat, (*args, *params))
+    if capture == "auto":
+        check_complete(problem.fn, x_hat, (*args, *params), keep=modules_of(f))
     return x_hat[0] if single else tuple(x_hat)
 
 

@@ -21,8 +21,8 @@ With ``x* = f(x*, theta)`` the fixed point and ``gbar = dL/dx*``:
   the output depends on the start, and its gradient reaches it.
 
 A higher derivative through ``jfb`` or ``phantom`` (reverse over reverse, or forward AD over the backward)
-differentiates the surrogate's formula (with ``x*`` the
-differentiable output of the solve); only ``implicit`` and ``unrolled`` are exact derivatives of their output.
+differentiates the surrogate's formula (with ``x*`` the differentiable output of the solve); only ``implicit``
+and ``unrolled`` are exact derivatives of their output.
 The surrogates are reverse-mode only: forward-mode derivatives (``torch.func.jvp``) of a fixed point are the
 implicit ones whatever the mode.
 """

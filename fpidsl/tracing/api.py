@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import weakref
 
-from ..runtime.buffers import kept_buffers
+from ..runtime.buffers import kept_buffers, modules_of
 from .fx_capture import UntraceableError, capture, one_more_sample, record, resolve
 from .writer import WrittenSpec, Writer
 
@@ -133,14 +133,8 @@ def trace_map(f: Callable, x: Tensor, args: Sequence[Any], batched: Sequence[boo
     if len(flags) != len(args):
         raise UntraceableError(f"batched has {len(flags)} entries for {len(args)} arguments")
     module = capture(f, [x, *args])
-    with kept_buffers(_modules(f, module.meta["foreign"])):
+    with kept_buffers(modules_of(f, *module.meta["foreign"].values())):
         return _traced(f, module, states, x, args, flags, name, check, externs)
-
-
-def _modules(f: Callable, foreign: dict[str, Any]) -> list[nn.Module]:
-    """The modules whose buffers an evaluation of ``f`` may change: ``f``'s own, a method's object, the foreign ones."""
-    owners = [f, getattr(f, "__self__", None), *foreign.values()]
-    return [m for m in owners if isinstance(m, nn.Module)]
 
 
 def _traced(f: Callable, module: Any, states: tuple, x: Any, args: list, flags: list, name: str | None,
@@ -301,7 +295,7 @@ def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any],
     params = traced.tensors(root)
     inputs = traced.arguments(args)
     single = isinstance(x, Tensor)
-    modules = [m for m in (f, traced._module(root), *traced.foreign.values()) if isinstance(m, nn.Module)]
+    modules = modules_of(f, traced._module(root), *traced.foreign.values())
     with torch.no_grad(), torch.random.fork_rng(devices=[]), kept_buffers(modules):
         torch.manual_seed(0)
         states = (x,) if single else tuple(x)

@@ -572,8 +572,9 @@ FUNCTIONS = _functions()
 METHODS = {name: _ALIASES.get(name, name) for name in (*OPS, *_ALIASES)}
 
 # the ops that may read an int / bool argument (an index or a mask): the indexing ones and shape ops on it
-INDEX_OPS = frozenset({"gather", "index_select", "embedding", "where", "masked_fill", "getitem", "reshape", "flatten", "unsqueeze",
-                       "permute", "transpose", "t", "T", "mT", "identity", "to", "type", "contiguous", "clone"})
+INDEX_OPS = frozenset({"gather", "index_select", "embedding", "where", "masked_fill", "getitem", "reshape", "flatten",
+                       "unsqueeze", "permute", "transpose", "t", "T", "mT", "identity", "to", "type", "contiguous",
+                       "clone"})
 
 # the fx ops that compute Python values from shapes (never from a tensor's contents)
 SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
