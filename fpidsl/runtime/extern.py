@@ -11,6 +11,7 @@ the declared output shape; ``vjp`` takes nested VJPs of it by ``torch.autograd.g
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .layer import LayerInputError
 from .sizes import is_symbol, size, symbols
+from .torch_faults import norms_with_a_separate_bias
 
 
 class ExternError(LayerInputError):
@@ -137,7 +139,8 @@ def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple
     for pos in set(chain):
         leaves[pos - 1].requires_grad_(True)
     n = 1 + len(inputs)
-    with torch.enable_grad():
+    # a chain of two or more differentiates a VJP again: torch's faulty derivatives worked around
+    with torch.enable_grad(), (norms_with_a_separate_bias() if len(chain) > 1 else contextlib.nullcontext()):
         value = handle.apply(leaves[0], leaves[1:n], inputs, output, replay=True)
         for j, pos in enumerate(chain):
             target = leaves[pos - 1]

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .torch_faults import norms_with_a_separate_bias
+
 States = tuple[Tensor, ...]
 
 
@@ -36,12 +38,13 @@ def jvp(fn: Callable[..., States], primals: States, tangents: States) -> States:
     (which does not nest), the transpose of a vector-Jacobian product (``torch.func.vjp`` twice; exact too)."""
     from torch.autograd import forward_ad
 
-    if forward_ad._current_level < 0:
-        return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
-    y, pull = torch.func.vjp(fn, *primals)
-    cotangent = tuple(torch.zeros_like(yi) for yi in y)
-    _, pull_transposed = torch.func.vjp(lambda *u: tuple(pull(tuple(u))), *cotangent)
-    return tuple(pull_transposed(tuple(tangents)))
+    with norms_with_a_separate_bias():  # torch's faulty derivatives worked around
+        if forward_ad._current_level < 0:
+            return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
+        y, pull = torch.func.vjp(fn, *primals)
+        cotangent = tuple(torch.zeros_like(yi) for yi in y)
+        _, pull_transposed = torch.func.vjp(lambda *u: tuple(pull(tuple(u))), *cotangent)
+        return tuple(pull_transposed(tuple(tangents)))
 
 
 class TangentMap:
