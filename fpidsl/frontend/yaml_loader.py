@@ -27,7 +27,8 @@ order of the YAML keys: inputs, states, params, consts, lets, energies, updates,
 backward, eval. An absent or empty (``null``) section means no declarations of that kind.
 
 Safety: the file is only *composed* (``yaml.compose`` with ``yaml.SafeLoader``): a node tree, nothing is
-constructed. Any tag outside the YAML core schema (``!!python/object``, ``!!binary``, ``!custom``, ...) is
+constructed. Any explicit tag (``!!python/object``, ``!!binary``, ``!custom``, and core ones such as ``!!float``,
+which would only disagree with the value read from the text: ``!!float 1`` is the integer 1 here) is
 a :class:`~fpidsl.errors.SchemaErr`, as are duplicate keys (which PyYAML would silently collapse),
 recursive aliases and aliases that expand to more than ``MAX_EXPANDED_NODES`` nodes. YAML syntax errors
 are :class:`~fpidsl.errors.SyntaxErr` at PyYAML's problem mark.
@@ -39,7 +40,12 @@ first content line (their indentation is parsed as whitespace). This is exact as
 as the scalar's value: equal to it, or equal up to whitespace and line breaks (folded and multi-line
 scalars) and without a ``#``. Otherwise (escapes in double quotes, ``''`` in single quotes, a ``#`` inside
 a folded block, unusual line breaks) the value is parsed on its own and *every* span of the fragment,
-including a syntax error's, is the whole scalar, so that no column is silently shifted.
+including a syntax error's, is the whole scalar, so that no column is silently shifted. A ``#`` comment of such a
+value that holds more than its line of the file (YAML joined the lines of a folded, quoted or plain scalar, so the
+comment would hide the code after it) is a :class:`~fpidsl.errors.SyntaxErr` at the ``#``.
+
+Numbers: YAML 1.1 reads a plain integer with a leading zero as octal (``010`` is 8); where that differs from the
+expression syntax's reading (10), the number is a :class:`~fpidsl.errors.SchemaErr`.
 """
 from __future__ import annotations
 
@@ -74,19 +80,39 @@ _STR, _INT, _FLOAT, _BOOL, _NULL = (_CORE + t for t in ("str", "int", "float", "
 _ALLOWED_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null", "map", "seq",
                                               "timestamp", "merge", "value"))
 
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe composer, noting on each node the tag written in the file (``written_tag``; None when the
+    tag was resolved from the text): a node tree does not say which tags were explicit."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        node = super().compose_node(parent, index)
+        if not isinstance(event, yaml.AliasEvent) and node is not None:
+            node.written_tag = event.tag
+        return node
+
+
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
+# PyYAML reads YAML 1.1: a plain integer with a leading 0 is octal (`010` is 8), which the expression syntax reads as
+# decimal (10); such a number is refused where the two readings differ
+_OCTAL = re.compile(r"[-+]?0[0-7_]+\Z")
 # Line breaks that YAML counts and the expression grammar does not: text holding them is not parsed in place.
 _ODD_BREAKS = re.compile(r"\r(?!\n)|[\x85\u2028\u2029]")
 
 NAME_HINT = "names are identifiers: letters, digits and `_`, not starting with a digit"
 NUMBER_HINT = "write numbers as in the expression syntax: 12, 0.5, 1e-6, -3"
+OCTAL_HINT = 'drop the leading zero, or quote the number ("{v}") to read it as the expression syntax does'
 EXPR_HINT = 'write an expression as a string, e.g. "relu(fc(x))", or a number'
 BOOL_HINT = ("YAML reads `{v}` as a boolean and a spec has no boolean values here; "
              'quote it ("{v}") if you mean the name `{v}`')
 TAG_HINT = "a spec is plain data (mappings, lists, strings and numbers); nothing is constructed from it"
+CORE_TAG_HINT = "write the value without a tag: a spec reads each value from its text (`!!float 1` would be 1)"
 DUPLICATE_HINT = "YAML would keep only the last one; remove or rename one of them"
 MERGE_HINT = "YAML merge keys (`<<`) are not supported: write the entries out"
+FOLDED_COMMENT_HINT = ("write the value as a literal block (`x: |`), which keeps its line breaks, or put the comment "
+                       "outside the value, after it or on a line of its own")
 LETS_HINT = 'lets are ordered, so `lets` is a list: `lets: [{h: "relu(x)"}, {y: "h + 1"}]`'
 DESCEND_HINT = "write it as `x: {on: E, step: 0.01}`: descend state x along the gradient of energy E"
 OUTPUT_HINT = "several outputs are a YAML list: `output: [x, y]`"
@@ -137,6 +163,46 @@ def _respan(node: Any, span: Span) -> Any:
     if is_dataclass(node) and not isinstance(node, type):
         return replace(node, **{f.name: _respan(getattr(node, f.name), span) for f in fields(node)})
     return node
+
+
+_YAML_BREAKS = "\r\n\x85\u2028\u2029"
+
+
+def _comments(text: str, breaks: str) -> list[tuple[int, str]]:
+    """The expression grammar's comments in ``text``: ``(index, text)`` of each ``#`` outside a string (einsum's
+    equation), to the end of its line (a character of ``breaks``)."""
+    out, i, quoted = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if ch in breaks:
+            quoted = False
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            end = i
+            while end < len(text) and text[end] not in breaks:
+                end += 1
+            out.append((i, text[i:end].rstrip()))
+            i = end
+            continue
+        i += 1
+    return out
+
+
+def _comment_runs_on(raw: str, value: str, style: str | None) -> tuple[int, str] | None:
+    """Where (an index into ``raw``, the file's text of a scalar) a comment of the value holds more than its line of
+    the file, and what more: YAML folded the scalar's lines into one (``>``, a quoted or plain scalar over several
+    lines), so a ``#`` comment, which runs to the end of its line, would hide the code of the lines after it."""
+    written = _comments(raw, _YAML_BREAKS)
+    for k, (_, text) in enumerate(_comments(value, "\n")):
+        if k >= len(written):
+            return 0, text
+        start, line = written[k]
+        if style == "'":
+            line = line.replace("''", "'")
+        if line != text:
+            return start, text[len(line):].strip() if text.startswith(line) else text
+    return None
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -299,6 +365,13 @@ class _Reader:
         in_place = raw == value or ("#" not in raw and raw.split() == value.split())
         if in_place and not _ODD_BREAKS.search(raw):
             return _Fragment(raw, Placement(self.path, line + 1, col + 1), True, whole)
+        hidden = _comment_runs_on(raw, value, node.style)
+        if hidden is not None:
+            at, what = hidden
+            shown = what if len(what) <= 40 else what[:37] + "..."
+            raise SyntaxErr(f"this `#` starts a comment that would hide `{shown}`: in the value YAML reads, that "
+                            "text is on the comment's line (YAML joins the lines of a folded, quoted or plain scalar)",
+                            Span.point(self.path, *self._point(lo + at)), hint=FOLDED_COMMENT_HINT)
         return _Fragment(value, Placement(self.path, whole.line, whole.col), False, whole)
 
     def _parse(self, parse: Callable[[str, Placement], Any], node: yaml.ScalarNode) -> Any:
@@ -344,7 +417,7 @@ class _Reader:
             raise LimitErr(f"YAML nested more than {MAX_FLOW_DEPTH} levels of [ ] and {{ }}",
                            Span.point(self.path, line, col), hint="a spec is a few levels of mappings and lists")
         try:
-            return yaml.compose(self.source.text, Loader=yaml.SafeLoader)
+            return yaml.compose(self.source.text, Loader=_Loader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -396,9 +469,10 @@ class _Reader:
             if key in open_nodes:
                 raise SchemaErr("a YAML alias refers to a node that contains it", self._span(node),
                                 hint="a spec is a tree: recursive anchors are not allowed")
-            if node.tag not in _ALLOWED_TAGS:
-                raise SchemaErr(f"the YAML tag `{_short_tag(node.tag)}` is not allowed in a spec",
-                                self._span(node), hint=TAG_HINT)
+            written = getattr(node, "written_tag", None)
+            if node.tag not in _ALLOWED_TAGS or written is not None:
+                raise SchemaErr(f"the YAML tag `{_short_tag(written or node.tag)}` is not allowed in a spec",
+                                self._span(node), hint=CORE_TAG_HINT if node.tag in _ALLOWED_TAGS else TAG_HINT)
             if key in duplicates:
                 first = duplicates[key]
                 raise SchemaErr(
@@ -484,6 +558,7 @@ class _Reader:
                             hint=BOOL_HINT.format(v=node.value))
         if node.tag not in (_INT, _FLOAT):
             return self._parse(parse_expr, node)
+        self._refuse_octal(node, what)
         try:
             number = self._parse(parse_expr, node)
         except SyntaxErr:
@@ -493,6 +568,17 @@ class _Reader:
             raise SchemaErr(f"{what}: `{node.value}` is not a number the language accepts", self._span(node),
                             hint=NUMBER_HINT)
         return number
+
+    def _refuse_octal(self, node: yaml.ScalarNode, what: str) -> None:
+        """A YAML integer with a leading zero that YAML reads as octal and the expression syntax as decimal."""
+        if node.tag != _INT or not _OCTAL.match(node.value):
+            return
+        digits = node.value.lstrip("+-").replace("_", "")
+        sign = "-" if node.value.startswith("-") else ""
+        if int(digits, 8) != int(digits):
+            raise SchemaErr(f"{what}: YAML reads `{node.value}` as the octal number {sign}{int(digits, 8)}, the "
+                            f"expression syntax as {sign}{int(digits)}", self._span(node),
+                            hint=OCTAL_HINT.format(v=node.value))
 
     def _string(self, node: yaml.Node, what: str, example: str, key: yaml.Node) -> yaml.ScalarNode:
         """A scalar that must hold text (a shape, a parameter type)."""
@@ -519,6 +605,7 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _STR):
             span = self._span(node)
             if node.tag == _INT and _DIGITS.match(node.value):
+                self._refuse_octal(node, f"a dimension of {what}")
                 try:
                     value = numbers.literal(node.value)
                 except numbers.OutOfRange as exc:

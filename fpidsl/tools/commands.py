@@ -11,6 +11,8 @@ EXIT_OK, EXIT_SPEC_ERROR = 0, 1
 
 def add_commands(commands) -> None:
     """Add the authoring subcommands to the ``fpidsl`` argument parser's subparsers."""
+    from ..source import FORMATS
+
     fmt = commands.add_parser("fmt", help="lay out .fpi specs canonically (comments kept); convert YAML <-> .fpi",
                               description="Rewrite each .fpi SPEC in the canonical layout, keeping every comment. "
                                           "With --to, print SPEC (either form) in the other form instead.")
@@ -24,7 +26,9 @@ def add_commands(commands) -> None:
 
     explain = commands.add_parser("explain", help="what the compiler understood of a layer: shapes, params, "
                                                   "Lipschitz bound, hoisting, samplewise, backward size")
-    explain.add_argument("spec", metavar="SPEC")
+    explain.add_argument("spec", metavar="SPEC", help="a spec file; - reads standard input")
+    explain.add_argument("--format", choices=FORMATS,
+                         help="the spec's format (default: by extension; needed for -)")
     explain.add_argument("--layer", metavar="NAME", help="the layer (needed when the spec has several)")
     explain.set_defaults(run=cmd_explain)
 
@@ -82,8 +86,12 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     if args.to is not None:
         if len(args.specs) != 1:
             raise UsageError("--to converts one spec at a time")
+        from ..source import format_of
         from .yaml_convert import convert
 
+        if args.specs[0] != "-" and format_of(args.specs[0]) == args.to:  # not read as the other form, wrongly
+            raise UsageError(f"{args.specs[0]} is already in the {args.to} form; --to {args.to} converts a spec "
+                             f"of the other form" + (" (`fpidsl fmt` lays out .fpi files)" if args.to == "fpi" else ""))
         # from standard input, the spec is in the form it is converted from
         source = read_source(args.specs[0], "yaml" if args.to == "fpi" else "fpi")
         _converted_output(convert(source, args.to), args.output, args.specs[0])
@@ -123,11 +131,11 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
-    from ..compiler import check_file
+    from ..cli import UsageError, _read
+    from ..compiler import check_source
     from .explain import explain_layer
 
-    checked = check_file(args.spec)
+    checked = check_source(_read(args.spec, args))
     name = args.layer
     if name is None:
         if len(checked.graphs) > 1:

@@ -12,6 +12,7 @@ import math
 
 from ..ir.extern import externs
 from ..ir.graph import LayerGraph
+from ..ir.primitives import PRIMITIVES, REQUIRED, format_attr
 from ..ir.shapes import fmt_shape
 
 MAX_DEPTH = 4
@@ -34,8 +35,23 @@ def _node_text(graph: LayerGraph, nid: str, depth: int = 0) -> str:
     if data["prim"] == "index":
         items = attrs.get("index", ())
         return f"{args[0]}[{', '.join(_index_item(i) for i in items)}]"
-    shown = [f"{k}={v}" for k, v in attrs.items() if k in ("dim",) and v is not None]
-    return f"{data['prim']}({', '.join(args + shown)})"
+    if data["prim"] == "extern":  # f(x, ...), after the module's handle and parameters
+        return f"{attrs['name']}({', '.join(args[2:])})"
+    if data["prim"] == "einsum":
+        return f"einsum({', '.join([chr(34) + attrs['equation'] + chr(34), *args])})"
+    return f"{data['prim']}({', '.join(args + _static(data['prim'], attrs))})"
+
+
+def _static(prim: str, attrs: dict) -> list[str]:
+    """A call's static arguments that are not their defaults (``exponent=2`` of ``x ** 2``, ``keepdim=true``), as the
+    text form writes them: without them ``pow(a)`` could be any power."""
+    known = PRIMITIVES.get(prim)
+    defaults = {a.name: a.default for a in known.attrs} if known is not None else {}
+    return [f"{k}={format_attr(v)}" for k, v in attrs.items() if not _is_default(v, defaults.get(k, REQUIRED))]
+
+
+def _is_default(value, default) -> bool:
+    return default is not REQUIRED and isinstance(value, bool) == isinstance(default, bool) and value == default
 
 
 def _index_item(item) -> str:
@@ -45,6 +61,12 @@ def _index_item(item) -> str:
         text = f"{'' if item.start is None else item.start}:{'' if item.stop is None else item.stop}"
         return text + (f":{item.step}" if getattr(item, "step", None) not in (None, 1) else "")
     return str(item)
+
+
+def _number(value) -> str:
+    """A number in few digits (``0``, ``0.5``), all of them where fewer would show another number (``0.123456789``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def _params(graph: LayerGraph) -> tuple[list[str], int]:
@@ -114,7 +136,8 @@ def explain_layer(checked, name: str) -> str:
         init = graph.node(info.init) if info.init else None
         start = ""
         if init is not None:
-            start = f" = {init['fill']:g}" if init.get("fill") is not None else " = (an expression of the inputs)"
+            fill = init.get("fill")
+            start = f" = {_number(fill)}" if fill is not None else " = (an expression of the inputs)"
         out.append(f"    {state} : {fmt_shape(info.shape)}{start}")
     param_lines, total = _params(graph)
     out.append(f"  parameters: {total:,}" + ("" if param_lines else " (none)"))
@@ -139,8 +162,6 @@ def explain_layer(checked, name: str) -> str:
 
 
 def _settings(graph: LayerGraph) -> list[str]:
-    from ..ir.primitives import format_attr
-
     lines = []
     for which, table in (("solve", graph.solve), ("backward", graph.backward)):
         text = ", ".join(f"{k}={format_attr(v)}" for k, v in table.items()) if table else "defaults"

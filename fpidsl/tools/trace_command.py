@@ -12,6 +12,7 @@ import argparse
 import ast
 import importlib.util
 import inspect
+import math
 import os
 import sys
 
@@ -128,7 +129,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     example = []
     for p in names:
         if p.name in shapes:
-            example.append(torch.randn(shapes[p.name], generator=generator, dtype=dtype))
+            try:
+                example.append(torch.randn(shapes[p.name], generator=generator, dtype=dtype))
+            except (RuntimeError, MemoryError):  # a size the machine cannot hold: the user's, not a bug
+                size = math.prod(shapes[p.name])
+                raise UsageError(f"--shape {p.name}={','.join(map(str, shapes[p.name]))}: cannot make an example of "
+                                 f"{size:,} numbers ({size * dtype.itemsize:,} bytes) on this machine") from None
         elif p.name in values:
             example.append(values[p.name])
         elif p.default is not inspect.Parameter.empty:

@@ -33,7 +33,8 @@ SECTIONS = (
     ("consts", ast.ConstDecl), ("lets", ast.LetDecl), ("energies", ast.EnergyDecl), ("updates", ast.UpdateDecl),
     ("descend", ast.DescendDecl), ("output", ast.OutputDecl),
 )
-_PLAIN_NUMBER = re.compile(r"\d+(\.\d+)?([eE][+-]?\d+)?\Z")
+# a number YAML may hold unquoted: no leading zero (YAML 1.1 reads `010` as octal 8, the language as 10)
+_PLAIN_NUMBER = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?\Z")
 
 
 class ConversionError(FpiError):
@@ -194,7 +195,7 @@ def _decl_yaml(decl) -> tuple[str, str]:
     if isinstance(decl, (ast.ModuleParamDecl, ast.TensorParamDecl, ast.ExternParamDecl)):
         return decl.name, json.dumps(unparse.param_type(decl))
     if isinstance(decl, ast.DescendDecl):
-        return decl.name, f"{{on: {decl.energy.id}, step: {_value(decl.step)}}}"
+        return decl.name, f"{{on: {_key(decl.energy.id)}, step: {_value(decl.step)}}}"
     return decl.name, _value(decl.value)
 
 

@@ -549,6 +549,28 @@ BAD_SPECS = [
      SchemaErr, 6, 4, f"more than {MAX_EXPANDED_NODES:,} values", None),
     ("nested too deeply", "fpi: 1\nlayers: " + "[" * 3000 + "\n",
      LimitErr, 2, 109, "nested more than 100 levels", None),
+    # a core tag given explicitly would only disagree with the value read from the text (`!!float 1` is the int 1)
+    ("an explicit core tag", LAYER + "    consts: {k: !!float 1}\n",
+     SchemaErr, 4, 17, "the YAML tag `!!float` is not allowed", "without a tag"),
+    ("an explicit str tag behind an anchor", LAYER + "    updates:\n      x: &u !!str relu(a)\n",
+     SchemaErr, 5, 10, "the YAML tag `!!str` is not allowed", None),
+    ("the non-specific tag", LAYER + "    updates: {x: ! a}\n",
+     SchemaErr, 4, 18, "the YAML tag `!` is not allowed", None),
+    # YAML 1.1 reads a leading 0 as octal: 010 is 8 there and 10 in the expression syntax
+    ("an octal setting", LAYER + "    solve: {m: 010}\n",
+     SchemaErr, 4, 16, "`solve` setting `m`: YAML reads `010` as the octal number 8, the expression syntax as 10",
+     '("010")'),
+    ("a negative octal const", LAYER + "    consts: {k: -0_17}\n",
+     SchemaErr, 4, 17, "YAML reads `-0_17` as the octal number -15, the expression syntax as -17", None),
+    ("an octal dimension", LAYER + "    inputs: {a: [B, 010]}\n",
+     SchemaErr, 4, 21, "a dimension of the shape of input `a`: YAML reads `010` as the octal number 8", None),
+    # YAML folds the lines of these scalars into one: the comment would swallow `+ a`
+    ("a comment in a folded block", LAYER + "    updates:\n      x: >\n        relu(a)  # act\n        + a\n",
+     SyntaxErr, 6, 18, "this `#` starts a comment that would hide `+ a`", "literal block"),
+    ("a comment in a quoted value over two lines", LAYER + '    updates:\n      x: "relu(a) # act\n        + a"\n',
+     SyntaxErr, 5, 19, "would hide `+ a`", None),
+    ("a comment in a plain value over two lines", LAYER + "    updates:\n      x: relu(a)#act\n        - a\n",
+     SyntaxErr, 5, 17, "would hide `- a`", None),
 ]
 
 
@@ -568,6 +590,32 @@ def test_malformed_yaml(text, kind, line, col, message, hint):
 def test_the_malformed_table_is_large_and_distinct():
     assert len(BAD_SPECS) >= 15
     assert len({case[1] for case in BAD_SPECS}) == len(BAD_SPECS)
+
+
+def test_what_yaml_reads_alike_is_accepted():
+    """Each of these reads the same in YAML and in the expression syntax, so it is not refused: a leading zero with
+    the same value both ways, a quoted number, a comment kept on its line by a literal block or at a folded block's
+    end, a comment with a quote doubled in a single-quoted value."""
+    spec = from_yaml("""
+        fpi: 1
+        layers:
+          L:
+            consts: {k: 007, n: "010", f: 010.5}
+            updates:
+              x: |
+                relu(a)  # act
+                + a
+              y: >
+                relu(a)
+                + a  # the end
+              z: 'relu(a) # it''s'
+        """)
+    k, n, f, x, y, z = spec.layers[0].decls
+    assert (k.value.value, n.value.value, f.value.value) == (7, 10, 10.5)
+    same = strip_spans(parse_fpi(Source("t.fpi", "layer L { let v = relu(a) + a }")).layers[0].decls[0].value)
+    assert strip_spans(x.value) == strip_spans(y.value) == same
+    assert strip_spans(z.value) == strip_spans(parse_fpi(Source("t.fpi", "layer L { let v = relu(a) }")).layers[0]
+                                               .decls[0].value)
 
 
 def test_nothing_is_constructed_from_tags(tmp_path):

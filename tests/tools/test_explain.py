@@ -64,3 +64,31 @@ def test_a_convolutional_layer(spec, capsys, monkeypatch):
     assert "    conv1 = Conv2d(2, 32, 3, padding=1, init_scale=0.1): weight [32, 2, 3, 3], bias [32]  " \
            f"({32 * 2 * 9 + 32})" in out
     assert "    z : [B, 1, H, W]" in out
+
+
+def test_hoisted_values_show_their_static_arguments_and_starts_all_their_digits():
+    """`a ** 2` and `a ** 3` are not both `pow(a)`, nor a keepdim sum a plain one; a start of 0.123456789 is not
+    printed as 0.123457."""
+    text = ("layer L {\n  input a : [B, 4]\n  input b : [B, 4]\n  state x : [B, 4] = 0.123456789\n"
+            "  state y : [B, 4] = 0.5\n  update x = 0.5 * tanh(x) + a ** 2 - a ** 3 + clamp(b, -0.5, 0.5)\n"
+            "  update y = 0.5 * y + sum(b, dim=1, keepdim=true) + sum(a, dim=1)[:, None]\n}\n")
+    lines = explain_layer(check_source(Source("t.fpi", text)), "L").splitlines()
+    assert "    x : [B, 4] = 0.123456789" in lines and "    y : [B, 4] = 0.5" in lines
+    hoisted = "\n".join(lines)
+    assert "pow(a, exponent=2)" in hoisted and "pow(a, exponent=3)" in hoisted
+    assert "clamp(b, lo=-0.5, hi=0.5)" in hoisted
+    assert "sum(b, dim=1, keepdim=true)" in hoisted and "sum(a, dim=1)[:, None]" in hoisted
+
+
+def test_the_command_reads_standard_input(capsys, monkeypatch):
+    """`explain -` needs --format, as check and compile do; the error for a missing one names the flag it has."""
+    import io
+    import sys
+
+    text = "layer L {\n  input a : [B, 4]\n  state x : [B, 4]\n  update x = 0.5 * tanh(x) + a\n}\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert main(["explain", "-", "--format", "fpi"]) == 0
+    assert capsys.readouterr().out.startswith("layer L  (<stdin>:1:1)\n")
+    assert main(["explain", "-"]) == 2
+    assert capsys.readouterr().err == "fpidsl: error: a spec read from standard input (`-`) needs --format fpi or " \
+                                      "--format yaml\n"

@@ -113,3 +113,39 @@ def test_the_command_writes_the_other_form(tmp_path, capsys):
     squeeze = lambda t: [ln for ln in t.splitlines() if ln.strip()]  # noqa: E731
     assert squeeze(printed) == squeeze(format_source(read_source(str(ROOT / "specs" / "box_projection.fpi"))))
     assert main(["fmt", "--to", "fpi", str(Path(ROOT / "specs" / "missing.yaml"))]) == 1
+
+
+def test_descend_on_an_energy_yaml_reads_as_another_type():
+    """`on: yes` is a boolean to YAML: the energy's name is quoted like every other name."""
+    text = ("layer L {\n  input a : [B, 4]\n  state x : [B, 4]\n  energy yes = sum(square(x - a), dim=-1)\n"
+            "  descend x on yes step 0.1\n}\nlayer M {\n  input a : [B, 4]\n  state x : [B, 4]\n"
+            "  energy Null = sum(square(x - a), dim=-1)\n  descend x on Null step 0.1\n}\n")
+    source = Source("d.fpi", text)
+    out = convert(source, "yaml")
+    assert 'x: {on: "yes", step: 0.1}' in out and 'x: {on: "Null", step: 0.1}' in out
+    as_yaml = Source("d.yaml", out)
+    assert strip_spans(parse_source(as_yaml)) == strip_spans(reorder(parse_source(source)))
+    assert graph_text(check_source(as_yaml)) == graph_text(check_source(source))
+
+
+def test_numbers_with_a_leading_zero_are_quoted():
+    """YAML 1.1 reads a plain `010` as octal 8 (and the YAML front-end refuses it): --to yaml quotes it, so it reads
+    back as the 10 of the .fpi text."""
+    text = ("layer L {\n  const k = 010\n  input a : [B, 010]\n  state x : [B, 10] = 007\n"
+            "  update x = 0.5 * x + k * a\n  solve { max_iter = 0100, tol = 0.001 }\n}\n")
+    source = Source("z.fpi", text)
+    out = convert(source, "yaml")
+    assert 'k: "010"' in out and 'init: "007"' in out and 'max_iter: "0100"' in out and "tol: 0.001" in out
+    checked = check_source(Source("z.yaml", out))
+    assert checked.graphs["L"].solve["max_iter"] == 100 and graph_text(checked) == graph_text(check_source(source))
+
+
+def test_a_spec_already_in_the_target_form_is_wrong_usage(tmp_path, capsys):
+    """`--to fpi x.fpi` used to read the .fpi text as YAML and report a YAML error in it."""
+    spec = tmp_path / "ok.fpi"
+    spec.write_text("layer L {\n  input a : [B]\n  state x : [B]\n  update x = 0.5 * x + a\n}\n")
+    assert main(["fmt", "--to", "fpi", str(spec)]) == 2
+    assert capsys.readouterr().err == (f"fpidsl: error: {spec} is already in the fpi form; --to fpi converts a spec of "
+                                       "the other form (`fpidsl fmt` lays out .fpi files)\n")
+    assert main(["fmt", "--to", "yaml", str(ROOT / "specs" / "box_projection.yaml")]) == 2
+    assert "is already in the yaml form" in capsys.readouterr().err
