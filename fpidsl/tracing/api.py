@@ -205,24 +205,28 @@ def _labels(f: Callable, foreign: dict[str, Any]) -> dict[str, str]:
     return {key: seen[id(value)] for key, value in foreign.items() if id(value) in seen}
 
 
-def _shapes(value: Any) -> Any:
+def _shapes(value: Any) -> str:
+    """Shapes (and dtypes) as a user reads them: ``[2, 3] (float32)``, ``([2, 3] (float32), [2] (int64))``."""
     if isinstance(value, Tensor):
-        return list(value.shape)
+        return f"{list(value.shape)} ({str(value.dtype).removeprefix('torch.')})"
     if isinstance(value, (tuple, list)):
-        return [_shapes(v) for v in value]
+        return "(" + ", ".join(_shapes(v) for v in value) + ")"
     return type(value).__name__
 
 
 def _check_result(result: Any, x: Any) -> None:
-    """The map returns the structure and shapes of its state (``UntraceableError`` otherwise)."""
+    """The map returns the structure, shapes and kind of number of its state: floating point (``UntraceableError``
+    otherwise)."""
+    def like(r: Any, s: Tensor) -> bool:
+        return isinstance(r, Tensor) and r.shape == s.shape and r.is_floating_point() == s.is_floating_point()
+
     if isinstance(x, Tensor):
-        ok = isinstance(result, Tensor) and result.shape == x.shape
+        ok = like(result, x)
     else:
-        ok = (isinstance(result, (tuple, list)) and len(result) == len(x)
-              and all(isinstance(r, Tensor) and r.shape == s.shape for r, s in zip(result, x)))
+        ok = isinstance(result, (tuple, list)) and len(result) == len(x) and all(map(like, result, x))
     if not ok:
-        raise UntraceableError(f"the map returns {_shapes(result)} for a state of shape {_shapes(x)}: it must "
-                               "return the new state")
+        raise UntraceableError(f"the map returns {_shapes(result)} for a state of {_shapes(x)}: it must return the "
+                               "new state (its structure and shapes, in floating point)")
 
 
 def _layer_name(wanted: str) -> str:

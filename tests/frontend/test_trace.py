@@ -257,9 +257,17 @@ def test_a_softmax_dtype_given_by_position_is_refused_not_dropped(f, name):
 
 
 def test_a_map_that_changes_the_shape_is_refused():
-    with pytest.raises(UntraceableError, match=r"the map returns \[2, 3\] for a state of shape "
-                                               r"\[2, 4\]"):
+    with pytest.raises(UntraceableError, match=r"the map returns \[2, 3\] \(float64\) for a state of "
+                                               r"\[2, 4\] \(float64\)"):
         trace_map(lambda x: x[:, :3], torch.randn(2, 4, dtype=DT), ())
+
+
+def test_a_map_that_returns_integers_is_refused():
+    """Not a crash of the agreement check (torch.finfo of an integer dtype: `fpidsl trace` said "a bug in
+    fpidsl")."""
+    with pytest.raises(UntraceableError, match=r"the map returns \[2, 4\] \(int64\) for a state of "
+                                               r"\[2, 4\] \(float64\): .*in floating point"):
+        trace_map(lambda x: x.long(), torch.randn(2, 4, dtype=DT), ())
 
 
 def test_in_place_operations_are_refused():
