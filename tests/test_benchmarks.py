@@ -267,6 +267,23 @@ def test_dropout_mask_benchmark_runs():
     assert "reused" in proc.stdout
 
 
+def test_eval_in_loop_benchmark_times_the_loops_evaluations_against_the_floors():
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_in_loop.py"), "bibtex-nn", "--methods",
+                           "picard", "anderson", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\| (picard|anderson) \| 0 \| ([\d.]+) / ([\d.]+) \| ([\d.]+) / ([\d.]+) \| "
+                      r"([\d.]+) / ([\d.]+) \| ([\d.]+) / ([\d.]+) \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["picard", "anderson"], proc.stdout
+    for row in rows:  # the ratios are of the unrounded times: within the rounding of the milliseconds shown
+        loop_g, loop_vjp, alone_g, alone_vjp, cold_g, cold_vjp, ratio_g, ratio_vjp = map(float, row[1:])
+        assert min(loop_g, loop_vjp, alone_g, alone_vjp, cold_g, cold_vjp) > 0
+        assert abs(ratio_g - loop_g / alone_g) <= 0.01 + 0.01 / alone_g * (1 + ratio_g)
+        assert abs(ratio_vjp - loop_vjp / alone_vjp) <= 0.01 + 0.01 / alone_vjp * (1 + ratio_vjp)
+
+
 def test_a_step_takes_the_specs_settings_with_its_methods_not_the_last_steps():
     """A Broyden step made after an Anderson step on the same layer keeps Broyden's default memory (50): the
     settings are the spec's with the method's on top, never the layer's current ones (an Anderson m = 6 had
