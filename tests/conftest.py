@@ -35,10 +35,38 @@ def device():
 
 def _one_thread() -> None:
     """The suite's tensors are small: one intra-op thread is faster, and immune to a busy machine
-    (with 2 threads on a loaded 2-core machine a tiny matmul was measured at 24 ms instead of 0.01 ms)."""
+    (with 2 threads on a loaded 2-core machine a tiny matmul was measured at 24 ms instead of 0.01 ms).
+    Every process of a parallel run (``pytest -n``, pytest-xdist) imports this file: one thread each."""
     import torch
 
     torch.set_num_threads(1)
 
 
 _one_thread()
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state():
+    """Each test starts with the process's torch settings, whatever the tests before it in that process did: with
+    ``pytest -n`` which tests share a process, and in which order, varies from run to run. (PyTorch Lightning's
+    ``Trainer(deterministic=True)``, tests/test_lightning.py, turned on deterministic algorithms for the rest of
+    the process.) The tests that change a setting on purpose restore it themselves."""
+    import torch
+
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In a parallel run (a pytest-xdist worker), the tests marked slow go first, in their order, the rest after,
+    in theirs: a run of seconds-long tests left for the end keeps one process busy while the other idles. Every
+    worker sorts alike (xdist requires it); a serial run keeps the files' order."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -14,10 +15,20 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+def _not_in_a_fresh_clone(folder: str, names: list[str]) -> set[str]:
+    top = {".git", ".venv", "build", "dist", "out", ".pytest_cache", ".hypothesis"} if Path(folder) == ROOT else set()
+    return {n for n in names if n in top or n == "__pycache__" or n.endswith(".egg-info")}
+
+
 def test_wheel_installs_and_checks_a_spec(tmp_path):
     dist = tmp_path / "dist"
+    # Built from a copy of the checkout: a build in place writes build/ and rewrites fpidsl.egg-info/ in the
+    # repository, which the other test processes of a parallel run (pytest -n) read as fpidsl's metadata (the
+    # pygments entry point) while it is being written. The copy leaves out what a fresh clone does not have.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=_not_in_a_fresh_clone)
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(source)],
         check=True, capture_output=True, text=True,
     )
     wheels = list(dist.glob("fpidsl-*.whl"))
