@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from .layer import LayerInputError
 from .sizes import is_symbol, size, symbols
+from .adjoint import forward_tangent
 from .torch_faults import norms_with_a_separate_bias
+from .transforms import is_transformed
 
 
 class ExternError(LayerInputError):
@@ -127,8 +129,41 @@ class ExternHandle:
     def vjp(self, flat: Tensor, args: Sequence[Tensor], inputs: Sequence[tuple], output: tuple,
             chain: Sequence[int]) -> Tensor:
         """The nested VJP ``chain`` (see :mod:`fpidsl.ir.extern`): ``args`` are the inputs then one cotangent per
-        entry of ``chain``; positions count the handle as 0 and ``flat`` as 1. Differentiable to every order."""
+        entry of ``chain``; positions count the handle as 0 and ``flat`` as 1. Differentiable to every order.
+        Under a ``torch.func`` transform, or with a forward-mode tangent on a tensor (forward over reverse), by
+        composed ``torch.func.vjp`` (:func:`_func_nested_vjp`): :class:`_NestedVjp` has neither the
+        ``setup_context`` that functorch requires of an ``autograd.Function`` nor a forward-mode rule."""
+        tensors = (flat, *args)
+        if is_transformed(tensors) or any(forward_tangent(t) is not None for t in tensors):
+            return _func_nested_vjp(self, tuple(inputs), tuple(output), tuple(chain), tensors)
         return _NestedVjp.apply(self, tuple(inputs), tuple(output), tuple(chain), flat, *args)
+
+
+def _func_nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple,
+                     tensors: Sequence[Tensor]) -> Tensor:
+    """The nested VJP of :func:`_nested_vjp` as a composition of ``torch.func.vjp``, which every transform (and
+    forward-mode AD) differentiates: the same partial derivatives, each ``torch.func.vjp`` taken with respect to one
+    argument while the others are held (they stay visible to the enclosing transforms)."""
+    n = 1 + len(inputs)
+
+    def value(*ts: Tensor) -> Tensor:
+        return handle.apply(ts[0], ts[1:n], inputs, output, replay=True)
+
+    fn = value
+    for j, pos in enumerate(chain):
+        fn = _pulled(fn, pos - 1, n + j)
+    # a chain of two or more differentiates a VJP again: torch's faulty derivatives worked around
+    with norms_with_a_separate_bias() if len(chain) > 1 else contextlib.nullcontext():
+        return fn(*tensors)
+
+
+def _pulled(fn: Callable[..., Tensor], index: int, cotangent: int) -> Callable[..., Tensor]:
+    """``ts -> (d fn(ts) / d ts[index])^T ts[cotangent]`` (zeros where ``fn`` does not read ``ts[index]``)."""
+    def pulled(*ts: Tensor) -> Tensor:
+        _, pull = torch.func.vjp(lambda t: fn(*ts[:index], t, *ts[index + 1:]), ts[index])
+        return pull(ts[cotangent])[0]
+
+    return pulled
 
 
 def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple, tensors: Sequence[Tensor]) -> Tensor:

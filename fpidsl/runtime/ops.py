@@ -501,8 +501,10 @@ def reshape_as(x: Tensor, like: Tensor | torch.Size) -> Tensor:
 
 
 def index_backward(ct: Tensor, like: Tensor | torch.Size, *, index: Sequence[Any]) -> Tensor:
-    """Zeros of ``like``'s shape with ``ct`` written at ``like[index]``."""
-    out = torch.zeros(_shape(like), dtype=ct.dtype, device=ct.device)
+    """Zeros of ``like``'s shape with ``ct`` written at ``like[index]``. The zeros are ``ct.new_zeros``: under
+    ``vmap`` (``jacrev``, ``hessian``, a layer's vmap rule) a batched ``ct`` cannot be written into an unbatched
+    tensor ("vmap: inplace arithmetic ... is not possible"); ``new_zeros`` of a batched tensor is batched."""
+    out = ct.new_zeros(_shape(like))
     out[_as_index(index)] = ct
     return out
 

@@ -35,16 +35,34 @@ def is_transformed(values: Sequence[Any]) -> bool:
 
 def jvp(fn: Callable[..., States], primals: States, tangents: States) -> States:
     """``(d fn / d primals) tangents``: ``torch.func.jvp``, or, inside a ``torch.autograd.forward_ad`` level
-    (which does not nest), the transpose of a vector-Jacobian product (``torch.func.vjp`` twice; exact too)."""
+    (which does not nest), the transpose of a vector-Jacobian product (``torch.func.vjp`` twice; exact too).
+
+    Inside ``torch.func.jvp`` (``jacfwd``, ``hessian``) the dual level open is its own and ``torch.func.jvp`` nests, so
+    torch's forward-mode rules are used there too: the transposed form differentiated torch's double backward of
+    ``batch_norm`` (eval mode), ``instance_norm`` and ``layer_norm`` under ``vmap``, which fails for a batched weight
+    or bias ("output with shape [2, 4] doesn't match the broadcast shape [4, 2, 4]", also ``linalg.solve``) where
+    the forward-mode rules work. An operation without a forward-mode rule there (``native_group_norm_backward``,
+    reached by the tangent of an adjoint solve) takes the transposed form, as before."""
+    from torch._functorch import eager_transforms
     from torch.autograd import forward_ad
 
     with norms_with_a_separate_bias():  # torch's faulty derivatives worked around
         if forward_ad._current_level < 0:
             return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
-        y, pull = torch.func.vjp(fn, *primals)
-        cotangent = tuple(torch.zeros_like(yi) for yi in y)
-        _, pull_transposed = torch.func.vjp(lambda *u: tuple(pull(tuple(u))), *cotangent)
-        return tuple(pull_transposed(tuple(tangents)))
+        if eager_transforms.JVP_NESTING > 0:  # inside torch.func.jvp
+            try:
+                return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
+            except NotImplementedError:  # "Trying to use forward AD with ... that does not support it"
+                pass
+        return _transposed_vjp(fn, primals, tangents)
+
+
+def _transposed_vjp(fn: Callable[..., States], primals: States, tangents: States) -> States:
+    """``(d fn / d primals) tangents`` as the transpose of the (linear) vector-Jacobian product."""
+    y, pull = torch.func.vjp(fn, *primals)
+    cotangent = tuple(torch.zeros_like(yi) for yi in y)
+    _, pull_transposed = torch.func.vjp(lambda *u: tuple(pull(tuple(u))), *cotangent)
+    return tuple(pull_transposed(tuple(tangents)))
 
 
 class TangentMap:

@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..runtime.fixed_point import Hoisted, register_trace_planner
@@ -189,6 +190,11 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
     for _ in range(2):
         entry = table.get(key)
         if entry is None or not _fresh(entry):
+            if torch._C._are_functorch_transforms_active():
+                # a trace runs f on examples (and draws a random start, which vmap refuses): not inside a transform,
+                # whose failure would stay in the cache for the plain calls too; a trace made outside one serves here
+                return None, ("not traced inside a torch.func transform (vmap, grad, jvp...); a trace made at a "
+                              "call outside one is used inside them",)
             entry = table[key] = _trace(f, x0, args, batched)
         if entry.traced is None:
             return entry, ()
