@@ -551,6 +551,9 @@ def _linear(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, hist
     if x0.shape[0]:  # the large-step check's norms, from the residual (not worth one more evaluation)
         record.norm = torch.linalg.vector_norm(result.x, dim=1)
         record.step = result.residual * record.norm if s.criterion == "relative" else result.residual
+        # the iteration's "smaller than every step before it": GMRES's last residual against its first (a singular
+        # system's huge solution met the relative criterion with a residual larger than at the start, unwarned)
+        record.shrank = record.step < result.first_step
     return result.x, record.stats(phase, s), record
 
 

@@ -185,7 +185,7 @@ def _solve(problem: _Problem, x0: States, args: Sequence[Any]) -> States:
     """The fixed point, computed without recording autograd; fills the stats and applies ``on_fail``."""
     with torch.no_grad():
         start = problem.layout.flatten(tuple(x.detach() for x in x0))
-        flat, stats = solve_in_safe_dtype(solve, _evaluator(problem, args), start, problem.forward, args,
+        flat, stats = solve_in_safe_dtype(solve, _evaluator(problem, args), start, problem.forward,
                                           phase=problem.phase, history=problem.history)  # see .precision
     problem.stats.forward = stats
     enforce(stats)

@@ -9,16 +9,19 @@ float32 layer under ``torch.autocast``) is solved as follows:
   often bfloat16). The result is returned in the states' dtype. The solver runs with autocast off (Anderson's
   small linear system in bfloat16 would fail or lose the mixing), the map under the caller's autocast.
 - the precision floor (:mod:`fpidsl.runtime.driver`: a sample whose relative residual stays within a few
-  machine epsilons is at the floor, and done) uses the epsilon of the least precise dtype the map computes in:
-  the states', the floating-point arguments' and, under autocast, the autocast dtype. A bfloat16 map cannot
-  resolve a relative residual below about ``2**-8``; without this, the solver judged the float32 state and ran
-  all ``max_iter`` iterations.
+  machine epsilons is at the floor, and done) uses the epsilon of the least precise dtype the map computes in
+  that fpidsl can see: the states' and, under autocast, the autocast dtype. A bfloat16 map cannot resolve a
+  relative residual below about ``2**-8``; without this, the solver judged the float32 state and ran all
+  ``max_iter`` iterations. The arguments' dtypes do not count: a bfloat16 argument of a float64 map is promoted by
+  torch, the map computes in float64, and its floor (``10 * 2**-7``, 8% relative) accepted an iteration stuck at a
+  relative residual of 2% as done, with no warning. A map that casts its state down inside (``x.to(W.dtype)``)
+  gets the states' floor: it warns where its tolerance is finer than its arithmetic, and never passes silently.
 """
 from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -32,9 +35,10 @@ def solver_dtype(state_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if state_dtype in _LOW_PRECISION else state_dtype
 
 
-def compute_eps(state: Tensor, args: Sequence[Any]) -> float:
-    """The machine epsilon of the least precise dtype the map computes in (see the module's doc)."""
-    dtypes = {state.dtype, *(a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point())}
+def compute_eps(state: Tensor) -> float:
+    """The machine epsilon of the least precise dtype the map computes in, as far as fpidsl sees it: the states'
+    and the autocast dtype (see the module's doc)."""
+    dtypes = {state.dtype}
     device = state.device.type
     if torch.is_autocast_enabled(device):
         dtypes.add(torch.get_autocast_dtype(device))
@@ -83,7 +87,7 @@ class _Casting:
 
 
 def solve_in_safe_dtype(solve: Callable[..., tuple[Tensor, Any]], evaluate: Any, start: Tensor, settings: Any,
-                        args: Sequence[Any], **options: Any) -> tuple[Tensor, Any]:
+                        **options: Any) -> tuple[Tensor, Any]:
     """``solve(evaluate, start, settings, **options)`` with the arithmetic and the floor of the module's doc;
     the result has ``start``'s dtype."""
     work = solver_dtype(start.dtype)
@@ -92,6 +96,6 @@ def solve_in_safe_dtype(solve: Callable[..., tuple[Tensor, Any]], evaluate: Any,
     if work != start.dtype or autocast is not None:  # otherwise both casts would return their input
         evaluate = _Casting(evaluate, start.dtype, work, autocast)
     off = torch.autocast(device, enabled=False) if autocast is not None else nullcontext()
-    with _floor(compute_eps(start, args)), off:  # the solver without the caller's autocast, where it has one
+    with _floor(compute_eps(start)), off:  # the solver without the caller's autocast, where it has one
         flat, stats = solve(evaluate, start.to(work), settings, **options)
     return flat.to(start.dtype), stats

@@ -204,6 +204,27 @@ def test_relative_criterion_warns_when_a_large_step_passes_without_contraction()
         fixed_point(lambda x: x + 1, x0, criterion="absolute", max_iter=20, on_fail="raise")
 
 
+def test_gmres_backward_warns_when_a_singular_system_passes_the_relative_criterion():
+    """x -> D x with an eigenvalue 1: (I - J^T) c = gbar has no solution. GMRES found a huge c (|c| ~ 5e16) whose
+    relative residual met the tolerance with an absolute residual of 3, larger than the first step's 1.41, and
+    said nothing (Picard and Broyden warn "not converged", Anderson gets this warning): GMRES never said whether
+    its residual shrank."""
+    D = torch.diag(torch.tensor([1.0, 0.5, 0.5, 0.5, 0.5], dtype=DTYPE))
+    W = torch.nn.Parameter(torch.eye(5, dtype=DTYPE))
+    a = torch.zeros(2, 5, dtype=DTYPE, requires_grad=True)
+    x = fixed_point(lambda x, a: (x @ D.T) @ W.T + a, torch.zeros(2, 5, dtype=DTYPE), a, trace=False,
+                    backward={"method": "gmres"})
+    with pytest.warns(ConvergenceWarning, match=r"backward: 2 of 2 samples \(0, 1\) were accepted by the relative"):
+        x.sum().backward()
+    # a regular system: its residual shrinks, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fixed_point(lambda x, a: 0.5 * x @ W.T + a, torch.zeros(2, 5, dtype=DTYPE), a, trace=False,
+                        backward={"method": "gmres"})
+        (g,) = torch.autograd.grad(y.sum(), a)
+    assert torch.allclose(g, torch.full_like(g, 2.0), rtol=1e-10)
+
+
 def _error(text: str):
     from tests.ir.helpers import errors
 

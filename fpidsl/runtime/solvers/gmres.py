@@ -35,6 +35,7 @@ class GmresResult:
     diverged: Tensor
     floor: Tensor
     history: list[Tensor]  # the true residual of every sample at each check (NaN where finished)
+    first_step: Tensor  # the absolute residual |T(x0) - x0| at the start (the iteration's first step)
 
 
 def _norm(v: Tensor) -> Tensor:
@@ -64,7 +65,7 @@ def gmres(evaluate: Callable[[Tensor], Tensor], restrict: Callable[[Tensor], Non
     at_floor = torch.zeros_like(converged)
     history: list[Tensor] = []
     if batch == 0:
-        return GmresResult(out, iterations, residual, converged, diverged, at_floor, history)
+        return GmresResult(out, iterations, residual, converged, diverged, at_floor, history, residual.clone())
     index = torch.arange(batch, device=x0.device)
     b = evaluate(torch.zeros_like(x0))
     evals = 1
@@ -73,6 +74,7 @@ def gmres(evaluate: Callable[[Tensor], Tensor], restrict: Callable[[Tensor], Non
     x = x0.clone()
     r = evaluate(x) - x
     evals += 1
+    first_step = _norm(r)
     m = min(m, max(dim, 1))
     previous = torch.full_like(residual, float("inf"))  # the relative residual at the last check, per running row
     while True:
@@ -103,7 +105,7 @@ def gmres(evaluate: Callable[[Tensor], Tensor], restrict: Callable[[Tensor], Non
         x, evals = _cycle(evaluate, x, r, b, scale, m, threshold, evals, max_iter - 1)
         r = evaluate(x) - x
         evals += 1
-    return GmresResult(out, iterations, residual, converged, diverged, at_floor, history)
+    return GmresResult(out, iterations, residual, converged, diverged, at_floor, history, first_step)
 
 
 def _cycle(evaluate, x: Tensor, r: Tensor, b: Tensor, scale: Tensor, m: int, threshold: Tensor, evals: int,
