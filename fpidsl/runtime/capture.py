@@ -27,11 +27,16 @@ replaced by a fresh leaf and walks the recorded graph; any other leaf that requi
 
 Substitution swaps values in place for the duration of one call (module parameters through
 ``torch.nn.utils.stateless``, cell contents, dictionary entries, partial arguments) and restores them after,
-also on error. It is not thread-safe: two threads calling the same map at once would see each other's values.
+also on error. Substituting, discovering and evaluating a map whose tensors were captured hold one lock of the
+process (:data:`LOCK`, reentrant): without it two threads calling the same module at once put each other's
+detached values back as the originals on leaving, and the module kept plain tensors in place of its parameters
+(their gradients silently lost, in every later call too), or discovered another thread's substitutes as its
+parameters (their gradients missing). Evaluations of such maps by different threads therefore run one at a time.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -46,6 +51,8 @@ from torch.overrides import TorchFunctionMode
 MAX_DEPTH = 12
 MAX_CONTAINER = 1000  # lists and dicts longer than this are not searched
 _LIBRARY_PREFIXES = ("torch", "fpidsl.runtime", "numpy", "builtins", "functools", "math", "typing")
+# held while captured values are substituted, discovered or read by an evaluation (see the module's doc)
+LOCK = threading.RLock()
 
 
 class HiddenTensorError(ValueError):
@@ -172,7 +179,7 @@ class Captured:
         """Within the block, ``f`` reads ``values[i]`` wherever it read ``self.tensors[i]``."""
         if len(values) != len(self.tensors):
             raise ValueError(f"{len(values)} values for {len(self.tensors)} captured tensors")
-        with ExitStack() as stack:
+        with LOCK, ExitStack() as stack:
             per_module: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
             for value, locations in zip(values, self.locations):
                 for loc in locations:
@@ -309,11 +316,12 @@ def discover(f: Callable) -> Captured:
     When ``f`` is an ``nn.Module`` its own parameters come first, in ``f.parameters()`` order, frozen ones
     included (the documented arguments of a custom adjoint)."""
     captured = Captured()
-    if isinstance(f, nn.Module):  # first occurrences in named_parameters order are f.parameters() order
-        for name, p in f.named_parameters(remove_duplicate=False):
-            captured.add(p, _ModuleSlot(f, name))
-        captured.module_parameters = len(captured.tensors)
-    _Walker(captured).visit(f)
+    with LOCK:  # not while another thread's substitutes are in place
+        if isinstance(f, nn.Module):  # first occurrences in named_parameters order are f.parameters() order
+            for name, p in f.named_parameters(remove_duplicate=False):
+                captured.add(p, _ModuleSlot(f, name))
+            captured.module_parameters = len(captured.tensors)
+        _Walker(captured).visit(f)
     return captured
 
 

@@ -208,4 +208,6 @@ class _NestedVjp(torch.autograd.Function):
 def handle(layer: nn.Module, name: str) -> ExternHandle:
     """The handle of ``layer``'s extern ``name`` for the call in progress (its sizes bound by ``forward``)."""
     where, _ = type(layer).EXTERNS[name]
-    return ExternHandle(getattr(layer, name), name, where, getattr(layer, "_call_dims", {}))
+    from .layer import call_in_progress
+
+    return ExternHandle(getattr(layer, name), name, where, call_in_progress(layer).get("dims", {}))

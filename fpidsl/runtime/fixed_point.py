@@ -22,6 +22,7 @@ from torch.autograd import forward_ad
 
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, forward_tangent, linearized, vjp_args
 from .buffers import modules_of
+from .capture import LOCK as CAPTURE_LOCK
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
@@ -368,8 +369,13 @@ def _user_problem(
 
             return substituted_step
 
-        def step(xs: States) -> States:  # the captured tensors are where f reads them
-            return _as_states(f(xs[0] if single else tuple(xs), *user), single)
+        if not n_params:
+            def step(xs: States) -> States:
+                return _as_states(f(xs[0] if single else tuple(xs), *user), single)
+        else:
+            def step(xs: States) -> States:  # the captured tensors are where f reads them (not another thread's)
+                with CAPTURE_LOCK:
+                    return _as_states(f(xs[0] if single else tuple(xs), *user), single)
 
         return step
 

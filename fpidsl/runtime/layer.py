@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -188,17 +190,32 @@ def _tensors(values) -> tuple[torch.Tensor, ...]:
     return tuple(v for v in values if isinstance(v, torch.Tensor) and v.numel() and v.is_floating_point())
 
 
+_CALLS = threading.local()  # per thread: layer -> what its call in progress bound (dims, dropout seeds, device)
+
+
+def call_in_progress(layer: nn.Module) -> dict:
+    """What ``layer``'s call in progress in this thread bound: ``dims`` (the sizes of its symbols), ``seeds``
+    (dropout's, once drawn) and ``device``; kept per thread, so that calls of one layer from several threads do not
+    read each other's (a batch of 3 met another thread's seeds for 2). Empty outside a call."""
+    calls = getattr(_CALLS, "layers", None)
+    if calls is None:
+        calls = _CALLS.layers = weakref.WeakKeyDictionary()
+    return calls.setdefault(layer, {})
+
+
 def dropout_seeds(layer: nn.Module, batch: Dim) -> torch.Tensor | None:
     """The per-sample seeds of ``layer``'s dropout masks for the call in progress (fpidsl/ir/dropout.py): drawn from
     torch's generator once per call (``batch``: the batch dimension, a symbol or a size), the same for every
-    iteration and derivative of that call's solve; None in eval mode (dropout is then the identity)."""
+    iteration and derivative of that call's solve; None in eval mode (dropout is then the identity). The last
+    call's are also ``layer._call_seeds``."""
     if not layer.training:
         return None
-    n = layer.__dict__.get("_call_dims", {}).get(batch, 1) if isinstance(batch, str) else batch
-    seeds = layer.__dict__.get("_call_seeds")
+    call = call_in_progress(layer)
+    n = call.get("dims", {}).get(batch, 1) if isinstance(batch, str) else batch
+    seeds = call.get("seeds")
     if seeds is None or seeds.shape[0] != n:
-        seeds = torch.randint(0, 2**31 - 1, (n,), device=layer.__dict__.get("_call_device"))
-        layer._call_seeds = seeds
+        seeds = call["seeds"] = torch.randint(0, 2**31 - 1, (n,), device=call.get("device"))
+        layer.__dict__["_call_seeds"] = seeds  # not a parameter or buffer: no nn.Module.__setattr__
     return seeds
 
 
@@ -394,13 +411,13 @@ class CompiledLayer(nn.Module):
         """What a call solves with: the spec's name for messages, the step's arguments (inputs, then the parameter
         tensors, computed once: a parametrized weight is recomputed on every access), the start, and the
         :func:`fixed_point` options. Binds and checks the inputs, and sets what the step's helpers read for this
-        call (``_call_dims`` for externs, ``_call_seeds`` / ``_call_device`` for dropout)."""
+        call in this thread (:func:`call_in_progress`: the sizes for externs, the seeds and device for dropout)."""
         from .input_checks import check_dtypes_and_devices
 
         inputs = self.bind(args, kwargs)
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
-        self._keep(_call_dims=dims, _call_seeds=None, _call_device=next((t.device for t in inputs.values()), None))
+        call_in_progress(self).update(dims=dims, seeds=None, device=next((t.device for t in inputs.values()), None))
         params = tuple(self.parameter_tensors())
         check_dtypes_and_devices(inputs, _tensors(params), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + params

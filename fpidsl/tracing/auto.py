@@ -21,6 +21,7 @@ is not traced any more.
 """
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 import weakref
@@ -61,6 +62,10 @@ class _Entry:
 
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+# One trace at a time in the process: torch.fx patches nn.Module.__call__ for everyone while it traces, and two
+# traces at once restored each other's patch, leaving it in place (every module call then returned a Proxy, in
+# fpidsl and outside it) and caching "the map returns Proxy" for the map.
+_TRACE_LOCK = threading.RLock()
 _TRACES: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # code object -> traces made
 _WARNED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -195,7 +200,10 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
                 # whose failure would stay in the cache for the plain calls too; a trace made outside one serves here
                 return None, ("not traced inside a torch.func transform (vmap, grad, jvp...); a trace made at a "
                               "call outside one is used inside them",)
-            entry = table[key] = _trace(f, x0, args, batched)
+            with _TRACE_LOCK:
+                entry = table.get(key)
+                if entry is None or not _fresh(entry):  # not traced by another thread meanwhile
+                    entry = table[key] = _trace(f, x0, args, batched)
         if entry.traced is None:
             return entry, ()
         try:
