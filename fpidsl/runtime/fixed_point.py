@@ -92,7 +92,10 @@ class _Problem:
 
 
 def _evaluated(step: Callable[[States], States], layout: StateLayout, x: Tensor) -> Tensor:
-    """The map at ``x`` (``(batch, dim)``), flattened; checked to leave ``x`` alone and to keep its samples."""
+    """The map at ``x`` (``(batch, dim)``), flattened; checked to leave ``x`` alone (where ``x`` has a version
+    counter: an inference tensor, made under ``torch.inference_mode``, has none) and to keep its samples."""
+    if x.is_inference():
+        return _same_rows(layout.flatten(step(layout.unflatten(x))), x)
     version = x._version
     out = layout.flatten(step(layout.unflatten(x)))
     if x._version != version:

@@ -206,6 +206,7 @@ def failure_message(stats: SolveStats) -> str | None:
     s = stats.settings
     backward = stats.phase == "backward"
     diverged = stats.diverged & failed_mask
+    parts = []  # the diverged samples, then the others that failed (each named: one message lists them all)
     if bool(diverged.any()):
         idx = torch.nonzero(diverged).flatten().tolist()
         nonfinite = ~torch.isfinite(stats.residual[diverged])
@@ -214,7 +215,7 @@ def failure_message(stats: SolveStats) -> str | None:
             if bool(nonfinite.all())
             else DIVERGED_HOW_GROWTH if not bool(nonfinite.any()) else DIVERGED_HOW_BOTH
         )
-        message = DIVERGED.format(
+        parts.append(DIVERGED.format(
             phase=stats.phase,
             count=len(idx),
             batch=stats.batch,
@@ -226,23 +227,25 @@ def failure_message(stats: SolveStats) -> str | None:
             tol=s.tol,
             where=BACKWARD_WHERE if backward else "",
             advice=BACKWARD_ADVICE_DIVERGED if backward else FORWARD_ADVICE_DIVERGED,
-        )
-        return message + _best_note(stats, message)
-    idx = torch.nonzero(failed_mask).flatten().tolist()
-    residuals = stats.residual[failed_mask]
-    advice = BACKWARD_ADVICE_SLOW if backward else FORWARD_ADVICE_SLOW
-    message = NOT_CONVERGED.format(
-        phase=stats.phase,
-        count=len(idx),
-        batch=stats.batch,
-        samples=_listed(idx),
-        criterion=s.criterion,
-        worst=float(residuals.max()),
-        best=float(residuals.min()),
-        tol=s.tol,
-        iterations=int(stats.iterations[failed_mask].max()),
-        advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter, anderson=_anderson_advice(s, backward)),
-    ) + _stalled_note(stats, failed_mask, backward) + _rounding_note(stats, residuals)
+        ))
+    slow = failed_mask & ~diverged
+    if bool(slow.any()):
+        idx = torch.nonzero(slow).flatten().tolist()
+        residuals = stats.residual[slow]
+        advice = BACKWARD_ADVICE_SLOW if backward else FORWARD_ADVICE_SLOW
+        parts.append(NOT_CONVERGED.format(
+            phase=stats.phase,
+            count=len(idx),
+            batch=stats.batch,
+            samples=_listed(idx),
+            criterion=s.criterion,
+            worst=float(residuals.max()),
+            best=float(residuals.min()),
+            tol=s.tol,
+            iterations=int(stats.iterations[slow].max()),
+            advice=advice.format(max_iter=s.max_iter, double=2 * s.max_iter, anderson=_anderson_advice(s, backward)),
+        ) + _stalled_note(stats, slow, backward) + _rounding_note(stats, residuals))
+    message = " ".join(parts)
     return message + _best_note(stats, message)
 
 

@@ -249,6 +249,20 @@ def test_nan_is_divergence():
         fixed_point(poisoned, torch.ones(2, 2, dtype=DTYPE), on_fail="raise")
 
 
+def test_one_message_names_the_diverged_samples_and_those_out_of_iterations():
+    """The message named only the diverged sample when others ran out of max_iter (the stats were right)."""
+    a = torch.randn(3, 4, dtype=DTYPE, generator=generator(3))
+    a[0, 0] = float("nan")
+    s = torch.tensor([[0.5], [1.0], [0.5]], dtype=DTYPE)
+    with pytest.raises(ConvergenceError) as info:
+        fixed_point(lambda x, a, s: s * torch.tanh(x) + a, torch.zeros(3, 4, dtype=DTYPE), a, s, max_iter=8,
+                    trace=False, on_fail="raise")
+    message = str(info.value)
+    assert info.value.stats.failed == [0, 1, 2]
+    assert "diverged for 1 of 3 samples (sample 0) after 1 iterations: the iterate became NaN or Inf" in message
+    assert "did not converge for 2 of 3 samples (samples 1, 2)" in message and "raise max_iter (now 8)" in message
+
+
 def test_not_converged_message_names_samples_residual_and_settings():
     W, z, a = mixed_batch()
     with pytest.raises(ConvergenceError) as info:

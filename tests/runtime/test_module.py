@@ -162,6 +162,28 @@ def test_bad_maps_and_arguments_are_explained():
         fixed_point(lambda x, w: x * w, torch.zeros(2, 4), torch.ones(4), batched=(True,))
 
 
+@pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
+def test_inference_mode_solves_as_no_grad_does(method):
+    """An inference tensor has no version counter: the check that the map leaves its state alone raised
+    "Inference tensors do not track version counter" at every call under torch.inference_mode."""
+    import fpidsl
+
+    W = 0.3 * torch.randn(6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    a = torch.randn(4, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    cell = nn.Linear(6, 6, dtype=DTYPE)
+    layer = fpidsl.load("specs/box_projection.fpi", name="BoxProjectionNN")(solve={"method": method}).double()
+    calls = [lambda: fixed_point(lambda x, a: torch.tanh(x @ W.T + a), torch.zeros_like(a), a, method=method,
+                                 trace=trace) for trace in (True, False)]
+    calls += [lambda: fixed_point(lambda x, a: torch.tanh(cell(x) + a), torch.zeros_like(a), a, method=method),
+              lambda: layer(torch.randn(4, 10, dtype=DTYPE, generator=torch.Generator().manual_seed(2)))]
+    for call in calls:
+        with torch.no_grad():
+            want = call()
+        with torch.inference_mode():
+            got = call()
+        assert got.is_inference() and torch.equal(got, want)
+
+
 def test_stats_of_higher_orders_are_nested():
     stats = Stats()
     z = torch.randn(2, 3, dtype=DTYPE, requires_grad=True)
