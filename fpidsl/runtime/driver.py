@@ -197,11 +197,18 @@ class _Thresholds:
     tol = property(lambda self: self._tensors[5])
 
 
+def _norm(v: Tensor) -> Tensor:
+    """Each row's 2-norm; a float32 row's sum of squares in double, as the native judge sums it (in float32 a finite
+    state above about 1.8e19 overflowed to an infinite norm, judged diverged where the native judge converged)."""
+    if v.dtype == torch.float32:
+        return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).to(torch.float32)
+    return torch.linalg.vector_norm(v, dim=1)
+
+
 def _judge(n: int, x: Tensor, r: Tensor, track: _Tracker, s: SolverSettings, c: _Thresholds) -> _Verdict:
     """Decide, per running sample, after evaluation ``n`` (``r = g(x) - x``); updates ``track`` in place. About
     fifteen small tensor operations: this runs every iteration."""
-    step = torch.linalg.vector_norm(r, dim=1)
-    norm = torch.linalg.vector_norm(x, dim=1)
+    step, norm = _norm(r), _norm(x)
     # |g(x) - x| / |x|, with 0/0 = 0 (an exact fixed point at zero) and s/0 = inf (the first step from zero)
     rel = (step / norm).masked_fill_(step == c.zero, 0.0)
     residual = rel if track.relative else step

@@ -571,7 +571,7 @@ class FixedPoint(nn.Module):
         settings = self.solve_settings if self.training else self.eval_settings
         x_hat = _run(self.f, self.warm.start(x0, self.backward_settings), args, settings, self.backward_settings,
                      self.adjoint, self.stats, self.history, self.batched, self.per_sample, trace=self.trace)
-        self.warm.remember(x_hat)
+        self.warm.remember(x_hat, self.stats.forward.diverged if self.stats.forward is not None else None)
         return x_hat
 
     def extra_repr(self) -> str:

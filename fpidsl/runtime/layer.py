@@ -403,7 +403,7 @@ class CompiledLayer(nn.Module):
             # layer they would escape it (a later torch.save, warm start or jacobian_penalty would meet them)
             self._keep(_last_states=None, _last_call=LastCall())
         else:
-            self.warm.remember(states)
+            self.warm.remember(states, stats.forward.diverged if stats.forward is not None else None)
             self._keep(_last_states=tuple(s.detach() for s in states), _last_call=LastCall(tuple(states), values))
         return self.outputs(states, *values)
 

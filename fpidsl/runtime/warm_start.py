@@ -4,7 +4,9 @@
   in declaration order, or a mapping by state name), each of the shape, dtype and device of the declared start.
 - ``warm_start=True`` on a layer: each call starts from the fixed point of the previous call whose start had the
   same shapes (DEQ-Flow, video frames, online training); other shapes start from the declared start. The kept
-  points are detached (a start gets no gradient) and at most ``WARM_SLOTS`` shapes are remembered.
+  points are detached (a start gets no gradient) and at most ``WARM_SLOTS`` shapes are remembered. A sample whose
+  solve diverged is not remembered: its row starts from the declared start (a diverged point, such as a last finite
+  iterate of 1e200, made an easy sample at that row of the next call fail at once).
 - ``eval_solve``: settings over the training ones that apply in eval mode (``layer.eval()``), so inference can
   trade accuracy for time (a smaller ``max_iter``, a looser ``tol``).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from .settings import SolverSettings
@@ -54,15 +57,26 @@ class WarmStart:
         found = self.points.get(_key(states))
         if found is None:
             return x0
-        return found[0] if isinstance(x0, Tensor) else found
+        points, usable = found
+        if usable is not None:  # rows whose solve diverged start where a cold call starts
+            points = tuple(torch.where(usable.view(-1, *[1] * (p.dim() - 1)), p, s) for p, s in zip(points, states))
+        return points[0] if isinstance(x0, Tensor) else points
 
-    def remember(self, x_hat: Tensor | Sequence[Tensor]) -> None:
+    def remember(self, x_hat: Tensor | Sequence[Tensor], diverged: Tensor | None = None) -> None:
+        """Keep ``x_hat`` for the next call of its shapes, but not the rows ``diverged`` (per sample, the forward
+        solve's; one entry for a solve of the whole batch, which is then not kept at all)."""
         if not self.enabled:
             return
         states = (x_hat,) if isinstance(x_hat, Tensor) else tuple(x_hat)
         key = _key(states)
         self.points.pop(key, None)
-        self.points[key] = tuple(s.detach() for s in states)
+        usable = None
+        if diverged is not None and bool(diverged.any()):
+            rows = states[0].shape[0] if states[0].dim() else 1
+            if diverged.numel() != rows or diverged.numel() == 1:
+                return
+            usable = ~diverged.to(states[0].device)
+        self.points[key] = (tuple(s.detach() for s in states), usable)
         while len(self.points) > WARM_SLOTS:
             self.points.popitem(last=False)
 

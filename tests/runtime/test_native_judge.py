@@ -6,6 +6,7 @@ after ``min_iter``, with and without the precision-floor test) and on rows made 
 diverged by a non-finite or a growing step, at the floor, an exact fixed point, a start from zero, a worse
 iteration). Whole solves with the kernels on and off must give the same records.
 """
+import contextlib
 import os
 import shutil
 import warnings
@@ -211,3 +212,17 @@ def test_a_strided_start_gets_the_tensor_codes_record_and_results(monkeypatch, s
     for name in ("iterations", "converged", "diverged", "best_iterate", "best_at"):
         assert torch.equal(getattr(stats.forward, name), getattr(ref.forward, name)), name
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_large_float32_state_is_judged_alike_by_the_kernel_and_the_tensor_code():
+    """The tensor code summed float32 squares in float32: a finite state above about 1.8e19 had an infinite norm and
+    was judged diverged, where the kernel (sums in double) converged."""
+    f = lambda x, z: 0.5 * torch.tanh(x) + z  # noqa: E731
+    z = torch.full((2, 4), 1e20)
+    outcomes = []
+    for off in (False, True):
+        with native.turned_off() if off else contextlib.nullcontext():
+            x, stats = fixed_point(f, torch.zeros(2, 4), z, return_stats=True, trace=False, on_fail="raise")
+        outcomes.append((stats.forward.converged.tolist(), x))
+    assert outcomes[0][0] == outcomes[1][0] == [True, True]
+    assert torch.equal(outcomes[0][1], outcomes[1][1])

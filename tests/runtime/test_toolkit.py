@@ -368,6 +368,34 @@ def test_a_call_time_init_wins_over_the_warm_start(layer_class):
 
 
 @pytest.mark.parametrize("make", ["layer", "module"])
+def test_a_diverged_sample_is_not_warm_started_from(tmp_path, make):
+    """A diverged sample's result was remembered: the easy sample at its row in the next call started there. Here
+    the first call's sample 0 has a state of 1e160, whose norm overflows in float64 (judged diverged); the next
+    call's easy sample 0 started at 1e160 and was judged diverged at once, its result 0.68 from the cold one."""
+    tight = {"tol": 1e-12, "max_iter": 500}
+    if make == "layer":
+        path = tmp_path / "huge.fpi"
+        path.write_text("layer Huge {\n  input a : [B, 4]\n  state x : [B, 4]\n  update x = 0.5 * tanh(x) + a\n}\n")
+        cls = fpidsl.load(str(path))
+        cold, warm = cls(solve=tight).double(), cls(solve=tight, warm_start=True).double()
+        call = lambda layer, a: layer(a)  # noqa: E731
+    else:
+        f = lambda x, a: 0.5 * torch.tanh(x) + a  # noqa: E731
+        cold, warm = FixedPoint(f, solve=tight), FixedPoint(f, solve=tight, warm_start=True)
+        call = lambda layer, a: layer(torch.zeros_like(a), a)  # noqa: E731
+    a, bad = torch.randn(3, 4, dtype=DTYPE), torch.randn(3, 4, dtype=DTYPE)
+    bad[0] = 1e160
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(warm, bad)
+    assert warm.stats.forward.diverged.tolist() == [True, False, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call(warm, a)
+    assert torch.allclose(out, call(cold, a), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", ["layer", "module"])
 def test_the_unrolled_mode_never_warm_starts(layer_class, make):
     """Its output is k steps from the start: a remembered point would make a call depend on the calls before."""
     torch.manual_seed(5)
