@@ -286,11 +286,17 @@ class LayerEmitter:
         bound, states, args = self._leaf_vars(g, ns)
         roots = g.args(g.output) if g.output else [g.states[s].node for s in self.state_names]
         block = emit_nodes(g, roots, bound, ns)
-        results = [block.var[r] for r in roots]
+        # an output that reads no input, state or parameter (`output 2.0`) is a Python number here: made a tensor
+        results = [block.var[r] if self._reads_a_tensor(g, r) else f"_layer.constant_output({block.var[r]}, states[0])"
+                   for r in roots]
         body = ['"""What the layer returns, computed from the fixed point."""',
                 self._unpack(states, "states"), *block.lines,
                 f"return {results[0]}" if len(results) == 1 else f"return {_tuple(results)}"]
         return [f"def outputs(self, states{''.join(', ' + a for a in args)}):", *_indent(body, 1)]
+
+    @staticmethod
+    def _reads_a_tensor(g, root: str) -> bool:
+        return any(g.g.nodes[n]["op"] in ("input", "state", "param") for n in g.upstream([root]))
 
     def _adjoint(self) -> list[str]:
         """``prepare`` (what depends only on x̂), ``vjp_state`` and ``vjp_args`` (linear in c)."""

@@ -184,6 +184,12 @@ def extern_parameters(module: nn.Module) -> torch.Tensor:
     return flat(module)
 
 
+def constant_output(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """An output that reads no input, state or parameter (``output 2.0``), as a tensor of the states' dtype and
+    device (the emitted code computes it as a Python number)."""
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
 def _tensors(values) -> tuple[torch.Tensor, ...]:
     """The parameter tensors that carry the layer's dtype and device (not an extern's handle, not an empty vector,
     not dropout's integer seeds)."""

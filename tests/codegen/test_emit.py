@@ -184,3 +184,16 @@ def test_params_named_like_layer_attributes_are_refused(name):
     assert error.kind == "name" and (error.span.line, error.span.col) == (4, 3)
     assert f"param {name} would replace the compiled layer's own attribute" in error.message
 
+
+
+def test_an_output_that_reads_no_tensor_is_a_tensor_of_the_states_dtype(tmp_path):
+    """`output 2.0` passed check and the layer returned the Python float 2.0 (one value is returned as a tensor)."""
+    import fpidsl
+
+    path = tmp_path / "const.fpi"
+    path.write_text("layer L {\n  input a : [B, 3]\n  state x : [B, 3]\n  update x = 0.5 * x + a\n"
+                    "  output 2.0, x, 3 * 2.0\n}\n")
+    layer = fpidsl.load(path)().double()
+    two, x, six = layer(torch.randn(4, 3, dtype=torch.float64))
+    assert isinstance(two, torch.Tensor) and two.dtype == torch.float64 and two.shape == () and float(two) == 2.0
+    assert isinstance(six, torch.Tensor) and float(six) == 6.0 and x.shape == (4, 3)
