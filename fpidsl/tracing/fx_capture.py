@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
+import sys
+import threading
 import types
 import warnings
 import traceback
@@ -56,6 +59,7 @@ class _Tracer(fx.Tracer):
         # (target, tensors) as the map met them: a module's parameters and buffers at its call, a tensor it read
         self.seen: list[tuple[str, dict[str, Tensor]]] = []
         self.grad_off: list[fx.Node] = []  # operations the map ran with gradients off (torch.no_grad ...)
+        self.augmented: list[tuple[fx.Node, fx.Node]] = []  # (old, new) of each augmented assignment (h += a)
 
     def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
         """The user's frames (fx keeps those below a ``forward`` only, which a plain function has not)."""
@@ -153,6 +157,106 @@ def _custom_functions_refused() -> Iterator[None]:
         torch.autograd.Function.apply = original
 
 
+_SCALAR_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__", "__complex__")
+
+
+@contextlib.contextmanager
+def _scalar_reads_refused() -> Iterator[None]:
+    """A Python number (or list, or truth value) read from a real tensor by the map's own code (``t.item()``,
+    ``float(t)``, ``if t > 0:``, ``t.tolist()``) raises :class:`UntraceableError` while this is active, in the
+    tracing thread: a read of a traced value fails in fx anyway, but one of a global tensor or a plain tensor
+    attribute ran once, and the trace kept the number it read, however the tensor changed later (a fixed point 0.41
+    from the map's). Reads made by torch's own code (a module's checks) run as usual."""
+    tracing = threading.get_ident()
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SCALAR_READS}
+
+    def refusing(name: str, original: Callable) -> Callable:
+        def read(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == tracing:
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller != "torch" and not caller.startswith(("torch.", "fpidsl.")):
+                    raise UntraceableError(
+                        f"the map reads a Python value from a tensor (Tensor.{name}: .item(), float(t), int(t), "
+                        "if t ..., .tolist()), which a trace would keep fixed at the value read now; pass it as a "
+                        "Python number, or compute with the tensor")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in _SCALAR_READS:
+        setattr(torch.Tensor, name, refusing(name, getattr(torch.Tensor, name)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, value)
+
+
+# augmented assignment on a traced value (``h += a``): fx has no in-place form and records ``h + a``, rebinding
+# ``h``; the eager map changes ``h``'s memory, which its other names and views see
+_AUGMENTED = {"__iadd__": operator.add, "__isub__": operator.sub, "__imul__": operator.mul,
+              "__itruediv__": operator.truediv, "__ifloordiv__": operator.floordiv, "__imod__": operator.mod,
+              "__ipow__": operator.pow, "__imatmul__": operator.matmul, "__iand__": operator.and_,
+              "__ior__": operator.or_, "__ixor__": operator.xor, "__ilshift__": operator.lshift,
+              "__irshift__": operator.rshift}
+# the fx targets whose result shares its input's memory (a view)
+_VIEWS = {operator.getitem, "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand",
+          "expand_as", "narrow", "select", "unsqueeze", "squeeze", "flatten", "unflatten", "t", "T", "mT", "H",
+          "as_strided", "unfold", "diagonal", "split", "chunk", "unbind", "movedim", "swapaxes", "swapdims",
+          "detach", "real", "imag", "contiguous", torch.transpose, torch.permute, torch.reshape, torch.narrow,
+          torch.select, torch.unsqueeze, torch.squeeze, torch.flatten, torch.t, torch.diagonal, torch.split,
+          torch.chunk, torch.unbind, torch.movedim, torch.swapaxes, torch.swapdims, torch.detach}
+
+
+@contextlib.contextmanager
+def _augmented_assignments_recorded(tracer: "_Tracer") -> Iterator[None]:
+    """While this is active, ``proxy += value`` (and the other augmented assignments) records the out-of-place
+    operation and the pair (old node, new node) in ``tracer.augmented``, which :func:`_check_augmented` reads."""
+    def recording(target: Callable) -> Callable:
+        def augmented(self: fx.Proxy, other: Any) -> fx.Proxy:
+            out = self.tracer.create_proxy("call_function", target, (self, other), {})
+            tracer.augmented.append((self.node, out.node))
+            return out
+
+        return augmented
+
+    for name, target in _AUGMENTED.items():
+        setattr(fx.Proxy, name, recording(target))
+    try:
+        yield
+    finally:
+        for name in _AUGMENTED:
+            delattr(fx.Proxy, name)
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _VIEWS
+
+
+def _check_augmented(graph: fx.Graph, pairs: list[tuple[fx.Node, fx.Node]]) -> None:
+    """Refuse an augmented assignment whose in-place effect the out-of-place graph would lose: on an argument, a
+    parameter or a view (the eager map changes the memory it shares), on a value that has views, or on a value
+    read again after it (through another name: ``skip = h; h += a; skip`` is the new value in eager)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for old, new in pairs:
+        why = None
+        if old.op in ("placeholder", "get_attr"):
+            why = "an argument or a tensor of the map's"
+        elif _is_view(old):
+            why = "a view of another value (a slice, view, reshape, transpose ...)"
+        elif any(_is_view(user) for user in old.users):
+            why = "a value with a view"
+        elif any(order[user] > order[new] for user in old.users if user is not new):
+            why = "a value read again after it (another name for it sees the change)"
+        if why is not None:
+            raise UntraceableError(f"the map changes {why} in place with an augmented assignment "
+                                   f"({new.target.__name__} into {old.name}), which a trace (out of place) would not "
+                                   "follow; write it out of place (h = h + a)")
+
+
 def _tensors_of(module: nn.Module) -> dict[str, Tensor]:
     """A module's parameters and buffers by their dotted paths in it."""
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
@@ -210,9 +314,11 @@ def capture(f: Callable, example: Sequence[Any]) -> fx.GraphModule:
         raise UntraceableError(f"the module {type(f).__name__} has hooks, which a trace would skip")
     tracer = _Tracer()
     try:
-        with warnings.catch_warnings(), torch.enable_grad(), _custom_functions_refused():
+        with warnings.catch_warnings(), torch.enable_grad(), _custom_functions_refused(), _scalar_reads_refused(), \
+                _augmented_assignments_recorded(tracer):
             warnings.filterwarnings("ignore", message="Was not able to add assertion")  # the cache key holds it
             graph = tracer.trace(root, concrete_args=concrete or None)
+        _check_augmented(graph, tracer.augmented)
     except UntraceableError:
         raise
     except Exception as exc:  # fx raises many kinds: TraceError, TypeError (a Proxy in bool()), NameError ...
