@@ -2,7 +2,14 @@
 initial weights, which come from the compiled layer (so this module sits above the code generator)."""
 from __future__ import annotations
 
-from .passes.lipschitz import INF, bound_layer
+import math
+
+from .passes.lipschitz import INF, Bound, bound_layer
+
+# The numbers of a layer's initial weights that the bound is computed for. The weights are made (float32) and each
+# matrix's singular values computed in float64 (an 8192 x 8192 one takes about half a minute): past this, the bound
+# is unknown (with the reason) instead of filling the memory or running for hours.
+MAX_BOUND_NUMBERS = 2**26  # 67,108,864 numbers, 256 MiB of float32
 
 
 def initial_weights(checked, layer: str) -> dict:
@@ -22,6 +29,44 @@ def initial_weights(checked, layer: str) -> dict:
     return {graph.params[name]: t.detach() for name, t in tensors.items() if isinstance(t, torch.Tensor)}
 
 
+def _weight_numbers(graph) -> int:
+    """How many numbers the tensors of a layer's params hold (an extern's module, its parameters and dropout's
+    seeds are not made for the bound: externs are replaced by the identity). A param's shape is concrete."""
+    return sum(math.prod(graph.shape(nid)) for nid in graph.params.values()
+               if graph.node(nid).get("role") not in ("module", "parameters", "seeds"))
+
+
+def _unknown(graph, reason: str) -> list[Bound]:
+    """Every bound of :func:`bound_layer` for ``graph``, unknown for ``reason``."""
+    out = [Bound(state, INF, reason) for state in graph.states]
+    if len(out) > 1:
+        out.append(Bound(", ".join(graph.states) + " together", INF, reason, joint=True))
+    return out
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, or torch's allocator refusing ("DefaultCPUAllocator: can't
+    allocate memory", a RuntimeError), not any other error (that is a bug, and must show as one)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def layer_bounds(checked, layer: str) -> list[Bound]:
+    """:func:`bound_layer` of a layer at its initial weights (:func:`initial_weights`); unknown, with the reason,
+    where the weights are more than :data:`MAX_BOUND_NUMBERS` numbers or do not fit in the memory."""
+    graph = checked.graphs[layer]
+    numbers = _weight_numbers(graph)
+    if numbers > MAX_BOUND_NUMBERS:
+        return _unknown(graph, f"the initial weights are {numbers:,} numbers, more than the static bound is "
+                               f"computed for ({MAX_BOUND_NUMBERS:,})")
+    try:
+        return bound_layer(graph, initial_weights(checked, layer))
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        return _unknown(graph, f"the initial weights ({numbers:,} numbers) and their singular values do not fit "
+                               "in the memory")
+
+
 def _number(value: float) -> str:
     """A bound in 3 digits, more where 3 would round it to 1 (0.99976 is not "1 < 1", nor 1.00027 "1")."""
     text = f"{value:.3g}"
@@ -33,8 +78,7 @@ def report_lipschitz(checked, stream) -> int:
     and for a layer with several states one more for all of them together, which is what convergence needs)."""
     warnings = 0
     for name, graph in checked.graphs.items():
-        weights = initial_weights(checked, name)
-        bounds = bound_layer(graph, weights)
+        bounds = layer_bounds(checked, name)
         several = len(bounds) > 1
         for bound in bounds:
             first = next(iter(graph.states.values()))

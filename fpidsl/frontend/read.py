@@ -7,7 +7,7 @@ import stat
 import sys
 
 from ..errors import InputError
-from ..source import FORMATS, MAX_SOURCE_BYTES, STDIN, STDIN_NAME, Source, Span, normalize_newlines
+from ..source import FORMATS, MAX_SOURCE_BYTES, STDIN, STDIN_NAME, Source, Span, line_breaks, normalize_newlines
 
 
 def read_source(path: str, fmt: str | None = None) -> Source:
@@ -69,11 +69,9 @@ def decode_source(path: str, data: bytes, fmt: str | None = None) -> Source:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InputError(
             f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            Span.point(path, line, col),
+            _byte_position(path, data, exc.start, fmt),
             hint="save the spec as UTF-8",
         ) from None
     if text.startswith("\ufeff"):
@@ -85,3 +83,14 @@ def decode_source(path: str, data: bytes, fmt: str | None = None) -> Source:
         raise InputError(f"{path} is empty: it defines no layer", where,
                          hint="a spec holds at least one `layer NAME { ... }` block")
     return Source(path, text, fmt)
+
+
+def _byte_position(path: str, data: bytes, offset: int, fmt: str | None) -> Span:
+    """The line and column of byte ``offset`` (the first undecodable one) as the compiler counts them elsewhere
+    (:class:`~fpidsl.source.Source`): in characters of the text before it, with a BOM dropped, ``\r\n`` and
+    a lone ``\r`` counted as one line break, and the line breaks of the format (YAML's NEL, LS and PS too)."""
+    before = data[:offset].decode("utf-8", errors="replace")  # valid: decoding stopped at ``offset``
+    if before.startswith("\ufeff"):
+        before = before[1:]
+    lines = line_breaks(path, fmt).split(normalize_newlines(before))
+    return Span.point(path, len(lines), len(lines[-1]) + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import printable
 from ..ir.extern import externs
 from ..ir.graph import LayerGraph
 from ..ir.primitives import PRIMITIVES, REQUIRED, format_attr
@@ -93,12 +94,11 @@ def _params(graph: LayerGraph) -> tuple[list[str], int]:
 
 
 def _lipschitz(checked, name: str) -> list[str]:
-    from ..lipschitz_report import initial_weights
-    from ..passes.lipschitz import INF, bound_layer
+    from ..lipschitz_report import layer_bounds
+    from ..passes.lipschitz import INF
 
-    graph = checked.graphs[name]
     lines = []
-    for bound in bound_layer(graph, initial_weights(checked, name)):
+    for bound in layer_bounds(checked, name):
         if bound.value == INF:
             lines.append(f"    {bound.state}: unknown" + (f" ({bound.reason})" if bound.reason else ""))
         else:
@@ -158,7 +158,9 @@ def explain_layer(checked, name: str) -> str:
     out.append(f"  backward map: {len(backward)} nodes, {_calls(backward)} operations, {per_iteration} of them "
                "each iteration (linear in the cotangent), the rest once at the fixed point")
     out += _settings(graph)
-    return "\n".join(out) + "\n"
+    # a file name (in the header's and the hoisted values' spans) may hold terminal escapes or bidi controls:
+    # shown escaped, as check and graph show it
+    return "\n".join(printable(line) for line in out) + "\n"
 
 
 def _settings(graph: LayerGraph) -> list[str]:

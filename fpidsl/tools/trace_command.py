@@ -14,9 +14,13 @@ import importlib.util
 import inspect
 import math
 import os
+import re
 import sys
 
+from ..frontend.numbers import INT_MAX
+
 EXIT_OK, EXIT_SPEC_ERROR = 0, 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
 
 
 def add_trace_command(commands) -> None:
@@ -55,7 +59,7 @@ def _literal(text: str, flag: str, key: str):
 
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # TypeError: {[]: 1}, unhashable
         raise UsageError(f"{flag} {key}={text}: not a Python literal (a number, a string in quotes, a list ...)") from None
 
 
@@ -68,7 +72,45 @@ def _shape(text: str, key: str) -> tuple[int, ...]:
         dims = ()
     if not dims or any(d < 1 for d in dims):
         raise UsageError(f"--shape {key}={text}: expected positive sizes separated by commas (8,16)")
+    if any(d > INT_MAX for d in dims):  # torch's sizes are 64-bit integers, like the compiler's numbers
+        raise UsageError(f"--shape {key}={text}: a size is at most {INT_MAX:,}")
     return dims
+
+
+def _seed(seed: int) -> int:
+    """``--seed``: what :meth:`torch.Generator.manual_seed` takes (64 bits, signed or not)."""
+    from ..cli import UsageError
+
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise UsageError(f"--seed {seed}: a seed is an integer from {SEED_MIN:,} to {SEED_MAX:,} (64 bits)")
+    return seed
+
+
+_FRAME = re.compile(r'File "([^"\n]+)", line (\d+), in (\S+)')
+
+
+def _without_fx_traceback(message: str, path: str) -> str:
+    """An error of the traced graph without what torch.fx appends to it: the node it was executing ("While
+    executing %add ..."), the Python traceback of where the node was recorded ("Original traceback: File ...")
+    and a pointer to tlparse. A parenthesis that the cut part would have closed is closed. Where the traceback
+    has a line of the traced file ``path``, the message ends with it (its last one: ``at model.py:3, in g``)."""
+    lines = message.split("\n")
+    cut = next((i for i, line in enumerate(lines)
+                if line.startswith(("While executing ", "Original traceback:", "Use tlparse "))), None)
+    if cut is None:
+        return message
+    kept = "\n".join(lines[:cut]).rstrip()
+    kept += ")" * max(kept.count("(") - kept.count(")"), 0)
+    where = [(line, function) for file, line, function in _FRAME.findall("\n".join(lines[cut:]))
+             if _same_file(file, path)]
+    return f"{kept} at {path}:{where[-1][0]}, in {where[-1][1]}" if where else kept
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _load_target(target: str):
@@ -80,6 +122,8 @@ def _load_target(target: str):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
     spec = importlib.util.spec_from_file_location(f"fpidsl_traced_{abs(hash(os.path.abspath(path)))}", path)
+    if spec is None or spec.loader is None:  # a name Python cannot import: not .py (nor .pyc, nor an extension)
+        raise UsageError(f"{path}: not a Python file (expected FILE.py:NAME)")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
@@ -98,6 +142,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from torch import nn
 
     from ..cli import UsageError
+    from ..errors import printable
     from ..tracing import UntraceableError, trace_map
     from .commands import _converted_output
 
@@ -118,6 +163,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     shapes = {k: _shape(v, k) for k, v in _pairs(args.shape, "--shape").items()}
     values = {k: _literal(v, "--value", k) for k, v in _pairs(args.value, "--value").items()}
+    both = [k for k in shapes if k in values]
+    if both:
+        raise UsageError(f"{both[0]} is given both --shape (a tensor) and --value (a non-tensor): give one")
+    seed = _seed(args.seed)
     names = [p for p in inspect.signature(f.forward if isinstance(f, nn.Module) else f).parameters.values()]
     known = {p.name for p in names}
     for key in (*shapes, *values):
@@ -125,7 +174,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.target} takes no argument {key} (it takes {', '.join(p.name for p in names)})")
     if not names or names[0].name not in shapes:
         raise UsageError(f"give the state's example shape: --shape {names[0].name if names else 'x'}=BATCH,...")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     example = []
     for p in names:
         if p.name in shapes:
@@ -146,7 +195,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         traced = trace_map(f, example[0], example[1:], name=args.name)
     except UntraceableError as exc:
-        print(f"fpidsl: error: cannot trace {args.target}: {exc}", file=sys.stderr)
+        why = _without_fx_traceback(str(exc), args.target.rpartition(":")[0])
+        print(printable(f"fpidsl: error: cannot trace {args.target}: {why}"), file=sys.stderr)
         return EXIT_SPEC_ERROR
     shown = " ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
     text = traced.spec.text.replace("# Traced from a PyTorch map by fpidsl.trace",

@@ -92,3 +92,68 @@ def test_the_command_reads_standard_input(capsys, monkeypatch):
     assert main(["explain", "-"]) == 2
     assert capsys.readouterr().err == "fpidsl: error: a spec read from standard input (`-`) needs --format fpi or " \
                                       "--format yaml\n"
+
+
+def test_a_file_name_with_terminal_escapes_is_shown_escaped(tmp_path, capsys):
+    """The header (and a hoisted value's span) name the file as check and graph do: escaped, not raw."""
+    spec = tmp_path / "\x1b[31mevil\u202e.fpi"
+    spec.write_text("layer L {\n  input a : [B, 3]\n  param w : tensor [3]\n  state x : [B, 3]\n"
+                    "  update x = 0.5 * x + exp(w) * a\n}\n")
+    assert main(["explain", str(spec)]) == 0
+    out = capsys.readouterr().out
+    shown = f"{tmp_path}/\\x1b[31mevil\\u202e.fpi"
+    assert out.startswith(f"layer L  ({shown}:1:1)\n")
+    assert f"({shown}:5:" in out  # the hoisted exp(w) * a
+    assert "\x1b" not in out and "\u202e" not in out
+
+
+BIG = "layer L {\n  input a : [B, 8193]\n  state x : [B, 8193]\n  param fc : Linear(8193, 8193, bias=false)\n" \
+      "  update x = fc(x) + a\n}\n"
+
+
+def test_weights_too_large_to_bound_are_an_unknown_bound_with_the_reason(tmp_path, capsys):
+    """8193 x 8193 numbers, past MAX_BOUND_NUMBERS: the bound is unknown with the reason, in explain and in check
+    --lipschitz, without making the weights (40000 x 40000 ended as exit 3, "can't allocate memory")."""
+    spec = tmp_path / "big.fpi"
+    spec.write_text(BIG)
+    reason = (f"the initial weights are {8193 * 8193:,} numbers, more than the static bound is computed for "
+              "(67,108,864)")
+    assert main(["explain", str(spec)]) == 0
+    assert f"    x: unknown ({reason})\n" in capsys.readouterr().out
+    assert main(["check", "--lipschitz", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert (f"{spec}:3:3: warning: layer L: the Lipschitz bound of g in x is unknown at the initial weights; "
+            f"the fixed-point iterations may not converge\n  because: {reason}\n") in out
+
+
+TWO = "layer L {\n  input a : [B, 3]\n  state x : [B, 3]\n  state y : [B, 3]\n  param fc : Linear(3, 3)\n" \
+      "  update x = 0.5 * fc(x) + a\n  update y = 0.5 * y + x\n}\n"
+
+
+def test_weights_that_do_not_fit_in_the_memory_are_an_unknown_bound(tmp_path, capsys, monkeypatch):
+    """torch's allocator refusing the initial weights is an unknown bound for each state and for all together;
+    any other error of making them stays an internal error (a bug)."""
+    import fpidsl.lipschitz_report as report
+
+    def no_memory(checked, layer):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 6400000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(report, "initial_weights", no_memory)
+    spec = tmp_path / "two.fpi"
+    spec.write_text(TWO)
+    reason = "the initial weights (12 numbers) and their singular values do not fit in the memory"
+    assert main(["explain", str(spec)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"    x: unknown ({reason})" in out and f"    y: unknown ({reason})" in out
+    assert f"    x, y together: unknown ({reason})" in out
+    assert main(["check", "--lipschitz", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"  because: {reason}\n") == 3 and "in its states x, y together is unknown" in out
+
+    def a_bug(checked, layer):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(report, "initial_weights", a_bug)
+    assert main(["explain", str(spec)]) == 3
+    assert "fpidsl: internal error: RuntimeError: something else" in capsys.readouterr().err
