@@ -132,9 +132,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .ir.draw import draw_graph
+    from .ir.draw import draw_graph, output_format
+    from .outfile import OutputError
     from .passes.differentiate import backward_graph
 
+    try:
+        output_format(args.output)  # before the work, not after
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
     _output_ok(args.output, args)
     checked = _check(args.spec, args)  # spec errors are reported by main()
     graphs = _select(checked, args.layer)
@@ -143,9 +148,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
             f"{args.spec} has {len(graphs)} layers; choose one with --layer ({', '.join(checked.graphs)})"
         )
     try:
-        draw_graph(backward_graph(graphs[0]) if args.backward else graphs[0], args.output)
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        draw_graph(backward_graph(graphs[0]) if args.backward else graphs[0], args.output, _inputs(args))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # Graphviz's `dot` could not be run
+        raise UsageError(f"cannot draw {args.output}: {exc.strerror}") from None
     print(printable(f"wrote {args.output}"))
     return EXIT_OK
 
@@ -155,7 +162,8 @@ def _inputs(args: argparse.Namespace) -> list[str]:
 
 
 def _output_ok(output: str, args: argparse.Namespace) -> None:
-    """An output path that is not a spec, the input, a symbolic link or a folder (see fpidsl.outfile)."""
+    """An output path that is not a spec, the input, a symbolic link, a folder or anything but a regular file, in a
+    folder that exists (see fpidsl.outfile)."""
     from .outfile import OutputError, check_output_path
 
     try:

@@ -25,7 +25,7 @@ def test_several_layers_need_a_choice(tmp_path, capsys):
 
 
 def test_unknown_format_is_an_error(tmp_path, capsys):
-    assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "g.pdf")]) == 1
+    assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "g.pdf")]) == 2  # a usage error (LIMITS.md)
     assert "must end in .dot, .svg or .png" in capsys.readouterr().err
 
 
@@ -46,5 +46,5 @@ def test_missing_graphviz_names_the_package(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_output_folder_is_a_clear_error(tmp_path, capsys):
-    assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "no" / "g.dot")]) == 1
+    assert main(["graph", "specs/denoise.fpi", "-o", str(tmp_path / "no" / "g.dot")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """Draw a layer graph: DOT written from the networkx graph; SVG and PNG through Graphviz's ``dot``."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from pathlib import Path
+from typing import Iterable
 
 from ..errors import InputError
+from ..outfile import OutputError, write_text
 from ..source import Span
 from .graph import LayerGraph
 from .shapes import fmt_shape
@@ -65,18 +67,25 @@ def to_dot(graph: LayerGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_graph(graph: LayerGraph, output: str) -> None:
-    """Write ``graph`` to ``output`` (.dot, .svg or .png)."""
+def output_format(output: str) -> str:
+    """The format ``output`` names by its ending (``.dot``, ``.svg`` or ``.png``, any case; a file named just
+    ``.dot`` too); another ending is an :class:`~fpidsl.outfile.OutputError` (a usage error)."""
+    name = os.path.basename(output).lower()
+    for suffix in FORMATS:
+        if name.endswith(suffix):
+            return suffix
+    raise OutputError(f"cannot draw to {output}: the file name must end in .dot, .svg or .png")
+
+
+def draw_graph(graph: LayerGraph, output: str, inputs: Iterable[str] = ()) -> None:
+    """Write ``graph`` to ``output`` (.dot, .svg or .png) with :func:`fpidsl.outfile.write_text`: atomically, and
+    never onto a spec, one of ``inputs``, a symbolic link or anything but a regular file. Output-path problems are
+    :class:`~fpidsl.outfile.OutputError`; a missing or failing Graphviz is an :class:`InputError`."""
     where = Span.point(output, 1, 1)
-    suffix = Path(output).suffix.lower()
-    if suffix not in FORMATS:
-        raise InputError(f"cannot draw to {output}: the file must end in .dot, .svg or .png", where)
+    suffix = output_format(output)
     dot_text = to_dot(graph)
-    folder = Path(output).resolve().parent
-    if not folder.is_dir():
-        raise InputError(f"cannot write {output}: the folder {folder} does not exist", where)
     if suffix == ".dot":
-        Path(output).write_text(dot_text)
+        write_text(dot_text, output, inputs)
         return
     exe = shutil.which("dot")
     if exe is None:
@@ -84,7 +93,8 @@ def draw_graph(graph: LayerGraph, output: str) -> None:
             f"drawing {suffix[1:].upper()} needs Graphviz's `dot` program, which is not installed",
             where, hint="install the Debian package `graphviz` (apt-get install graphviz), or write .dot",
         )
-    result = subprocess.run([exe, f"-T{suffix[1:]}", "-o", output], input=dot_text, text=True,
-                            capture_output=True)
+    # `dot` prints the picture; it is written like the DOT text, not by `dot` straight onto the path
+    result = subprocess.run([exe, f"-T{suffix[1:]}"], input=dot_text.encode("utf-8"), capture_output=True)
     if result.returncode != 0:
-        raise InputError(f"Graphviz `dot` failed: {result.stderr.strip()}", where)
+        raise InputError(f"Graphviz `dot` failed: {result.stderr.decode('utf-8', 'replace').strip()}", where)
+    write_text(result.stdout, output, inputs)

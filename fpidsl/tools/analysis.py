@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import FpiError, FpiErrors, as_list
 from ..frontend import ast
 from ..ir.shapes import fmt_shape
-from ..source import Source, Span
+from ..source import Source, Span, normalize_newlines
 
 Pos = tuple[int, int]  # (line, col), 1-based
 
@@ -364,10 +364,14 @@ def _strip_comments(text: str) -> str:
 
 
 def completions(text: str, pos: Pos) -> list[Completion]:
-    """What may be typed at ``pos``; read from the text itself, so it works while the file does not parse."""
+    """What may be typed at ``pos``; read from the text itself, so it works while the file does not parse.
+
+    ``text`` is read as ``.fpi``, as the compiler reads a file: a leading BOM is not counted in ``pos`` and each
+    line end (``\\n``, ``\\r\\n`` or a lone ``\\r``) is one."""
     from ..ir.primitives import MODULE_KINDS, PRIMITIVES, TENSOR_INITS
     from ..passes.settings import CRITERIA, METHODS, MODES, ON_FAIL, SETTING_KEYS
 
+    text = normalize_newlines(text.removeprefix("\ufeff"))
     before = _strip_comments(text[:_offset(text, pos)])
     heads = list(_LAYER_HEAD.finditer(before))
     region = before[heads[-1].start():] if heads else before

@@ -37,47 +37,35 @@ def add_commands(commands) -> None:
 
 
 def write_spec(text: str, path: str) -> None:
-    """Replace the file at ``path`` (through a symbolic link, its target) by ``text`` atomically: a temporary file in
-    the same folder, then a rename, so a failure leaves the old file whole. Errors are :class:`OSError`."""
-    import tempfile
+    """Replace the spec at ``path`` (through a symbolic link, its target), formatted in place, by ``text``
+    atomically, keeping its permissions (:func:`fpidsl.outfile.replace_file`). Errors are :class:`OSError`."""
+    from ..outfile import replace_file
 
     target = os.path.realpath(path)
     mode = os.stat(target).st_mode & 0o777 if os.path.exists(target) else None
-    fd, temporary = tempfile.mkstemp(prefix=".fpidsl-fmt-", suffix=".tmp", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    replace_file(target, text, mode)
 
 
 def _converted_output(text: str, output: str | None, spec: str) -> None:
+    """Print a spec that a command made (``fmt --to``, ``trace``), or write it to ``output`` by the rules of
+    :func:`fpidsl.outfile.check_output_path` for a spec output: a new file, or an existing regular file not named
+    like a spec, never ``spec`` (the input), never through a link, never onto a FIFO, a device or a folder."""
     from ..cli import UsageError
+    from ..outfile import OutputError, write_text
 
     if output is None or output == "-":
         sys.stdout.write(text)
         return
-    if os.path.exists(output) and os.path.exists(spec) and os.path.samefile(output, spec):
-        raise UsageError(f"{output} is the spec being converted; not overwriting it")
-    if os.path.isdir(output):
-        raise UsageError(f"{output} is a folder")
     try:
-        write_spec(text, output)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        write_text(text, output, [spec] if spec and spec != "-" else [], spec_output=True,
+                   input_role="the input being converted")
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
     from ..cli import UsageError, report
-    from ..errors import FpiError, FpiErrors
+    from ..errors import FpiError, FpiErrors, printable
     from ..frontend.read import read_source
     from .fmt import format_source
 
@@ -116,34 +104,37 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         if text == source.text:
             continue
         if args.diff:
+            name = printable(source.path)  # a file name's escapes and bidi controls, shown as escapes
             sys.stdout.writelines(difflib.unified_diff(source.text.splitlines(True), text.splitlines(True),
-                                                       source.path, f"{source.path} (formatted)"))
+                                                       name, f"{name} (formatted)"))
         if args.check:
-            print(f"would reformat {source.path}", file=sys.stderr)
+            print(printable(f"would reformat {source.path}"), file=sys.stderr)
             status = EXIT_SPEC_ERROR
         elif not args.diff:
             try:
                 write_spec(text, path)
             except OSError as exc:
                 raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-            print(f"reformatted {path}", file=sys.stderr)
+            print(printable(f"reformatted {path}"), file=sys.stderr)
     return status
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from ..cli import UsageError, _read
     from ..compiler import check_source
+    from ..errors import printable
     from .explain import explain_layer
 
     checked = check_source(_read(args.spec, args))
+    where = printable(checked.source.path)  # <stdin> for -
     name = args.layer
     if name is None:
         if len(checked.graphs) > 1:
-            raise UsageError(f"{args.spec} has {len(checked.graphs)} layers; choose one with --layer "
+            raise UsageError(f"{where} has {len(checked.graphs)} layers; choose one with --layer "
                              f"({', '.join(checked.graphs)})")
         name = next(iter(checked.graphs))
     if name not in checked.graphs:
-        raise UsageError(f"{args.spec} has no layer named {name!r}; it has: {', '.join(checked.graphs)}")
+        raise UsageError(f"{where} has no layer named {name!r}; it has: {', '.join(checked.graphs)}")
     sys.stdout.write(explain_layer(checked, name))
     return EXIT_OK
 

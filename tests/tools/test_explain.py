@@ -157,3 +157,14 @@ def test_weights_that_do_not_fit_in_the_memory_are_an_unknown_bound(tmp_path, ca
     monkeypatch.setattr(report, "initial_weights", a_bug)
     assert main(["explain", str(spec)]) == 3
     assert "fpidsl: internal error: RuntimeError: something else" in capsys.readouterr().err
+
+
+def test_the_command_names_standard_input_as_stdin(capsys, monkeypatch):
+    """`explain -` said "- has 2 layers"; the input is <stdin>, as check names it."""
+    import io
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO((ROOT / "specs/bibtex.fpi").read_bytes())))
+    assert main(["explain", "-", "--format", "fpi"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "<stdin> has 2 layers; choose one with --layer (BibtexNN, BibtexGD)")
