@@ -208,13 +208,30 @@ def _sigmoid_d(b, x, y, attrs):
     return _mul(b, y, b.call("sub", b.const(1), y))
 
 
+# softplus is torch's F.softplus with its default threshold: linear (x) where beta * x > 20
+SOFTPLUS_THRESHOLD = 20
+
+
 def _softplus_d(b, x, y, attrs):
-    beta = attrs["beta"]
-    return b.call("sigmoid", x if beta == 1 else _mul(b, x, b.const(beta)))
+    """torch's softplus': sigmoid(beta x) up to the threshold, exactly 1 above it (beta x > 20), where the value is
+    x itself. Its own derivative is torch's too: beta sigmoid'(beta x) below the threshold, 0 from it on (torch's
+    double backward masks with beta x < 20, so at beta x == 20 the first derivative is sigmoid(20), a constant)."""
+    beta, t = attrs["beta"], SOFTPLUS_THRESHOLD
+    bx = x if beta == 1 else _mul(b, x, b.const(beta))
+    at = b.call("where", b.call("greater", bx, b.const(t)), b.const(1), b.const(math.exp(t) / (math.exp(t) + 1)))
+    return b.call("where", b.call("less", bx, b.const(t)), b.call("sigmoid", bx), at)
 
 
 def _elu_d(b, x, y, attrs):
-    return b.call("elu_grad", x, alpha=attrs["alpha"])
+    """torch's elu': 1 where x > 0 (and for NaN), alpha exp(x) where x <= 0. Written with ``where`` (not the
+    auxiliary ``elu_grad``) so that its own derivative, by this table or by torch's autograd of the emitted code,
+    is torch's elu'': alpha exp(x) where x < 0 and 0 from x = 0 on (torch masks its double backward with x < 0); at
+    x = 0 elu' is the constant alpha. exp reads x only where x < 0 (no 0 * inf in a derivative at large x)."""
+    alpha = attrs["alpha"]
+    negative = b.call("less", x, b.const(0))
+    e = _mul(b, b.call("exp", b.call("where", negative, x, b.const(0))), b.const(alpha))
+    return b.call("where", b.call("less_equal", x, b.const(0)), b.call("where", negative, e, b.const(alpha)),
+                  b.const(1))
 
 
 def _exp_d(b, x, y, attrs):
@@ -549,8 +566,10 @@ def _zero(b, n, ct):
 
 
 def _elu_grad(b, n, ct):
+    """elu'' = alpha exp(x) where x < 0, else 0: elu_grad(x) masked by x < 0 (torch's double backward uses x < 0,
+    so elu'' is 0 at x = 0, where elu' itself is alpha)."""
     (x,) = b.args(n)
-    return {0: _mul(b, ct, b.call("sub", n, b.call("relu_mask", x)))}
+    return {0: _mul(b, ct, _mul(b, n, b.call("relu_mask", b.call("neg", x))))}
 
 
 def _safe_div(b, n, ct):

@@ -157,9 +157,26 @@ def _func_nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: 
         return fn(*tensors)
 
 
+def _float_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The first floating-point dtype among ``tensors`` (the cotangents'), else torch's default: the dtype of the
+    zero cotangent of an integer argument."""
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+
+
+def _zero_cotangent(target: Tensor, like: Sequence[Tensor]) -> Tensor:
+    """The cotangent of an argument the value does not depend on differentiably: zeros of its shape, in its dtype
+    when it is floating point, else in the cotangents' (an integer argument, ``x.long()`` made by another extern,
+    has a zero derivative, as in autograd, and the layer's cotangents are floating point)."""
+    dtype = target.dtype if target.is_floating_point() else _float_dtype(like)
+    return torch.zeros(target.shape, dtype=dtype, device=target.device)
+
+
 def _pulled(fn: Callable[..., Tensor], index: int, cotangent: int) -> Callable[..., Tensor]:
-    """``ts -> (d fn(ts) / d ts[index])^T ts[cotangent]`` (zeros where ``fn`` does not read ``ts[index]``)."""
+    """``ts -> (d fn(ts) / d ts[index])^T ts[cotangent]`` (zeros where ``fn`` does not read ``ts[index]``, or
+    where ``ts[index]`` is an integer tensor, which takes no derivative)."""
     def pulled(*ts: Tensor) -> Tensor:
+        if not (ts[index].is_floating_point() or ts[index].is_complex()):
+            return _zero_cotangent(ts[index], ts[cotangent:cotangent + 1])
         _, pull = torch.func.vjp(lambda t: fn(*ts[:index], t, *ts[index + 1:]), ts[index])
         return pull(ts[cotangent])[0]
 
@@ -171,8 +188,9 @@ def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple
     the partial derivatives with respect to these arguments as independent variables (never through how one of them
     was computed from another: x̂ from the inputs, say)."""
     leaves = [t.detach() for t in tensors]
-    for pos in set(chain):
-        leaves[pos - 1].requires_grad_(True)
+    for pos in set(chain):  # an integer tensor (an extern's x.long()) takes no gradient: its cotangent is zero
+        if leaves[pos - 1].is_floating_point() or leaves[pos - 1].is_complex():
+            leaves[pos - 1].requires_grad_(True)
     n = 1 + len(inputs)
     # a chain of two or more differentiates a VJP again: torch's faulty derivatives worked around
     with torch.enable_grad(), (norms_with_a_separate_bias() if len(chain) > 1 else contextlib.nullcontext()):
@@ -180,10 +198,10 @@ def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple
         for j, pos in enumerate(chain):
             target = leaves[pos - 1]
             grad = None
-            if value.requires_grad:
+            if value.requires_grad and target.requires_grad:
                 (grad,) = torch.autograd.grad(value, target, leaves[n + j], create_graph=j < len(chain) - 1,
                                               allow_unused=True)
-            value = torch.zeros_like(target) if grad is None else grad
+            value = _zero_cotangent(target, leaves[n:]) if grad is None else grad
     return value.detach()
 
 

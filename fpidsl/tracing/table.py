@@ -108,22 +108,39 @@ def _gelu(w, a):
 
 @op("clamp", "clip", args=("input|self", "min", "max"), min=None, max=None)
 def _clamp(w, a):
+    """Both bounds numbers: the language's ``clamp`` (its derivative is torch.clamp's, 1 on the closed interval
+    ``lo <= x <= hi``). One bound (a number or a tensor): ``where``, not ``maximum`` / ``minimum`` (which split a
+    tie 1/2 - 1/2, as torch.maximum does): torch.clamp's derivative is 1 in ``x`` at the bound and 0 in the bound,
+    ``clamp(x, min=t)`` is ``where(x < t, t, x)`` (NaN stays NaN, as in torch)."""
     x, lo, hi = w.text(a["input"]), a["min"], a["max"]
     if lo is not None and hi is not None:
         return f"clamp({x}, {w.number(lo)}, {w.number(hi)})"
     if lo is None and hi is None:
         raise UntraceableError("clamp without bounds")
-    return f"{'maximum' if lo is not None else 'minimum'}({x}, {w.text(lo if lo is not None else hi)})"
+    bound = w.text(lo if lo is not None else hi)
+    return f"where({x} {'<' if lo is not None else '>'} {bound}, {bound}, {x})"
+
+
+def _inside(w, x: Any, lo: Any, hi: Any) -> str:
+    """torch's hardtanh(x, lo, hi): clamp's value, with the derivative 1 on the open interval ``lo < x < hi`` only
+    (torch's hardtanh_backward is strict: 0 at the bounds, where the language's ``clamp`` has 1): the bounds are
+    constants where ``x <= lo`` or ``x >= hi``, ``x`` elsewhere (NaN stays NaN)."""
+    w.number(lo), w.number(hi)  # numbers only (a tensor bound is refused)
+    lo, hi = float(lo), float(hi)
+    if lo > hi:
+        raise UntraceableError(f"hardtanh with min_val {lo!r} above max_val {hi!r}")
+    lo, hi, x = w.text(lo), w.text(hi), w.text(x)
+    return f"where({x} <= {lo}, {lo}, where({x} >= {hi}, {hi}, {x}))"
 
 
 @op("hardtanh", args=("input|self", "min_val", "max_val", "inplace"), min_val=-1.0, max_val=1.0, inplace=False)
 def _hardtanh(w, a):
-    return f"clamp({w.text(a['input'])}, {w.number(a['min_val'])}, {w.number(a['max_val'])})"
+    return _inside(w, a["input"], a["min_val"], a["max_val"])
 
 
 @op("relu6", args=("input|self", "inplace"), inplace=False)
-def _relu6(w, a):
-    return f"clamp({w.text(a['input'])}, 0, 6)"
+def _relu6(w, a):  # torch's relu6 is hardtanh(x, 0, 6): derivative 0 at 0 and at 6
+    return _inside(w, a["input"], 0.0, 6.0)
 
 
 @op("minimum", "maximum", args=("input|self", "other"))

@@ -389,6 +389,8 @@ class Writer:
         return Ref(name)
 
     def _attribute(self, node: fx.Node, value: Any) -> Any:
+        if isinstance(value, torch.ScriptObject):
+            self._script_module(node, value)
         if not isinstance(value, Tensor):
             return value
         if not value.is_floating_point():
@@ -397,6 +399,28 @@ class Writer:
         self.params.append(f"param {name} : tensor {self.declared_shape(node, False)}")
         self.sources[name] = node.target
         return Ref(name)
+
+    def _script_module(self, node: fx.Node, value: torch.ScriptObject) -> None:
+        """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace`` of a module) with parameters is refused:
+        fx does not keep it a leaf but reads its C++ module (``j._c``) and calls that's compiled ``forward`` as one
+        opaque operation, an extern whose only arguments are the tensors it is called on, so its parameters would
+        get no gradient (its own ``parameters()`` are not reachable as the extern's: ``torch.func.functional_call``,
+        which an extern module's parameters go through, refuses jitted modules). Without parameters it stays an
+        extern (differentiated by autograd in its inputs)."""
+        if not isinstance(value, torch._C.ScriptModule):
+            return
+        try:
+            wrapped = torch.jit._recursive.wrap_cpp_module(value)
+            held, kind = next(iter(wrapped.parameters()), None) is not None, getattr(wrapped, "original_name", "")
+        except Exception:  # a module whose parameters cannot be listed: as if it had some
+            held, kind = True, ""
+        if held:
+            target = str(node.target).removesuffix("._c")
+            shown = self._label(target) if not target.startswith("_torchbind_obj") else "a submodule"
+            raise UntraceableError(f"the map calls the TorchScript module {shown}{f' ({kind})' if kind else ''} "
+                                   "(torch.jit.script / torch.jit.trace), which torch.fx runs as one opaque call: a "
+                                   "trace would give its parameters no gradient; call the module itself (not "
+                                   "scripted) to trace it, or let fixed_point use autograd (trace=False)")
 
     def _python_value(self, node: fx.Node) -> Any:
         """A value computed from shapes only; anything else that is not a tensor is refused."""

@@ -60,11 +60,13 @@ def test_the_editor_shows_warnings_with_the_warning_severity():
     from lsprotocol import types as lsp
 
     from fpidsl.tools.analysis import analyze
-    from fpidsl.tools.lsp import diagnostic
+    from fpidsl.tools.lsp import Positions, diagnostic
 
     result = analyze("t.fpi", TRAP)
     assert result.errors == [] and len(result.warnings) == 1
-    assert diagnostic(result.source, result.warnings[0]).severity == lsp.DiagnosticSeverity.Warning
+    shown = diagnostic(Positions.of(TRAP, result.source), result.warnings[0])
+    assert shown.severity == lsp.DiagnosticSeverity.Warning
+    assert (shown.range.start.line, shown.range.start.character) == (3, 47)  # line 4, column 48 (1-based)
 
 
 def test_a_size_named_like_a_declared_value_is_one_error_at_its_first_use():
