@@ -408,6 +408,10 @@ def symbolic(a: Any, b: Any, n: int) -> Any:
         if a.dim() != b.dim():
             raise UntraceableError("a value changes rank with the batch size")
         return tuple(batch_dim(p, q, n) for p, q in zip(a.shape, b.shape))
+    if isinstance(a, float) and not isinstance(a, bool) and a != b and not (a != a and b != b):
+        raise UntraceableError(f"a number computed from the batch size ({a!r} at batch {n}, {b!r} at {n + 1}: "
+                               "x.shape[0] / 8, say) would be fixed at the example's batch; pass it as an "
+                               "argument")
     if isinstance(a, bool) or not isinstance(a, (int, tuple, list, torch.Size)):
         return a
     if isinstance(a, int):

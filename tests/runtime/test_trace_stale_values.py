@@ -3,6 +3,8 @@ solved as it is, by autograd) with the reason in ``trace_status``:
 
 - a Python number read from a real tensor by the map (``SCALE.item()``, ``float(self.t)``, ``if t > 0:``): fx ran
   the read once and the trace kept the number, however the tensor changed later (a fixed point 0.41 off);
+- a float computed from the batch size (``x.shape[0] / 8``): ``fpidsl.trace`` fixed it at the example's batch,
+  and the layer, which runs at any batch size, was another map at the others (0.37 off at batch 5);
 - an augmented assignment (``h += a``) that the eager map makes in place, on a view or on a value read again
   through another name: fx records ``h + a`` out of place, and the trace's agreement check, run at the first call's
   arguments, passed where those were zero (1.3-1.8 off at the next call's).
@@ -126,3 +128,16 @@ def test_torch_reads_its_own_values_while_a_map_is_traced():
 
     z = torch.randn(2, 3, 6, dtype=DT, generator=torch.Generator().manual_seed(7))
     assert trace_status(attend, torch.zeros_like(z), z)[1].startswith("traced")
+
+
+def scaled_by_the_batch(x, z):
+    return torch.tanh(x @ W + z) * (x.shape[0] / 8)
+
+
+def test_a_float_computed_from_the_batch_size_is_not_traced():
+    z = torch.randn(8, 6, dtype=DT, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(fpidsl.UntraceableError, match=r"a number computed from the batch size \(1.0 at batch 8, "
+                       r"1.125 at 9: x.shape\[0\] / 8, say\) would be fixed at the example's batch"):
+        fpidsl.trace(scaled_by_the_batch, torch.zeros_like(z), z)
+    (x, g), (x_ref, g_ref) = solve_both(scaled_by_the_batch, z[:5])
+    assert torch.allclose(x, x_ref, rtol=0, atol=1e-12) and torch.allclose(g, g_ref, rtol=0, atol=1e-10)
