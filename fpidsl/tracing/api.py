@@ -293,21 +293,34 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 
 def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any], root: nn.Module | None = None) -> None:
-    """The compiled map gives ``f``'s numbers at ``x`` and at a perturbed ``x``, else :class:`UntraceableError`
-    (fx records one path through the map: a branch on the tensors' values, or a side effect, is not in the graph).
-    The modules' buffers are as before afterwards."""
+    """The compiled map gives ``f``'s numbers at ``x``, at a perturbed ``x``, and at a perturbed ``x`` with its
+    floating-point tensor arguments perturbed too (where ``f`` gives finite numbers there), else
+    :class:`UntraceableError` (fx records one path through the map: a branch on the tensors' values, or a side
+    effect, is not in the graph; an argument of zeros at the example can hide an effect the graph lost, such as an
+    in-place change of a shared value). The modules' buffers are as before afterwards."""
     params = traced.tensors(root)
-    inputs = traced.arguments(args)
     single = isinstance(x, Tensor)
     modules = modules_of(f, traced._module(root), *traced.foreign.values())
     with torch.no_grad(), torch.random.fork_rng(devices=[]), kept_buffers(modules):
         torch.manual_seed(0)
         states = (x,) if single else tuple(x)
-        perturbed = tuple(s + torch.randn_like(s) * (s.abs().mean() + 1) for s in states)
-        for point in (states, perturbed):
-            want = f(point[0] if single else type(x)(point), *args)
-            got = traced.layer.step(point[0] if single else tuple(point), *inputs, *params)
+        perturbed = tuple(_perturbed(s) for s in states)
+        moved = tuple(_perturbed(a) if isinstance(a, Tensor) and a.is_floating_point() and a.layout == torch.strided
+                      else a for a in args)
+        points = [(states, args, True), (perturbed, args, True)]
+        if any(m is not a for m, a in zip(moved, args)):
+            points.append((perturbed, moved, False))
+        for point, values, required in points:
+            try:
+                want = f(point[0] if single else type(x)(point), *values)
+            except Exception:  # noqa: BLE001 - the map refuses perturbed arguments (a domain check): not compared
+                if required:
+                    raise
+                continue
             _check_result(want, x)
+            if not required and not all(bool(torch.isfinite(w).all()) for w in ((want,) if single else want)):
+                continue  # the perturbed arguments leave the map's domain (a log of a negative number)
+            got = traced.layer.step(point[0] if single else tuple(point), *traced.arguments(values), *params)
             for w, g in zip((want,) if single else want, (got,) if single else got):
                 tol = agreement_tolerance(w.dtype) * (1 + float(w.abs().max()))
                 if not torch.allclose(g, w, rtol=0, atol=tol):
@@ -315,6 +328,10 @@ def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any],
                     raise UntraceableError(
                         f"the traced map differs from the map by {err:.3g} (tolerance {tol:.3g}): the map does "
                         "something torch.fx does not record (a branch on a tensor's values, a side effect, randomness)")
+
+
+def _perturbed(t: Tensor) -> Tensor:
+    return t + torch.randn_like(t) * (t.abs().mean() + 1)
 
 
 def trace(f: Callable, example_x: Tensor, *example_args: Any, batched: Sequence[bool] | None = None,

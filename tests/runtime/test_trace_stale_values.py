@@ -141,3 +141,14 @@ def test_a_float_computed_from_the_batch_size_is_not_traced():
         fpidsl.trace(scaled_by_the_batch, torch.zeros_like(z), z)
     (x, g), (x_ref, g_ref) = solve_both(scaled_by_the_batch, z[:5])
     assert torch.allclose(x, x_ref, rtol=0, atol=1e-12) and torch.allclose(g, g_ref, rtol=0, atol=1e-10)
+
+
+def test_the_agreement_check_also_perturbs_the_arguments(monkeypatch):
+    """A safety net behind the refusals above: with the augmented-assignment check turned off, the trace's check
+    at the first call's arguments (ctx = 0) passed; at perturbed arguments it sees the lost in-place effect."""
+    from fpidsl.tracing import fx_capture
+
+    monkeypatch.setattr(fx_capture, "_check_augmented", lambda graph, pairs: None)
+    z = torch.randn(4, 6, dtype=DT, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(fpidsl.UntraceableError, match="the traced map differs from the map by"):
+        fpidsl.trace(view_updated, torch.zeros_like(z), z, torch.zeros(4, 3, dtype=DT))
