@@ -478,7 +478,9 @@ class CompiledLayer(nn.Module):
     def jacobian_penalty(self, samples: int = 1, *, reduction: str = "mean",
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """The Hutchinson estimate of ``|dg/dx|_F^2`` at the fixed point of the last forward, differentiable
-        (:func:`fpidsl.runtime.jacobian.jacobian_penalty`): add ``gamma * layer.jacobian_penalty()`` to the loss."""
+        (:func:`fpidsl.runtime.jacobian.jacobian_penalty`): add ``gamma * layer.jacobian_penalty()`` to the loss.
+        Per sample for a samplewise layer; for one that mixes samples (``SAMPLEWISE`` is False) the batch is one
+        problem, as in :meth:`contraction`, and its Jacobian one matrix (``reduction="none"`` gives one value)."""
         from .jacobian import jacobian_penalty
 
         last = self._last_call
@@ -489,7 +491,8 @@ class CompiledLayer(nn.Module):
         adjoint = type(self).adjoint if type(self).adjoint is not None else None
         step = type(self).step
         return jacobian_penalty(step, last.states if len(last.states) > 1 else last.states[0], *last.values,
-                                samples=samples, adjoint=adjoint, reduction=reduction, generator=generator)
+                                samples=samples, adjoint=adjoint, reduction=reduction, generator=generator,
+                                per_sample=self.SAMPLEWISE)
 
     def contraction(self, *args: torch.Tensor, iters: int = 30, **kwargs: torch.Tensor) -> torch.Tensor:
         """Solve for the fixed point of these inputs, then estimate the contraction factor ‖∂g/∂x‖₂ at it,

@@ -102,6 +102,26 @@ def test_layer_jacobian_penalty_after_a_forward_is_differentiable(layer_class):
     assert g_ours.abs().sum() > 0
 
 
+def test_the_penalty_of_a_layer_that_mixes_samples_is_of_its_one_jacobian(tmp_path):
+    """A layer whose samples are one problem (a batch mean) was penalised per row: ``reduction="none"`` gave per-row
+    column blocks of the whole Jacobian, not the samples' (``contraction`` already took the batch as one)."""
+    path = tmp_path / "joint.fpi"
+    path.write_text("layer Joint {\n  input a : [B, 6]\n  state x : [B, 6] = zeros\n  param W : Linear(6, 6, "
+                    "init_scale=0.5)\n  update x = tanh(W(x) + a + 0.3 * mean(x, dim=0, keepdim=true))\n"
+                    "  solve { tol = 1e-12, max_iter = 3000 }\n}\n")
+    cls = fpidsl.load(str(path))
+    assert not cls.SAMPLEWISE
+    torch.manual_seed(5)
+    layer = cls().double()
+    a = torch.randn(4, 6, dtype=DTYPE)
+    x = layer(a).detach()
+    step = lambda v: type(layer).step(v.view(4, 6), a, *layer.parameter_tensors()).reshape(-1)  # noqa: E731
+    exact = float(torch.autograd.functional.jacobian(step, x.reshape(-1)).detach().square().sum())
+    assert layer.jacobian_penalty(reduction="none").shape == (1,)
+    estimate = float(layer.jacobian_penalty(samples=20000, generator=torch.Generator().manual_seed(0)).detach())
+    assert abs(estimate - exact) < 0.02 * exact  # the whole problem's |J|_F^2, not a quarter of it
+
+
 def test_warm_starts_reduce_iterations_and_give_the_same_fixed_point(layer_class):
     torch.manual_seed(1)
     layer = layer_class().double()
