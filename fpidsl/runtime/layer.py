@@ -424,6 +424,7 @@ class CompiledLayer(nn.Module):
         spec = f"{type(self).__name__} ({self.SPEC})"
         dims = bind_dims(self.INPUTS, inputs, spec, self.ASSUMPTIONS)
         call_in_progress(self).update(dims=dims, seeds=None, device=next((t.device for t in inputs.values()), None))
+        self._run_weight_hooks()
         params = tuple(self.parameter_tensors())
         check_dtypes_and_devices(inputs, _tensors(params), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + params
@@ -435,6 +436,30 @@ class CompiledLayer(nn.Module):
                        capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
                        per_sample=self.SAMPLEWISE)
         return spec, values, x0, options
+
+    def _run_weight_hooks(self) -> None:
+        """The layer reads its modules' weights without calling the modules, so their hooks would not run:
+        torch.nn.utils.spectral_norm and weight_norm (the hook-based forms) recompute ``weight`` in a forward
+        pre-hook, and without it the layer ran with a stale weight and gave ``weight_orig`` no gradient, silently.
+        Those two run here, once a call; any other forward hook or pre-hook of a module that is not an extern (an
+        extern is called, so its hooks run) is refused. ``torch.nn.utils.parametrizations`` (spectral_norm,
+        weight_norm, a custom one) is followed without hooks."""
+        from torch.nn.utils.spectral_norm import SpectralNorm
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        for name, module in self._modules.items():
+            if module is None or not (module._forward_pre_hooks or module._forward_hooks) or name in self.EXTERNS:
+                continue
+            for hook in module._forward_pre_hooks.values():
+                if not isinstance(hook, (SpectralNorm, WeightNorm)):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the module {name!r} has a forward pre-hook, which the compiled layer "
+                        "does not run (it reads the module's weights without calling it); for a spectral or "
+                        "weight norm use torch.nn.utils.parametrizations, which the layer follows")
+                hook(module, ())
+            if module._forward_hooks:
+                raise RuntimeError(f"{type(self).__name__}: the module {name!r} has a forward hook, which the "
+                                   "compiled layer does not run (it reads the module's weights without calling it)")
 
     def _keep(self, **values: object) -> None:
         """Set a call's bookkeeping attributes (none a parameter, buffer or module) without
