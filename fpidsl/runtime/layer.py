@@ -353,15 +353,30 @@ class CompiledLayer(nn.Module):
     def configure(self, *, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> "CompiledLayer":
         """Set the eval-mode settings (``eval_solve``, over the spec's ``eval`` block, over ``solve``) and warm
         starts; returns the layer."""
-        from .warm_start import WarmStart, eval_settings
+        from .warm_start import WarmStart
+
+        self._derive_eval_settings(eval_solve)
+        self.warm = WarmStart(warm_start)
+        return self
+
+    def _derive_eval_settings(self, eval_solve: Mapping[str, Any] | None) -> None:
+        from .warm_start import eval_settings
 
         try:
             spec_eval = self.solve_settings.merged(self.EVAL) if self.EVAL else self.solve_settings
             self.eval_settings = eval_settings(spec_eval, eval_solve)
         except SettingsError as exc:
             raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
-        self.warm = WarmStart(warm_start)
-        return self
+        # what they were derived from: a later solve_settings is followed (an assigned eval_settings is kept)
+        self.__dict__["_eval_derivation"] = (self.solve_settings, eval_solve, self.eval_settings)
+
+    def _eval_solve_settings(self) -> SolverSettings:
+        """The eval-mode settings; derived ones follow ``solve_settings`` assigned after the layer was made (they
+        kept the old ones: an eval solve ran with the tolerance the layer was built with)."""
+        base, eval_solve, derived = self.__dict__.get("_eval_derivation", (None, None, None))
+        if derived is not None and self.eval_settings is derived and self.solve_settings is not base:
+            self._derive_eval_settings(eval_solve)
+        return self.eval_settings
 
     # hooks a generated class implements
     def parameter_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -433,7 +448,7 @@ class CompiledLayer(nn.Module):
         # a sample judged alone and held fixed while its neighbours move would give a wrong fixed point and gradient
         options = dict(adjoint=self._adjoint_obj if type(self).adjoint is not None else None, history=self.history,
                        batched=self._batched(params), backward=self.backward_settings, hoisted=self._hoisted,
-                       capture="explicit", solve=self.solve_settings if self.training else self.eval_settings,
+                       capture="explicit", solve=self.solve_settings if self.training else self._eval_solve_settings(),
                        per_sample=self.SAMPLEWISE)
         return spec, values, x0, options
 

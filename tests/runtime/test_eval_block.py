@@ -63,6 +63,24 @@ def test_instance_eval_solve_goes_over_the_spec_block(slow):
     assert slow.EVAL == {"max_iter": 5, "on_fail": "ignore"}
 
 
+def test_eval_settings_follow_solve_settings_assigned_later(slow):
+    """Assigned after the layer was made, solve_settings reached train mode only: eval mode kept the settings the
+    layer was built with (a helper's probe: an eval solve stopped at the old tolerance). An assigned eval_settings
+    is kept."""
+    layer = slow(eval_solve={"max_iter": 50}).double()
+    layer.solve_settings = layer.solve_settings.merged({"tol": 1e-3})
+    layer.eval()
+    layer(torch.randn(2, 4, dtype=DTYPE))
+    used = layer.stats.forward.settings
+    assert (used.tol, used.max_iter, used.on_fail) == (1e-3, 50, "ignore")  # eval block and eval_solve kept
+    assert layer.eval_settings == used and layer.stats.forward.max_iterations < 50
+    chosen = layer.eval_settings.merged({"max_iter": 7})
+    layer.eval_settings = chosen
+    layer.solve_settings = layer.solve_settings.merged({"tol": 1e-4})
+    layer(torch.randn(2, 4, dtype=DTYPE))
+    assert layer.eval_settings is chosen
+
+
 def test_eval_block_reaches_the_graph_text_and_explain():
     g = graph(SPEC)
     assert g.eval_solve == {"max_iter": 5, "on_fail": "ignore"}
