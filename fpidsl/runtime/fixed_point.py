@@ -557,6 +557,8 @@ class FixedPoint(nn.Module):
         self.f = f
         self.solve_settings = resolve_settings(solve, FORWARD_DEFAULTS)
         self.eval_settings = eval_settings(self.solve_settings, eval_solve)
+        # what they were derived from: a later solve_settings is followed (an assigned eval_settings is kept)
+        self._eval_derivation = (self.solve_settings, eval_solve, self.eval_settings)
         self.warm = WarmStart(warm_start)
         self.backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
         self.adjoint = adjoint
@@ -568,11 +570,19 @@ class FixedPoint(nn.Module):
 
     def forward(self, x0: Tensor | Sequence[Tensor], *args: Any) -> Any:
         self.stats = Stats()
-        settings = self.solve_settings if self.training else self.eval_settings
+        settings = self.solve_settings if self.training else self._eval_solve_settings()
         x_hat = _run(self.f, self.warm.start(x0, self.backward_settings), args, settings, self.backward_settings,
                      self.adjoint, self.stats, self.history, self.batched, self.per_sample, trace=self.trace)
         self.warm.remember(x_hat, self.stats.forward.diverged if self.stats.forward is not None else None)
         return x_hat
+
+    def _eval_solve_settings(self) -> SolverSettings:
+        """The eval-mode settings; derived ones follow ``solve_settings`` assigned after construction."""
+        base, eval_solve, derived = self.__dict__.get("_eval_derivation", (None, None, None))
+        if derived is not None and self.eval_settings is derived and self.solve_settings is not base:
+            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
+            self._eval_derivation = (self.solve_settings, eval_solve, self.eval_settings)
+        return self.eval_settings
 
     def extra_repr(self) -> str:
         def short(s: SolverSettings, defaults: SolverSettings) -> str:

@@ -193,3 +193,14 @@ def test_the_editor_completes_and_explains_eval_settings():
     assert {"method", "tol", "on_fail"} <= settings and "tanh" not in settings
     text = LAYER.format("eval { max_iter = 5 }")
     assert hover(analyze("t.fpi", text), locate(text, "max_iter")).markdown.startswith("`eval` setting **max_iter**")
+
+
+def test_a_fixed_point_modules_eval_settings_follow_solve_settings_assigned_later():
+    from fpidsl import FixedPoint
+
+    module = FixedPoint(lambda x, a: 0.9 * torch.tanh(x) + a, solve={"tol": 1e-3}, eval_solve={"max_iter": 3000})
+    module.solve_settings = module.solve_settings.merged({"tol": 1e-12})
+    module.eval()
+    module(torch.zeros(2, 4, dtype=DTYPE), torch.randn(2, 4, dtype=DTYPE))
+    used = module.stats.forward.settings
+    assert (used.tol, used.max_iter) == (1e-12, 3000) and bool(module.stats.forward.converged.all())
