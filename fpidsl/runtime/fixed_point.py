@@ -26,7 +26,7 @@ from .capture import LOCK as CAPTURE_LOCK
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
-from .warm_start import WarmStart, eval_settings
+from .warm_start import EvalDerivation, WarmStart
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
 from .stats import Stats, enforce
@@ -556,9 +556,8 @@ class FixedPoint(nn.Module):
         super().__init__()
         self.f = f
         self.solve_settings = resolve_settings(solve, FORWARD_DEFAULTS)
-        self.eval_settings = eval_settings(self.solve_settings, eval_solve)
-        # what they were derived from: a later solve_settings is followed (an assigned eval_settings is kept)
-        self._eval_derivation = (self.solve_settings, eval_solve, self.eval_settings)
+        self._eval = EvalDerivation(self.solve_settings, eval_solve)
+        self.eval_settings = self._eval.derived
         self.warm = WarmStart(warm_start)
         self.backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
         self.adjoint = adjoint
@@ -577,11 +576,11 @@ class FixedPoint(nn.Module):
         return x_hat
 
     def _eval_solve_settings(self) -> SolverSettings:
-        """The eval-mode settings; derived ones follow ``solve_settings`` assigned after construction."""
-        base, eval_solve, derived = self.__dict__.get("_eval_derivation", (None, None, None))
-        if derived is not None and self.eval_settings is derived and self.solve_settings is not base:
-            self.eval_settings = eval_settings(self.solve_settings, eval_solve)
-            self._eval_derivation = (self.solve_settings, eval_solve, self.eval_settings)
+        """The eval-mode settings (:class:`~fpidsl.runtime.warm_start.EvalDerivation`: derived ones follow a later
+        ``solve_settings``)."""
+        derivation = self.__dict__.get("_eval")
+        if derivation is not None:
+            self.__dict__["eval_settings"] = derivation.settings(self.solve_settings, self.eval_settings)
         return self.eval_settings
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SettingsError, SolverSettings
 from .sizes import is_symbol, size, symbols
@@ -353,29 +355,27 @@ class CompiledLayer(nn.Module):
     def configure(self, *, eval_solve: Mapping[str, Any] | None = None, warm_start: bool = False) -> "CompiledLayer":
         """Set the eval-mode settings (``eval_solve``, over the spec's ``eval`` block, over ``solve``) and warm
         starts; returns the layer."""
-        from .warm_start import WarmStart
+        from .warm_start import EvalDerivation, WarmStart
 
-        self._derive_eval_settings(eval_solve)
+        try:
+            self._eval = EvalDerivation(self.solve_settings, eval_solve, self.EVAL or None)
+        except SettingsError as exc:
+            raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
+        self.eval_settings = self._eval.derived
         self.warm = WarmStart(warm_start)
         return self
 
-    def _derive_eval_settings(self, eval_solve: Mapping[str, Any] | None) -> None:
-        from .warm_start import eval_settings
-
-        try:
-            spec_eval = self.solve_settings.merged(self.EVAL) if self.EVAL else self.solve_settings
-            self.eval_settings = eval_settings(spec_eval, eval_solve)
-        except SettingsError as exc:
-            raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
-        # what they were derived from: a later solve_settings is followed (an assigned eval_settings is kept)
-        self.__dict__["_eval_derivation"] = (self.solve_settings, eval_solve, self.eval_settings)
-
     def _eval_solve_settings(self) -> SolverSettings:
-        """The eval-mode settings; derived ones follow ``solve_settings`` assigned after the layer was made (they
-        kept the old ones: an eval solve ran with the tolerance the layer was built with)."""
-        base, eval_solve, derived = self.__dict__.get("_eval_derivation", (None, None, None))
-        if derived is not None and self.eval_settings is derived and self.solve_settings is not base:
-            self._derive_eval_settings(eval_solve)
+        """The eval-mode settings (:class:`~fpidsl.runtime.warm_start.EvalDerivation`: derived ones follow a later
+        ``solve_settings``)."""
+        derivation = self.__dict__.get("_eval")
+        if derivation is not None:
+            try:
+                current = derivation.settings(self.solve_settings, self.eval_settings)
+            except SettingsError as exc:
+                raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
+            if current is not self.eval_settings:
+                self._keep(eval_settings=current)
         return self.eval_settings
 
     # hooks a generated class implements
@@ -459,9 +459,6 @@ class CompiledLayer(nn.Module):
         Those two run here, once a call; any other forward hook or pre-hook of a module that is not an extern (an
         extern is called, so its hooks run) is refused. ``torch.nn.utils.parametrizations`` (spectral_norm,
         weight_norm, a custom one) is followed without hooks."""
-        from torch.nn.utils.spectral_norm import SpectralNorm
-        from torch.nn.utils.weight_norm import WeightNorm
-
         for name, module in self._modules.items():
             if module is None or not (module._forward_pre_hooks or module._forward_hooks) or name in self.EXTERNS:
                 continue

@@ -37,6 +37,28 @@ def eval_settings(train: SolverSettings, overrides: SolverSettings | Mapping[str
     return train.merged(overrides)
 
 
+class EvalDerivation:
+    """How a module's eval-mode settings come from its solve settings: the spec's ``eval`` block (``block``) over
+    them, ``eval_solve`` (``overrides``) over that. :meth:`settings` derives them again where the module's
+    ``solve_settings`` was replaced after construction (the eval solve kept the construction's tolerance); an
+    ``eval_settings`` the user assigned is kept. Plain data: a module holding it pickles."""
+
+    def __init__(self, solve: SolverSettings, overrides: SolverSettings | Mapping[str, Any] | None = None,
+                 block: Mapping[str, Any] | None = None):
+        self.overrides, self.block = overrides, block
+        self.base, self.derived = solve, self._derive(solve)
+
+    def _derive(self, solve: SolverSettings) -> SolverSettings:
+        return eval_settings(solve.merged(self.block) if self.block else solve, self.overrides)
+
+    def settings(self, solve: SolverSettings, current: SolverSettings) -> SolverSettings:
+        """The eval settings for a module whose settings are now ``solve`` and ``current`` (its eval_settings)."""
+        if current is self.derived and solve is not self.base:
+            self.base, self.derived = solve, self._derive(solve)
+            return self.derived
+        return current
+
+
 def _key(states: Sequence[Tensor]) -> tuple:
     return tuple((tuple(s.shape), s.dtype, s.device) for s in states)
 
