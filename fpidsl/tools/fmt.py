@@ -95,7 +95,7 @@ def _space(a: Tok, b: Tok) -> bool:
     if (a.text == ":" and a.rule == "slice") or (b.text == ":" and b.rule == "slice"):
         return False
     if a.text == "-" and a.rule == "neg":
-        return False
+        return b.text == "-"  # `- -x`, not `--x`
     return True
 
 

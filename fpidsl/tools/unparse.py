@@ -32,7 +32,8 @@ def _expr(node) -> tuple[str, int]:
         level = _BINARY[node.op]
         return f"{expr(node.left, level)} {node.op} {expr(node.right, level + 1)}", level
     if isinstance(node, ast.Neg):
-        return f"-{expr(node.operand, FACTOR)}", FACTOR
+        operand = expr(node.operand, FACTOR)
+        return ("- " if operand.startswith("-") else "-") + operand, FACTOR  # `- -x`, not `--x`
     if isinstance(node, ast.Call):
         return call(node), ATOM
     if isinstance(node, ast.ListExpr):

@@ -226,6 +226,18 @@ def test_operators_keep_their_meaning():
     assert "  let q = x[..., 1:] @ x[:, ::2]\n" in out
 
 
+def test_a_double_negation_keeps_its_space():
+    """``- - x`` read as ``--x`` before (the same AST, but not how anyone writes it); both printers keep a space."""
+    from fpidsl.frontend import ast
+    from fpidsl.source import Span
+    from fpidsl.tools.unparse import expr
+
+    text = "layer L{input a:[B,4] state x:[B,4] update x = - - x + -(-a) - - -1}\n"
+    assert "  update x = - -x + -(-a) - - -1\n" in format_source(Source("n.fpi", text))
+    at = Span("n.fpi", 1, 1, 1, 2)
+    assert expr(ast.Neg(ast.Neg(ast.Name("x", at), at), at)) == "- -x"
+
+
 def test_a_syntax_error_is_the_parsers():
     with pytest.raises(SyntaxErr) as info:
         format_source(Source("bad.fpi", "layer L {\n  let h = \n}\n"))
