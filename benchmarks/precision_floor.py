@@ -7,7 +7,12 @@ Bibtex FPI_GD accuracy figures of docs/RESULTS_box_bibtex.md, in float32 on one 
 
 1. Rounding floor: the relative residual |g(x) - x| / |x| each shipped conv layer settles at when nothing stops it
    (floor test off, tol 1e-15), in machine epsilons, with its weights scaled up so the map is far from trivial.
-2. For each BibtexGD checkpoint (``examples/bibtex.py --save-checkpoints`` writes one) on the first ``--rows``
+2. ``--low-precision``: the same for the zoo's layers (examples/zoo_models.py, batch 8) in bfloat16 and float16
+   and as float32 layers under ``torch.autocast("cpu", dtype=torch.bfloat16)``, Picard and Anderson, in eps of
+   the low dtype: the samples that reach an exact fixed point of the rounded map (residual 0, below the tolerance
+   of 1e-15: nothing else stops a sample before its 200 iterations) are counted, the others give the median and the largest residual of their last 50 of 200 iterations (the floor test sees single
+   iterations). The measurement behind ``LOW_PRECISION_FLOOR_FACTOR``.
+3. For each BibtexGD checkpoint (``examples/bibtex.py --save-checkpoints`` writes one) on the first ``--rows``
    training rows: the relative error of the training loss's parameter gradient against a float64 reference
    (BibtexNN with the same weights, solved to 1e-12: with this spec both layers have the same fixed points and
    implicit gradients, which the script checks too) under the old floor (1000 eps) and the current one, with the
@@ -59,6 +64,53 @@ def _rounding_floors() -> None:
             r = layer.stats.forward.residual
             print(f"{Path(spec).stem:18s} weights x{scale:g}: relative residual where it settles (600 Anderson steps at most) "
                   f"{float(r.median()) / EPS32:.2f} eps (median), {float(r.max()) / EPS32:.2f} eps (max)")
+
+
+def low_precision_floors() -> None:
+    saved = driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR
+    driver.FLOOR_FACTOR = driver.LOW_PRECISION_FLOOR_FACTOR = 0.0
+    try:
+        _low_precision_floors()
+    finally:
+        driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR = saved
+
+
+def _low_precision_floors() -> None:
+    from zoo_models import MODELS  # noqa: PLC0415  (examples/zoo_models.py)
+
+    modes = {"bfloat16": (torch.bfloat16, False), "float16": (torch.float16, False),
+             "float32 + autocast bf16": (torch.float32, True)}
+    worst = 0.0
+    print("layer, dtype, method: rows at an exact fixed point of the rounded map / 8; the others' residual over "
+          "their last 50 of 200 iterations, in eps of the low dtype: median (largest)")
+    for model in MODELS:
+        for mode, (dtype, autocast) in modes.items():
+            for method in ("picard", "anderson"):
+                torch.manual_seed(0)
+                layer = fpidsl.load(model.path, model.layer)(
+                    solve={"method": method, "tol": 1e-15, "max_iter": 200, "on_fail": "ignore",
+                           "criterion": "relative"}, history=True).to(dtype)
+                xs = tuple(x.to(dtype) if x.is_floating_point() else x
+                           for x in model.inputs(torch.Generator().manual_seed(0), 8))
+                eps = torch.finfo(torch.bfloat16 if autocast else dtype).eps
+                try:
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        layer(*xs)
+                except (NotImplementedError, RuntimeError) as e:  # sparse products have no half kernels
+                    print(f"{model.key:16s} {mode:24s} {method:8s} not run: {str(e).splitlines()[0][:70]}")
+                    continue
+                stats = layer.stats.forward
+                exact, other, tails = int(stats.converged.sum()), 0, []  # converged: a residual below 1e-15, i.e. 0
+                for column, ran in zip(stats.history.double().T, stats.iterations.tolist()):
+                    if ran == 200:
+                        tails.append(column[-50:] / eps)
+                    elif column[ran - 1] != 0:
+                        other += 1  # stopped early other than at 0 (diverged)
+                text = ", ".join(f"{float(t.median()):.2f} ({float(t.max()):.2f})" for t in tails)
+                worst = max([worst] + [float(t.max()) for t in tails])
+                print(f"{model.key:16s} {mode:24s} {method:8s} exact {exact}/8; {text or '-'}"
+                      + (f"; {other} stopped otherwise" if other else ""))
+    print(f"largest residual of a settled row's last 50 iterations: {worst:.2f} eps")
 
 
 def bibtex_gd(checkpoint: Path, rows: int) -> None:
@@ -137,10 +189,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, action="append", default=[], help="a BibtexGD state_dict (repeatable)")
     p.add_argument("--rows", type=int, default=256, help="training rows for the gradient comparison")
+    p.add_argument("--low-precision", action="store_true", help="also the zoo in bfloat16, float16 and autocast")
     args = p.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", fpidsl.ConvergenceWarning)
     rounding_floors()
+    if args.low_precision:
+        low_precision_floors()
     for checkpoint in args.checkpoint:
         bibtex_gd(checkpoint, args.rows)
     return 0

@@ -12,7 +12,9 @@ Per sample (a row of the flattened state), with ``r = g(x) - x``:
   is small on purpose: Anderson on an ill-conditioned map can stall below 1000 eps for hundreds of iterations
   and then converge (BibtexGD in float32; ``tests/runtime/test_convergence.py``), while the shipped conv layers
   settle below 1 eps (both measured by ``benchmarks/precision_floor.py``); a map noisier than ``FLOOR_FACTOR``
-  eps fails loudly (not converged) instead of passing an unconverged sample as a success.
+  eps fails loudly (not converged) instead of passing an unconverged sample as a success. In bfloat16 and
+  float16 the factor is ``LOW_PRECISION_FLOOR_FACTOR`` (:func:`floor_threshold`): ten of their epsilons are 8%
+  and 1% relative.
 
 A converged sample's result is ``g(x)`` (its last, most accurate value; ``x`` if ``g(x)`` is not finite). A sample
 that fails (diverged, or out of iterations) gets its best iterate instead: ``g(x)`` at the iteration of its lowest
@@ -70,6 +72,7 @@ from .stats import ConvergenceWarning, SolveStats
 DIVERGENCE_GROWTH = 1e4
 DIVERGENCE_MIN_RELATIVE_STEP = 1e-3
 FLOOR_FACTOR = 10.0
+LOW_PRECISION_FLOOR_FACTOR = 3.0
 FLOOR_PATIENCE = 10
 LARGE_ABSOLUTE_STEP = 1.0
 LARGE_STEP_WARNING = (
@@ -180,7 +183,7 @@ class _Thresholds:
     @staticmethod
     def of(s: SolverSettings, like: Tensor) -> "_Thresholds":
         eps = floor_eps(like.dtype)  # the compute dtype's, under mixed precision (fpidsl.runtime.precision)
-        return _Thresholds((s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, FLOOR_FACTOR * eps), like.dtype,
+        return _Thresholds((s.tol, DIVERGENCE_GROWTH, DIVERGENCE_MIN_RELATIVE_STEP, floor_threshold(eps)), like.dtype,
                            like.device)
 
     @cached_property
@@ -195,6 +198,18 @@ class _Thresholds:
     min_relative_step = property(lambda self: self._tensors[3])
     floor = property(lambda self: self._tensors[4])
     tol = property(lambda self: self._tensors[5])
+
+
+def floor_threshold(eps: float) -> float:
+    """The relative residual below which a sample that stopped improving is at the precision floor, for a map
+    computing in a dtype of machine epsilon ``eps``: ``FLOOR_FACTOR`` epsilons in float32 and float64, and
+    ``LOW_PRECISION_FLOOR_FACTOR`` in bfloat16 and float16, where ten epsilons (8% and 1% relative) passed
+    iterations that oscillated or drifted at a few percent as done (the zoo's low-precision solves settle below
+    2 eps: ``benchmarks/precision_floor.py --low-precision``)."""
+    return (FLOOR_FACTOR if eps <= _EPS32 else LOW_PRECISION_FLOOR_FACTOR) * eps
+
+
+_EPS32 = torch.finfo(torch.float32).eps
 
 
 def _norm(v: Tensor) -> Tensor:
@@ -550,7 +565,7 @@ def _linear(evaluate: Evaluator, x0: Tensor, s: SolverSettings, phase: str, hist
     """The fixed point of an affine map by restarted GMRES, recorded like the iteration's."""
     record = _Record(x0.shape[0], x0, history)
     result = gmres(evaluate, evaluate.restrict, x0, m=s.memory, tol=s.tol, relative=s.criterion == "relative",
-                   max_iter=s.max_iter, min_iter=s.min_iter, floor=FLOOR_FACTOR * floor_eps(x0.dtype))
+                   max_iter=s.max_iter, min_iter=s.min_iter, floor=floor_threshold(floor_eps(x0.dtype)))
     record.iterations, record.residual, record.best_residual = result.iterations, result.residual, result.residual
     record.converged, record.diverged, record.floor = result.converged, result.diverged, result.floor
     if record.history is not None:

@@ -10,7 +10,9 @@ float32 layer under ``torch.autocast``) is solved as follows:
   small linear system in bfloat16 would fail or lose the mixing), the map under the caller's autocast.
 - the precision floor (:mod:`fpidsl.runtime.driver`: a sample whose relative residual stays within a few
   machine epsilons is at the floor, and done) uses the epsilon of the least precise dtype the map computes in
-  that fpidsl can see: the states' and, under autocast, the autocast dtype. A bfloat16 map cannot resolve a
+  that fpidsl can see: the states' and, under autocast, the autocast dtype, unless the states are float64
+  (autocast casts no float64 tensor: a float64 map under autocast computes in float64, and the bfloat16 floor
+  passed its iteration stuck at a 4% relative residual as done). A bfloat16 map cannot resolve a
   relative residual below about ``2**-8``; without this, the solver judged the float32 state and ran all
   ``max_iter`` iterations. The arguments' dtypes do not count: a bfloat16 argument of a float64 map is promoted by
   torch, the map computes in float64, and its floor (``10 * 2**-7``, 8% relative) accepted an iteration stuck at a
@@ -37,10 +39,10 @@ def solver_dtype(state_dtype: torch.dtype) -> torch.dtype:
 
 def compute_eps(state: Tensor) -> float:
     """The machine epsilon of the least precise dtype the map computes in, as far as fpidsl sees it: the states'
-    and the autocast dtype (see the module's doc)."""
+    and the autocast dtype where autocast casts the states (not float64; see the module's doc)."""
     dtypes = {state.dtype}
     device = state.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.is_autocast_enabled(device) and state.dtype != torch.float64:  # autocast leaves float64 alone
         dtypes.add(torch.get_autocast_dtype(device))
     return max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
 

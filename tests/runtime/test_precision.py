@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fpidsl
-from fpidsl.runtime import fixed_point
+from fpidsl.runtime import ConvergenceError, fixed_point
 from fpidsl.runtime.precision import compute_eps, floor_eps, solver_dtype
 
 
@@ -41,7 +41,21 @@ def test_floor_and_solver_dtypes():
     assert compute_eps(x.bfloat16()) == torch.finfo(torch.bfloat16).eps
     with torch.autocast("cpu", torch.bfloat16):
         assert compute_eps(x) == torch.finfo(torch.bfloat16).eps
+        assert compute_eps(x.double()) == torch.finfo(torch.float64).eps  # autocast casts no float64 tensor
     assert floor_eps(torch.float64) == torch.finfo(torch.float64).eps  # outside a solve: the dtype's own
+
+
+@pytest.mark.parametrize("case", ["float64 under autocast", "bfloat16 states"])
+def test_an_iteration_stuck_at_a_few_percent_is_not_at_the_floor(case):
+    """Picard on g(x) = 2a - x oscillates forever at a 4.1% relative residual. The floor took it as done: in
+    float64 under autocast (the bfloat16 floor, though autocast leaves float64 alone) and in bfloat16 states
+    (ten of bfloat16's epsilons are 7.8%): stopped_at_floor, no warning, on_fail="raise" did not raise."""
+    dtype = torch.float64 if case.startswith("float64") else torch.bfloat16
+    a = torch.tensor([[1.0, 2.0, -1.0, 0.5]], dtype=dtype)
+    with torch.autocast("cpu", torch.bfloat16, enabled=case.endswith("autocast")):
+        with pytest.raises(ConvergenceError, match="did not converge"):
+            fixed_point(lambda x, a: 2 * a - x, 0.98 * a, a, method="picard", tol=1e-6, max_iter=300,
+                        on_fail="raise")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
