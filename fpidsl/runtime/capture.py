@@ -25,6 +25,12 @@ found this way (a tensor inside a tuple, an attribute of an object reached only 
 replaced by a fresh leaf and walks the recorded graph; any other leaf that requires grad raises
 :class:`HiddenTensorError` before a result is returned.
 
+The same walk keeps the tensors found that do not vary (``Captured.constants``: a closure constant, a buffer, a
+frozen parameter, a dict entry): the backward evaluates ``f`` again where it reads them, and autograd, which did not
+save them, cannot see an edit in place between the forward and the backward. :class:`VersionGuard` records their
+version counters after the forward and raises at the backward for one edited (or replaced) since, like autograd for
+a saved tensor, instead of a gradient of another map.
+
 Substitution swaps values in place for the duration of one call (module parameters through
 ``torch.nn.utils.stateless``, cell contents, dictionary entries, partial arguments) and restores them after,
 also on error. Substituting, discovering and evaluating a map whose tensors were captured hold one lock of the
@@ -158,6 +164,13 @@ class Captured:
     locations: list[list[_ModuleSlot | _Swap]] = field(default_factory=list)
     module_parameters: int = 0
     _index: dict[int, int] = field(default_factory=dict)
+    # the other tensors found (ones that do not vary), distinct, and where each one was first found: the backward
+    # reads them where they are, so an edit in place between the forward and the backward would change its result
+    # (:class:`VersionGuard`)
+    constants: list[Tensor] = field(default_factory=list)
+    constant_where: list[str] = field(default_factory=list)
+    constant_get: list[Callable[[], Any]] = field(default_factory=list)  # what is there now
+    _constant_ids: set[int] = field(default_factory=set)
 
     def add(self, tensor: Tensor, location: _ModuleSlot | _Swap) -> None:
         i = self._index.get(id(tensor))
@@ -167,6 +180,21 @@ class Captured:
             self.locations.append([])
         if location not in self.locations[i]:
             self.locations[i].append(location)
+
+    def add_constant(self, tensor: Tensor, where: str, get: Callable[[], Any]) -> None:
+        """A tensor ``f`` reads that does not vary, found where ``get()`` reads (an inference tensor has no version
+        counter: left out)."""
+        if id(tensor) not in self._constant_ids and id(tensor) not in self._index and not tensor.is_inference():
+            self._constant_ids.add(id(tensor))
+            self.constants.append(tensor)
+            self.constant_where.append(where)
+            self.constant_get.append(get)
+
+    def version_guard(self) -> "VersionGuard | None":
+        """A guard over :attr:`constants`, None when there are none."""
+        if not self.constants:
+            return None
+        return VersionGuard(self.constants, self.constant_where, self.constant_get)
 
     def where(self, i: int) -> str:
         loc = self.locations[i][0]
@@ -196,6 +224,64 @@ class Captured:
 NOTHING_CAPTURED = Captured()
 
 
+class VersionGuard:
+    """The version counters of the tensors that ``f`` reads besides its arguments and that do not vary (a closure
+    constant, a buffer, a frozen parameter, an entry of a dict): the backward evaluates ``f`` again where it reads
+    them, so one edited in place between the forward and the backward (``z.add_(1)``) would give the gradient at
+    another map, silently (autograd raises for the tensors it saved; these are not saved). :meth:`start` before the
+    forward's first evaluation of ``f``, :meth:`mark` after each of its later evaluations (the solve, the capture
+    check): a tensor whose version changed meanwhile, or that was replaced where it lives, is one the map writes
+    itself (batch norm's statistics in training mode, a module keeping its last input as ``self.last = x``) and
+    is no longer watched. :meth:`check` at the backward raises for one edited since."""
+
+    __slots__ = ("tensors", "where", "gets", "versions")
+
+    def __init__(self, tensors: Sequence[Tensor], where: Sequence[str], gets: Sequence[Callable[[], Any]]):
+        self.tensors, self.where, self.gets = list(tensors), list(where), list(gets)
+        self.versions: list[int] | None = None
+
+    def start(self) -> None:
+        if self.versions is None:
+            self.versions = [t._version for t in self.tensors]
+
+    def mark(self) -> None:
+        if self.versions is None:
+            return
+        changed = [i for i, (t, v, get) in enumerate(zip(self.tensors, self.versions, self.gets))
+                   if t._version != v or not _still_there(t, get)]  # written or rebound by the map itself
+        for i in reversed(changed):
+            del self.tensors[i], self.where[i], self.gets[i], self.versions[i]
+
+    def check(self) -> None:
+        if self.versions is None:
+            return
+        for t, v, where, get in zip(self.tensors, self.versions, self.where, self.gets):
+            if not _still_there(t, get):
+                raise RuntimeError(
+                    f"{where} ({_describe(t)}), which the fixed-point map reads, was replaced by another value "
+                    "between the forward and the backward: the backward evaluates the map again at the fixed point "
+                    "and would read the new one, and give the gradient of another map. Put the new value there "
+                    "after the backward, or pass the tensor to fixed_point as an argument (fixed_point(f, x0, ..., "
+                    "z) with f(x, ..., z)), which autograd saves")
+            if t._version != v:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: {where} ({_describe(t)}), which the fixed-point map reads, is at version "
+                    f"{t._version}; expected version {v} instead (the one at the end of the forward). The backward "
+                    "evaluates the map again at the fixed point: it would read the new value and give the gradient "
+                    "of another map. Clone it before editing it in place, and leave the original where the map "
+                    "reads it until the backward (z2 = z.clone(); z2.add_(1)), edit it after the backward, or pass "
+                    "it to fixed_point as an argument (fixed_point(f, x0, ..., z) with f(x, ..., z)), which autograd "
+                    "saves")
+
+
+def _still_there(t: Tensor, get: Callable[[], Any]) -> bool:
+    try:
+        return get() is t
+    except (AttributeError, KeyError, IndexError, ValueError):  # removed; an emptied cell
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Discovery
 
@@ -222,6 +308,8 @@ class _Walker:
         if isinstance(value, Tensor):
             if varies(value):
                 self.captured.add(value, location)
+            else:
+                self.captured.add_constant(value, location.where, location.get)
         elif isinstance(value, (list, dict)) and len(value) <= MAX_CONTAINER and id(value) not in self.seen:
             self.container(value, location.where, depth)
         else:
@@ -260,9 +348,15 @@ class _Walker:
         for name, p in module.named_parameters(remove_duplicate=False):
             if varies(p):
                 self.captured.add(p, _ModuleSlot(module, name))
+            else:
+                self.captured.add_constant(p, f"parameter {name!r} of {type(module).__name__} (not requiring grad)",
+                                           functools.partial(module.get_parameter, name))
         for name, b in module.named_buffers(remove_duplicate=False):
             if varies(b):
                 self.captured.add(b, _ModuleSlot(module, name))
+            else:
+                self.captured.add_constant(b, f"buffer {name!r} of {type(module).__name__}",
+                                           functools.partial(module.get_buffer, name))
         for sub_name, sub in module.named_modules(remove_duplicate=True):
             self.seen.add(id(sub))
             owner = type(sub).__name__ + (f" ({sub_name})" if sub_name else "")
@@ -276,6 +370,9 @@ class _Walker:
             if isinstance(value, Tensor):
                 if varies(value):
                     self.captured.add(value, _attr(obj, name, f"attribute {name!r} of {owner}"))
+                else:
+                    self.captured.add_constant(value, f"attribute {name!r} of {owner}",
+                                               functools.partial(vars(obj).get, name))
             elif isinstance(value, (nn.Module, types.FunctionType, functools.partial, types.MethodType)):
                 self.visit(value, depth + 1)
             elif (isinstance(value, (list, dict)) and not name.startswith("_") and len(value) <= MAX_CONTAINER
@@ -423,8 +520,13 @@ def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequen
     grad = torch.is_grad_enabled()
     if not (forward or grad):
         return
-    with kept_buffers(keep):
-        _check_evaluation(fn, x_hat, args, forward, grad)
+    try:
+        with kept_buffers(keep):
+            _check_evaluation(fn, x_hat, args, forward, grad)
+    finally:  # what this evaluation (and its restoring of the buffers) wrote is the map's, not the user's edit
+        guard = getattr(fn, "version_guard", None)
+        if guard is not None:
+            guard.mark()
 
 
 def _check_evaluation(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any], forward: bool,

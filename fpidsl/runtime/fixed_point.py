@@ -21,14 +21,15 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, forward_tangent, linearized, vjp_args
-from .buffers import modules_of
+from .buffers import kept_buffers, modules_of
 from .capture import LOCK as CAPTURE_LOCK
-from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, check_complete, discover
+from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, VersionGuard, check_complete, discover
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
 from .warm_start import EvalDerivation, WarmStart
 from .layout import StateLayout, States
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SolverSettings, resolve_settings
+from .mixing import mixes_samples
 from .stats import Stats, enforce
 from .transforms import is_transformed, one_level_down, tangent_of_fixed_point, vmap_by_slices
 from .precision import solve_in_safe_dtype
@@ -81,6 +82,8 @@ class _Problem:
     history: bool
     batched: tuple[bool, ...] | None  # per arg: dimension 0 is the batch (lets the solver drop finished samples)
     phase: str = "forward"
+    # the tensors f reads besides its arguments that do not vary, checked unedited at every backward (capture.py)
+    guard: VersionGuard | None = None
 
     @property
     def n_state(self) -> int:
@@ -225,12 +228,16 @@ class _FixedPointFunction(torch.autograd.Function):
     @staticmethod
     def forward(problem: _Problem, *inputs: Any) -> States:
         n = problem.n_state
+        if problem.guard is not None and problem.phase == "forward":
+            problem.guard.start()  # before the solve's first evaluation of f
         return tuple(x.clone() for x in _solve(problem, inputs[:n], inputs[n:]))
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: States) -> None:
         problem, n = inputs[0], inputs[0].n_state
         args = inputs[1 + n :]
+        if problem.guard is not None and problem.phase == "forward":
+            problem.guard.mark()  # what the solve wrote is the map's own (batch norm's statistics)
         ctx.problem = problem
         ctx.constants = tuple(_SAVED if isinstance(a, Tensor) else a for a in args)
         tensors = (*output, *(a for a in args if isinstance(a, Tensor)))
@@ -252,6 +259,17 @@ class _FixedPointFunction(torch.autograd.Function):
         if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
             raise RuntimeError(BATCHED_GRADS)
         problem: _Problem = ctx.problem
+        if problem.guard is not None:  # a tensor f reads, edited in place since the forward: another map's gradient
+            problem.guard.check()
+        if torch.is_inference_mode_enabled():  # loss.backward() under torch.inference_mode(): it would stop the
+            # backward's recordings of f (torch.enable_grad has no effect there) and every gradient be None, silently
+            recording = torch.is_grad_enabled()  # inference_mode(False) turns grad mode on: put it back
+            with torch.inference_mode(False), torch.set_grad_enabled(recording):
+                return _FixedPointFunction._backward(ctx, problem, grads)
+        return _FixedPointFunction._backward(ctx, problem, grads)
+
+    @staticmethod
+    def _backward(ctx, problem: _Problem, grads: tuple) -> tuple:
         n = problem.n_state
         x_hat, args = _saved(ctx, n)
         gbar = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, x_hat))
@@ -328,6 +346,7 @@ def derived_problem(problem: _Problem, t_map, stats: Stats, phase: str) -> _Prob
         history=problem.history,
         batched=None,
         phase=phase,
+        guard=problem.guard,  # a higher derivative evaluates f again too
     )
 
 
@@ -358,6 +377,9 @@ def _user_problem(
             with captured.substituted(args[n_user:]):
                 return _as_states(f(x, *args[:n_user]), single)
         return _as_states(f(x, *args), single)
+
+    guard = captured.version_guard()
+    fn.version_guard = guard  # check_complete's evaluation marks it (what it writes is the map's own)
 
     def iteration_map(args: Sequence[Any]) -> Callable[[States], States]:
         user = tuple(args[:n_user])  # a module's own parameters are the trailing arguments
@@ -392,6 +414,7 @@ def _user_problem(
         stats=stats,
         history=history,
         batched=None if batched is None else (*batched, *([False] * n_params)),
+        guard=guard,
     )
 
 
@@ -424,22 +447,26 @@ def register_trace_planner(planner: Callable) -> None:
 @torch.compiler.disable  # torch.compile of a model: the solve is one graph break, never traced (docs/PYTORCH.md)
 def _run(
     f: Callable, x0: Tensor | Sequence[Tensor], args: tuple, forward: SolverSettings, backward: SolverSettings,
-    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool,
+    adjoint: Adjoint | None, stats: Stats, history: bool, batched: Sequence[bool] | None, per_sample: bool | None,
     hoisted: Hoisted | None = None, capture: str = "auto", trace: bool = False,
 ) -> Tensor | States:
     if capture not in ("auto", "explicit"):
         raise ValueError(f"capture must be 'auto' or 'explicit', got {capture!r}")
     single = isinstance(x0, Tensor)
     x0s = (x0,) if single else tuple(x0)
+    probe, per_sample = per_sample is None, per_sample is not False  # None: per sample unless f mixes them
     layout = StateLayout.of(x0s, per_sample)
     _check_batched(batched, args, layout, x0s)
     if trace and _trace_planner is not None and capture == "auto" and adjoint is None and hoisted is None \
             and not is_transformed((*x0s, *args)) and not _dual((*x0s, *args)):
         plan = _trace_planner(f, x0, args, batched, per_sample)  # the compiled form of f, when f traces
         if plan is not None:
+            joint = plan.per_sample is False or (plan.per_sample is None and probe and _mixes(f, single, x0s, args))
             return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
-                        per_sample, plan.hoisted, "explicit")
+                        not joint, plan.hoisted, "explicit")
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
+    if probe and layout.per_sample and capture == "auto" and _mixes(f, single, x0s, args, captured):
+        layout = StateLayout.of(x0s, False)  # one problem over the whole batch (fpidsl.runtime.mixing)
     params = tuple(captured.tensors)
     if hoisted is not None and params:
         raise ValueError("hoisted needs f to take every tensor as an argument (not an nn.Module's parameters)")
@@ -455,6 +482,24 @@ def _run(
     return x_hat[0] if single else tuple(x_hat)
 
 
+def _mixes(f: Callable, single: bool, x0s: tuple[Tensor, ...], args: tuple,
+           captured: Captured = NOTHING_CAPTURED) -> bool:
+    """Whether ``f`` mixes the samples (:func:`~fpidsl.runtime.mixing.mixes_samples`, at ``x0``; not under a
+    ``torch.func`` transform or with forward-mode tangents, where the transform owns the batch), the buffers
+    (batch norm's running statistics) of its modules left as they were: ``f``'s own and those whose parameters it
+    reads (a module without parameters reached through a closure is not found: its buffers see the probe)."""
+    if torch._C._functorch.maybe_current_level() is not None or is_transformed((*x0s, *args)) or _dual((*x0s, *args)):
+        return False  # inside vmap, grad or jvp (a closure may hold the wrapped tensors): the transform's batch
+
+    def evaluate(xs: tuple[Tensor, ...]):
+        return f(xs[0] if single else xs, *args)
+
+    owners = {id(loc.module): loc.module for locations in captured.locations for loc in locations
+              if isinstance(getattr(loc, "module", None), nn.Module)}
+    with CAPTURE_LOCK, kept_buffers(modules_of(f, *owners.values())):
+        return mixes_samples(evaluate, x0s)
+
+
 def fixed_point(
     f: Callable,
     x0: Tensor | Sequence[Tensor],
@@ -466,7 +511,7 @@ def fixed_point(
     history: bool = False,
     return_stats: bool = False,
     batched: Sequence[bool] | None = None,
-    per_sample: bool = True,
+    per_sample: bool | None = None,
     hoisted: Hoisted | None = None,
     capture: str = "auto",
     trace: bool = True,
@@ -477,7 +522,7 @@ def fixed_point(
 
     Args:
         f: ``f(x, *args)``, returning the structure of ``x`` (a tensor, or a tuple of tensors: several states
-            iterated together). It must treat the samples (dimension 0 of every state) independently.
+            iterated together). Where it mixes the samples (dimension 0 of every state), see ``per_sample``.
         x0: the start, a tensor or a tuple of tensors; dimension 0 is the batch. The gradient with respect to it
             is zero. The result has the structure, dtype and device of ``x0``.
         *args: tensors (or constants) that ``f`` reads; gradients flow to the tensors that require them.
@@ -492,7 +537,11 @@ def fixed_point(
         batched: one bool per argument: ``True`` where dimension 0 of the argument is the batch. Given, the
             solver evaluates ``f`` on the samples still running only (arguments sliced accordingly); otherwise
             ``f`` always sees the whole batch and finished samples are held fixed.
-        per_sample: ``False`` treats the whole state as one sample (no batch dimension).
+        per_sample: ``None`` (default): dimension 0 of the states is the batch, and each sample is judged,
+            held and finished alone unless ``f`` mixes samples (found by a probe at ``x0``: three evaluations of
+            ``f``, :mod:`fpidsl.runtime.mixing`; a traced ``f`` knows), when the batch is solved as one problem.
+            ``True``: the same, without the probe (``f`` treats the samples independently: it must). ``False``:
+            the whole state is one sample (no batch dimension).
         hoisted: a :class:`Hoisted` form of ``f`` that the forward iterations use instead of ``f`` (compiled
             layers pass the one the compiler emits); the backward and the differentiable application use ``f``.
         capture: ``"auto"`` (default): the tensors requiring grad that ``f`` reads besides ``args`` (module
@@ -505,7 +554,7 @@ def fixed_point(
             compiled map instead (the derived backward, hoisting and narrowing of a compiled spec; the same numbers,
             checked at the first call), traced once per ``f`` and signature (:mod:`fpidsl.tracing.auto`,
             docs/TRACE.md); otherwise, or with ``trace=False``, ``f`` through autograd. Only for tensor states
-            (one, or a tuple), ``per_sample=True``, ``capture="auto"`` and no ``adjoint`` or ``hoisted``.
+            (one, or a tuple), ``per_sample`` None or True, ``capture="auto"`` and no ``adjoint`` or ``hoisted``.
         solve: the forward's settings as one value (a :class:`SolverSettings`, taken as validated, or a mapping);
             ``forward_settings`` apply over it.
         **forward_settings: the solver settings of the forward (``method``, ``m``, ``beta``, ``lam``, ``tol``,
@@ -547,7 +596,7 @@ class FixedPoint(nn.Module):
         *,
         adjoint: Adjoint | None = None,
         batched: Sequence[bool] | None = None,
-        per_sample: bool = True,
+        per_sample: bool | None = None,
         history: bool = False,
         eval_solve: SettingsLike = None,
         warm_start: bool = False,

@@ -52,6 +52,8 @@ class Plan:
     adjoint: Any
     hoisted: Hoisted | None
     batched: tuple[bool, ...] | None
+    per_sample: bool | None  # False where the traced map mixes samples (the batch is one problem, judged as a
+    # whole); None where that is not known (see traced_plan): fixed_point probes f (fpidsl.runtime.mixing)
 
 
 @dataclass(eq=False)
@@ -170,12 +172,13 @@ def _warn_once(f: Callable, message: str) -> None:
 
 
 def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
-           per_sample: bool) -> tuple[_Entry | None, tuple]:
+           per_sample: bool | None) -> tuple[_Entry | None, tuple]:
     """The cache entry of this call (traced now if needed) with the map's tensors, or None and a reason."""
     states = (x0,) if isinstance(x0, Tensor) else tuple(x0) if isinstance(x0, (tuple, list)) else ()
+    per_sample = per_sample is not False  # None (fixed_point's default) and True: a batch dimension
     if not per_sample or not states or not all(isinstance(s, Tensor) and s.is_floating_point() and s.dim() > 0
                                                for s in states):
-        return None, ("only floating-point tensor states with a batch dimension (per_sample=True) are traced",)
+        return None, ("only floating-point tensor states with a batch dimension (per_sample not False) are traced",)
     owner, rest = _owner(f)
     try:
         state = python_state(f)
@@ -218,7 +221,7 @@ def _entry(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | 
 
 
 def trace_status(f: Callable, x0: Any, *args: Any, batched: Sequence[bool] | None = None,
-                 per_sample: bool = True) -> tuple[TracedMap | None, str]:
+                 per_sample: bool | None = None) -> tuple[TracedMap | None, str]:
     """What ``fixed_point(f, x0, *args)`` does with the trace: the :class:`~fpidsl.tracing.api.TracedMap` it solves
     with, or None, and a sentence saying why (traces ``f`` if the cache has no entry yet)."""
     entry, more = _entry(f, x0, args, batched, per_sample)
@@ -227,8 +230,20 @@ def trace_status(f: Callable, x0: Any, *args: Any, batched: Sequence[bool] | Non
     if entry.traced is None:
         return None, f"not traced: {entry.reason}"
     layer = entry.traced.layer
-    return entry.traced, (f"traced: layer {layer.__name__}, {'samplewise' if layer.SAMPLEWISE else 'samples solved jointly'}"
+    batch = {True: "samplewise", False: "samples solved jointly", None: "samples probed (fpidsl.runtime.mixing)"}[
+        _per_sample(layer)]
+    return entry.traced, (f"traced: layer {layer.__name__}, {batch}"
                           f", {'hoisted' if layer.HOIST_BATCHED is not None else 'nothing hoisted'}")
+
+
+def _per_sample(layer: type) -> bool | None:
+    """True: the traced layer is samplewise; False: it mixes samples; None: not known from the trace, because a
+    map that reads no batched argument is traced with the states' sizes ([3, 2]: no named batch) or because it has
+    externs (declared mixing): fixed_point probes ``f`` (:mod:`fpidsl.runtime.mixing`)."""
+    if layer.SAMPLEWISE:
+        return True
+    named = all(shape and isinstance(shape[0], str) for shape in layer.STATES.values())
+    return None if layer.EXTERNS or not named else False
 
 
 def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[bool] | None,
@@ -240,14 +255,14 @@ def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[boo
     traced = entry.traced
     layer = traced.layer
     inputs = traced.arguments(args)
-    if batched is not None:
-        flags: tuple[bool, ...] | None = (*(batched[i] for i in traced.inputs), *([False] * len(params)))
-    elif layer.SAMPLEWISE:
-        flags = (*traced.spec.batched, *([False] * len(params)))
+    if not layer.SAMPLEWISE:  # a map that mixes samples: no sample is judged, frozen or dropped alone (a frozen
+        flags = None          # sample's neighbours moved on, and it came back at a point that was not fixed)
+    elif batched is not None:
+        flags = (*(batched[i] for i in traced.inputs), *([False] * len(params)))
     else:
-        flags = None
+        flags = (*traced.spec.batched, *([False] * len(params)))
     hoisted = None if layer.HOIST_BATCHED is None else Hoisted(layer.hoist, layer.iterate, tuple(layer.HOIST_BATCHED))
-    return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags)
+    return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags, _per_sample(layer))
 
 
 register_trace_planner(traced_plan)  # fixed_point(trace=True) asks it from now on (fpidsl.runtime.fixed_point)

@@ -111,6 +111,7 @@ def test_the_record_is_taken_when_found_done_not_at_the_check(method):
             return f(x, z) + 1e-9 * len(calls)
 
         x, stats = fixed_point(noisy, start, z, method=method, check_every=k, history=True, return_stats=True,
+                               per_sample=True,  # no mixing probe: its evaluations would count as calls
                                trace=False, tol=1e-8, max_iter=60, on_fail="ignore", **MEMORY[method])
         results.append((x, stats.forward))
     (reference, expected), (x, stats) = results
@@ -139,6 +140,7 @@ def test_a_frozen_sample_keeps_its_best_iterate_when_evaluated_again(method):
             return torch.cat([torch.tanh(x[:2] @ W.T) + z[:2], x[2:] + push])
 
         x, stats = fixed_point(f, torch.ones(3, 4, dtype=DTYPE), z, method=method, check_every=k, history=True,
+                               per_sample=True,  # no mixing probe: its evaluations would count as calls
                                return_stats=True, trace=False, tol=1e-10, max_iter=60, on_fail="ignore",
                                **MEMORY[method])
         results.append((x, stats.forward))
@@ -187,7 +189,7 @@ def test_a_sample_found_done_between_checks_is_held_fixed():
         return scale * torch.tanh(x) + z
 
     fixed_point(f, torch.ones_like(z), z, scale, check_every=7, tol=1e-10, max_iter=200, trace=False,
-                batched=[True, True])
+                batched=[True, True], per_sample=True)  # no mixing probe: its evaluations would be seen
     # the first sample (g = z = 0) is done at the second evaluation, and frozen at 0 until the check at 7
     assert [len(x) for x in seen[:8]] == [3] * 7 + [2]
     assert torch.equal(seen[0][0], torch.ones(2, dtype=DTYPE))
@@ -291,7 +293,7 @@ def test_samples_leaving_cost_no_read_beyond_the_check(k):
     f, z, start = _problem()
     with native.turned_off(), HostReads() as reads:  # the tensor code, as a GPU runs it
         _, stats = fixed_point(f, start, z, check_every=k, tol=1e-10, max_iter=60, on_fail="ignore", trace=False,
-                               return_stats=True)
+                               return_stats=True, per_sample=True)  # the loop's reads (the probe's: test_mixing)
     assert len(set(stats.forward.iterations.tolist())) == len(SCALES)
     assert reads.count == 59 // k
 
