@@ -273,7 +273,7 @@ class LayerEmitter:
                 lines.extend(block.lines)
                 block.lines = []
                 var = ns.create(f"{name}0")
-                lines.append(f"{var} = {block.var[root]}.detach().expand(_layer.concrete({shape}, dims))"
+                lines.append(f"{var} = {block.var[root]}.expand(_layer.concrete({shape}, dims))"
                              f".contiguous()  # {_where(data['span'])}")
                 results.append(var)
         head = f"def init_states(self, dims, like{''.join(', ' + a for a in args)}):"

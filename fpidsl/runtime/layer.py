@@ -444,6 +444,8 @@ class CompiledLayer(nn.Module):
         check_dtypes_and_devices(inputs, _tensors(params), spec, self.INDEX_INPUTS)
         values = tuple(inputs[n] for n in self.INPUTS) + params
         x0 = self.init_states(dims, self._float_like(values), *values)
+        if self.backward_settings.mode != "unrolled":  # the fixed point does not depend on the start; unrolled's
+            x0 = tuple(x.detach() for x in x0)          # output, k steps from it, does (and its gradient through it)
         # per_sample: a map that mixes samples is one problem, judged (forward and backward) over the whole batch;
         # a sample judged alone and held fixed while its neighbours move would give a wrong fixed point and gradient
         options = dict(adjoint=self._adjoint_obj if type(self).adjoint is not None else None, history=self.history,
@@ -505,12 +507,18 @@ class CompiledLayer(nn.Module):
         from .correction import fixed_point_states
         from .stats import Stats
 
+        from .jacobian import LastCall
+
         _, values, x0, options = self._begin_call(args, kwargs)
         stats = Stats()
         states = fixed_point_states(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states,
                                     indexing=indexing, k=k, tau=tau, stats=stats, **options)
         self.stats = stats
-        return [self.outputs(s if isinstance(s, tuple) else (s,), *values) for s in states]
+        states = [s if isinstance(s, tuple) else (s,) for s in states]
+        if not any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states[-1]):
+            # jacobian_penalty() after this call is measured at its fixed point (it read the last forward's)
+            self._keep(_last_states=tuple(s.detach() for s in states[-1]), _last_call=LastCall(states[-1], values))
+        return [self.outputs(s, *values) for s in states]
 
     def jacobian_penalty(self, samples: int = 1, *, reduction: str = "mean",
                          generator: torch.Generator | None = None) -> torch.Tensor:

@@ -102,6 +102,22 @@ def test_layer_jacobian_penalty_after_a_forward_is_differentiable(layer_class):
     assert g_ours.abs().sum() > 0
 
 
+def test_the_penalty_after_correction_outputs_is_at_their_fixed_point(layer_class):
+    """``correction_loss(layer.correction_outputs(a2)) + gamma * layer.jacobian_penalty()``: the penalty was
+    measured at the previous forward's fixed point (1.64 where a2's gives 3.54, a helper's probe)."""
+    torch.manual_seed(0)
+    layer = layer_class().double()
+    a, a2 = torch.randn(3, N, dtype=DTYPE), 3 * torch.randn(3, N, dtype=DTYPE)
+    layer(a)
+    outputs = layer.correction_outputs(a2, n_states=2)
+    ours = layer.jacobian_penalty(samples=4, generator=torch.Generator().manual_seed(3))
+    params = dict(layer.named_parameters())
+    weight, bias = params["W.weight"], params["W.bias"]
+    reference = jacobian_penalty(lambda z, a: torch.tanh(z @ weight.T + bias + a), outputs[-1].detach(), a2,
+                                 samples=4, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, reference, rtol=1e-12)
+
+
 def test_the_penalty_of_a_layer_that_mixes_samples_is_of_its_one_jacobian(tmp_path):
     """A layer whose samples are one problem (a batch mean) was penalised per row: ``reduction="none"`` gave per-row
     column blocks of the whole Jacobian, not the samples' (``contraction`` already took the batch as one)."""
