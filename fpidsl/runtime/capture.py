@@ -171,6 +171,7 @@ class Captured:
     constant_where: list[str] = field(default_factory=list)
     constant_get: list[Callable[[], Any]] = field(default_factory=list)  # what is there now
     _constant_ids: set[int] = field(default_factory=set)
+    modules: list[nn.Module] = field(default_factory=list)  # the modules found (their buffers: fixed_point's probe)
 
     def add(self, tensor: Tensor, location: _ModuleSlot | _Swap) -> None:
         i = self._index.get(id(tensor))
@@ -251,6 +252,16 @@ class VersionGuard:
                    if t._version != v or not _still_there(t, get)]  # written or rebound by the map itself
         for i in reversed(changed):
             del self.tensors[i], self.where[i], self.gets[i], self.versions[i]
+
+    def keep_only(self, read: set[int]) -> None:
+        """Watch only the tensors in ``read`` (ids): those an evaluation of the map took (the walk finds every
+        tensor the map's objects hold: a model's batch norm head after the solve, an EMA copy, a logging entry of a
+        dict it reads another entry of; their edits change nothing the backward computes)."""
+        kept = [i for i, t in enumerate(self.tensors) if id(t) in read]
+        self.tensors, self.where, self.gets = ([seq[i] for i in kept] for seq in (self.tensors, self.where,
+                                                                                  self.gets))
+        if self.versions is not None:
+            self.versions = [self.versions[i] for i in kept]
 
     def check(self) -> None:
         if self.versions is None:
@@ -345,6 +356,7 @@ class _Walker:
                 self.visit(call, depth + 1)
 
     def module(self, module: nn.Module, depth: int) -> None:
+        self.captured.modules.append(module)
         for name, p in module.named_parameters(remove_duplicate=False):
             if varies(p):
                 self.captured.add(p, _ModuleSlot(module, name))
@@ -433,8 +445,14 @@ class _Births(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.refs: dict[int, weakref.ref] = {}
+        self.read: set[int] = set()  # the tensors the operations took (ids): what the map reads (VersionGuard)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        for a in (*args, *(kwargs or {}).values()):
+            if isinstance(a, Tensor):
+                self.read.add(id(a))
+            elif isinstance(a, (tuple, list)):
+                self.read.update(id(t) for t in a if isinstance(t, Tensor))
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, Tensor):
@@ -520,18 +538,22 @@ def check_complete(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequen
     grad = torch.is_grad_enabled()
     if not (forward or grad):
         return
+    births = None
     try:
         with kept_buffers(keep):
-            _check_evaluation(fn, x_hat, args, forward, grad)
+            births = _check_evaluation(fn, x_hat, args, forward, grad)
     finally:  # what this evaluation (and its restoring of the buffers) wrote is the map's, not the user's edit
         guard = getattr(fn, "version_guard", None)
         if guard is not None:
             guard.mark()
+            if births is not None:  # watch what the map read in it, not all the walk found (a model's head)
+                guard.keep_only(births.read)
 
 
 def _check_evaluation(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Sequence[Any], forward: bool,
-                      grad: bool) -> None:
-    """:func:`check_complete`'s evaluation and verdict, with forward mode or grad mode on."""
+                      grad: bool) -> "_Births | None":
+    """:func:`check_complete`'s evaluation and verdict, with forward mode or grad mode on; what the evaluation's
+    operations took (with grad mode on, outside torch.func)."""
     from .transforms import is_transformed
 
     detached = lambda a: a.detach() if isinstance(a, Tensor) else a  # noqa: E731 - no tangent, no graph
@@ -541,7 +563,7 @@ def _check_evaluation(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Seq
             _raise_if_tangent(outputs)
         if grad:
             _raise_if_grad_tracked(outputs)
-        return
+        return None
     with torch.enable_grad():
         leaves = tuple(a.detach().requires_grad_() if wants_grad(a) else detached(a) for a in args)
         with _Births() as births:
@@ -554,3 +576,4 @@ def _check_evaluation(fn: Callable[..., Any], x_hat: Sequence[Tensor], args: Seq
             f"the fixed-point map reads {_describe(hidden)} that requires grad and that fpidsl cannot reach "
             f"{_HIDDEN_ADVICE}; its gradient would be silently wrong. Pass it as an argument: "
             "fixed_point(f, x0, ..., t) with f(x, ..., t)")
+    return births

@@ -465,7 +465,7 @@ def _run(
             return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
                         not joint, plan.hoisted, "explicit")
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
-    if probe and layout.per_sample and capture == "auto" and _mixes(f, single, x0s, args, captured):
+    if probe and layout.per_sample and _mixes(f, single, x0s, args, captured):
         layout = StateLayout.of(x0s, False)  # one problem over the whole batch (fpidsl.runtime.mixing)
     params = tuple(captured.tensors)
     if hoisted is not None and params:
@@ -486,16 +486,15 @@ def _mixes(f: Callable, single: bool, x0s: tuple[Tensor, ...], args: tuple,
            captured: Captured = NOTHING_CAPTURED) -> bool:
     """Whether ``f`` mixes the samples (:func:`~fpidsl.runtime.mixing.mixes_samples`, at ``x0``; not under a
     ``torch.func`` transform or with forward-mode tangents, where the transform owns the batch), the buffers
-    (batch norm's running statistics) of its modules left as they were: ``f``'s own and those whose parameters it
-    reads (a module without parameters reached through a closure is not found: its buffers see the probe)."""
+    (batch norm's running statistics) of its modules left as they were: ``f``'s own and those the capture walk
+    found (closures, globals, attributes: ``captured.modules``)."""
     if torch._C._functorch.maybe_current_level() is not None or is_transformed((*x0s, *args)) or _dual((*x0s, *args)):
         return False  # inside vmap, grad or jvp (a closure may hold the wrapped tensors): the transform's batch
 
     def evaluate(xs: tuple[Tensor, ...]):
         return f(xs[0] if single else xs, *args)
 
-    owners = {id(loc.module): loc.module for locations in captured.locations for loc in locations
-              if isinstance(getattr(loc, "module", None), nn.Module)}
+    owners = {id(m): m for m in captured.modules}
     with CAPTURE_LOCK, kept_buffers(modules_of(f, *owners.values())):
         return mixes_samples(evaluate, x0s)
 

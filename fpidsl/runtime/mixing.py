@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 _SEED = 20211019
+SMALL = 0.03  # the small moves' spread, in the state's scale
 
 
 def mixes_samples(evaluate: Callable[[tuple[Tensor, ...]], Sequence[Tensor]], states: tuple[Tensor, ...]) -> bool:
@@ -37,21 +38,28 @@ def mixes_samples(evaluate: Callable[[tuple[Tensor, ...]], Sequence[Tensor]], st
         return False
     generator = torch.Generator(device=states[0].device).manual_seed(_SEED)
     devices = [s.device for s in states if s.device.type == "cuda"]
+    last = slice(batch - 1, batch)
     with torch.no_grad(), torch.random.fork_rng(devices=devices[:1]):
-        base = _outputs(evaluate, states, batch)
+        base = _outputs(evaluate, tuple(s.detach().clone() for s in states), batch)  # the caller's x0 untouched
         if base is None:
             return False
         changed = []
         scales = [s.detach().abs().amax().add_(1.0) if s.numel() else None for s in states]
-        for moved, kept, sign in ((slice(0, 1), slice(1, batch), 1.0), (slice(1, batch), slice(0, 1), -1.0)):
-            out = _outputs(evaluate, tuple(_moved(s, scale, moved, sign, generator)
-                                           for s, scale in zip(states, scales)), batch)
+        for moved, kept, shift, spread in ((slice(0, 1), slice(1, batch), 4.0, 2.0),
+                                           (slice(1, batch), slice(0, 1), -4.0, 2.0),
+                                           (slice(0, 1), slice(1, batch), 0.0, SMALL),
+                                           (last, slice(0, batch - 1), 0.0, SMALL)):
+            try:
+                out = _outputs(evaluate, tuple(_moved(s, scale, moved, shift, spread, generator)
+                                               for s, scale in zip(states, scales)), batch)
+            except Exception:  # noqa: BLE001 - a move out of the map's domain (an index, a Cholesky): no answer
+                continue
             if out is None or len(out) != len(base):
-                return False
+                continue
             changed += [_changed(a[kept], b[kept]) for a, b in zip(base, out)]
-        if not bool(torch.stack(changed).any()):
+        if not changed or not bool(torch.stack(changed).any()):
             return False
-        again = _outputs(evaluate, states, batch)  # a map that gives other values at every call (dropout)
+        again = _outputs(evaluate, tuple(s.detach().clone() for s in states), batch)  # other values every call?
         return again is not None and not bool(torch.stack([_changed(a, b) for a, b in zip(base, again)]).any())
 
 
@@ -63,14 +71,15 @@ def _outputs(evaluate: Callable, states: tuple[Tensor, ...], batch: int) -> tupl
     return out
 
 
-def _moved(state: Tensor, scale: Tensor | None, rows: slice, sign: float, generator: torch.Generator) -> Tensor:
-    """``state`` with ``rows`` moved far (``scale``: 1 + its largest magnitude), in the direction ``sign`` and at
-    random around it: the first sample becomes the largest (a max over the batch moves), the others the smallest
-    (and a min)."""
+def _moved(state: Tensor, scale: Tensor | None, rows: slice, shift: float, spread: float,
+           generator: torch.Generator) -> Tensor:
+    """``state`` with ``rows`` moved by ``scale`` (1 + its largest magnitude) times ``shift`` plus ``spread``
+    normal noise: far up (the first sample becomes the largest: a max over the batch moves), far down (the others
+    the smallest: a min), or a little (a coupling that a far move switches off, a kernel exp(-|x_i - x_j|^2))."""
     out = state.detach().clone()
     if scale is not None:
         noise = torch.randn(out[rows].shape, generator=generator, dtype=state.dtype, device=state.device)
-        out[rows].addcmul_(noise.mul_(2.0).add_(4.0 * sign), scale)
+        out[rows].addcmul_(noise.mul_(spread).add_(shift), scale)
     return out
 
 

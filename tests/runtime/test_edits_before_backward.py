@@ -270,3 +270,38 @@ def test_a_backward_under_inference_mode_gives_the_unrolled_gradients():
     with torch.inference_mode():
         got = torch.autograd.grad(loss, [a, *m.parameters()])
     assert max_rel_err(got, expected) < 1e-9
+
+
+class _WithHead(nn.Module):
+    """The usual DEQ model: the solve of a bound method, then a batch norm head (training mode) after it, whose
+    statistics the map never reads; and a dict of which the map reads one entry and the loop logs in another."""
+
+    def __init__(self, gen: torch.Generator):
+        super().__init__()
+        self.W = nn.Parameter(_weight(gen).detach())
+        self.head = nn.Sequential(nn.Linear(6, 6).to(DTYPE), nn.BatchNorm1d(6, dtype=DTYPE))
+        self.info = {"shift": torch.randn(6, generator=gen, dtype=DTYPE), "calls": torch.zeros((), dtype=DTYPE)}
+
+    def _f(self, x, a):
+        return torch.tanh(x @ self.W.T + a + self.info["shift"])
+
+    def forward(self, a):
+        z = fixed_point(self._f, torch.zeros_like(a), a, **TIGHT, trace=False, backward=TIGHT_BACKWARD)
+        self.info["calls"].add_(1.0)
+        self.last = z.detach()
+        return self.head(z)
+
+
+def test_what_the_map_does_not_read_is_not_watched():
+    """The capture walk finds every tensor the model holds (the head's ``num_batches_tracked``, bumped by the head
+    after the solve; the logging entry); only what an evaluation of the map read is watched: these raised."""
+    gen = generator(13)
+    model = _WithHead(gen).train()
+    a = randn(4, 6, gen=gen, grad=False)
+    (grad,) = torch.autograd.grad(model(a).sin().sum(), [model.W])
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+    y = model(a)
+    with torch.no_grad():
+        model.info["shift"].add_(1.0)  # what it does read still raises
+    with pytest.raises(RuntimeError, match=EDITED):
+        torch.autograd.grad(y.sin().sum(), [model.W])

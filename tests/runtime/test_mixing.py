@@ -101,7 +101,11 @@ def test_a_samplewise_map_is_still_judged_per_sample(trace):
     lambda x: x.reshape(-1)[torch.arange(x.numel()).roll(1)].reshape(x.shape),
     lambda x: torch.nn.functional.batch_norm(x, None, None, training=True),
     lambda x: x + torch.relu(x.amax(0) - 3), lambda x: x + torch.relu(-2 - x.amin(0)),
-], ids=["mean", "flip", "roll", "cumsum", "softmax0", "norm", "gram", "flat-roll", "batch-norm", "max", "min"])
+    lambda x: torch.cat([x[:1], x[1:] + x[1:].mean(0)]),  # the first sample alone, the others mixed
+    lambda x: x + torch.exp(-torch.cdist(x, x) ** 2) @ x,  # a kernel that far moves switch off
+    lambda x: x + (x.amax(0) - x.amin(0) < 2).to(x.dtype) * x.mean(0),  # mixing while the batch is close
+], ids=["mean", "flip", "roll", "cumsum", "softmax0", "norm", "gram", "flat-roll", "batch-norm", "max", "min",
+        "rest-mixed", "rbf", "gated"])
 def test_the_probe_finds_every_kind_of_mixing(mixing):
     assert mixes_samples(lambda xs: (mixing(xs[0]),), (torch.zeros(5, 4, dtype=DTYPE),))
 
@@ -189,3 +193,39 @@ def test_a_traced_map_without_batched_arguments_is_probed(mixes):
     for _ in range(500):
         x_star = g(x_star)
     torch.testing.assert_close(x, x_star, rtol=0, atol=1e-10)
+
+
+def test_a_map_the_probe_moves_out_of_its_domain_still_runs():
+    """The probe's far moves can leave a map's domain (an index past a table, a Cholesky factor of a matrix no
+    longer positive definite): no answer from that move, never an error the call did not have."""
+    table = torch.linspace(0.0, 0.5, 10, dtype=DTYPE)
+
+    def lookup(x, a):
+        return 0.5 * table[(x.clamp(0, 0.99) * 10).long()] + a + 0.0 * x
+
+    def cholesky(x, a):
+        m = torch.eye(3, dtype=DTYPE) - x.unsqueeze(-1) * x.unsqueeze(-2) / 4
+        return 0.2 * torch.linalg.cholesky(m).diagonal(dim1=-2, dim2=-1) + a
+
+    a = 0.1 * torch.rand(4, 3, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    for f in (lookup, cholesky):
+        x0 = torch.zeros_like(a)
+        x, stats = fixed_point(f, x0, a, trace=False, tol=1e-12, return_stats=True)
+        assert stats.forward.iterations.shape == (4,) and bool(stats.forward.converged.all())
+        assert torch.equal(x0, torch.zeros_like(a))
+
+
+def test_explicit_capture_is_probed_and_closure_modules_keep_their_statistics():
+    g, a, c = _case("mean")
+    x_star, _ = _oracle(g, a, c, torch.ones_like(a))
+    x = fixed_point(g, torch.zeros_like(a), a, c, capture="explicit", trace=False, tol=1e-11)
+    torch.testing.assert_close(x, x_star, rtol=0, atol=1e-9)
+
+    stats = []
+    for per_sample in (None, False):
+        norm = torch.nn.BatchNorm1d(3, affine=False, dtype=DTYPE)  # no parameters: found by the walk only
+        fixed_point(lambda x, a: 0.5 * torch.tanh(norm(x)) + a, torch.zeros_like(a), a, trace=False,
+                    per_sample=per_sample, tol=1e-10)
+        stats.append((norm.running_mean.clone(), int(norm.num_batches_tracked)))
+    torch.testing.assert_close(stats[0][0], stats[1][0], rtol=0, atol=0)
+    assert stats[0][1] == stats[1][1]
