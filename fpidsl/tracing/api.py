@@ -313,9 +313,14 @@ def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any],
         for point, values, required in points:
             try:
                 want = f(point[0] if single else type(x)(point), *values)
-            except Exception:  # noqa: BLE001 - the map refuses perturbed arguments (a domain check): not compared
-                if required:
-                    raise
+            except Exception as exc:  # noqa: BLE001 - the map refuses perturbed arguments (a domain check)
+                if point is states:
+                    raise  # the example itself: the solve meets it too
+                if required:  # the perturbed state: the trace cannot be checked there, so it is not used
+                    raise UntraceableError(
+                        f"the map raised at the trace check's perturbed state ({type(exc).__name__}: {exc}), "
+                        "where the traced map is compared with it (a lookup table, a factorization out of its "
+                        "domain)") from exc
                 continue
             _check_result(want, x)
             if not required and not all(bool(torch.isfinite(w).all()) for w in ((want,) if single else want)):

@@ -152,3 +152,19 @@ def test_the_agreement_check_also_perturbs_the_arguments(monkeypatch):
     z = torch.randn(4, 6, dtype=DT, generator=torch.Generator().manual_seed(9))
     with pytest.raises(fpidsl.UntraceableError, match="the traced map differs from the map by"):
         fpidsl.trace(view_updated, torch.zeros_like(z), z, torch.zeros(4, 3, dtype=DT))
+
+
+def test_a_map_that_raises_at_the_perturbed_check_is_not_traced_and_says_why():
+    """The trace check compares the traced map with the map at a perturbed state; a map that raises there (a lookup
+    past its table) is not traced, with that reason (it read "the tracer failed ...; this is a bug in fpidsl")."""
+    table = torch.linspace(0.0, 0.5, 10, dtype=torch.float64)
+
+    def lut(x, a):
+        return 0.5 * table[(x * 10).long()] + a
+
+    a = 0.1 * torch.rand(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    traced, why = trace_status(lut, torch.zeros_like(a), a)
+    assert traced is None and "raised at the trace check's perturbed state (IndexError" in why
+    assert "bug in fpidsl" not in why
+    x = fpidsl.fixed_point(lut, torch.zeros_like(a), a, tol=1e-12)
+    torch.testing.assert_close(x, 0.5 * table[(x * 10).long()] + a, rtol=0, atol=1e-12)
