@@ -360,10 +360,17 @@ class CompiledLayer(nn.Module):
         try:
             self._eval = EvalDerivation(self.solve_settings, eval_solve, self.EVAL or None)
         except SettingsError as exc:
-            raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
+            raise SettingsError(f"{type(self).__name__}: {self._eval_origin(eval_solve)}: {exc}") from None
         self.eval_settings = self._eval.derived
         self.warm = WarmStart(warm_start)
         return self
+
+    def _eval_origin(self, eval_solve: Mapping[str, Any] | None) -> str:
+        """Where the eval-mode settings come from, for an error in them (the message blamed ``eval_solve`` where
+        none was given: a ``solve`` override against the spec's ``eval`` block)."""
+        parts = ["the solve settings"] + (["the spec's eval block"] if self.EVAL else []) + (
+            ["eval_solve"] if eval_solve else [])
+        return "eval-mode settings (" + " over ".join(reversed(parts)) + ")"
 
     def _eval_solve_settings(self) -> SolverSettings:
         """The eval-mode settings (:class:`~fpidsl.runtime.warm_start.EvalDerivation`: derived ones follow a later
@@ -373,7 +380,8 @@ class CompiledLayer(nn.Module):
             try:
                 current = derivation.settings(self.solve_settings, self.eval_settings)
             except SettingsError as exc:
-                raise SettingsError(f"{type(self).__name__}: eval_solve: {exc}") from None
+                raise SettingsError(f"{type(self).__name__}: {self._eval_origin(derivation.overrides)}: {exc}") \
+                    from None
             if current is not self.eval_settings:
                 self._keep(eval_settings=current)
         return self.eval_settings

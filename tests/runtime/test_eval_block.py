@@ -54,6 +54,16 @@ def test_eval_block_sets_the_budget_of_eval_mode_only(slow):
     assert layer.stats.forward.settings.max_iter == 400
 
 
+def test_an_error_in_the_eval_settings_names_where_they_come_from(slow):
+    """A ``solve`` override that the spec's eval block contradicts was blamed on ``eval_solve``, not passed."""
+    with pytest.raises(fpidsl.SettingsError, match=r"eval-mode settings \(the spec's eval block over the solve "
+                                                   r"settings\): min_iter must be <= max_iter") as info:
+        slow(solve={"min_iter": 50})
+    assert "eval_solve" not in str(info.value)
+    with pytest.raises(fpidsl.SettingsError, match=r"\(eval_solve over the spec's eval block over the solve"):
+        slow(eval_solve={"min_iter": 50})
+
+
 def test_instance_eval_solve_goes_over_the_spec_block(slow):
     layer = slow(eval_solve={"max_iter": 7}).eval()
     with torch.no_grad():
