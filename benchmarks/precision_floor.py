@@ -27,7 +27,9 @@ import argparse
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -43,12 +45,23 @@ CONV_LAYERS = [("specs/denoise.fpi", (4, 1, 48, 48)), ("specs/denoise_residual.f
                ("specs/optical_flow.fpi", (4, 2, 32, 32))]
 
 
-def rounding_floors() -> None:
-    saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, 0.0  # nothing stops a sample but tol (unreachable) or max_iter
+@contextmanager
+def floor_factors(factor: float, low_precision: float | None = None) -> Iterator[None]:
+    """The driver's floor factors (float32/64, and bfloat16/float16: ``low_precision``, unchanged if None) for the
+    block; 0 turns the floor test off (nothing stops a sample but tol, unreachable, or max_iter)."""
+    saved = driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR
+    driver.FLOOR_FACTOR = factor
+    if low_precision is not None:
+        driver.LOW_PRECISION_FLOOR_FACTOR = low_precision
     try:
-        _rounding_floors()
+        yield
     finally:
-        driver.FLOOR_FACTOR = saved
+        driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR = saved
+
+
+def rounding_floors() -> None:
+    with floor_factors(0.0):
+        _rounding_floors()
 
 
 def _rounding_floors() -> None:
@@ -67,12 +80,8 @@ def _rounding_floors() -> None:
 
 
 def low_precision_floors() -> None:
-    saved = driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR
-    driver.FLOOR_FACTOR = driver.LOW_PRECISION_FLOOR_FACTOR = 0.0
-    try:
+    with floor_factors(0.0, 0.0):
         _low_precision_floors()
-    finally:
-        driver.FLOOR_FACTOR, driver.LOW_PRECISION_FLOOR_FACTOR = saved
 
 
 def _low_precision_floors() -> None:
@@ -133,12 +142,9 @@ def bibtex_gd(checkpoint: Path, rows: int) -> None:
     print(f"{checkpoint}: {rows} rows; float64 BibtexGD vs BibtexNN gradient, relative difference "
           f"{float((gd64 - reference).norm() / reference.norm()):.1e}")
     for factor, max_iter in ((1e3, 500), (driver.FLOOR_FACTOR, 500), (driver.FLOOR_FACTOR, 2000)):
-        saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, factor
-        try:
+        with floor_factors(factor):
             g, fwd = gradient("BibtexGD", {"method": "anderson", "max_iter": max_iter, "on_fail": "ignore"},
                               torch.float32)
-        finally:
-            driver.FLOOR_FACTOR = saved
         print(f"  floor {factor:g} eps, max_iter {max_iter}: gradient relative error "
               f"{float((g - reference).norm() / reference.norm()):.3f}; forward not converged {len(fwd.failed)}, "
               f"at the floor {int(fwd.stopped_at_floor.sum())}")
@@ -164,9 +170,8 @@ def longest_stalls(x: torch.Tensor, weights: dict, bibtex) -> None:
     with torch.no_grad():
         layer(x)
     hardest = torch.argsort(layer.stats.forward.iterations, descending=True)[:24].tolist()
-    saved, driver.FLOOR_FACTOR = driver.FLOOR_FACTOR, 0.0
     stalls = []
-    try:
+    with floor_factors(0.0):
         for i in hardest:
             with torch.no_grad():
                 layer.history = True
@@ -178,8 +183,6 @@ def longest_stalls(x: torch.Tensor, weights: dict, bibtex) -> None:
                 if r <= 1e3 * EPS32:
                     longest = max(longest, run)
             stalls.append((longest, history[-1] / EPS32))
-    finally:
-        driver.FLOOR_FACTOR = saved
     stalls.sort(reverse=True)
     print("  longest stalls below 1000 eps (iterations, final residual in eps), hardest 24 rows one at a time: "
           + ", ".join(f"{n} ({end:.1f})" for n, end in stalls[:6]))

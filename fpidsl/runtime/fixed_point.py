@@ -461,7 +461,8 @@ def _run(
             and not is_transformed((*x0s, *args)) and not _dual((*x0s, *args)):
         plan = _trace_planner(f, x0, args, batched, per_sample)  # the compiled form of f, when f traces
         if plan is not None:
-            joint = plan.per_sample is False or (plan.per_sample is None and probe and _mixes(f, single, x0s, args))
+            joint = plan.per_sample is False or (plan.per_sample is None and probe
+                                                 and _mixes(f, single, x0s, args, discover(f)))
             return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
                         not joint, plan.hoisted, "explicit")
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
@@ -494,8 +495,7 @@ def _mixes(f: Callable, single: bool, x0s: tuple[Tensor, ...], args: tuple,
     def evaluate(xs: tuple[Tensor, ...]):
         return f(xs[0] if single else xs, *args)
 
-    owners = {id(m): m for m in captured.modules}
-    with CAPTURE_LOCK, kept_buffers(modules_of(f, *owners.values())):
+    with CAPTURE_LOCK, kept_buffers({id(m): m for m in (*modules_of(f), *captured.modules)}.values()):
         return mixes_samples(evaluate, x0s)
 
 
@@ -537,7 +537,7 @@ def fixed_point(
             solver evaluates ``f`` on the samples still running only (arguments sliced accordingly); otherwise
             ``f`` always sees the whole batch and finished samples are held fixed.
         per_sample: ``None`` (default): dimension 0 of the states is the batch, and each sample is judged,
-            held and finished alone unless ``f`` mixes samples (found by a probe at ``x0``: three evaluations of
+            held and finished alone unless ``f`` mixes samples (found by a probe at ``x0``: five evaluations of
             ``f``, :mod:`fpidsl.runtime.mixing`; a traced ``f`` knows), when the batch is solved as one problem.
             ``True``: the same, without the probe (``f`` treats the samples independently: it must). ``False``:
             the whole state is one sample (no batch dimension).

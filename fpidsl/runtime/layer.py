@@ -413,7 +413,6 @@ class CompiledLayer(nn.Module):
         """The layer's output for these inputs. ``init=`` (unless an input is named so) starts the solve there:
         a tensor per state (see :func:`fpidsl.runtime.warm_start.given_start`)."""
         from .fixed_point import fixed_point
-        from .jacobian import LastCall
         from .stats import Stats
         from .warm_start import given_start
 
@@ -427,14 +426,22 @@ class CompiledLayer(nn.Module):
         x_hat = fixed_point(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, stats=stats, **options)
         self._keep(stats=stats)
         states = x_hat if isinstance(x_hat, tuple) else (x_hat,)
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states):
-            # under torch.func (vmap, grad, jvp): the call's values exist only inside the transform; kept on the
-            # layer they would escape it (a later torch.save, warm start or jacobian_penalty would meet them)
-            self._keep(_last_states=None, _last_call=LastCall())
-        else:
+        if self._remember_call(states, values):
             self.warm.remember(states, stats.forward.diverged if stats.forward is not None else None)
-            self._keep(_last_states=tuple(s.detach() for s in states), _last_call=LastCall(tuple(states), values))
         return self.outputs(states, *values)
+
+    def _remember_call(self, states: tuple, values: tuple) -> bool:
+        """Keep this call's fixed point and values on the layer (``jacobian_penalty``, the last states); under
+        torch.func (vmap, grad, jvp) keep nothing, returning False: the call's values exist only inside the
+        transform, and kept on the layer they would escape it (a later torch.save, warm start or
+        jacobian_penalty would meet them)."""
+        from .jacobian import LastCall
+
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states):
+            self._keep(_last_states=None, _last_call=LastCall())
+            return False
+        self._keep(_last_states=tuple(s.detach() for s in states), _last_call=LastCall(tuple(states), values))
+        return True
 
     def _begin_call(self, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
         """What a call solves with: the spec's name for messages, the step's arguments (inputs, then the parameter
@@ -515,17 +522,13 @@ class CompiledLayer(nn.Module):
         from .correction import fixed_point_states
         from .stats import Stats
 
-        from .jacobian import LastCall
-
         _, values, x0, options = self._begin_call(args, kwargs)
         stats = Stats()
         states = fixed_point_states(self._step_fn, x0 if len(x0) > 1 else x0[0], *values, n_states=n_states,
                                     indexing=indexing, k=k, tau=tau, stats=stats, **options)
         self.stats = stats
         states = [s if isinstance(s, tuple) else (s,) for s in states]
-        if not any(torch._C._functorch.is_functorch_wrapped_tensor(s) for s in states[-1]):
-            # jacobian_penalty() after this call is measured at its fixed point (it read the last forward's)
-            self._keep(_last_states=tuple(s.detach() for s in states[-1]), _last_call=LastCall(states[-1], values))
+        self._remember_call(states[-1], values)  # jacobian_penalty() after this call: at its fixed point
         return [self.outputs(s, *values) for s in states]
 
     def jacobian_penalty(self, samples: int = 1, *, reduction: str = "mean",

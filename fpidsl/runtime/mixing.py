@@ -6,17 +6,17 @@ that mixes them (a mean or a max over the batch, batch norm in training mode, at
 ``x.T @ x``, a reshape that merges the batch) a sample frozen early came back at a point that was no longer fixed
 once its neighbours moved, with no warning (0.47 off, and 1.2 in the gradient, on a mean over the batch). A
 compiled spec or a traced map knows whether it mixes (``SAMPLEWISE``); a map run through autograd does not, so
-:func:`mixes_samples` asks it: ``f`` is evaluated at the start, with the first sample moved, and with every other
-sample moved, and a sample whose value changed though it was not moved depends on another. Such a map is solved
-as one problem over the whole batch, as a compiled layer that mixes is.
+:func:`mixes_samples` asks it: ``f`` is evaluated at the start and at four moved copies (the first sample far
+up, the others far down, so that a max or a min over the batch moves; the first sample a little, and the last a
+little, for a coupling that far moves switch off and for one among the later samples), and a sample whose value
+changed though it was not moved depends on another. Such a map is solved as one problem over the whole batch, as
+a compiled layer that mixes is. A move that makes ``f`` raise (out of its domain) gives no answer.
 
-The test is a probe, not a proof: a dependence that does not show at the moved starts (a coupling behind a
-threshold that no move crosses, a permutation that keeps the first sample in place) is not seen. The moves are
-large (the first sample up by four times the start's scale, the others down, each value at random around that,
-so that a max or a min over the batch moves too), drawn from a generator of their own, and the caller's random-number state is restored after the probe (a map with
-dropout draws from it). A map that gives other values at every call (dropout, a counter) cannot be probed so,
-and is taken as samplewise, as before. It costs three evaluations of ``f`` without autograd a call (four where it
-finds a mix).
+The test is a probe, not a proof: a dependence that no move shows (between two middle samples only, behind a
+threshold no move crosses) is not seen. The moves are drawn from a generator of their own, and the caller's
+random-number state is restored after the probe (a map with dropout draws from it). A map that gives other values
+at every call (dropout, a counter) cannot be probed so, and is taken as samplewise, as before. It costs five
+evaluations of ``f`` without autograd and one host read a call (six and two where it finds a mix).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ SMALL = 0.03  # the small moves' spread, in the state's scale
 
 def mixes_samples(evaluate: Callable[[tuple[Tensor, ...]], Sequence[Tensor]], states: tuple[Tensor, ...]) -> bool:
     """Whether ``evaluate`` (the map on a tuple of batched states, returning a tuple) makes some sample's value
-    depend on another sample's, as far as moving the first sample and then all the others shows (see the module's
-    doc). States without at least two samples never mix. One host read (two where it finds a mix)."""
+    depend on another sample's, as far as the module doc's four moves show. States without at least two samples
+    never mix. One host read (two where it finds a mix)."""
     batch = states[0].shape[0] if states and states[0].dim() > 0 else 0
     if batch < 2 or not all(s.dim() > 0 and s.shape[0] == batch and s.is_floating_point() for s in states):
         return False
