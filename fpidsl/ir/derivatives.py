@@ -135,12 +135,18 @@ def _neg(b, n, ct):
 
 
 def _power(b, n, ct):
-    """a ** b with a tensor exponent (a > 0): d/da = b a^(b-1), d/db = log(a) a^b."""
+    """a ** b with a tensor exponent (a > 0): d/da = b a^(b-1), d/db = log(a) a^b; as torch's pow backward, d/da is
+    0 where b == 0 and d/db is 0 where a == 0 and b >= 0 (the limits; log(0) a^b read -inf * 0 = NaN)."""
     x, y = b.args(n)
+    zero = b.const(0)
     dx = _mul(b, ct, _mul(b, y, b.call("power", x, b.call("sub", y, b.const(1)))))
+    dx = b.call("where", b.call("equal", y, zero), zero, dx)
     base = b.graph.node(x)
-    log_x = b.const(math.log(base["value"])) if base["op"] == "const" else b.call("log", x)  # 2 ** y
-    dy = _mul(b, ct, _mul(b, log_x, n))
+    if base["op"] == "const" and isinstance(base["value"], (int, float)) and base["value"] > 0:  # 2 ** y: log(2)
+        dy = _mul(b, ct, _mul(b, b.const(math.log(base["value"])), n))
+    else:
+        at_zero = _mul(b, b.call("equal", x, zero), b.call("greater_equal", y, zero))
+        dy = b.call("where", at_zero, zero, _mul(b, ct, _mul(b, b.call("log", x), n)))
     return {0: sum_to(b, dx, b.shape(x)), 1: sum_to(b, dy, b.shape(y))}
 
 
@@ -190,10 +196,6 @@ def _times(factor: Callable[[GraphBuilder, str, str, dict], str]) -> VjpRule:
         return {0: _mul(b, ct, factor(b, x, n, b.attrs(n)))}
     rule.__name__ = rule.__qualname__ = f"vjp_times_{factor.__name__.lstrip('_')}"
     return rule
-
-
-def _relu_d(b, x, y, attrs):
-    return b.call("relu_mask", x)
 
 
 def _leaky_relu_d(b, x, y, attrs):
@@ -254,10 +256,6 @@ def _cos_d(b, x, y, attrs):
     return b.call("neg", b.call("sin", x))
 
 
-def _clamp_d(b, x, y, attrs):
-    return b.call("clamp_mask", x, lo=attrs["lo"], hi=attrs["hi"])
-
-
 def _gelu_d(b, x, y, attrs):
     if attrs["approximate"] == "tanh":  # 0.5 x (1 + tanh(u)), u = k (x + a x^3)
         k, a = math.sqrt(2 / math.pi), 0.044715
@@ -302,13 +300,34 @@ def _sqrt(b, n, ct):
     return {0: b.call("div", ct, _mul(b, n, b.const(2)))}
 
 
+def _selected(b, ct: str, mask: str) -> str:
+    """``ct`` where ``mask`` (a mask primitive's value) is nonzero, exactly 0 elsewhere: torch's backwards of relu,
+    clamp, maximum and minimum select (threshold_backward, where), so a masked-off place gets 0 even where the
+    cotangent arriving there is inf or NaN (``sqrt(relu(a))`` at ``a <= 0``: sqrt' is inf there), where a product
+    with the 0/1 mask gave NaN."""
+    return b.call("where", mask, ct, b.const(0))
+
+
+def _relu(b, n, ct):
+    (x,) = b.args(n)
+    return {0: _selected(b, ct, b.call("relu_mask", x))}
+
+
+def _clamp(b, n, ct):
+    (x,) = b.args(n)
+    attrs = b.attrs(n)
+    return {0: _selected(b, ct, b.call("clamp_mask", x, lo=attrs["lo"], hi=attrs["hi"]))}
+
+
 def _extremum(larger: bool) -> VjpRule:
-    """maximum (``larger``) or minimum: the cotangent goes to the winner, split evenly on ties."""
+    """maximum (``larger``) or minimum: the cotangent goes to the winner, split evenly on ties (selected, then
+    halved at a tie: the loser gets exactly 0, as in torch)."""
     def rule(b, n, ct):
         x, y = b.args(n)
         wx = b.call("greater_mask", x, y) if larger else b.call("greater_mask", y, x)
         wy = b.call("greater_mask", y, x) if larger else b.call("greater_mask", x, y)
-        return {0: sum_to(b, _mul(b, ct, wx), b.shape(x)), 1: sum_to(b, _mul(b, ct, wy), b.shape(y))}
+        return {0: sum_to(b, _mul(b, _selected(b, ct, wx), wx), b.shape(x)),
+                1: sum_to(b, _mul(b, _selected(b, ct, wy), wy), b.shape(y))}
     rule.__name__ = rule.__qualname__ = "vjp_maximum" if larger else "vjp_minimum"
     return rule
 
@@ -764,14 +783,14 @@ def _extern(b, n, ct):
 # --------------------------------------------------------------------------- auxiliary shape rules
 
 
-_ELEMENTWISE = {"relu": _relu_d, "leaky_relu": _leaky_relu_d, "tanh": _tanh_d, "sigmoid": _sigmoid_d,
+_ELEMENTWISE = {"leaky_relu": _leaky_relu_d, "tanh": _tanh_d, "sigmoid": _sigmoid_d,
                 "softplus": _softplus_d, "elu": _elu_d, "exp": _exp_d, "square": _square_d, "abs": _abs_d,
-                "sin": _sin_d, "cos": _cos_d, "clamp": _clamp_d, "gelu": _gelu_d, "silu": _silu_d, "erf": _erf_d}
+                "sin": _sin_d, "cos": _cos_d, "gelu": _gelu_d, "silu": _silu_d, "erf": _erf_d}
 
 RULES: dict[str, VjpRule] = {
     "add": _add, "sub": _sub, "mul": _mul_rule, "div": _div, "matmul": _matmul, "pow": _pow, "neg": _neg,
     **{name: _times(factor) for name, factor in _ELEMENTWISE.items()},
-    "log": _log, "sqrt": _sqrt, "minimum": _extremum(False), "maximum": _extremum(True),
+    "relu": _relu, "clamp": _clamp, "log": _log, "sqrt": _sqrt, "minimum": _extremum(False), "maximum": _extremum(True),
     "reciprocal": _reciprocal, "where": _where, "sign": _zero,
     # comparisons (operators < <= > >= == !=): 0/1 masks, piecewise constant
     "less": _zero, "less_equal": _zero, "greater": _zero, "greater_equal": _zero, "equal": _zero,

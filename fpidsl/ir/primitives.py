@@ -207,6 +207,13 @@ def _same(shapes, attrs, ctx):
     return tuple(shapes[0])
 
 
+def _softplus(shapes, attrs, ctx):
+    if attrs["beta"] == 0:  # log(1 + exp(0 x)) / 0: NaN everywhere
+        raise ctx.fail("beta of softplus must not be 0 (softplus(x, beta) = log(1 + exp(beta x)) / beta)",
+                       attr="beta")
+    return tuple(shapes[0])
+
+
 def _broadcast(shapes, attrs, ctx):
     a, b = shapes
     try:
@@ -951,7 +958,7 @@ _TABLE = [
     _p("leaky_relu", _X, _same, Attr("slope", "number", 0.01), batch=_EW, builtin=True, vjp=_V["leaky_relu"], lipschitz="leaky_relu"),
     _p("tanh", _X, _same, batch=_EW, builtin=True, vjp=_V["tanh"], lipschitz=1.0),
     _p("sigmoid", _X, _same, batch=_EW, builtin=True, vjp=_V["sigmoid"], lipschitz=0.25),
-    _p("softplus", _X, _same, Attr("beta", "number", 1.0), batch=_EW, builtin=True, vjp=_V["softplus"], lipschitz=1.0),
+    _p("softplus", _X, _softplus, Attr("beta", "number", 1.0), batch=_EW, builtin=True, vjp=_V["softplus"], lipschitz=1.0),
     _p("elu", _X, _same, Attr("alpha", "number", 1.0), batch=_EW, builtin=True, vjp=_V["elu"], lipschitz="elu"),
     _p("exp", _X, _same, batch=_EW, builtin=True, vjp=_V["exp"], lipschitz="unbounded"),
     _p("log", _X, _same, batch=_EW, builtin=True, vjp=_V["log"], lipschitz="unbounded"),
@@ -1162,11 +1169,11 @@ AUXILIARY: tuple[Primitive, ...] = (
     _aux(_X_EXTERN.EXTERN_VJP, ("args",), _X_EXTERN.extern_vjp_shape, *_EXTERN_ATTRS, Attr("chain", "positions"),
          variadic=True, batch=_B.external_vjp(), vjp=_V["extern_vjp"],
          doc="nested VJPs of an extern along chain (torch.autograd.grad with create_graph=True)"),
-    _aux("relu_mask", ("x",), _same, doc="1 where x > 0, else 0", vjp=_V["relu_mask"]),
+    _aux("relu_mask", ("x",), _same, doc="true where x > 0 (a bool mask)", vjp=_V["relu_mask"]),
     _aux("leaky_relu_mask", ("x",), _same, Attr("slope", "number"), doc="1 where x > 0, else slope", vjp=_V["leaky_relu_mask"]),
     _aux("elu_grad", ("x",), _same, Attr("alpha", "number"), doc="elu'(x): 1 where x > 0, else alpha*exp(x)", vjp=_V["elu_grad"]),
     _aux("clamp_mask", ("x",), _same, Attr("lo", "number"), Attr("hi", "number"),
-         doc="1 where lo <= x <= hi, else 0", vjp=_V["clamp_mask"]),
+         doc="true where lo <= x <= hi (a bool mask)", vjp=_V["clamp_mask"]),
     _aux("greater_mask", ("a", "b"), _broadcast2, doc="1 where a > b, 1/2 where a == b, else 0", vjp=_V["greater_mask"]),
     _aux("equal_mask", ("a", "b"), _broadcast2, doc="1 where a == b, else 0", vjp=_V["equal_mask"]),
     _aux("safe_div", ("a", "b"), _broadcast2, doc="a / b where b != 0, else 0", vjp=_V["safe_div"]),

@@ -121,12 +121,13 @@ class AutogradAdjoint:
     def __repr__(self) -> str:
         return f"AutogradAdjoint({self.f!r})"
 
-    def call(self, xs: States, args: Sequence[Any]) -> States:
+    def call(self, xs: States, args: Sequence[Any], higher: bool = True) -> States:
         """``f`` on a tuple of states, returning a tuple of states; every evaluation here is one to differentiate,
         so torch's faulty derivatives are worked around (:mod:`fpidsl.runtime.torch_faults`: about 2 µs a torch
-        call of ``f``, and only on the backward's side)."""
+        call of ``f``, and only on the backward's side), those of higher order too unless ``higher`` is False (the
+        products taken of this evaluation will not be differentiated)."""
         x = xs if (self.tuple_states or len(xs) > 1) else xs[0]
-        with norms_with_a_separate_bias():
+        with norms_with_a_separate_bias(higher):
             y = self.f(x, *args)
         if isinstance(y, Tensor):
             return (y,)
@@ -147,7 +148,7 @@ class AutogradAdjoint:
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             xs_i = tuple(_independent(x, create) for x in xs)
-            y = self.call(xs_i, args)
+            y = self.call(xs_i, args, create)
             grads = _grads(y, xs_i, c, create, retain=False)
         return _zeros_for_none(grads, xs)
 
@@ -158,7 +159,7 @@ class AutogradAdjoint:
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             args_i = tuple(_independent(a, create) if _wants_grad(a) else a for a in args)
-            y = self.call(xs if create else tuple(detached(x) for x in xs), args_i)
+            y = self.call(xs if create else tuple(detached(x) for x in xs), args_i, create)
             wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
             grads = _grads(y, [args_i[i] for i in wanted], c, create, retain=False)
         out: list[Tensor | None] = [None] * len(args)
@@ -181,7 +182,7 @@ class AutogradLinearization:
         with torch.enable_grad():
             self.xs = tuple(x.detach().requires_grad_() for x in xs)
             self.args = tuple(a.detach().requires_grad_() if _wants_grad(a) else a for a in args)
-            self.y = adjoint.call(self.xs, self.args)
+            self.y = adjoint.call(self.xs, self.args, higher=False)
         self.wanted = [i for i, a in enumerate(args) if _wants_grad(a)]
 
     def vjp_state(self, c: States) -> States:

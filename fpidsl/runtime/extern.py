@@ -153,7 +153,7 @@ def _func_nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: 
     for j, pos in enumerate(chain):
         fn = _pulled(fn, pos - 1, n + j)
     # a chain of two or more differentiates a VJP again: torch's faulty derivatives worked around
-    with norms_with_a_separate_bias() if len(chain) > 1 else contextlib.nullcontext():
+    with norms_with_a_separate_bias(higher=True) if len(chain) > 1 else contextlib.nullcontext():
         return fn(*tensors)
 
 
@@ -193,7 +193,7 @@ def _nested_vjp(handle: ExternHandle, inputs: tuple, output: tuple, chain: tuple
             leaves[pos - 1].requires_grad_(True)
     n = 1 + len(inputs)
     # a chain of two or more differentiates a VJP again: torch's faulty derivatives worked around
-    with torch.enable_grad(), (norms_with_a_separate_bias() if len(chain) > 1 else contextlib.nullcontext()):
+    with torch.enable_grad(), (norms_with_a_separate_bias(higher=True) if len(chain) > 1 else contextlib.nullcontext()):
         value = handle.apply(leaves[0], leaves[1:n], inputs, output, replay=True)
         for j, pos in enumerate(chain):
             target = leaves[pos - 1]

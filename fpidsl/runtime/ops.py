@@ -12,10 +12,12 @@ Calling convention (what generated code writes, ``_ops.<primitive>(<args>, <attr
   object with ``lo``/``hi``/``step`` attributes).
 
 Every function is made of differentiable torch operations, so derivatives of any order work through
-it. The masks (``relu_mask`` ...) are piecewise constant: their derivative is zero almost everywhere.
+it. The masks (``relu_mask`` ...) are piecewise constant: their derivative is zero almost everywhere (``relu_mask``
+and ``clamp_mask`` are bool tensors, the others 0/1 values in the operands' float dtype).
 Functions named ``*_like`` / taking a ``like`` argument use it for its shape only.
 
-This module imports only torch: the compiler's representation of attributes is mirrored, not imported.
+This module imports only torch (and :mod:`fpidsl.runtime.torch_faults`, which imports only torch): the compiler's
+representation of attributes is mirrored, not imported.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
+
+from .torch_faults import layer_norm_written_out
 
 Tensor = torch.Tensor
 Dims = int | tuple[int, ...] | None
@@ -150,7 +155,8 @@ def sign(x: Tensor) -> Tensor:
 def where(cond, a, b):
     """``a`` where ``cond != 0``, else ``b`` (broadcast; ``a`` or ``b`` may be a number)."""
     like = next(t for t in (cond, a, b) if isinstance(t, Tensor))
-    mask = torch.as_tensor(cond, device=like.device) != 0
+    is_mask = isinstance(cond, Tensor) and cond.dtype == torch.bool
+    mask = cond if is_mask else torch.as_tensor(cond, device=like.device) != 0
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):  # where(mask, 1, 0): in the mask's float dtype
         dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
         a = torch.as_tensor(a, dtype=dtype, device=like.device)
@@ -189,19 +195,25 @@ def not_equal(a, b):
 
 
 def minimum(a, b):
-    if not isinstance(b, Tensor):
-        return torch.clamp_max(a, b)
-    if not isinstance(a, Tensor):
-        return torch.clamp_max(b, a)
+    """torch.minimum, a number taken as a 0-dimensional tensor of the other side's dtype: a tie splits the
+    derivative 1/2 - 1/2 in every mode of autograd (the derived VJP's rule; ``clamp_max`` gave the whole 1)."""
+    a, b = _tensor_pair(a, b)
     return torch.minimum(a, b)
 
 
 def maximum(a, b):
-    if not isinstance(b, Tensor):
-        return torch.clamp_min(a, b)
-    if not isinstance(a, Tensor):
-        return torch.clamp_min(b, a)
+    """torch.maximum, as :func:`minimum`."""
+    a, b = _tensor_pair(a, b)
     return torch.maximum(a, b)
+
+
+def _tensor_pair(a, b) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b``, a number made a 0-dimensional tensor of the dtype torch's promotion gives the pair."""
+    if not isinstance(b, Tensor):
+        return a, torch.scalar_tensor(b, dtype=torch.result_type(a, b), device=a.device)
+    if not isinstance(a, Tensor):
+        return torch.scalar_tensor(a, dtype=torch.result_type(b, a), device=b.device), b
+    return a, b
 
 
 # --------------------------------------------------------------------------- reductions and shapes
@@ -413,7 +425,24 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
                eps: float = 1e-5) -> Tensor:
+    """``F.layer_norm``; its formula where autograd may differentiate the call (a layer's outputs, ``unrolled``):
+    torch's fused kernel has a wrong third derivative (:mod:`fpidsl.runtime.torch_faults`). The derived VJP (the
+    solves' backward) has rules of its own."""
+    if _recorded(x, weight, bias):
+        return layer_norm_written_out(x, tuple(shape), weight, bias, eps)
     return F.layer_norm(x, tuple(shape), weight, bias, eps)
+
+
+def _recorded(*tensors) -> bool:
+    """Whether an autograd mode may differentiate an operation on ``tensors``: grad mode on and one requires grad,
+    a forward-mode level open, or one is a torch.func transform's wrapper."""
+    if forward_ad._current_level >= 0:
+        return True
+    for t in tensors:
+        if isinstance(t, Tensor) and ((t.requires_grad and torch.is_grad_enabled())
+                                      or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return True
+    return False
 
 
 def grad(energy: Tensor, state: Tensor) -> Tensor:
@@ -430,8 +459,9 @@ def grad(energy: Tensor, state: Tensor) -> Tensor:
 
 
 def relu_mask(x: Tensor) -> Tensor:
-    """1 where x > 0, else 0 (relu')."""
-    return (x > 0).to(x.dtype)
+    """True where x > 0 (relu' as a bool mask: the derived VJP selects with it, :func:`where`; a product with it
+    promotes it to 1/0)."""
+    return x > 0
 
 
 def leaky_relu_mask(x: Tensor, *, slope: float) -> Tensor:
@@ -445,8 +475,8 @@ def elu_grad(x: Tensor, *, alpha: float) -> Tensor:
 
 
 def clamp_mask(x: Tensor, *, lo: float, hi: float) -> Tensor:
-    """1 where lo <= x <= hi, else 0 (clamp')."""
-    return ((x >= lo) & (x <= hi)).to(x.dtype)
+    """True where lo <= x <= hi (clamp' as a bool mask, as :func:`relu_mask`)."""
+    return (x >= lo) & (x <= hi)
 
 
 def greater_mask(a, b):

@@ -14,6 +14,16 @@ the bias, whose derivatives are right (the values agree to rounding). torch 2.13
 The runtime uses the mode where it evaluates a map to differentiate it (:class:`~fpidsl.runtime.adjoint.
 AutogradAdjoint`, the tangent rules of :mod:`~fpidsl.runtime.transforms`, an extern's nested VJPs), never in the
 forward solve: about 2 µs more a torch call of the map (a Python call each), on the backward's side only.
+
+Where the evaluation is recorded for a derivative of higher order (``higher=True``: a backward with
+``create_graph``, a torch.func transform, an extern's VJP of a VJP), the mode also runs ``layer_norm``, and
+``instance_norm`` and training-mode ``batch_norm`` without running statistics, as their formulas
+(:func:`layer_norm_written_out`): torch 2.13's fused kernels have a wrong third derivative (their double backward's
+own backward; a third-order directional derivative of ``F.layer_norm`` on a 1 x 4 input read 0.125 where finite
+differences and the formula give -0.269; ``gradgradcheck`` of their gradients fails, group_norm's passes). The
+formulas cost a few more kernels than the fused forms, on that path only. The emitted code's ``ops.layer_norm``
+runs the formula wherever autograd records it (a layer's outputs, ``unrolled``). Batch norm with running statistics
+keeps torch's kernel (its statistics' update is the kernel's): its third derivative stays torch's.
 """
 from __future__ import annotations
 
@@ -42,11 +52,75 @@ def _bound(func, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         return bound
 
 
+def layer_norm_written_out(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None = None,
+                           bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` as its formula (mean and biased variance over the last ``len(shape)`` dimensions), whose
+    derivatives by autograd are right at every order (see the module's docstring)."""
+    return _normalized(x, tuple(range(-len(shape), 0)), eps, weight, bias, 0)
+
+
+def _normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float, weight, bias, channel: int | None) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), then ``* weight + bias``: of the trailing
+    dimensions (``channel`` 0, layer norm) or per channel (``channel`` 1: dimension 1, batch and instance norm)."""
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    view = (lambda t: t) if channel == 0 else (lambda t: t.reshape(t.shape[0], *([1] * (x.dim() - 2))))
+    if weight is not None:
+        y = y * view(weight)
+    if bias is not None:
+        y = y + view(bias)
+    return y
+
+
+# the functional forms (torch.batch_norm and torch.instance_norm, which they call, take their arguments in another
+# order: left to torch)
+_WRITTEN_OUT = {F.layer_norm: "layer", torch.layer_norm: "layer", F.instance_norm: "instance", F.batch_norm: "batch"}
+_SIGNATURES = {
+    "layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "instance": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+    "batch": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+}
+
+
+def _written_out(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The norm call ``func(*args, **kwargs)`` computed by its formula, or None where it is not one this module
+    writes out (batch norm with running statistics, an instance norm using them, unknown arguments)."""
+    kind = _WRITTEN_OUT[func]
+    names = _SIGNATURES[kind]
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        if len(args) > len(names) or set(kwargs) - set(names):
+            return None
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+    x, weight, bias = bound["input"], bound.get("weight"), bound.get("bias")
+    if kind == "layer":
+        return layer_norm_written_out(x, tuple(bound["normalized_shape"]), weight, bias, bound.get("eps", 1e-5))
+    if bound.get("running_mean") is not None or bound.get("running_var") is not None:
+        return None
+    if kind == "instance" and bound.get("use_input_stats", True) is False:
+        return None
+    if kind == "batch" and not bound.get("training", False):
+        return None
+    dims = tuple(range(2, x.dim())) if kind == "instance" else (0, *range(2, x.dim()))
+    return _normalized(x, dims, bound.get("eps", 1e-5), weight, bias, 1)
+
+
 class _SeparateBias(TorchFunctionMode):
-    """``layer_norm`` / ``group_norm`` with a bias as the norm without it plus the bias."""
+    """``layer_norm`` / ``group_norm`` with a bias as the norm without it plus the bias; with ``higher``, the norms
+    whose third derivative torch gets wrong as their formulas."""
+
+    def __init__(self, higher: bool = False):
+        super().__init__()
+        self.higher = higher
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.higher and func in _WRITTEN_OUT:
+            out = _written_out(func, args, kwargs)
+            if out is not None:
+                return out
         if func in _NORMS:
             bound = _bound(func, args, kwargs)
             if bound is not None and isinstance(bound.get("bias"), torch.Tensor):
@@ -60,7 +134,8 @@ class _SeparateBias(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def norms_with_a_separate_bias() -> Iterator[None]:
-    """Run the enclosed code with the norms' biases added separately (see the module's docstring)."""
-    with _SeparateBias():
+def norms_with_a_separate_bias(higher: bool = False) -> Iterator[None]:
+    """Run the enclosed code with the norms' biases added separately, and (``higher``: recorded for a derivative of
+    higher order) the norms with a faulty third derivative written out (see the module's docstring)."""
+    with _SeparateBias(higher):
         yield

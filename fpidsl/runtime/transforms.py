@@ -46,7 +46,7 @@ def jvp(fn: Callable[..., States], primals: States, tangents: States) -> States:
     from torch._functorch import eager_transforms
     from torch.autograd import forward_ad
 
-    with norms_with_a_separate_bias():  # torch's faulty derivatives worked around
+    with norms_with_a_separate_bias(higher=True):  # torch's faulty derivatives worked around
         if forward_ad._current_level < 0:
             return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
         if eager_transforms.JVP_NESTING > 0:  # inside torch.func.jvp
