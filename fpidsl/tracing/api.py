@@ -154,13 +154,21 @@ def _traced(f: Callable, module: Any, states: tuple, x: Any, args: list, flags: 
             second = record(module, one_more_sample(example, [True, *flags]))
         except Exception:
             second, symbolic_batch = first, False
+    third = None
+    if symbolic_batch and _reads_sizes(module, first):
+        # a Python value computed from the sizes (x.shape[0] // 2) is taken as a * B + b from the two records:
+        # a third, at batch 2n + 1, shows one that is no such rule (4 // 2 == 5 // 2, and 9 // 2 == 4)
+        try:
+            third = record(module, one_more_sample(example, [True, *flags], states[0].shape[0] + 1))
+        except Exception:
+            second, third, symbolic_batch = first, None, False
     if not symbolic_batch:
         flags = [False] * len(flags)
     tensor_flags = [symbolic_batch] * len(states) + [b for a, b in zip(args, flags) if isinstance(a, Tensor)]
     layer_name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__name__", "Traced"))
     layer_name = "Traced" if layer_name == "<lambda>" else layer_name
     spec = Writer(module, first, second, states[0].shape[0], tensor_flags, _layer_name(layer_name), externs,
-                  len(states), _labels(f, module.meta["foreign"]), _definition(f)).write()
+                  len(states), _labels(f, module.meta["foreign"]), _definition(f), third).write()
     base = _compiled_class(spec)
     order = _parameter_order(spec)
     foreign = module.meta["foreign"]
@@ -175,6 +183,13 @@ def _traced(f: Callable, module: Any, states: tuple, x: Any, args: list, flags: 
     if check:
         check_agrees(traced, f, x, args)
     return traced
+
+
+def _reads_sizes(module: Any, values: dict) -> bool:
+    """The graph computes a Python value (a size, ``x.shape[0] // 2``), not only tensors."""
+    return any(n.op in ("call_function", "call_method") and not isinstance(values.get(n), Tensor)
+               and not (isinstance(values.get(n), (tuple, list)) and any(isinstance(v, Tensor) for v in values[n]))
+               for n in module.graph.nodes)
 
 
 def _definition(f: Callable) -> str | None:
@@ -293,11 +308,13 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 
 def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any], root: nn.Module | None = None) -> None:
-    """The compiled map gives ``f``'s numbers at ``x``, at a perturbed ``x``, and at a perturbed ``x`` with its
-    floating-point tensor arguments perturbed too (where ``f`` gives finite numbers there), else
-    :class:`UntraceableError` (fx records one path through the map: a branch on the tensors' values, or a side
-    effect, is not in the graph; an argument of zeros at the example can hide an effect the graph lost, such as an
-    in-place change of a shared value). The modules' buffers are as before afterwards."""
+    """The compiled map gives ``f``'s numbers at ``x``, at a perturbed ``x``, at a perturbed ``x`` with its
+    floating-point tensor arguments perturbed too, and at ``f(x)``, the solver's first iterate (the last two where
+    ``f`` gives finite numbers there), else :class:`UntraceableError` (fx records one path through the map: a branch
+    on the tensors' values, or a side effect, is not in the graph; an argument of zeros at the example can hide an
+    effect the graph lost, such as an in-place change of a shared value; the first iterate is at the scale of the
+    arguments, where ``x0 = 0`` and its perturbation may cross no threshold of the map, ``x > 2.5``). The modules'
+    buffers are as before afterwards."""
     params = traced.tensors(root)
     single = isinstance(x, Tensor)
     modules = modules_of(f, traced._module(root), *traced.foreign.values())
@@ -323,9 +340,17 @@ def check_agrees(traced: TracedMap, f: Callable, x: Tensor, args: Sequence[Any],
                         "domain)") from exc
                 continue
             _check_result(want, x)
+            if point is states:  # the first iterate, checked last (not required: None)
+                points.append(((want,) if single else tuple(want), args, None))
             if not required and not all(bool(torch.isfinite(w).all()) for w in ((want,) if single else want)):
                 continue  # the perturbed arguments leave the map's domain (a log of a negative number)
-            got = traced.layer.step(point[0] if single else tuple(point), *traced.arguments(values), *params)
+            try:
+                got = traced.layer.step(point[0] if single else tuple(point), *traced.arguments(values), *params)
+            except Exception as exc:  # noqa: BLE001 - only where the map itself gave numbers
+                if required is not None:
+                    raise
+                raise UntraceableError(f"the traced map raised at the map's first iterate f(x0), where the map "
+                                       f"gives numbers ({type(exc).__name__}: {exc})") from exc
             for w, g in zip((want,) if single else want, (got,) if single else got):
                 tol = agreement_tolerance(w.dtype) * (1 + float(w.abs().max()))
                 if not torch.allclose(g, w, rtol=0, atol=tol):

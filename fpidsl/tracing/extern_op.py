@@ -18,14 +18,20 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Slot:
-    """Where the ``index``-th tensor argument of the extern goes in the operation's arguments."""
+    """Where the ``index``-th tensor argument of the extern goes in the operation's arguments. ``dtype``: the dtype
+    the operation was given it in (a bool mask or an integer count that the layer holds as 0/1 or integer-valued
+    floats, ``x > 0`` or ``(x > 0).sum(1)``), to which it is cast back; None: as the layer passes it."""
 
     index: int
+    dtype: torch.dtype | None = None
 
 
 def _fill(template: Any, tensors: tuple) -> Any:
     if isinstance(template, Slot):
-        return tensors[template.index]
+        t = tensors[template.index]
+        if template.dtype is None or t.dtype == template.dtype:
+            return t
+        return t != 0 if template.dtype == torch.bool else t.to(template.dtype)
     if isinstance(template, (list, tuple)):
         return type(template)(_fill(t, tensors) for t in template)
     if isinstance(template, dict):
@@ -35,7 +41,7 @@ def _fill(template: Any, tensors: tuple) -> Any:
 
 def _text(value: Any) -> str:
     if isinstance(value, Slot):
-        return f"#{value.index}"
+        return f"#{value.index}" + ("" if value.dtype is None else f" (as {str(value.dtype).removeprefix('torch.')})")
     if isinstance(value, (list, tuple)):
         inner = ", ".join(_text(v) for v in value)
         return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
@@ -46,13 +52,15 @@ def _text(value: Any) -> str:
 class OpCall:
     """An fx call with its tensor arguments as :class:`Slot` s: ``kind`` is ``module`` (the module at ``target`` in
     the traced map), ``function`` (``target`` is the function) or ``method`` (``target`` is its name). ``item``:
-    for an operation that returns a tuple, the element the extern gives (``torch.split(#0, 2)[1]``), else None."""
+    for an operation that returns a tuple, the element the extern gives (``torch.split(#0, 2)[1]``), else None.
+    ``mask``: the operation returns a bool tensor, which the layer gets as a 0/1 mask (as it holds a comparison)."""
 
     kind: str
     target: Any
     args: tuple
     kwargs: dict
     item: int | None = None
+    mask: bool = False
 
     def describe(self) -> str:
         """``torch.cumsum(#0, dim=1)``: the operation with its fixed arguments (``#i``: the extern's tensor i)."""
@@ -79,7 +87,11 @@ class TracedOp(nn.Module):
 
     def forward(self, *tensors: Tensor) -> Tensor:
         result = self._run(*tensors)
-        return result if self.call.item is None else result[self.call.item]
+        result = result if self.call.item is None else result[self.call.item]
+        if self.call.mask and isinstance(result, Tensor) and result.dtype == torch.bool:
+            like = next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+            result = result.to(like)  # the layer's 0/1 mask, in its arguments' float dtype (as its comparisons)
+        return result
 
     def _run(self, *tensors: Tensor) -> Any:
         args, kwargs = _fill(self.call.args, tensors), _fill(self.call.kwargs, tensors)

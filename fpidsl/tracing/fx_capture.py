@@ -384,11 +384,15 @@ def record(module: fx.GraphModule, example: Sequence[Any]) -> dict[fx.Node, Any]
     return recorder.values
 
 
-def one_more_sample(example: Sequence[Any], batched: Sequence[bool]) -> list[Any]:
-    """The example with its first sample appended to every batched argument (one flag per argument; a tuple of
-    states: each)."""
+def one_more_sample(example: Sequence[Any], batched: Sequence[bool], more: int = 1) -> list[Any]:
+    """The example with its first ``more`` samples appended to every batched argument (one flag per argument; a
+    tuple of states: each), taken again from its start where ``more`` is above the batch size."""
     def extended(t: Any) -> Any:
-        return type(t)(extended(s) for s in t) if isinstance(t, (tuple, list)) else torch.cat([t, t[:1]])
+        if isinstance(t, (tuple, list)):
+            return type(t)(extended(s) for s in t)
+        if t.shape[0] == 0:
+            return t
+        return torch.cat([t, *[t] * (more // t.shape[0]), t[:more % t.shape[0]]])
 
     return [extended(t) if b else t for t, b in zip(example, batched)]
 

@@ -180,6 +180,13 @@ _OPERATORS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "lt
 
 @op("add", "sub", args=("input|self|a", "other|b", "alpha"), alpha=1)
 def _add_sub(w, a):
+    """``a + b``, ``a - alpha * b``. Two bool tensors (comparisons, which the layer holds as 0/1 masks) add as
+    torch adds them, a logical or (``True + True`` is ``True``): ``maximum(a, b)``, not the 2 of ``a + b``. (A bool
+    ``-`` raises in torch, at the trace's record.)"""
+    if w.gives_bool():
+        if w.current != "add" or a["alpha"] not in (1, True) or not (w.is_bool(a["input"]) and w.is_bool(a["other"])):
+            raise UntraceableError(f"{w.current} of bool tensors with alpha={a['alpha']!r} or a bool number")
+        return f"maximum({w.text(a['input'])}, {w.text(a['other'])})"
     other = w.text(a["other"]) if a["alpha"] == 1 else f"{w.number(a['alpha'])} * {w.text(a['other'])}"
     return f"{w.text(a['input'])} {_OPERATORS[w.current]} {other}"
 
@@ -187,6 +194,51 @@ def _add_sub(w, a):
 @op("mul", "matmul", "lt", "le", "gt", "ge", "eq", "ne", args=("input|self|a", "other|b"))
 def _binary(w, a):
     return f"{w.text(a['input'])} {_OPERATORS[w.current]} {w.text(a['other'])}"
+
+
+def _bool_operands(w, a, names: tuple[str, ...]) -> list[str]:
+    """The operands of a bitwise operation (``~ & | ^``) when all are bool tensors (masks), as text; an integer
+    operand (or a number) is refused (an extern then runs torch's integer operation)."""
+    if not all(w.is_bool(a[n]) for n in names):
+        raise UntraceableError(f"{w.current} of other than bool tensors (masks)")
+    return [w.text(a[n]) for n in names]
+
+
+def _truth(w, value: Any) -> str:
+    """``value != 0`` as a mask (a mask itself where it is one): torch's truth of a tensor's elements."""
+    if not w.is_tensor(value):
+        raise UntraceableError(f"{w.current} of a number")
+    return w.text(value) if w.is_bool(value) else f"({w.text(value)} != 0)"
+
+
+# Logical operations on masks (0/1 in the layer, bool in torch; the results are masks): not is ``m == 0``, and is
+# ``m * n``, or is ``maximum(m, n)``, xor is ``m != n``; the logical_* functions also take numbers as truth values
+@op("invert", "inv", "bitwise_not")
+def _not(w, a):
+    (m,) = _bool_operands(w, a, ("input",))
+    return f"{m} == 0"
+
+
+@op("logical_not")
+def _logical_not(w, a):
+    if not w.is_tensor(a["input"]):
+        raise UntraceableError("logical_not of a number")
+    return f"{w.text(a['input'])} == 0"
+
+
+_LOGICAL = {"and": "{} * {}", "or": "maximum({}, {})", "xor": "{} != {}"}
+_BITWISE_NAMES = {"and_": "and", "bitwise_and": "and", "or_": "or", "bitwise_or": "or", "xor": "xor",
+                  "bitwise_xor": "xor"}
+
+
+@op(*_BITWISE_NAMES, args=("input|self|a", "other|b"))
+def _bitwise(w, a):
+    return _LOGICAL[_BITWISE_NAMES[w.current]].format(*_bool_operands(w, a, ("input", "other")))
+
+
+@op("logical_and", "logical_or", "logical_xor", args=("input|self", "other"))
+def _logical(w, a):
+    return _LOGICAL[w.current.removeprefix("logical_")].format(_truth(w, a["input"]), _truth(w, a["other"]))
 
 
 @op("div", args=("input|self|a", "other|b", "rounding_mode"), rounding_mode=None)

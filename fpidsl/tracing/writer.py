@@ -77,6 +77,28 @@ class Names:
                 or name in PYTHON_RESERVED or name in MODULE_KINDS or name in ("None", "true", "false"))
 
 
+def _at(value: Any, batch: int) -> Any:
+    """A symbolic value (see :func:`~fpidsl.tracing.fx_capture.symbolic`) at the batch size ``batch``."""
+    if isinstance(value, BatchDim):
+        return value.scale * batch + value.offset
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(_at(v, batch) for v in value)
+    return value
+
+
+def _same_size(predicted: Any, recorded: Any) -> bool:
+    """A symbolic value's prediction is what the map computed at that batch size (NaN equal to NaN)."""
+    if isinstance(recorded, (tuple, list, torch.Size)):
+        return isinstance(predicted, tuple) and len(predicted) == len(recorded) and \
+            all(_same_size(p, r) for p, r in zip(predicted, recorded))
+    if isinstance(recorded, float) and recorded != recorded:
+        return isinstance(predicted, float) and predicted != predicted
+    try:
+        return bool(predicted == recorded)
+    except Exception:  # noqa: BLE001 - a value without a plain equality: not a size
+        return True
+
+
 def _is_batch(dim: Any) -> bool:
     return isinstance(dim, BatchDim) and dim.is_batch
 
@@ -145,11 +167,12 @@ class Writer:
 
     def __init__(self, module: fx.GraphModule, first: dict, second: dict, batch: int, batched: Sequence[bool],
                  layer_name: str, externs: bool = True, n_states: int = 1, labels: dict[str, str] | None = None,
-                 origin: str | None = None):
+                 origin: str | None = None, third: dict | None = None):
         self.allow_externs, self.n_states = externs, n_states
         self.origin = origin  # where the map is defined ("file:line"): the position of a refused argument
         self.labels = labels or {}  # a foreign target's name in the user's code (a closure's variable)
         self.module, self.first, self.second, self.batch = module, first, second, batch
+        self.third = third  # the values at batch 2 * batch + 1 (None: not recorded), to check the sizes' B-rule
         self.batched_args = list(batched)
         self.names = Names()
         self.layer = self.names.fresh(layer_name)
@@ -169,6 +192,10 @@ class Writer:
         self.current = ""
         self.sparse_transposes: set[fx.Node] = set()  # A.t() of a sparse argument, read only by spmm
         self.index_nodes: set[fx.Node] = set()  # int64 / bool arguments and the int / bool values made from them
+        # values the layer holds in another dtype than the map does: a comparison's bool (a 0/1 mask in the layer),
+        # what the map computes from it in an integer dtype (mask.sum(1)), a cast of one (mask.float())
+        self.recast: set[fx.Node] = set()
+        self.extern_nodes: set[fx.Node] = set()
         self.sparse_args = self._sparse_arguments()
 
     def _sparse_arguments(self) -> set[fx.Node]:
@@ -280,9 +307,30 @@ class Writer:
         return self.first[next(n for n in self.module.graph.nodes if n.op == "placeholder")]
 
     def same_dtype(self, value: Any) -> bool:
-        node = next(n for n, v in self.env.items() if v == value)
+        node = self._node_of(value)
         before, after = self.first[node].dtype, self.first[self.node].dtype
-        return before == after or (before == torch.bool and after.is_floating_point and node not in self.index_nodes)
+        return before == after or (after.is_floating_point and node not in self.index_nodes
+                                   and (before == torch.bool or node in self.recast))
+
+    def _node_of(self, value: Any) -> fx.Node:
+        """The node whose value ``value`` is: among the current node's inputs first (``m.float()`` and ``m`` are
+        one name in the spec, and two dtypes in the map)."""
+        for n in (*self.node.all_input_nodes, *self.env):
+            if self.env.get(n) == value:
+                return n
+        raise KeyError(value)
+
+    def is_bool(self, value: Any) -> bool:
+        """``value`` is a bool tensor in the map (a comparison, which the layer holds as a 0/1 mask)."""
+        if not isinstance(value, Ref):
+            return False
+        made = self.first.get(self._node_of(value))
+        return isinstance(made, Tensor) and made.dtype == torch.bool
+
+    def gives_bool(self) -> bool:
+        """The current node is a bool tensor in the map."""
+        made = self.first.get(self.node)
+        return isinstance(made, Tensor) and made.dtype == torch.bool
 
     def no_dtype(self, bound: dict) -> None:
         if bound.get("dtype") is not None:
@@ -317,6 +365,8 @@ class Writer:
                 if node.op != "placeholder" and isinstance(value, Tensor) and not value.is_floating_point() and \
                         any(a in self.index_nodes for a in node.all_input_nodes):
                     self.index_nodes.add(node)  # tokens[:, 0], mask.unsqueeze(-1): still an index
+                elif self._held_otherwise(node, value):
+                    self.recast.add(node)
             except UntraceableError as exc:
                 where = self.origin if node.op == "placeholder" and self.origin else _where(node)
                 raise UntraceableError(f"{exc} (at {where})") from None
@@ -330,6 +380,18 @@ class Writer:
         return WrittenSpec(self.layer, text, self.states, self.inputs,
                            list(self.batched_args[self.n_states:self.n_states + len(self.inputs)]), self.sources,
                            self.externs)
+
+    def _held_otherwise(self, node: fx.Node, value: Any) -> bool:
+        """Whether the layer holds the tensor ``node`` (written by the spec) in another dtype than the map: a bool
+        or integer tensor computed inside the map (``x > 0``, ``mask.sum(1)``), a 0/1 or integer-valued float in
+        the layer; a cast of one to another float dtype (``mask.float()`` of a float64 state)."""
+        if node.op not in ("call_function", "call_method", "call_module") or not isinstance(value, Tensor) or \
+                node in self.extern_nodes or not isinstance(self.env.get(node), Ref) or \
+                isinstance(self.env.get(node), SparseRef):
+            return node in self.recast
+        if not value.is_floating_point():
+            return True
+        return value.dtype != self._state_example().dtype and any(a in self.recast for a in node.all_input_nodes)
 
     def _visit(self, node: fx.Node) -> Any:
         value = self.first.get(node)
@@ -430,7 +492,26 @@ class Writer:
                 raise UntraceableError(f"{_what(node)} gives a Python value computed from a tensor's contents")
         elif node.op == "call_function" and node.target not in table.PYTHON_FUNCTIONS:
             raise UntraceableError(f"{_what(node)} gives a Python value")
-        return symbolic(self.first[node], self.second[node], self.batch)
+        operands = [*args, *(self._arg(v) for v in node.kwargs.values())]
+        follows = [a for a in operands if isinstance(a, BatchDim)]
+        if follows and node.op == "call_function" and (
+                node.target is operator.floordiv or (node.target is operator.mul and len(follows) > 1)):
+            what = ("with //", "x.shape[0] // 2") if node.target is operator.floordiv else \
+                ("as a product of two", "x.shape[0] * x.shape[0]")
+            raise UntraceableError(f"an integer computed from the batch size {what[0]} ({what[1]}, say; "
+                                   f"{self.first[node]!r} at batch {self.batch}) is no size a * B + b, which is all "
+                                   "a layer's sizes follow: the layer would keep it at the example's value at every "
+                                   "batch size; pass it as an argument, or solve with trace=False")
+        value = symbolic(self.first[node], self.second[node], self.batch)
+        if self.third is not None and node in self.third:
+            m = 2 * self.batch + 1
+            if not _same_size(_at(value, m), self.third[node]):
+                raise UntraceableError(
+                    f"a value computed from the batch size ({self.first[node]!r} at batch {self.batch}, "
+                    f"{self.second[node]!r} at {self.batch + 1}, {self.third[node]!r} at {m}) is no size a * B + b, "
+                    "and the layer would get it wrong at other batch sizes; pass it as an argument, or solve with "
+                    "trace=False")
+        return value
 
     # ------------------------------------------------------------------ operations that return a tuple
     def _tuple_call(self, node: fx.Node, value: Sequence) -> TupleValue:
@@ -545,6 +626,7 @@ class Writer:
                 return self._let(f"{name}({args[0].name})", suffix="out")
             if kind in table.ACTIVATION_MODULES:
                 canonical, options = table.ACTIVATION_MODULES[kind](module)
+                self._promotes_mask(node, canonical)
                 if getattr(module, "inplace", False):  # nn.ReLU(inplace=True): later reads of its input see it
                     return self._in_place(node, self._apply(canonical, args, options))
                 return self._apply(canonical, args, options)
@@ -598,6 +680,7 @@ class Writer:
         try:
             if canonical is None or canonical not in table.OPS:
                 raise UntraceableError(f"{_what(node)} has no primitive")
+            self._promotes_mask(node, canonical)
             return self._apply(canonical, args, kwargs)
         except UntraceableError as exc:
             in_place = node.kwargs.get("inplace") or (node.op == "call_method" and node.target.endswith("_")
@@ -607,6 +690,30 @@ class Writer:
                                        f"{_what(node)} has no primitive") from None
             kind = "method" if node.op == "call_method" else "function"
             return self._extern(OpCall(kind, node.target, (), {}), node)
+
+    def _promotes_mask(self, node: fx.Node, canonical: str) -> None:
+        """Refuse (an extern then runs it on the map's dtypes) an operation on a mask, or on a value computed from
+        one in an integer dtype, that torch computes in another float dtype than the layer: ``mask * 0.1``,
+        ``torch.tanh(mask)``, ``mask.sum(1) / 6`` are float32 (torch's default dtype) in the map where the layer's
+        mask is the state's float64. (``where``'s condition and ``masked_fill``'s mask do not take part in the
+        result's dtype, but ``where(x > 0, 1.0, 0.2)`` with two numbers is torch's default dtype too; a cast,
+        ``mask.float()``, keeps the 0/1 values in any float dtype.)"""
+        made = self.first.get(node)
+        like = self._state_example().dtype
+        if not isinstance(made, Tensor) or not made.is_floating_point() or made.dtype == like or \
+                canonical in ("to", "type", "float", "double", "contiguous", "clone"):
+            return
+        conditions = {"where": (0, "condition"), "masked_fill": (1, "mask")}.get(canonical)
+        skipped = set()
+        if conditions is not None:
+            position, keyword = conditions
+            skipped.add(node.args[position] if len(node.args) > position else node.kwargs.get(keyword))
+        values = [a for a in node.all_input_nodes if a not in skipped]
+        if any(a in self.recast for a in values) or \
+                (not values and any(a in self.recast for a in node.all_input_nodes)):  # where(x > 0, 1.0, 0.2)
+            raise UntraceableError(f"{_what(node)} of a bool (or integer) tensor computed in the map gives "
+                                   f"{str(made.dtype).removeprefix('torch.')} in torch, where the layer holds the "
+                                   f"tensor as {str(like).removeprefix('torch.')}")
 
     def _extern(self, call: OpCall, node: fx.Node) -> Ref:
         """An operation with no primitive as an extern param: declared with its arguments' and result's shapes,
@@ -620,8 +727,8 @@ class Writer:
                                            "(read only as an index: Embedding, gather, index_select, where)")
                 value = self.env[a]
                 if isinstance(value, Ref):
-                    refs.append(value)
-                    return Slot(len(refs) - 1)
+                    refs.append(value)  # a mask the layer holds as 0/1 floats goes in as the map's bool tensor
+                    return Slot(len(refs) - 1, self.first[a].dtype if a in self.recast else None)
                 return template(value)
             if isinstance(a, BatchDim):
                 raise UntraceableError(f"{_what(node)} has no primitive, and a size that follows the batch is one "
@@ -643,7 +750,12 @@ class Writer:
         name = self.names.fresh(stem, "fn")
         declared = inputs[0] if len(inputs) == 1 else "(" + ", ".join(inputs) + ")"
         self.params.append(f"param {name} : extern {declared} -> {output}")
-        call = OpCall(call.kind, call.target, args, kwargs, call.item)
+        made = self.first.get(self.node)
+        mask = isinstance(made, Tensor) and made.dtype == torch.bool  # the layer gets it as a 0/1 mask
+        call = OpCall(call.kind, call.target, args, kwargs, call.item, mask)
+        self.extern_nodes.add(self.node)
+        if mask:
+            self.recast.add(self.node)
         self.externs[name] = call
         self.extern_notes.append(f"{name} (extern): {call.describe()}, derivatives by autograd; give it as "
                                  f"{self.layer}({name}=...) (Layer.from_module does)")
