@@ -301,11 +301,17 @@ def _sqrt(b, n, ct):
 
 
 def _selected(b, ct: str, mask: str) -> str:
-    """``ct`` where ``mask`` (a mask primitive's value) is nonzero, exactly 0 elsewhere: torch's backwards of relu,
-    clamp, maximum and minimum select (threshold_backward, where), so a masked-off place gets 0 even where the
-    cotangent arriving there is inf or NaN (``sqrt(relu(a))`` at ``a <= 0``: sqrt' is inf there), where a product
-    with the 0/1 mask gave NaN."""
-    return b.call("where", mask, ct, b.const(0))
+    """``ct`` where ``mask`` (a mask primitive's value) is positive, exactly 0 elsewhere (the auxiliary ``select``):
+    torch's backwards of relu, clamp, maximum and minimum select (threshold_backward, where), so a masked-off place
+    gets 0 even where the cotangent arriving there is inf or NaN (``sqrt(relu(a))`` at ``a <= 0``: sqrt' is inf
+    there), where a product with the 0/1 mask gave NaN."""
+    return b.call("select", ct, mask)
+
+
+def _select(b, n, ct):
+    """select is linear in its cotangent argument, and piecewise constant in its mask."""
+    x, mask = b.args(n)
+    return {0: sum_to(b, b.call("select", ct, mask), b.shape(x))}
 
 
 def _relu(b, n, ct):
@@ -807,7 +813,7 @@ RULES: dict[str, VjpRule] = {
     # auxiliary
     "relu_mask": _zero, "leaky_relu_mask": _zero, "clamp_mask": _zero, "greater_mask": _zero,
     "equal_mask": _zero, "ones_like": _zero, "zeros_like": _zero, "count": _zero, "elu_grad": _elu_grad,
-    "safe_div": _safe_div,
+    "safe_div": _safe_div, "select": _select,
     "expand_as": _expand_as, "reshape_as": _reshape_as, "index_backward": _index_backward,
     "cat_part": _cat_part, "linear_weight_grad": _linear_weight_grad,
     "conv2d_input_grad": _conv2d_input_grad, "conv2d_weight_grad": _conv2d_weight_grad,

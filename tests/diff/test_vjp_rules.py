@@ -189,6 +189,7 @@ CASES = [
     # issue 13: auxiliary
     _c("equal_mask", [2, 3], [3]), _c("equal_mask", [3, 4], [3, 4], tie=True),
     _c("safe_div", [2, 3], [3], domains=("any", "nonzero")), _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
+    _c("select", [3, 4], [3, 4]), _c("select", [2, 3], [3]), _c("select", [3, 1], [3, 4]),
     # issue 13: dropout (x times its mask; the seeds, integers in practice, have no derivative)
     _c("dropout", [3, 4], [3], p=0.3, key=1), _c("dropout", [2, 3, 2], [2], p=0.5, key=0),
     # issue 13: normalisation modules, constructors
@@ -215,7 +216,7 @@ SECOND_ORDER = [
     _c("var", [2, 3, 4], dim=(0, 2), keepdim=True, correction=0), _c("var", [3, 5], dim=1),
     _c("permute", [2, 3, 4], dims=(2, 0, 1)), _c("unsqueeze", [2, 3], dim=(-1, 0)),
     _c("triu", [2, 4, 3], diagonal=1), _c("tril", [2, 3, 4], diagonal=-1),
-    _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")),
+    _c("safe_div", [3, 4], [3, 1], domains=("any", "zeros")), _c("select", [2, 3], [3]),
     *NORM_CASES,
     _c("power", [2, 3], [3], domains=("positive",)), _c("solve", [3, 3], [3, 2], domains=("invertible",)),
     _c("solve", [1, 3, 3], [2, 3], domains=("invertible",)), _c("einsum", [2, 3, 4], [2, 5, 4], equation="btd,bsd->bts"),
