@@ -22,7 +22,9 @@ class ZooModel:
     """A zoo layer: ``inputs(gen, batch)`` draws its inputs in declaration order (on one graph, ``batch + 5``
     nodes: the nodes are the batch); its derivatives are compared in ``wrt``, an input and a parameter (input
     names, or ``named_parameters`` names: token ids have none, so their embedding stands for them); ``unroll``
-    plain iterations from the layer's start reach its fixed point to float64 precision."""
+    plain iterations from the layer's start reach its fixed point to float64 precision; ``lr`` is the learning rate of
+    the test's Adam steps (smaller for the MDEQs, whose bias-free convolutions start at 0.01: a step of 0.01 would
+    move them by their own size)."""
 
     key: str
     spec: str
@@ -31,6 +33,7 @@ class ZooModel:
     inputs: Callable[[torch.Generator, int], tuple[Tensor, ...]]
     wrt: tuple[str, str]
     unroll: int = 300
+    lr: float = 1e-2  # the learning rate of the zoo test's few Adam steps
 
     @property
     def path(self) -> Path:
@@ -54,9 +57,19 @@ def normalized_graphs(gen: torch.Generator, batch: int, nodes: int, p: float = 0
     return scale[:, :, None] * adjacency * scale[:, None, :]
 
 
+def directed_graphs(gen: torch.Generator, batch: int, nodes: int, p: float = 0.4) -> Tensor:
+    """Random directed graphs with self-loops, row-normalised D^-1 (A + I) (spectral radius 1): ``A[j, i]`` the
+    weight of the edge j -> i, not symmetric, so that A and its transpose give different layers (the IGNNs
+    propagate by A^T, as Gu et al.'s W X A with the nodes as columns)."""
+    edges = (torch.rand(batch, nodes, nodes, generator=gen, dtype=DTYPE) < p).to(DTYPE)
+    adjacency = edges * (1 - torch.eye(nodes, dtype=DTYPE)) + torch.eye(nodes, dtype=DTYPE)
+    return adjacency / adjacency.sum(-1, keepdim=True)
+
+
 def sparse_graph(gen: torch.Generator, nodes: int) -> Tensor:
-    """One random graph of ``nodes`` nodes, normalised as in :func:`normalized_graphs`, as a sparse COO tensor."""
-    return normalized_graphs(gen, 1, nodes, p=0.3)[0].to_sparse()
+    """One random directed graph of ``nodes`` nodes, normalised as in :func:`directed_graphs`, as a sparse COO
+    tensor."""
+    return directed_graphs(gen, 1, nodes, p=0.3)[0].to_sparse()
 
 
 def pixel_grid(batch: int, side: int) -> Tensor:
@@ -84,17 +97,17 @@ MODELS = [
     ZooModel("qp", "qp.fpi", "BoxQP", "Amos & Kolter 2017",
              lambda g, b: (normal(g, b, 4, scale=2.0),), ("a", "L")),
     ZooModel("ignn", "ignn.fpi", "IGNN", "Gu et al. 2020",
-             lambda g, b: (normalized_graphs(g, b, 6), normal(g, b, 6, 3)), ("U", "V")),
+             lambda g, b: (directed_graphs(g, b, 6), normal(g, b, 6, 3)), ("U", "V")),
     ZooModel("mdeq", "mdeq.fpi", "MDEQCell", "Bai, Koltun & Kolter 2020",
-             lambda g, b: (normal(g, b, 4, 5, 5),), ("x", "conv1.weight"), unroll=250),
+             lambda g, b: (normal(g, b, 4, 5, 5),), ("x", "conv1.weight"), unroll=250, lr=1e-3),
     ZooModel("mdeq_two_scale", "mdeq_two_scale.fpi", "MDEQTwoScale", "Bai, Koltun & Kolter 2020",
-             lambda g, b: (normal(g, b, 4, 4, 4),), ("x", "down.weight"), unroll=200),
+             lambda g, b: (normal(g, b, 4, 4, 4),), ("x", "down.weight"), unroll=200, lr=1e-3),
     ZooModel("deq_flow", "deq_flow.fpi", "DEQFlow", "Bai, Geng, Savani & Kolter 2022",
              lambda g, b: (normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), normal(g, b, 4, 6, 6), pixel_grid(b, 6)),
              ("f2", "convq.weight"), unroll=150),
     ZooModel("ignn_sparse", "ignn_sparse.fpi", "IGNNSparse", "Gu et al. 2020",
              lambda g, b: (sparse_graph(g, b + 5), normal(g, b + 5, 3)), ("U", "V")),
     ZooModel("deq_transformer", "deq_transformer.fpi", "DEQTransformer", "Bai, Kolter & Koltun 2019",
-             lambda g, b: (torch.randint(0, 11, (b, 6), generator=g),), ("emb.weight", "attn.in_proj_weight"),
+             lambda g, b: (torch.randint(0, 11, (b, 6), generator=g),), ("emb.weight", "qkv.weight"),
              unroll=200),
 ]

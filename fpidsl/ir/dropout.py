@@ -1,5 +1,11 @@
-"""Variational dropout, ``dropout(x, p=0.1)``: one mask per forward solve, held fixed over every forward and
-backward iteration of that solve (as in MDEQ and DEQ-Transformer); the identity in eval mode.
+"""Variational dropout, ``dropout(x, p=0.1, spatial=false)``: one mask per forward solve, held fixed over every
+forward and backward iteration of that solve; the identity in eval mode. This is the idea of the variational
+("weight-tied") dropout of DEQ-Transformer and MDEQ (locuslab/deq ``VariationalHidDropout``, locuslab/mdeq
+``lib/modules/optimizations.py`` ``VariationalHidDropout2d``): a mask reset once per solve, not per iteration. By
+default the mask is drawn per element. With ``spatial=true`` it is drawn per (sample, channel), of shape
+``[B, C, 1, ...]`` broadcast over the remaining dims, so every pixel of a channel shares one value: MDEQ's
+``VariationalHidDropout2d(spatial=True)`` (``m = zeros_like(x[:, :, :1, :1]).bernoulli_(1 - p)``). The masks
+are not torch's ``bernoulli_`` draws: they are hashed from per-sample seeds (below), with the same keep rate.
 
 The mask is not a random draw inside g (g must be the same map at every iteration): it is a deterministic function
 of a per-sample seed and the position of each element (:func:`fpidsl.runtime.ops.dropout_mask`, a counter-based
@@ -30,4 +36,8 @@ def dropout_shape(shapes, attrs, ctx):
         raise ctx.fail(f"dropout draws one mask per sample, so its argument's dimension 0 must be the batch "
                        f"{fmt_dim(seeds[0])}, found {fmt_shape(x)}", arg=0,
                        hint="apply dropout to a value with one row per sample ([B, ...])")
+    if attrs.get("spatial", False) and len(x) < 2:
+        raise ctx.fail(f"dropout with spatial=true draws one mask value per (sample, channel), so its argument "
+                       f"needs a channel dimension 1, found {fmt_shape(x)}", attr="spatial",
+                       hint="spatial dropout is for values [B, C, ...] (channels in dimension 1)")
     return tuple(x)

@@ -1089,9 +1089,10 @@ _TABLE = [
     # variational dropout (fpidsl/ir/dropout.py): x and the solve's per-sample seeds, which the compiler supplies
     dataclasses.replace(_p(
         _DROPOUT.DROPOUT, ("x", "seeds"), _DROPOUT.dropout_shape, Attr("p", "number", 0.1), Attr("key", "int", 0),
-        batch=_B.leading(), vjp=_V["dropout"], lipschitz="dropout", builtin=True,
-        doc="x times a mask drawn once per forward solve, fixed over its iterations (identity in eval mode)"),
-        written="dropout(x, p=0.1)"),
+        Attr("spatial", "bool", False), batch=_B.leading(), vjp=_V["dropout"], lipschitz="dropout", builtin=True,
+        doc="x times a mask drawn once per forward solve, fixed over its iterations (identity in eval mode); "
+            "spatial=true: one mask value per (sample, channel), the same at every position"),
+        written="dropout(x, p=0.1, spatial=false)"),
     # an outside nn.Module (fpidsl/ir/extern.py): handle, flat parameters, then its inputs
     _p(_X_EXTERN.EXTERN, ("args",), _X_EXTERN.extern_shape, *_EXTERN_ATTRS, batch=_B.external(),
        variadic=True, vjp=_V["extern"], lipschitz=None,

@@ -1014,25 +1014,28 @@ class _Builder:
         return self.call("grad", [(energy, bound["energy"]), (state, bound["state"])], {}, call.span, env)
 
     def dropout(self, call: ast.Call, env: Env | None) -> str | None:
-        """``dropout(x, p=0.1)``: x and the layer's per-sample seeds (one param for every dropout call, made at the
-        first; each call its own ``key``: fpidsl/ir/dropout.py)."""
+        """``dropout(x, p=0.1, spatial=false)``: x and the layer's per-sample seeds (one param for every dropout
+        call, made at the first; each call its own ``key``; ``spatial`` an attr only when true: fpidsl/ir/dropout.py)."""
         prim = BUILTINS[DROPOUT]
-        bound = self.bind(call, ["x", "p"], {"x"}, DROPOUT, prim.signature())
+        bound = self.bind(call, ["x", "p", "spatial"], {"x"}, DROPOUT, prim.signature())
         if bound is None:
             return None
         p = self.attr_value(prim.attr("p"), bound["p"], env, DROPOUT) if "p" in bound else 0.1
+        spatial = self.attr_value(prim.attr("spatial"), bound["spatial"], env, DROPOUT) if "spatial" in bound else False
         x = self.build_expr(bound["x"], env)
-        if x is None or p is _FAIL or not self.graph.states:
+        if x is None or p is _FAIL or spatial is _FAIL or not self.graph.states:
             return None
         if SEEDS not in self.graph.params:
             lead = next(iter(self.graph.states.values())).shape
             self.graph.params[SEEDS] = self.graph.add_node(
                 "param", span=call.span, shape=(lead[0],) if lead else (1,), name=SEEDS, module=None, role="seeds")
         key = sum(1 for n in self.graph.nodes() if self.graph.node(n).get("prim") == DROPOUT)
-        node = self.call(DROPOUT, [(x, bound["x"]), (self.graph.params[SEEDS], call.func.span)], {"p": p, "key": key},
+        attrs = {"p": p, "key": key, **({"spatial": True} if spatial else {})}  # spatial=false: the plain node
+        node = self.call(DROPOUT, [(x, bound["x"]), (self.graph.params[SEEDS], call.func.span)], attrs,
                          call.span, env)
-        if "p" in bound:
-            self.graph.node(node)["attr_spans"] = {"p": self.use_span(bound["p"], env)}
+        spans = {name: self.use_span(bound[name], env) for name in ("p", "spatial") if name in bound}
+        if spans:
+            self.graph.node(node)["attr_spans"] = spans
         return node
 
     def extern_param(self, decl: ast.ExternParamDecl) -> None:

@@ -786,12 +786,19 @@ _GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 _M31 = (1 << 31) - 1
 
 
-def dropout_mask(x: Tensor, seeds: Tensor, *, p: float, key: int = 0) -> Tensor:
+def dropout_mask(x: Tensor, seeds: Tensor, *, p: float, key: int = 0, spatial: bool = False) -> Tensor:
     """The mask of ``dropout(x)`` for these per-sample ``seeds``: 0 with probability p, else 1 / (1 - p); a
     deterministic function of (seed, key, element position), so every evaluation of the map sees the same mask. A
-    counter-based hash on 31-bit integers (int64 arithmetic without overflow, the same on every device)."""
-    per_sample = x[0].numel()
-    idx = torch.arange(per_sample, device=x.device, dtype=torch.int64).view((1,) + tuple(x.shape[1:]))
+    counter-based hash on 31-bit integers (int64 arithmetic without overflow, the same on every device).
+    ``spatial``: one value per (sample, channel), the mask of shape ``[B, C, 1, ...]`` (MDEQ's
+    ``VariationalHidDropout2d(spatial=True)``), which broadcasts over the remaining dims of ``x``."""
+    shape = tuple(x.shape[1:])
+    if spatial and len(shape) >= 1:
+        shape = (shape[0],) + (1,) * (len(shape) - 1)
+    per_sample = 1
+    for size in shape:
+        per_sample *= size
+    idx = torch.arange(per_sample, device=x.device, dtype=torch.int64).view((1,) + shape)
     seed = ((seeds.to(torch.int64) + key * 0x3C6EF372) & _M31).view((-1,) + (1,) * (x.dim() - 1))
     h = (seed ^ ((idx * 0x5BD1E995) & _M31)) & _M31
     for _ in range(3):
@@ -803,27 +810,27 @@ def dropout_mask(x: Tensor, seeds: Tensor, *, p: float, key: int = 0) -> Tensor:
     return keep.to(x.dtype) / (1.0 - p)
 
 
-def dropout(x: Tensor, seeds: Tensor | None, *, p: float = 0.1, key: int = 0) -> Tensor:
+def dropout(x: Tensor, seeds: Tensor | None, *, p: float = 0.1, key: int = 0, spatial: bool = False) -> Tensor:
     """``x`` times its mask (:func:`dropout_mask`); ``x`` itself when ``seeds`` is None (eval mode) or p is 0."""
     if seeds is None or p == 0:
         return x
-    return x * _solve_mask(x, seeds, p, key)
+    return x * _solve_mask(x, seeds, p, key, spatial)
 
 
-def _solve_mask(x: Tensor, seeds: Tensor, p: float, key: int) -> Tensor:
+def _solve_mask(x: Tensor, seeds: Tensor, p: float, key: int, spatial: bool = False) -> Tensor:
     """:func:`dropout_mask`, made once per seeds tensor (one per solve, a new one when the running samples are
     sliced) and kept on it: the iterations of a solve reuse the mask instead of hashing again (the mask of a
     [256, 512] value costs about four 512 x 512 products on one CPU thread)."""
     if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(x):
         # under torch.compile (compile=True: the graph computes the mask; dynamo cannot trace the cache) or inside
         # vmap (a mask of that level only): not kept
-        return dropout_mask(x, seeds, p=p, key=key)
+        return dropout_mask(x, seeds, p=p, key=key, spatial=spatial)
     try:
         cache = seeds.__dict__.setdefault("_fpidsl_dropout_masks", {})
     except AttributeError:  # a tensor subclass or wrapper without a __dict__: no cache
-        return dropout_mask(x, seeds, p=p, key=key)
-    index = (tuple(x.shape), x.dtype, x.device, p, key)
+        return dropout_mask(x, seeds, p=p, key=key, spatial=spatial)
+    index = (tuple(x.shape), x.dtype, x.device, p, key, spatial)
     mask = cache.get(index)
     if mask is None:
-        mask = cache[index] = dropout_mask(x, seeds, p=p, key=key)
+        mask = cache[index] = dropout_mask(x, seeds, p=p, key=key, spatial=spatial)
     return mask

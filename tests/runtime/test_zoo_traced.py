@@ -41,7 +41,7 @@ def shrunk(module: nn.Module, scale: float) -> nn.Module:
 
 
 class LISTA(nn.Module):
-    """LISTA (Gregor & LeCun 2010): a learned ISTA step, one threshold per code entry."""
+    """LISTA (Gregor & LeCun 2010): x <- S_theta(W_e y + S x), one threshold per code entry (S x: x @ S.T)."""
 
     def __init__(self, m=8, n=5):
         super().__init__()
@@ -50,7 +50,7 @@ class LISTA(nn.Module):
         self.theta = nn.Parameter(torch.full((n,), 0.05))
 
     def forward(self, x, y):
-        return soft_threshold(self.We(y) + x @ self.S, self.theta)
+        return soft_threshold(self.We(y) + x @ self.S.T, self.theta)
 
 
 class ImplicitEuler(nn.Module):
@@ -79,69 +79,83 @@ class BoxQP(nn.Module):
 
 
 class IGNN(nn.Module):
-    """Implicit graph network (Gu et al. 2020) on a batch of dense graphs; W scaled to |W|∞ = κ < 1."""
+    """Implicit graph network (Gu et al. 2020) on a batch of dense graphs: W X A + Omega U A with the nodes as rows,
+    A^T X W^T + A^T U Omega^T; the rows of V above |.|_1 = κ < 1 scaled down to κ."""
 
     def __init__(self, d=3, h=6, kappa=0.9):
         super().__init__()
         self.V = nn.Parameter(0.3 * torch.randn(h, h))
-        self.Omega = nn.Linear(d, h)
+        self.Omega = nn.Linear(d, h, bias=False)
         self.kappa = kappa
 
+    def weight(self):
+        return self.V * (self.kappa / self.V.abs().sum(dim=1, keepdim=True)).clamp(0, 1)
+
     def forward(self, X, A, U):
-        W = self.kappa * self.V / self.V.abs().sum(dim=1).max()
-        return torch.relu(A @ X @ W.T + self.Omega(U))
+        At = A.transpose(1, 2)
+        return torch.relu(At @ X @ self.weight().T + At @ self.Omega(U))
 
 
 class SparseIGNN(IGNN):
-    """The IGNN on one graph whose adjacency is a sparse COO tensor: the nodes are the batch."""
+    """The IGNN on one graph whose adjacency is a sparse COO tensor: the nodes are the batch. The map is given
+    the transposed adjacency ``At`` (a sparse argument: ``torch.sparse.mm(At, X)`` traces to spmm)."""
 
-    def forward(self, X, A, U):
-        W = self.kappa * self.V / self.V.abs().sum(dim=1).max()
-        return torch.relu(torch.sparse.mm(A, X) @ W.T + self.Omega(U))
+    def forward(self, X, At, U):
+        return torch.relu(torch.sparse.mm(At, X) @ self.weight().T + torch.sparse.mm(At, self.Omega(U)))
 
 
 class MDEQCell(nn.Module):
-    """MDEQ's residual cell (Bai, Koltun & Kolter 2020) with GroupNorm; its dropout in eval mode."""
+    """MDEQ's BasicBlock (Bai, Koltun & Kolter 2020): GN3(relu(z + GN2(x + drop(conv2(relu(GN1(conv1 z))))))),
+    bias-free convolutions; its (spatial, variational) dropout in eval mode, the identity."""
 
     def __init__(self, c=4, hidden=8):
         super().__init__()
-        self.conv1 = nn.Conv2d(c, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, c, 3, padding=1)
+        self.conv1 = nn.Conv2d(c, hidden, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(hidden, c, 3, padding=1, bias=False)
         self.gn1, self.gn2, self.gn3 = nn.GroupNorm(2, hidden), nn.GroupNorm(2, c), nn.GroupNorm(2, c)
         self.drop = nn.Dropout(0.2)
 
     def forward(self, z, x):
-        return self.gn3(F.relu(z + self.gn2(x + self.conv2(self.drop(self.gn1(F.relu(self.conv1(z))))))))
+        return self.gn3(F.relu(z + self.gn2(x + self.drop(self.conv2(F.relu(self.gn1(self.conv1(z))))))))
 
 
 class Residual(nn.Module):
-    """One resolution's residual block of the two-scale MDEQ."""
+    """One resolution's MDEQ BasicBlock (without its dropout, as in eval mode) given its injection (or none), with
+    its last GN given as weight and bias (``F.group_norm``)."""
 
-    def __init__(self, c, hidden):
+    def __init__(self, c, hidden, last_weight=1.0):
         super().__init__()
-        self.conv_a, self.conv_b = nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, c, 3, padding=1)
+        self.conv_a = nn.Conv2d(c, hidden, 3, padding=1, bias=False)
+        self.conv_b = nn.Conv2d(hidden, c, 3, padding=1, bias=False)
         self.gn_a, self.gn_b = nn.GroupNorm(2, hidden), nn.GroupNorm(2, c)
+        self.w, self.b = nn.Parameter(torch.full((c,), last_weight)), nn.Parameter(torch.zeros(c))
 
-    def forward(self, z, x):
-        return F.relu(z + self.gn_b(x + self.conv_b(self.gn_a(F.relu(self.conv_a(z))))))
+    def forward(self, z, x=None):
+        y = self.conv_b(F.relu(self.gn_a(self.conv_a(z))))
+        return F.group_norm(F.relu(z + self.gn_b(y if x is None else x + y)), 2, self.w, self.b)
 
 
 class MDEQTwoScale(nn.Module):
-    """Two resolutions iterated together, fused by a strided convolution down and nearest upsampling up."""
+    """MDEQ's module with two resolutions: the input injected at the fine one only, fused by a strided
+    convolution and GN down, a 1x1 convolution, GN and nearest upsampling up, then relu -> 1x1 conv -> GN."""
 
     def __init__(self, c=4, hidden=8):
         super().__init__()
-        self.block1, self.block2 = Residual(c, hidden), Residual(c, hidden)
-        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
-        self.up = nn.Conv2d(c, c, 1)
-        self.fuse1, self.fuse2 = nn.GroupNorm(2, c), nn.GroupNorm(2, c)
+        self.block1, self.block2 = Residual(c, hidden), Residual(c, hidden, 0.05)
+        self.down, self.down_gn = nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False), nn.GroupNorm(2, c)
+        self.up, self.up_gn = nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(2, c)
+        self.post1, self.post1_gn = nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(1, c)
+        self.post2, self.post2_gn = nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(1, c)
+        with torch.no_grad():
+            self.up_gn.weight.fill_(0.1)
+            self.post1_gn.weight.fill_(0.1)
 
     def forward(self, zs, x):
         z1, z2 = zs
-        f1 = self.block1(z1, x)
-        f2 = self.block2(z2, F.avg_pool2d(x, 2))
-        return (self.fuse1(f1 + F.interpolate(self.up(f2), scale_factor=2, mode="nearest")),
-                self.fuse2(f2 + self.down(f1)))
+        f1, f2 = self.block1(z1, x), self.block2(z2)
+        up = F.interpolate(self.up_gn(self.up(f2)), scale_factor=2, mode="nearest")
+        return (self.post1_gn(self.post1(F.relu(f1 + up))),
+                self.post2_gn(self.post2(F.relu(f2 + self.down_gn(self.down(f1))))))
 
 
 class DEQFlow(nn.Module):
@@ -153,11 +167,12 @@ class DEQFlow(nn.Module):
         self.convz, self.convr, self.convq = (nn.Conv2d(hidden + motion + c, hidden, 3, padding=1) for _ in range(3))
         self.head = nn.Conv2d(hidden, 2, 3, padding=1)
         self.px = 2 / (side - 1)
+        self.scale = c ** 0.5  # RAFT's correlation / sqrt(C)
 
     def forward(self, h, f1, f2, ctx, coords):
         flow = self.head(h)
         target = coords + self.px * flow.permute(0, 2, 3, 1)
-        corr = (f1 * F.grid_sample(f2, target, align_corners=True)).sum(dim=1, keepdim=True)
+        corr = (f1 * F.grid_sample(f2, target, align_corners=True)).sum(dim=1, keepdim=True) / self.scale
         x = torch.cat([F.relu(self.enc(torch.cat([corr, flow], dim=1))), ctx], dim=1)
         hx = torch.cat([h, x], dim=1)
         zg, r = torch.sigmoid(self.convz(hx)), torch.sigmoid(self.convr(hx))
@@ -166,24 +181,41 @@ class DEQFlow(nn.Module):
 
 
 class DEQTransformer(nn.Module):
-    """A DEQ-Transformer cell (Bai, Kolter & Koltun 2019): causal self-attention and a GELU MLP, post-norm."""
+    """The DEQ-Transformer cell (Bai, Kolter & Koltun 2019): the input injected into q, k, v only, through its own
+    projection ``inj`` of sqrt(D) emb(tokens); causal attention with the residual at z; a ReLU feed-forward;
+    post-norm LayerNorms without affine parameters (nn.LayerNorm(elementwise_affine=False)). The attention is
+    written with tensor ops (a bias-free QKV projection, chunk, reshape, softmax)."""
 
     def __init__(self, vocab=11, width=8, heads=2):
         super().__init__()
         self.emb = nn.Embedding(vocab, width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.inj = nn.Linear(width, 3 * width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width)
         self.ff1, self.ff2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.ln1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.width, self.heads, self.length = width, heads, 6
 
     def forward(self, z, tokens):
         return self.cell(z, self.emb(tokens))
 
+    def heads_of(self, w, part):
+        """q, k or v (part 0, 1, 2) of the projections w [B, T, 3D], split into heads: [B, heads, T, D / heads]."""
+        d = self.width
+        return w[:, :, part * d:(part + 1) * d].reshape(-1, self.length, self.heads, d // self.heads).transpose(1, 2)
+
+    def attention(self, w):
+        q, k, v = (self.heads_of(w, i) for i in range(3))
+        t = self.length
+        mask = torch.triu(torch.full((t, t), -1e9, dtype=w.dtype), diagonal=1)
+        p = torch.softmax(q @ k.transpose(-1, -2) / (self.width // self.heads) ** 0.5 + mask, dim=-1)
+        return (p @ v).transpose(1, 2).reshape(-1, t, self.width)
+
     def cell(self, z, embedded):
-        u = z + embedded
-        t = u.shape[1]
-        mask = torch.triu(torch.full((t, t), -1e9, dtype=u.dtype), diagonal=1)
-        h = self.ln1(u + self.attn(u, u, u, attn_mask=mask, need_weights=False)[0])
-        return self.ln2(h + self.ff2(F.gelu(self.ff1(h))))
+        w = self.qkv(z) + self.inj(self.width ** 0.5 * embedded)
+        h = self.ln1(z + self.out(self.attention(w)))
+        return self.ln2(h + self.ff2(F.relu(self.ff1(h))))
 
 
 class EmbeddedTransformer(DEQTransformer):
@@ -193,27 +225,17 @@ class EmbeddedTransformer(DEQTransformer):
         return self.cell(z, embedded)
 
 
-class TransformerSDPA(nn.Module):
-    """The DEQ-Transformer cell with its attention written out: a QKV projection, heads by reshaping, and
-    ``F.scaled_dot_product_attention`` (causal), given the embedded tokens."""
+class TransformerSDPA(DEQTransformer):
+    """The DEQ-Transformer cell with ``F.scaled_dot_product_attention`` (causal) for the attention, given the
+    embedded tokens."""
 
-    def __init__(self, width=8, heads=2):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.ff1, self.ff2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.heads = heads
-
-    def attention(self, u):
-        b, t, d = u.shape
-        qkv = self.qkv(u).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
-        return self.out(a.transpose(1, 2).reshape(b, t, d))
+    def attention(self, w):
+        q, k, v = (self.heads_of(w, i) for i in range(3))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return a.transpose(1, 2).reshape(-1, self.length, self.width)
 
     def forward(self, z, embedded):
-        u = z + embedded
-        h = self.ln1(u + self.attention(u))
-        return self.ln2(h + self.ff2(F.gelu(self.ff1(h))))
+        return self.cell(z, embedded)
 
 
 class ICNN(nn.Module):
@@ -269,7 +291,7 @@ def _cases() -> dict[str, Case]:
     g = torch.Generator().manual_seed(0)
     b = 2
     normal, z4 = ZOO_TABLE.normal, lambda *s: torch.zeros(b, *s, dtype=DT)  # noqa: E731
-    graphs, sparse = ZOO_TABLE.normalized_graphs(g, b, 5), ZOO_TABLE.sparse_graph(g, 7)
+    graphs, sparse = ZOO_TABLE.directed_graphs(g, b, 5), ZOO_TABLE.sparse_graph(g, 7).t().coalesce()  # A^T
     return {
         "lista": Case(LISTA().to(DT), z4(5), (normal(g, b, 8),), (0, "S")),
         "implicit_euler": Case(shrunk(ImplicitEuler(), 0.5), None, (normal(g, b, 4),), (0, "fc1.weight")),
@@ -284,10 +306,10 @@ def _cases() -> dict[str, Case]:
                          (*(normal(g, b, 4, 6, 6) for _ in range(3)), ZOO_TABLE.pixel_grid(b, 6)),
                          (1, "convq.weight")),  # F.grid_sample: a primitive
         "deq_transformer": Case(shrunk(DEQTransformer(), 0.5).eval(), z4(6, 8),
-                                (torch.randint(0, 11, (b, 6), generator=g),), (None, "attn.in_proj_weight")),
+                                (torch.randint(0, 11, (b, 6), generator=g),), (None, "qkv.weight")),
         # tokens: input tokens : int [B, 6], self.emb(tokens) the Embedding module (issue 18)
         "deq_transformer_embedded": Case(shrunk(EmbeddedTransformer(), 0.5).eval(), z4(6, 8), (normal(g, b, 6, 8),),
-                                         (0, "attn.in_proj_weight")),  # attn(u, u, u, mask=...)[0]: the module
+                                         (0, "qkv.weight")),
         "deq_transformer_sdpa": Case(shrunk(TransformerSDPA(), 0.5), z4(6, 8), (normal(g, b, 6, 8),),
                                      (0, "qkv.weight"), externs={"scaled_dot_product_attention_fn"}),
         "icnn": Case(shrunk(ICNN(), 0.5), z4(4), (normal(g, b, 4),), (0, "W0.weight")),
