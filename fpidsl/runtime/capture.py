@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 MAX_DEPTH = 12
@@ -310,6 +312,32 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def recomputed_by_hooks(module: nn.Module) -> dict[str, Any]:
+    """The attributes of ``module`` that a hook-based weight or spectral norm (``torch.nn.utils.weight_norm`` /
+    ``spectral_norm``, forward pre-hooks) computes again from the module's parameters at each of its calls
+    (``weight`` from ``weight_g`` and ``weight_v``, or ``weight_orig``), by name, with their hooks. They are not
+    tensors the map reads besides its arguments: those parameters are (a ``weight`` left by an earlier call, taken
+    as one, made the next backward run into that call's graph)."""
+    return {h.name: h for h in module._forward_pre_hooks.values() if isinstance(h, (SpectralNorm, WeightNorm))}
+
+
+def refresh_hooked_weights(modules: Sequence[nn.Module]) -> None:
+    """Set each attribute of :func:`recomputed_by_hooks` in ``modules`` (and their submodules) to its value from the
+    real parameters, as the module's last call in plain PyTorch leaves it: fpidsl's own evaluations of the map (the
+    solve, the checks, the backward's) run the hooks on detached copies, and ``weight`` was left detached, or on a
+    copy's graph, so code reading ``fc.weight`` after the solve (a tied readout) lost its gradient. The spectral norm
+    takes no power iteration here (its vectors are those of the last evaluation)."""
+    seen: set[int] = set()
+    for root in modules:
+        for m in root.modules():
+            if id(m) in seen or not m._forward_pre_hooks:
+                continue
+            seen.add(id(m))
+            for name, hook in recomputed_by_hooks(m).items():
+                value = hook.compute_weight(m, False) if isinstance(hook, SpectralNorm) else hook.compute_weight(m)
+                setattr(m, name, value)
+
+
 class _Walker:
     def __init__(self, captured: Captured):
         self.captured = captured
@@ -378,7 +406,10 @@ class _Walker:
                 self.visit(forward, depth + 1)
 
     def attributes(self, obj: Any, owner: str, depth: int) -> None:
+        recomputed = recomputed_by_hooks(obj) if isinstance(obj, nn.Module) and obj._forward_pre_hooks else {}
         for name, value in list(vars(obj).items()):
+            if name in recomputed:
+                continue
             if isinstance(value, Tensor):
                 if varies(value):
                     self.captured.add(value, _attr(obj, name, f"attribute {name!r} of {owner}"))

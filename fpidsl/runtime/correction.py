@@ -1,8 +1,10 @@
 """Fixed-point correction (Bai et al. 2022, torchdeq's ``n_states`` / ``gamma``): losses on intermediate iterates.
 
 :func:`fixed_point_states` runs one solve and returns ``n_states`` states along its trajectory: the iterates at
-iterations ``indexing`` (default: ``n_states - 1`` iterations spread uniformly over ``max_iter``, torchdeq's
-``uniform`` indexing) and, last, the fixed point. A sample that finished before an index contributes its result
+iterations ``indexing`` (default: ``n_states - 1`` iterations spread uniformly over ``max_iter``,
+``round(max_iter * i / n_states)``; torchdeq's ``uniform`` indexing is one iteration later from the second state on:
+with ``n_states=3``, ``max_iter=30`` and one phantom step the states are f^11, f^21 here and f^11, f^22 in
+torchdeq 0.1.0) and, last, the fixed point. A sample that finished before an index contributes its result
 there. The last state is the fixed point with the backward's gradient (``implicit`` by default, or any mode);
 each intermediate state ``z_i`` is attached by a phantom gradient: its value and gradient are those of ``k`` damped
 steps ``z <- (1 - tau) z + tau f(z)`` from ``z_i`` held fixed, recorded by autograd (torchdeq's default is one

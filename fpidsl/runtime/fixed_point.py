@@ -24,6 +24,7 @@ from .adjoint import Adjoint, AdjointMap, AutogradAdjoint, _Bound, forward_tange
 from .buffers import kept_buffers, modules_of
 from .capture import LOCK as CAPTURE_LOCK
 from .capture import NOTHING_CAPTURED, Captured, HiddenTensorError, VersionGuard, check_complete, discover
+from .capture import refresh_hooked_weights
 from .driver import solve
 from .gradient_modes import INEXACT_MODES, inexact_backprop, unrolled_forward
 from .warm_start import EvalDerivation, WarmStart
@@ -463,8 +464,10 @@ def _run(
         if plan is not None:
             joint = plan.per_sample is False or (plan.per_sample is None and probe
                                                  and _mixes(f, single, x0s, args, discover(f)))
-            return _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
-                        not joint, plan.hoisted, "explicit")
+            out = _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
+                       not joint, plan.hoisted, "explicit")
+            refresh_hooked_weights(modules_of(f))
+            return out
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
     if probe and layout.per_sample and _mixes(f, single, x0s, args, captured):
         layout = StateLayout.of(x0s, False)  # one problem over the whole batch (fpidsl.runtime.mixing)
@@ -480,6 +483,7 @@ def _run(
     x_hat = _apply(problem, x0s, (*args, *params))
     if capture == "auto":
         check_complete(problem.fn, x_hat, (*args, *params), keep=modules_of(f))
+        refresh_hooked_weights((*modules_of(f), *captured.modules))
     return x_hat[0] if single else tuple(x_hat)
 
 
@@ -569,9 +573,14 @@ def fixed_point(
     forward = resolve_settings(solve, FORWARD_DEFAULTS).merged(forward_settings)
     backward_settings = resolve_settings(backward, BACKWARD_DEFAULTS)
     stats = Stats() if stats is None else stats
-    x_hat = _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample, hoisted,
-                 capture, trace)
+    x_hat = _as_given(x0, _run(f, x0, args, forward, backward_settings, adjoint, stats, history, batched, per_sample,
+                               hoisted, capture, trace))
     return (x_hat, stats) if return_stats else x_hat
+
+
+def _as_given(x0: Any, x_hat: Any) -> Any:
+    """The result in ``x0``'s structure: a list of states for a list (as torchdeq returns them), else as solved."""
+    return list(x_hat) if isinstance(x0, list) and isinstance(x_hat, tuple) else x_hat
 
 
 class FixedPoint(nn.Module):
@@ -621,7 +630,7 @@ class FixedPoint(nn.Module):
         x_hat = _run(self.f, self.warm.start(x0, self.backward_settings), args, settings, self.backward_settings,
                      self.adjoint, self.stats, self.history, self.batched, self.per_sample, trace=self.trace)
         self.warm.remember(x_hat, self.stats.forward.diverged if self.stats.forward is not None else None)
-        return x_hat
+        return _as_given(x0, x_hat)
 
     def _eval_solve_settings(self) -> SolverSettings:
         """The eval-mode settings (:class:`~fpidsl.runtime.warm_start.EvalDerivation`: derived ones follow a later

@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
+import fpidsl
+
 from .helpers import (
     DTYPE,
     as_tuple,
@@ -134,3 +136,19 @@ def test_a_constant_argument_that_is_none_keeps_the_tensors_in_their_places():
     assert_orders_close(derivatives(lambda: smooth_loss(layer(w, z)), [w, z], order=2),
                         derivatives(lambda: smooth_loss(by_hand(w, z)), [w, z], order=2))
     assert gradcheck(layer, (w, z), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_list_of_states_comes_back_as_a_list(trace):
+    """The result has x0's structure (the docstring): a list for a list (torchdeq's states are a list), a tuple for a
+    tuple; a list came back as a tuple."""
+    def f(xs, z):
+        return 0.5 * torch.tanh(xs[1]) + z, 0.5 * torch.tanh(xs[0])
+
+    z = torch.ones(2, 3, dtype=torch.float64)
+    starts = [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)]
+    out = fpidsl.fixed_point(f, starts, z, trace=trace)
+    assert isinstance(out, list) and len(out) == 2
+    assert isinstance(fpidsl.fixed_point(f, tuple(starts), z, trace=trace), tuple)
+    assert isinstance(fpidsl.FixedPoint(f, trace=trace)(starts, z), list)
+    torch.testing.assert_close(out[1], 0.5 * torch.tanh(out[0]))

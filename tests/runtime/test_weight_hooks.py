@@ -68,3 +68,65 @@ def test_other_hooks_of_its_modules_are_refused(layer_class):
         layer(a)
     handle.remove()
     layer(a)  # no hooks: runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixed_point on a module with a hook-based norm (a helper's probe of a torchdeq user's port)
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.fc, self.inj = torch.nn.Linear(d, d).double(), torch.nn.Linear(d, d).double()
+
+    def forward(self, z, x):
+        return torch.tanh(0.5 * self.fc(z) + self.inj(x))
+
+
+def _unrolled_cell(cell, x, steps=300):
+    z = torch.zeros_like(x)
+    for _ in range(steps):
+        z = cell(z, x)
+    return z
+
+
+@pytest.mark.filterwarnings("ignore::fpidsl.tracing.auto.TraceMismatchWarning")  # the power iteration: not traced
+@pytest.mark.parametrize("trace", [True, False])
+def test_training_a_map_with_a_hook_based_spectral_norm(trace):
+    """The second step's backward raised "modified by an inplace operation": the `weight` left on the module by the
+    first call (computed from a detached copy inside fpidsl) was taken as a tensor the map reads, and the backward
+    ran into the first call's graph after the optimizer changed weight_orig."""
+    torch.manual_seed(0)
+    cell = _Cell()
+    torch.nn.utils.spectral_norm(cell.fc)
+    opt = torch.optim.SGD(cell.parameters(), lr=0.1)
+    for _ in range(3):
+        x = torch.randn(4, 6, dtype=DT)
+        opt.zero_grad()
+        z = fpidsl.fixed_point(cell, torch.zeros(4, 6, dtype=DT), x, tol=1e-10, trace=trace)
+        z.square().sum().backward()
+        assert cell.fc.weight_orig.grad is not None and torch.isfinite(cell.fc.weight_orig.grad).all()
+        opt.step()
+    assert cell.fc.weight.grad_fn is not None  # the module's weight follows weight_orig, as after a plain call
+
+
+@pytest.mark.filterwarnings("ignore::fpidsl.tracing.auto.TraceMismatchWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_weight_read_after_the_solve_follows_a_hook_based_weight_norm(trace):
+    """A readout tied to the cell's weight (`fc.weight`, read after the solve without calling fc) lost the path to
+    weight_g and weight_v: the module was left holding a weight computed from fpidsl's detached copies (0.95 and
+    0.84 relative off)."""
+    def run(solve):
+        torch.manual_seed(0)
+        cell = _Cell()
+        torch.nn.utils.weight_norm(cell.fc)
+        x = torch.randn(4, 6, dtype=DT)
+        z = solve(cell, x)
+        (z @ cell.fc.weight.T).square().sum().backward()
+        return cell.fc.weight_g.grad, cell.fc.weight_v.grad
+
+    want = run(_unrolled_cell)
+    got = run(lambda cell, x: fpidsl.fixed_point(cell, torch.zeros_like(x), x, trace=trace, tol=1e-13,
+                                                 backward={"tol": 1e-13}))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
