@@ -21,7 +21,8 @@ Where the evaluation is recorded for a derivative of higher order (``higher=True
 (:func:`layer_norm_written_out`): torch 2.13's fused kernels have a wrong third derivative (their double backward's
 own backward; a third-order directional derivative of ``F.layer_norm`` on a 1 x 4 input read 0.125 where finite
 differences and the formula give -0.269; ``gradgradcheck`` of their gradients fails, group_norm's passes). The
-formulas cost a few more kernels than the fused forms, on that path only. The emitted code's ``ops.layer_norm``
+formulas cost a few more kernels than the fused forms, on that path only, and are used in float32 and float64
+outside autocast (:func:`written_out_keeps_precision`). The emitted code's ``ops.layer_norm``
 runs the formula wherever autograd records it (a layer's outputs, ``unrolled``). Batch norm with running statistics
 keeps torch's kernel (its statistics' update is the kernel's): its third derivative stays torch's.
 """
@@ -57,6 +58,13 @@ def layer_norm_written_out(x: torch.Tensor, shape: tuple[int, ...], weight: torc
     """``F.layer_norm`` as its formula (mean and biased variance over the last ``len(shape)`` dimensions), whose
     derivatives by autograd are right at every order (see the module's docstring)."""
     return _normalized(x, tuple(range(-len(shape), 0)), eps, weight, bias, 0)
+
+
+def written_out_keeps_precision(x: torch.Tensor) -> bool:
+    """Whether the formula computes ``x``'s norm as precisely as the fused kernel: in float32 and float64 outside
+    autocast (the fused kernels accumulate a half-precision input in float32, and autocast picks their dtype; a
+    third derivative in half precision is not what the work-around is for)."""
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 
 def _normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float, weight, bias, channel: int | None) -> torch.Tensor:
@@ -95,6 +103,8 @@ def _written_out(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
         bound = dict(zip(names, args))
         bound.update(kwargs)
     x, weight, bias = bound["input"], bound.get("weight"), bound.get("bias")
+    if not written_out_keeps_precision(x):
+        return None
     if kind == "layer":
         return layer_norm_written_out(x, tuple(bound["normalized_shape"]), weight, bias, bound.get("eps", 1e-5))
     if bound.get("running_mean") is not None or bound.get("running_var") is not None:
