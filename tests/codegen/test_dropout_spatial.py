@@ -12,6 +12,7 @@ from fpidsl.runtime import ops
 
 from ..runtime.helpers import derivatives
 from .helpers import the_one_error, tight_layer
+from .test_dropout import seeded
 
 SPEC = """
 layer Spatial {
@@ -26,11 +27,6 @@ P = 0.25
 
 def load(tmp_path, text: str = SPEC):
     return tight_layer(tmp_path, "spatial.fpi", text)
-
-
-def seeded(layer, a, seed: int = 5):
-    torch.manual_seed(seed)
-    return layer(a)
 
 
 def by_hand(layer, a, steps: int = 200):
