@@ -93,6 +93,28 @@ def _signature(x0: Any, args: Sequence[Any], batched, per_sample: bool, state: t
     return (tuple(parts), None if batched is None else tuple(batched), per_sample, state)
 
 
+def _unlocated(f: Callable, foreign: dict[str, Any]) -> str:
+    """Why :func:`_locations` found no way to read again an object ``f`` reads without owning it: what the object is."""
+    fn = f.__func__ if isinstance(f, types.MethodType) else f
+    if not isinstance(fn, types.FunctionType):
+        return ("the map is a callable object that reads a module or tensor it does not own (neither its own, an "
+                "argument, nor in a closure, defaults or globals, where a replaced value would be seen)")
+    for obj in foreign.values():
+        if _locations(f, {"x": obj}) is None:
+            if isinstance(obj, nn.Module):
+                return (f"the map reads a {type(obj).__name__} module that is neither its own, an argument, nor in its "
+                        "closure, defaults or globals, but reached through an attribute of one (`self.f` in `lambda "
+                        "z: self.f(z, x)`): a replaced module would go unseen; pass the module as the map, "
+                        "fixed_point(self.f, z0, x)")
+            if isinstance(obj, torch.Tensor):
+                return (f"the map reads a tensor of shape {list(obj.shape)} that torch.fx computed while tracing (from "
+                        "a tensor the map reads without taking it as an argument: `w / w.norm()` of a global, a "
+                        "submodule's weight reshaped) or reached through an attribute of a closure's object: it would "
+                        "be kept at its value now; pass it, or what it is computed from, as an argument")
+    return ("the map reads a module or tensor that is neither its own, an argument, nor in its closure, defaults or "
+            "globals (where a replaced value would be seen)")
+
+
 def _locations(f: Callable, foreign: dict[str, Any]) -> tuple | None:
     """For each object ``f`` reads without owning it: how to read it again (a closure cell, a global, a default).
     None where one cannot be found (then ``f`` is not traced: a replaced value would go unseen)."""
@@ -154,8 +176,7 @@ def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
                                 "report it with the map")
     located = _locations(f, traced.foreign)
     if located is None:
-        return _Entry(None, (), "the map reads a module or tensor that is neither its own, an argument, nor in its "
-                                "closure, defaults or globals (where a replaced value would be seen)")
+        return _Entry(None, (), _unlocated(f, traced.foreign))
     return _Entry(traced, located)
 
 

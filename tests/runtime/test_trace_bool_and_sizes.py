@@ -249,3 +249,33 @@ def test_cli_refuses_an_integer_from_the_batch(tmp_path, capsys):
                     "    return 0.5 * torch.tanh(torch.cat([x[half:], x[:half]], 0)) + z\n")
     assert main(["trace", f"{path}:halves", "--shape", "x=4,3", "--shape", "z=4,3"]) == 1
     assert "x.shape[0] // 2" in capsys.readouterr().err
+
+
+def test_why_a_closure_over_a_models_attribute_is_not_traced():
+    """torchdeq's `lambda z: self.f(z, x)` and a tensor folded by torch.fx at trace time got one message naming
+    neither (a helper's probe of a torchdeq port): now it says what the map reads and what to do."""
+    from fpidsl.tracing import trace_status
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, z, x):
+            return torch.tanh(0.5 * self.fc(z) + x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = Cell()
+
+    model, x = Model(), torch.randn(3, 4)
+    traced, why = trace_status(lambda z: model.f(z, x), torch.zeros_like(x))
+    assert not traced and "reads a Cell module" in why and "fixed_point(self.f, z0, x)" in why
+    w = torch.randn(4, 4)
+
+    def g(z, x):
+        return torch.tanh(z @ (w / w.norm()).T + x)
+
+    traced, why = trace_status(g, torch.zeros(3, 4), x)
+    assert not traced and "tensor of shape [4, 4] that torch.fx computed while tracing" in why
