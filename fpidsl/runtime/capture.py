@@ -334,8 +334,17 @@ def refresh_hooked_weights(modules: Sequence[nn.Module]) -> None:
                 continue
             seen.add(id(m))
             for name, hook in recomputed_by_hooks(m).items():
-                value = hook.compute_weight(m, False) if isinstance(hook, SpectralNorm) else hook.compute_weight(m)
-                setattr(m, name, value)
+                setattr(m, name, _spectral_weight(m, hook) if isinstance(hook, SpectralNorm) else hook.compute_weight(m))
+
+
+def _spectral_weight(module: nn.Module, hook: SpectralNorm) -> Tensor:
+    """``SpectralNorm.compute_weight`` without a power iteration, on copies of its vectors ``u`` and ``v``: the next
+    call's power iteration writes them in place, and a weight computed from the buffers themselves made a backward
+    through it raise "modified by an inplace operation" (torch's hook copies them too)."""
+    weight = getattr(module, hook.name + "_orig")
+    u = getattr(module, hook.name + "_u").clone(memory_format=torch.contiguous_format)
+    v = getattr(module, hook.name + "_v").clone(memory_format=torch.contiguous_format)
+    return weight / torch.dot(u, torch.mv(hook.reshape_weight_to_matrix(weight), v))
 
 
 class _Walker:

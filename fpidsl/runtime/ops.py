@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from .torch_faults import layer_norm_written_out, written_out_keeps_precision
+from .torch_faults import layer_norm_recorded
 
 Tensor = torch.Tensor
 Dims = int | tuple[int, ...] | None
@@ -424,11 +424,12 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
                eps: float = 1e-5) -> Tensor:
-    """``F.layer_norm``; its formula where autograd may differentiate the call (a layer's outputs, ``unrolled``):
-    torch's fused kernel has a wrong third derivative (:mod:`fpidsl.runtime.torch_faults`). The derived VJP (the
-    solves' backward) has rules of its own."""
-    if _recorded(x, weight, bias) and written_out_keeps_precision(x):
-        return layer_norm_written_out(x, tuple(shape), weight, bias, eps)
+    """``F.layer_norm``; where autograd may differentiate the call (a layer's outputs, ``unrolled``), one whose
+    backward of a backward is the formula's: torch's fused kernel has a wrong third derivative
+    (:func:`fpidsl.runtime.torch_faults.layer_norm_recorded`). The derived VJP (the solves' backward) has rules of
+    its own."""
+    if _recorded(x, weight, bias):
+        return layer_norm_recorded(x, tuple(shape), weight, bias, eps)
     return F.layer_norm(x, tuple(shape), weight, bias, eps)
 
 

@@ -46,6 +46,10 @@ def jvp(fn: Callable[..., States], primals: States, tangents: States) -> States:
     from torch._functorch import eager_transforms
     from torch.autograd import forward_ad
 
+    # make_dual writes into its primal: an expanded one (the cotangent of .sum(), under torch.func.hessian) raised
+    # "more than one element of the written-to tensor refers to a single memory location"
+    primals = tuple(_dense(p) for p in primals)
+    tangents = tuple(_dense(t) for t in tangents)
     with norms_with_a_separate_bias(higher=True):  # torch's faulty derivatives worked around
         if forward_ad._current_level < 0:
             return tuple(torch.func.jvp(fn, tuple(primals), tuple(tangents))[1])
@@ -55,6 +59,12 @@ def jvp(fn: Callable[..., States], primals: States, tangents: States) -> States:
             except NotImplementedError:  # "Trying to use forward AD with ... that does not support it"
                 pass
         return _transposed_vjp(fn, primals, tangents)
+
+
+def _dense(t: Any) -> Any:
+    """``t`` with storage of its own where it is a view sharing memory between its elements (an expanded tensor)."""
+    dense = isinstance(t, torch.Tensor) and t.layout == torch.strided
+    return t.contiguous() if dense and not t.is_contiguous() else t
 
 
 def _transposed_vjp(fn: Callable[..., States], primals: States, tangents: States) -> States:

@@ -257,3 +257,12 @@ def test_compiled_layer_forward_ad(layer):
         got = forward_ad.unpack_dual(layer(forward_ad.make_dual(a, da))).tangent
     want = jvp(lambda a: layer_unrolled(layer, params, a), (a,), (da,))[1]
     close(got, want)
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean", "square"])
+def test_hessian_of_a_plain_sum_of_the_fixed_point(loss):
+    """hessian(lambda W: fp(a, W).sum()) raised inside make_dual (the cotangent of .sum() is an expanded tensor,
+    which make_dual writes into; a review's attack): it is the unrolled iteration's now."""
+    a, W = data()
+    reduce = {"sum": lambda x: x.sum(), "mean": lambda x: x.mean(), "square": lambda x: x.square().sum()}[loss]
+    close(hessian(lambda W: reduce(fp(a, W)))(W), hessian(lambda W: reduce(unrolled(a, W)))(W))

@@ -130,3 +130,27 @@ def test_a_weight_read_after_the_solve_follows_a_hook_based_weight_norm(trace):
                                                  backward={"tol": 1e-13}))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.filterwarnings("ignore::fpidsl.tracing.auto.TraceMismatchWarning")
+@pytest.mark.parametrize("trace", [True, False])
+@pytest.mark.parametrize("then", ["one more step", "a second solve"])
+def test_a_tied_readout_then_another_call_with_a_hook_based_spectral_norm(trace, then):
+    """The refreshed weight read the spectral norm's vectors u, v themselves; the next call's power iteration wrote
+    them in place and the backward raised "modified by an inplace operation" (a review's attack): the gradient is
+    plain PyTorch's now."""
+    def run(solve):
+        torch.manual_seed(0)
+        cell = _Cell()
+        torch.nn.utils.spectral_norm(cell.fc)
+        x = torch.randn(4, 6, dtype=DT)
+        z = solve(cell, x)
+        extra = cell(z, x) if then == "one more step" else solve(cell, 2 * x)
+        ((z @ cell.fc.weight.T).square().sum() + extra.square().sum()).backward()
+        return cell.fc.weight_orig.grad
+
+    want = run(lambda cell, x: _unrolled_cell(cell, x, 100))
+    got = run(lambda cell, x: fpidsl.fixed_point(cell, torch.zeros_like(x), x, trace=trace, tol=1e-12))
+    # the power iteration runs at every evaluation of the map (100 here, the solves' count there): u and v, so the
+    # map, differ by a little
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
