@@ -22,8 +22,9 @@ Where the evaluation is recorded for a derivative of higher order (``higher=True
 own backward; a third-order directional derivative of ``F.layer_norm`` on a 1 x 4 input read 0.125 where finite
 differences and the formula give -0.269; ``gradgradcheck`` of their gradients fails, group_norm's passes). The
 formulas cost a few more kernels than the fused forms, on that path only, and are used in float32 and float64
-outside autocast (:func:`written_out_keeps_precision`). The emitted code's ``ops.layer_norm``
-runs the formula wherever autograd records it (a layer's outputs, ``unrolled``). Batch norm with running statistics
+outside autocast (:func:`written_out_keeps_precision`). The emitted code's ``ops.layer_norm``, where autograd
+records it (a layer's outputs, ``unrolled``), is :func:`layer_norm_recorded`: torch's fused forward and first
+backward, the formula's backward of a backward. Batch norm with running statistics
 keeps torch's kernel (its statistics' update is the kernel's): its third derivative stays torch's.
 """
 from __future__ import annotations
