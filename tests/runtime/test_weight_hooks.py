@@ -83,6 +83,14 @@ class _Cell(torch.nn.Module):
         return torch.tanh(0.5 * self.fc(z) + self.inj(x))
 
 
+def _normed_cell(norm):
+    """A cell whose fc has the hook-based ``norm``, and an input (seeded)."""
+    torch.manual_seed(0)
+    cell = _Cell()
+    norm(cell.fc)
+    return cell, torch.randn(4, 6, dtype=DT)
+
+
 def _unrolled_cell(cell, x, steps=300):
     z = torch.zeros_like(x)
     for _ in range(steps):
@@ -117,10 +125,7 @@ def test_a_weight_read_after_the_solve_follows_a_hook_based_weight_norm(trace):
     weight_g and weight_v: the module was left holding a weight computed from fpidsl's detached copies (0.95 and
     0.84 relative off)."""
     def run(solve):
-        torch.manual_seed(0)
-        cell = _Cell()
-        torch.nn.utils.weight_norm(cell.fc)
-        x = torch.randn(4, 6, dtype=DT)
+        cell, x = _normed_cell(torch.nn.utils.weight_norm)
         z = solve(cell, x)
         (z @ cell.fc.weight.T).square().sum().backward()
         return cell.fc.weight_g.grad, cell.fc.weight_v.grad
@@ -140,10 +145,7 @@ def test_a_tied_readout_then_another_call_with_a_hook_based_spectral_norm(trace,
     them in place and the backward raised "modified by an inplace operation" (a review's attack): the gradient is
     plain PyTorch's now."""
     def run(solve):
-        torch.manual_seed(0)
-        cell = _Cell()
-        torch.nn.utils.spectral_norm(cell.fc)
-        x = torch.randn(4, 6, dtype=DT)
+        cell, x = _normed_cell(torch.nn.utils.spectral_norm)
         z = solve(cell, x)
         extra = cell(z, x) if then == "one more step" else solve(cell, 2 * x)
         ((z @ cell.fc.weight.T).square().sum() + extra.square().sum()).backward()
