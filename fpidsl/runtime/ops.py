@@ -29,9 +29,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 
-from .torch_faults import layer_norm_recorded
+from .torch_faults import layer_norm_exact
 
 Tensor = torch.Tensor
 Dims = int | tuple[int, ...] | None
@@ -424,25 +423,10 @@ def group_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, shape: tuple[int, ...],
                eps: float = 1e-5) -> Tensor:
-    """``F.layer_norm``; where autograd may differentiate the call (a layer's outputs, ``unrolled``), one whose
-    backward of a backward is the formula's: torch's fused kernel has a wrong third derivative
-    (:func:`fpidsl.runtime.torch_faults.layer_norm_recorded`). The derived VJP (the solves' backward) has rules of
-    its own."""
-    if _recorded(x, weight, bias):
-        return layer_norm_recorded(x, tuple(shape), weight, bias, eps)
-    return F.layer_norm(x, tuple(shape), weight, bias, eps)
-
-
-def _recorded(*tensors) -> bool:
-    """Whether an autograd mode may differentiate an operation on ``tensors``: grad mode on and one requires grad,
-    a forward-mode level open, or one is a torch.func transform's wrapper."""
-    if forward_ad._current_level >= 0:
-        return True
-    for t in tensors:
-        if isinstance(t, Tensor) and ((t.requires_grad and torch.is_grad_enabled())
-                                      or torch._C._functorch.is_functorch_wrapped_tensor(t)):
-            return True
-    return False
+    """``F.layer_norm``, right at every order where autograd may differentiate it (a layer's outputs, ``unrolled``):
+    torch's fused kernel has a wrong third derivative (:func:`fpidsl.runtime.torch_faults.layer_norm_exact`). The
+    derived VJP (the solves' backward) has rules of its own."""
+    return layer_norm_exact(x, tuple(shape), weight, bias, eps)
 
 
 def grad(energy: Tensor, state: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ own backward; a third-order directional derivative of ``F.layer_norm`` on a 1 x 
 differences and the formula give -0.269; ``gradgradcheck`` of their gradients fails, group_norm's passes). The
 formulas cost a few more kernels than the fused forms, on that path only, and are used in float32 and float64
 outside autocast (:func:`written_out_keeps_precision`). The emitted code's ``ops.layer_norm``, where autograd
-records it (a layer's outputs, ``unrolled``), is :func:`layer_norm_recorded`: torch's fused forward and first
+records it (a layer's outputs, ``unrolled``), is :func:`layer_norm_exact`: torch's fused forward and first
 backward, the formula's backward of a backward. Batch norm with running statistics
 keeps torch's kernel (its statistics' update is the kernel's): its third derivative stays torch's.
 """
@@ -35,15 +35,25 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 _NORMS = {F.layer_norm: "layer", torch.layer_norm: "layer", F.group_norm: "group", torch.group_norm: "group"}
+# the functional forms whose third derivative torch gets wrong (torch.batch_norm and torch.instance_norm, which they
+# call, take their arguments in another order: left to torch)
+_WRITTEN_OUT = {F.layer_norm: "layer", torch.layer_norm: "layer", F.instance_norm: "instance", F.batch_norm: "batch"}
+_SIGNATURES = {  # by position, for torch's own functions (no Python signature)
+    "layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "group": ("input", "num_groups", "weight", "bias", "eps"),
+    "instance": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+    "batch": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+}
 
 
-def _bound(func, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """The call's arguments by name (torch's own functions have no Python signature: by position)."""
-    names = {"layer": ("input", "normalized_shape", "weight", "bias", "eps"),
-             "group": ("input", "num_groups", "weight", "bias", "eps")}[_NORMS[func]]
+def _bound(func, kind: str, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The call's arguments by name (torch's own functions have no Python signature: by position; one more, such as
+    ``cudnn_enable``, is ignored), or None where they do not bind."""
+    names = _SIGNATURES[kind]
     try:
         return inspect.signature(func).bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
@@ -67,7 +77,7 @@ class LayerNormExactAtEveryOrder(torch.autograd.Function):
     formula's VJP): every order right, at the
     fused kernels' cost in first-order training (the formula alone cost 3.5x the fused forward and backward, and
     twice the saved memory, on a [32, 128, 512] input). Forward-mode AD and torch.func transforms take the formula
-    (see :func:`layer_norm_recorded`)."""
+    (see :func:`layer_norm_exact`)."""
 
     @staticmethod
     def forward(x, weight, bias, shape, eps):
@@ -102,9 +112,7 @@ def _layer_norm_vjp(grad, x, weight, shape, eps, needs, bias) -> list:
     the gradients wanted of ``x``, ``weight`` and ``bias``, in that order. (A ``torch.autograd.grad`` of the formula
     inside the backward instead made a third derivative through 10 stacked layer norms take 0.7 s, 20 never end.)"""
     dims = tuple(range(-len(shape), 0))
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    xhat = (x - mean) * rstd
+    xhat, rstd = _standardized(x, dims, eps)
     out = []
     if needs[0]:
         gy = grad if weight is None else grad * weight
@@ -117,17 +125,20 @@ def _layer_norm_vjp(grad, x, weight, shape, eps, needs, bias) -> list:
     return out
 
 
-def layer_norm_recorded(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None,
-                        bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """A layer norm that autograd records, right at every order: :class:`LayerNormExactAtEveryOrder` in grad mode,
-    the formula under forward-mode AD or a torch.func transform (where a custom Function would need rules of its
-    own); the fused kernel where the formula is less precise (:func:`written_out_keeps_precision`)."""
-    from torch.autograd import forward_ad
-
-    if not written_out_keeps_precision(x):
+def layer_norm_exact(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.layer_norm``, right at every order where autograd may differentiate it: not recorded (the forward solve's
+    evaluations), the fused kernel; recorded in grad mode, :class:`LayerNormExactAtEveryOrder`; under forward-mode
+    AD or a torch.func transform (where a custom Function would need rules of its own), the formula; the fused
+    kernel wherever the formula is less precise (:func:`written_out_keeps_precision`)."""
+    tensors = (x, weight, bias)
+    transformed = forward_ad._current_level >= 0 or any(
+        isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    recorded = transformed or (torch.is_grad_enabled()
+                               and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+    if not recorded or not written_out_keeps_precision(x):
         return F.layer_norm(x, shape, weight, bias, eps)
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if forward_ad._current_level >= 0 or any(isinstance(t, torch.Tensor) and wrapped(t) for t in (x, weight, bias)):
+    if transformed:
         return layer_norm_written_out(x, shape, weight, bias, eps)
     return LayerNormExactAtEveryOrder.apply(x, weight, bias, tuple(shape), eps)[0]
 
@@ -139,11 +150,17 @@ def written_out_keeps_precision(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 
+def _standardized(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((x - mean) / sqrt(var + eps), 1 / sqrt(var + eps))`` over ``dims`` (biased variance), differentiable."""
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (x - mean) * rstd, rstd
+
+
 def _normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float, weight, bias, channel: int | None) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), then ``* weight + bias``: of the trailing
     dimensions (``channel`` 0, layer norm) or per channel (``channel`` 1: dimension 1, batch and instance norm)."""
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
+    y, _ = _standardized(x, dims, eps)
     view = (lambda t: t) if channel == 0 else (lambda t: t.reshape(t.shape[0], *([1] * (x.dim() - 2))))
     if weight is not None:
         y = y * view(weight)
@@ -152,28 +169,13 @@ def _normalized(x: torch.Tensor, dims: tuple[int, ...], eps: float, weight, bias
     return y
 
 
-# the functional forms (torch.batch_norm and torch.instance_norm, which they call, take their arguments in another
-# order: left to torch)
-_WRITTEN_OUT = {F.layer_norm: "layer", torch.layer_norm: "layer", F.instance_norm: "instance", F.batch_norm: "batch"}
-_SIGNATURES = {
-    "layer": ("input", "normalized_shape", "weight", "bias", "eps"),
-    "instance": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
-    "batch": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-}
-
-
 def _written_out(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The norm call ``func(*args, **kwargs)`` computed by its formula, or None where it is not one this module
     writes out (batch norm with running statistics, an instance norm using them, unknown arguments)."""
     kind = _WRITTEN_OUT[func]
-    names = _SIGNATURES[kind]
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        if len(args) > len(names) or set(kwargs) - set(names):
-            return None
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
+    bound = _bound(func, kind, args, kwargs)
+    if bound is None:
+        return None
     x, weight, bias = bound["input"], bound.get("weight"), bound.get("bias")
     if not written_out_keeps_precision(x):
         return None
@@ -204,7 +206,7 @@ class _SeparateBias(TorchFunctionMode):
             if out is not None:
                 return out
         if func in _NORMS:
-            bound = _bound(func, args, kwargs)
+            bound = _bound(func, _NORMS[func], args, kwargs)
             if bound is not None and isinstance(bound.get("bias"), torch.Tensor):
                 x, weight, bias = bound["input"], bound.get("weight"), bound["bias"]
                 eps = bound.get("eps", 1e-5)
