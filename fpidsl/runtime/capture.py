@@ -174,6 +174,7 @@ class Captured:
     constant_get: list[Callable[[], Any]] = field(default_factory=list)  # what is there now
     _constant_ids: set[int] = field(default_factory=set)
     modules: list[nn.Module] = field(default_factory=list)  # the modules found (their buffers: fixed_point's probe)
+    hooked: list[nn.Module] = field(default_factory=list)  # those with a hook-based norm (refresh_hooked_weights)
 
     def add(self, tensor: Tensor, location: _ModuleSlot | _Swap) -> None:
         i = self._index.get(id(tensor))
@@ -321,20 +322,26 @@ def recomputed_by_hooks(module: nn.Module) -> dict[str, Any]:
     return {h.name: h for h in module._forward_pre_hooks.values() if isinstance(h, (SpectralNorm, WeightNorm))}
 
 
-def refresh_hooked_weights(modules: Sequence[nn.Module]) -> None:
-    """Set each attribute of :func:`recomputed_by_hooks` in ``modules`` (and their submodules) to its value from the
-    real parameters, as the module's last call in plain PyTorch leaves it: fpidsl's own evaluations of the map (the
-    solve, the checks, the backward's) run the hooks on detached copies, and ``weight`` was left detached, or on a
-    copy's graph, so code reading ``fc.weight`` after the solve (a tied readout) lost its gradient. The spectral norm
-    takes no power iteration here (its vectors are those of the last evaluation)."""
-    seen: set[int] = set()
-    for root in modules:
+def hooked_modules(roots: Sequence[nn.Module]) -> list[nn.Module]:
+    """The modules among ``roots`` and their submodules that have a hook-based weight or spectral norm (the
+    discovery walk finds them on the way: :attr:`Captured.hooked`)."""
+    found: dict[int, nn.Module] = {}
+    for root in roots:
         for m in root.modules():
-            if id(m) in seen or not m._forward_pre_hooks:
-                continue
-            seen.add(id(m))
-            for name, hook in recomputed_by_hooks(m).items():
-                setattr(m, name, _spectral_weight(m, hook) if isinstance(hook, SpectralNorm) else hook.compute_weight(m))
+            if m._forward_pre_hooks and recomputed_by_hooks(m):
+                found[id(m)] = m
+    return list(found.values())
+
+
+def refresh_hooked_weights(modules: Sequence[nn.Module]) -> None:
+    """Set each attribute of :func:`recomputed_by_hooks` in ``modules`` (:func:`hooked_modules`) to its value from
+    the real parameters, as the module's last call in plain PyTorch leaves it: fpidsl's own evaluations of the map
+    (the solve, the checks, the backward's) run the hooks on detached copies, and ``weight`` was left detached, or on
+    a copy's graph, so code reading ``fc.weight`` after the solve (a tied readout) lost its gradient. The spectral
+    norm takes no power iteration here (its vectors are those of the last evaluation)."""
+    for m in modules:
+        for name, hook in recomputed_by_hooks(m).items():
+            setattr(m, name, _spectral_weight(m, hook) if isinstance(hook, SpectralNorm) else hook.compute_weight(m))
 
 
 def _spectral_weight(module: nn.Module, hook: SpectralNorm) -> Tensor:
@@ -416,6 +423,8 @@ class _Walker:
 
     def attributes(self, obj: Any, owner: str, depth: int) -> None:
         recomputed = recomputed_by_hooks(obj) if isinstance(obj, nn.Module) and obj._forward_pre_hooks else {}
+        if recomputed and all(m is not obj for m in self.captured.hooked):
+            self.captured.hooked.append(obj)
         for name, value in list(vars(obj).items()):
             if name in recomputed:
                 continue

@@ -466,7 +466,7 @@ def _run(
                                                  and _mixes(f, single, x0s, args, discover(f)))
             out = _run(plan.step, x0, plan.arguments, forward, backward, plan.adjoint, stats, history, plan.batched,
                        not joint, plan.hoisted, "explicit")
-            refresh_hooked_weights(modules_of(f))
+            refresh_hooked_weights(plan.hooked)
             return out
     captured = discover(f) if capture == "auto" else NOTHING_CAPTURED
     if probe and layout.per_sample and _mixes(f, single, x0s, args, captured):
@@ -483,7 +483,7 @@ def _run(
     x_hat = _apply(problem, x0s, (*args, *params))
     if capture == "auto":
         check_complete(problem.fn, x_hat, (*args, *params), keep=modules_of(f))
-        refresh_hooked_weights((*modules_of(f), *captured.modules))
+        refresh_hooked_weights(captured.hooked)
     return x_hat[0] if single else tuple(x_hat)
 
 

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..runtime.buffers import modules_of
+from ..runtime.capture import hooked_modules
 from ..runtime.fixed_point import Hoisted, register_trace_planner
 from .api import TracedMap, trace_map
 from .fx_capture import UntraceableError
@@ -54,6 +56,7 @@ class Plan:
     batched: tuple[bool, ...] | None
     per_sample: bool | None  # False where the traced map mixes samples (the batch is one problem, judged as a
     # whole); None where that is not known (see traced_plan): fixed_point probes f (fpidsl.runtime.mixing)
+    hooked: tuple = ()  # f's modules with a hook-based norm (fpidsl.runtime.capture.refresh_hooked_weights)
 
 
 @dataclass(eq=False)
@@ -61,6 +64,7 @@ class _Entry:
     traced: TracedMap | None  # None: f does not trace with this signature
     located: tuple  # (getter, object) of each foreign object: it must still be there
     reason: str = ""  # why not, where traced is None
+    hooked: tuple = ()  # the modules with a hook-based norm, found once at the trace (a new hook is a new signature)
 
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -177,7 +181,8 @@ def _trace(f: Callable, x0: Tensor, args: Sequence[Any], batched) -> _Entry:
     located = _locations(f, traced.foreign)
     if located is None:
         return _Entry(None, (), _unlocated(f, traced.foreign))
-    return _Entry(traced, located)
+    modules = (*modules_of(f), *(m for m in traced.foreign.values() if isinstance(m, nn.Module)))
+    return _Entry(traced, located, hooked=tuple(hooked_modules(modules)))
 
 
 def _warn_once(f: Callable, message: str) -> None:
@@ -283,7 +288,7 @@ def traced_plan(f: Callable, x0: Any, args: Sequence[Any], batched: Sequence[boo
     else:
         flags = (*traced.spec.batched, *([False] * len(params)))
     hoisted = None if layer.HOIST_BATCHED is None else Hoisted(layer.hoist, layer.iterate, tuple(layer.HOIST_BATCHED))
-    return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags, _per_sample(layer))
+    return Plan(layer.step, (*inputs, *params), layer.adjoint, hoisted, flags, _per_sample(layer), entry.hooked)
 
 
 register_trace_planner(traced_plan)  # fixed_point(trace=True) asks it from now on (fpidsl.runtime.fixed_point)
