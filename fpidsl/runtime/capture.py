@@ -313,13 +313,16 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+NORM_HOOKS = (SpectralNorm, WeightNorm)  # the hook-based norms' forward pre-hooks (torch.nn.utils)
+
+
 def recomputed_by_hooks(module: nn.Module) -> dict[str, Any]:
     """The attributes of ``module`` that a hook-based weight or spectral norm (``torch.nn.utils.weight_norm`` /
     ``spectral_norm``, forward pre-hooks) computes again from the module's parameters at each of its calls
     (``weight`` from ``weight_g`` and ``weight_v``, or ``weight_orig``), by name, with their hooks. They are not
     tensors the map reads besides its arguments: those parameters are (a ``weight`` left by an earlier call, taken
     as one, made the next backward run into that call's graph)."""
-    return {h.name: h for h in module._forward_pre_hooks.values() if isinstance(h, (SpectralNorm, WeightNorm))}
+    return {h.name: h for h in module._forward_pre_hooks.values() if isinstance(h, NORM_HOOKS)}
 
 
 def hooked_modules(roots: Sequence[nn.Module]) -> list[nn.Module]:

@@ -16,9 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
+from .capture import NORM_HOOKS
 from .settings import BACKWARD_DEFAULTS, FORWARD_DEFAULTS, SettingsError, SolverSettings
 from .sizes import is_symbol, size, symbols
 
@@ -480,7 +479,7 @@ class CompiledLayer(nn.Module):
             if module is None or not (module._forward_pre_hooks or module._forward_hooks) or name in self.EXTERNS:
                 continue
             for hook in module._forward_pre_hooks.values():
-                if not isinstance(hook, (SpectralNorm, WeightNorm)):
+                if not isinstance(hook, NORM_HOOKS):
                     raise RuntimeError(
                         f"{type(self).__name__}: the module {name!r} has a forward pre-hook, which the compiled layer "
                         "does not run (it reads the module's weights without calling it); for a spectral or "
